@@ -1,0 +1,53 @@
+"""The small files of a model folder besides the weights: config, tokenizer, recipe and model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def write_config(folder: Path, config: dict[str, Any]) -> None:
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer(source: Path, folder: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files that exist in source; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+            copied.append(name)
+    return copied
+
+
+def write_model_card(folder: Path, *, method: str, parents: Sequence[str], base: str | None, recipe_file: str) -> None:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, shoal]",
+        "---",
+        "# Merged model",
+        "",
+        f"Made by shoal with the `{method}` merge method.",
+        "",
+    ]
+    if base:
+        lines += [f"Base model: `{base}`", ""]
+    lines += ["Parents:", ""] + [f"- `{p}`" for p in parents if p != base]
+    lines += ["", f"The recipe is in `{recipe_file}`; `shoal merge {recipe_file} OUT` remakes this model.", ""]
+    (folder / "README.md").write_text("\n".join(lines))

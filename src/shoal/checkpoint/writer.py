@@ -1,0 +1,170 @@
+"""Streaming sharded safetensors output into a model folder that appears atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from shoal.errors import ShoalError
+
+DTYPE_TAGS: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer must know of a tensor before its data exists."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _shard_header(specs: Sequence[TensorSpec]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": DTYPE_TAGS[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most max_shard_bytes (a larger tensor gets a shard alone)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return [shard for shard in shards if shard]
+
+
+class ModelFolderWriter:
+    """Writes tensors, one at a time and in the planned order, straight into their final shard files.
+
+    Every shard's header is known up front (names, shapes and dtypes come from the plan), so
+    no shard is ever held in memory: each tensor goes from the merge to the file.
+    """
+
+    def __init__(self, folder: Path, specs: Sequence[TensorSpec], max_shard_bytes: int = 2 * 1024**3):
+        self.folder = folder
+        self.shards = plan_shards(specs, max_shard_bytes)
+        n = len(self.shards)
+        self.shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(s, spec) for s, shard in enumerate(self.shards) for spec in shard]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._file_index = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise RuntimeError(f"tensor {name!r} was not planned")
+        shard, spec = self._order[self._next]
+        if spec.name != name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(
+                f"expected {spec.name} {spec.shape} {spec.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if shard != self._file_index:
+            self._open_shard(shard)
+        assert self._file is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def _open_shard(self, shard: int) -> None:
+        self._close_file()
+        self._file = open(self.folder / self.shard_names[shard], "wb")
+        self._file.write(_shard_header(self.shards[shard]))
+        self._file_index = shard
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; fails if a planned tensor was never written."""
+        self._close_file()
+        if self._next != len(self._order):
+            missing = self._order[self._next][1].name
+            raise RuntimeError(f"tensor {missing!r} was planned but never written")
+        weight_map = {spec.name: self.shard_names[s] for s, spec in self._order}
+        total = sum(spec.nbytes for _, spec in self._order)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside out_dir that becomes out_dir only if the block finishes.
+
+    An error, Ctrl-C or kill leaves out_dir as it was (absent, or the old folder when overwriting).
+    """
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not overwrite:
+        raise ShoalError(f"{out_dir} already exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,32 @@
+"""The `shoal` command: parse, validate, call the library, print; a ShoalError becomes one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+from shoal.cli import demo as _demo  # noqa: F401  (registers `shoal demo`)
+from shoal.cli import merge as _merge  # noqa: F401  (registers `shoal merge`)
+from shoal.cli.app import app
+from shoal.errors import ShoalError
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ShoalError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[bold red]interrupted[/]: nothing was written")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's own usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise

@@ -1,0 +1,5 @@
+"""The one exception type that the CLI turns into a single line and exit code 2."""
+
+
+class ShoalError(Exception):
+    """A problem the user can act on: say what was wrong, where, and how to fix it."""

@@ -1,0 +1,119 @@
+"""`shoal merge`: stream a recipe's output tensors, one at a time, from lazily read parents into a new folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+from shoal.checkpoint import files
+from shoal.checkpoint.reader import Checkpoint, open_checkpoint
+from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
+from shoal.errors import ShoalError
+from shoal.merge.plan import MergePlan, TensorJob, build_plan
+from shoal.merge.registry import METHODS, MergeCall
+from shoal.recipe import Recipe
+
+Loaded = tuple[torch.Tensor | None, list[torch.Tensor]]
+RECIPE_FILE = "recipe.yaml"
+
+
+def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def merge_tensor(job: TensorJob, method_name: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Apply the method to one tensor's inputs in float32 (float64 if given) and cast to the output dtype."""
+    method = METHODS[method_name]
+    raw = ([base] if base is not None else []) + tensors
+    if not raw[0].is_floating_point():
+        return raw[0].clone()
+    dtype = _compute_dtype(raw)
+    device = raw[0].device
+    generators = []
+    if method.random:
+        generators = [torch.Generator(device=device).manual_seed(s) for s in job.seeds]
+    call = MergeCall(
+        base=base.to(dtype) if base is not None else None,
+        tensors=[t.to(dtype) for t in tensors],
+        per_model=job.per_model,
+        shared=job.shared,
+        generators=generators,
+    )
+    result = method.merge(call)
+    if not torch.isfinite(result).all():
+        raise ShoalError(
+            f"the merge produced NaN or inf in tensor {job.spec.name} ({method_name}); "
+            "check the weights (e.g. weights summing to 0 with normalize: true)"
+        )
+    return result.to(job.spec.dtype)
+
+
+def _load(job: TensorJob, parents: dict[str, Checkpoint], device: str) -> Loaded:
+    base = parents[job.base.parent].tensor(job.base.name, device) if job.base else None
+    return base, [parents[i.parent].tensor(i.name, device) for i in job.inputs]
+
+
+def _prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: str) -> Iterator[tuple[TensorJob, Loaded]]:
+    """Yield each job with its inputs, reading the next job's tensors while the current one is merged."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future[Loaded] | None = pool.submit(_load, jobs[0], parents, device) if jobs else None
+        for i, job in enumerate(jobs):
+            assert pending is not None
+            loaded = pending.result()
+            pending = pool.submit(_load, jobs[i + 1], parents, device) if i + 1 < len(jobs) else None
+            yield job, loaded
+
+
+def open_parents(recipe: Recipe) -> dict[str, Checkpoint]:
+    return {ref: open_checkpoint(ref) for ref in recipe.parents()}
+
+
+def _tokenizer_source(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> Path:
+    ref = recipe.tokenizer_source
+    if ref == "union":
+        raise ShoalError("tokenizer_source: union is not supported; use base or a model path")
+    if ref in (None, "base"):
+        ref = recipe.base_model or reference
+    return parents[ref].path if ref in parents else open_checkpoint(ref).path
+
+
+def run_merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    recipe_text: str | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 1024**3,
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Merge `recipe` into out_dir: a loadable HF folder that appears only when complete."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ShoalError(f"--device {device}: no CUDA GPU is available here")
+    parents = open_parents(recipe)
+    plan: MergePlan = build_plan(recipe, parents)
+    tokenizer_dir = _tokenizer_source(recipe, parents, plan.reference)
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = ModelFolderWriter(tmp, [job.spec for job in plan.jobs], max_shard_bytes)
+        try:
+            for done, (job, (base, tensors)) in enumerate(_prefetched(plan.jobs, parents, device), start=1):
+                writer.write(job.spec.name, merge_tensor(job, recipe.merge_method, base, tensors))
+                if on_tensor:
+                    on_tensor(done, len(plan.jobs))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        files.write_config(tmp, plan.config)
+        files.copy_tokenizer(tokenizer_dir, tmp)
+        text = recipe_text or yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
+        (tmp / RECIPE_FILE).write_text(text)
+        files.write_model_card(
+            tmp, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model, recipe_file=RECIPE_FILE
+        )
+    return out_dir

@@ -1,0 +1,210 @@
+"""Turn a recipe and its opened parents into one checked job per output tensor, before any data is read."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shoal import layout
+from shoal.checkpoint.reader import Checkpoint
+from shoal.checkpoint.writer import TensorSpec
+from shoal.errors import ShoalError
+from shoal.recipe import Parameters, Recipe, Slice, SliceSource, resolve
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_TAGS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+         "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+         "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    parent: str
+    name: str
+
+
+@dataclass
+class TensorJob:
+    """Everything needed to produce one output tensor."""
+
+    spec: TensorSpec
+    inputs: list[TensorInput]
+    base: TensorInput | None
+    per_model: list[dict[str, Any]]
+    shared: dict[str, Any]
+    seeds: list[int]
+
+
+@dataclass
+class MergePlan:
+    jobs: list[TensorJob]
+    config: dict[str, Any]
+    reference: str
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ShoalError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _as_slices(recipe: Recipe, parents: dict[str, Checkpoint]) -> list[Slice]:
+    if recipe.slices:
+        return recipe.slices
+    assert recipe.models is not None
+    reference = recipe.base_model or recipe.models[0].model
+    n = parents[reference].num_layers
+    if n is None:
+        raise ShoalError(f"{reference}: config.json does not say how many layers the model has")
+    sources = [SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters) for m in recipe.models]
+    return [Slice(sources=sources)]
+
+
+def _check_architectures(parents: dict[str, Checkpoint]) -> None:
+    archs = {ref: ck.architecture for ref, ck in parents.items()}
+    if len(set(archs.values())) > 1:
+        listed = ", ".join(f"{ref} is {arch}" for ref, arch in archs.items())
+        raise ShoalError(f"parents have different architectures: {listed}")
+
+
+def _check_same_tensors(parents: dict[str, Checkpoint], reference: str) -> None:
+    ref_names = set(parents[reference].files)
+    for ref, ck in parents.items():
+        missing = sorted(ref_names - set(ck.files))
+        extra = sorted(set(ck.files) - ref_names)
+        if missing:
+            raise ShoalError(f"tensor {missing[0]} is missing in parent {ref} (present in {reference})")
+        if extra:
+            raise ShoalError(f"tensor {extra[0]} is missing in parent {reference} (present in {ref})")
+
+
+def _seed(seed: int, name: str, i: int) -> int:
+    return zlib.crc32(f"{seed}/{name}/{i}".encode())
+
+
+def _job(
+    recipe: Recipe,
+    parents: dict[str, Checkpoint],
+    piece: Slice,
+    out_name: str,
+    src_names: list[str],
+    t: float,
+    out_dtype: torch.dtype | None,
+) -> TensorJob:
+    method = recipe.method
+    base_ref = piece.base_model or recipe.base_model
+    entries = list(zip(piece.sources, src_names))
+    base: TensorInput | None = None
+    if method.base == "required":
+        assert base_ref is not None
+        base_name = next((n for s, n in entries if s.model == base_ref), src_names[0])
+        base = TensorInput(base_ref, base_name)
+        entries = [(s, n) for s, n in entries if s.model != base_ref]
+    if not method.min_inputs <= len(entries) <= (method.max_inputs or len(entries)):
+        most = method.max_inputs if method.max_inputs is not None else "any"
+        raise ShoalError(
+            f"{method.name} takes {method.min_inputs} to {most} models besides the base, got {len(entries)}"
+        )
+    inputs = [TensorInput(s.model, n) for s, n in entries]
+    for tin in inputs + ([base] if base else []):
+        if tin.name not in parents[tin.parent].files:
+            raise ShoalError(f"tensor {tin.name} is missing in parent {tin.parent}")
+    shapes = [(tin.parent, parents[tin.parent].shape(tin.name)) for tin in ([base] if base else []) + inputs]
+    for ref, shape in shapes[1:]:
+        if shape != shapes[0][1]:
+            raise ShoalError(
+                f"tensor {out_name} has shape {tuple(shapes[0][1])} in {shapes[0][0]} but {tuple(shape)} in {ref}"
+            )
+    first = base or inputs[0]
+    src_dtype = _TAGS[parents[first.parent].dtype(first.name)]
+    dtype = out_dtype if out_dtype is not None and src_dtype.is_floating_point else src_dtype
+    sources_of = lambda src: [src.parameters, piece.parameters, recipe.parameters]  # noqa: E731
+    per_model: list[dict[str, Any]] = [
+        {p: resolve(p, sources_of(s), out_name, t, d) for p, d in method.per_model.items()} for s, _ in entries
+    ]
+    shared_sources: list[Parameters | None] = [piece.parameters, recipe.parameters]
+    shared = {p: resolve(p, shared_sources, out_name, t, d) for p, d in method.shared.items()}
+    for params in per_model:
+        if "density" in params and not 0 < params["density"] <= 1:
+            raise ShoalError(f"density for tensor {out_name} is {params['density']}, outside (0, 1]")
+    return TensorJob(
+        spec=TensorSpec(out_name, tuple(shapes[0][1]), dtype),
+        inputs=inputs,
+        base=base,
+        per_model=per_model,
+        shared=shared,
+        seeds=[_seed(recipe.seed, out_name, i) for i in range(len(inputs))],
+    )
+
+
+def _output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch.dtype | None) -> dict[str, Any]:
+    config = copy.deepcopy(reference.config)
+    n_in = reference.num_layers
+    if n_in is not None and len(layer_sources) != n_in:
+        for key, value in list(config.items()):
+            if isinstance(value, list) and len(value) == n_in:
+                config[key] = [value[i] for i in layer_sources]
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in config:
+                config[key] = len(layer_sources)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+    return config
+
+
+def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], out_dtype: torch.dtype | None = None) -> MergePlan:
+    """Every output tensor's job, in file order (embeddings, layers, head), checked for names and shapes."""
+    out_dtype = out_dtype or parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype)
+    _check_architectures(parents)
+    slices = _as_slices(recipe, parents)
+    first_ref = recipe.base_model if recipe.models and recipe.base_model else slices[0].sources[0].model
+    if recipe.models:
+        _check_same_tensors(parents, first_ref)
+    jobs: list[TensorJob] = []
+
+    def outer(piece: Slice, wanted: str) -> None:
+        ref = parents[piece.sources[0].model]
+        for name in ref.names:
+            if layout.part(name) == wanted:
+                jobs.append(_job(recipe, parents, piece, name, [name] * len(piece.sources), 0.0, out_dtype))
+
+    outer(slices[0], "pre")
+    out_layer = 0
+    layer_sources: list[int] = []
+    for piece in slices:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in piece.sources}
+        if len(lengths) != 1:
+            raise ShoalError("all sources of a slice must span the same number of layers")
+        length = lengths.pop()
+        for src in piece.sources:
+            n = parents[src.model].num_layers
+            if n is not None and src.layer_range[1] > n:
+                raise ShoalError(f"layer_range {list(src.layer_range)} is beyond the {n} layers of {src.model}")
+        ref = parents[piece.sources[0].model]
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            first = piece.sources[0].layer_range[0] + offset
+            for name in layout.layer_names(ref.names, first):
+                src_names = [layout.with_layer(name, s.layer_range[0] + offset) for s in piece.sources]
+                out_name = layout.with_layer(name, out_layer)
+                jobs.append(_job(recipe, parents, piece, out_name, src_names, t, out_dtype))
+            layer_sources.append(first)
+            out_layer += 1
+    outer(slices[-1], "post")
+    reference = parents[first_ref]
+    return MergePlan(jobs=jobs, config=_output_config(reference, layer_sources, out_dtype), reference=first_ref)

@@ -1,0 +1,127 @@
+"""The merge methods shoal knows, by name: their parameters, defaults, inputs, and how each is called."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from shoal.merge import methods
+
+REQUIRED: Any = object()
+
+
+@dataclass
+class MergeCall:
+    """One tensor's inputs: the base (if the method uses one), the other inputs, and resolved parameters."""
+
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    per_model: list[dict[str, Any]]
+    shared: dict[str, Any]
+    generators: list[torch.Generator] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    merge: Callable[[MergeCall], torch.Tensor]
+    per_model: Mapping[str, Any]
+    shared: Mapping[str, Any]
+    base: Literal["required", "ignored"]
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    random: bool = False
+
+    @property
+    def parameters(self) -> set[str]:
+        return set(self.per_model) | set(self.shared)
+
+
+Sparsify = Literal["magnitude", "random", "outliers"] | None
+
+
+def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], torch.Tensor]:
+    def merge(call: MergeCall) -> torch.Tensor:
+        assert call.base is not None
+        deltas = []
+        for i, (tensor, params) in enumerate(zip(call.tensors, call.per_model)):
+            delta = tensor - call.base
+            if sparsify == "magnitude":
+                mask = methods.magnitude_mask(delta, params["density"])
+            elif sparsify == "random":
+                mask = methods.random_mask(delta, params["density"], call.generators[i])
+            elif sparsify == "outliers":
+                mask = methods.outlier_mask(delta, params["density"], params["gamma"])
+            else:
+                mask = None
+            deltas.append(delta if mask is None else methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
+        return methods.combine_task_vectors(
+            call.base,
+            deltas,
+            [p["weight"] for p in call.per_model],
+            consensus=consensus,
+            normalize=call.shared["normalize"],
+            lam=call.shared["lambda"],
+        )
+
+    return merge
+
+
+def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, normalize: bool, rescale: bool) -> MergeMethod:
+    per_model: dict[str, Any] = {"weight": REQUIRED}
+    if sparsify:
+        per_model["density"] = 1.0
+    if sparsify == "outliers":
+        per_model["gamma"] = 0.01
+    shared = {"normalize": normalize, "lambda": 1.0, "int8_mask": False}
+    if sparsify:
+        shared["rescale"] = rescale
+    else:
+        shared["rescale"] = False
+    return MergeMethod(
+        name=name,
+        merge=_task_vector_merge(sparsify, consensus),
+        per_model=per_model,
+        shared=shared,
+        base="required",
+        random=sparsify == "random",
+    )
+
+
+def _linear(call: MergeCall) -> torch.Tensor:
+    return methods.linear(call.tensors, [p["weight"] for p in call.per_model], normalize=call.shared["normalize"])
+
+
+def _slerp(call: MergeCall) -> torch.Tensor:
+    assert call.base is not None
+    return methods.slerp(call.shared["t"], call.base, call.tensors[0])
+
+
+def _model_stock(call: MergeCall) -> torch.Tensor:
+    assert call.base is not None
+    return methods.model_stock(call.base, call.tensors, filter_wise=call.shared["filter_wise"])
+
+
+def _passthrough(call: MergeCall) -> torch.Tensor:
+    scale = call.per_model[0]["scale"]
+    return call.tensors[0] if scale is None else call.tensors[0] * scale
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in [
+        MergeMethod("linear", _linear, {"weight": REQUIRED}, {"normalize": True}, base="ignored"),
+        _task_vector_method("task_arithmetic", None, False, normalize=False, rescale=False),
+        _task_vector_method("ties", "magnitude", True, normalize=True, rescale=False),
+        _task_vector_method("dare_ties", "random", True, normalize=False, rescale=True),
+        _task_vector_method("dare_linear", "random", False, normalize=False, rescale=True),
+        _task_vector_method("breadcrumbs", "outliers", False, normalize=False, rescale=False),
+        _task_vector_method("breadcrumbs_ties", "outliers", True, normalize=False, rescale=False),
+        MergeMethod("slerp", _slerp, {}, {"t": REQUIRED}, base="required", min_inputs=1, max_inputs=1),
+        MergeMethod("model_stock", _model_stock, {}, {"filter_wise": False}, base="required", min_inputs=2),
+        MergeMethod("passthrough", _passthrough, {"scale": None}, {}, base="ignored", max_inputs=1),
+    ]
+}

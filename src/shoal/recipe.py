@@ -1,0 +1,205 @@
+"""Merge recipes in mergekit's YAML format: parsing with line-numbered errors, and parameter resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from shoal.errors import ShoalError
+from shoal.merge.registry import METHODS, REQUIRED, MergeMethod
+
+Scalar = Union[bool, int, float, str]
+Value = Union[Scalar, list[Scalar]]
+
+
+class Conditional(BaseModel):
+    """A value that applies to tensors whose name contains filter (mergekit's conditional parameter)."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: Value
+    filter: str | None = None
+
+
+Setting = Union[Value, Conditional, list[Conditional]]
+Parameters = dict[str, Setting]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: Parameters | None = None
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class Slice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: Parameters | None = None
+
+
+class Recipe(BaseModel):
+    """A mergekit-format recipe. `seed` (shoal's addition, ignored by mergekit) fixes every random draw."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+
+    @property
+    def method(self) -> MergeMethod:
+        return METHODS[self.merge_method]
+
+    def parents(self) -> list[str]:
+        """Every model the recipe reads, base first, each once."""
+        refs = [self.base_model] if self.base_model else []
+        for entry in self.models or []:
+            refs.append(entry.model)
+        for piece in self.slices or []:
+            refs.extend(s.model for s in piece.sources)
+            if piece.base_model:
+                refs.append(piece.base_model)
+        return list(dict.fromkeys(refs))
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == key]
+            if not match:
+                break
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            continue
+        line = node.start_mark.line + 1
+    return line
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and validate a recipe; every problem is a ShoalError naming the file and line."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ShoalError(f"{where}: malformed YAML ({problem})") from exc
+    if not isinstance(data, dict):
+        raise ShoalError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper() or "[" in str(p)))
+        line = _line_of(node, loc)
+        path = ".".join(str(p) for p in loc) or "recipe"
+        raise ShoalError(f"{source}:{line}: {path}: {err['msg']}") from exc
+    _check(recipe, node, source)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ShoalError(f"recipe {path} not found")
+    return parse_recipe(path.read_text(), str(path))
+
+
+def _numbers(setting: Setting) -> list[float]:
+    if isinstance(setting, Conditional):
+        return _numbers(setting.value)
+    if isinstance(setting, list):
+        return [n for item in setting for n in _numbers(item)]
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return [float(setting)]
+    return []
+
+
+def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
+    if recipe.merge_method not in METHODS:
+        known = ", ".join(sorted(METHODS))
+        raise ShoalError(
+            f"{source}:{_line_of(node, ('merge_method',))}: unknown merge_method {recipe.merge_method!r} (known: {known})"
+        )
+    if bool(recipe.models) == bool(recipe.slices):
+        raise ShoalError(f"{source}: give exactly one of `models` or `slices`")
+    method = recipe.method
+    if method.base == "required" and not recipe.base_model and not all(s.base_model for s in recipe.slices or []):
+        raise ShoalError(f"{source}: merge_method {method.name} needs base_model")
+    groups: list[tuple[tuple[Any, ...], Parameters | None]] = [(("parameters",), recipe.parameters)]
+    for i, entry in enumerate(recipe.models or []):
+        groups.append((("models", i, "parameters"), entry.parameters))
+    for i, piece in enumerate(recipe.slices or []):
+        groups.append((("slices", i, "parameters"), piece.parameters))
+        for j, src in enumerate(piece.sources):
+            groups.append((("slices", i, "sources", j, "parameters"), src.parameters))
+    for loc, params in groups:
+        for name, setting in (params or {}).items():
+            where = f"{source}:{_line_of(node, loc + (name,))}"
+            if name not in method.parameters:
+                known = ", ".join(sorted(method.parameters)) or "none"
+                raise ShoalError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known})")
+            if name == "density" and any(not 0 < v <= 1 for v in _numbers(setting)):
+                raise ShoalError(f"{where}: density must be in (0, 1], got {_numbers(setting)}")
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:
+    """A setting's value for one tensor: filters pick by substring, gradient lists interpolate at t in [0, 1]."""
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, list) and setting and all(isinstance(s, Conditional) for s in setting):
+        for cond in setting:
+            if cond.filter in (None, "*") or cond.filter in tensor_name:
+                return evaluate(cond.value, tensor_name, t)
+        return None
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * float(setting[i0]) + frac * float(setting[i1])
+    return setting
+
+
+def resolve(
+    name: str, sources: list[Parameters | None], tensor_name: str, t: float, default: Any
+) -> Any:
+    """The first value found for parameter `name`, from the most specific source to the least, else default."""
+    for params in sources:
+        if params and name in params:
+            value = evaluate(params[name], tensor_name, t)
+            if value is not None:
+                return value
+    if default is REQUIRED:
+        raise ShoalError(f"parameter {name!r} is required but not set for tensor {tensor_name}")
+    return default
