@@ -150,7 +150,8 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
     if bool(recipe.models) == bool(recipe.slices):
         raise ShoalError(f"{source}: give exactly one of `models` or `slices`")
     method = recipe.method
-    if method.base == "required" and not recipe.base_model and not all(s.base_model for s in recipe.slices or []):
+    slices_have_bases = bool(recipe.slices) and all(s.base_model for s in recipe.slices or [])
+    if method.base == "required" and not recipe.base_model and not slices_have_bases:
         raise ShoalError(f"{source}: merge_method {method.name} needs base_model")
     groups: list[tuple[tuple[Any, ...], Parameters | None]] = [(("parameters",), recipe.parameters)]
     for i, entry in enumerate(recipe.models or []):

@@ -27,8 +27,15 @@ def merge(
     parsed = load_recipe(recipe)
     if seed is not None:
         parsed = parsed.model_copy(update={"seed": seed})
-    with bar() as progress:
-        task = progress.add_task("merging tensors", total=None)
+    progress = bar()
+    task = progress.add_task("merging tensors", total=None)
+
+    def show(done: int, total: int) -> None:
+        if done == 0:
+            progress.start()  # only once the recipe and parents have been checked
+        progress.update(task, completed=done, total=total)
+
+    try:
         run_merge(
             parsed,
             out_dir,
@@ -36,6 +43,8 @@ def merge(
             device=device,
             overwrite=overwrite,
             max_shard_bytes=int(shard_size * 1024**3),
-            on_tensor=lambda done, total: progress.update(task, completed=done, total=total),
+            on_tensor=show,
         )
+    finally:
+        progress.stop()
     Console(stderr=True).print(f"wrote [bold]{out_dir}[/]")

@@ -91,7 +91,11 @@ def run_merge(
     max_shard_bytes: int = 2 * 1024**3,
     on_tensor: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Merge `recipe` into out_dir: a loadable HF folder that appears only when complete."""
+    """Merge `recipe` into out_dir: a loadable HF folder that appears only when complete.
+
+    Everything that can be checked without reading tensor data (parents, names, shapes, parameters) is
+    checked first; on_tensor(0, total) is called once that passed, then after each tensor.
+    """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ShoalError(f"--device {device}: no CUDA GPU is available here")
     parents = open_parents(recipe)
@@ -100,6 +104,8 @@ def run_merge(
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ModelFolderWriter(tmp, [job.spec for job in plan.jobs], max_shard_bytes)
+        if on_tensor:
+            on_tensor(0, len(plan.jobs))
         try:
             for done, (job, (base, tensors)) in enumerate(_prefetched(plan.jobs, parents, device), start=1):
                 writer.write(job.spec.name, merge_tensor(job, recipe.merge_method, base, tensors))

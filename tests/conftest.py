@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random parents on disk and an in-process `shoal` runner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shoal.synthetic import make_parents
+
+
+@pytest.fixture(scope="session")
+def parents(tmp_path_factory) -> dict[str, Path]:
+    """A random fp32 base and three parents = base + noise, 4 layers, hidden 64."""
+    return make_parents(tmp_path_factory.mktemp("parents"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def bf16_parents(tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    return make_parents(tmp_path_factory.mktemp("parents_bf16"), dtype=torch.bfloat16, seed=1)
+
+
+def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `shoal ARGS` in this process; return (exit code, stdout, stderr)."""
+    from shoal.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["shoal", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

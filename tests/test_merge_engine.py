@@ -1,0 +1,179 @@
+"""`shoal merge` end to end on tiny random parents: formulas per tensor, layer slices, folder contents, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shoal.checkpoint.reader import open_checkpoint
+from shoal.merge.engine import run_merge
+from shoal.recipe import parse_recipe
+
+from conftest import write_recipe
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def merge(recipe: dict, out: Path, **kw) -> dict[str, torch.Tensor]:
+    run_merge(parse_recipe(yaml.safe_dump(recipe)), out, **kw)
+    return tensors(out)
+
+
+def test_linear_with_a_layer_gradient_matches_the_formula_per_layer(parents, tmp_path):
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(parents["a"]), "parameters": {"weight": [0.0, 1.0]}},
+            {"model": str(parents["b"]), "parameters": {"weight": 1.0}},
+        ],
+    }
+    out = merge(recipe, tmp_path / "m")
+    a, b = tensors(parents["a"]), tensors(parents["b"])
+    for layer in range(4):
+        wa = layer / 3  # gradient [0, 1] interpolated over 4 layers
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        expected = (wa * a[name] + 1.0 * b[name]) / (wa + 1.0)
+        assert torch.allclose(out[name], expected, atol=1e-6)
+    # embeddings and head take the gradient's first value (t = 0), as mergekit does
+    assert torch.allclose(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert torch.allclose(out["lm_head.weight"], b["lm_head.weight"])
+
+
+def test_ties_with_filtered_parameters_matches_the_formula(parents, tmp_path):
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(parents["base"]),
+        "models": [
+            {"model": str(parents["a"]), "parameters": {"weight": 0.7, "density": 0.5}},
+            {"model": str(parents["b"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.2}, {"value": 0.9}], "density": 0.3}},
+        ],
+    }
+    out = merge(recipe, tmp_path / "m")
+    base, a, b = (tensors(parents[n]) for n in ("base", "a", "b"))
+    for name, wb in [("model.layers.1.mlp.up_proj.weight", 0.2), ("model.layers.2.self_attn.q_proj.weight", 0.9)]:
+        da, db = a[name] - base[name], b[name] - base[name]
+        ta = da * (da.abs() >= da.abs().flatten().kthvalue(da.numel() - int(0.5 * da.numel()) + 1).values)
+        tb = db * (db.abs() >= db.abs().flatten().kthvalue(db.numel() - int(0.3 * db.numel()) + 1).values)
+        wa_t, wb_t = 0.7 * ta, wb * tb
+        sign = torch.where(wa_t + wb_t >= 0, 1.0, -1.0)
+        keep_a, keep_b = wa_t.sign() == sign, wb_t.sign() == sign
+        num = wa_t * keep_a + wb_t * keep_b
+        den = 0.7 * keep_a + wb * keep_b
+        expected = base[name] + num / torch.where(den == 0, 1.0, den)
+        assert torch.allclose(out[name], expected, atol=1e-6), name
+
+
+def test_dare_is_reproducible_from_the_seed(parents, tmp_path):
+    recipe = {
+        "merge_method": "dare_ties",
+        "base_model": str(parents["base"]),
+        "models": [{"model": str(parents[n]), "parameters": {"weight": 0.5, "density": 0.4}} for n in ("a", "b")],
+        "seed": 3,
+    }
+    first = merge(recipe, tmp_path / "one")
+    again = merge(recipe, tmp_path / "two")
+    other = merge({**recipe, "seed": 4}, tmp_path / "three")
+    name = "model.layers.0.self_attn.v_proj.weight"
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first[name], other[name])
+    # about 40 % of each task vector survives: the merged delta is nonzero on ~1 - 0.6^2 of entries
+    base = tensors(parents["base"])
+    changed = (first[name] != base[name]).float().mean().item()
+    assert abs(changed - (1 - 0.6**2)) < 0.03
+
+
+def test_passthrough_slices_stack_layers_and_fix_the_config(parents, tmp_path):
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(parents["a"]), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(parents["b"]), "layer_range": [1, 4]}]},
+        ],
+    }
+    out = merge(recipe, tmp_path / "m")
+    a, b = tensors(parents["a"]), tensors(parents["b"])
+    name = "model.layers.{}.self_attn.o_proj.weight"
+    for out_layer, (src, layer) in enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]):
+        assert torch.equal(out[name.format(out_layer)], src[name.format(layer)])
+    assert torch.equal(out["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], b["lm_head.weight"])
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert len(model.model.layers) == 6
+
+
+def test_output_is_a_complete_loadable_model_folder(bf16_parents, tmp_path):
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(bf16_parents["base"]),
+        "models": [{"model": str(bf16_parents[n]), "parameters": {"weight": 0.5}} for n in ("a", "b", "c")],
+        "dtype": "bfloat16",
+        "tokenizer_source": "base",
+    }
+    out = tmp_path / "m"
+    run_merge(parse_recipe(yaml.safe_dump(recipe)), out, max_shard_bytes=100_000)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "recipe.yaml", "README.md"} <= names
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors(out).values())
+    card = (out / "README.md").read_text()
+    assert "task_arithmetic" in card and str(bf16_parents["c"]) in card
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    AutoTokenizer.from_pretrained(out)
+    merged = tensors(out)
+    base, a, b, c = (tensors(bf16_parents[n]) for n in ("base", "a", "b", "c"))
+    name = "model.layers.3.mlp.gate_proj.weight"
+    expected = base[name].float() + 0.5 * sum(p[name].float() - base[name].float() for p in (a, b, c))
+    assert torch.allclose(merged[name].float(), expected, atol=1e-2)
+
+
+def test_a_crash_mid_merge_leaves_no_output_folder(parents, tmp_path):
+    recipe = parse_recipe(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(parents["a"]), "parameters": {"weight": 1.0}},
+        {"model": str(parents["b"]), "parameters": {"weight": 1.0}}]}))
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(recipe, tmp_path / "m", on_tensor=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_unless_overwrite(parents, tmp_path, run_cli):
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(parents["a"]), "parameters": {"weight": 1.0}}]})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    code, _, err = run_cli("merge", recipe, tmp_path / "out")
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "keep.txt").exists()
+    code, _, _ = run_cli("merge", recipe, tmp_path / "out", "--overwrite")
+    assert code == 0 and not (tmp_path / "out" / "keep.txt").exists()
+    assert (tmp_path / "out" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+
+
+def test_reader_lists_shapes_without_loading(parents):
+    ck = open_checkpoint(parents["a"])
+    assert ck.shape("model.embed_tokens.weight") == (256, 64)
+    assert ck.dtype("model.embed_tokens.weight") == "F32"
+    assert ck.num_layers == 4

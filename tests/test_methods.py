@@ -1,0 +1,108 @@
+"""Each merge formula on small tensors against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from shoal.merge import methods
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_linear_normalises_by_the_sum_of_weights():
+    out = methods.linear([t(1.0, 2.0), t(3.0, 6.0)], [1.0, 3.0])
+    assert torch.allclose(out, t((1 + 9) / 4, (2 + 18) / 4))
+
+
+def test_linear_without_normalise_is_the_weighted_sum():
+    out = methods.linear([t(1.0, 2.0), t(3.0, 6.0)], [0.5, 2.0], normalize=False)
+    assert torch.allclose(out, t(6.5, 13.0))
+
+
+def test_task_arithmetic_adds_scaled_task_vectors_to_the_base():
+    base = t(1.0, 1.0, 1.0)
+    deltas = [t(1.0, -2.0, 0.5), t(-1.0, 4.0, 0.5)]
+    out = methods.combine_task_vectors(base, deltas, [0.5, 0.25], consensus=False, normalize=False, lam=2.0)
+    # 1 + 2 * (0.5*d1 + 0.25*d2)
+    assert torch.allclose(out, t(1 + 2 * (0.5 - 0.25), 1 + 2 * (-1.0 + 1.0), 1 + 2 * (0.25 + 0.125)))
+
+
+def test_ties_elects_the_sign_of_the_weighted_sum_and_averages_agreeing_entries():
+    base = torch.zeros(4)
+    deltas = [t(3.0, -1.0, 2.0, 0.0), t(-1.0, -2.0, -5.0, 1.0), t(2.0, 4.0, 0.0, -1.0)]
+    out = methods.combine_task_vectors(base, deltas, [1.0, 1.0, 1.0], consensus=True, normalize=True)
+    # column 0: sum=4 (+): agreeing 3, 2 -> mean 2.5; column 1: sum=1 (+): only 4 -> 4
+    # column 2: sum=-3 (-): only -5 -> -5; column 3: sum=0 counts as +: only 1 -> 1
+    assert torch.allclose(out, t(2.5, 4.0, -5.0, 1.0))
+
+
+def test_ties_divides_by_the_weights_that_contributed():
+    base = t(10.0)
+    deltas = [t(2.0), t(-1.0), t(4.0)]
+    out = methods.combine_task_vectors(base, deltas, [0.5, 1.0, 0.25], consensus=True, normalize=True)
+    # weighted: 1, -1, 1 -> sum 1 (+); agreeing: 0.5*2 + 0.25*4 = 2 over weights 0.75
+    assert torch.allclose(out, t(10 + 2 / 0.75))
+
+
+def test_magnitude_mask_keeps_the_top_density_fraction():
+    delta = t(0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 1.0, -0.05)
+    mask = methods.magnitude_mask(delta, 0.375)  # k = int(3) largest: -5, 2, 1
+    assert mask.tolist() == [False, True, False, True, False, False, True, False]
+    assert methods.magnitude_mask(delta, 0.01).sum() == 1  # at least one entry survives
+
+
+def test_dare_mask_is_bernoulli_with_the_given_keep_rate_and_reproducible():
+    delta = torch.ones(200_000)
+    m1 = methods.random_mask(delta, 0.3, torch.Generator().manual_seed(7))
+    m2 = methods.random_mask(delta, 0.3, torch.Generator().manual_seed(7))
+    m3 = methods.random_mask(delta, 0.3, torch.Generator().manual_seed(8))
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert abs(m1.float().mean().item() - 0.3) < 0.005
+
+
+def test_rescale_keeps_the_l1_norm():
+    delta = t(1.0, -2.0, 3.0, -4.0)
+    mask = torch.tensor([True, False, True, False])
+    out = methods.apply_mask(delta, mask, rescale=True)
+    assert torch.allclose(out, t(1.0, 0.0, 3.0, 0.0) * (10 / 4))
+    assert torch.allclose(out.abs().sum(), delta.abs().sum())
+    assert torch.equal(methods.apply_mask(delta, mask, rescale=False), t(1.0, 0.0, 3.0, 0.0))
+
+
+def test_breadcrumbs_drops_outliers_and_the_smallest():
+    delta = torch.arange(1.0, 11.0)  # magnitudes 1..10
+    mask = methods.outlier_mask(delta, density=0.5, gamma=0.2)
+    # drop the top 2 (9, 10) and the bottom 10 - 5 - 2 = 3 (1, 2, 3): keep 4..8
+    assert delta[mask].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
+
+
+def test_slerp_moves_along_the_great_circle():
+    v0, v1 = t(1.0, 0.0), t(0.0, 1.0)
+    out = methods.slerp(0.5, v0, v1)
+    assert torch.allclose(out, t(math.sqrt(0.5), math.sqrt(0.5)), atol=1e-6)
+    assert torch.allclose(methods.slerp(1 / 3, v0, v1), t(math.cos(math.pi / 6), math.sin(math.pi / 6)), atol=1e-6)
+    assert torch.allclose(methods.slerp(0.0, v0, v1), v0) and torch.allclose(methods.slerp(1.0, v0, v1), v1, atol=1e-6)
+
+
+def test_slerp_falls_back_to_linear_for_parallel_tensors():
+    v0, v1 = t(1.0, 2.0), t(2.0, 4.0)
+    assert torch.allclose(methods.slerp(0.25, v0, v1), 0.75 * v0 + 0.25 * v1)
+
+
+def test_model_stock_interpolates_with_the_papers_ratio():
+    base = t(0.0, 0.0)
+    w1, w2 = t(1.0, 0.0), t(0.0, 1.0)  # orthogonal offsets: cos = 0 -> t = 0 -> base
+    assert torch.allclose(methods.model_stock(base, [w1, w2]), base)
+    w1, w2 = t(1.0, 1.0), t(1.0, 0.0)  # cos = 1/sqrt(2); t = 2c / (1 + c)
+    c = 1 / math.sqrt(2)
+    ratio = 2 * c / (1 + c)
+    assert torch.allclose(methods.model_stock(base, [w1, w2]), ratio * t(1.0, 0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_magnitude_mask_count_matches_density_on_distinct_values(density):
+    delta = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert methods.magnitude_mask(delta, density).sum().item() == int(density * 1000)
