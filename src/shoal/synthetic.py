@@ -28,6 +28,7 @@ def tiny_config(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        architectures=["LlamaForCausalLM"],
     )
 
 

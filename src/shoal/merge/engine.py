@@ -31,17 +31,20 @@ def merge_tensor(job: TensorJob, method_name: str, base: torch.Tensor | None, te
     raw = ([base] if base is not None else []) + tensors
     if not raw[0].is_floating_point():
         return raw[0].clone()
+    raw = [t.to(job.work_dtype) for t in raw]
     dtype = _compute_dtype(raw)
     device = raw[0].device
     generators = []
     if method.random:
         generators = [torch.Generator(device=device).manual_seed(s) for s in job.seeds]
+    upcast = [t.to(dtype) for t in raw]
     call = MergeCall(
-        base=base.to(dtype) if base is not None else None,
-        tensors=[t.to(dtype) for t in tensors],
+        base=upcast[0] if base is not None else None,
+        tensors=upcast[1:] if base is not None else upcast,
         per_model=job.per_model,
         shared=job.shared,
         generators=generators,
+        rank_dtype=job.work_dtype,
     )
     result = method.merge(call)
     if not torch.isfinite(result).all():

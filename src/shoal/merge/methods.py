@@ -39,14 +39,18 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bo
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Boolean mask of the k = max(1, int(density * n)) entries of largest magnitude (ties at the threshold kept)."""
+    """Boolean mask of the k = max(1, int(density * n)) entries of largest magnitude.
+
+    Ties at the threshold are broken as torch.argsort breaks them, which is what mergekit does.
+    """
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
     k = max(1, int(density * n))
-    magnitude = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    return delta.abs() >= threshold
+    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[:k]] = True
+    return mask.reshape(delta.shape)
 
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -97,15 +101,21 @@ def combine_task_vectors(
     consensus: bool,
     normalize: bool,
     lam: float = 1.0,
+    elect_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """θ_0 + λ · combine(w_i τ_i): a plain sum, or TIES' disjoint mean over sign-agreeing entries.
 
     With normalize the sum is divided by the sum of the weights that contributed (per entry under consensus).
+    elect_dtype, if given, is the precision of the sign election (mergekit elects in the recipe's dtype;
+    in bfloat16 that decides the sign of entries whose weighted sum is near zero).
     """
     w = _stack_weights(weights, base)
     weighted = torch.stack(list(deltas)) * w
     if consensus:
-        mask = sign_consensus(weighted)
+        voters = weighted
+        if elect_dtype is not None and elect_dtype != weighted.dtype:
+            voters = torch.stack([d.to(elect_dtype) for d in deltas]) * _stack_weights(weights, base).to(elect_dtype)
+        mask = sign_consensus(voters)
         mixed = (weighted * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)

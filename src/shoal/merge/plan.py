@@ -40,6 +40,8 @@ class TensorJob:
     """Everything needed to produce one output tensor."""
 
     spec: TensorSpec
+    work_dtype: torch.dtype
+    """The recipe's `dtype` (else the parents'): inputs are rounded to it before the float32 arithmetic, as in mergekit."""
     inputs: list[TensorInput]
     base: TensorInput | None
     per_model: list[dict[str, Any]]
@@ -104,6 +106,7 @@ def _job(
     src_names: list[str],
     t: float,
     out_dtype: torch.dtype | None,
+    work_dtype: torch.dtype | None,
 ) -> TensorJob:
     method = recipe.method
     base_ref = piece.base_model or recipe.base_model
@@ -131,7 +134,8 @@ def _job(
             )
     first = base or inputs[0]
     src_dtype = _TAGS[parents[first.parent].dtype(first.name)]
-    dtype = out_dtype if out_dtype is not None and src_dtype.is_floating_point else src_dtype
+    floating = src_dtype.is_floating_point
+    dtype = out_dtype if out_dtype is not None and floating else src_dtype
     sources_of = lambda src: [src.parameters, piece.parameters, recipe.parameters]  # noqa: E731
     per_model: list[dict[str, Any]] = [
         {p: resolve(p, sources_of(s), out_name, t, d) for p, d in method.per_model.items()} for s, _ in entries
@@ -143,6 +147,7 @@ def _job(
             raise ShoalError(f"density for tensor {out_name} is {params['density']}, outside (0, 1]")
     return TensorJob(
         spec=TensorSpec(out_name, tuple(shapes[0][1]), dtype),
+        work_dtype=work_dtype if work_dtype is not None and floating else src_dtype,
         inputs=inputs,
         base=base,
         per_model=per_model,
@@ -169,7 +174,8 @@ def _output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch
 
 def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], out_dtype: torch.dtype | None = None) -> MergePlan:
     """Every output tensor's job, in file order (embeddings, layers, head), checked for names and shapes."""
-    out_dtype = out_dtype or parse_dtype(recipe.out_dtype) or parse_dtype(recipe.dtype)
+    work_dtype = parse_dtype(recipe.dtype)
+    out_dtype = out_dtype or parse_dtype(recipe.out_dtype) or work_dtype
     _check_architectures(parents)
     slices = _as_slices(recipe, parents)
     first_ref = recipe.base_model if recipe.models and recipe.base_model else slices[0].sources[0].model
@@ -181,7 +187,7 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], out_dtype: torch.
         ref = parents[piece.sources[0].model]
         for name in ref.names:
             if layout.part(name) == wanted:
-                jobs.append(_job(recipe, parents, piece, name, [name] * len(piece.sources), 0.0, out_dtype))
+                jobs.append(_job(recipe, parents, piece, name, [name] * len(piece.sources), 0.0, out_dtype, work_dtype))
 
     outer(slices[0], "pre")
     out_layer = 0
@@ -202,7 +208,7 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], out_dtype: torch.
             for name in layout.layer_names(ref.names, first):
                 src_names = [layout.with_layer(name, s.layer_range[0] + offset) for s in piece.sources]
                 out_name = layout.with_layer(name, out_layer)
-                jobs.append(_job(recipe, parents, piece, out_name, src_names, t, out_dtype))
+                jobs.append(_job(recipe, parents, piece, out_name, src_names, t, out_dtype, work_dtype))
             layer_sources.append(first)
             out_layer += 1
     outer(slices[-1], "post")

@@ -22,6 +22,9 @@ class MergeCall:
     per_model: list[dict[str, Any]]
     shared: dict[str, Any]
     generators: list[torch.Generator] = field(default_factory=list)
+    rank_dtype: torch.dtype = torch.float32
+    """Precision in which magnitudes are ranked for trimming: the recipe's dtype, so that TIES and
+    breadcrumbs keep the same entries as mergekit, which forms task vectors in that dtype."""
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,13 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
         deltas = []
         for i, (tensor, params) in enumerate(zip(call.tensors, call.per_model)):
             delta = tensor - call.base
+            ranked = delta.to(call.rank_dtype)
             if sparsify == "magnitude":
-                mask = methods.magnitude_mask(delta, params["density"])
+                mask = methods.magnitude_mask(ranked, params["density"])
             elif sparsify == "random":
                 mask = methods.random_mask(delta, params["density"], call.generators[i])
             elif sparsify == "outliers":
-                mask = methods.outlier_mask(delta, params["density"], params["gamma"])
+                mask = methods.outlier_mask(ranked, params["density"], params["gamma"])
             else:
                 mask = None
             deltas.append(delta if mask is None else methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
@@ -65,6 +69,7 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
             consensus=consensus,
             normalize=call.shared["normalize"],
             lam=call.shared["lambda"],
+            elect_dtype=call.rank_dtype,
         )
 
     return merge
