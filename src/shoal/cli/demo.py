@@ -12,9 +12,6 @@ from rich.table import Table
 
 from shoal.cli.app import app
 from shoal.cli.progress import bar
-from shoal.merge.engine import run_merge
-from shoal.recipe import parse_recipe
-from shoal.synthetic import make_parents
 
 
 @app.command()
@@ -25,6 +22,10 @@ def demo(
     """Build small random parents and merge them with DARE-TIES; load the result with transformers."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from shoal.merge.engine import run_merge
+    from shoal.recipe import parse_recipe
+    from shoal.synthetic import make_parents
 
     console = Console()
     paths = make_parents(out / "parents", seed=seed)

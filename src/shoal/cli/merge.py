@@ -10,8 +10,6 @@ from rich.console import Console
 
 from shoal.cli.app import app
 from shoal.cli.progress import bar
-from shoal.merge.engine import run_merge
-from shoal.recipe import load_recipe
 
 
 @app.command()
@@ -24,6 +22,9 @@ def merge(
     shard_size: Annotated[float, typer.Option(help="Largest shard, in GB.")] = 2.0,
 ) -> None:
     """Merge the parents named in RECIPE into a new model folder OUT_DIR."""
+    from shoal.merge.engine import run_merge
+    from shoal.recipe import load_recipe
+
     parsed = load_recipe(recipe)
     if seed is not None:
         parsed = parsed.model_copy(update={"seed": seed})

@@ -1,0 +1,139 @@
+"""Wall time and peak RSS of `shoal merge` vs `mergekit-yaml` on three ~0.5B random parents, plus the I/O floor.
+
+    python benchmarks/merge_speed.py [--size 0.5b|small] [--repeats 3] [--work /tmp/shoal-bench]
+
+Each command runs as its own process (so start-up counts for every tool alike), alternating tools on each
+repeat after one warm-up read that puts the parents in the page cache. The floor is a process that reads
+every parent tensor once and writes one model of the output's size (no arithmetic). Prints the median of
+each and the ratios; needs `pip install mergekit==0.1.5` (benchmark-only dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+SIZES = {
+    # ~0.55B parameters: 16 layers of hidden 1536 / MLP 4096, vocabulary 32000, untied head; bf16 = 1.1 GB
+    "0.5b": dict(vocab_size=32000, hidden_size=1536, num_hidden_layers=16, intermediate_size=4096),
+    "small": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, intermediate_size=512),
+}
+METHODS = {
+    "linear": lambda p: {"merge_method": "linear", "dtype": "bfloat16",
+                         "models": [{"model": str(p[n]), "parameters": {"weight": w}} for n, w in (("a", 0.5), ("b", 0.3), ("c", 0.2))]},
+    "ties": lambda p: {"merge_method": "ties", "dtype": "bfloat16", "base_model": str(p["base"]),
+                       "models": [{"model": str(p[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "abc"]},
+    "dare_ties": lambda p: {"merge_method": "dare_ties", "dtype": "bfloat16", "base_model": str(p["base"]),
+                            "models": [{"model": str(p[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "abc"]},
+}
+RSS_WRAPPER = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
+    "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)"
+)
+
+
+def build_parents(work: Path, size: str) -> dict[str, Path]:
+    from shoal.synthetic import make_parents, tiny_config
+
+    folder = work / f"parents-{size}"
+    names = ("base", "a", "b", "c")
+    if all((folder / n / "config.json").exists() for n in names):
+        return {n: folder / n for n in names}
+    shutil.rmtree(folder, ignore_errors=True)
+    config = tiny_config(**SIZES[size])
+    return make_parents(folder, names, config=config, dtype=torch.bfloat16, noise=0.01)
+
+
+def floor(parents: list[str], out: str) -> None:
+    """Read every tensor of every parent once; write the first parent's tensors as one model."""
+    from safetensors import safe_open
+
+    from shoal.checkpoint.writer import ModelFolderWriter, TensorSpec
+
+    handles = [safe_open(str(next(Path(p).glob("*.safetensors"))), framework="pt") for p in parents]
+    names = list(handles[0].keys())
+    specs = []
+    for name in names:
+        s = handles[0].get_slice(name)
+        specs.append(TensorSpec(name, tuple(s.get_shape()), torch.bfloat16))
+    Path(out).mkdir(parents=True)
+    writer = ModelFolderWriter(Path(out), specs)
+    for name in names:
+        tensors = [h.get_tensor(name) for h in handles]
+        writer.write(name, tensors[0])
+    writer.close()
+
+
+def measure(cmd: list[str], out: Path) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    res = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], capture_output=True, text=True, check=True)
+    seconds, rss_kb, code = res.stdout.split()
+    if code != "0":
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
+    shutil.rmtree(out, ignore_errors=True)
+    return float(seconds), int(rss_kb) / 1024**2
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--floor":
+        floor(sys.argv[3:], sys.argv[2])
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="0.5b", choices=SIZES)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/shoal-bench"))
+    ap.add_argument("--methods", default="linear,ties,dare_ties")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    parents = build_parents(args.work, args.size)
+    params = sum(torch.tensor(s).prod().item() for s in _shapes(parents["a"]))
+    print(f"parents: 3 (+ base), {params / 1e9:.2f}B parameters each, bfloat16, torch threads {torch.get_num_threads()}")
+    out = args.work / "out"
+    floor_cmd = [sys.executable, __file__, "--floor", str(out), str(parents["a"]), str(parents["b"]), str(parents["c"])]
+    measure(floor_cmd, out)  # warm-up: parents into the page cache
+    results: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for method in args.methods.split(","):
+        recipe = args.work / f"{method}.yaml"
+        recipe.write_text(yaml.safe_dump(METHODS[method](parents), sort_keys=False))
+        commands = {
+            "shoal": ["shoal", "merge", str(recipe), str(out)],
+            "mergekit": ["mergekit-yaml", str(recipe), str(out)],
+            "floor": floor_cmd,
+        }
+        if method != "linear":  # the floor reads the base too when the method does
+            commands["floor"] = floor_cmd + [str(parents["base"])]
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
+        for _ in range(args.repeats):
+            for tool, cmd in commands.items():
+                runs[tool].append(measure(cmd, out))
+        results[method] = runs
+        med = {tool: (statistics.median(s for s, _ in r), max(m for _, m in r)) for tool, r in runs.items()}
+        print(
+            f"{method:10s} shoal {med['shoal'][0]:6.1f}s {med['shoal'][1]:5.2f}GB | "
+            f"mergekit {med['mergekit'][0]:6.1f}s {med['mergekit'][1]:5.2f}GB | floor {med['floor'][0]:6.1f}s | "
+            f"speed-up vs mergekit {med['mergekit'][0] / med['shoal'][0]:4.2f}x | shoal/floor {med['shoal'][0] / med['floor'][0]:4.2f} | "
+            f"RSS shoal/mergekit {med['shoal'][1] / med['mergekit'][1]:4.2f}",
+            flush=True,
+        )
+    (args.work / "merge_speed.json").write_text(json.dumps(results, indent=1))
+
+
+def _shapes(folder: Path) -> list[list[int]]:
+    from safetensors import safe_open
+
+    with safe_open(str(next(folder.glob("*.safetensors"))), framework="pt") as f:
+        return [f.get_slice(k).get_shape() for k in f.keys()]
+
+
+if __name__ == "__main__":
+    main()
