@@ -3,6 +3,11 @@
 Deterministic methods must match tensor for tensor (max |diff| < 1e-5 in fp32, < 1e-2 in bf16).
 DARE's random masks differ between the two tools, so for DARE methods the statistics are compared:
 the fraction of entries changed from the base and the mean and spread of the merged task vector.
+
+Trimming (TIES, breadcrumbs) keeps the k largest magnitudes. In bfloat16 many magnitudes are exactly
+equal, and which of the tied entries at the threshold survive is arbitrary: mergekit takes whatever
+order torch's unstable parallel argsort gives. shoal breaks such ties by index (a stable sort's order,
+found in linear time). So mergekit runs here with its sorts made stable; everything else is its own code.
 """
 
 from __future__ import annotations
@@ -26,6 +31,28 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(shard), framework="pt") as f:
             out.update({k: f.get_tensor(k).float() for k in f.keys()})
     return out
+
+
+class _StableSorts:
+    """torch, except that argsort and sort are stable (mergekit.sparsify's only source of arbitrariness)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def argsort(x, descending=False, **kw):
+        return torch.sort(x, descending=descending, stable=True).indices
+
+    @staticmethod
+    def sort(x, descending=False, **kw):
+        return torch.sort(x, descending=descending, stable=True)
+
+
+@pytest.fixture(autouse=True)
+def stable_mergekit_sorts(monkeypatch):
+    import mergekit.sparsify
+
+    monkeypatch.setattr(mergekit.sparsify, "torch", _StableSorts())
 
 
 def both(recipe: dict, tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -106,3 +106,23 @@ def test_model_stock_interpolates_with_the_papers_ratio():
 def test_magnitude_mask_count_matches_density_on_distinct_values(density):
     delta = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     assert methods.magnitude_mask(delta, density).sum().item() == int(density * 1000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 7, 500, 999])
+def test_top_mask_equals_a_stable_descending_sort_even_with_ties(dtype, k):
+    values = (torch.randint(0, 20, (1000,), generator=torch.Generator().manual_seed(k)) / 4).to(dtype)
+    expected = torch.zeros(1000, dtype=torch.bool)
+    expected[torch.sort(values.float(), descending=True, stable=True).indices[:k]] = True
+    assert torch.equal(methods.top_mask(values, k), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outlier_mask_equals_a_stable_ascending_sort_even_with_ties(dtype):
+    delta = ((torch.randint(0, 9, (300,), generator=torch.Generator().manual_seed(1)) - 4) / 8).to(dtype)
+    order = torch.sort(delta.abs().float(), stable=True).indices
+    n, keep, top = 300, int(0.4 * 300), int(0.1 * 300)
+    bottom = n - keep - top
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[order[bottom : bottom + keep]] = True
+    assert torch.equal(methods.outlier_mask(delta, 0.4, 0.1), expected)

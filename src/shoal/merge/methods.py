@@ -38,19 +38,44 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bo
     return result
 
 
-def magnitude_mask(delta: Tensor, density: float) -> Tensor:
-    """Boolean mask of the k = max(1, int(density * n)) entries of largest magnitude.
+def _kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest of non-negative values, in O(n): a histogram of the bit patterns for 16-bit floats."""
+    flat = values.reshape(-1)
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        bits = flat.view(torch.int16).to(torch.int32)  # ordered like the values, since all are >= 0
+        counts = torch.bincount(bits, minlength=1 << 15)
+        from_top = counts.flip(0).cumsum(0)
+        position = int(torch.searchsorted(from_top, k))
+        return torch.tensor((1 << 15) - 1 - position, dtype=torch.int16).view(flat.dtype)
+    return torch.kthvalue(flat, flat.numel() - k + 1).values
 
-    Ties at the threshold are broken as torch.argsort breaks them, which is what mergekit does.
+
+def _first(mask: Tensor, count: int) -> Tensor:
+    """The first `count` True entries of a flat mask, by index."""
+    return mask & (mask.cumsum(0) <= count)
+
+
+def top_mask(values: Tensor, k: int) -> Tensor:
+    """Mask of the k largest non-negative values; ties at the threshold go to the lowest indices.
+
+    This is the order of a stable descending sort (and of torch.argsort, which mergekit uses, on
+    tensors small enough to be sorted in one thread), found in linear time.
     """
+    flat = values.reshape(-1)
+    if k >= flat.numel():
+        return torch.ones_like(values, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    threshold = _kth_largest(flat, k)
+    above = flat > threshold
+    return (above | _first(flat == threshold, k - int(above.sum()))).reshape(values.shape)
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """TIES' trim: mask of the k = max(1, int(density * n)) entries of largest magnitude."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    n = delta.numel()
-    k = max(1, int(density * n))
-    order = torch.argsort(delta.abs().reshape(-1).float(), descending=True)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[:k]] = True
-    return mask.reshape(delta.shape)
+    return top_mask(delta.abs(), max(1, int(density * delta.numel())))
 
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -62,17 +87,21 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Te
 
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Breadcrumbs: drop the int(gamma * n) largest magnitudes, then the smallest, keeping int(density * n)."""
+    """Breadcrumbs: drop the int(gamma * n) largest magnitudes, then the smallest, keeping int(density * n).
+
+    Ranks are those of a stable ascending sort by magnitude, as mergekit's argsort gives on small tensors.
+    """
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
     keep = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(delta.abs().reshape(-1).float())
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[bottom : bottom + keep]] = True
-    return mask.reshape(delta.shape)
+    # the m smallest under a stable ascending sort are the complement of the n - m largest under a
+    # stable descending sort with ties going to the highest indices, i.e. top_mask on the reversed tensor
+    magnitude = delta.abs().reshape(-1).flip(0)
+    largest_beyond = lambda m: top_mask(magnitude, n - m).flip(0)  # noqa: E731
+    return (largest_beyond(bottom) & ~largest_beyond(bottom + keep)).reshape(delta.shape)
 
 
 def apply_mask(delta: Tensor, mask: Tensor, *, rescale: bool) -> Tensor:
