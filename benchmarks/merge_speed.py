@@ -60,16 +60,17 @@ def floor(parents: list[str], out: str) -> None:
 
     from shoal.checkpoint.writer import ModelFolderWriter, TensorSpec
 
-    handles = [safe_open(str(next(Path(p).glob("*.safetensors"))), framework="pt") for p in parents]
-    names = list(handles[0].keys())
-    specs = []
-    for name in names:
-        s = handles[0].get_slice(name)
-        specs.append(TensorSpec(name, tuple(s.get_shape()), torch.bfloat16))
+    files = [str(next(Path(p).glob("*.safetensors"))) for p in parents]
+    with safe_open(files[0], framework="pt") as handle:
+        names = list(handle.keys())
+        specs = [TensorSpec(n, tuple(handle.get_slice(n).get_shape()), torch.bfloat16) for n in names]
     Path(out).mkdir(parents=True)
     writer = ModelFolderWriter(Path(out), specs)
     for name in names:
-        tensors = [h.get_tensor(name) for h in handles]
+        tensors = []
+        for file in files:  # a copy out of the mapping, so every byte of every parent is really read
+            with safe_open(file, framework="pt") as handle:
+                tensors.append(handle.get_tensor(name).clone())
         writer.write(name, tensors[0])
     writer.close()
 

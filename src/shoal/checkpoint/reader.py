@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -40,38 +40,40 @@ def resolve_model(ref: str | Path, *, revision: str | None = None) -> Path:
         ) from exc
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, from the safetensors header alone."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # the safetensors tag, e.g. 'BF16'
+
+
 @dataclass
 class Checkpoint:
-    """A model folder: its config and a lazily opened map from tensor name to safetensors file."""
+    """A model folder: its config and, per tensor name, its file, shape and dtype; data is read on demand."""
 
     path: Path
     config: dict[str, Any]
-    files: dict[str, Path]
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    tensors: dict[str, TensorInfo]
 
     @property
     def names(self) -> list[str]:
-        return list(self.files)
-
-    def _handle(self, name: str) -> Any:
-        file = self.files[name]
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt")
-        return handle
+        return list(self.tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self.tensors[name].shape
 
     def dtype(self, name: str) -> str:
-        """The safetensors dtype tag of a tensor, e.g. 'BF16'."""
-        return self._handle(name).get_slice(name).get_dtype()
+        return self.tensors[name].dtype
 
     def tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        if name not in self.files:
+        """Read one tensor. The file is memory-mapped only for this read, so pages of tensors already
+        merged do not stay mapped (and counted in the process's memory) for the rest of the merge."""
+        if name not in self.tensors:
             raise ShoalError(f"tensor {name!r} is missing from {self.path}")
-        tensor = self._handle(name).get_tensor(name)
-        return tensor if str(device) == "cpu" else tensor.to(device, non_blocking=True)
+        with safe_open(str(self.tensors[name].file), framework="pt", device=str(device)) as handle:
+            return handle.get_tensor(name)
 
     @cached_property
     def num_layers(self) -> int | None:
@@ -86,31 +88,40 @@ class Checkpoint:
         return str(archs[0])
 
 
-def _tensor_files(path: Path) -> dict[str, Path]:
+def _read_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    infos[name] = TensorInfo(file, tuple(piece.get_shape()), piece.get_dtype())
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ShoalError(f"{file}: not a readable safetensors file ({exc})") from exc
+    return infos
+
+
+def _tensor_files(path: Path) -> dict[str, TensorInfo]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as exc:
             raise ShoalError(f"{index}: not a valid safetensors index ({exc})") from exc
-        files = {name: path / file for name, file in weight_map.items()}
-        for file in set(files.values()):
+        shards = sorted({path / file for file in weight_map.values()})
+        for file in shards:
             if not file.is_file():
                 raise ShoalError(f"{index} names {file.name}, which is missing")
-        return files
+        infos = _read_headers(shards)
+        missing = [name for name in weight_map if name not in infos]
+        if missing:
+            raise ShoalError(f"{index} lists {missing[0]}, which is in none of the shards")
+        return {name: infos[name] for name in weight_map}
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         hint = " (only PyTorch .bin weights found; convert them to safetensors)" if any(path.glob("*.bin")) else ""
         raise ShoalError(f"{path}: no *.safetensors weights{hint}")
-    files: dict[str, Path] = {}
-    for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt") as handle:
-                for name in handle.keys():
-                    files[name] = shard
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ShoalError(f"{shard}: not a readable safetensors file ({exc})") from exc
-    return files
+    return _read_headers(shards)
 
 
 def open_checkpoint(ref: str | Path) -> Checkpoint:
@@ -123,4 +134,4 @@ def open_checkpoint(ref: str | Path) -> Checkpoint:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise ShoalError(f"{config_file}: invalid JSON at line {exc.lineno} ({exc.msg})") from exc
-    return Checkpoint(path=path, config=config, files=_tensor_files(path))
+    return Checkpoint(path=path, config=config, tensors=_tensor_files(path))

@@ -84,10 +84,10 @@ def _check_architectures(parents: dict[str, Checkpoint]) -> None:
 
 
 def _check_same_tensors(parents: dict[str, Checkpoint], reference: str) -> None:
-    ref_names = set(parents[reference].files)
+    ref_names = set(parents[reference].tensors)
     for ref, ck in parents.items():
-        missing = sorted(ref_names - set(ck.files))
-        extra = sorted(set(ck.files) - ref_names)
+        missing = sorted(ref_names - set(ck.tensors))
+        extra = sorted(set(ck.tensors) - ref_names)
         if missing:
             raise ShoalError(f"tensor {missing[0]} is missing in parent {ref} (present in {reference})")
         if extra:
@@ -124,7 +124,7 @@ def _job(
         )
     inputs = [TensorInput(s.model, n) for s, n in entries]
     for tin in inputs + ([base] if base else []):
-        if tin.name not in parents[tin.parent].files:
+        if tin.name not in parents[tin.parent].tensors:
             raise ShoalError(f"tensor {tin.name} is missing in parent {tin.parent}")
     shapes = [(tin.parent, parents[tin.parent].shape(tin.name)) for tin in ([base] if base else []) + inputs]
     for ref, shape in shapes[1:]:
