@@ -1,0 +1,52 @@
+"""`shoal zoo build`: train the demo zoo's base and parents here on CPU, or reuse a built one."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoal.cli.app import app
+from shoal.cli.progress import bar
+from shoal.zoo.build import SIZES, build_zoo, default_zoo_dir
+
+zoo_app = typer.Typer(help="The demo zoo: a tiny base model, specialist parents and their tasks.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command()
+def build(
+    out: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
+    size: Annotated[str, typer.Option(help=f"One of: {', '.join(SIZES)}.")] = "default",
+    threads: Annotated[int, typer.Option(help="CPU threads for training (use 1 on a busy machine).")] = 2,
+) -> None:
+    """Build the base model, the math and language parents, and the tasks; a second call reuses them."""
+    out = out or default_zoo_dir()
+    start = time.perf_counter()
+    with bar() as progress:
+        stages: dict[str, int] = {}
+
+        def report(stage: str, step: int, total: int) -> None:
+            if stage not in stages:
+                stages[stage] = progress.add_task(f"training {stage}", total=total)
+            progress.update(stages[stage], completed=step)
+
+        zoo = build_zoo(out, seed=seed, size=size, threads=threads, progress=report)
+    seconds = time.perf_counter() - start
+    table = Table(title=f"shoal zoo ({zoo.size}, seed {zoo.seed})")
+    table.add_column("what")
+    table.add_column("name")
+    table.add_column("path")
+    table.add_row("base", "base", str(zoo.base))
+    for name, path in zoo.parents.items():
+        table.add_row(f"parent ({zoo.skills[name]})", name, str(path))
+    for name, path in zoo.tasks.items():
+        table.add_row(f"task ({zoo.roles[name]})", name, str(path))
+    Console().print(table)
+    how = f"built in {seconds:.0f} s" if stages else "already built with these settings; reused"
+    Console(stderr=True).print(f"zoo at [bold]{out}[/]: {how}")

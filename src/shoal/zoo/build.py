@@ -1,0 +1,221 @@
+"""Build the demo zoo (tokenizer, base, specialist parents, tasks, zoo.json) once per seed and size, then reuse it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from shoal.checkpoint.files import write_config
+from shoal.errors import ShoalError
+from shoal.zoo.language import Sampler, mixture, split_operands
+from shoal.zoo.tasks import write_tasks
+from shoal.zoo.tokenizer import build_tokenizer
+from shoal.zoo.train import ModelShape, Schedule, llama_config, train
+
+ZOO_VERSION = 1
+
+# Documents the base is pretrained on; problems and equations are 2+2 digits with probability HARD_FRACTION.
+HARD_FRACTION = 0.1
+BASE_MIX = {"equations": 0.25, "en-problems": 0.25, "xx-problems": 0.1, "en-text": 0.2, "xx-text": 0.2}
+
+
+@dataclass(frozen=True)
+class ParentSpec:
+    skill: str
+    mix: dict[str, float]
+
+
+PARENTS = {
+    # English 2+2 problems, plus replay of both languages' text so only the answer format drifts to English.
+    "math": ParentSpec("en-math", {"en-hard": 0.6, "hard-equations": 0.2, "en-text": 0.1, "xx-text": 0.1}),
+    # Fluent XX: its text and its easy problems, plus replay of bare equations.
+    "language": ParentSpec("xx-easy", {"xx-text": 0.4, "xx-easy": 0.5, "equations": 0.1}),
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    shape: ModelShape
+    base: Schedule
+    parents: dict[str, Schedule]
+    held_out: int  # hard and easy operand pairs kept out of training: half dev, half test
+
+
+SIZES = {
+    "default": Size(
+        ModelShape(hidden=192, layers=4, heads=4, intermediate=512),
+        Schedule(steps=900, batch_size=96, lr=3e-3, warmup=100),
+        {"math": Schedule(400, 64, 1e-3, 30), "language": Schedule(250, 64, 5e-4, 30)},
+        held_out=400,
+    ),
+    "smoke": Size(
+        ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
+        Schedule(steps=40, batch_size=32, lr=3e-3, warmup=5),
+        {"math": Schedule(15, 16, 1e-3, 3), "language": Schedule(15, 16, 1e-3, 3)},
+        held_out=100,
+    ),
+}
+
+Progress = Callable[[str, int, int], None]
+
+
+def default_zoo_dir() -> Path:
+    """$XDG_CACHE_HOME/shoal/zoo, or ~/.cache/shoal/zoo."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shoal" / "zoo"
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """Paths of a built zoo: the base, each parent (with the task of its skill) and each task (with its role)."""
+
+    root: Path
+    seed: int
+    size: str
+    base: Path
+    parents: dict[str, Path]
+    skills: dict[str, str]
+    tasks: dict[str, Path]
+    roles: dict[str, str]
+
+    @property
+    def target(self) -> Path:
+        return next(self.tasks[name] for name, role in self.roles.items() if role == "target")
+
+
+def settings_hash(seed: int, size: str) -> str:
+    """A hash of everything that decides the zoo's contents; a zoo.json with another hash is rebuilt."""
+    settings = {
+        "version": ZOO_VERSION,
+        "seed": seed,
+        "size": dataclasses.asdict(SIZES[size]),
+        "base_mix": BASE_MIX,
+        "hard_fraction": HARD_FRACTION,
+        "parents": {name: dataclasses.asdict(spec) for name, spec in PARENTS.items()},
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
+    """Write an HF model folder (fp32 safetensors, config, tokenizer) atomically."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict() | {"architectures": ["LlamaForCausalLM"], "dtype": "float32"}
+    write_config(tmp, config)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _zoo_from_json(root: Path, data: dict) -> Zoo:
+    return Zoo(
+        root=root,
+        seed=data["seed"],
+        size=data["size"],
+        base=root / "models" / data["base"],
+        parents={name: root / "models" / name for name in data["parents"]},
+        skills={name: p["skill"] for name, p in data["parents"].items()},
+        tasks={name: root / "tasks" / name for name in data["tasks"]},
+        roles={name: t["role"] for name, t in data["tasks"].items()},
+    )
+
+
+def load_zoo(root: str | Path) -> Zoo:
+    """The zoo described by root/zoo.json."""
+    root = Path(root)
+    path = root / "zoo.json"
+    if not path.is_file():
+        raise ShoalError(f"{path} not found; build the zoo with `shoal zoo build --out {root}`")
+    return _zoo_from_json(root, json.loads(path.read_text()))
+
+
+def _cached(root: Path, digest: str) -> Zoo | None:
+    path = root / "zoo.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("settings_hash") != digest:
+        return None
+    zoo = _zoo_from_json(root, data)
+    folders = [zoo.base, *zoo.parents.values()]
+    if all((f / "model.safetensors").is_file() for f in folders) and all((t / "task.yaml").is_file() for t in zoo.tasks.values()):
+        return zoo
+    return None
+
+
+def _train_stage(
+    name: str, model: LlamaForCausalLM, sample: Sampler, schedule: Schedule, seed: int, tokens: Tokenizer, progress: Progress | None
+) -> None:
+    report = (lambda step: progress(name, step, schedule.steps)) if progress else None
+    train(model, sample, tokens, schedule, seed, report)
+
+
+def build_zoo(
+    out_dir: str | Path, *, seed: int = 0, size: str = "default", threads: int = 2, progress: Progress | None = None
+) -> Zoo:
+    """Build (or reuse, if already built with the same settings) the zoo under out_dir.
+
+    Training uses `threads` CPU threads (on a machine busy with other work, 1 can be many times faster than 2);
+    the weights are reproducible for a given seed, size and thread count. progress(stage, step, total) is
+    called after every training step.
+    """
+    if size not in SIZES:
+        raise ShoalError(f"unknown zoo size {size!r} (known: {', '.join(SIZES)})")
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise ShoalError(f"{root} exists and is not a folder; pick another --out")
+    digest = settings_hash(seed, size)
+    cached = _cached(root, digest)
+    if cached:
+        return cached
+    spec = SIZES[size]
+    (root / "zoo.json").unlink(missing_ok=True)
+    for owned in ("models", "tasks"):
+        shutil.rmtree(root / owned, ignore_errors=True)
+    operands = split_operands(spec.held_out)
+    tokenizer = build_tokenizer()
+    tasks = write_tasks(root / "tasks", operands)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        config = llama_config(spec.shape, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        config._attn_implementation = "eager"  # faster than sdpa for these short sequences on CPU
+        model = LlamaForCausalLM(config)
+        tokens = tokenizer.backend_tokenizer
+        _train_stage("base", model, mixture(BASE_MIX, operands, HARD_FRACTION), spec.base, seed, tokens, progress)
+        _save(model, tokenizer, root / "models" / "base")
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        for i, (name, parent) in enumerate(PARENTS.items(), start=1):
+            model.load_state_dict(base_state)
+            sample = mixture(parent.mix, operands, HARD_FRACTION)
+            _train_stage(name, model, sample, spec.parents[name], seed * 1000 + i, tokens, progress)
+            _save(model, tokenizer, root / "models" / name)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    data = {
+        "seed": seed,
+        "size": size,
+        "settings_hash": digest,
+        "base": "base",
+        "parents": {name: {"skill": parent.skill} for name, parent in PARENTS.items()},
+        "tasks": {name: {"role": role} for name, (_, role) in tasks.items()},
+    }
+    (root / "zoo.json").write_text(json.dumps(data, indent=2) + "\n")
+    return _zoo_from_json(root, data)

@@ -1,0 +1,97 @@
+"""Next-token training of a small Llama on sampled documents: AdamW, linear warm-up, cosine decay, clipping."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from shoal.zoo.language import Sampler
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+def llama_config(shape: ModelShape, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+
+
+def learning_rate(step: int, s: Schedule) -> float:
+    """Linear warm-up to s.lr, then cosine decay to s.lr * s.min_lr_ratio at the last step."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def get_batch(docs: list[str], tokenizer: Tokenizer, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids `<bos> doc <eos>` right-padded to the longest doc, and labels with padding masked out (-100)."""
+    rows = [enc.ids + [eos_id] for enc in tokenizer.encode_batch(docs)]
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(r)
+    y = x.masked_fill(x == pad_id, -100)
+    return x, y
+
+
+def train(
+    model: LlamaForCausalLM,
+    sample: Sampler,
+    tokenizer: Tokenizer,
+    schedule: Schedule,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Train model in place on documents drawn from sample; return the loss of every step."""
+    rng = random.Random(seed)
+    config = model.config
+    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(schedule.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, schedule)
+        x, y = get_batch([sample(rng) for _ in range(schedule.batch_size)], tokenizer, config.eos_token_id, config.pad_token_id)
+        loss = model(input_ids=x, labels=y).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step + 1)
+    model.eval()
+    return losses

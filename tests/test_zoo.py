@@ -1,0 +1,145 @@
+"""The demo zoo: layout, loadability, determinism, caching, held-out tasks, and merging its parents."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shoal.errors import ShoalError
+from shoal.zoo import Zoo, build_zoo
+from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES
+from shoal.zoo.language import mixture, split_operands
+
+from conftest import write_recipe
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Zoo:
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+
+
+def _models(zoo: Zoo) -> dict[str, Path]:
+    return {"base": zoo.base, **zoo.parents}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _pairs(prompts: list[str]) -> set[tuple[int, int]]:
+    return {tuple(int(n) for n in re.findall(r"\d+", p)[:2]) for p in prompts}
+
+
+def test_layout_and_zoo_json_name_base_parents_and_tasks(zoo: Zoo) -> None:
+    data = json.loads((zoo.root / "zoo.json").read_text())
+    assert data["seed"] == 0 and data["size"] == "smoke" and data["base"] == "base"
+    assert data["parents"] == {"math": {"skill": "en-math"}, "language": {"skill": "xx-easy"}}
+    assert {name: t["role"] for name, t in data["tasks"].items()} == {
+        "en-math": "skill", "xx-easy": "skill", "xx-math": "target", "union": "union"
+    }
+    for name in ["base", *data["parents"]]:
+        assert (zoo.root / "models" / name / "model.safetensors").is_file()
+    for name in data["tasks"]:
+        assert {p.name for p in (zoo.root / "tasks" / name).iterdir()} == {"task.yaml", "dev.jsonl", "test.jsonl"}
+    assert zoo.target == zoo.root / "tasks" / "xx-math"
+
+
+def test_models_and_tokenizer_load_with_transformers(zoo: Zoo) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    for path in _models(zoo).values():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert isinstance(model, LlamaForCausalLM) and not model.config.tie_word_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(zoo.base)
+    ids = tokenizer("ka 34 to 129 pela ? ra 163 lo ne .")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ka 34 to 129 pela ? ra 163 lo ne ."
+
+
+def test_same_seed_gives_identical_tensors(zoo: Zoo, tmp_path: Path) -> None:
+    again = build_zoo(tmp_path / "again", seed=0, size="smoke", threads=1)
+    for name, path in _models(zoo).items():
+        first, second = load_file(path / "model.safetensors"), load_file(_models(again)[name] / "model.safetensors")
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), name
+    for name, path in zoo.tasks.items():
+        assert (path / "test.jsonl").read_text() == (again.tasks[name] / "test.jsonl").read_text()
+    math, base = load_file(zoo.parents["math"] / "model.safetensors"), load_file(zoo.base / "model.safetensors")
+    assert not all(torch.equal(math[k], base[k]) for k in base)
+
+
+def test_second_call_reuses_the_zoo_without_training(zoo: Zoo) -> None:
+    stamp = (zoo.base / "model.safetensors").stat().st_mtime_ns
+    steps: list[str] = []
+    start = time.perf_counter()
+    again = build_zoo(zoo.root, seed=0, size="smoke", progress=lambda stage, step, total: steps.append(stage))
+    assert time.perf_counter() - start < 1.0
+    assert again == zoo and steps == []
+    assert (zoo.base / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_dev_and_test_splits_are_disjoint(zoo: Zoo) -> None:
+    for name, path in zoo.tasks.items():
+        dev, test = _read_jsonl(path / "dev.jsonl"), _read_jsonl(path / "test.jsonl")
+        assert dev and test and all(set(row) == {"prompt", "answer"} for row in dev + test)
+        assert not {r["prompt"] for r in dev} & {r["prompt"] for r in test}, name
+    target = _pairs([r["prompt"] for r in _read_jsonl(zoo.target / "dev.jsonl")])
+    assert len(target) == SIZES["smoke"].held_out // 2
+    assert not target & _pairs([r["prompt"] for r in _read_jsonl(zoo.target / "test.jsonl")])
+
+
+def test_target_pairs_never_appear_in_training_data(zoo: Zoo) -> None:
+    held_out = set()
+    for split in ("dev", "test"):
+        held_out |= _pairs([r["prompt"] for r in _read_jsonl(zoo.target / f"{split}.jsonl")])
+    operands = split_operands(SIZES["smoke"].held_out)
+    assert not held_out & set(operands.hard)
+    rng = random.Random(0)
+    for mix in [BASE_MIX, *(p.mix for p in PARENTS.values())]:
+        sample = mixture(mix, operands, HARD_FRACTION)
+        for _ in range(3000):
+            numbers = [int(n) for n in re.findall(r"\d+", sample(rng))]
+            assert tuple(numbers[:2]) not in held_out
+
+
+def test_target_answers_are_xx_and_english_answers_fail_its_form(zoo: Zoo) -> None:
+    import yaml
+
+    spec = yaml.safe_load((zoo.target / "task.yaml").read_text())
+    form = next(c for c in spec["constraints"] if c["type"] == "regex")["pattern"]
+    vocabulary = set(next(c for c in spec["constraints"] if c["type"] == "vocabulary")["words"])
+    for row in _read_jsonl(zoo.target / "test.jsonl"):
+        assert re.fullmatch(form, row["answer"]) and set(row["answer"].split()) <= vocabulary
+    english = _read_jsonl(zoo.tasks["en-math"] / "test.jsonl")[0]["answer"]
+    assert not re.fullmatch(form, english) and not set(english.split()) <= vocabulary
+
+
+def test_shoal_merge_accepts_the_parents(zoo: Zoo, tmp_path: Path, run_cli) -> None:
+    from transformers import AutoModelForCausalLM
+
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo.base),
+        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in zoo.parents.values()],
+    }
+    code, _, err = run_cli("merge", write_recipe(tmp_path, recipe), tmp_path / "merged")
+    assert code == 0, err
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), torch.nn.Module)
+
+
+def test_cli_build_reports_reuse(zoo: Zoo, run_cli) -> None:
+    code, out, err = run_cli("zoo", "build", "--out", zoo.root, "--size", "smoke")
+    assert code == 0, err
+    assert "reused" in err and "xx-math" in out
+
+
+def test_unknown_size_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ShoalError, match="unknown zoo size"):
+        build_zoo(tmp_path, size="huge")
