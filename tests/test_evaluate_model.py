@@ -152,6 +152,16 @@ def test_a_folder_scores_like_its_loaded_model_and_weights_are_never_cached(fold
     assert evaluate(model, task, tokenizer=folder).score == pytest.approx(evaluate(parents["a"], task).score, abs=1e-6)
 
 
+def test_tokenised_items_are_reused_across_tokenizers_loaded_from_the_same_files(folder, parents, tmp_path):
+    task = write_task(tmp_path / "t", {"metric": "exact_match"}, [{"prompt": p, "answer": "w5"} for p in prompts(6)])
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    first = evaluate(model, task, tokenizer=folder, return_outputs=True)
+    second = evaluate(model, task, tokenizer=parents["a"], return_outputs=True)  # another object, equal files
+    assert len(task.cache) == 1 and first.outputs == second.outputs
+    evaluate(model, task, tokenizer=folder, limit=5)
+    assert len(task.cache) == 2
+
+
 def test_the_batch_stops_as_soon_as_every_row_has_ended(model, tokenizer, tmp_path):
     task = write_task(tmp_path / "t", {"metric": "exact_match", "max_new_tokens": 30},
                       [{"prompt": p, "answer": ""} for p in prompts(4)])

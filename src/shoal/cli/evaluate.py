@@ -24,9 +24,12 @@ def eval_command(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
 ) -> None:
     """Score MODEL on each TASK's split."""
+    from transformers.utils import logging as transformers_logging
+
     from shoal.evaluate import evaluate, load_task
     from shoal.evaluate.runner import load_model
 
+    transformers_logging.disable_progress_bar()
     tasks = [load_task(t) for t in task]
     loaded, tokenizer = load_model(model, device)
     results = [evaluate(loaded, t, split, tokenizer=tokenizer, batch_size=batch_size, limit=limit) for t in tasks]

@@ -27,11 +27,9 @@ def encode_continuations(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tup
     """
     wholes = [p + ("" if not p or p[-1].isspace() or c[:1].isspace() else " ") + c for p, c in pairs]
     contexts = encode_prompts(tokenizer, [p for p, _ in pairs])
-    out = []
-    for context, whole in zip(contexts, encode_prompts(tokenizer, wholes)):
-        start = [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None][:1]
-        out.append((context or start, whole[len(context):]))
-    return out
+    start = [t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None][:1]
+    wholes_ids = encode_prompts(tokenizer, wholes)
+    return [(context or start, whole[len(context):]) for context, whole in zip(contexts, wholes_ids)]
 
 
 def stop_triggers(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -46,7 +47,11 @@ def _fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Equal for tokenizers that encode alike (fast tokenizers loaded from equal files); computed once per object."""
     if tokenizer not in _fingerprints:
         core = getattr(tokenizer, "backend_tokenizer", None)
-        _fingerprints[tokenizer] = core.to_str() if core is not None else f"object {next(_anonymous)}"
+        if core is None:
+            _fingerprints[tokenizer] = f"object {next(_anonymous)}"
+        else:
+            text = core.to_str() + repr(sorted(tokenizer.special_tokens_map.items()))
+            _fingerprints[tokenizer] = hashlib.sha256(text.encode()).hexdigest()
     return _fingerprints[tokenizer]
 
 
