@@ -25,29 +25,31 @@ def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    low, high = torch.aminmax(tensor)  # one pass, no mask tensor; NaN propagates into both
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def merge_tensor(job: TensorJob, method_name: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Apply the method to one tensor's inputs in float32 (float64 if given) and cast to the output dtype."""
+    """Apply the method to one tensor's inputs (rounded to the recipe's dtype, computed in float32) and cast to the output dtype."""
     method = METHODS[method_name]
     raw = ([base] if base is not None else []) + tensors
     if not raw[0].is_floating_point():
         return raw[0].clone()
     raw = [t.to(job.work_dtype) for t in raw]
-    dtype = _compute_dtype(raw)
-    device = raw[0].device
     generators = []
     if method.random:
-        generators = [torch.Generator(device=device).manual_seed(s) for s in job.seeds]
-    upcast = [t.to(dtype) for t in raw]
+        generators = [torch.Generator(device=raw[0].device).manual_seed(s) for s in job.seeds]
     call = MergeCall(
-        base=upcast[0] if base is not None else None,
-        tensors=upcast[1:] if base is not None else upcast,
+        base=raw[0] if base is not None else None,
+        tensors=raw[1:] if base is not None else raw,
         per_model=job.per_model,
         shared=job.shared,
         generators=generators,
-        rank_dtype=job.work_dtype,
+        compute_dtype=_compute_dtype(raw),
     )
     result = method.merge(call)
-    if not torch.isfinite(result).all():
+    if not _finite(result):
         raise ShoalError(
             f"the merge produced NaN or inf in tensor {job.spec.name} ({method_name}); "
             "check the weights (e.g. weights summing to 0 with normalize: true)"
@@ -109,11 +111,19 @@ def run_merge(
         writer = ModelFolderWriter(tmp, [job.spec for job in plan.jobs], max_shard_bytes)
         if on_tensor:
             on_tensor(0, len(plan.jobs))
+        # three stages overlap: reading the next tensor, merging this one, writing the previous one
         try:
-            for done, (job, (base, tensors)) in enumerate(_prefetched(plan.jobs, parents, device), start=1):
-                writer.write(job.spec.name, merge_tensor(job, recipe.merge_method, base, tensors))
-                if on_tensor:
-                    on_tensor(done, len(plan.jobs))
+            with ThreadPoolExecutor(max_workers=1) as write_pool:
+                written: Future[None] | None = None
+                for done, (job, (base, tensors)) in enumerate(_prefetched(plan.jobs, parents, device), start=1):
+                    merged = merge_tensor(job, recipe.merge_method, base, tensors)
+                    if written is not None:
+                        written.result()
+                    written = write_pool.submit(writer.write, job.spec.name, merged)
+                    if on_tensor:
+                        on_tensor(done, len(plan.jobs))
+                if written is not None:
+                    written.result()
         except BaseException:
             writer.abort()
             raise

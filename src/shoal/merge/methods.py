@@ -16,6 +16,7 @@ Each function follows its paper and mergekit's conventions, so a mergekit recipe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,36 +24,33 @@ import torch
 Tensor = torch.Tensor
 
 
-def _stack_weights(weights: Sequence[float], like: Tensor) -> Tensor:
-    w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)
-    return w.reshape(-1, *([1] * like.dim()))
+def linear(
+    tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Weighted sum of the tensors, divided by the sum of weights when normalize, computed in dtype.
 
-
-def linear(tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True) -> Tensor:
-    """Weighted sum of the tensors, divided by the sum of weights when normalize."""
-    result = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights):
-        result.add_(tensor, alpha=float(weight))
-    if normalize:
-        result.div_(float(sum(weights)))
+    Inputs may be in a lower precision; each is promoted as it is accumulated (no upcast copies).
+    """
+    total = float(sum(weights)) if normalize else 1.0
+    scale = 1.0 / total if total else math.nan  # weights summing to 0 cannot be normalised
+    result = tensors[0].to(dtype) * (float(weights[0]) * scale)
+    for tensor, weight in zip(tensors[1:], weights[1:]):
+        result.add_(tensor, alpha=float(weight) * scale)
     return result
 
 
-def _kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest of non-negative values, in O(n): a histogram of the bit patterns for 16-bit floats."""
-    flat = values.reshape(-1)
+def _kth_largest(flat: Tensor, k: int) -> tuple[Tensor, int | None]:
+    """The k-th largest of flat non-negative values and, when known for free, how many values exceed it.
+
+    16-bit floats take a histogram of their bit patterns (ordered like the values, all being >= 0): O(n).
+    """
     if flat.dtype in (torch.bfloat16, torch.float16):
-        bits = flat.view(torch.int16).to(torch.int32)  # ordered like the values, since all are >= 0
-        counts = torch.bincount(bits, minlength=1 << 15)
+        counts = torch.bincount(flat.view(torch.int16), minlength=1 << 15)
         from_top = counts.flip(0).cumsum(0)
         position = int(torch.searchsorted(from_top, k))
-        return torch.tensor((1 << 15) - 1 - position, dtype=torch.int16).view(flat.dtype)
-    return torch.kthvalue(flat, flat.numel() - k + 1).values
-
-
-def _first(mask: Tensor, count: int) -> Tensor:
-    """The first `count` True entries of a flat mask, by index."""
-    return mask & (mask.cumsum(0) <= count)
+        above = int(from_top[position - 1]) if position > 0 else 0
+        return torch.tensor((1 << 15) - 1 - position, dtype=torch.int16).view(flat.dtype), above
+    return torch.kthvalue(flat, flat.numel() - k + 1).values, None
 
 
 def top_mask(values: Tensor, k: int) -> Tensor:
@@ -66,9 +64,13 @@ def top_mask(values: Tensor, k: int) -> Tensor:
         return torch.ones_like(values, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
-    threshold = _kth_largest(flat, k)
-    above = flat > threshold
-    return (above | _first(flat == threshold, k - int(above.sum()))).reshape(values.shape)
+    threshold, above_count = _kth_largest(flat, k)
+    mask = flat > threshold
+    if above_count is None:
+        above_count = int(torch.count_nonzero(mask))
+    tied = torch.nonzero(flat == threshold).squeeze(1)  # ascending indices
+    mask[tied[: k - above_count]] = True
+    return mask.reshape(values.shape)
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -113,13 +115,14 @@ def apply_mask(delta: Tensor, mask: Tensor, *, rescale: bool) -> Tensor:
     after = masked.abs().sum()
     if before < 1e-7 or after < 1e-7:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)
 
 
-def sign_consensus(weighted: Tensor) -> Tensor:
-    """TIES' elect step: mask of entries whose sign agrees with the sign of the column sum (0 counts as +)."""
-    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == majority
+def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tensor:
+    """w·τ as mergekit forms it for the election: in elect_dtype when given (τ and w rounded, then the product)."""
+    if elect_dtype is None or elect_dtype == delta.dtype:
+        return delta * weight
+    return delta.to(elect_dtype) * torch.tensor(weight, dtype=elect_dtype)
 
 
 def combine_task_vectors(
@@ -134,29 +137,36 @@ def combine_task_vectors(
 ) -> Tensor:
     """θ_0 + λ · combine(w_i τ_i): a plain sum, or TIES' disjoint mean over sign-agreeing entries.
 
+    TIES elects, per entry, the sign of sum_i w_i τ_i (0 counts as +) and keeps the w_i τ_i of that sign.
     With normalize the sum is divided by the sum of the weights that contributed (per entry under consensus).
     elect_dtype, if given, is the precision of the sign election (mergekit elects in the recipe's dtype;
     in bfloat16 that decides the sign of entries whose weighted sum is near zero).
     """
-    w = _stack_weights(weights, base)
-    weighted = torch.stack(list(deltas)) * w
-    if consensus:
-        voters = weighted
-        if elect_dtype is not None and elect_dtype != weighted.dtype:
-            voters = torch.stack([d.to(elect_dtype) for d in deltas]) * _stack_weights(weights, base).to(elect_dtype)
-        mask = sign_consensus(voters)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    mixed = torch.zeros_like(base)
+    if not consensus:
+        for delta, weight in zip(deltas, weights):
+            mixed.add_(delta, alpha=float(weight))
+        total = float(sum(weights))
+        if normalize and abs(total) >= 1e-8:
+            mixed.div_(total)
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    if normalize:
-        mixed = mixed / divisor
+        votes = torch.zeros_like(base)
+        for delta, weight in zip(deltas, weights):
+            votes.add_(_vote(delta, float(weight), elect_dtype))
+        positive = votes >= 0
+        del votes
+        divisor = torch.zeros_like(base) if normalize else None
+        for delta, weight in zip(deltas, weights):
+            weighted = delta * float(weight)
+            agree = torch.where(positive, weighted > 0, weighted < 0)
+            mixed.add_(weighted.mul_(agree))
+            if divisor is not None:
+                divisor.add_(agree.to(divisor.dtype), alpha=float(weight))
+        if divisor is not None:
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if lam != 1:
-        mixed = mixed * lam
-    return base + mixed
+        mixed.mul_(lam)
+    return mixed.add_(base)
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:

@@ -15,16 +15,27 @@ REQUIRED: Any = object()
 
 @dataclass
 class MergeCall:
-    """One tensor's inputs: the base (if the method uses one), the other inputs, and resolved parameters."""
+    """One tensor's inputs: the base (if the method uses one), the other inputs, and resolved parameters.
+
+    Inputs come in the recipe's dtype; methods compute in compute_dtype (float32, or float64 for float64 inputs).
+    """
 
     base: torch.Tensor | None
     tensors: list[torch.Tensor]
     per_model: list[dict[str, Any]]
     shared: dict[str, Any]
     generators: list[torch.Generator] = field(default_factory=list)
-    rank_dtype: torch.dtype = torch.float32
-    """Precision in which magnitudes are ranked for trimming: the recipe's dtype, so that TIES and
-    breadcrumbs keep the same entries as mergekit, which forms task vectors in that dtype."""
+    compute_dtype: torch.dtype = torch.float32
+
+    @property
+    def rank_dtype(self) -> torch.dtype:
+        """Precision in which magnitudes are ranked and signs elected: the recipe's dtype, so that TIES and
+        breadcrumbs keep the same entries as mergekit, which forms task vectors in that dtype."""
+        return self.tensors[0].dtype
+
+    def upcast(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        base = self.base.to(self.compute_dtype) if self.base is not None else None
+        return base, [t.to(self.compute_dtype) for t in self.tensors]
 
 
 @dataclass(frozen=True)
@@ -49,9 +60,10 @@ Sparsify = Literal["magnitude", "random", "outliers"] | None
 def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], torch.Tensor]:
     def merge(call: MergeCall) -> torch.Tensor:
         assert call.base is not None
+        base = call.base.to(call.compute_dtype)
         deltas = []
         for i, (tensor, params) in enumerate(zip(call.tensors, call.per_model)):
-            delta = tensor - call.base
+            delta = tensor - base  # promoted to compute_dtype
             ranked = delta.to(call.rank_dtype)
             if sparsify == "magnitude":
                 mask = methods.magnitude_mask(ranked, params["density"])
@@ -63,7 +75,7 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
                 mask = None
             deltas.append(delta if mask is None else methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
         return methods.combine_task_vectors(
-            call.base,
+            base,
             deltas,
             [p["weight"] for p in call.per_model],
             consensus=consensus,
@@ -97,22 +109,26 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
 
 
 def _linear(call: MergeCall) -> torch.Tensor:
-    return methods.linear(call.tensors, [p["weight"] for p in call.per_model], normalize=call.shared["normalize"])
+    weights = [p["weight"] for p in call.per_model]
+    return methods.linear(call.tensors, weights, normalize=call.shared["normalize"], dtype=call.compute_dtype)
 
 
 def _slerp(call: MergeCall) -> torch.Tensor:
-    assert call.base is not None
-    return methods.slerp(call.shared["t"], call.base, call.tensors[0])
+    base, tensors = call.upcast()
+    assert base is not None
+    return methods.slerp(call.shared["t"], base, tensors[0])
 
 
 def _model_stock(call: MergeCall) -> torch.Tensor:
-    assert call.base is not None
-    return methods.model_stock(call.base, call.tensors, filter_wise=call.shared["filter_wise"])
+    base, tensors = call.upcast()
+    assert base is not None
+    return methods.model_stock(base, tensors, filter_wise=call.shared["filter_wise"])
 
 
 def _passthrough(call: MergeCall) -> torch.Tensor:
     scale = call.per_model[0]["scale"]
-    return call.tensors[0] if scale is None else call.tensors[0] * scale
+    tensor = call.tensors[0].to(call.compute_dtype)
+    return tensor if scale is None else tensor * scale
 
 
 METHODS: dict[str, MergeMethod] = {
