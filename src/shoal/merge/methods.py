@@ -153,15 +153,15 @@ def combine_task_vectors(
         votes = torch.zeros_like(base)
         for delta, weight in zip(deltas, weights):
             votes.add_(_vote(delta, float(weight), elect_dtype))
-        positive = votes >= 0
+        majority = (votes >= 0).to(base.dtype).mul_(2).sub_(1)  # +1 or -1 per entry
         del votes
         divisor = torch.zeros_like(base) if normalize else None
         for delta, weight in zip(deltas, weights):
             weighted = delta * float(weight)
-            agree = torch.where(positive, weighted > 0, weighted < 0)
-            mixed.add_(weighted.mul_(agree))
+            agree = (weighted.sign() == majority).to(base.dtype)  # a trimmed (zero) entry never agrees
+            mixed.addcmul_(weighted, agree)
             if divisor is not None:
-                divisor.add_(agree.to(divisor.dtype), alpha=float(weight))
+                divisor.add_(agree, alpha=float(weight))
         if divisor is not None:
             mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     if lam != 1:
