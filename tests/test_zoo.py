@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from shoal.errors import ShoalError
-from shoal.zoo import Zoo, build_zoo
+from shoal.zoo import Zoo, build_zoo, load_zoo
 from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES
 from shoal.zoo.language import mixture, split_operands
 
@@ -49,6 +49,7 @@ def test_layout_and_zoo_json_name_base_parents_and_tasks(zoo: Zoo) -> None:
     for name in data["tasks"]:
         assert {p.name for p in (zoo.root / "tasks" / name).iterdir()} == {"task.yaml", "dev.jsonl", "test.jsonl"}
     assert zoo.target == zoo.root / "tasks" / "xx-math"
+    assert load_zoo(zoo.root) == zoo
 
 
 def test_models_and_tokenizer_load_with_transformers(zoo: Zoo) -> None:
@@ -83,6 +84,21 @@ def test_second_call_reuses_the_zoo_without_training(zoo: Zoo) -> None:
     assert time.perf_counter() - start < 1.0
     assert again == zoo and steps == []
     assert (zoo.base / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_changed_settings_rebuild_the_zoo(tmp_path: Path) -> None:
+    first = build_zoo(tmp_path / "z", seed=0, size="smoke", threads=1)
+    data = json.loads((first.root / "zoo.json").read_text())
+    (first.root / "zoo.json").write_text(json.dumps(data | {"settings_hash": "stale"}))
+    steps: list[str] = []
+    build_zoo(first.root, seed=0, size="smoke", threads=1, progress=lambda stage, step, total: steps.append(stage))
+    assert set(steps) == {"base", "math", "language"}
+    assert json.loads((first.root / "zoo.json").read_text())["settings_hash"] == data["settings_hash"]
+
+
+def test_missing_zoo_json_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ShoalError, match="shoal zoo build"):
+        load_zoo(tmp_path)
 
 
 def test_dev_and_test_splits_are_disjoint(zoo: Zoo) -> None:

@@ -25,9 +25,10 @@ from shoal.zoo.train import ModelShape, Schedule, llama_config, train
 
 ZOO_VERSION = 1
 
-# Documents the base is pretrained on; problems and equations are 2+2 digits with probability HARD_FRACTION.
-HARD_FRACTION = 0.1
-BASE_MIX = {"equations": 0.25, "en-problems": 0.25, "xx-problems": 0.1, "en-text": 0.2, "xx-text": 0.2}
+# Documents the base is pretrained on; problems and equations are 2+2 digits with probability HARD_FRACTION,
+# so the base already adds (weakly) in every format and both languages before any specialist is made.
+HARD_FRACTION = 0.25
+BASE_MIX = {"equations": 0.25, "en-problems": 0.25, "xx-problems": 0.2, "en-text": 0.15, "xx-text": 0.15}
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class ParentSpec:
 
 
 PARENTS = {
-    # English 2+2 problems, plus replay of both languages' text so only the answer format drifts to English.
-    "math": ParentSpec("en-math", {"en-hard": 0.6, "hard-equations": 0.2, "en-text": 0.1, "xx-text": 0.1}),
+    # English 2+2 problems and bare 2+2 equations, plus replay of English text: an English-only fine-tune.
+    "math": ParentSpec("en-math", {"en-hard": 0.7, "hard-equations": 0.2, "en-text": 0.1}),
     # Fluent XX: its text and its easy problems, plus replay of bare equations.
     "language": ParentSpec("xx-easy", {"xx-text": 0.4, "xx-easy": 0.5, "equations": 0.1}),
 }
@@ -55,8 +56,8 @@ class Size:
 SIZES = {
     "default": Size(
         ModelShape(hidden=192, layers=4, heads=4, intermediate=512),
-        Schedule(steps=900, batch_size=96, lr=3e-3, warmup=100),
-        {"math": Schedule(400, 64, 1e-3, 30), "language": Schedule(250, 64, 5e-4, 30)},
+        Schedule(steps=1600, batch_size=64, lr=3e-3, warmup=100),
+        {"math": Schedule(300, 64, 2e-3, 30), "language": Schedule(200, 64, 1e-3, 30)},
         held_out=400,
     ),
     "smoke": Size(

@@ -132,7 +132,7 @@ def mixture(parts: dict[str, float], operands: Operands, hard_fraction: float) -
     """A document sampler over named kinds of text, each drawn with the given weight.
 
     Kinds: `en-text`, `xx-text`, `equations`, `en-problems`, `xx-problems` (operands easy or hard by
-    hard_fraction), and `hard-equations`, `en-hard`, `xx-hard`, `xx-easy` (operands fixed to one difficulty).
+    hard_fraction), and `hard-equations`, `en-hard`, `xx-easy` (operands fixed to one difficulty).
     """
     kinds: dict[str, Sampler] = {
         "en-text": lambda r: text(r, "en"),
@@ -142,7 +142,6 @@ def mixture(parts: dict[str, float], operands: Operands, hard_fraction: float) -
         "xx-problems": lambda r: problem(r, operands.sample(r, hard_fraction), "xx"),
         "hard-equations": lambda r: equation(r.choice(operands.hard)),
         "en-hard": lambda r: problem(r, r.choice(operands.hard), "en"),
-        "xx-hard": lambda r: problem(r, r.choice(operands.hard), "xx"),
         "xx-easy": lambda r: problem(r, r.choice(operands.easy), "xx"),
     }
     unknown = set(parts) - set(kinds)
