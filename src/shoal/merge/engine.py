@@ -30,8 +30,30 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def merge_tensor(job: TensorJob, method_name: str, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Apply the method to one tensor's inputs (rounded to the recipe's dtype, computed in float32) and cast to the output dtype."""
+class Scratch:
+    """One growing buffer per (dtype, device), lent out as a tensor of any shape: merging tensor after tensor
+    reuses memory instead of allocating (and page-faulting in) a fresh result for each."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = shape.numel()
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
+def merge_tensor(
+    job: TensorJob,
+    method_name: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    scratch: Scratch | None = None,
+) -> torch.Tensor:
+    """Apply the method to one tensor's inputs (rounded to the recipe's dtype, computed in float32) and
+    return a new tensor in the output dtype (never the scratch buffer itself)."""
     method = METHODS[method_name]
     raw = ([base] if base is not None else []) + tensors
     if not raw[0].is_floating_point():
@@ -48,13 +70,15 @@ def merge_tensor(job: TensorJob, method_name: str, base: torch.Tensor | None, te
         generators=generators,
         compute_dtype=_compute_dtype(raw),
     )
+    if scratch is not None:
+        call.scratch = scratch.take(raw[0].shape, call.compute_dtype, raw[0].device)
     result = method.merge(call)
     if not _finite(result):
         raise ShoalError(
             f"the merge produced NaN or inf in tensor {job.spec.name} ({method_name}); "
             "check the weights (e.g. weights summing to 0 with normalize: true)"
         )
-    return result.to(job.spec.dtype)
+    return result.to(job.spec.dtype, copy=True)
 
 
 def _load(job: TensorJob, parents: dict[str, Checkpoint], device: str) -> Loaded:
@@ -113,10 +137,11 @@ def run_merge(
             on_tensor(0, len(plan.jobs))
         # three stages overlap: reading the next tensor, merging this one, writing the previous one
         try:
+            scratch = Scratch()
             with ThreadPoolExecutor(max_workers=1) as write_pool:
                 written: Future[None] | None = None
                 for done, (job, (base, tensors)) in enumerate(_prefetched(plan.jobs, parents, device), start=1):
-                    merged = merge_tensor(job, recipe.merge_method, base, tensors)
+                    merged = merge_tensor(job, recipe.merge_method, base, tensors, scratch)
                     if written is not None:
                         written.result()
                     written = write_pool.submit(writer.write, job.spec.name, merged)

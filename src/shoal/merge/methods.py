@@ -25,15 +25,22 @@ Tensor = torch.Tensor
 
 
 def linear(
-    tensors: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = True, dtype: torch.dtype = torch.float32
+    tensors: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    normalize: bool = True,
+    dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Weighted sum of the tensors, divided by the sum of weights when normalize, computed in dtype.
 
     Inputs may be in a lower precision; each is promoted as it is accumulated (no upcast copies).
+    `out`, a dtype tensor of the inputs' shape, receives the result (saves allocating one).
     """
     total = float(sum(weights)) if normalize else 1.0
     scale = 1.0 / total if total else math.nan  # weights summing to 0 cannot be normalised
-    result = tensors[0].to(dtype) * (float(weights[0]) * scale)
+    result = out if out is not None else torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    result.copy_(tensors[0]).mul_(float(weights[0]) * scale)
     for tensor, weight in zip(tensors[1:], weights[1:]):
         result.add_(tensor, alpha=float(weight) * scale)
     return result

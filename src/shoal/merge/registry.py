@@ -26,6 +26,8 @@ class MergeCall:
     shared: dict[str, Any]
     generators: list[torch.Generator] = field(default_factory=list)
     compute_dtype: torch.dtype = torch.float32
+    scratch: torch.Tensor | None = None
+    """A compute_dtype buffer of the inputs' shape that a method may write its result into."""
 
     @property
     def rank_dtype(self) -> torch.dtype:
@@ -110,7 +112,9 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
 
 def _linear(call: MergeCall) -> torch.Tensor:
     weights = [p["weight"] for p in call.per_model]
-    return methods.linear(call.tensors, weights, normalize=call.shared["normalize"], dtype=call.compute_dtype)
+    return methods.linear(
+        call.tensors, weights, normalize=call.shared["normalize"], dtype=call.compute_dtype, out=call.scratch
+    )
 
 
 def _slerp(call: MergeCall) -> torch.Tensor:
