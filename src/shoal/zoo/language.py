@@ -6,6 +6,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shoal.errors import ShoalError
+
 Pair = tuple[int, int]
 
 # English: subject-verb-object, adjective before the noun.
@@ -146,7 +148,7 @@ def mixture(parts: dict[str, float], operands: Operands, hard_fraction: float) -
     }
     unknown = set(parts) - set(kinds)
     if unknown:
-        raise ValueError(f"unknown kinds of text: {sorted(unknown)}")
+        raise ShoalError(f"unknown kinds of text {sorted(unknown)} (known: {', '.join(kinds)})")
     names = list(parts)
     weights = [parts[n] for n in names]
 
