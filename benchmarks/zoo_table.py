@@ -71,8 +71,8 @@ def measure_seed(seed: int, cache: Path, size: str, threads: int, grid: list[flo
     for w_math in grid:
         for w_language in grid:
             path = merge(zoo, "task_arithmetic", {"math": w_math, "language": w_language}, merges / "grid")
-            for task in dev:
-                dev[task][f"{w_math}/{w_language}"] = score(path, zoo, task, "dev")["score"]
+            for task, scores in dev.items():
+                scores[f"{w_math}/{w_language}"] = score(path, zoo, task, "dev")["score"]
     row["grid"] = {"seconds": time.perf_counter() - start, "all_dev": dev}
     for task, label in [("xx-math", "grid TA (target dev)"), ("union", "grid TA (union dev)")]:
         best = max(dev[task], key=dev[task].get)

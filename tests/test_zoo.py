@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_recipe
 from safetensors.torch import load_file
 
 from shoal.errors import ShoalError
 from shoal.zoo import Zoo, build_zoo, load_zoo
 from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES
 from shoal.zoo.language import mixture, split_operands
-
-from conftest import write_recipe
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,7 @@ def problem(rng: random.Random, pair: Pair, language: str) -> str:
 
 
 def _digits(n: int) -> range:
-    return range(0, 10) if n == 1 else range(10, 100)
+    return range(10) if n == 1 else range(10, 100)
 
 
 def all_pairs(a_digits: int, b_digits: int) -> list[Pair]:
