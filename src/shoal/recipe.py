@@ -8,6 +8,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from shoal import yamlfile
 from shoal.errors import ShoalError
 from shoal.merge.registry import METHODS, REQUIRED, MergeMethod
 
@@ -84,32 +85,9 @@ class Recipe(BaseModel):
         return list(dict.fromkeys(refs))
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    line = node.start_mark.line + 1 if node is not None else None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [v for k, v in node.value if k.value == key]
-            if not match:
-                break
-            node = match[0]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            continue
-        line = node.start_mark.line + 1
-    return line
-
-
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate a recipe; every problem is a ShoalError naming the file and line."""
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ShoalError(f"{where}: malformed YAML ({problem})") from exc
+    data, node = yamlfile.parse(text, source)
     if not isinstance(data, dict):
         raise ShoalError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
     try:
@@ -117,7 +95,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper() or "[" in str(p)))
-        line = _line_of(node, loc)
+        line = yamlfile.line_of(node, loc)
         path = ".".join(str(p) for p in loc) or "recipe"
         raise ShoalError(f"{source}:{line}: {path}: {err['msg']}") from exc
     _check(recipe, node, source)
@@ -144,9 +122,8 @@ def _numbers(setting: Setting) -> list[float]:
 def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
     if recipe.merge_method not in METHODS:
         known = ", ".join(sorted(METHODS))
-        raise ShoalError(
-            f"{source}:{_line_of(node, ('merge_method',))}: unknown merge_method {recipe.merge_method!r} (known: {known})"
-        )
+        where = f"{source}:{yamlfile.line_of(node, ('merge_method',))}"
+        raise ShoalError(f"{where}: unknown merge_method {recipe.merge_method!r} (known: {known})")
     if bool(recipe.models) == bool(recipe.slices):
         raise ShoalError(f"{source}: give exactly one of `models` or `slices`")
     method = recipe.method
@@ -162,7 +139,7 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
             groups.append((("slices", i, "sources", j, "parameters"), src.parameters))
     for loc, params in groups:
         for name, setting in (params or {}).items():
-            where = f"{source}:{_line_of(node, loc + (name,))}"
+            where = f"{source}:{yamlfile.line_of(node, loc + (name,))}"
             if name not in method.parameters:
                 known = ", ".join(sorted(method.parameters)) or "none"
                 raise ShoalError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known})")

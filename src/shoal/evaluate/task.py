@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from shoal import yamlfile
 from shoal.errors import ShoalError
 
 GENERATION_METRICS = ("exact_match", "last_number", "regex")
@@ -131,23 +131,6 @@ class Task:
         return self.splits[split]
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """The YAML line of the value at loc (a pydantic error location), or of its deepest existing parent."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [v for k, v in node.value if k.value == key]
-            if not match:
-                break
-            node = match[0]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            continue
-        line = node.start_mark.line + 1
-    return line
-
-
 def _problem(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "missing":
@@ -172,13 +155,7 @@ def _inconsistency(spec: TaskSpec) -> tuple[str, str] | None:
 
 def parse_spec(text: str, source: str) -> TaskSpec:
     """Validate task.yaml's text; every problem is a ShoalError naming the file and line."""
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ShoalError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from exc
+    data, node = yamlfile.parse(text, source)
     if not isinstance(data, dict):
         raise ShoalError(f"{source}: a task is a YAML mapping with at least name, metric and splits")
     try:
@@ -186,10 +163,10 @@ def parse_spec(text: str, source: str) -> TaskSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if p not in ("vocabulary", "charset", "regex"))  # union tags
-        raise ShoalError(f"{source}:{_line_of(node, loc)}: {_problem({**err, 'loc': loc})}") from None
+        raise ShoalError(f"{source}:{yamlfile.line_of(node, loc)}: {_problem({**err, 'loc': loc})}") from None
     broken = _inconsistency(spec)
     if broken:
-        raise ShoalError(f"{source}:{_line_of(node, (broken[0],))}: {broken[1]}")
+        raise ShoalError(f"{source}:{yamlfile.line_of(node, (broken[0],))}: {broken[1]}")
     return spec
 
 
