@@ -105,3 +105,9 @@ def test_the_installed_command_exits_2(parents, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "shoal", "merge", str(path), str(tmp_path / "out")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_command_starts_without_loading_torch_or_transformers():
+    code = "import sys, shoal.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -12,7 +12,6 @@ from rich.table import Table
 
 from shoal.cli.app import app
 from shoal.cli.progress import bar
-from shoal.zoo.build import SIZES, build_zoo, default_zoo_dir
 
 zoo_app = typer.Typer(help="The demo zoo: a tiny base model, specialist parents and their tasks.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -22,10 +21,12 @@ app.add_typer(zoo_app, name="zoo")
 def build(
     out: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
-    size: Annotated[str, typer.Option(help=f"One of: {', '.join(SIZES)}.")] = "default",
+    size: Annotated[str, typer.Option(help="default (the demo) or smoke (tiny, for tests).")] = "default",
     threads: Annotated[int, typer.Option(help="CPU threads for training (use 1 on a busy machine).")] = 2,
 ) -> None:
     """Build the base model, the math and language parents, and the tasks; a second call reuses them."""
+    from shoal.zoo.build import build_zoo, default_zoo_dir  # torch and transformers load only when needed
+
     out = out or default_zoo_dir()
     start = time.perf_counter()
     with bar() as progress:
