@@ -111,3 +111,17 @@ def test_the_command_starts_without_loading_torch_or_transformers():
     code = "import sys, shoal.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_corrupt_safetensors_file(run_cli, parents, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(parents["b"], broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    expect_error(run_cli, tmp_path, linear(parents["a"], broken), "model.safetensors", "not a readable safetensors file")
+
+
+def test_a_folder_without_config(run_cli, parents, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(parents["b"], bare)
+    (bare / "config.json").unlink()
+    expect_error(run_cli, tmp_path, linear(parents["a"], bare), "no config.json")
