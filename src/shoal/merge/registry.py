@@ -95,11 +95,8 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         per_model["density"] = 1.0
     if sparsify == "outliers":
         per_model["gamma"] = 0.01
-    shared = {"normalize": normalize, "lambda": 1.0, "int8_mask": False}
-    if sparsify:
-        shared["rescale"] = rescale
-    else:
-        shared["rescale"] = False
+    # int8_mask is mergekit's memory option; accepted so its recipes load, and without effect here
+    shared = {"normalize": normalize, "lambda": 1.0, "int8_mask": False, "rescale": rescale}
     return MergeMethod(
         name=name,
         merge=_task_vector_merge(sparsify, consensus),
