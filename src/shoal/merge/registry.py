@@ -66,13 +66,12 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
         deltas = []
         for i, (tensor, params) in enumerate(zip(call.tensors, call.per_model)):
             delta = tensor - base  # promoted to compute_dtype
-            ranked = delta.to(call.rank_dtype)
             if sparsify == "magnitude":
-                mask = methods.magnitude_mask(ranked, params["density"])
+                mask = methods.magnitude_mask(delta.to(call.rank_dtype), params["density"])
             elif sparsify == "random":
                 mask = methods.random_mask(delta, params["density"], call.generators[i])
             elif sparsify == "outliers":
-                mask = methods.outlier_mask(ranked, params["density"], params["gamma"])
+                mask = methods.outlier_mask(delta.to(call.rank_dtype), params["density"], params["gamma"])
             else:
                 mask = None
             deltas.append(delta if mask is None else methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
