@@ -11,7 +11,7 @@ import torch
 
 from shoal import layout
 from shoal.checkpoint.reader import Checkpoint
-from shoal.checkpoint.writer import TensorSpec
+from shoal.checkpoint.writer import DTYPE_TAGS, TensorSpec
 from shoal.errors import ShoalError
 from shoal.recipe import Parameters, Recipe, Slice, SliceSource, resolve
 
@@ -24,9 +24,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
-_TAGS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-         "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-         "BOOL": torch.bool}
+_TAGS = {tag: dtype for dtype, tag in DTYPE_TAGS.items()}  # safetensors tag -> torch dtype
 
 
 @dataclass(frozen=True)
@@ -172,10 +170,10 @@ def _output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch
     return config
 
 
-def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], out_dtype: torch.dtype | None = None) -> MergePlan:
+def build_plan(recipe: Recipe, parents: dict[str, Checkpoint]) -> MergePlan:
     """Every output tensor's job, in file order (embeddings, layers, head), checked for names and shapes."""
     work_dtype = parse_dtype(recipe.dtype)
-    out_dtype = out_dtype or parse_dtype(recipe.out_dtype) or work_dtype
+    out_dtype = parse_dtype(recipe.out_dtype) or work_dtype
     _check_architectures(parents)
     slices = _as_slices(recipe, parents)
     first_ref = recipe.base_model if recipe.models and recipe.base_model else slices[0].sources[0].model
