@@ -18,7 +18,7 @@ from shoal.recipe import parse_recipe
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch, parents):
     """An HF cache holding `shoal-test/a` (a copy of parent a) as the snapshot of its main branch."""
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     commit = "0" * 40
     repo = tmp_path / "hub" / "models--shoal-test--a"
@@ -40,7 +40,7 @@ def test_a_merge_reads_a_parent_given_by_hub_id(offline_cache, parents, tmp_path
         {"model": str(parents["b"]), "parameters": {"weight": 1.0}}]}
     run_merge(parse_recipe(yaml.safe_dump(recipe)), tmp_path / "m")
     name = "model.layers.0.self_attn.q_proj.weight"
-    read = lambda folder: safe_open(str(next(folder.glob("*.safetensors"))), "pt").get_tensor(name)  # noqa: E731
+    read = lambda folder: safe_open(str(next(folder.glob("*.safetensors"))), "pt").get_tensor(name)
     assert torch.allclose(read(tmp_path / "m"), (read(parents["a"]) + read(parents["b"])) / 2)
 
 

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_recipe
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shoal.checkpoint.reader import open_checkpoint
 from shoal.merge.engine import run_merge
 from shoal.recipe import parse_recipe
-
-from conftest import write_recipe
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

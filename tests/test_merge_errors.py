@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_recipe
 from safetensors.torch import load_file, save_file
 
 from shoal.synthetic import make_parents, tiny_config
-
-from conftest import write_recipe
 
 
 def linear(*models: Path, **extra) -> dict:

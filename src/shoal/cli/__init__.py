@@ -8,7 +8,9 @@ from rich.console import Console
 
 from shoal.cli import demo as _demo  # noqa: F401  (registers `shoal demo`)
 from shoal.cli import evaluate as _evaluate  # noqa: F401  (registers `shoal eval`)
+from shoal.cli import evolve as _evolve  # noqa: F401  (registers `shoal evolve`)
 from shoal.cli import merge as _merge  # noqa: F401  (registers `shoal merge`)
+from shoal.cli import report as _report  # noqa: F401  (registers `shoal report`)
 from shoal.cli import zoo as _zoo  # noqa: F401  (registers `shoal zoo`)
 from shoal.cli.app import app
 from shoal.errors import ShoalError

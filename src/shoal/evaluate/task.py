@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -68,7 +68,7 @@ class RegexConstraint(BaseModel):
         return _compiles(value)
 
 
-Constraint = Annotated[Union[VocabularyConstraint, CharsetConstraint, RegexConstraint], Field(discriminator="type")]
+Constraint = Annotated[VocabularyConstraint | CharsetConstraint | RegexConstraint, Field(discriminator="type")]
 
 
 class TaskSpec(BaseModel):

@@ -45,19 +45,23 @@ class Scratch:
         return buffer[:numel].view(shape)
 
 
-def merge_tensor(
+def merged_values(
     job: TensorJob,
     method_name: str,
     base: torch.Tensor | None,
     tensors: list[torch.Tensor],
     scratch: Scratch | None = None,
+    *,
+    deltas: list[torch.Tensor] | None = None,
+    ranks: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Apply the method to one tensor's inputs (rounded to the recipe's dtype, computed in float32) and
-    return a new tensor in the output dtype (never the scratch buffer itself)."""
+    """Apply the method to one tensor's inputs (rounded to the recipe's dtype, computed in float32): the result
+    in the compute dtype, possibly the scratch buffer. deltas and ranks, when given, are the task vectors and
+    their magnitude ranks already formed from these inputs (the resident merger keeps them between trials)."""
     method = METHODS[method_name]
     raw = ([base] if base is not None else []) + tensors
     if not raw[0].is_floating_point():
-        return raw[0].clone()
+        return raw[0]
     raw = [t.to(job.work_dtype) for t in raw]
     generators = []
     if method.random:
@@ -69,6 +73,8 @@ def merge_tensor(
         shared=job.shared,
         generators=generators,
         compute_dtype=_compute_dtype(raw),
+        deltas=deltas,
+        ranks=ranks,
     )
     if scratch is not None:
         call.scratch = scratch.take(raw[0].shape, call.compute_dtype, raw[0].device)
@@ -78,7 +84,18 @@ def merge_tensor(
             f"the merge produced NaN or inf in tensor {job.spec.name} ({method_name}); "
             "check the weights (e.g. weights summing to 0 with normalize: true)"
         )
-    return result.to(job.spec.dtype, copy=True)
+    return result
+
+
+def merge_tensor(
+    job: TensorJob,
+    method_name: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    scratch: Scratch | None = None,
+) -> torch.Tensor:
+    """merged_values as a new tensor in the output dtype (never the scratch buffer itself)."""
+    return merged_values(job, method_name, base, tensors, scratch).to(job.spec.dtype, copy=True)
 
 
 def _load(job: TensorJob, parents: dict[str, Checkpoint], device: str) -> Loaded:

@@ -87,6 +87,24 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     return top_mask(delta.abs(), max(1, int(density * delta.numel())))
 
 
+def magnitude_ranks(delta: Tensor) -> Tensor:
+    """Each entry's place (0 = largest) in a stable descending sort by magnitude, as int32 of delta's shape.
+
+    Computed once per tensor, it turns any density's trim into `mask_from_ranks`, the same mask as magnitude_mask.
+    """
+    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+    ranks = torch.empty(order.numel(), dtype=torch.int32, device=delta.device)
+    ranks[order] = torch.arange(order.numel(), dtype=torch.int32, device=delta.device)
+    return ranks.reshape(delta.shape)
+
+
+def mask_from_ranks(ranks: Tensor, density: float) -> Tensor:
+    """TIES' trim from precomputed ranks: the k = max(1, int(density * n)) entries ranked first."""
+    if density >= 1:
+        return torch.ones_like(ranks, dtype=torch.bool)
+    return ranks < max(1, int(density * ranks.numel()))
+
+
 def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
     """Boolean Bernoulli(density) mask drawn from a seeded generator (DARE's drop step)."""
     if density >= 1:
@@ -109,7 +127,7 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     # the m smallest under a stable ascending sort are the complement of the n - m largest under a
     # stable descending sort with ties going to the highest indices, i.e. top_mask on the reversed tensor
     magnitude = delta.abs().reshape(-1).flip(0)
-    largest_beyond = lambda m: top_mask(magnitude, n - m).flip(0)  # noqa: E731
+    largest_beyond = lambda m: top_mask(magnitude, n - m).flip(0)
     return (largest_beyond(bottom) & ~largest_beyond(bottom + keep)).reshape(delta.shape)
 
 

@@ -134,7 +134,7 @@ def _job(
     src_dtype = _TAGS[parents[first.parent].dtype(first.name)]
     floating = src_dtype.is_floating_point
     dtype = out_dtype if out_dtype is not None and floating else src_dtype
-    sources_of = lambda src: [src.parameters, piece.parameters, recipe.parameters]  # noqa: E731
+    sources_of = lambda src: [src.parameters, piece.parameters, recipe.parameters]
     per_model: list[dict[str, Any]] = [
         {p: resolve(p, sources_of(s), out_name, t, d) for p, d in method.per_model.items()} for s, _ in entries
     ]

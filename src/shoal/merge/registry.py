@@ -28,6 +28,10 @@ class MergeCall:
     compute_dtype: torch.dtype = torch.float32
     scratch: torch.Tensor | None = None
     """A compute_dtype buffer of the inputs' shape that a method may write its result into."""
+    deltas: list[torch.Tensor] | None = None
+    """Task vectors tensor_i - base in compute_dtype, when already formed (the resident merger keeps them)."""
+    ranks: list[torch.Tensor] | None = None
+    """Each task vector's magnitude ranks (methods.magnitude_ranks), when precomputed: TIES' trim is then a lookup."""
 
     @property
     def rank_dtype(self) -> torch.dtype:
@@ -40,6 +44,9 @@ class MergeCall:
         return base, [t.to(self.compute_dtype) for t in self.tensors]
 
 
+Sparsify = Literal["magnitude", "random", "outliers"] | None
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
@@ -50,13 +57,14 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
+    sparsify: Sparsify = None
+    task_vectors: bool = False
+    """The method works on task vectors tensor_i - base (MergeCall.deltas may supply them)."""
 
     @property
     def parameters(self) -> set[str]:
         return set(self.per_model) | set(self.shared)
 
-
-Sparsify = Literal["magnitude", "random", "outliers"] | None
 
 
 def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], torch.Tensor]:
@@ -65,8 +73,10 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
         base = call.base.to(call.compute_dtype)
         deltas = []
         for i, (tensor, params) in enumerate(zip(call.tensors, call.per_model)):
-            delta = tensor - base  # promoted to compute_dtype
-            if sparsify == "magnitude":
+            delta = call.deltas[i] if call.deltas is not None else tensor - base  # promoted to compute_dtype
+            if sparsify == "magnitude" and call.ranks is not None:
+                mask = methods.mask_from_ranks(call.ranks[i], params["density"])
+            elif sparsify == "magnitude":
                 mask = methods.magnitude_mask(delta.to(call.rank_dtype), params["density"])
             elif sparsify == "random":
                 mask = methods.random_mask(delta, params["density"], call.generators[i])
@@ -103,6 +113,8 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         shared=shared,
         base="required",
         random=sparsify == "random",
+        sparsify=sparsify,
+        task_vectors=True,
     )
 
 

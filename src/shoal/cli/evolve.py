@@ -1,0 +1,78 @@
+"""`shoal evolve SEARCH RUN_DIR`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from shoal.cli.app import app
+
+
+def trial_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best dev {task.fields[best]}"),
+        TextColumn("{task.fields[rate]} trials/min"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def run_evolve(search: Path, run_dir: Path, storage: str | None, budget: int | None, threads: int | None) -> dict:
+    """Load the search file and run it with a live display; returns the summary."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from shoal.search.run import Stage, evolve
+    from shoal.search.spec import load_search
+
+    transformers_logging.disable_progress_bar()
+
+    spec = load_search(search)
+    if budget is not None:
+        spec = spec.model_copy(update={"budget": budget})
+    if threads is not None:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True)
+    with trial_bar() as progress:
+        task = progress.add_task("trials", total=spec.budget, best="-", rate="-")
+        shown: dict[str, float] = {}
+
+        def on_stage(stage: Stage) -> None:
+            p = stage.progress
+            if p is None:
+                console.print(f"[dim]{stage.name}[/]")
+                return
+            if p.evaluated == 1:
+                shown["since"] = time.perf_counter()
+            minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
+            rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
+            best = f"{p.best:.4f}" if p.best is not None else "-"
+            progress.update(task, completed=p.done, best=best, rate=rate)
+
+        return evolve(spec, run_dir, storage=storage, on_stage=on_stage)
+
+
+@app.command()
+def evolve(
+    search: Annotated[Path, typer.Argument(help="Search file (YAML): parents, method, genome, tasks, budget.")],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder; run again on the same folder to continue.")],
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in RUN_DIR).")] = None,
+    budget: Annotated[int | None, typer.Option(help="Trials in all (overrides the search file's).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 suits tiny models).")] = None,
+) -> None:
+    """Evolve a merge recipe with CMA-ES; writes RUN_DIR/best/, RUN_DIR/summary.json and the study."""
+    summary = run_evolve(search, run_dir, storage, budget, threads)
+    best = summary["best"]
+    Console(stderr=True).print(
+        f"best trial #{best['trial']}: dev {best['dev']:.4f}, test {best['test']:.4f}; "
+        f"model in [bold]{run_dir / 'best'}[/], summary in {run_dir / 'summary.json'}"
+    )

@@ -1,0 +1,91 @@
+"""The resident merger: parents read once, each new recipe over them merged into one live model, in place.
+
+Everything that does not depend on a recipe's numbers is done once: inputs are read and rounded to the
+recipe's dtype, task vectors (parent - base) are formed, and for TIES their magnitude ranks are sorted, so
+a trial's trim is a comparison. Each tensor then goes through the same formula as `shoal merge`
+(`engine.merged_values`), so a recipe gives the same weights either way, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shoal.checkpoint.reader import Checkpoint
+from shoal.errors import ShoalError
+from shoal.evaluate.runner import load_model
+from shoal.merge import methods
+from shoal.merge.engine import Scratch, merged_values, open_parents
+from shoal.merge.plan import MergePlan, TensorJob, build_plan
+from shoal.recipe import Recipe
+
+
+@dataclass
+class _Inputs:
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    deltas: list[torch.Tensor] | None
+    ranks: list[torch.Tensor] | None
+
+
+class ResidentMerger:
+    """Holds the parents' tensors and one model; `apply(recipe)` writes the recipe's merge into that model.
+
+    Every recipe applied must read the same parents with the same method as the one it was built from.
+    """
+
+    def __init__(self, recipe: Recipe, device: str = "cpu") -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ShoalError(f"--device {device}: no CUDA GPU is available here")
+        self.device = device
+        self.method = recipe.method
+        self.parents: dict[str, Checkpoint] = open_parents(recipe)
+        plan = build_plan(recipe, self.parents)
+        self._inputs = {job.spec.name: self._read(job) for job in plan.jobs}
+        self.model, self.tokenizer = self._load_model(plan)
+        self._targets = self._parameters(plan)
+        self._scratch = Scratch()
+
+    def _read(self, job: TensorJob) -> _Inputs:
+        read = lambda tin: self.parents[tin.parent].tensor(tin.name, self.device).to(job.work_dtype)
+        base = read(job.base) if job.base else None
+        tensors = [read(tin) for tin in job.inputs]
+        deltas = ranks = None
+        if self.method.task_vectors and base is not None and base.is_floating_point():
+            compute = torch.float64 if job.work_dtype == torch.float64 else torch.float32
+            wide = base.to(compute)
+            deltas = [t - wide for t in tensors]
+            if self.method.sparsify == "magnitude":
+                ranks = [methods.magnitude_ranks(d.to(job.work_dtype)) for d in deltas]
+        return _Inputs(base, tensors, deltas, ranks)
+
+    def _load_model(self, plan: MergePlan) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        model, tokenizer = load_model(self.parents[plan.reference].path, self.device)
+        dtypes = {job.spec.dtype for job in plan.jobs if job.spec.dtype.is_floating_point}
+        if len(dtypes) == 1:
+            model = model.to(dtypes.pop())
+        model.eval()
+        return model, tokenizer
+
+    def _parameters(self, plan: MergePlan) -> dict[str, torch.Tensor]:
+        state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        missing = [job.spec.name for job in plan.jobs if job.spec.name not in state]
+        if missing:
+            raise ShoalError(f"the model built from {plan.reference} has no parameter {missing[0]}")
+        return {job.spec.name: state[job.spec.name] for job in plan.jobs}
+
+    def apply(self, recipe: Recipe) -> None:
+        """Merge `recipe` into the resident model's parameters (raises ShoalError on NaN/inf, like `shoal merge`)."""
+        if recipe.merge_method != self.method.name or set(recipe.parents()) != set(self.parents):
+            raise ShoalError("the resident merger holds other parents or another method than this recipe's")
+        plan = build_plan(recipe, self.parents)
+        with torch.no_grad():
+            for job in plan.jobs:
+                inputs = self._inputs[job.spec.name]
+                merged = merged_values(
+                    job, recipe.merge_method, inputs.base, inputs.tensors, self._scratch,
+                    deltas=inputs.deltas, ranks=inputs.ranks,
+                )
+                self._targets[job.spec.name].copy_(merged)

@@ -1,0 +1,1 @@
+"""Evolutionary search over merge recipes: the search file, the genome, the optimizer and the trial loop."""

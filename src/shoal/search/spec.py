@@ -1,0 +1,144 @@
+"""The search file of `shoal evolve`: parents, method, genome shape, bounds, tasks, budget and optimizer settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shoal import yamlfile
+from shoal.errors import ShoalError
+
+SEARCHABLE_METHODS = ("dare_ties", "ties", "task_arithmetic", "dare_linear", "linear")
+"""Methods whose parameters are a weight (and, where they sparsify, a density) per parent."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenomeSpec(Strict):
+    layers_per_group: int = Field(1, ge=0)
+    """Consecutive layers that share one gene per parent and parameter; 0 = one group for all layers."""
+    embeddings: Literal["search", "base"] = "search"
+    """The tensors outside the layers (embeddings, final norm, head): genes of their own, or the base's values."""
+    split_attention_mlp: bool = False
+    """Separate genes for attention and MLP tensors (layer norms follow the attention genes)."""
+
+
+class TaskWeight(Strict):
+    path: str
+    weight: float = 1.0
+
+
+class SearchSpec(Strict):
+    """A parameter-space search: paths are relative to the search file's folder."""
+
+    base: str
+    parents: dict[str, str]
+    method: str = "dare_ties"
+    genome: GenomeSpec = GenomeSpec()
+    bounds: dict[str, tuple[float, float]] = {"weight": (0.0, 1.0), "density": (0.1, 1.0)}
+    tasks: list[TaskWeight]
+    budget: int = Field(1000, ge=1)
+    population: int | None = Field(None, ge=2)
+    """CMA-ES population; default 4 + floor(3 ln n) for n genes."""
+    sigma: float = Field(1 / 6, gt=0)
+    """Initial step size as a fraction of each gene's range (the search starts at the middle)."""
+    seed: int = 0
+    dtype: str | None = None
+    """The merge's working dtype (default: the parents'); the resident model runs in it."""
+    storage: str | None = None
+    """Optuna storage URL; default sqlite:///RUN_DIR/study.db."""
+    batch_size: int = Field(256, ge=1)
+    device: str = "cpu"
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in SEARCHABLE_METHODS:
+            raise ValueError(f"method {value!r} cannot be searched (searchable: {', '.join(SEARCHABLE_METHODS)})")
+        return value
+
+    @field_validator("parents")
+    @classmethod
+    def _named_parents(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("name at least one parent")
+        for name in value:
+            if not name or "." in name:
+                raise ValueError(f"parent name {name!r} must be non-empty and contain no '.'")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_task(cls, value: list[TaskWeight]) -> list[TaskWeight]:
+        if not value:
+            raise ValueError("name at least one task")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpec:
+        for name, (low, high) in self.bounds.items():
+            if name not in ("weight", "density"):
+                raise ValueError(f"bounds: unknown parameter {name!r} (known: weight, density)")
+            if not low < high:
+                raise ValueError(f"bounds: {name} needs low < high, got [{low}, {high}]")
+        low, high = self.bounds.get("density", (0.1, 1.0))
+        if not 0 < low < high <= 1:
+            raise ValueError(f"bounds: density must lie in (0, 1], got [{low}, {high}]")
+        if self.method == "linear" and self.genome.embeddings == "base":
+            raise ValueError("genome.embeddings: base needs a method with a base model (linear has none)")
+        return self
+
+    @property
+    def params(self) -> list[str]:
+        """The merge parameters each group of genes sets."""
+        return ["weight", "density"] if self.method in ("dare_ties", "ties", "dare_linear") else ["weight"]
+
+    def bound(self, param: str) -> tuple[float, float]:
+        return self.bounds.get(param, {"weight": (0.0, 1.0), "density": (0.1, 1.0)}[param])
+
+    def search_hash(self) -> str:
+        """Fingerprint of what decides the trajectory (not budget, storage, batch size or device)."""
+        kept = self.model_dump(exclude={"budget", "storage", "batch_size", "device"})
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_search(text: str, source: str, root: Path) -> SearchSpec:
+    """Parse and validate a search file; relative paths are made absolute against root."""
+    data, node = yamlfile.parse(text, source)
+    if not isinstance(data, dict):
+        raise ShoalError(f"{source}: a search file is a YAML mapping with at least base, parents and tasks")
+    try:
+        spec = SearchSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not p[:1].isupper())
+        line = yamlfile.line_of(node, loc)
+        path = ".".join(str(p) for p in loc) or "search"
+        raise ShoalError(f"{source}:{line}: {path}: {err['msg'].removeprefix('Value error, ')}") from exc
+    here = lambda p: _located(p, root)
+    return spec.model_copy(
+        update={
+            "base": here(spec.base),
+            "parents": {name: here(p) for name, p in spec.parents.items()},
+            "tasks": [t.model_copy(update={"path": here(t.path)}) for t in spec.tasks],
+        }
+    )
+
+
+def _located(path: str, root: Path) -> str:
+    """A path relative to the search file made absolute; a name not found there is kept (a Hub id, or an error later)."""
+    candidate = root / path
+    return str(candidate.resolve()) if candidate.exists() else path
+
+
+def load_search(path: str | Path) -> SearchSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ShoalError(f"search file {path} not found")
+    return parse_search(path.read_text(), str(path), path.parent)

@@ -1,0 +1,168 @@
+"""`shoal evolve`: the search is stored trial by trial, resumes exactly, survives failing candidates, and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from shoal.errors import ShoalError
+from shoal.evaluate import evaluate, load_task
+from shoal.merge.resident import ResidentMerger
+from shoal.recipe import Recipe
+from shoal.search.fitness import DevFitness, WeightedTask
+from shoal.search.loop import open_study, run_trials
+from shoal.search.optimizer import CmaEs
+from shoal.search.run import evolve
+from shoal.search.spec import load_search
+from shoal.zoo.build import Zoo, build_zoo
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Zoo:
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Scores must not depend on thread scheduling: the resumed and the uninterrupted run are compared exactly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _search(zoo: Zoo, folder: Path, **extra) -> Path:
+    spec = {
+        "base": str(zoo.base),
+        "parents": {name: str(path) for name, path in zoo.parents.items()},
+        "method": "dare_ties",
+        "genome": {"layers_per_group": 0},
+        "tasks": [{"path": str(zoo.tasks["xx-math"])}],
+        "budget": 14,
+        "seed": 5,
+    } | extra
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _trials(run_dir: Path) -> list[tuple[dict, float | None, str]]:
+    study = optuna.load_study(study_name="shoal", storage=f"sqlite:///{run_dir / 'study.db'}")
+    return [(t.params, t.value, t.state.name) for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+def test_extending_the_budget_continues_the_same_trajectory(zoo, tmp_path) -> None:
+    search = load_search(_search(zoo, tmp_path))
+    assert CmaEs(8).population == 10  # 2 parents x (weight, density) x (layers, embeddings); 4 + floor(3 ln 8)
+    evolve(search.model_copy(update={"budget": 13}), tmp_path / "twice")  # stops inside the second generation
+    summary = evolve(search.model_copy(update={"budget": 24}), tmp_path / "twice")
+    evolve(search.model_copy(update={"budget": 24}), tmp_path / "once")
+    twice, once = _trials(tmp_path / "twice"), _trials(tmp_path / "once")
+    assert len(once) == 24 and twice == once
+    assert summary["trials"] == 24 and summary["sessions"] == 2
+
+
+def test_rerunning_a_finished_run_scores_nothing_again(zoo, tmp_path) -> None:
+    search = load_search(_search(zoo, tmp_path, budget=5))
+    evolve(search, tmp_path / "run")
+    stages: list[str] = []
+    evolve(search, tmp_path / "run", on_stage=lambda s: stages.append(s.name) if s.progress is None else
+           stages.append(f"evaluated {s.progress.evaluated}"))
+    assert "evaluated 0" in stages and not any(s.startswith("evaluated 1") for s in stages)
+    assert len(_trials(tmp_path / "run")) == 5
+
+
+def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path) -> None:
+    path = _search(zoo, tmp_path, budget=26)
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = killed / "study.db"
+    deadline = time.time() + 120
+    stored = 0
+    while stored < 13 and time.time() < deadline:  # into the second generation of 10
+        time.sleep(0.02)
+        if db.exists():
+            try:
+                stored = sqlite3.connect(db).execute("select count(*) from trials").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _trials(killed)
+    assert 13 <= len(before) < 26, "the kill must land before the search ends"
+    assert not (killed / "summary.json").exists()
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    evolve(load_search(path), tmp_path / "whole")
+    after, whole = _trials(killed), _trials(tmp_path / "whole")
+    assert after[: len(before)] == before  # nothing stored was lost or re-run
+    assert after == whole and len(whole) == 26
+
+
+def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -> None:
+    search = load_search(_search(zoo, tmp_path))
+    from shoal.search.run import _genome
+
+    genome = _genome(search)
+    merger = ResidentMerger(Recipe.model_validate(genome.recipe(genome.values([0.5] * len(genome)), 0)))
+    fitness = DevFitness(merger, genome, [WeightedTask(load_task(zoo.tasks["xx-math"]), 1.0)], 64)
+    calls = []
+
+    def objective(values, seed):
+        calls.append(seed)
+        if len(calls) == 2:  # NaN weights: the resident merger refuses them as `shoal merge` does
+            return fitness(values | {"math.weight.layers0-1": float("inf")}, seed)
+        if len(calls) == 4:
+            raise RuntimeError("the model crashed")
+        return fitness(values, seed)
+
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "x")
+    run_trials(study, genome, CmaEs(len(genome), seed=0), objective, budget=12, seed=0, failure_fitness=0.0)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"] + ["COMPLETE"] * 8
+    assert "NaN or inf in tensor" in trials[1].user_attrs["error"]
+    assert trials[3].user_attrs["error"] == "RuntimeError: the model crashed"
+    assert len(calls) == 12 and len(set(calls)) == 12  # every trial its own DARE seed
+
+
+def test_best_folder_is_the_in_memory_merge_and_summary_scores_are_real(zoo, tmp_path) -> None:
+    run = tmp_path / "run"
+    summary = evolve(load_search(_search(zoo, tmp_path, budget=10)), run)
+    assert json.loads((run / "summary.json").read_text()) == summary
+    best = summary["best"]
+    trial = _trials(run)[best["trial"]]
+    assert trial[1] == best["dev"] == max(t[1] for t in _trials(run) if t[1] is not None)
+    merger = ResidentMerger(Recipe.model_validate(best["recipe"]))
+    merger.apply(Recipe.model_validate(best["recipe"]))
+    on_disk = {k: v for shard in sorted((run / "best").glob("*.safetensors")) for k, v in load_file(shard).items()}
+    live = dict(merger.model.named_parameters())
+    for name, tensor in on_disk.items():
+        assert torch.equal(live[name].detach(), tensor), name
+    assert yaml.safe_load((run / "best" / "recipe.yaml").read_text()) == best["recipe"]
+    task = load_task(zoo.tasks["xx-math"])
+    assert best["test"] == evaluate(run / "best", task, "test").score
+    assert summary["parents"]["math"] == evaluate(zoo.parents["math"], task, "test").score
+    assert set(summary["untuned"]) == {"linear", "task_arithmetic", "ties", "dare_ties", "start"}
+    assert summary["trials"] == 10 and summary["failed_trials"] == 0
+    assert summary["seconds_per_trial"]["merge"] > 0 and summary["seconds_per_trial"]["eval"] > 0
+
+
+def test_a_run_folder_of_another_search_is_refused(zoo, tmp_path) -> None:
+    evolve(load_search(_search(zoo, tmp_path, budget=2)), tmp_path / "run")
+    other = load_search(_search(zoo, tmp_path / "other", budget=2, seed=6))
+    with pytest.raises(ShoalError, match="different search"):
+        evolve(other, tmp_path / "run")

@@ -1,0 +1,92 @@
+"""The search file and the genome it defines: validation with line numbers, genes, and the recipes genomes become."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.errors import ShoalError
+from shoal.recipe import Recipe, resolve
+from shoal.search.genome import Genome
+from shoal.search.spec import SearchSpec, parse_search
+
+OUTER = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+BASE = {"base": "b", "parents": {"math": "m", "lang": "l"}, "tasks": [{"path": "t"}]}
+
+
+def _value(recipe: dict, parent: int, param: str, tensor: str, layer: int, layers: int) -> float:
+    model = Recipe.model_validate(recipe).models[parent]
+    return resolve(param, [model.parameters], tensor, layer / (layers - 1), None)
+
+
+def test_per_layer_genes_become_a_gradient_that_hits_each_layer() -> None:
+    genome = Genome(SearchSpec.model_validate(BASE), 4, OUTER)
+    assert len(genome) == 2 * 2 * 5 and genome.names[0] == "math.weight.layer0"
+    values = {name: i / 100 for i, name in enumerate(genome.names)}
+    recipe = genome.recipe(values, seed=7)
+    assert recipe["merge_method"] == "dare_ties" and recipe["base_model"] == "b" and recipe["seed"] == 7
+    for layer in range(4):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        assert _value(recipe, 1, "density", name, layer, 4) == pytest.approx(values[f"lang.density.layer{layer}"])
+    assert _value(recipe, 0, "weight", "lm_head.weight", 0, 4) == values["math.weight.embeddings"]
+
+
+def test_groups_of_layers_split_attention_and_mlp_and_base_embeddings() -> None:
+    spec = SearchSpec.model_validate(
+        BASE | {"method": "ties", "genome": {"layers_per_group": 2, "split_attention_mlp": True, "embeddings": "base"}}
+    )
+    genome = Genome(spec, 4, OUTER)
+    assert [g.group for g in genome.genes[:4]] == ["layers0-1.attn", "layers0-1.mlp", "layers2-3.attn", "layers2-3.mlp"]
+    values = {name: 0.1 + i / 100 for i, name in enumerate(genome.names)}
+    recipe = genome.recipe(values, 0)
+    attn, mlp, norm = "self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"
+    for layer, group in [(0, "layers0-1"), (1, "layers0-1"), (3, "layers2-3")]:
+        get = lambda suffix: _value(recipe, 0, "weight", f"model.layers.{layer}.{suffix}", layer, 4)
+        assert get(attn) == pytest.approx(values[f"math.weight.{group}.attn"])
+        assert get(mlp) == pytest.approx(values[f"math.weight.{group}.mlp"])
+        assert get(norm) == pytest.approx(values[f"math.weight.{group}.attn"])  # norms follow attention
+    assert _value(recipe, 1, "weight", "model.embed_tokens.weight", 0, 4) == 0.0  # the base's own embeddings
+    table = genome.table(values)
+    assert table["embeddings"] is None
+    assert table["layers"]["density (mlp)"]["lang"] == [values["lang.density.layers0-1.mlp"]] * 2 + [
+        values["lang.density.layers2-3.mlp"]
+    ] * 2
+
+
+def test_unit_vector_maps_onto_bounds() -> None:
+    spec = SearchSpec.model_validate(BASE | {"method": "task_arithmetic", "bounds": {"weight": [-1, 2]},
+                                             "genome": {"layers_per_group": 0, "embeddings": "base"}})
+    genome = Genome(spec, 3, OUTER)
+    assert genome.names == ["math.weight.layers0-2", "lang.weight.layers0-2"]
+    assert genome.values([0.0, 1.0]) == {"math.weight.layers0-2": -1.0, "lang.weight.layers0-2": 2.0}
+    assert genome.recipe(genome.values([0.5, 0.5]), 0)["models"][0]["parameters"]["weight"][-1] == {"value": 0.5}
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: slerp\n", "search.yaml:4: method: method 'slerp' cannot"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbounds:\n  density: [0, 1]\n", "density must lie in (0, 1]"),
+        ("base: b\nparents: {m.x: x}\ntasks: [{path: t}]\n", "contain no '.'"),
+        ("base: b\nparents: {m: x}\ntasks: []\n", "name at least one task"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudgett: 3\n", "search.yaml:4: budgett: Extra inputs"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: linear\ngenome: {embeddings: base}\n", "linear has"),
+        ("[1, 2]", "a search file is a YAML mapping"),
+    ],
+)
+def test_bad_search_files_are_refused_with_where_and_why(text: str, message: str) -> None:
+    with pytest.raises(ShoalError) as err:
+        parse_search(text, "search.yaml", Path("."))
+    assert message in str(err.value)
+
+
+def test_relative_paths_resolve_against_the_search_file(tmp_path: Path) -> None:
+    (tmp_path / "models" / "b").mkdir(parents=True)
+    spec = parse_search("base: models/b\nparents: {m: org/hub-model}\ntasks: [{path: t}]\n", "s", tmp_path)
+    assert spec.base == str(tmp_path / "models" / "b") and spec.parents["m"] == "org/hub-model"
+
+
+def test_cli_reports_a_missing_search_file(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("evolve", tmp_path / "nope.yaml", tmp_path / "run")
+    assert code == 2 and "search file" in err and "not found" in err
