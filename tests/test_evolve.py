@@ -118,17 +118,20 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -
     from shoal.search.run import _genome
 
     genome = _genome(search)
-    merger = ResidentMerger(Recipe.model_validate(genome.recipe(genome.values([0.5] * len(genome)), 0)))
-    fitness = DevFitness(merger, genome, [WeightedTask(load_task(zoo.tasks["xx-math"]), 1.0)], 64)
+    middle = Recipe.model_validate(genome.recipe(genome.values([0.5] * len(genome)), 0))
+    fitness = DevFitness(ResidentMerger(middle, slots=2), genome, [WeightedTask(load_task(zoo.tasks["xx-math"]), 1.0)], 64)
+    poisoned = lambda values: values | {"math.weight.layers0-1": float("inf")}  # noqa: E731
     calls = []
 
-    def objective(values, seed):
+    def objective(values, seed, upcoming=None):
         calls.append(seed)
-        if len(calls) == 2:  # NaN weights: the resident merger refuses them as `shoal merge` does
-            return fitness(values | {"math.weight.layers0-1": float("inf")}, seed)
+        if len(calls) == 1:  # trial 1 is merged in the background during trial 0, with NaN weights: refused
+            upcoming = (poisoned(upcoming[0]), upcoming[1])
+        if len(calls) == 2:
+            values = poisoned(values)
         if len(calls) == 4:
             raise RuntimeError("the model crashed")
-        return fitness(values, seed)
+        return fitness(values, seed, upcoming)
 
     study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "x")
     run_trials(study, genome, CmaEs(len(genome), seed=0), objective, budget=12, seed=0, failure_fitness=0.0)
@@ -137,6 +140,17 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -
     assert "NaN or inf in tensor" in trials[1].user_attrs["error"]
     assert trials[3].user_attrs["error"] == "RuntimeError: the model crashed"
     assert len(calls) == 12 and len(set(calls)) == 12  # every trial its own DARE seed
+
+
+def test_merging_ahead_changes_no_result_and_hides_the_merge(zoo, tmp_path) -> None:
+    search = load_search(_search(zoo, tmp_path, budget=12))
+    ahead = evolve(search, tmp_path / "ahead")
+    evolve(search.model_copy(update={"overlap": False}), tmp_path / "inline")
+    assert _trials(tmp_path / "ahead") == _trials(tmp_path / "inline")
+    study = optuna.load_study(study_name="shoal", storage=f"sqlite:///{tmp_path / 'ahead' / 'study.db'}")
+    waited = [t.user_attrs["merge_seconds"] < t.user_attrs["merge_compute_seconds"] / 2 for t in study.trials]
+    assert waited[0] is False and sum(waited[1:10]) >= 7  # a generation's first waits; the others were merged ahead
+    assert ahead["seconds_per_trial"]["merge"] < ahead["seconds_per_trial"]["merge_compute"]
 
 
 def test_best_folder_is_the_in_memory_merge_and_summary_scores_are_real(zoo, tmp_path) -> None:
@@ -166,3 +180,13 @@ def test_a_run_folder_of_another_search_is_refused(zoo, tmp_path) -> None:
     other = load_search(_search(zoo, tmp_path / "other", budget=2, seed=6))
     with pytest.raises(ShoalError, match="different search"):
         evolve(other, tmp_path / "run")
+
+
+def test_demo_builds_evolves_reports_and_prints_the_table(zoo, tmp_path, run_cli) -> None:
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--budget", 6, "--zoo", zoo.root, "--zoo-size", "smoke")
+    assert code == 0, err
+    run = tmp_path / "demo" / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trials"] == 6 and (run / "best" / "config.json").is_file()
+    assert {p.name for p in (run / "report").iterdir()} == {"report.md", "fitness.png", "recipe.png"}
+    assert "untuned merge: ties" in out and f"{100 * summary['best']['test']:.1f}" in out

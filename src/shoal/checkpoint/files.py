@@ -35,7 +35,9 @@ def copy_tokenizer(source: Path, folder: Path) -> list[str]:
     return copied
 
 
-def write_model_card(folder: Path, *, method: str, parents: Sequence[str], base: str | None, recipe_file: str) -> None:
+def write_model_card(
+    folder: Path, *, method: str, parents: Sequence[str], base: str | None, recipe_file: str, remake: str | None = None
+) -> None:
     lines = [
         "---",
         "library_name: transformers",
@@ -49,5 +51,5 @@ def write_model_card(folder: Path, *, method: str, parents: Sequence[str], base:
     if base:
         lines += [f"Base model: `{base}`", ""]
     lines += ["Parents:", ""] + [f"- `{p}`" for p in parents if p != base]
-    lines += ["", f"The recipe is in `{recipe_file}`; `shoal merge {recipe_file} OUT` remakes this model.", ""]
+    lines += ["", remake or f"The recipe is in `{recipe_file}`; `shoal merge {recipe_file} OUT` remakes this model.", ""]
     (folder / "README.md").write_text("\n".join(lines))

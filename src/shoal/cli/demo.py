@@ -1,9 +1,9 @@
-"""`shoal demo`: the main job on built-in parents (for now: random parents merged with DARE-TIES)."""
+"""`shoal demo`: the main job on the demo zoo: build the zoo, evolve a merge of its parents, report, print the table."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -11,55 +11,63 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal.cli.app import app
-from shoal.cli.progress import bar
+from shoal.cli.evolve import run_evolve
+from shoal.cli.zoo import build_with_progress
+
+
+def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int) -> dict:
+    """The paper's setting on the zoo: DARE-TIES, a weight and a density per parent and layer (and embeddings)."""
+    return {
+        "base": str(base),
+        "parents": {name: str(path) for name, path in parents.items()},
+        "method": "dare_ties",
+        "genome": {"layers_per_group": 1, "embeddings": "search"},
+        "tasks": [{"path": str(target), "weight": 1.0}],
+        "budget": budget,
+        "seed": seed,
+    }
+
+
+def results_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"test split of {summary['target']} (the evolved model is the best dev trial)")
+    table.add_column("model")
+    table.add_column("test", justify="right")
+    for name, score in summary["parents"].items():
+        table.add_row(f"parent: {name}", f"{100 * score:.1f}")
+    for name, score in summary["untuned"].items():
+        table.add_row(f"untuned merge: {name}", f"{100 * score:.1f}")
+    best = summary["best"]
+    table.add_row(f"[bold]evolved (trial #{best['trial']}, dev {100 * best['dev']:.1f})", f"[bold]{100 * best['test']:.1f}")
+    for label, group in (("best parent", summary["parents"]), ("best untuned merge", summary["untuned"])):
+        name = max(group, key=group.get)
+        table.add_row(f"[dim]evolved - {label} ({name})", f"[dim]{100 * (best['test'] - group[name]):+.1f}")
+    return table
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's parents and outputs.")] = Path("demo"),
-    seed: Annotated[int, typer.Option(help="Seed for the parents and the merge.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the search file, the run and its report.")] = Path("demo"),
+    budget: Annotated[int, typer.Option(help="Trials of the search.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the zoo and of the search.")] = 0,
+    zoo: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo[-seedN]).")] = None,
+    zoo_size: Annotated[str, typer.Option(help="default, or smoke (seconds; for trying the pipeline).")] = "default",
 ) -> None:
-    """Build small random parents and merge them with DARE-TIES; load the result with transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Build the demo zoo, evolve a merge of its math and language parents for XX math, and report on test."""
+    from shoal.report import write_report
+    from shoal.zoo.build import default_zoo_dir
 
-    from shoal.merge.engine import run_merge
-    from shoal.recipe import parse_recipe
-    from shoal.synthetic import make_parents
-
-    console = Console()
-    paths = make_parents(out / "parents", seed=seed)
-    recipe = {
-        "merge_method": "dare_ties",
-        "base_model": str(paths["base"]),
-        "models": [
-            {"model": str(paths[n]), "parameters": {"weight": w, "density": d}}
-            for n, w, d in [("a", [0.2, 0.8], 0.6), ("b", 0.5, 0.5), ("c", 0.3, [0.9, 0.3])]
-        ],
-        "dtype": "bfloat16",
-        "seed": seed,
-    }
-    text = yaml.safe_dump(recipe, sort_keys=False)
-    (out / "recipe.yaml").write_text(text)
-    with bar() as progress:
-        task = progress.add_task("merging tensors", total=None)
-        merged = run_merge(
-            parse_recipe(text, str(out / "recipe.yaml")),
-            out / "merged",
-            recipe_text=text,
-            overwrite=True,
-            on_tensor=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    ids = torch.arange(4, 20).unsqueeze(0)
-    with torch.no_grad():
-        logits = model(ids).logits
-    table = Table(title="shoal demo")
-    table.add_column("what")
-    table.add_column("value")
-    table.add_row("recipe", str(out / "recipe.yaml"))
-    table.add_row("merged model", str(merged))
-    table.add_row("parameters", f"{sum(p.numel() for p in model.parameters()):,}")
-    table.add_row("loads with transformers", type(model).__name__)
-    table.add_row("logits finite", str(bool(torch.isfinite(logits).all())))
-    console.print(table)
+    console = Console(stderr=True)
+    if zoo is None:
+        zoo = default_zoo_dir() if seed == 0 else default_zoo_dir().with_name(f"zoo-seed{seed}")
+    console.print(f"[bold]1/3[/] the demo zoo ({zoo_size}, seed {seed}) in {zoo}")
+    built, _, _ = build_with_progress(zoo, seed, zoo_size, threads=2)
+    out.mkdir(parents=True, exist_ok=True)
+    search = out / "search.yaml"
+    spec = demo_search(built.parents, built.base, built.tasks["xx-math"], budget, seed)
+    search.write_text(yaml.safe_dump(spec, sort_keys=False))
+    console.print(f"[bold]2/3[/] evolving ({search}) into {out / 'run'}; run again to continue after an interruption")
+    summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)
+    console.print(f"[bold]3/3[/] report in {out / 'run' / 'report'}")
+    written = write_report(out / "run")
+    Console().print(results_table(summary))
+    console.print(f"best model: [bold]{out / 'run' / 'best'}[/]; report: {written[0]}")

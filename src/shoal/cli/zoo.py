@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,21 +13,17 @@ from rich.table import Table
 from shoal.cli.app import app
 from shoal.cli.progress import bar
 
+if TYPE_CHECKING:
+    from shoal.zoo.build import Zoo
+
 zoo_app = typer.Typer(help="The demo zoo: a tiny base model, specialist parents and their tasks.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
 
-@zoo_app.command()
-def build(
-    out: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
-    size: Annotated[str, typer.Option(help="default (the demo) or smoke (tiny, for tests).")] = "default",
-    threads: Annotated[int, typer.Option(help="CPU threads for training (use 1 on a busy machine).")] = 2,
-) -> None:
-    """Build the base model, the math and language parents, and the tasks; a second call reuses them."""
-    from shoal.zoo.build import build_zoo, default_zoo_dir  # torch and transformers load only when needed
+def build_with_progress(out: Path, seed: int, size: str, threads: int) -> tuple[Zoo, float, bool]:
+    """Build or reuse the zoo with a progress bar per training stage: (zoo, seconds, whether anything was trained)."""
+    from shoal.zoo.build import build_zoo
 
-    out = out or default_zoo_dir()
     start = time.perf_counter()
     with bar() as progress:
         stages: dict[str, int] = {}
@@ -38,7 +34,20 @@ def build(
             progress.update(stages[stage], completed=step)
 
         zoo = build_zoo(out, seed=seed, size=size, threads=threads, progress=report)
-    seconds = time.perf_counter() - start
+    return zoo, time.perf_counter() - start, bool(stages)
+
+
+@zoo_app.command()
+def build(
+    out: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
+    size: Annotated[str, typer.Option(help="default (the demo) or smoke (tiny, for tests).")] = "default",
+    threads: Annotated[int, typer.Option(help="CPU threads for training (use 1 on a busy machine).")] = 2,
+) -> None:
+    """Build the base model, the math and language parents, and the tasks; a second call reuses them."""
+    from shoal.zoo.build import default_zoo_dir  # torch and transformers load only when needed
+
+    zoo, seconds, trained = build_with_progress(out or default_zoo_dir(), seed, size, threads)
     table = Table(title=f"shoal zoo ({zoo.size}, seed {zoo.seed})")
     table.add_column("what")
     table.add_column("name")
@@ -49,5 +58,5 @@ def build(
     for name, path in zoo.tasks.items():
         table.add_row(f"task ({zoo.roles[name]})", name, str(path))
     Console().print(table)
-    how = f"built in {seconds:.0f} s" if stages else "already built with these settings; reused"
-    Console(stderr=True).print(f"zoo at [bold]{out}[/]: {how}")
+    how = f"built in {seconds:.0f} s" if trained else "already built with these settings; reused"
+    Console(stderr=True).print(f"zoo at [bold]{zoo.root}[/]: {how}")

@@ -24,7 +24,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
-_TAGS = {tag: dtype for dtype, tag in DTYPE_TAGS.items()}  # safetensors tag -> torch dtype
+DTYPE_OF_TAG = {tag: dtype for dtype, tag in DTYPE_TAGS.items()}  # safetensors tag -> torch dtype
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def _job(
                 f"tensor {out_name} has shape {tuple(shapes[0][1])} in {shapes[0][0]} but {tuple(shape)} in {ref}"
             )
     first = base or inputs[0]
-    src_dtype = _TAGS[parents[first.parent].dtype(first.name)]
+    src_dtype = DTYPE_OF_TAG[parents[first.parent].dtype(first.name)]
     floating = src_dtype.is_floating_point
     dtype = out_dtype if out_dtype is not None and floating else src_dtype
     sources_of = lambda src: [src.parameters, piece.parameters, recipe.parameters]
@@ -154,7 +154,7 @@ def _job(
     )
 
 
-def _output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch.dtype | None) -> dict[str, Any]:
+def output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch.dtype | None) -> dict[str, Any]:
     config = copy.deepcopy(reference.config)
     n_in = reference.num_layers
     if n_in is not None and len(layer_sources) != n_in:
@@ -211,4 +211,4 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint]) -> MergePlan:
             out_layer += 1
     outer(slices[-1], "post")
     reference = parents[first_ref]
-    return MergePlan(jobs=jobs, config=_output_config(reference, layer_sources, out_dtype), reference=first_ref)
+    return MergePlan(jobs=jobs, config=output_config(reference, layer_sources, out_dtype), reference=first_ref)

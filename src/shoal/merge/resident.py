@@ -31,12 +31,13 @@ class _Inputs:
 
 
 class ResidentMerger:
-    """Holds the parents' tensors and one model; `apply(recipe)` writes the recipe's merge into that model.
+    """Holds the parents' tensors and `slots` copies of the model; `apply(recipe, slot)` writes the recipe's
+    merge into one of them (two slots let the next candidate be merged while this one is scored).
 
     Every recipe applied must read the same parents with the same method as the one it was built from.
     """
 
-    def __init__(self, recipe: Recipe, device: str = "cpu") -> None:
+    def __init__(self, recipe: Recipe, device: str = "cpu", slots: int = 1) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ShoalError(f"--device {device}: no CUDA GPU is available here")
         self.device = device
@@ -44,9 +45,17 @@ class ResidentMerger:
         self.parents: dict[str, Checkpoint] = open_parents(recipe)
         plan = build_plan(recipe, self.parents)
         self._inputs = {job.spec.name: self._read(job) for job in plan.jobs}
-        self.model, self.tokenizer = self._load_model(plan)
-        self._targets = self._parameters(plan)
-        self._scratch = Scratch()
+        self.models: list[PreTrainedModel] = []
+        for _ in range(slots):
+            model, self.tokenizer = self._load_model(plan)
+            self.models.append(model)
+        self._targets = [self._parameters(model, plan) for model in self.models]
+        self._scratch = [Scratch() for _ in self.models]
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The model of slot 0."""
+        return self.models[0]
 
     def _read(self, job: TensorJob) -> _Inputs:
         read = lambda tin: self.parents[tin.parent].tensor(tin.name, self.device).to(job.work_dtype)
@@ -69,15 +78,18 @@ class ResidentMerger:
         model.eval()
         return model, tokenizer
 
-    def _parameters(self, plan: MergePlan) -> dict[str, torch.Tensor]:
-        state = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+    @staticmethod
+    def _parameters(model: PreTrainedModel, plan: MergePlan) -> dict[str, torch.Tensor]:
+        state = dict(model.named_parameters()) | dict(model.named_buffers())
         missing = [job.spec.name for job in plan.jobs if job.spec.name not in state]
         if missing:
             raise ShoalError(f"the model built from {plan.reference} has no parameter {missing[0]}")
         return {job.spec.name: state[job.spec.name] for job in plan.jobs}
 
-    def apply(self, recipe: Recipe) -> None:
-        """Merge `recipe` into the resident model's parameters (raises ShoalError on NaN/inf, like `shoal merge`)."""
+    def apply(self, recipe: Recipe, slot: int = 0) -> None:
+        """Merge `recipe` into the parameters of model `slot` (raises ShoalError on NaN/inf, like `shoal merge`).
+
+        Calls for different slots may run in different threads at once; calls for one slot may not."""
         if recipe.merge_method != self.method.name or set(recipe.parents()) != set(self.parents):
             raise ShoalError("the resident merger holds other parents or another method than this recipe's")
         plan = build_plan(recipe, self.parents)
@@ -85,7 +97,7 @@ class ResidentMerger:
             for job in plan.jobs:
                 inputs = self._inputs[job.spec.name]
                 merged = merged_values(
-                    job, recipe.merge_method, inputs.base, inputs.tensors, self._scratch,
+                    job, recipe.merge_method, inputs.base, inputs.tensors, self._scratch[slot],
                     deltas=inputs.deltas, ranks=inputs.ranks,
                 )
-                self._targets[job.spec.name].copy_(merged)
+                self._targets[slot][job.spec.name].copy_(merged)

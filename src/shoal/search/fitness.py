@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -12,7 +13,7 @@ from shoal.evaluate.task import Task
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.genome import Genome
-from shoal.search.loop import Evaluation
+from shoal.search.loop import Candidate, Evaluation
 
 
 @dataclass
@@ -31,18 +32,48 @@ def weighted(tasks: list[WeightedTask], by_task: dict[str, float]) -> float:
     return sum(t.weight * by_task[t.task.name] for t in tasks)
 
 
+@dataclass
+class _Pending:
+    candidate: Candidate
+    slot: int
+    merged: Future[float]
+
+
 class DevFitness:
-    """The search's objective: gene values and a seed -> the candidate's weighted dev score (an Evaluation)."""
+    """The search's objective: gene values and a seed -> the candidate's weighted dev score (an Evaluation).
+
+    With a two-slot merger, the next candidate is merged in a background thread into the other model while this
+    one is scored, so a trial waits for its merge only when it was not known in advance (a generation's first).
+    """
 
     def __init__(self, merger: ResidentMerger, genome: Genome, tasks: list[WeightedTask], batch_size: int) -> None:
         self.merger = merger
         self.genome = genome
         self.tasks = tasks
         self.batch_size = batch_size
+        self._pool = ThreadPoolExecutor(max_workers=1) if len(merger.models) > 1 else None
+        self._pending: _Pending | None = None
 
-    def __call__(self, values: dict[str, float], seed: int) -> Evaluation:
+    def _merge(self, candidate: Candidate, slot: int) -> float:
         start = time.perf_counter()
-        self.merger.apply(Recipe.model_validate(self.genome.recipe(values, seed)))
-        merged = time.perf_counter()
-        by_task = scores(self.merger.model, self.merger.tokenizer, self.tasks, "dev", self.batch_size)
-        return Evaluation(weighted(self.tasks, by_task), by_task, merged - start, time.perf_counter() - merged)
+        self.merger.apply(Recipe.model_validate(self.genome.recipe(*candidate)), slot)
+        return time.perf_counter() - start
+
+    def __call__(self, values: dict[str, float], seed: int, upcoming: Candidate | None = None) -> Evaluation:
+        start = time.perf_counter()
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.candidate == (values, seed):
+            slot, compute = pending.slot, pending.merged.result()  # a failed merge raises here, for its own trial
+        else:
+            if pending is not None:
+                wait([pending.merged])  # never two merges into one slot at once
+            slot, compute = 0, self._merge((values, seed), 0)
+        waited = time.perf_counter() - start
+        if upcoming is not None and self._pool is not None:
+            other = 1 - slot
+            self._pending = _Pending(upcoming, other, self._pool.submit(self._merge, upcoming, other))
+        scored = time.perf_counter()
+        by_task = scores(self.merger.models[slot], self.merger.tokenizer, self.tasks, "dev", self.batch_size)
+        return Evaluation(
+            weighted(self.tasks, by_task), by_task, waited, time.perf_counter() - scored, merge_compute_seconds=compute
+        )

@@ -12,7 +12,9 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -31,15 +33,23 @@ class Evaluation:
     fitness: float
     scores: dict[str, float]
     merge_seconds: float
+    """Time the trial waited for its merge (less than merge_compute_seconds when it was merged ahead)."""
     eval_seconds: float
+    merge_compute_seconds: float = 0.0
 
 
 class TrialFailed(Exception):
     """A candidate that could not be scored (NaN weights, a crash in the model); the search goes on."""
 
 
-Objective = Callable[[dict[str, float], int], Evaluation]
-"""Scores one candidate: gene values and the trial's seed (for DARE's drops) -> Evaluation or TrialFailed."""
+Candidate = tuple[dict[str, float], int]
+"""Gene values and the trial's seed (for DARE's drops)."""
+
+
+class Objective(Protocol):
+    def __call__(self, values: dict[str, float], seed: int, upcoming: Candidate | None = None) -> Evaluation:
+        """Score one candidate (or raise TrialFailed); `upcoming`, if given, is scored next and may be prepared now."""
+        ...
 
 
 @dataclass
@@ -80,7 +90,7 @@ def _store(study: optuna.Study, genome: Genome, index: int, generation: int, val
     attrs: dict[str, object] = {"index": index, "generation": generation, "seed": seed}
     if isinstance(outcome, Evaluation):
         attrs |= {"dev_scores": outcome.scores, "merge_seconds": outcome.merge_seconds,
-                  "eval_seconds": outcome.eval_seconds}
+                  "eval_seconds": outcome.eval_seconds, "merge_compute_seconds": outcome.merge_compute_seconds}
         state, value = TrialState.COMPLETE, outcome.fitness
     else:
         attrs |= {"error": outcome, "dev_scores": {}}
@@ -120,23 +130,20 @@ def run_trials(
     index = 0
     while index < budget:
         generation = index // optimizer.population
-        told: list[tuple[object, float]] = []
-        for _ in range(optimizer.population):
-            if index >= budget:
-                break
-            x = optimizer.ask()
-            values = genome.values(x)
+        xs = [optimizer.ask() for _ in range(min(optimizer.population, budget - index))]
+        candidates = [(genome.values(x), trial_seed(seed, index + j)) for j, x in enumerate(xs)]
+        told: list[tuple[np.ndarray, float]] = []
+        for j, (x, (values, trial_seed_)) in enumerate(zip(xs, candidates)):
             trial = stored.get(index)
+            fresh = trial is None
             if trial is None:
-                trial = _evaluate(study, genome, objective, index, generation, values, trial_seed(seed, index))
-                evaluated = 1
-            else:
-                if trial.params != values:
-                    raise ShoalError(
-                        f"stored trial {index} has other parameters than this search asks for; the run was "
-                        "made with different code or settings: use a new RUN_DIR"
-                    )
-                evaluated = 0
+                upcoming = candidates[j + 1] if j + 1 < len(xs) and index + 1 not in stored else None
+                trial = _evaluate(study, genome, objective, index, generation, values, trial_seed_, upcoming)
+            elif trial.params != values:
+                raise ShoalError(
+                    f"stored trial {index} has other parameters than this search asks for; the run was "
+                    "made with different code or settings: use a new RUN_DIR"
+                )
             fitness = trial.value if trial.state == TrialState.COMPLETE else failure_fitness
             assert fitness is not None
             told.append((x, fitness))
@@ -146,17 +153,17 @@ def run_trials(
             if progress is None:
                 progress = Progress(index, budget, best, trial)
             progress.done, progress.best, progress.last = index, best, trial
-            progress.evaluated += evaluated
+            progress.evaluated += int(fresh)
             if on_trial:
                 on_trial(progress)
         if len(told) == optimizer.population:
-            optimizer.tell(told)  # type: ignore[arg-type]
+            optimizer.tell(told)
 
 
 def _evaluate(study: optuna.Study, genome: Genome, objective: Objective, index: int, generation: int,
-              values: dict[str, float], seed: int) -> FrozenTrial:
+              values: dict[str, float], seed: int, upcoming: Candidate | None) -> FrozenTrial:
     try:
-        outcome: Evaluation | str = objective(values, seed)
+        outcome: Evaluation | str = objective(values, seed, upcoming)
         assert isinstance(outcome, Evaluation)
         if not math.isfinite(outcome.fitness):
             outcome = f"fitness is {outcome.fitness}"

@@ -113,7 +113,7 @@ def evolve(
     genome = _genome(spec)
     stage(Stage("loading parents"))
     middle = Recipe.model_validate(genome.recipe(genome.values([0.5] * len(genome)), spec.seed))
-    merger = ResidentMerger(middle, spec.device)
+    merger = ResidentMerger(middle, spec.device, slots=2 if spec.overlap else 1)
     study = open_study(record["storage"], spec.search_hash())
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed)
     try:
@@ -196,6 +196,7 @@ def _finish(
         "population": spec.population or CmaEs(len(genome)).population,
         "seconds_per_trial": {
             "merge": mean("merge_seconds"),
+            "merge_compute": mean("merge_compute_seconds"),
             "eval": mean("eval_seconds"),
             "total": mean("merge_seconds") + mean("eval_seconds"),
         },

@@ -55,6 +55,8 @@ class SearchSpec(Strict):
     """Optuna storage URL; default sqlite:///RUN_DIR/study.db."""
     batch_size: int = Field(256, ge=1)
     device: str = "cpu"
+    overlap: bool = True
+    """Merge the next candidate while this one is scored (keeps a second copy of the model)."""
 
     @field_validator("method")
     @classmethod
@@ -103,8 +105,8 @@ class SearchSpec(Strict):
         return self.bounds.get(param, {"weight": (0.0, 1.0), "density": (0.1, 1.0)}[param])
 
     def search_hash(self) -> str:
-        """Fingerprint of what decides the trajectory (not budget, storage, batch size or device)."""
-        kept = self.model_dump(exclude={"budget", "storage", "batch_size", "device"})
+        """Fingerprint of what decides the trajectory (not budget, storage, batch size, device or overlap)."""
+        kept = self.model_dump(exclude={"budget", "storage", "batch_size", "device", "overlap"})
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,110 @@
+"""Does evolution beat the parents and the untuned merges? `shoal evolve` on the demo zoo, per seed, scored on test.
+
+For each seed: build (or reuse) the zoo of that seed, write a search file (the paper's setting: DARE-TIES, a
+weight and a density per parent and layer plus the embeddings, CMA-ES with its default population, sigma 1/6,
+start at the middle), run it (resumable: run again to continue), and read summary.json. The evolved model is
+the best *dev* trial, scored once on *test*; parents and untuned merges are scored on test too.
+Prints per-seed rows and mean ± std, and writes every number to a JSON file.
+
+    python benchmarks/evolve_seeds.py --seeds 0 1 2 --budget 1000 --out runs/evolve-seeds --json evolve_seeds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import yaml
+
+from shoal.search.run import evolve
+from shoal.search.spec import load_search
+from shoal.zoo import build_zoo
+
+
+def run_seed(seed: int, zoo_cache: Path, out: Path, budget: int, method: str, layers_per_group: int) -> dict:
+    zoo = build_zoo(zoo_cache / f"seed{seed}", seed=seed, size="default", threads=1)
+    folder = out / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    search = {
+        "base": str(zoo.base),
+        "parents": {name: str(path) for name, path in zoo.parents.items()},
+        "method": method,
+        "genome": {"layers_per_group": layers_per_group},
+        "tasks": [{"path": str(zoo.tasks["xx-math"])}],
+        "budget": budget,
+        "seed": seed,
+    }
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump(search, sort_keys=False))
+    return evolve(load_search(path), folder / "run")
+
+
+def row(seed: int, summary: dict) -> dict:
+    best_parent = max(summary["parents"], key=summary["parents"].get)
+    best_untuned = max(summary["untuned"], key=summary["untuned"].get)
+    evolved = summary["best"]["test"]
+    return {
+        "seed": seed,
+        "evolved_dev": 100 * summary["best"]["dev"],
+        "evolved_test": 100 * evolved,
+        "best_parent": best_parent,
+        "best_parent_test": 100 * summary["parents"][best_parent],
+        "best_untuned": best_untuned,
+        "best_untuned_test": 100 * summary["untuned"][best_untuned],
+        "margin_parent": 100 * (evolved - summary["parents"][best_parent]),
+        "margin_untuned": 100 * (evolved - summary["untuned"][best_untuned]),
+        "parents": {k: 100 * v for k, v in summary["parents"].items()},
+        "untuned": {k: 100 * v for k, v in summary["untuned"].items()},
+        "trials": summary["trials"],
+        "seconds_per_trial": summary["seconds_per_trial"],
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--method", default="dare_ties")
+    parser.add_argument("--layers-per-group", type=int, default=1)
+    parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
+    parser.add_argument("--out", type=Path, default=Path("runs/evolve-seeds"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for seed in args.seeds:
+        summary = run_seed(seed, args.zoo_cache, args.out, args.budget, args.method, args.layers_per_group)
+        rows.append(row(seed, summary))
+        r = rows[-1]
+        print(
+            f"seed {seed}: evolved dev {r['evolved_dev']:.1f} test {r['evolved_test']:.1f} | best parent "
+            f"{r['best_parent']} {r['best_parent_test']:.1f} | best untuned {r['best_untuned']} "
+            f"{r['best_untuned_test']:.1f} | margins {r['margin_parent']:+.1f} / {r['margin_untuned']:+.1f}",
+            flush=True,
+        )
+    print(f"\n| {args.method}, budget {args.budget}, {len(rows)} seeds | test (mean ± std) |\n|:--|--:|")
+    for name in rows[0]["parents"]:
+        print(f"| parent {name} | {mean_std([r['parents'][name] for r in rows])} |")
+    for name in rows[0]["untuned"]:
+        print(f"| untuned {name} | {mean_std([r['untuned'][name] for r in rows])} |")
+    print(f"| best parent per seed | {mean_std([r['best_parent_test'] for r in rows])} |")
+    print(f"| best untuned per seed (chosen on test) | {mean_std([r['best_untuned_test'] for r in rows])} |")
+    print(f"| **evolved (best dev trial)** | **{mean_std([r['evolved_test'] for r in rows])}** |")
+    print(f"| margin over best parent | {mean_std([r['margin_parent'] for r in rows])} |")
+    print(f"| margin over best untuned | {mean_std([r['margin_untuned'] for r in rows])} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
