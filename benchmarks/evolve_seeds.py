@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -24,19 +25,26 @@ from shoal.search.spec import load_search
 from shoal.zoo import build_zoo
 
 
-def run_seed(seed: int, zoo_cache: Path, out: Path, budget: int, method: str, layers_per_group: int) -> dict:
-    zoo = build_zoo(zoo_cache / f"seed{seed}", seed=seed, size="default", threads=1)
-    folder = out / f"seed{seed}"
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size="default", threads=1)
+    folder = args.out / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     search = {
         "base": str(zoo.base),
         "parents": {name: str(path) for name, path in zoo.parents.items()},
-        "method": method,
-        "genome": {"layers_per_group": layers_per_group},
+        "space": args.space,
+        "method": args.method,
+        "genome": {"layers_per_group": args.layers_per_group},
         "tasks": [{"path": str(zoo.tasks["xx-math"])}],
-        "budget": budget,
+        "budget": args.budget,
         "seed": seed,
     }
+    if args.space == "dfs":  # A = the language parent: its layers read and write XX
+        search["dfs"] = {"parents": ["language", "math"]}
+    if args.space == "hybrid":
+        search["dfs"] = {"parents": ["math"]}  # the paper's hybrid: A = the PS result, B = the math parent
+        if args.reuse_ps and not (folder / "run" / "ps").exists():  # the PS stage is the PS search: reuse its trials
+            shutil.copytree(args.reuse_ps / f"seed{seed}" / "run", folder / "run" / "ps")
     path = folder / "search.yaml"
     path.write_text(yaml.safe_dump(search, sort_keys=False))
     return evolve(load_search(path), folder / "run")
@@ -58,6 +66,7 @@ def row(seed: int, summary: dict) -> dict:
         "margin_untuned": 100 * (evolved - summary["untuned"][best_untuned]),
         "parents": {k: 100 * v for k, v in summary["parents"].items()},
         "untuned": {k: 100 * v for k, v in summary["untuned"].items()},
+        "stages": {k: 100 * v["test"] for k, v in summary.get("stages", {}).items()},
         "trials": summary["trials"],
         "seconds_per_trial": summary["seconds_per_trial"],
         "wall_seconds": summary["wall_seconds"],
@@ -74,6 +83,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=1000)
     parser.add_argument("--method", default="dare_ties")
+    parser.add_argument("--space", choices=["ps", "dfs", "hybrid"], default="ps")
+    parser.add_argument("--reuse-ps", type=Path, help="for --space hybrid: a PS run of this script (same seeds, budget)")
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
     parser.add_argument("--out", type=Path, default=Path("runs/evolve-seeds"))
@@ -83,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for seed in args.seeds:
-        summary = run_seed(seed, args.zoo_cache, args.out, args.budget, args.method, args.layers_per_group)
+        summary = run_seed(seed, args)
         rows.append(row(seed, summary))
         r = rows[-1]
         print(
@@ -92,13 +103,15 @@ def main() -> None:
             f"{r['best_untuned_test']:.1f} | margins {r['margin_parent']:+.1f} / {r['margin_untuned']:+.1f}",
             flush=True,
         )
-    print(f"\n| {args.method}, budget {args.budget}, {len(rows)} seeds | test (mean ± std) |\n|:--|--:|")
+    print(f"\n| {args.space} {args.method}, budget {args.budget}, {len(rows)} seeds | test (mean ± std) |\n|:--|--:|")
     for name in rows[0]["parents"]:
         print(f"| parent {name} | {mean_std([r['parents'][name] for r in rows])} |")
     for name in rows[0]["untuned"]:
         print(f"| untuned {name} | {mean_std([r['untuned'][name] for r in rows])} |")
     print(f"| best parent per seed | {mean_std([r['best_parent_test'] for r in rows])} |")
     print(f"| best untuned per seed (chosen on test) | {mean_std([r['best_untuned_test'] for r in rows])} |")
+    if rows[0]["stages"]:
+        print(f"| PS stage of the hybrid | {mean_std([r['stages']['ps'] for r in rows])} |")
     print(f"| **evolved (best dev trial)** | **{mean_std([r['evolved_test'] for r in rows])}** |")
     print(f"| margin over best parent | {mean_std([r['margin_parent'] for r in rows])} |")
     print(f"| margin over best untuned | {mean_std([r['margin_untuned'] for r in rows])} |")

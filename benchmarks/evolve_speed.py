@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as transformers_logging
 
@@ -28,7 +27,7 @@ from shoal.recipe import Recipe
 from shoal.search.genome import Genome
 from shoal.search.loop import trial_seed
 from shoal.search.optimizer import CmaEs
-from shoal.search.run import _genome
+from shoal.search.spaces import ps_genome
 from shoal.search.spec import SearchSpec
 from shoal.zoo import load_zoo
 
@@ -77,7 +76,7 @@ def main() -> None:
         "base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()}, "method": args.method,
         "tasks": [{"path": str(zoo.tasks["xx-math"])}],
     })
-    genome = _genome(spec)
+    genome = ps_genome(spec)
     task = load_task(zoo.tasks["xx-math"])
     recipes = candidates(genome, args.trials + 2, seed=0)
     setup = time.perf_counter()

@@ -25,6 +25,7 @@ from shoal.search.fitness import DevFitness, WeightedTask
 from shoal.search.loop import open_study, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.run import evolve
+from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.zoo.build import Zoo, build_zoo
 
@@ -43,7 +44,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _search(zoo: Zoo, folder: Path, **extra) -> Path:
+def _search(zoo: Zoo, folder: Path, **extra: object) -> Path:
     spec = {
         "base": str(zoo.base),
         "parents": {name: str(path) for name, path in zoo.parents.items()},
@@ -85,15 +86,17 @@ def test_rerunning_a_finished_run_scores_nothing_again(zoo, tmp_path) -> None:
     assert len(_trials(tmp_path / "run")) == 5
 
 
-def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path) -> None:
-    path = _search(zoo, tmp_path, budget=26)
+@pytest.mark.parametrize("space,population", [("ps", 10), ("dfs", 13)])
+def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path, space, population) -> None:
+    budget = 2 * population + 6
+    path = _search(zoo, tmp_path, budget=budget, space=space)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = killed / "study.db"
     deadline = time.time() + 120
     stored = 0
-    while stored < 13 and time.time() < deadline:  # into the second generation of 10
+    while stored < population + 3 and time.time() < deadline:  # into the second generation
         time.sleep(0.02)
         if db.exists():
             try:
@@ -103,23 +106,21 @@ def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path) -
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _trials(killed)
-    assert 13 <= len(before) < 26, "the kill must land before the search ends"
+    assert population + 3 <= len(before) < budget, "the kill must land before the search ends"
     assert not (killed / "summary.json").exists()
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     evolve(load_search(path), tmp_path / "whole")
     after, whole = _trials(killed), _trials(tmp_path / "whole")
     assert after[: len(before)] == before  # nothing stored was lost or re-run
-    assert after == whole and len(whole) == 26
+    assert after == whole and len(whole) == budget
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -> None:
     search = load_search(_search(zoo, tmp_path))
-    from shoal.search.run import _genome
-
-    genome = _genome(search)
-    middle = Recipe.model_validate(genome.recipe(genome.values([0.5] * len(genome)), 0))
-    fitness = DevFitness(ResidentMerger(middle, slots=2), genome, [WeightedTask(load_task(zoo.tasks["xx-math"]), 1.0)], 64)
+    space = ParameterSpace(search)
+    genome = space.genome
+    fitness = DevFitness(space, [WeightedTask(load_task(zoo.tasks["xx-math"]), 1.0)], 64)
     poisoned = lambda values: values | {"math.weight.layers0-1": float("inf")}  # noqa: E731
     calls = []
 
@@ -182,6 +183,15 @@ def test_a_run_folder_of_another_search_is_refused(zoo, tmp_path) -> None:
         evolve(other, tmp_path / "run")
 
 
+def test_demo_with_the_hybrid_space_prints_both_stages(zoo, tmp_path, run_cli) -> None:
+    code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--budget", 4, "--zoo", zoo.root, "--zoo-size", "smoke",
+                             "--space", "hybrid")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert summary["space"] == "hybrid" and summary["trials"] == 8
+    assert "ps stage" in out and "dfs stage" in out and "evolved, hybrid" in out
+
+
 def test_demo_builds_evolves_reports_and_prints_the_table(zoo, tmp_path, run_cli) -> None:
     code, out, err = run_cli("demo", "--out", tmp_path / "demo", "--budget", 6, "--zoo", zoo.root, "--zoo-size", "smoke")
     assert code == 0, err
@@ -190,3 +200,39 @@ def test_demo_builds_evolves_reports_and_prints_the_table(zoo, tmp_path, run_cli
     assert summary["trials"] == 6 and (run / "best" / "config.json").is_file()
     assert {p.name for p in (run / "report").iterdir()} == {"report.md", "fitness.png", "recipe.png"}
     assert "untuned merge: ties" in out and f"{100 * summary['best']['test']:.1f}" in out
+
+
+def test_data_flow_search_exports_the_path_it_scored(zoo, tmp_path) -> None:
+    """DFS: the path starts as parent A alone, the best path is exported, and the export scores what the path did."""
+    search = load_search(_search(zoo, tmp_path, space="dfs", budget=14, dfs={"parents": ["language", "math"]}))
+    summary = evolve(search, tmp_path / "run")
+    assert summary["space"] == "dfs" and summary["best"]["parents_order"] == ["language", "math"]
+    assert summary["genes"] == 12 + 16  # T = (2 + 2 layers) x 3 repeats indicator genes, then W (4 x 4)
+    from shoal.search.spaces import FlowSpace
+
+    space = FlowSpace(search)
+    start = space.genome.path(space.genome.values(space.genome.start()))
+    assert [(s.parent, s.layer, s.scale) for s in start] == [("language", 0, 1.0), ("language", 1, 1.0)]
+    trial = optuna.load_study(study_name="shoal", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials[
+        summary["best"]["trial"]]
+    path = space.genome.path(trial.params)
+    assert summary["best"]["path"] == [{"parent": s.parent, "layer": s.layer, "scale": s.scale} for s in path]
+    config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert config["num_hidden_layers"] == len(path)
+    task = load_task(zoo.tasks["xx-math"])
+    live = evaluate(space.build(trial.params, 0), task, "dev", tokenizer=space.tokenizer).score
+    assert live == summary["best"]["dev"] == evaluate(tmp_path / "run" / "best", task, "dev").score
+
+
+def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
+    search = load_search(_search(zoo, tmp_path, space="hybrid", budget=6, dfs={"parents": ["math"], "budget": 5,
+                                                                              "scaling": "seam"}))
+    summary = evolve(search, tmp_path / "run")
+    ps = json.loads((tmp_path / "run" / "ps" / "summary.json").read_text())
+    dfs = json.loads((tmp_path / "run" / "dfs" / "summary.json").read_text())
+    assert summary["space"] == "hybrid" and ps["space"] == "ps" and dfs["space"] == "dfs"
+    assert (ps["trials"], dfs["trials"], summary["trials"]) == (6, 5, 11)
+    assert dfs["best"]["parents_order"] == ["ps", "math"] and "ps" in dfs["parents"]
+    assert dfs["parents"]["ps"] == ps["best"]["test"]  # stage 2's parent A is stage 1's best model
+    assert summary["stages"]["ps"]["test"] == ps["best"]["test"] and summary["best"]["test"] == dfs["best"]["test"]
+    assert summary["parents"] == ps["parents"] and (tmp_path / "run" / "best" / "path.yaml").is_file()

@@ -10,7 +10,16 @@ import optuna
 import pytest
 
 import shoal.cli.report  # noqa: F401  (registers `shoal report`)
-from shoal.report import best_so_far, recipe_matrix, write_report
+from shoal.report import (
+    PathBox,
+    best_so_far,
+    load_run,
+    path_boxes,
+    path_line,
+    plot_path,
+    recipe_matrix,
+    write_report,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,16 +53,25 @@ SUMMARY = {
 TRIALS = [(0.2, 0), (0.1, 0), (None, 0), (0.41, 1), (0.3, 1), (0.35, 1)]
 
 
-def make_run(folder: Path, trials=TRIALS, summary: dict | None = SUMMARY, study: str = "evolve") -> Path:
+def make_run(
+    folder: Path,
+    trials=TRIALS,
+    summary: dict | None = SUMMARY,
+    study: str = "evolve",
+    space: str | None = None,
+    genes: list[str] = GENES,
+    running: int = 0,
+) -> Path:
+    """A run folder as `shoal evolve` leaves it; `space` None writes an old run.json without the key."""
     folder.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{folder.resolve()}/study.db"
     created = optuna.create_study(storage=url, study_name=study, direction="maximize")
-    distributions = {g: optuna.distributions.FloatDistribution(0.0, 1.0) for g in GENES}
+    distributions = {g: optuna.distributions.FloatDistribution(0.0, 1.0) for g in genes}
     for i, (value, generation) in enumerate(trials):
         failed = value is None
         created.add_trial(
             optuna.trial.create_trial(
-                params={g: (i + k) % 10 / 10 for k, g in enumerate(GENES)},
+                params={g: (i + k) % 10 / 10 for k, g in enumerate(genes)},
                 distributions=distributions,
                 value=None if failed else value,
                 state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE,
@@ -66,7 +84,10 @@ def make_run(folder: Path, trials=TRIALS, summary: dict | None = SUMMARY, study:
                 },
             )
         )
-    (folder / "run.json").write_text(json.dumps({"storage": url, "study": study, "budget": 8}))
+    for _ in range(running):
+        created.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.RUNNING))
+    meta = {"storage": url, "study": study, "budget": 8, **({"space": space} if space else {})}
+    (folder / "run.json").write_text(json.dumps(meta))
     if summary is not None:
         (folder / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -153,6 +174,7 @@ def test_unfinished_run_says_so_and_gives_the_best_so_far(tmp_path):
     assert "trials so far: 4 finished (1 failed)" in md
     assert "best dev fitness so far: 0.3300 (trial #2)" in md
     assert "](fitness.png)" in md and "recipe.png" not in md
+    assert load_run(run).space == "ps"  # a run.json without "space" is an old parameter-space run
 
 
 def test_storage_option_overrides_run_json(run_cli, tmp_path):
@@ -206,3 +228,223 @@ def test_broken_summary_is_an_error(run_cli, tmp_path, summary):
     run = make_run(tmp_path / "run", summary=None)
     (run / "summary.json").write_text(summary)
     expect_error(run_cli, run, needles=("summary.json",))
+
+
+
+# ---- data-flow space (dfs) and hybrid runs ----
+
+DFS_GENES = ["slot000.language.layer0", "slot001.math.layer2", "scale.language.1->math.2", "scale.language->math"]
+PATH = [
+    {"parent": "language", "layer": 0, "scale": 1.0},
+    {"parent": "language", "layer": 1, "scale": 1.0},
+    {"parent": "math", "layer": 2, "scale": 0.87},
+    {"parent": "math", "layer": 3, "scale": 1.2345},
+    {"parent": "language", "layer": 3, "scale": 1.0},
+]
+PATH_LINE = "language L0 → language L1 → math L2 ×0.87 → math L3 ×1.23 → language L3"
+
+
+def dfs_summary(path=PATH, parents_order=("language", "math"), **best) -> dict:
+    return {
+        **SUMMARY,
+        "space": "dfs",
+        "method": "dfs",
+        "best": {"trial": 4, "dev": 0.45, "test": 0.4, "layers": None, "embeddings": None, "path": path,
+                 "parents_order": list(parents_order), "slots": 16, **best},
+    }
+
+
+def steps(n: int) -> list[dict]:
+    return [{"parent": ("a", "b", "c")[i % 3], "layer": i, "scale": 1.0 if i % 2 else 0.5 + i / 100} for i in range(n)]
+
+
+def test_path_boxes_go_from_the_embeddings_through_each_step_to_the_head():
+    boxes = path_boxes(PATH, ["language", "math"])
+    assert boxes == [
+        PathBox(0, 0, "embeddings", "language", "emb", ""),
+        PathBox(0, 1, "layer", "language", "L0", ""),
+        PathBox(0, 2, "layer", "language", "L1", ""),
+        PathBox(0, 3, "layer", "math", "L2", "×0.87"),
+        PathBox(0, 4, "layer", "math", "L3", "×1.23"),
+        PathBox(0, 5, "layer", "language", "L3", ""),
+        PathBox(0, 6, "head", "language", "head", ""),
+    ]
+
+
+def test_path_boxes_of_an_empty_path_are_the_embeddings_then_the_head():
+    assert path_boxes([], ["ps", "math"]) == [PathBox(0, 0, "embeddings", "ps", "emb", ""),
+                                               PathBox(0, 1, "head", "ps", "head", "")]
+    assert [b.parent for b in path_boxes([], None)] == [None, None]  # no parent A known
+
+
+def test_path_boxes_keep_24_steps_on_one_row_and_wrap_longer_paths_evenly():
+    assert {b.row for b in path_boxes(steps(24), ["a"])} == {0}
+    assert [b.column for b in path_boxes(steps(24), ["a"])] == list(range(26))
+
+    boxes = path_boxes(steps(25), ["a"])  # 27 boxes: two rows of 14 and 13
+    assert [(b.row, b.column) for b in boxes] == [divmod(i, 14) for i in range(27)]
+
+    path = steps(60)
+    boxes = path_boxes(path, ["a", "b", "c"])  # 62 boxes: three rows of 21, 21, 20
+    assert [(b.row, b.column) for b in boxes] == [divmod(i, 21) for i in range(62)]
+    assert boxes[0].kind == "embeddings" and boxes[-1].kind == "head" and boxes[-1].parent == "a"
+    for box, step in zip(boxes[1:-1], path):  # every step, in path order, in its own box
+        assert (box.kind, box.parent, box.label) == ("layer", step["parent"], f"L{step['layer']}")
+        assert box.scale_text == ("" if step["scale"] == 1.0 else f"×{step['scale']:.2f}")
+    assert boxes[3].scale_text == "×0.52" and boxes[2].scale_text == ""
+
+
+def test_dfs_run_draws_its_path_and_lists_it_in_one_line(run_cli, tmp_path):
+    run = make_run(tmp_path / "run", summary=dfs_summary(), space="dfs", genes=DFS_GENES)
+    code, out, err = run_cli("report", run)
+    assert code == 0, err
+    report = run / "report"
+    assert [Path(line) for line in out.strip().splitlines()] == [report / "report.md", report / "fitness.png",
+                                                                 report / "path.png"]
+    assert not (report / "recipe.png").exists()  # a dfs summary has no layers table
+    assert_png(report / "path.png")
+    md = (report / "report.md").read_text()
+    assert "# shoal evolve report: xx-math · dfs · dfs" in md
+    assert "5 steps, embeddings and head from language:" in md
+    assert f"\n{PATH_LINE}\n" in md
+    assert "](path.png)" in md and "](fitness.png)" in md
+    assert "evolved (best dev trial #4)** | **0.4500** | **0.4000** |" in md
+
+
+def test_dfs_run_with_an_empty_or_long_path_still_draws_it(tmp_path):
+    empty = make_run(tmp_path / "empty", summary=dfs_summary(path=[]), space="dfs", genes=DFS_GENES)
+    write_report(empty)
+    assert_png(empty / "report" / "path.png", min_side=150)
+    assert "0 steps, embeddings and head from language:\n\n(no layers:" in (empty / "report" / "report.md").read_text()
+
+    import matplotlib.image
+
+    long = plot_path(tmp_path / "long.png", steps(60), ["a", "b", "c"], title="long")
+    height, width, _ = matplotlib.image.imread(long).shape
+    assert 1000 < width < 2500 and height > 300  # three rows of 21, not one row 62 boxes wide
+    assert path_line(steps(60)).startswith("a L0 ×0.50 → b L1 → c L2 ×0.52 → a L3 → ")
+    assert path_line(steps(60)).count(" → ") == 59
+
+
+PS_TEST, FINAL_TEST = 0.38, 0.52
+
+
+def make_hybrid(folder: Path, dfs: str = "finished") -> Path:
+    """A hybrid run folder; `dfs` is "finished", "running", "no trials" or "absent" (then no top summary)."""
+    ps_summary = {**SUMMARY, "space": "ps"}
+    make_run(folder / "ps", summary=ps_summary, study="evolve-ps", space="ps")
+    order = ("ps", "math", "language")
+    final = dfs_summary(path=[{"parent": "ps", "layer": 0, "scale": 1.0}, {"parent": "math", "layer": 1, "scale": 0.9}],
+                        parents_order=order, test=FINAL_TEST, dev=0.5, trial=5)
+    if dfs == "finished":
+        make_run(folder / "dfs", summary=final, study="evolve-dfs", space="dfs", genes=DFS_GENES)
+    elif dfs == "running":
+        make_run(folder / "dfs", trials=[(0.3, 0), (None, 0), (0.44, 0)], summary=None, study="evolve-dfs",
+                 space="dfs", genes=DFS_GENES, running=2)
+    elif dfs == "no trials":
+        make_run(folder / "dfs", trials=[], summary=None, study="evolve-dfs", space="dfs", running=1)
+    meta = {"space": "hybrid", "stages": ["ps", "dfs"], "target": "xx-math", "method": "dare_ties"}
+    (folder / "run.json").write_text(json.dumps(meta))
+    if dfs == "finished":
+        top = {
+            **{k: v for k, v in final.items() if k not in ("parents", "untuned")},
+            "space": "hybrid",
+            "method": "dare_ties",
+            "parents": SUMMARY["parents"],
+            "untuned": SUMMARY["untuned"],
+            "stages": {"ps": {"dev": 0.41, "test": PS_TEST, "trials": 6, "best_trial": 3},
+                       "dfs": {"dev": 0.5, "test": FINAL_TEST, "trials": 6, "best_trial": 5}},
+            "trials": 12, "failed_trials": 2, "budget": 16, "wall_seconds": 100.0,
+        }
+        (folder / "summary.json").write_text(json.dumps(top))
+    return folder
+
+
+def links(md: str) -> list[str]:
+    import re
+
+    return re.findall(r"\]\(([^)]+)\)", md)
+
+
+def test_hybrid_run_writes_both_stage_reports_and_a_combined_one(run_cli, tmp_path):
+    run = make_hybrid(tmp_path / "run")
+    code, out, err = run_cli("report", run)
+    assert code == 0, err
+    ps, dfs, top = run / "ps" / "report", run / "dfs" / "report", run / "report"
+    assert [Path(line) for line in out.strip().splitlines()] == [
+        ps / "report.md", ps / "fitness.png", ps / "recipe.png",
+        dfs / "report.md", dfs / "fitness.png", dfs / "path.png",
+        top / "report.md",
+    ]
+    for png in (ps / "fitness.png", ps / "recipe.png", dfs / "fitness.png", dfs / "path.png"):
+        assert_png(png)
+    assert "ps L0 → math L1 ×0.90" in (dfs / "report.md").read_text()
+
+    md = (top / "report.md").read_text()
+    assert "# shoal evolve report: xx-math · dare_ties · hybrid" in md
+    for name, value in {**SUMMARY["parents"], **SUMMARY["untuned"]}.items():
+        assert f"{name} | – | {value:.4f} |" in md
+    assert "| PS stage best (trial #3) | 0.4100 | 0.3800 |" in md
+    assert "| **hybrid (PS then DFS) best (trial #5)** | **0.5000** | **0.5200** |" in md
+    assert f"over the best parent (base, 0.1500): **{FINAL_TEST - 0.15:+.4f}** on test" in md
+    assert f"over the best untuned merge (start, 0.2000): **{FINAL_TEST - 0.2:+.4f}** on test" in md
+    assert f"over the PS stage best (0.3800): **{FINAL_TEST - PS_TEST:+.4f}** on test" in md
+    assert "+0.3700" in md and "+0.3200" in md and "+0.1400" in md
+    assert "\nps L0 → math L1 ×0.90\n" in md
+    targets = links(md)
+    for expected in ("../ps/report/report.md", "../ps/report/fitness.png", "../ps/report/recipe.png",
+                     "../dfs/report/report.md", "../dfs/report/fitness.png", "../dfs/report/path.png"):
+        assert expected in targets
+    for target in targets:
+        assert (top / target).resolve().is_file(), target
+
+
+@pytest.mark.parametrize(
+    ("dfs", "says", "stage_reports"),
+    [
+        ("running", "stage `dfs` is running", ["ps", "dfs"]),
+        ("no trials", "stage `dfs` is running (no trial has finished yet)", ["ps"]),
+        ("absent", "stage `ps` finished; stage `dfs` has not started yet", ["ps"]),
+    ],
+)
+def test_unfinished_hybrid_reports_the_stages_so_far(tmp_path, dfs, says, stage_reports):
+    run = make_hybrid(tmp_path / "run", dfs=dfs)
+    written = write_report(run)
+    assert written[-1] == run / "report" / "report.md"
+    assert {p.parent.parent.name for p in written[:-1]} == set(stage_reports)
+    assert (run / "dfs" / "report").exists() == ("dfs" in stage_reports)
+    md = written[-1].read_text()
+    assert f"**The hybrid run has not finished** (no summary.json yet): {says}." in md
+    assert "| ps | finished | 6 | #3 | 0.4100 | 0.3800 | [report.md](../ps/report/report.md) |" in md
+    if dfs == "running":
+        assert "| dfs | running | 3 (1 failed, 2 running) | #2 | 0.4400 | – | [report.md](../dfs/report/report.md) |" in md
+    for target in links(md):
+        assert (run / "report" / target).resolve().is_file(), target
+
+
+def test_hybrid_run_with_no_stage_trials_yet_is_an_error(run_cli, tmp_path):
+    run = tmp_path / "run"
+    make_run(run / "ps", trials=[], summary=None, space="ps")
+    (run / "run.json").write_text(json.dumps({"space": "hybrid", "stages": ["ps", "dfs"]}))
+    expect_error(run_cli, run, needles=("no stage with finished trials yet",))
+
+
+def test_storage_option_on_a_hybrid_run_is_an_error(run_cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"space": "hybrid", "stages": ["ps", "dfs"]}))
+    expect_error(run_cli, run, "--storage", "sqlite:///x.db", needles=("hybrid", "--storage"))
+
+
+def test_unknown_space_is_an_error(run_cli, tmp_path):
+    run = make_run(tmp_path / "run", space="tensor")
+    expect_error(run_cli, run, needles=("unknown search space 'tensor'", "run.json"))
+    hybrid = make_hybrid(tmp_path / "hybrid")
+    meta = json.loads((hybrid / "dfs" / "run.json").read_text())
+    (hybrid / "dfs" / "run.json").write_text(json.dumps({**meta, "space": "flow"}))
+    expect_error(run_cli, hybrid, needles=("unknown search space 'flow'", "dfs"))
+
+
+def test_summary_space_that_contradicts_run_json_is_an_error(run_cli, tmp_path):
+    run = make_run(tmp_path / "run", summary=dfs_summary(), space="ps")
+    expect_error(run_cli, run, needles=("summary.json says space 'dfs'", "run.json says 'ps'"))

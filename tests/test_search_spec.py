@@ -73,6 +73,9 @@ def test_unit_vector_maps_onto_bounds() -> None:
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudgett: 3\n", "search.yaml:4: budgett: Extra inputs"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: linear\ngenome: {embeddings: base}\n", "linear has"),
         ("[1, 2]", "a search file is a YAML mapping"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ndfs: {parents: [q]}\n", "'q' is not one of the parents"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),
     ],
 )
 def test_bad_search_files_are_refused_with_where_and_why(text: str, message: str) -> None:
@@ -90,3 +93,12 @@ def test_relative_paths_resolve_against_the_search_file(tmp_path: Path) -> None:
 def test_cli_reports_a_missing_search_file(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli("evolve", tmp_path / "nope.yaml", tmp_path / "run")
     assert code == 2 and "search file" in err and "not found" in err
+
+
+def test_the_data_flow_settings_do_not_change_a_parameter_space_search() -> None:
+    """So the PS stage of a hybrid search is the same search (and run folder) as the PS search alone."""
+    ps = SearchSpec.model_validate(BASE)
+    hybrid = SearchSpec.model_validate(BASE | {"space": "hybrid", "dfs": {"parents": ["math"], "repeats": 2}})
+    assert hybrid.model_copy(update={"space": "ps"}).search_hash() == ps.search_hash()
+    assert SearchSpec.model_validate(BASE | {"space": "dfs"}).search_hash() != SearchSpec.model_validate(
+        BASE | {"space": "dfs", "dfs": {"repeats": 2}}).search_hash()

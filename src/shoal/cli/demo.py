@@ -13,19 +13,28 @@ from rich.table import Table
 from shoal.cli.app import app
 from shoal.cli.evolve import run_evolve
 from shoal.cli.zoo import build_with_progress
+from shoal.errors import ShoalError
 
 
-def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int) -> dict:
-    """The paper's setting on the zoo: DARE-TIES, a weight and a density per parent and layer (and embeddings)."""
-    return {
+def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, space: str) -> dict:
+    """The paper's settings on the zoo. PS: DARE-TIES, a weight and a density per parent and layer (and the
+    embeddings). DFS: a path through 3 repeats of the language then the math parent's layers, full W scaling.
+    Hybrid: PS, then DFS with the PS result as A and the math parent as B."""
+    search: dict = {
         "base": str(base),
         "parents": {name: str(path) for name, path in parents.items()},
+        "space": space,
         "method": "dare_ties",
         "genome": {"layers_per_group": 1, "embeddings": "search"},
         "tasks": [{"path": str(target), "weight": 1.0}],
         "budget": budget,
         "seed": seed,
     }
+    if space == "dfs":
+        search["dfs"] = {"parents": ["language", "math"], "repeats": 3, "scaling": "full"}
+    elif space == "hybrid":
+        search["dfs"] = {"parents": ["math"], "repeats": 3, "scaling": "full"}
+    return search
 
 
 def results_table(summary: dict[str, Any]) -> Table:
@@ -36,8 +45,11 @@ def results_table(summary: dict[str, Any]) -> Table:
         table.add_row(f"parent: {name}", f"{100 * score:.1f}")
     for name, score in summary["untuned"].items():
         table.add_row(f"untuned merge: {name}", f"{100 * score:.1f}")
+    for name, stage in summary.get("stages", {}).items():
+        table.add_row(f"{name} stage (best dev {100 * stage['dev']:.1f})", f"{100 * stage['test']:.1f}")
     best = summary["best"]
-    table.add_row(f"[bold]evolved (trial #{best['trial']}, dev {100 * best['dev']:.1f})", f"[bold]{100 * best['test']:.1f}")
+    label = f"evolved, {summary.get('space', 'ps')} (trial #{best['trial']}, dev {100 * best['dev']:.1f})"
+    table.add_row(f"[bold]{label}", f"[bold]{100 * best['test']:.1f}")
     for label, group in (("best parent", summary["parents"]), ("best untuned merge", summary["untuned"])):
         name = max(group, key=group.get)
         table.add_row(f"[dim]evolved - {label} ({name})", f"[dim]{100 * (best['test'] - group[name]):+.1f}")
@@ -51,6 +63,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the zoo and of the search.")] = 0,
     zoo: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo[-seedN]).")] = None,
     zoo_size: Annotated[str, typer.Option(help="default, or smoke (seconds; for trying the pipeline).")] = "default",
+    space: Annotated[str, typer.Option(help="ps (merge weights), dfs (layer paths) or hybrid (PS then DFS).")] = "ps",
 ) -> None:
     """Build the demo zoo, evolve a merge of its math and language parents for XX math, and report on test."""
     from shoal.report import write_report
@@ -63,7 +76,9 @@ def demo(
     built, _, _ = build_with_progress(zoo, seed, zoo_size, threads=2)
     out.mkdir(parents=True, exist_ok=True)
     search = out / "search.yaml"
-    spec = demo_search(built.parents, built.base, built.tasks["xx-math"], budget, seed)
+    if space not in ("ps", "dfs", "hybrid"):
+        raise ShoalError(f"--space {space}: choose ps, dfs or hybrid")
+    spec = demo_search(built.parents, built.base, built.tasks["xx-math"], budget, seed, space)
     search.write_text(yaml.safe_dump(spec, sort_keys=False))
     console.print(f"[bold]2/3[/] evolving ({search}) into {out / 'run'}; run again to continue after an interruption")
     summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)

@@ -16,7 +16,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="Run folder written by `shoal evolve`.")],
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (overrides run.json's).")] = None,
 ) -> None:
-    """Write plots and a table of an evolution run into RUN_DIR/report/."""
+    """Write plots and a table of an evolution run into RUN_DIR/report/ (a hybrid run: also each RUN_DIR/STAGE/report/)."""
     import optuna
 
     from shoal.report import write_report

@@ -1,10 +1,12 @@
-"""Render a run's report.md text from the loaded run (no I/O)."""
+"""Render a run's report.md text (a single run, or a hybrid run's combined report) from loaded records (no I/O)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from shoal.report.load import Run, Summary, Trial
+from shoal.report.load import Best, HybridRun, Run, Stage, Summary, Trial
+from shoal.report.plots import scale_text
 
 MAX_LISTED_FAILURES = 5
 
@@ -23,9 +25,20 @@ def best_of(scores: Mapping[str, float | None]) -> tuple[str, float] | None:
     return max(known, key=lambda ns: ns[1]) if known else None
 
 
+def path_line(steps: Sequence[Mapping[str, Any]]) -> str:
+    """The path in one line: "language L0 → math L2 ×0.87 → …" (the scale only where it is not 1.0)."""
+    if not steps:
+        return "(no layers: the embeddings go straight to the head)"
+    parts = []
+    for step in steps:
+        text = scale_text(float(step.get("scale", 1.0)))
+        parts.append(f"{step['parent']} L{int(step['layer'])}" + (f" {text}" if text else ""))
+    return " → ".join(parts)
+
+
 def render_markdown(run: Run, images: Sequence[str]) -> str:
     """report.md for `run`; `images` are file names next to report.md, linked in order."""
-    heading = " · ".join(part for part in (run.target, run.method) if part) or run.study
+    heading = " · ".join(part for part in (run.target, run.method, run.space) if part) or run.study
     lines = [f"# shoal evolve report: {heading}", "", f"Study `{run.study}` at `{run.storage}`.", ""]
     if run.summary is None:
         lines += _unfinished(run)
@@ -73,7 +86,10 @@ def _finished(s: Summary) -> list[str]:
         name, value = best
         gain = None if s.best.test is None else s.best.test - value
         lines.append(f"- evolved over {what} ({name}, {score(value)}): **{margin(gain)}** on test")
-    lines += ["", "## Search", ""]
+    lines.append("")
+    if s.best.path is not None:
+        lines += _best_path(s.best)
+    lines += ["## Search", ""]
     trials = "?" if s.trials is None else str(s.trials)
     failed = "?" if s.failed_trials is None else str(s.failed_trials)
     budget = "?" if s.budget is None else str(s.budget)
@@ -86,6 +102,14 @@ def _finished(s: Summary) -> list[str]:
     if parts:
         lines.append(f"- seconds per trial: {', '.join(parts)}")
     return lines + [""]
+
+
+def _best_path(best: Best) -> list[str]:
+    steps = [step.model_dump() for step in best.path or []]
+    a = best.parents_order[0] if best.parents_order else None
+    where = f"embeddings and head from {a}" if a else "embeddings and head from parent A"
+    n = f"{len(steps)} step" + ("" if len(steps) == 1 else "s")
+    return ["## Best path", "", f"{n}, {where}:", "", path_line(steps), ""]
 
 
 def _duration(seconds: float) -> str:
@@ -105,4 +129,125 @@ def _failures(trials: Sequence[Trial]) -> list[str]:
     lines += [f"- trial #{t.number}: {t.error or 'no reason recorded'}" for t in failed[:MAX_LISTED_FAILURES]]
     if len(failed) > MAX_LISTED_FAILURES:
         lines.append(f"- … and {len(failed) - MAX_LISTED_FAILURES} more")
+    return lines + [""]
+
+
+def render_hybrid_markdown(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) -> str:
+    """The top report.md of a hybrid run; `stage_files[stage]` are links (relative to this report.md) to the
+    files of that stage's report, its report.md first, then its images."""
+    names = [s.name for s in hybrid.stages]
+    heading = " · ".join(part for part in (hybrid.target, hybrid.method, "hybrid") if part)
+    reports = [f"[{name}]({stage_files[name][0]})" for name in names if stage_files.get(name)]
+    lines = [
+        f"# shoal evolve report: {heading}",
+        "",
+        f"Hybrid run in {len(names)} stages, each searching over the result of the one before: {' → '.join(names)}.",
+        "",
+    ]
+    if reports:
+        lines += [f"Stage reports: {', '.join(reports)}.", ""]
+    s = hybrid.summary
+    if s is None:
+        lines += [f"**The hybrid run has not finished** (no summary.json yet): {hybrid_progress(hybrid.stages)}.", ""]
+    else:
+        lines += _hybrid_test_table(hybrid, s)
+    lines += _stage_table(hybrid, stage_files)
+    if s is not None:
+        if s.best.path is not None:
+            lines += _best_path(s.best)
+        lines += _hybrid_search(s)
+    figures = [(name, f) for name in names for f in stage_files.get(name, [])[1:]]
+    if figures:
+        lines += ["## Figures", ""]
+        for name, link in figures:
+            lines += [f"![{name} {link.rsplit('/', 1)[-1].rsplit('.', 1)[0]}]({link})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def hybrid_progress(stages: Sequence[Stage]) -> str:
+    """Which stage of an unfinished hybrid run is running, in words."""
+    for i, stage in enumerate(stages):
+        if stage.status == "finished":
+            continue
+        if stage.status == "running":
+            return f"stage `{stage.name}` is running" + ("" if stage.run else " (no trial has finished yet)")
+        done = [f"`{s.name}`" for s in stages[:i] if s.status == "finished"]
+        before = f"stage {', '.join(done)} finished; " if done else ""
+        return f"{before}stage `{stage.name}` has not started yet"
+    return "every stage has finished; the final summary is being written"
+
+
+def _stage_label(name: str) -> str:
+    return f"{name.upper()} stage best"
+
+
+def _final_label(names: Sequence[str]) -> str:
+    return f"hybrid ({' then '.join(n.upper() for n in names)}) best"
+
+
+def _stage_result(hybrid: HybridRun, stage: Stage) -> tuple[float | None, float | None, int | None, int | None]:
+    """(dev, test, trials, best trial) of a stage: from the top summary, else from the stage's own summary."""
+    top = hybrid.summary.stages.get(stage.name) if hybrid.summary else None
+    own = stage.run.summary if stage.run else None
+    dev = top.dev if top and top.dev is not None else (own.best.dev if own else None)
+    test = top.test if top and top.test is not None else (own.best.test if own else None)
+    trials = top.trials if top and top.trials is not None else (own.trials if own else None)
+    best = top.best_trial if top and top.best_trial is not None else (own.best.trial if own else None)
+    return dev, test, trials, best
+
+
+def _hybrid_test_table(hybrid: HybridRun, s: Summary) -> list[str]:
+    names = [st.name for st in hybrid.stages]
+    final = _final_label(names) + (f" (trial #{s.best.trial})" if s.best.trial is not None else "")
+    lines = ["## Test split", "", "| model | dev | test |", "|:--|--:|--:|"]
+    lines += [f"| parent: {_cell(name)} | – | {score(v)} |" for name, v in s.parents.items()]
+    lines += [f"| untuned merge: {_cell(name)} | – | {score(v)} |" for name, v in s.untuned.items()]
+    earlier = []
+    for stage in hybrid.stages[:-1]:
+        dev, test, _, best = _stage_result(hybrid, stage)
+        label = _stage_label(stage.name) + (f" (trial #{best})" if best is not None else "")
+        lines.append(f"| {_cell(label)} | {score(dev)} | {score(test)} |")
+        earlier.append((stage.name, test))
+    lines += [f"| **{_cell(final)}** | **{score(s.best.dev)}** | **{score(s.best.test)}** |", ""]
+    over = []
+    for what, best in (("the best parent", best_of(s.parents)), ("the best untuned merge", best_of(s.untuned))):
+        if best is not None:
+            over.append((f"{what} ({best[0]}, {score(best[1])})", best[1]))
+    over += [(f"the {_stage_label(name)} ({score(v)})", v) for name, v in earlier if v is not None]
+    for what, value in over:
+        gain = None if s.best.test is None else s.best.test - value
+        lines.append(f"- hybrid over {what}: **{margin(gain)}** on test")
+    return lines + [""]
+
+
+def _stage_table(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) -> list[str]:
+    lines = ["## Stages", "", "| stage | status | trials | best trial | dev | test | report |",
+             "|:--|:--|--:|--:|--:|--:|:--|"]
+    for stage in hybrid.stages:
+        dev, test, trials, best = _stage_result(hybrid, stage)
+        run = stage.run
+        if run is not None and run.summary is None:  # running: what the study holds so far
+            done = [t for t in run.trials if not t.failed]
+            failed = len(run.trials) - len(done)
+            trials_text = f"{len(run.trials)} ({failed} failed" + (f", {run.running} running)" if run.running else ")")
+            if done:
+                top = max(done, key=lambda t: t.value)
+                dev, best = top.value, top.number
+        else:
+            trials_text = "–" if trials is None else str(trials)
+        files = stage_files.get(stage.name)
+        link = f"[report.md]({files[0]})" if files else "–"
+        best_text = "–" if best is None else f"#{best}"
+        lines.append(f"| {_cell(stage.name)} | {stage.status} | {trials_text} | {best_text} | {score(dev)} | "
+                     f"{score(test)} | {link} |")
+    return lines + [""]
+
+
+def _hybrid_search(s: Summary) -> list[str]:
+    trials = "?" if s.trials is None else str(s.trials)
+    failed = "?" if s.failed_trials is None else str(s.failed_trials)
+    budget = "?" if s.budget is None else str(s.budget)
+    lines = ["## Search", "", f"- trials over all stages: {trials} done ({failed} failed), budget {budget}"]
+    if s.wall_seconds is not None:
+        lines.append(f"- wall time: {_duration(s.wall_seconds)}")
     return lines + [""]

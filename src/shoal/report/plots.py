@@ -1,4 +1,4 @@
-"""Draw the report's figures (fitness by trial, best recipe heatmap) from plain lists and dicts."""
+"""Draw the report's figures (fitness by trial, best recipe heatmap, best data-flow path) from plain lists and dicts."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MAX_ANNOTATED_COLUMNS = 16
 MAX_GENERATION_LINES = 60
+MAX_PATH_STEPS_PER_ROW = 24  # longer paths wrap into rows of about equal length
+UNKNOWN_PARENT_COLOUR = (0.75, 0.75, 0.75, 1.0)  # embeddings and head when no parent A is known
 
 
 def best_so_far(values: Sequence[float | None]) -> list[float | None]:
@@ -151,5 +154,117 @@ def plot_recipe(path: Path, matrix: RecipeMatrix, title: str = "best recipe") ->
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if v < middle else "black")
     ax.set_title(title)
+    fig.savefig(path)
+    return Path(path)
+
+
+@dataclass(frozen=True)
+class PathBox:
+    """One box of the path figure at (`row`, `column`): the embeddings, a layer step, or the head.
+
+    `kind` is "embeddings", "layer" or "head"; `parent` is None for the embeddings and head when no parent A is
+    known; `scale_text` is "" where the scale is exactly 1.0.
+    """
+
+    row: int
+    column: int
+    kind: str
+    parent: str | None
+    label: str
+    scale_text: str
+
+
+def scale_text(scale: float) -> str:
+    """How a seam scale is written: "" for exactly 1.0, else "×0.87" (2 decimals)."""
+    return "" if scale == 1.0 else f"×{scale:.2f}"
+
+
+def path_boxes(
+    steps: Sequence[Mapping[str, Any]],
+    parents_order: Sequence[str] | None,
+    max_steps_per_row: int = MAX_PATH_STEPS_PER_ROW,
+) -> list[PathBox]:
+    """Lay out embeddings of A → each step ({"parent", "layer", "scale"}) → head of A, left to right.
+
+    A is parents_order[0]. Up to `max_steps_per_row` steps (plus the embeddings and head boxes) fit on one row;
+    a longer path wraps into the fewest rows of that width, filled evenly and read left to right, top to bottom.
+    """
+    if max_steps_per_row < 1:
+        raise ValueError("max_steps_per_row must be at least 1")
+    a = parents_order[0] if parents_order else None
+    items: list[tuple[str, str | None, str, str]] = [("embeddings", a, "emb", "")]
+    for step in steps:
+        items.append(("layer", str(step["parent"]), f"L{int(step['layer'])}", scale_text(float(step.get("scale", 1.0)))))
+    items.append(("head", a, "head", ""))
+    width = max_steps_per_row + 2
+    rows = math.ceil(len(items) / width)
+    per_row = math.ceil(len(items) / rows)
+    return [PathBox(i // per_row, i % per_row, kind, parent, label, text)
+            for i, (kind, parent, label, text) in enumerate(items)]
+
+
+def _parent_colours(parents: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"] if len(parents) <= 10 else colormaps["tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(parents)}
+
+
+def plot_path(
+    path: Path,
+    steps: Sequence[Mapping[str, Any]],
+    parents_order: Sequence[str] | None,
+    title: str = "best path",
+) -> Path:
+    """Save the data-flow path as rows of boxes coloured by parent, "L{layer}" inside and the scale under each box."""
+    from matplotlib.patches import FancyBboxPatch, Patch
+
+    boxes = path_boxes(steps, parents_order)
+    n_rows = max(b.row for b in boxes) + 1
+    n_cols = max(b.column for b in boxes) + 1
+    a = parents_order[0] if parents_order else None
+    parents = list(parents_order or [])
+    parents += [b.parent for b in boxes if b.parent is not None and b.parent not in parents]
+    colours = _parent_colours(parents)
+
+    row_height = 1.5
+    fig = _figure(max(6.0, 0.62 * n_cols + 1.0), 1.3 + 0.9 * n_rows)
+    ax = fig.add_subplot()
+    side = 0.72
+    for i, box in enumerate(boxes):
+        x, y = box.column, -box.row * row_height
+        colour = colours.get(box.parent, UNKNOWN_PARENT_COLOUR)
+        ends = box.kind != "layer"
+        ax.add_patch(FancyBboxPatch((x - side / 2, y - side / 2), side, side, boxstyle="round,pad=0,rounding_size=0.08",
+                                    facecolor=colour, edgecolor="black", linewidth=0.6,
+                                    hatch="///" if ends else None, alpha=0.55 if ends else 1.0))
+        r, g, b_, _ = colour
+        dark = 0.299 * r + 0.587 * g + 0.114 * b_ < 0.5 and not ends
+        ax.text(x, y, box.label, ha="center", va="center", fontsize=8, fontweight="bold",
+                color="white" if dark else "black")
+        if box.scale_text:
+            ax.text(x, y - side / 2 - 0.12, box.scale_text, ha="center", va="top", fontsize=7)
+        if i + 1 < len(boxes):
+            nxt = boxes[i + 1]
+            if nxt.row == box.row:
+                ax.annotate("", xy=(nxt.column - side / 2, y), xytext=(x + side / 2, y),
+                            arrowprops={"arrowstyle": "->", "linewidth": 0.8, "shrinkA": 0, "shrinkB": 0})
+            else:  # the path goes on at the start of the next row
+                ax.text(x + side / 2 + 0.08, y, "→", ha="left", va="center", fontsize=9)
+                ax.text(nxt.column - side / 2 - 0.08, -nxt.row * row_height, "→", ha="right", va="center",
+                        fontsize=9)
+
+    pad = max(0.0, (8 - n_cols) / 2)  # a short path keeps the boxes the size they have in a long one
+    ax.set_xlim(-0.8 - pad, n_cols - 0.2 + pad)
+    ax.set_ylim(-(n_rows - 1) * row_height - 0.9, 0.6)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    handles = [Patch(facecolor=colours[name], edgecolor="black", linewidth=0.6,
+                     label=f"{name} (A: embeddings, head)" if name == a else name) for name in parents]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small",
+                   frameon=False)
+    steps_word = "step" if len(steps) == 1 else "steps"
+    ax.set_title(f"{title} ({len(steps)} {steps_word})")
     fig.savefig(path)
     return Path(path)

@@ -1,4 +1,4 @@
-"""Fitness of a candidate: merge it into the resident model, score it on the tasks' dev splits, weight the scores."""
+"""Fitness of a candidate: build it into a live model of its search space, score the dev splits, weight the scores."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shoal.evaluate.runner import evaluate
 from shoal.evaluate.task import Task
-from shoal.merge.resident import ResidentMerger
-from shoal.recipe import Recipe
-from shoal.search.genome import Genome
 from shoal.search.loop import Candidate, Evaluation
+from shoal.search.spaces import Space
 
 
 @dataclass
@@ -42,21 +40,21 @@ class _Pending:
 class DevFitness:
     """The search's objective: gene values and a seed -> the candidate's weighted dev score (an Evaluation).
 
-    With a two-slot merger, the next candidate is merged in a background thread into the other model while this
+    With a two-slot space, the next candidate is built in a background thread into the other model while this
     one is scored, so a trial waits for its merge only when it was not known in advance (a generation's first).
     """
 
-    def __init__(self, merger: ResidentMerger, genome: Genome, tasks: list[WeightedTask], batch_size: int) -> None:
-        self.merger = merger
-        self.genome = genome
+    def __init__(self, space: Space, tasks: list[WeightedTask], batch_size: int) -> None:
+        self.space = space
         self.tasks = tasks
         self.batch_size = batch_size
-        self._pool = ThreadPoolExecutor(max_workers=1) if len(merger.models) > 1 else None
+        self._pool = ThreadPoolExecutor(max_workers=1) if space.slots > 1 else None
         self._pending: _Pending | None = None
+        self._models: dict[int, PreTrainedModel] = {}
 
     def _merge(self, candidate: Candidate, slot: int) -> float:
         start = time.perf_counter()
-        self.merger.apply(Recipe.model_validate(self.genome.recipe(*candidate)), slot)
+        self._models[slot] = self.space.build(*candidate, slot)
         return time.perf_counter() - start
 
     def __call__(self, values: dict[str, float], seed: int, upcoming: Candidate | None = None) -> Evaluation:
@@ -73,7 +71,7 @@ class DevFitness:
             other = 1 - slot
             self._pending = _Pending(upcoming, other, self._pool.submit(self._merge, upcoming, other))
         scored = time.perf_counter()
-        by_task = scores(self.merger.models[slot], self.merger.tokenizer, self.tasks, "dev", self.batch_size)
+        by_task = scores(self._models[slot], self.space.tokenizer, self.tasks, "dev", self.batch_size)
         return Evaluation(
             weighted(self.tasks, by_task), by_task, waited, time.perf_counter() - scored, merge_compute_seconds=compute
         )

@@ -1,7 +1,9 @@
-"""The parameter-space genome: named genes in [0, 1]^n <-> a mergekit recipe with per-layer weights and densities."""
+"""Genomes: named genes on the unit cube; the parameter-space genome <-> a mergekit recipe with per-layer weights
+and densities."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +34,31 @@ class Group:
     """ATTENTION or MLP when the genome splits them."""
 
 
-class Genome:
-    """One gene per (parent, parameter, group); a unit vector maps linearly onto each gene's bounds."""
+class GeneSpace:
+    """Named genes; a point x of the unit cube maps linearly onto each gene's bounds."""
+
+    genes: list[Gene]
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self.genes]
+
+    def values(self, x: Sequence[float]) -> dict[str, float]:
+        """Gene name -> value in its bounds, for x in [0, 1]^n."""
+        return {
+            g.name: float(min(g.high, max(g.low, g.low + float(xi) * (g.high - g.low)))) for g, xi in zip(self.genes, x)
+        }
+
+    def start(self) -> np.ndarray:
+        """Where the search starts, on the unit cube (the middle unless a genome knows better)."""
+        return np.full(len(self.genes), 0.5)
+
+
+class Genome(GeneSpace):
+    """The PS genome: one gene per (parent, parameter, group) of layers."""
 
     def __init__(self, spec: SearchSpec, num_layers: int, outer_names: list[str]) -> None:
         self.spec = spec
@@ -59,19 +84,6 @@ class Genome:
         if self.spec.genome.embeddings == "search":
             groups.append(Group("embeddings", ()))
         return groups
-
-    def __len__(self) -> int:
-        return len(self.genes)
-
-    @property
-    def names(self) -> list[str]:
-        return [g.name for g in self.genes]
-
-    def values(self, x: np.ndarray) -> dict[str, float]:
-        """Gene name -> value in its bounds, for x in [0, 1]^n."""
-        return {
-            g.name: float(min(g.high, max(g.low, g.low + float(xi) * (g.high - g.low)))) for g, xi in zip(self.genes, x)
-        }
 
     def _per_layer(self, values: dict[str, float], parent: str, param: str, part: str | None) -> list[float]:
         row = [0.0] * self.num_layers

@@ -67,11 +67,11 @@ def trial_seed(seed: int, index: int) -> int:
     return zlib.crc32(f"{seed}/trial/{index}".encode())
 
 
-def open_study(storage: str, search_hash: str) -> optuna.Study:
+def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna.Study:
     """The run's study (created if new); refuses one made by a different search."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     except Exception as exc:  # SQLAlchemy / driver errors name the storage problem
         raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
     stored = study.user_attrs.get("search_hash")

@@ -1,4 +1,4 @@
-"""CMA-ES over the unit cube, as the paper runs it: start at the middle, step a fraction of the range."""
+"""CMA-ES over the unit cube, as the paper runs it: start at the middle (or a given point), step a fraction of the range."""
 
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ class CmaEs:
     """The `cmaes` package's CMA-ES on [0, 1]^dim, maximising. Its asks depend only on the seed and what it was
     told, so replaying the stored trials of a generation rebuilds its exact state."""
 
-    def __init__(self, dim: int, *, sigma: float = 1 / 6, population: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, dim: int, *, sigma: float = 1 / 6, population: int | None = None, seed: int = 0,
+        mean: np.ndarray | None = None,
+    ) -> None:
         self._cma = CMA(
-            mean=np.full(dim, 0.5),
+            mean=np.full(dim, 0.5) if mean is None else np.asarray(mean, dtype=float),
             sigma=sigma,
             bounds=np.tile([0.0, 1.0], (dim, 1)),
             seed=seed,

@@ -1,9 +1,14 @@
-"""`shoal evolve`: a search file and a run folder -> stored trials, the best model merged to disk, and summary.json."""
+"""`shoal evolve`: a search file and a run folder -> stored trials, the best model written to disk, and summary.json.
+
+A hybrid search runs in stages, each a complete run folder: RUN_DIR/ps (parameter space), then RUN_DIR/dfs
+(data flow, with the PS result as parent A); RUN_DIR/summary.json and RUN_DIR/best are the final stage's.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,21 +17,18 @@ from typing import Any
 
 import optuna
 import torch
-import yaml
 from optuna.trial import TrialState
 
-from shoal import layout
 from shoal.checkpoint.reader import open_checkpoint
 from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.evaluate.task import load_task
-from shoal.merge.engine import run_merge
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.fitness import DevFitness, WeightedTask, scores, weighted
-from shoal.search.genome import Genome
 from shoal.search.loop import STUDY_NAME, Progress, open_study, run_trials, stored_trials
 from shoal.search.optimizer import CmaEs
+from shoal.search.spaces import Space, make_space
 from shoal.search.spec import SearchSpec
 
 RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
@@ -50,15 +52,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _genome(spec: SearchSpec) -> Genome:
-    base = open_checkpoint(spec.base)
-    if base.num_layers is None:
-        raise ShoalError(f"{spec.base}: config.json does not say how many layers the model has")
-    outer = [name for name in base.names if layout.part(name) != "layer"]
-    return Genome(spec, base.num_layers, outer)
-
-
-def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None) -> dict[str, Any]:
+def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RUN_FILE
     record = json.loads(path.read_text()) if path.is_file() else {}
@@ -66,10 +60,11 @@ def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None) -> dict[str,
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
     record |= {
         "storage": storage or record.get("storage") or spec.storage or default_storage(run_dir),
-        "study": STUDY_NAME,
+        "study": study,
         "search_hash": spec.search_hash(),
-        "target": spec.tasks[0].path.rstrip("/").split("/")[-1],
+        "target": _target(spec),
         "method": spec.method,
+        "space": spec.space,
         "search": spec.model_dump(),
     }
     record.setdefault("sessions", [])
@@ -77,8 +72,12 @@ def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None) -> dict[str,
     return record
 
 
-def untuned_recipes(spec: SearchSpec, genome: Genome) -> dict[str, dict[str, Any]]:
-    """Merges a user would try without a search: each method with common default settings, and the search's start."""
+def _target(spec: SearchSpec) -> str:
+    return Path(spec.tasks[0].path).name
+
+
+def untuned_recipes(spec: SearchSpec) -> dict[str, dict[str, Any]]:
+    """Merges a user would try without a search: each method with its common default settings."""
     models = lambda params: [{"model": p, "parameters": dict(params)} for p in spec.parents.values()]
     equal = 1 / len(spec.parents)
     recipes: dict[str, dict[str, Any]] = {
@@ -88,7 +87,6 @@ def untuned_recipes(spec: SearchSpec, genome: Genome) -> dict[str, dict[str, Any
         "dare_ties": {"merge_method": "dare_ties", "base_model": spec.base, "models": models({"weight": 1.0, "density": 0.5}),
                       "seed": spec.seed},
     }
-    recipes["start"] = genome.recipe(genome.values([0.5] * len(genome)), spec.seed)
     for recipe in recipes.values():
         if spec.dtype:
             recipe["dtype"] = spec.dtype
@@ -101,27 +99,31 @@ def evolve(
     *,
     storage: str | None = None,
     on_stage: Callable[[Stage], None] | None = None,
+    study: str = STUDY_NAME,
 ) -> dict[str, Any]:
-    """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json."""
+    """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json.
+
+    storage: an Optuna storage URL (default: the search file's, else sqlite in run_dir); study: its study name."""
+    if spec.space == "hybrid":
+        return _evolve_hybrid(spec, Path(run_dir), storage, on_stage)
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    record = _open_run(spec, run_dir, storage)
+    record = _open_run(spec, run_dir, storage, study)
     stage = on_stage or (lambda s: None)
     tasks = [WeightedTask(load_task(t.path), t.weight) for t in spec.tasks]
     for t in tasks:
         t.task.items("dev"), t.task.items("test")  # a task without both splits fails now, not after the search
-    genome = _genome(spec)
     stage(Stage("loading parents"))
-    middle = Recipe.model_validate(genome.recipe(genome.values([0.5] * len(genome)), spec.seed))
-    merger = ResidentMerger(middle, spec.device, slots=2 if spec.overlap else 1)
-    study = open_study(record["storage"], spec.search_hash())
-    optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed)
+    space = make_space(spec)
+    study = open_study(record["storage"], spec.search_hash(), record["study"])
+    genome = space.genome
+    optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     try:
         run_trials(
             study,
             genome,
             optimizer,
-            DevFitness(merger, genome, tasks, spec.batch_size),
+            DevFitness(space, tasks, spec.batch_size),
             budget=spec.budget,
             seed=spec.seed,
             failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
@@ -130,7 +132,7 @@ def evolve(
     finally:
         record["sessions"].append({"seconds": time.perf_counter() - start, "finished": False})
         _write_json(run_dir / RUN_FILE, record)
-    summary = _finish(spec, run_dir, study, genome, tasks, merger, stage)
+    summary = _finish(spec, run_dir, study, space, optimizer.population, tasks, stage)
     record["sessions"][-1] = {"seconds": time.perf_counter() - start, "finished": True}
     _write_json(run_dir / RUN_FILE, record)
     summary["wall_seconds"] = sum(s["seconds"] for s in record["sessions"])
@@ -139,13 +141,56 @@ def evolve(
     return summary
 
 
+def _evolve_hybrid(
+    spec: SearchSpec, run_dir: Path, storage: str | None, on_stage: Callable[[Stage], None] | None
+) -> dict[str, Any]:
+    """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    top = {"space": "hybrid", "stages": ["ps", "dfs"], "target": _target(spec), "method": spec.method,
+           "search_hash": spec.search_hash()}
+    path = run_dir / RUN_FILE
+    if path.is_file() and json.loads(path.read_text()).get("search_hash") != spec.search_hash():
+        raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
+    _write_json(path, top)
+    stage = on_stage or (lambda s: None)
+    stage(Stage("hybrid stage 1/2: parameter space"))
+    ps = evolve(spec.model_copy(update={"space": "ps"}), run_dir / "ps", storage=storage, on_stage=on_stage,
+                study=f"{STUDY_NAME}-ps")
+    flow_parents = {"ps": str((run_dir / "ps" / BEST_DIR).resolve()), **spec.flow_parents}
+    dfs_spec = spec.model_copy(update={
+        "space": "dfs",
+        "parents": flow_parents,
+        "dfs": spec.dfs.model_copy(update={"parents": list(flow_parents)}),
+        "budget": spec.dfs.budget or spec.budget,
+    })
+    stage(Stage("hybrid stage 2/2: data-flow space over the PS result"))
+    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=f"{STUDY_NAME}-dfs")
+    shutil.copytree(run_dir / "dfs" / BEST_DIR, run_dir / BEST_DIR, dirs_exist_ok=True)
+    summary = {
+        **{k: v for k, v in dfs.items() if k not in ("parents", "untuned")},
+        "space": "hybrid",
+        "parents": {k: v for k, v in ps["parents"].items()},
+        "untuned": ps["untuned"],
+        "stages": {
+            name: {"dev": s["best"]["dev"], "test": s["best"]["test"], "trials": s["trials"], "best_trial": s["best"]["trial"]}
+            for name, s in (("ps", ps), ("dfs", dfs))
+        },
+        "trials": ps["trials"] + dfs["trials"],
+        "failed_trials": ps["failed_trials"] + dfs["failed_trials"],
+        "budget": ps["budget"] + dfs["budget"],
+        "wall_seconds": ps["wall_seconds"] + dfs["wall_seconds"],
+    }
+    _write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
 def _finish(
     spec: SearchSpec,
     run_dir: Path,
     study: optuna.Study,
-    genome: Genome,
+    space: Space,
+    population: int,
     tasks: list[WeightedTask],
-    merger: ResidentMerger,
     stage: Callable[[Stage], None],
 ) -> dict[str, Any]:
     trials = sorted(stored_trials(study).values(), key=lambda t: t.user_attrs["index"])[: spec.budget]
@@ -154,10 +199,9 @@ def _finish(
         reasons = sorted({t.user_attrs.get("error", "?") for t in trials})
         raise ShoalError(f"every trial failed; first reason: {reasons[0]}")
     best = max(complete, key=lambda t: (t.value, -t.user_attrs["index"]))  # the earliest of equal bests
-    recipe = genome.recipe(best.params, best.user_attrs["seed"])
-    stage(Stage("merging the best recipe"))
-    text = yaml.safe_dump(recipe, sort_keys=False)
-    run_merge(Recipe.model_validate(recipe), run_dir / BEST_DIR, recipe_text=text, device=spec.device, overwrite=True)
+    seed = best.user_attrs["seed"]
+    stage(Stage("writing the best model"))
+    space.export(best.params, seed, run_dir / BEST_DIR)
 
     stage(Stage("scoring on the test split"))
     model, tokenizer = load_model(run_dir / BEST_DIR, spec.device)
@@ -168,32 +212,33 @@ def _finish(
         parents[name] = weighted(tasks, scores(model, tokenizer, tasks, "test", spec.batch_size))
     del model
     untuned: dict[str, float] = {}
-    for name, raw in untuned_recipes(spec, genome).items():
-        recipe_obj = Recipe.model_validate(raw)
-        resident = merger if recipe_obj.merge_method == spec.method else ResidentMerger(recipe_obj, spec.device)
-        resident.apply(recipe_obj)
-        untuned[name] = weighted(tasks, scores(resident.model, resident.tokenizer, tasks, "test", spec.batch_size))
+    for name, raw in untuned_recipes(spec).items():
+        merger = ResidentMerger(Recipe.model_validate(raw), spec.device)
+        merger.apply(Recipe.model_validate(raw))
+        untuned[name] = weighted(tasks, scores(merger.model, merger.tokenizer, tasks, "test", spec.batch_size))
+    start = space.build(space.genome.values(space.genome.start()), spec.seed)
+    untuned["start"] = weighted(tasks, scores(start, space.tokenizer, tasks, "test", spec.batch_size))
 
-    mean = lambda key: sum(t.user_attrs[key] for t in complete) / len(complete)
+    mean = lambda key: sum(t.user_attrs.get(key, 0.0) for t in complete) / len(complete)
     return {
-        "target": spec.tasks[0].path.rstrip("/").split("/")[-1],
+        "target": _target(spec),
         "method": spec.method,
+        "space": spec.space,
         "best": {
             "trial": best.user_attrs["index"],
             "dev": best.value,
             "test": weighted(tasks, best_test),
             "dev_scores": best.user_attrs["dev_scores"],
             "test_scores": best_test,
-            "recipe": recipe,
-            **genome.table(best.params),
+            **space.describe(best.params, seed),
         },
         "parents": parents,
         "untuned": untuned,
         "trials": len(trials),
         "failed_trials": len(trials) - len(complete),
         "budget": spec.budget,
-        "genes": len(genome),
-        "population": spec.population or CmaEs(len(genome)).population,
+        "genes": len(space.genome),
+        "population": population,
         "seconds_per_trial": {
             "merge": mean("merge_seconds"),
             "merge_compute": mean("merge_compute_seconds"),

@@ -29,6 +29,27 @@ class GenomeSpec(Strict):
     """Separate genes for attention and MLP tensors (layer norms follow the attention genes)."""
 
 
+class DataFlowSpec(Strict):
+    """The data-flow space (Akiba et al. 2024): a path through T = M x repeats slots of the parents' layers."""
+
+    parents: list[str] | None = None
+    """Parents in layout order (names from `parents`); the first, A, gives tokenizer, embeddings and head. Default:
+    all, in the order given. In a hybrid search the PS result is put first, as A."""
+    repeats: int = Field(3, ge=1)
+    scaling: Literal["full", "seam", "none"] = "full"
+    """Input scales: a full M x M matrix W, one scale per ordered pair of parents at seams, or none."""
+    scale_bounds: tuple[float, float] = (0.5, 1.5)
+    budget: int | None = Field(None, ge=1)
+    """Trials of the data-flow stage of a hybrid search (default: `budget`)."""
+
+    @model_validator(mode="after")
+    def _positive_scales(self) -> DataFlowSpec:
+        low, high = self.scale_bounds
+        if not 0 < low < high:
+            raise ValueError(f"scale_bounds must satisfy 0 < low < high (a scale <= 0 cannot be exported), got {[low, high]}")
+        return self
+
+
 class TaskWeight(Strict):
     path: str
     weight: float = 1.0
@@ -39,8 +60,11 @@ class SearchSpec(Strict):
 
     base: str
     parents: dict[str, str]
+    space: Literal["ps", "dfs", "hybrid"] = "ps"
+    """Parameter space (merge weights), data-flow space (layer paths), or PS then DFS over its result."""
     method: str = "dare_ties"
     genome: GenomeSpec = GenomeSpec()
+    dfs: DataFlowSpec = DataFlowSpec()
     bounds: dict[str, tuple[float, float]] = {"weight": (0.0, 1.0), "density": (0.1, 1.0)}
     tasks: list[TaskWeight]
     budget: int = Field(1000, ge=1)
@@ -94,7 +118,15 @@ class SearchSpec(Strict):
             raise ValueError(f"bounds: density must lie in (0, 1], got [{low}, {high}]")
         if self.method == "linear" and self.genome.embeddings == "base":
             raise ValueError("genome.embeddings: base needs a method with a base model (linear has none)")
+        unknown = [name for name in self.dfs.parents or [] if name not in self.parents]
+        if unknown:
+            raise ValueError(f"dfs.parents: {unknown[0]!r} is not one of the parents ({', '.join(self.parents)})")
         return self
+
+    @property
+    def flow_parents(self) -> dict[str, str]:
+        """The data-flow layout's parents in order (A first)."""
+        return {name: self.parents[name] for name in self.dfs.parents or self.parents}
 
     @property
     def params(self) -> list[str]:
@@ -105,8 +137,11 @@ class SearchSpec(Strict):
         return self.bounds.get(param, {"weight": (0.0, 1.0), "density": (0.1, 1.0)}[param])
 
     def search_hash(self) -> str:
-        """Fingerprint of what decides the trajectory (not budget, storage, batch size, device or overlap)."""
-        kept = self.model_dump(exclude={"budget", "storage", "batch_size", "device", "overlap"})
+        """Fingerprint of what decides the trajectory (not budget, storage, batch size, device or overlap; not the
+        data-flow settings of a parameter-space search)."""
+        excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
+                                       "overlap": True, "dfs": True if self.space == "ps" else {"budget"}}
+        kept = self.model_dump(exclude=excluded)
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,105 @@
+"""Search spaces: what a point of the genome builds (a live model to score) and exports (a model folder).
+
+The trial loop and the fitness know only this interface: a genome, `build` into a live model slot, `export`
+to disk, and `describe` for the summary. Parameter space merges weights (the resident merger); data-flow space
+rewires a path through the parents' layers (the path model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shoal import layout
+from shoal.checkpoint.reader import open_checkpoint
+from shoal.errors import ShoalError
+from shoal.flow.export import export_path
+from shoal.flow.model import PathModel
+from shoal.flow.path import Layout
+from shoal.merge.engine import run_merge
+from shoal.merge.resident import ResidentMerger
+from shoal.recipe import Recipe
+from shoal.search.genome import GeneSpace, Genome
+from shoal.search.path_genome import PathGenome
+from shoal.search.spec import SearchSpec
+
+
+class Space(Protocol):
+    genome: GeneSpace
+    tokenizer: PreTrainedTokenizerBase
+    slots: int
+    """Live models that can hold candidates at once (2 lets the next be built while one is scored)."""
+
+    def build(self, values: dict[str, float], seed: int, slot: int = 0) -> PreTrainedModel: ...
+
+    def export(self, values: dict[str, float], seed: int, out_dir: Path) -> None: ...
+
+    def describe(self, values: dict[str, float], seed: int) -> dict[str, Any]: ...
+
+
+def ps_genome(spec: SearchSpec) -> Genome:
+    base = open_checkpoint(spec.base)
+    if base.num_layers is None:
+        raise ShoalError(f"{spec.base}: config.json does not say how many layers the model has")
+    return Genome(spec, base.num_layers, [name for name in base.names if layout.part(name) != "layer"])
+
+
+class ParameterSpace:
+    """Per-layer merge weights and densities; candidates are merged into resident models in place."""
+
+    def __init__(self, spec: SearchSpec) -> None:
+        self.genome = ps_genome(spec)
+        self.slots = 2 if spec.overlap else 1
+        self.device = spec.device
+        self.merger = ResidentMerger(self._recipe(self.genome.values(self.genome.start()), spec.seed), spec.device,
+                                     slots=self.slots)
+        self.tokenizer = self.merger.tokenizer
+
+    def _recipe(self, values: dict[str, float], seed: int) -> Recipe:
+        return Recipe.model_validate(self.genome.recipe(values, seed))
+
+    def build(self, values: dict[str, float], seed: int, slot: int = 0) -> PreTrainedModel:
+        self.merger.apply(self._recipe(values, seed), slot)
+        return self.merger.models[slot]
+
+    def export(self, values: dict[str, float], seed: int, out_dir: Path) -> None:
+        recipe = self.genome.recipe(values, seed)
+        text = yaml.safe_dump(recipe, sort_keys=False)
+        run_merge(Recipe.model_validate(recipe), out_dir, recipe_text=text, device=self.device, overwrite=True)
+
+    def describe(self, values: dict[str, float], seed: int) -> dict[str, Any]:
+        return {"recipe": self.genome.recipe(values, seed), **self.genome.table(values)}
+
+
+class FlowSpace:
+    """A path through T = M x repeats slots of the parents' layers, with seam scales; rewired, never copied."""
+
+    def __init__(self, spec: SearchSpec) -> None:
+        self.parents = spec.flow_parents
+        self.flow = PathModel(self.parents, spec.device)
+        assert self.flow.tokenizer is not None
+        self.tokenizer = self.flow.tokenizer
+        self.slots = 1
+        self.layout = Layout(tuple(self.parents), self.flow.layer_counts, spec.dfs.repeats)
+        self.genome = PathGenome(self.layout, spec.dfs.scaling, spec.dfs.scale_bounds)
+
+    def build(self, values: dict[str, float], seed: int, slot: int = 0) -> PreTrainedModel:
+        return self.flow.set_path(self.genome.path(values))
+
+    def export(self, values: dict[str, float], seed: int, out_dir: Path) -> None:
+        export_path(self.genome.path(values), self.parents, out_dir, overwrite=True)
+
+    def describe(self, values: dict[str, float], seed: int) -> dict[str, Any]:
+        path = [{"parent": s.parent, "layer": s.layer, "scale": s.scale} for s in self.genome.path(values)]
+        return {"path": path, "parents_order": list(self.parents), "slots": self.layout.t}
+
+
+def make_space(spec: SearchSpec) -> Space:
+    if spec.space == "ps":
+        return ParameterSpace(spec)
+    if spec.space == "dfs":
+        return FlowSpace(spec)
+    raise ShoalError(f"space {spec.space!r} is run in stages (see search.run.evolve), not as one space")
