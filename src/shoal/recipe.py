@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from shoal import yamlfile
 from shoal.errors import ShoalError
@@ -87,17 +87,9 @@ class Recipe(BaseModel):
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate a recipe; every problem is a ShoalError naming the file and line."""
-    data, node = yamlfile.parse(text, source)
-    if not isinstance(data, dict):
-        raise ShoalError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p[:1].isupper() or "[" in str(p)))
-        line = yamlfile.line_of(node, loc)
-        path = ".".join(str(p) for p in loc) or "recipe"
-        raise ShoalError(f"{source}:{line}: {path}: {err['msg']}") from exc
+    recipe, node = yamlfile.validated(
+        Recipe, text, source, "a recipe is a YAML mapping with at least merge_method and models or slices"
+    )
     _check(recipe, node, source)
     return recipe
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from shoal.errors import ShoalError
 
@@ -17,6 +18,32 @@ def parse(text: str, source: str) -> tuple[Any, yaml.Node | None]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ShoalError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from exc
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names a union's branch in error locations (`Conditional`, `list[...]`); they are not YAML keys."""
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part)
+
+
+def validated(model: type[Model], text: str, source: str, what: str) -> tuple[Model, yaml.Node | None]:
+    """Parse YAML text into `model`; any problem is a ShoalError `source:line: key.path: message`.
+
+    what: how the document is described when it is not a mapping at all (e.g. "a recipe is a YAML mapping ...").
+    """
+    data, node = parse(text, source)
+    if not isinstance(data, dict):
+        raise ShoalError(f"{source}: {what}")
+    try:
+        return model.model_validate(data), node
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        path = ".".join(str(p) for p in loc) or "document"
+        message = err["msg"].removeprefix("Value error, ")
+        raise ShoalError(f"{source}:{line_of(node, loc)}: {path}: {message}") from exc
 
 
 def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -23,7 +23,9 @@ def main() -> None:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        Console(stderr=True).print("[bold red]interrupted[/]: nothing was written")
+        Console(stderr=True).print(
+            "[bold red]interrupted[/]: no half-written model is left; `shoal evolve` continues from its stored trials"
+        )
         sys.exit(130)
     except SystemExit:
         raise

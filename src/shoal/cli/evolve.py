@@ -56,7 +56,7 @@ def run_evolve(search: Path, run_dir: Path, storage: str | None, budget: int | N
             minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
             rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
             best = f"{p.best:.4f}" if p.best is not None else "-"
-            progress.update(task, completed=p.done, best=best, rate=rate)
+            progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate)
 
         return evolve(spec, run_dir, storage=storage, on_stage=on_stage)
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shoal import yamlfile
 from shoal.errors import ShoalError
@@ -147,17 +147,9 @@ class SearchSpec(Strict):
 
 def parse_search(text: str, source: str, root: Path) -> SearchSpec:
     """Parse and validate a search file; relative paths are made absolute against root."""
-    data, node = yamlfile.parse(text, source)
-    if not isinstance(data, dict):
-        raise ShoalError(f"{source}: a search file is a YAML mapping with at least base, parents and tasks")
-    try:
-        spec = SearchSpec.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not p[:1].isupper())
-        line = yamlfile.line_of(node, loc)
-        path = ".".join(str(p) for p in loc) or "search"
-        raise ShoalError(f"{source}:{line}: {path}: {err['msg'].removeprefix('Value error, ')}") from exc
+    spec, _ = yamlfile.validated(
+        SearchSpec, text, source, "a search file is a YAML mapping with at least base, parents and tasks"
+    )
     here = lambda p: _located(p, root)
     return spec.model_copy(
         update={
