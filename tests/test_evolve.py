@@ -22,7 +22,7 @@ from shoal.evaluate import evaluate, load_task
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.fitness import DevFitness, WeightedTask
-from shoal.search.loop import open_study, run_trials
+from shoal.search.loop import SerialEvaluator, open_study, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.run import evolve
 from shoal.search.spaces import ParameterSpace
@@ -135,7 +135,8 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -
         return fitness(values, seed, upcoming)
 
     study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "x")
-    run_trials(study, genome, CmaEs(len(genome), seed=0), objective, budget=12, seed=0, failure_fitness=0.0)
+    run_trials(study, genome, CmaEs(len(genome), seed=0), SerialEvaluator(objective), budget=12, seed=0,
+               failure_fitness=0.0)
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"] + ["COMPLETE"] * 8
     assert "NaN or inf in tensor" in trials[1].user_attrs["error"]

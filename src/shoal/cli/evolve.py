@@ -26,7 +26,10 @@ def trial_bar() -> Progress:
     )
 
 
-def run_evolve(search: Path, run_dir: Path, storage: str | None, budget: int | None, threads: int | None) -> dict:
+def run_evolve(
+    search: Path, run_dir: Path, storage: str | None, budget: int | None, threads: int | None, workers: int = 1,
+    ray_address: str | None = None,
+) -> dict:
     """Load the search file and run it with a live display; returns the summary."""
     import torch
     from transformers.utils import logging as transformers_logging
@@ -58,7 +61,7 @@ def run_evolve(search: Path, run_dir: Path, storage: str | None, budget: int | N
             best = f"{p.best:.4f}" if p.best is not None else "-"
             progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate)
 
-        return evolve(spec, run_dir, storage=storage, on_stage=on_stage)
+        return evolve(spec, run_dir, storage=storage, on_stage=on_stage, workers=workers, ray_address=ray_address)
 
 
 @app.command()
@@ -68,9 +71,11 @@ def evolve(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in RUN_DIR).")] = None,
     budget: Annotated[int | None, typer.Option(help="Trials in all (overrides the search file's).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 suits tiny models).")] = None,
+    workers: Annotated[int, typer.Option(help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
 ) -> None:
     """Evolve a merge recipe with CMA-ES; writes RUN_DIR/best/, RUN_DIR/summary.json and the study."""
-    summary = run_evolve(search, run_dir, storage, budget, threads)
+    summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address)
     best = summary["best"]
     Console(stderr=True).print(
         f"best trial #{best['trial']}: dev {best['dev']:.4f}, test {best['test']:.4f}; "

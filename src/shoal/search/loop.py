@@ -10,17 +10,16 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from shoal.errors import ShoalError
-from shoal.search.genome import Genome
+from shoal.search.genome import GeneSpace
 from shoal.search.optimizer import Optimizer
 
 STUDY_NAME = "shoal"
@@ -57,10 +56,19 @@ class Progress:
     done: int
     budget: int
     best: float | None
-    last: FrozenTrial
+    last: FrozenTrial | None
     evaluated: int = 0
-    """Trials scored by this process (the rest were replayed from storage)."""
+    """Trials scored by this run (the rest were replayed from storage)."""
     started: float = field(default_factory=time.perf_counter)
+
+    def record(self, trial: FrozenTrial, *, fresh: bool, on_trial: Callable[[Progress], None] | None) -> None:
+        self.done += 1
+        self.evaluated += int(fresh)
+        self.last = trial
+        if trial.state == TrialState.COMPLETE and (self.best is None or trial.value > self.best):
+            self.best = trial.value
+        if on_trial:
+            on_trial(self)
 
 
 def trial_seed(seed: int, index: int) -> int:
@@ -85,9 +93,8 @@ def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna
     return study
 
 
-def _store(study: optuna.Study, genome: Genome, index: int, generation: int, values: dict[str, float], seed: int,
-           outcome: Evaluation | str) -> FrozenTrial:
-    attrs: dict[str, object] = {"index": index, "generation": generation, "seed": seed}
+def _store(study: optuna.Study, genome: GeneSpace, job: Job, outcome: Outcome) -> FrozenTrial:
+    attrs: dict[str, object] = {"index": job.index, "generation": job.generation, "seed": job.seed}
     if isinstance(outcome, Evaluation):
         attrs |= {"dev_scores": outcome.scores, "merge_seconds": outcome.merge_seconds,
                   "eval_seconds": outcome.eval_seconds, "merge_compute_seconds": outcome.merge_compute_seconds}
@@ -98,7 +105,7 @@ def _store(study: optuna.Study, genome: Genome, index: int, generation: int, val
     trial = optuna.trial.create_trial(
         state=state,
         value=value,
-        params=values,
+        params=job.values,
         distributions={g.name: FloatDistribution(g.low, g.high) for g in genome.genes},
         user_attrs=attrs,
     )
@@ -112,63 +119,89 @@ def stored_trials(study: optuna.Study) -> dict[int, FrozenTrial]:
     return {t.user_attrs["index"]: t for t in study.get_trials(deepcopy=False, states=states)}
 
 
+@dataclass(frozen=True)
+class Job:
+    """One candidate to score: its index in the search, its generation, gene values and seed."""
+
+    index: int
+    generation: int
+    values: dict[str, float]
+    seed: int
+
+
+Outcome = Evaluation | str
+"""An Evaluation, or the one-line reason the trial failed."""
+
+
+class Evaluator(Protocol):
+    def run(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
+        """Score the jobs (of one generation), yielding each with its outcome as it finishes, in any order."""
+        ...
+
+
+def attempt(objective: Objective, values: dict[str, float], seed: int, upcoming: Candidate | None = None) -> Outcome:
+    """The objective's Evaluation, or why it failed (NaN weights, a crash in the model, a non-finite fitness)."""
+    try:
+        outcome = objective(values, seed, upcoming)
+    except (TrialFailed, ShoalError) as exc:
+        return str(exc)
+    except (RuntimeError, ValueError, IndexError, FloatingPointError) as exc:  # a model that crashes on this candidate
+        return f"{type(exc).__name__}: {exc}"
+    return outcome if math.isfinite(outcome.fitness) else f"fitness is {outcome.fitness}"
+
+
+class SerialEvaluator:
+    """Scores jobs one after another in this process, telling the objective which one comes next."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+
+    def run(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
+        for k, job in enumerate(jobs):
+            upcoming = (jobs[k + 1].values, jobs[k + 1].seed) if k + 1 < len(jobs) else None
+            yield job, attempt(self.objective, job.values, job.seed, upcoming)
+
+
 def run_trials(
     study: optuna.Study,
-    genome: Genome,
+    genome: GeneSpace,
     optimizer: Optimizer,
-    objective: Objective,
+    evaluator: Evaluator,
     *,
     budget: int,
     seed: int,
     failure_fitness: float,
     on_trial: Callable[[Progress], None] | None = None,
 ) -> None:
-    """Run the search until `budget` trials are stored. A failed trial is told to the optimizer as failure_fitness."""
+    """Run the search until `budget` trials are stored. A failed trial is told to the optimizer as failure_fitness.
+
+    Each generation's candidates that are not stored yet go to the evaluator together (so parallel workers can
+    share them); each is stored as it finishes, and the generation is told in index order once all are in.
+    """
     stored = stored_trials(study)
-    progress: Progress | None = None
-    best: float | None = None
+    progress = Progress(0, budget, None, None)
     index = 0
     while index < budget:
         generation = index // optimizer.population
         xs = [optimizer.ask() for _ in range(min(optimizer.population, budget - index))]
-        candidates = [(genome.values(x), trial_seed(seed, index + j)) for j, x in enumerate(xs)]
-        told: list[tuple[np.ndarray, float]] = []
-        for j, (x, (values, trial_seed_)) in enumerate(zip(xs, candidates)):
-            trial = stored.get(index)
-            fresh = trial is None
-            if trial is None:
-                upcoming = candidates[j + 1] if j + 1 < len(xs) and index + 1 not in stored else None
-                trial = _evaluate(study, genome, objective, index, generation, values, trial_seed_, upcoming)
-            elif trial.params != values:
+        jobs = [Job(index + j, generation, genome.values(x), trial_seed(seed, index + j)) for j, x in enumerate(xs)]
+        for job in jobs:
+            trial = stored.get(job.index)
+            if trial is not None and trial.params != job.values:
                 raise ShoalError(
-                    f"stored trial {index} has other parameters than this search asks for; the run was "
+                    f"stored trial {job.index} has other parameters than this search asks for; the run was "
                     "made with different code or settings: use a new RUN_DIR"
                 )
-            fitness = trial.value if trial.state == TrialState.COMPLETE else failure_fitness
-            assert fitness is not None
-            told.append((x, fitness))
-            if trial.state == TrialState.COMPLETE and (best is None or fitness > best):
-                best = fitness
-            index += 1
-            if progress is None:
-                progress = Progress(index, budget, best, trial)
-            progress.done, progress.best, progress.last = index, best, trial
-            progress.evaluated += int(fresh)
-            if on_trial:
-                on_trial(progress)
+        for job in jobs:
+            if job.index in stored:
+                progress.record(stored[job.index], fresh=False, on_trial=on_trial)
+        for job, outcome in evaluator.run([job for job in jobs if job.index not in stored]):
+            stored[job.index] = _store(study, genome, job, outcome)
+            progress.record(stored[job.index], fresh=True, on_trial=on_trial)
+        told = []
+        for x, job in zip(xs, jobs):
+            trial = stored[job.index]
+            told.append((x, trial.value if trial.state == TrialState.COMPLETE else failure_fitness))
         if len(told) == optimizer.population:
             optimizer.tell(told)
-
-
-def _evaluate(study: optuna.Study, genome: Genome, objective: Objective, index: int, generation: int,
-              values: dict[str, float], seed: int, upcoming: Candidate | None) -> FrozenTrial:
-    try:
-        outcome: Evaluation | str = objective(values, seed, upcoming)
-        assert isinstance(outcome, Evaluation)
-        if not math.isfinite(outcome.fitness):
-            outcome = f"fitness is {outcome.fitness}"
-    except (TrialFailed, ShoalError) as exc:
-        outcome = str(exc)
-    except (RuntimeError, ValueError, IndexError, FloatingPointError) as exc:  # a model that crashes on this candidate
-        outcome = f"{type(exc).__name__}: {exc}"
-    return _store(study, genome, index, generation, values, seed, outcome)
+        index += len(xs)

@@ -26,9 +26,9 @@ from shoal.evaluate.task import load_task
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.fitness import DevFitness, WeightedTask, scores, weighted
-from shoal.search.loop import STUDY_NAME, Progress, open_study, run_trials, stored_trials
+from shoal.search.loop import STUDY_NAME, Evaluator, Progress, SerialEvaluator, open_study, run_trials, stored_trials
 from shoal.search.optimizer import CmaEs
-from shoal.search.spaces import Space, make_space
+from shoal.search.spaces import Space, genome_of, make_space
 from shoal.search.spec import SearchSpec
 
 RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
@@ -100,12 +100,15 @@ def evolve(
     storage: str | None = None,
     on_stage: Callable[[Stage], None] | None = None,
     study: str = STUDY_NAME,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json.
 
-    storage: an Optuna storage URL (default: the search file's, else sqlite in run_dir); study: its study name."""
+    storage: an Optuna storage URL (default: the search file's, else sqlite in run_dir); study: its study name.
+    workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
     if spec.space == "hybrid":
-        return _evolve_hybrid(spec, Path(run_dir), storage, on_stage)
+        return _evolve_hybrid(spec, Path(run_dir), storage, on_stage, workers, ray_address)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     record = _open_run(spec, run_dir, storage, study)
@@ -114,25 +117,36 @@ def evolve(
     for t in tasks:
         t.task.items("dev"), t.task.items("test")  # a task without both splits fails now, not after the search
     stage(Stage("loading parents"))
-    space = make_space(spec)
+    parallel = workers > 1 or ray_address is not None
+    space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
     study = open_study(record["storage"], spec.search_hash(), record["study"])
-    genome = space.genome
+    genome = genome_of(spec)
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
+    evaluator: Evaluator
+    if parallel:
+        from shoal.search.workers import RayEvaluator
+
+        evaluator = RayEvaluator(spec, workers, address=ray_address, threads=torch.get_num_threads())
+    else:
+        assert space is not None
+        evaluator = SerialEvaluator(DevFitness(space, tasks, spec.batch_size))
     try:
         run_trials(
             study,
             genome,
             optimizer,
-            DevFitness(space, tasks, spec.batch_size),
+            evaluator,
             budget=spec.budget,
             seed=spec.seed,
             failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
             on_trial=lambda p: stage(Stage("trials", p)),
         )
     finally:
+        if parallel:
+            evaluator.close()  # type: ignore[attr-defined]
         record["sessions"].append({"seconds": time.perf_counter() - start, "finished": False})
         _write_json(run_dir / RUN_FILE, record)
-    summary = _finish(spec, run_dir, study, space, optimizer.population, tasks, stage)
+    summary = _finish(spec, run_dir, study, space or make_space(spec), optimizer.population, tasks, stage)
     record["sessions"][-1] = {"seconds": time.perf_counter() - start, "finished": True}
     _write_json(run_dir / RUN_FILE, record)
     summary["wall_seconds"] = sum(s["seconds"] for s in record["sessions"])
@@ -142,7 +156,8 @@ def evolve(
 
 
 def _evolve_hybrid(
-    spec: SearchSpec, run_dir: Path, storage: str | None, on_stage: Callable[[Stage], None] | None
+    spec: SearchSpec, run_dir: Path, storage: str | None, on_stage: Callable[[Stage], None] | None, workers: int,
+    ray_address: str | None,
 ) -> dict[str, Any]:
     """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +170,7 @@ def _evolve_hybrid(
     stage = on_stage or (lambda s: None)
     stage(Stage("hybrid stage 1/2: parameter space"))
     ps = evolve(spec.model_copy(update={"space": "ps"}), run_dir / "ps", storage=storage, on_stage=on_stage,
-                study=f"{STUDY_NAME}-ps")
+                study=f"{STUDY_NAME}-ps", workers=workers, ray_address=ray_address)
     flow_parents = {"ps": str((run_dir / "ps" / BEST_DIR).resolve()), **spec.flow_parents}
     dfs_spec = spec.model_copy(update={
         "space": "dfs",
@@ -164,7 +179,8 @@ def _evolve_hybrid(
         "budget": spec.dfs.budget or spec.budget,
     })
     stage(Stage("hybrid stage 2/2: data-flow space over the PS result"))
-    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=f"{STUDY_NAME}-dfs")
+    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=f"{STUDY_NAME}-dfs",
+                 workers=workers, ray_address=ray_address)
     shutil.copytree(run_dir / "dfs" / BEST_DIR, run_dir / BEST_DIR, dirs_exist_ok=True)
     summary = {
         **{k: v for k, v in dfs.items() if k not in ("parents", "untuned")},

@@ -47,6 +47,26 @@ def ps_genome(spec: SearchSpec) -> Genome:
     return Genome(spec, base.num_layers, [name for name in base.names if layout.part(name) != "layer"])
 
 
+def flow_genome(spec: SearchSpec) -> PathGenome:
+    counts = []
+    for name, path in spec.flow_parents.items():
+        n = open_checkpoint(path).num_layers
+        if n is None:
+            raise ShoalError(f"parent {name}: config.json does not say how many layers the model has")
+        counts.append(n)
+    layout = Layout(tuple(spec.flow_parents), tuple(counts), spec.dfs.repeats)
+    return PathGenome(layout, spec.dfs.scaling, spec.dfs.scale_bounds)
+
+
+def genome_of(spec: SearchSpec) -> GeneSpace:
+    """The search's genome, from the parents' headers only (no weights are read)."""
+    if spec.space == "ps":
+        return ps_genome(spec)
+    if spec.space == "dfs":
+        return flow_genome(spec)
+    raise ShoalError(f"space {spec.space!r} is run in stages (see search.run.evolve), not as one space")
+
+
 class ParameterSpace:
     """Per-layer merge weights and densities; candidates are merged into resident models in place."""
 
@@ -79,12 +99,12 @@ class FlowSpace:
 
     def __init__(self, spec: SearchSpec) -> None:
         self.parents = spec.flow_parents
+        self.genome = flow_genome(spec)
+        self.layout = self.genome.layout
         self.flow = PathModel(self.parents, spec.device)
-        assert self.flow.tokenizer is not None
+        assert self.flow.tokenizer is not None and self.flow.layer_counts == self.layout.layers
         self.tokenizer = self.flow.tokenizer
         self.slots = 1
-        self.layout = Layout(tuple(self.parents), self.flow.layer_counts, spec.dfs.repeats)
-        self.genome = PathGenome(self.layout, spec.dfs.scaling, spec.dfs.scale_bounds)
 
     def build(self, values: dict[str, float], seed: int, slot: int = 0) -> PreTrainedModel:
         return self.flow.set_path(self.genome.path(values))
@@ -98,8 +118,5 @@ class FlowSpace:
 
 
 def make_space(spec: SearchSpec) -> Space:
-    if spec.space == "ps":
-        return ParameterSpace(spec)
-    if spec.space == "dfs":
-        return FlowSpace(spec)
-    raise ShoalError(f"space {spec.space!r} is run in stages (see search.run.evolve), not as one space")
+    genome_of(spec)  # refuses a hybrid spec
+    return ParameterSpace(spec) if spec.space == "ps" else FlowSpace(spec)

@@ -1,0 +1,100 @@
+"""Parallel evaluation on Ray actors: each worker holds the parents resident and scores the candidates it is given.
+
+A generation's candidates are handed to free workers as they become free; a worker that dies (a killed
+process, a lost node) is replaced and its candidate given again, so no trial is lost. Scores do not depend on
+which worker computed them, so a parallel search stores the trials a serial one would (in finishing order;
+the search orders them by index).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+from shoal.errors import ShoalError
+from shoal.search.loop import Job, Outcome
+from shoal.search.spec import SearchSpec
+
+
+class _Worker:
+    """Lives in a Ray actor: one search space (resident parents) and the tasks, built once."""
+
+    def __init__(self, spec_json: str, threads: int) -> None:
+        import torch
+        from transformers.utils import logging as transformers_logging
+
+        from shoal.evaluate.task import load_task
+        from shoal.search.fitness import DevFitness, WeightedTask
+        from shoal.search.spaces import make_space
+
+        torch.set_num_threads(threads)
+        transformers_logging.disable_progress_bar()
+        spec = SearchSpec.model_validate_json(spec_json).model_copy(update={"overlap": False})
+        tasks = [WeightedTask(load_task(t.path), t.weight) for t in spec.tasks]
+        self.fitness = DevFitness(make_space(spec), tasks, spec.batch_size)
+
+    def evaluate(self, values: dict[str, float], seed: int) -> Outcome:
+        from shoal.search.loop import attempt
+
+        return attempt(self.fitness, values, seed)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayEvaluator:
+    """N Ray actors (one GPU each where there are GPUs, one CPU each otherwise) scoring jobs in parallel."""
+
+    def __init__(self, spec: SearchSpec, workers: int, *, address: str | None = None, threads: int = 1) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise ShoalError("--workers needs Ray: pip install 'shoal[ray]'") from exc
+        import torch
+
+        self._ray = ray
+        self._own = not ray.is_initialized()
+        if self._own:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        gpus = 1 if torch.cuda.is_available() else 0
+        self._actor_class = ray.remote(num_cpus=0 if gpus else threads, num_gpus=gpus)(_Worker)
+        self._spec_json = spec.model_dump_json()
+        self._threads = threads
+        self.actors = [self._start() for _ in range(workers)]
+        self.replaced = 0
+
+    def _start(self) -> Any:
+        return self._actor_class.remote(self._spec_json, self._threads)
+
+    def pids(self) -> list[int]:
+        return self._ray.get([actor.pid.remote() for actor in self.actors])
+
+    def run(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
+        ray = self._ray
+        queue = deque(jobs)
+        idle = list(self.actors)
+        running: dict[Any, tuple[Any, Job]] = {}
+        while queue or running:
+            while queue and idle:
+                actor, job = idle.pop(), queue.popleft()
+                running[actor.evaluate.remote(job.values, job.seed)] = (actor, job)
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, job = running.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayActorError:  # the worker died: replace it, give its job again
+                self.actors[self.actors.index(actor)] = fresh = self._start()
+                self.replaced += 1
+                idle.append(fresh)
+                queue.appendleft(job)
+                continue
+            idle.append(actor)
+            yield job, outcome
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        if self._own:
+            self._ray.shutdown()

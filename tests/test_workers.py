@@ -1,0 +1,84 @@
+"""Ray workers: a parallel search stores the trials of a serial one; a killed worker is replaced, its trial re-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from shoal.search.loop import Job, SerialEvaluator, trial_seed
+from shoal.search.run import evolve
+from shoal.search.spaces import ParameterSpace
+from shoal.search.spec import load_search
+from shoal.zoo.build import build_zoo
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    zoo = build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+    folder = tmp_path_factory.mktemp("search")
+    spec = {"base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
+            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 16, "seed": 3}
+    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    return load_search(folder / "search.yaml")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _by_index(run_dir):
+    study = optuna.load_study(study_name="shoal", storage=f"sqlite:///{run_dir / 'study.db'}")
+    return {t.user_attrs["index"]: (t.params, t.value, t.state.name, t.user_attrs["seed"]) for t in study.trials}
+
+
+def test_two_ray_workers_store_the_trials_of_a_serial_run(cluster, search, tmp_path) -> None:
+    parallel = evolve(search, tmp_path / "parallel", workers=2)
+    serial = evolve(search, tmp_path / "serial")
+    assert _by_index(tmp_path / "parallel") == _by_index(tmp_path / "serial")
+    assert len(_by_index(tmp_path / "serial")) == 16
+    assert parallel["best"] == serial["best"]
+
+
+def test_a_killed_worker_is_replaced_and_its_trial_scored_again(cluster, search) -> None:
+    from shoal.search.workers import RayEvaluator
+
+    space = ParameterSpace(search.model_copy(update={"overlap": False}))
+    genome = space.genome
+    jobs = [Job(i, 0, genome.values([0.2 + 0.1 * i] * len(genome)), trial_seed(3, i)) for i in range(6)]
+    evaluator = RayEvaluator(search, 2)
+    try:
+        pids = evaluator.pids()
+        results = {}
+        for job, outcome in evaluator.run(jobs):
+            if not results:  # one worker is busy with the next job, the other idle: kill both
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+            results[job.index] = outcome
+    finally:
+        evaluator.close()
+    assert evaluator.replaced == 2
+    assert sorted(results) == list(range(6))  # every job exactly once, none lost
+    from shoal.evaluate import load_task
+    from shoal.search.fitness import DevFitness, WeightedTask
+
+    serial = SerialEvaluator(DevFitness(space, [WeightedTask(load_task(search.tasks[0].path), 1.0)], search.batch_size))
+    for job, outcome in serial.run(jobs):
+        assert results[job.index].fitness == outcome.fitness
