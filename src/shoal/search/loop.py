@@ -93,30 +93,34 @@ def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna
     return study
 
 
-def _store(study: optuna.Study, genome: GeneSpace, job: Job, outcome: Outcome) -> FrozenTrial:
-    attrs: dict[str, object] = {"index": job.index, "generation": job.generation, "seed": job.seed}
+def finished_attrs(outcome: Outcome) -> tuple[dict[str, object], TrialState, float | None]:
+    """What a finished trial stores besides its job: user attributes, state and value."""
     if isinstance(outcome, Evaluation):
-        attrs |= {"dev_scores": outcome.scores, "merge_seconds": outcome.merge_seconds,
-                  "eval_seconds": outcome.eval_seconds, "merge_compute_seconds": outcome.merge_compute_seconds}
-        state, value = TrialState.COMPLETE, outcome.fitness
-    else:
-        attrs |= {"error": outcome, "dev_scores": {}}
-        state, value = TrialState.FAIL, None
+        attrs: dict[str, object] = {"dev_scores": outcome.scores, "merge_seconds": outcome.merge_seconds,
+                                    "eval_seconds": outcome.eval_seconds,
+                                    "merge_compute_seconds": outcome.merge_compute_seconds}
+        return attrs, TrialState.COMPLETE, outcome.fitness
+    return {"error": outcome, "dev_scores": {}}, TrialState.FAIL, None
+
+
+def _store(study: optuna.Study, genome: GeneSpace, job: Job, outcome: Outcome) -> FrozenTrial:
+    attrs, state, value = finished_attrs(outcome)
     trial = optuna.trial.create_trial(
         state=state,
         value=value,
         params=job.values,
         distributions={g.name: FloatDistribution(g.low, g.high) for g in genome.genes},
-        user_attrs=attrs,
+        user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed} | attrs,
     )
     study.add_trial(trial)
     return trial
 
 
 def stored_trials(study: optuna.Study) -> dict[int, FrozenTrial]:
-    """Finished trials by their index in the search (trials still running when a process died are not kept)."""
+    """Finished trials by their index in the search (not claims abandoned by a process that died)."""
     states = (TrialState.COMPLETE, TrialState.FAIL)
-    return {t.user_attrs["index"]: t for t in study.get_trials(deepcopy=False, states=states)}
+    trials = study.get_trials(deepcopy=False, states=states)
+    return {t.user_attrs["index"]: t for t in trials if not t.user_attrs.get("abandoned")}
 
 
 @dataclass(frozen=True)
@@ -134,9 +138,51 @@ Outcome = Evaluation | str
 
 
 class Evaluator(Protocol):
+    width: int
+    """How many jobs it scores at once."""
+
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
         """Score the jobs (of one generation), yielding each with its outcome as it finishes, in any order."""
         ...
+
+
+class SharedStudy(Protocol):
+    """Trials of a study that other processes share (search.shared.SharedTrials)."""
+
+    def finished(self) -> dict[int, FrozenTrial]: ...
+
+    def claim(self, job: Job) -> object | None: ...
+
+    def finish(self, claim: object, outcome: Outcome) -> FrozenTrial: ...
+
+    def release_abandoned(self) -> int: ...
+
+
+def _run_shared(jobs: list[Job], stored: dict[int, FrozenTrial], evaluator: Evaluator, shared: SharedStudy,
+                progress: Progress, on_trial: Callable[[Progress], None] | None, poll_seconds: float) -> None:
+    """Score the generation's jobs that no other process has taken; wait for the ones they have."""
+    while True:
+        for index, trial in shared.finished().items():
+            if index not in stored and any(job.index == index for job in jobs):
+                stored[index] = trial
+                progress.record(trial, fresh=False, on_trial=on_trial)
+        pending = [job for job in jobs if job.index not in stored]
+        if not pending:
+            return
+        claims: dict[int, object] = {}
+        for job in pending:
+            if len(claims) == evaluator.width:
+                break
+            claim = shared.claim(job)
+            if claim is not None:
+                claims[job.index] = claim
+        if not claims:
+            if not shared.release_abandoned():
+                time.sleep(poll_seconds)
+            continue
+        for job, outcome in evaluator.run([job for job in pending if job.index in claims]):
+            stored[job.index] = shared.finish(claims[job.index], outcome)
+            progress.record(stored[job.index], fresh=True, on_trial=on_trial)
 
 
 def attempt(objective: Objective, values: dict[str, float], seed: int, upcoming: Candidate | None = None) -> Outcome:
@@ -152,6 +198,8 @@ def attempt(objective: Objective, values: dict[str, float], seed: int, upcoming:
 
 class SerialEvaluator:
     """Scores jobs one after another in this process, telling the objective which one comes next."""
+
+    width = 1
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
@@ -172,11 +220,15 @@ def run_trials(
     seed: int,
     failure_fitness: float,
     on_trial: Callable[[Progress], None] | None = None,
+    shared: SharedStudy | None = None,
+    poll_seconds: float = 0.5,
 ) -> None:
     """Run the search until `budget` trials are stored. A failed trial is told to the optimizer as failure_fitness.
 
     Each generation's candidates that are not stored yet go to the evaluator together (so parallel workers can
     share them); each is stored as it finishes, and the generation is told in index order once all are in.
+    With `shared`, other processes work on the same study: each trial is claimed first, and a generation is
+    told once every process's trials of it are in.
     """
     stored = stored_trials(study)
     progress = Progress(0, budget, None, None)
@@ -195,9 +247,12 @@ def run_trials(
         for job in jobs:
             if job.index in stored:
                 progress.record(stored[job.index], fresh=False, on_trial=on_trial)
-        for job, outcome in evaluator.run([job for job in jobs if job.index not in stored]):
-            stored[job.index] = _store(study, genome, job, outcome)
-            progress.record(stored[job.index], fresh=True, on_trial=on_trial)
+        if shared is None:
+            for job, outcome in evaluator.run([job for job in jobs if job.index not in stored]):
+                stored[job.index] = _store(study, genome, job, outcome)
+                progress.record(stored[job.index], fresh=True, on_trial=on_trial)
+        else:
+            _run_shared(jobs, stored, evaluator, shared, progress, on_trial, poll_seconds)
         told = []
         for x, job in zip(xs, jobs):
             trial = stored[job.index]

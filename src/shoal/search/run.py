@@ -119,8 +119,15 @@ def evolve(
     stage(Stage("loading parents"))
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
-    study = open_study(record["storage"], spec.search_hash(), record["study"])
     genome = genome_of(spec)
+    shared_storage = record["storage"] != default_storage(run_dir)  # a storage the user named may be shared
+    if shared_storage:
+        from shoal.search.shared import SharedTrials, StorageLock
+
+        with StorageLock(record["storage"], record["study"]).held():  # the first process creates the schema
+            study = open_study(record["storage"], spec.search_hash(), record["study"])
+    else:
+        study = open_study(record["storage"], spec.search_hash(), record["study"])
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
     if parallel:
@@ -130,6 +137,7 @@ def evolve(
     else:
         assert space is not None
         evaluator = SerialEvaluator(DevFitness(space, tasks, spec.batch_size))
+    shared = SharedTrials(record["storage"], record["study"], genome) if shared_storage else None
     try:
         run_trials(
             study,
@@ -140,8 +148,11 @@ def evolve(
             seed=spec.seed,
             failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
             on_trial=lambda p: stage(Stage("trials", p)),
+            shared=shared,
         )
     finally:
+        if shared is not None:
+            shared.close()
         if parallel:
             evaluator.close()  # type: ignore[attr-defined]
         record["sessions"].append({"seconds": time.perf_counter() - start, "finished": False})

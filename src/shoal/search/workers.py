@@ -65,6 +65,10 @@ class RayEvaluator:
         self.actors = [self._start() for _ in range(workers)]
         self.replaced = 0
 
+    @property
+    def width(self) -> int:
+        return len(self.actors)
+
     def _start(self) -> Any:
         return self._actor_class.remote(self._spec_json, self._threads)
 

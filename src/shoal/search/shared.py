@@ -1,0 +1,159 @@
+"""One study shared by several processes (on one machine or many): each trial is claimed before it is scored.
+
+A claim is a RUNNING trial created under a storage-wide lock (PostgreSQL advisory lock, or a lock file next to a
+SQLite database) after checking that no other process holds or has finished that trial. The claimant keeps a
+heartbeat on it; a claim whose owner process is gone (same host) or whose heartbeat is older than the grace
+period is marked abandoned (FAIL, `abandoned: true`, ignored by the search) so that another process takes the
+trial. Every process replays the same CMA-ES, so they agree on every generation's candidates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from shoal.errors import ShoalError
+from shoal.search.genome import GeneSpace
+from shoal.search.loop import Job, Outcome, finished_attrs
+
+
+class StorageLock:
+    """A lock every process using the same storage URL and study sees."""
+
+    def __init__(self, storage: str, study: str) -> None:
+        url = make_url(storage)
+        self.backend = url.get_backend_name()
+        self.key = zlib.crc32(f"shoal/{study}".encode())
+        if self.backend == "sqlite":
+            if not url.database:
+                raise ShoalError("a shared study needs a SQLite file, not an in-memory database")
+            self._path = f"{url.database}.shoal-lock"
+        elif self.backend == "postgresql":
+            self._engine = create_engine(url, pool_size=1, max_overflow=0)
+        else:
+            raise ShoalError(f"sharing a study needs PostgreSQL or SQLite storage, not {self.backend}")
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        if self.backend == "sqlite":
+            with open(self._path, "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        with self._engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+
+
+@dataclass
+class Claim:
+    trial_id: int
+    number: int
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SharedTrials:
+    """Claims, finishes and watches the trials of a study that other processes share."""
+
+    def __init__(
+        self, storage: str, study: str, genome: GeneSpace, *, heartbeat_seconds: float = 10.0,
+        grace_seconds: float = 120.0,
+    ) -> None:
+        self.storage = optuna.storages.get_storage(storage)
+        self.study_id = self.storage.get_study_id_from_name(study)
+        self.lock = StorageLock(storage, study)
+        self.distributions = {g.name: FloatDistribution(g.low, g.high) for g in genome.genes}
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.heartbeat_seconds = heartbeat_seconds
+        self.grace_seconds = grace_seconds
+        self._active: set[int] = set()
+        self._beating = threading.Event()
+        threading.Thread(target=self._beat, daemon=True).start()
+
+    def _trials(self) -> list[FrozenTrial]:
+        return [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False) if not t.user_attrs.get("abandoned")]
+
+    def finished(self) -> dict[int, FrozenTrial]:
+        return {t.user_attrs["index"]: t for t in self._trials() if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+
+    def claim(self, job: Job) -> Claim | None:
+        """Take the job's trial, unless another process holds or has finished it."""
+        with self.lock.held():
+            if any(t.user_attrs.get("index") == job.index for t in self._trials()):
+                return None
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, params=job.values, distributions=self.distributions,
+                user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed, "owner": self.owner,
+                            "heartbeat": time.time()},
+            )
+            trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        self._active.add(trial_id)
+        return Claim(trial_id, self.storage.get_trial_number_from_id(trial_id))
+
+    def finish(self, claim: Claim, outcome: Outcome) -> FrozenTrial:
+        self._active.discard(claim.trial_id)
+        attrs, state, value = finished_attrs(outcome)
+        for key, item in attrs.items():
+            self.storage.set_trial_user_attr(claim.trial_id, key, item)
+        try:
+            self.storage.set_trial_state_values(claim.trial_id, state, None if value is None else [value])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # declared abandoned meanwhile (a stalled heartbeat); another process scores the same numbers
+        return self.storage.get_trial(claim.trial_id)
+
+    def release_abandoned(self) -> int:
+        """Mark claims of dead owners (or with stale heartbeats) abandoned; returns how many."""
+        host = socket.gethostname()
+        released = 0
+        with self.lock.held():
+            for t in self._trials():
+                if t.state != TrialState.RUNNING or t.user_attrs.get("owner") == self.owner:
+                    continue
+                owner_host, _, pid = str(t.user_attrs.get("owner", "")).rpartition(":")
+                dead = owner_host == host and pid.isdigit() and not _alive(int(pid))
+                stale = time.time() - float(t.user_attrs.get("heartbeat", 0)) > self.grace_seconds
+                if dead or stale:
+                    trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+                    self.storage.set_trial_user_attr(trial_id, "abandoned", True)
+                    self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                    released += 1
+        return released
+
+    def _beat(self) -> None:
+        while not self._beating.wait(self.heartbeat_seconds):
+            for trial_id in list(self._active):
+                try:
+                    self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    self._active.discard(trial_id)
+
+    def close(self) -> None:
+        self._beating.set()

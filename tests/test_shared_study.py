@@ -1,0 +1,128 @@
+"""Several processes on one study (SQLite file or a real PostgreSQL server): every trial once, none lost."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from shoal.search.run import evolve
+from shoal.search.spec import load_search
+from shoal.zoo.build import build_zoo
+
+
+@pytest.fixture(scope="module")
+def search_file(tmp_path_factory) -> Path:
+    zoo = build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+    folder = tmp_path_factory.mktemp("search")
+    spec = {"base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
+            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 30, "seed": 4}
+    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "search.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    """A throwaway PostgreSQL server (Debian's packages), run as the postgres user when we are root."""
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    root = Path(tempfile.mkdtemp(prefix="shoal-pg-"))  # outside pytest's folder, which the postgres user cannot enter
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run(as_user + [initdb, "-D", str(root / "data"), "-A", "trust", "-U", "shoal"], check=True,
+                   capture_output=True)
+    options = f"-p {port} -k {root} -c listen_addresses=''"
+    subprocess.run(as_user + [pg_ctl, "-D", str(root / "data"), "-o", options, "-l", str(root / "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    subprocess.run(["psql", "-h", str(root), "-p", str(port), "-U", "shoal", "-d", "postgres", "-c", "create database shoal"],
+                   check=True, capture_output=True)
+    yield f"postgresql://shoal@/shoal?host={root}&port={port}"
+    subprocess.run(as_user + [pg_ctl, "-D", str(root / "data"), "-m", "immediate", "stop"], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="shoal", storage=storage).trials
+
+
+def _by_index(trials) -> dict[int, tuple]:
+    kept = [t for t in trials if not t.user_attrs.get("abandoned")]
+    assert len({t.user_attrs["index"] for t in kept}) == len(kept), "a trial was scored twice"
+    return {t.user_attrs["index"]: (t.params, t.value, t.state.name) for t in kept}
+
+
+def _two_processes(search_file: Path, storage: str, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "shoal", "evolve", str(search_file), "--storage", storage, "--threads", "1"]
+    procs = [subprocess.Popen(command + [str(tmp_path / f"machine{i}")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_processes_share_one_study_and_split_its_trials(search_file, tmp_path, request, backend) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite" else request.getfixturevalue("postgres")
+    _two_processes(search_file, storage, tmp_path)
+    shared = _trials(storage)
+    owners = {t.user_attrs["owner"] for t in shared}
+    assert len(owners) == 2, "both processes scored trials"
+    evolve(load_search(search_file), tmp_path / "alone")
+    alone = optuna.load_study(study_name="shoal", storage=f"sqlite:///{tmp_path / 'alone' / 'study.db'}").trials
+    assert _by_index(shared) == _by_index(alone) and len(_by_index(alone)) == 30
+
+
+def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    spec = load_search(search_file).model_copy(update={"budget": 12})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from shoal.search.loop import Job, open_study, trial_seed
+    from shoal.search.optimizer import CmaEs
+    from shoal.search.shared import SharedTrials
+    from shoal.search.spaces import genome_of
+
+    genome = genome_of(spec)
+    open_study(storage, spec.search_hash())
+    shared = SharedTrials(storage, "shoal", genome)
+    first = CmaEs(len(genome), seed=spec.seed).ask()
+    claim = shared.claim(Job(0, 0, genome.values(first), trial_seed(spec.seed, 0)))
+    assert claim is not None and shared.claim(Job(0, 0, genome.values(first), 0)) is None  # held: not twice
+    shared.owner = f"{socket.gethostname()}:{dead.stdout.strip()}"  # as if the claimant had died
+    shared.storage.set_trial_user_attr(claim.trial_id, "owner", shared.owner)
+    shared.close()
+    time.sleep(0.1)
+    evolve(spec, tmp_path / "run", storage=storage)
+    trials = _trials(storage)
+    abandoned = [t for t in trials if t.user_attrs.get("abandoned")]
+    assert len(abandoned) == 1 and abandoned[0].state.name == "FAIL" and abandoned[0].user_attrs["index"] == 0
+    assert sorted(_by_index(trials)) == list(range(12))
