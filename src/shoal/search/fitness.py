@@ -8,22 +8,45 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shoal.evaluate.lm_eval_task import LmEvalTask
 from shoal.evaluate.runner import evaluate
-from shoal.evaluate.task import Task
+from shoal.evaluate.task import Task, load_task
 from shoal.search.loop import Candidate, Evaluation
 from shoal.search.spaces import Space
+from shoal.search.spec import SearchSpec
 
 
 @dataclass
 class WeightedTask:
-    task: Task
+    task: Task | LmEvalTask
     weight: float
+
+
+def load_tasks(spec: SearchSpec) -> list[WeightedTask]:
+    """The search's tasks; shoal tasks are checked for both splits now, not after the search."""
+    tasks = []
+    for t in spec.tasks:
+        if t.lm_eval is not None:
+            ref = t.lm_eval
+            tasks.append(WeightedTask(LmEvalTask(ref.task, ref.include, ref.metric, dict(ref.splits)), t.weight))
+        else:
+            task = load_task(str(t.path))
+            task.items("dev"), task.items("test")
+            tasks.append(WeightedTask(task, t.weight))
+    return tasks
+
+
+def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task | LmEvalTask, split: str,
+          batch_size: int) -> float:
+    if isinstance(task, LmEvalTask):
+        return task.score(model, tokenizer, split, batch_size)
+    return evaluate(model, task, split, tokenizer=tokenizer, batch_size=batch_size).score
 
 
 def scores(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[WeightedTask], split: str, batch_size: int
 ) -> dict[str, float]:
-    return {t.task.name: evaluate(model, t.task, split, tokenizer=tokenizer, batch_size=batch_size).score for t in tasks}
+    return {t.task.name: score(model, tokenizer, t.task, split, batch_size) for t in tasks}
 
 
 def weighted(tasks: list[WeightedTask], by_task: dict[str, float]) -> float:

@@ -22,10 +22,9 @@ from optuna.trial import TrialState
 from shoal.checkpoint.reader import open_checkpoint
 from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
-from shoal.evaluate.task import load_task
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
-from shoal.search.fitness import DevFitness, WeightedTask, scores, weighted
+from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, scores, weighted
 from shoal.search.loop import STUDY_NAME, Evaluator, Progress, SerialEvaluator, open_study, run_trials, stored_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.spaces import Space, genome_of, make_space
@@ -73,7 +72,7 @@ def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) 
 
 
 def _target(spec: SearchSpec) -> str:
-    return Path(spec.tasks[0].path).name
+    return spec.tasks[0].name
 
 
 def untuned_recipes(spec: SearchSpec) -> dict[str, dict[str, Any]]:
@@ -113,9 +112,7 @@ def evolve(
     start = time.perf_counter()
     record = _open_run(spec, run_dir, storage, study)
     stage = on_stage or (lambda s: None)
-    tasks = [WeightedTask(load_task(t.path), t.weight) for t in spec.tasks]
-    for t in tasks:
-        t.task.items("dev"), t.task.items("test")  # a task without both splits fails now, not after the search
+    tasks = load_tasks(spec)
     stage(Stage("loading parents"))
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end

@@ -50,9 +50,31 @@ class DataFlowSpec(Strict):
         return self
 
 
+class LmEvalRef(Strict):
+    """A task of lm-evaluation-harness: from its registry, or from YAML files under `include`."""
+
+    task: str
+    include: str | None = None
+    metric: str | None = None
+    splits: dict[str, str] = {"dev": "validation", "test": "test"}
+
+
 class TaskWeight(Strict):
-    path: str
+    """A shoal task folder (`path`) or an lm-eval task (`lm_eval`), and its weight in the fitness."""
+
+    path: str | None = None
+    lm_eval: LmEvalRef | None = None
     weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskWeight:
+        if (self.path is None) == (self.lm_eval is None):
+            raise ValueError("give a task either a path (a shoal task folder) or lm_eval (an lm-eval task)")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.lm_eval.task if self.lm_eval else Path(str(self.path)).name
 
 
 class SearchSpec(Strict):
@@ -155,7 +177,7 @@ def parse_search(text: str, source: str, root: Path) -> SearchSpec:
         update={
             "base": here(spec.base),
             "parents": {name: here(p) for name, p in spec.parents.items()},
-            "tasks": [t.model_copy(update={"path": here(t.path)}) for t in spec.tasks],
+            "tasks": [_located_task(t, root) for t in spec.tasks],
         }
     )
 
@@ -164,6 +186,14 @@ def _located(path: str, root: Path) -> str:
     """A path relative to the search file made absolute; a name not found there is kept (a Hub id, or an error later)."""
     candidate = root / path
     return str(candidate.resolve()) if candidate.exists() else path
+
+
+def _located_task(task: TaskWeight, root: Path) -> TaskWeight:
+    if task.lm_eval is not None:
+        include = task.lm_eval.include
+        ref = task.lm_eval.model_copy(update={"include": include and _located(include, root)})
+        return task.model_copy(update={"lm_eval": ref})
+    return task.model_copy(update={"path": _located(str(task.path), root)})
 
 
 def load_search(path: str | Path) -> SearchSpec:

@@ -25,15 +25,13 @@ class _Worker:
         import torch
         from transformers.utils import logging as transformers_logging
 
-        from shoal.evaluate.task import load_task
-        from shoal.search.fitness import DevFitness, WeightedTask
+        from shoal.search.fitness import DevFitness, load_tasks
         from shoal.search.spaces import make_space
 
         torch.set_num_threads(threads)
         transformers_logging.disable_progress_bar()
         spec = SearchSpec.model_validate_json(spec_json).model_copy(update={"overlap": False})
-        tasks = [WeightedTask(load_task(t.path), t.weight) for t in spec.tasks]
-        self.fitness = DevFitness(make_space(spec), tasks, spec.batch_size)
+        self.fitness = DevFitness(make_space(spec), load_tasks(spec), spec.batch_size)
 
     def evaluate(self, values: dict[str, float], seed: int) -> Outcome:
         from shoal.search.loop import attempt

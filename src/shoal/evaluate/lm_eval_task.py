@@ -1,0 +1,73 @@
+"""A task of lm-evaluation-harness scored on a live model through lm-eval's own API (no model written to disk).
+
+The task comes from lm-eval's registry or from YAML files under `include` (local data files: no hub is needed).
+shoal's splits map onto the task's (dev -> validation, test -> test by default): the chosen split is made the
+one lm-eval evaluates. lm-eval is optional: `pip install lm_eval`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shoal.errors import ShoalError
+
+
+@dataclass
+class LmEvalTask:
+    task: str
+    include: str | None = None
+    metric: str | None = None
+    """lm-eval's result key, e.g. "exact_match,none"; default: the task's first metric with the "none" filter."""
+    splits: dict[str, str] = field(default_factory=lambda: {"dev": "validation", "test": "test"})
+    _tasks: dict[str, Any] = field(default_factory=dict, repr=False)
+    _adapters: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.task
+
+    def _task_dict(self, split: str) -> Any:
+        """lm-eval's task dict with `split` as the split it evaluates (loaded once per split)."""
+        if split not in self._tasks:
+            try:
+                from lm_eval.tasks import TaskManager
+            except ImportError as exc:
+                raise ShoalError("lm-eval tasks need lm-evaluation-harness: pip install lm_eval") from exc
+            if split not in self.splits:
+                raise ShoalError(f"lm-eval task {self.task}: no split mapped to shoal's {split!r} (splits: {self.splits})")
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)
+            manager = TaskManager(include_path=self.include)
+            try:
+                loaded = manager.load([self.task])
+            except (KeyError, ValueError) as exc:
+                raise ShoalError(f"lm-eval cannot load task {self.task!r} (include: {self.include}): {exc}") from exc
+            task = loaded["tasks"].get(self.task)
+            if task is None:
+                raise ShoalError(f"lm-eval has no task {self.task!r} (include: {self.include})")
+            task.config.test_split = self.splits[split]
+            self._tasks[split] = loaded
+        return self._tasks[split]
+
+    def _adapter(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Any:
+        """lm-eval's HF wrapper around the live model (kept per model object: weights change in place)."""
+        from lm_eval.models.huggingface import HFLM
+
+        if id(model) not in self._adapters:
+            self._adapters[id(model)] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                                             device=str(model.device))
+        return self._adapters[id(model)]
+
+    def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: str, batch_size: int) -> float:
+        from lm_eval.evaluator import evaluate as lm_evaluate
+
+        task_dict = self._task_dict(split)
+        results = lm_evaluate(self._adapter(model, tokenizer, batch_size), task_dict, bootstrap_iters=0,
+                              log_samples=False, verbosity="ERROR")["results"][self.task]
+        metric = self.metric or next(k for k in results if k.endswith(",none") and not k.endswith("_stderr,none"))
+        if metric not in results:
+            raise ShoalError(f"lm-eval task {self.task} reports no {metric!r} (it reports {sorted(results)})")
+        return float(results[metric])
