@@ -176,9 +176,11 @@ def _evolve_hybrid(
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
     _write_json(path, top)
     stage = on_stage or (lambda s: None)
+    one_storage = storage or spec.storage  # both stages in one storage need two study names
+    stage_study = lambda name: f"{STUDY_NAME}-{name}" if one_storage else STUDY_NAME
     stage(Stage("hybrid stage 1/2: parameter space"))
     ps = evolve(spec.model_copy(update={"space": "ps"}), run_dir / "ps", storage=storage, on_stage=on_stage,
-                study=f"{STUDY_NAME}-ps", workers=workers, ray_address=ray_address)
+                study=stage_study("ps"), workers=workers, ray_address=ray_address)
     flow_parents = {"ps": str((run_dir / "ps" / BEST_DIR).resolve()), **spec.flow_parents}
     dfs_spec = spec.model_copy(update={
         "space": "dfs",
@@ -187,7 +189,7 @@ def _evolve_hybrid(
         "budget": spec.dfs.budget or spec.budget,
     })
     stage(Stage("hybrid stage 2/2: data-flow space over the PS result"))
-    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=f"{STUDY_NAME}-dfs",
+    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=stage_study("dfs"),
                  workers=workers, ray_address=ray_address)
     shutil.copytree(run_dir / "dfs" / BEST_DIR, run_dir / BEST_DIR, dirs_exist_ok=True)
     summary = {

@@ -159,11 +159,12 @@ class SearchSpec(Strict):
         return self.bounds.get(param, {"weight": (0.0, 1.0), "density": (0.1, 1.0)}[param])
 
     def search_hash(self) -> str:
-        """Fingerprint of what decides the trajectory (not budget, storage, batch size, device or overlap; not the
-        data-flow settings of a parameter-space search)."""
+        """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
+        part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
+        batch size, device or overlap, nor the data-flow settings of a parameter-space search."""
         excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
                                        "overlap": True, "dfs": True if self.space == "ps" else {"budget"}}
-        kept = self.model_dump(exclude=excluded)
+        kept = self.model_dump(exclude=excluded, exclude_defaults=True)
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
