@@ -237,3 +237,22 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     assert dfs["parents"]["ps"] == ps["best"]["test"]  # stage 2's parent A is stage 1's best model
     assert summary["stages"]["ps"]["test"] == ps["best"]["test"] and summary["best"]["test"] == dfs["best"]["test"]
     assert summary["parents"] == ps["parents"] and (tmp_path / "run" / "best" / "path.yaml").is_file()
+
+
+def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:
+    """optuna-dashboard's own API (its WSGI app, no server) lists the run's trials and best trial."""
+    dashboard = pytest.importorskip("optuna_dashboard")
+    import io
+
+    summary = evolve(load_search(_search(zoo, tmp_path, budget=5)), tmp_path / "run")
+    app = dashboard.wsgi(f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+
+    def get(path: str) -> dict:
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "SERVER_NAME": "x", "SERVER_PORT": "80",
+                   "wsgi.input": io.BytesIO(), "wsgi.url_scheme": "http", "QUERY_STRING": ""}
+        return json.loads(b"".join(app(environ, lambda status, headers, *rest: None)))
+
+    [listed] = get("/api/studies")["study_summaries"]
+    study = get(f"/api/studies/{listed['study_id']}")
+    assert listed["study_name"] == "shoal" and len(study["trials"]) == 5
+    assert [t["number"] for t in study["best_trials"]] == [summary["best"]["trial"]]
