@@ -6,6 +6,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shoal.evaluate.lm_eval_task import LmEvalTask
@@ -71,7 +72,9 @@ class DevFitness:
         self.space = space
         self.tasks = tasks
         self.batch_size = batch_size
-        self._pool = ThreadPoolExecutor(max_workers=1) if space.slots > 1 else None
+        threads = torch.get_num_threads()  # torch's thread count is per thread: the merging thread gets this one's
+        self._pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,)) \
+            if space.slots > 1 else None
         self._pending: _Pending | None = None
         self._models: dict[int, PreTrainedModel] = {}
 
