@@ -126,3 +126,46 @@ def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path) -
     abandoned = [t for t in trials if t.user_attrs.get("abandoned")]
     assert len(abandoned) == 1 and abandoned[0].state.name == "FAIL" and abandoned[0].user_attrs["index"] == 0
     assert sorted(_by_index(trials)) == list(range(12))
+
+
+def _claimed(search_file, tmp_path, **options):
+    from shoal.search.loop import Job, open_study, trial_seed
+    from shoal.search.optimizer import CmaEs
+    from shoal.search.shared import SharedTrials
+    from shoal.search.spaces import genome_of
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    spec = load_search(search_file)
+    genome = genome_of(spec)
+    open_study(storage, spec.search_hash())
+    job = Job(0, 0, genome.values(CmaEs(len(genome), seed=spec.seed).ask()), trial_seed(spec.seed, 0))
+    first = SharedTrials(storage, "shoal", genome, **options)
+    return storage, genome, job, first, first.claim(job)
+
+
+def test_a_claim_of_this_process_s_predecessor_with_the_same_pid_is_released(search_file, tmp_path) -> None:
+    from shoal.search.shared import SharedTrials
+
+    storage, genome, job, first, claim = _claimed(search_file, tmp_path)
+    first.close()
+    again = SharedTrials(storage, "shoal", genome)  # same host and pid, new process identity
+    assert again.claim(job) is None and again.release_abandoned() == 1
+    assert again.claim(job) is not None
+    again.close()
+
+
+def test_a_stalled_claim_is_released_and_its_late_owner_still_stores_its_result(search_file, tmp_path) -> None:
+    from shoal.search.loop import Evaluation
+    from shoal.search.shared import SharedTrials
+
+    storage, genome, job, owner, claim = _claimed(search_file, tmp_path, heartbeat_seconds=3600)
+    watcher = SharedTrials(storage, "shoal", genome, grace_seconds=0.2)
+    watcher.owner = "elsewhere:1:x"  # another machine: its pid says nothing here
+    assert watcher.release_abandoned() == 0  # first sight of the heartbeat starts the clock
+    time.sleep(0.3)
+    assert watcher.release_abandoned() == 1  # the heartbeat has not moved for longer than the grace period
+    late = owner.finish(claim, job, Evaluation(0.25, {"own": 0.25}, 0.0, 0.0))
+    assert late.state.name == "COMPLETE" and late.value == 0.25 and late.number != claim.number
+    assert watcher.finished()[0].value == 0.25
+    owner.close()
+    watcher.close()

@@ -153,7 +153,7 @@ class SharedStudy(Protocol):
 
     def claim(self, job: Job) -> object | None: ...
 
-    def finish(self, claim: object, outcome: Outcome) -> FrozenTrial: ...
+    def finish(self, claim: object, job: Job, outcome: Outcome) -> FrozenTrial: ...
 
     def release_abandoned(self) -> int: ...
 
@@ -181,7 +181,7 @@ def _run_shared(jobs: list[Job], stored: dict[int, FrozenTrial], evaluator: Eval
                 time.sleep(poll_seconds)
             continue
         for job, outcome in evaluator.run([job for job in pending if job.index in claims]):
-            stored[job.index] = shared.finish(claims[job.index], outcome)
+            stored[job.index] = shared.finish(claims[job.index], job, outcome)
             progress.record(stored[job.index], fresh=True, on_trial=on_trial)
 
 

@@ -2,9 +2,12 @@
 
 A claim is a RUNNING trial created under a storage-wide lock (PostgreSQL advisory lock, or a lock file next to a
 SQLite database) after checking that no other process holds or has finished that trial. The claimant keeps a
-heartbeat on it; a claim whose owner process is gone (same host) or whose heartbeat is older than the grace
-period is marked abandoned (FAIL, `abandoned: true`, ignored by the search) so that another process takes the
-trial. Every process replays the same CMA-ES, so they agree on every generation's candidates.
+heartbeat on it. A claim whose owner process is gone (same host: its pid is dead, or it is a previous process
+with the same pid) or whose heartbeat has not moved for the grace period (timed on the watcher's own clock, so
+clocks need not agree across machines) is marked abandoned (FAIL, `abandoned: true`, ignored by the search) so
+that another process takes the trial. Finishing and abandoning both happen under the lock; an owner that finds
+its claim abandoned stores its result as a new trial (the numbers are the same whoever computes them). Every
+process replays the same CMA-ES, so they agree on every generation's candidates.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,10 +95,12 @@ class SharedTrials:
         self.study_id = self.storage.get_study_id_from_name(study)
         self.lock = StorageLock(storage, study)
         self.distributions = {g.name: FloatDistribution(g.low, g.high) for g in genome.genes}
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = heartbeat_seconds
         self.grace_seconds = grace_seconds
         self._active: set[int] = set()
+        self._seen: dict[int, tuple[object, float]] = {}
+        """Other processes' claims: trial number -> (last heartbeat value seen, when it was first seen, my clock)."""
         self._beating = threading.Event()
         threading.Thread(target=self._beat, daemon=True).start()
 
@@ -112,48 +118,66 @@ class SharedTrials:
             template = optuna.trial.create_trial(
                 state=TrialState.RUNNING, params=job.values, distributions=self.distributions,
                 user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed, "owner": self.owner,
-                            "heartbeat": time.time()},
+                            "heartbeat": 0},
             )
             trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
         self._active.add(trial_id)
         return Claim(trial_id, self.storage.get_trial_number_from_id(trial_id))
 
-    def finish(self, claim: Claim, outcome: Outcome) -> FrozenTrial:
+    def finish(self, claim: Claim, job: Job, outcome: Outcome) -> FrozenTrial:
+        """Store the outcome on the claim; if the claim was abandoned meanwhile, as a new finished trial."""
         self._active.discard(claim.trial_id)
         attrs, state, value = finished_attrs(outcome)
-        for key, item in attrs.items():
-            self.storage.set_trial_user_attr(claim.trial_id, key, item)
-        try:
-            self.storage.set_trial_state_values(claim.trial_id, state, None if value is None else [value])
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # declared abandoned meanwhile (a stalled heartbeat); another process scores the same numbers
-        return self.storage.get_trial(claim.trial_id)
+        with self.lock.held():
+            if self.storage.get_trial(claim.trial_id).state == TrialState.RUNNING:
+                for key, item in attrs.items():
+                    self.storage.set_trial_user_attr(claim.trial_id, key, item)
+                self.storage.set_trial_state_values(claim.trial_id, state, None if value is None else [value])
+                return self.storage.get_trial(claim.trial_id)
+            template = optuna.trial.create_trial(
+                state=state, value=value, params=job.values, distributions=self.distributions,
+                user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed, "owner": self.owner}
+                | attrs,
+            )
+            return self.storage.get_trial(self.storage.create_new_trial(self.study_id, template_trial=template))
+
+    def _gone(self, trial: FrozenTrial) -> bool:
+        """Whether the process holding this claim is known dead, or its heartbeat stopped for the grace period."""
+        host, pid = (str(trial.user_attrs.get("owner", "")).rsplit(":", 2) + [""])[:2]
+        my_host, my_pid, _ = self.owner.rsplit(":", 2)
+        if host == my_host and pid.isdigit() and (not _alive(int(pid)) or pid == my_pid):
+            return True  # a dead process, or this process's predecessor with the same pid (e.g. a restarted container)
+        beat = trial.user_attrs.get("heartbeat")
+        seen = self._seen.get(trial.number)
+        if seen is None or seen[0] != beat:
+            self._seen[trial.number] = (beat, time.monotonic())
+            return False
+        return time.monotonic() - seen[1] > self.grace_seconds
 
     def release_abandoned(self) -> int:
-        """Mark claims of dead owners (or with stale heartbeats) abandoned; returns how many."""
-        host = socket.gethostname()
+        """Mark claims of dead owners (or with stalled heartbeats) abandoned; returns how many."""
         released = 0
         with self.lock.held():
             for t in self._trials():
-                if t.state != TrialState.RUNNING or t.user_attrs.get("owner") == self.owner:
+                if t.state != TrialState.RUNNING or t.user_attrs.get("owner") == self.owner or not self._gone(t):
                     continue
-                owner_host, _, pid = str(t.user_attrs.get("owner", "")).rpartition(":")
-                dead = owner_host == host and pid.isdigit() and not _alive(int(pid))
-                stale = time.time() - float(t.user_attrs.get("heartbeat", 0)) > self.grace_seconds
-                if dead or stale:
-                    trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
-                    self.storage.set_trial_user_attr(trial_id, "abandoned", True)
-                    self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-                    released += 1
+                trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+                self.storage.set_trial_user_attr(trial_id, "abandoned", True)  # under the lock: the owner cannot
+                self.storage.set_trial_state_values(trial_id, TrialState.FAIL)  # finish in between
+                released += 1
         return released
 
     def _beat(self) -> None:
+        beats = 0
         while not self._beating.wait(self.heartbeat_seconds):
+            beats += 1
             for trial_id in list(self._active):
                 try:
-                    self.storage.set_trial_user_attr(trial_id, "heartbeat", time.time())
+                    self.storage.set_trial_user_attr(trial_id, "heartbeat", beats)
                 except optuna.exceptions.UpdateFinishedTrialError:
                     self._active.discard(trial_id)
+                except Exception:  # noqa: BLE001  (a busy database: the next beat tries again; the thread must live)
+                    continue
 
     def close(self) -> None:
         self._beating.set()
