@@ -256,3 +256,17 @@ def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:
     study = get(f"/api/studies/{listed['study_id']}")
     assert listed["study_name"] == "shoal" and len(study["trials"]) == 5
     assert [t["number"] for t in study["best_trials"]] == [summary["best"]["trial"]]
+
+
+def test_a_search_whose_whole_generation_fails_alike_stops_with_the_reason(zoo, tmp_path) -> None:
+    search = load_search(_search(zoo, tmp_path, budget=30))
+    genome = ParameterSpace(search).genome
+
+    def broken(values, seed, upcoming=None):
+        raise RuntimeError("shape mismatch in layer 3")
+
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "x")
+    with pytest.raises(ShoalError, match="every trial of generation 0 failed the same way.*shape mismatch in layer 3"):
+        run_trials(study, genome, CmaEs(len(genome), seed=0), SerialEvaluator(broken), budget=30, seed=0,
+                   failure_fitness=0.0)
+    assert len(study.trials) == 10  # one generation, stored, then the stop

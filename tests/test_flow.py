@@ -110,3 +110,22 @@ def test_a_path_through_a_missing_layer_is_refused(parents) -> None:
     flow = PathModel({"a": parents["a"], "b": parents["b"]})
     with pytest.raises(ShoalError, match="layer 9 of b"):
         flow.set_path([Step("b", 9, 1.0)])
+
+
+def test_a_qwen2_path_longer_than_a_runs_and_exports(tmp_path) -> None:
+    """Qwen2 keeps a per-layer attention kind (config.layer_types); a path reuses layers, so it must follow them."""
+    from transformers import Qwen2Config
+
+    from shoal.synthetic import make_parents
+
+    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         architectures=["Qwen2ForCausalLM"])
+    qwen = make_parents(tmp_path / "qwen", names=("a", "b"), config=config, seed=3)
+    path = [Step("a", 0, 1.0), Step("b", 1, 0.8), Step("a", 1, 1.2), Step("b", 0, 1.0), Step("a", 1, 0.9)]
+    flow = PathModel({"a": qwen["a"], "b": qwen["b"]})
+    ids = torch.randint(4, 60, (2, 11), generator=torch.Generator().manual_seed(4))
+    live = _logits(flow.set_path(path), ids)
+    exported = AutoModelForCausalLM.from_pretrained(export_path(path, {"a": qwen["a"], "b": qwen["b"]}, tmp_path / "e"))
+    assert exported.config.layer_types == ["full_attention"] * 5
+    assert (_logits(exported, ids) - live).abs().max() < 1e-3

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from shoal.checkpoint.files import write_config
 
@@ -42,7 +42,7 @@ def _tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def save_state(folder: Path, config: LlamaConfig, state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerFast) -> None:
+def save_state(folder: Path, config: PretrainedConfig, state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerFast) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     write_config(folder, config.to_dict())
@@ -53,7 +53,7 @@ def make_parents(
     folder: str | Path,
     names: Sequence[str] = ("base", "a", "b", "c"),
     *,
-    config: LlamaConfig | None = None,
+    config: PretrainedConfig | None = None,
     dtype: torch.dtype = torch.float32,
     noise: float = 0.02,
     seed: int = 0,
@@ -63,7 +63,7 @@ def make_parents(
     config.dtype = str(dtype).removeprefix("torch.")
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     base = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     tokenizer = _tokenizer(config.vocab_size)
     generator = torch.Generator().manual_seed(seed + 1)

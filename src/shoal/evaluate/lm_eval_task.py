@@ -24,7 +24,7 @@ class LmEvalTask:
     """lm-eval's result key, e.g. "exact_match,none"; default: the task's first metric with the "none" filter."""
     splits: dict[str, str] = field(default_factory=lambda: {"dev": "validation", "test": "test"})
     _tasks: dict[str, Any] = field(default_factory=dict, repr=False)
-    _adapters: dict[int, Any] = field(default_factory=dict, repr=False)
+    _adapter_of: tuple[int, Any] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -53,13 +53,14 @@ class LmEvalTask:
         return self._tasks[split]
 
     def _adapter(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> Any:
-        """lm-eval's HF wrapper around the live model (kept per model object: weights change in place)."""
+        """lm-eval's HF wrapper around the live model, kept while the same model object is scored (its weights
+        change in place between trials); only the last one is kept, so scored models can be freed."""
         from lm_eval.models.huggingface import HFLM
 
-        if id(model) not in self._adapters:
-            self._adapters[id(model)] = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                                             device=str(model.device))
-        return self._adapters[id(model)]
+        if self._adapter_of is None or self._adapter_of[0] != id(model):
+            self._adapter_of = (id(model), HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                                                device=str(model.device)))
+        return self._adapter_of[1]
 
     def score(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: str, batch_size: int) -> float:
         from lm_eval.evaluator import evaluate as lm_evaluate
@@ -67,7 +68,8 @@ class LmEvalTask:
         task_dict = self._task_dict(split)
         results = lm_evaluate(self._adapter(model, tokenizer, batch_size), task_dict, bootstrap_iters=0,
                               log_samples=False, verbosity="ERROR")["results"][self.task]
-        metric = self.metric or next(k for k in results if k.endswith(",none") and not k.endswith("_stderr,none"))
+        reported = [k for k in results if k.endswith(",none") and not k.endswith("_stderr,none")]
+        metric = self.metric or (reported[0] if reported else "")
         if metric not in results:
             raise ShoalError(f"lm-eval task {self.task} reports no {metric!r} (it reports {sorted(results)})")
         return float(results[metric])

@@ -41,7 +41,9 @@ def _check(parents: Mapping[str, Checkpoint], path: list[Step]) -> None:
                 f"parent {name} is a {kind!r} model; seam scales can be folded exactly only into "
                 f"{', '.join(FOLDABLE)} models, so this path is not exported"
             )
-        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
+        for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "intermediate_size", "vocab_size", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias",
+                    "hidden_act", "tie_word_embeddings"):
             if ck.config.get(key) != parents[first].config.get(key):
                 raise ShoalError(f"parent {name} has {key} {ck.config.get(key)}, parent {first} {parents[first].config.get(key)}")
     for k, step in enumerate(path):
@@ -55,6 +57,11 @@ def _check(parents: Mapping[str, Checkpoint], path: list[Step]) -> None:
                 f"path step {k} scales its input by {step.scale}; a scale <= 0 cannot be folded into the weights "
                 "(RMSNorm is not invariant to a sign flip), so this path is not exported"
             )
+
+
+def check_exportable(parents: Mapping[str, str | Path]) -> None:
+    """Refuse, before any search, parents whose paths could not be exported exactly (see the module's notes)."""
+    _check({name: open_checkpoint(p) for name, p in parents.items()}, [])
 
 
 def export_path(path: list[Step], parents: Mapping[str, str | Path], out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -89,7 +96,7 @@ def export_path(path: list[Step], parents: Mapping[str, str | Path], out_dir: st
             writer.abort()
             raise
         writer.close()
-        files.write_config(tmp, output_config(a, [s.layer for s in path], None))
+        files.write_config(tmp, _config(a, opened, path))
         files.copy_tokenizer(a.path, tmp)
         steps = [{"parent": s.parent, "layer": s.layer, "scale": s.scale} for s in path]
         (tmp / PATH_FILE).write_text(yaml.safe_dump({"parents": {k: str(v) for k, v in parents.items()}, "path": steps},
@@ -97,6 +104,15 @@ def export_path(path: list[Step], parents: Mapping[str, str | Path], out_dir: st
         files.write_model_card(tmp, method="data-flow path", parents=[str(p) for p in parents.values()], base=None,
                                recipe_file=PATH_FILE, remake=f"The layer path and its scales are in `{PATH_FILE}`.")
     return out_dir
+
+
+def _config(a: Checkpoint, parents: Mapping[str, Checkpoint], path: list[Step]) -> dict:
+    """A's config for the path's length, each per-layer list (e.g. layer_types) taken from the step's own parent."""
+    config = output_config(a, [s.layer for s in path], None)
+    for key, value in a.config.items():
+        if isinstance(value, list) and len(value) == a.num_layers:
+            config[key] = [parents[s.parent].config[key][s.layer] for s in path]
+    return config
 
 
 def _dtype(ck: Checkpoint, name: str) -> torch.dtype:

@@ -49,6 +49,8 @@ class PathModel:
             raise ShoalError("data-flow merging needs at least one parent")
         self.names = list(parents)
         self.layers: dict[str, list[nn.Module]] = {}
+        self.layer_types: dict[str, list[str]] = {}
+        """Per-layer attention kinds (Qwen2, Mistral: config.layer_types), kept before A's config is rewritten."""
         self.model: PreTrainedModel | None = None
         self.tokenizer: PreTrainedTokenizerBase | None = None
         hidden = None
@@ -60,6 +62,8 @@ class PathModel:
                 raise ShoalError(f"parent {name} has hidden size {size}, parent {self.names[0]} {hidden}")
             hidden = size
             self.layers[name] = _decoder_layers(model, name)
+            if isinstance(getattr(model.config, "layer_types", None), list):
+                self.layer_types[name] = list(model.config.layer_types)
             if self.model is None:
                 self.model, self.tokenizer = model, tokenizer
 
@@ -76,4 +80,6 @@ class PathModel:
         wrapped = [_PathLayer(self.layers[s.parent][s.layer], k, s.scale) for k, s in enumerate(path)]
         self.model.model.layers = nn.ModuleList(wrapped)
         self.model.config.num_hidden_layers = len(path)
+        if self.layer_types:
+            self.model.config.layer_types = [self.layer_types[s.parent][s.layer] for s in path]
         return self.model

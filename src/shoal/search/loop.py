@@ -247,12 +247,18 @@ def run_trials(
         for job in jobs:
             if job.index in stored:
                 progress.record(stored[job.index], fresh=False, on_trial=on_trial)
+        fresh_indices = {job.index for job in jobs if job.index not in stored}
         if shared is None:
             for job, outcome in evaluator.run([job for job in jobs if job.index not in stored]):
                 stored[job.index] = _store(study, genome, job, outcome)
                 progress.record(stored[job.index], fresh=True, on_trial=on_trial)
         else:
             _run_shared(jobs, stored, evaluator, shared, progress, on_trial, poll_seconds)
+        fresh = [stored[job.index] for job in jobs if job.index in fresh_indices] if shared is None else []
+        errors = {t.user_attrs.get("error") for t in fresh}
+        if len(fresh) == len(jobs) > 1 and all(t.state == TrialState.FAIL for t in fresh) and len(errors) == 1:
+            raise ShoalError(f"every trial of generation {generation} failed the same way, so the search stops: "
+                             f"{errors.pop()}")
         told = []
         for x, job in zip(xs, jobs):
             trial = stored[job.index]

@@ -57,9 +57,11 @@ def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) 
     record = json.loads(path.read_text()) if path.is_file() else {}
     if record and record.get("search_hash") != spec.search_hash():
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
+    named = storage or (None if record.get("default_storage", True) else record.get("storage")) or spec.storage
     record |= {
-        "storage": storage or record.get("storage") or spec.storage or default_storage(run_dir),
-        "study": study,
+        "storage": named or default_storage(run_dir),  # the default follows the folder if it is moved
+        "default_storage": named is None,
+        "study": record.get("study", study),
         "search_hash": spec.search_hash(),
         "target": _target(spec),
         "method": spec.method,
@@ -117,7 +119,7 @@ def evolve(
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
     genome = genome_of(spec)
-    shared_storage = record["storage"] != default_storage(run_dir)  # a storage the user named may be shared
+    shared_storage = not record["default_storage"]  # a storage the user named may be shared with other processes
     if shared_storage:
         from shoal.search.shared import SharedTrials, StorageLock
 
@@ -130,7 +132,7 @@ def evolve(
     if parallel:
         from shoal.search.workers import RayEvaluator
 
-        evaluator = RayEvaluator(spec, workers, address=ray_address, threads=torch.get_num_threads())
+        evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
     else:
         assert space is not None
         evaluator = SerialEvaluator(DevFitness(space, tasks, spec.batch_size))
@@ -176,8 +178,7 @@ def _evolve_hybrid(
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
     _write_json(path, top)
     stage = on_stage or (lambda s: None)
-    one_storage = storage or spec.storage  # both stages in one storage need two study names
-    stage_study = lambda name: f"{STUDY_NAME}-{name}" if one_storage else STUDY_NAME
+    stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     stage(Stage("hybrid stage 1/2: parameter space"))
     ps = evolve(spec.model_copy(update={"space": "ps"}), run_dir / "ps", storage=storage, on_stage=on_stage,
                 study=stage_study("ps"), workers=workers, ray_address=ray_address)
@@ -191,7 +192,8 @@ def _evolve_hybrid(
     stage(Stage("hybrid stage 2/2: data-flow space over the PS result"))
     dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=stage_study("dfs"),
                  workers=workers, ray_address=ray_address)
-    shutil.copytree(run_dir / "dfs" / BEST_DIR, run_dir / BEST_DIR, dirs_exist_ok=True)
+    shutil.rmtree(run_dir / BEST_DIR, ignore_errors=True)
+    shutil.copytree(run_dir / "dfs" / BEST_DIR, run_dir / BEST_DIR)
     summary = {
         **{k: v for k, v in dfs.items() if k not in ("parents", "untuned")},
         "space": "hybrid",
@@ -222,8 +224,8 @@ def _finish(
     trials = sorted(stored_trials(study).values(), key=lambda t: t.user_attrs["index"])[: spec.budget]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
-        reasons = sorted({t.user_attrs.get("error", "?") for t in trials})
-        raise ShoalError(f"every trial failed; first reason: {reasons[0]}")
+        raise ShoalError(f"every trial failed; the first (trial {trials[0].user_attrs['index']}): "
+                         f"{trials[0].user_attrs.get('error', '?')}")
     best = max(complete, key=lambda t: (t.value, -t.user_attrs["index"]))  # the earliest of equal bests
     seed = best.user_attrs["seed"]
     stage(Stage("writing the best model"))

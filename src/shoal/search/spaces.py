@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shoal import layout
 from shoal.checkpoint.reader import open_checkpoint
 from shoal.errors import ShoalError
-from shoal.flow.export import export_path
+from shoal.flow.export import check_exportable, export_path
 from shoal.flow.model import PathModel
 from shoal.flow.path import Layout
 from shoal.merge.engine import run_merge
@@ -99,6 +99,7 @@ class FlowSpace:
 
     def __init__(self, spec: SearchSpec) -> None:
         self.parents = spec.flow_parents
+        check_exportable(self.parents)  # now, not after the search
         self.genome = flow_genome(spec)
         self.layout = self.genome.layout
         self.flow = PathModel(self.parents, spec.device)

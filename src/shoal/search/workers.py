@@ -50,18 +50,25 @@ class RayEvaluator:
             import ray
         except ImportError as exc:
             raise ShoalError("--workers needs Ray: pip install 'shoal[ray]'") from exc
-        import torch
-
         self._ray = ray
         self._own = not ray.is_initialized()
         if self._own:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        gpus = 1 if torch.cuda.is_available() else 0
-        self._actor_class = ray.remote(num_cpus=0 if gpus else threads, num_gpus=gpus)(_Worker)
+        gpus = 1 if spec.device.startswith("cuda") else 0
+        kind = "GPU" if gpus else "CPU"
+        have = ray.cluster_resources().get(kind, 0)
+        if have < workers:
+            self.close()
+            raise ShoalError(f"--workers {workers} needs {workers} {kind}s, the Ray cluster has {have:g}")
+        # one CPU (or one GPU) per worker in Ray's accounting; `threads` torch threads inside each
+        self._actor_class = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus)(_Worker)
         self._spec_json = spec.model_dump_json()
         self._threads = threads
         self.actors = [self._start() for _ in range(workers)]
         self.replaced = 0
+
+    MAX_TRIES = 3
+    """A job whose worker dies this many times stops the search (a worker that cannot start, a job that kills it)."""
 
     @property
     def width(self) -> int:
@@ -78,6 +85,7 @@ class RayEvaluator:
         queue = deque(jobs)
         idle = list(self.actors)
         running: dict[Any, tuple[Any, Job]] = {}
+        tries = {job.index: 0 for job in jobs}
         while queue or running:
             while queue and idle:
                 actor, job = idle.pop(), queue.popleft()
@@ -86,7 +94,14 @@ class RayEvaluator:
             actor, job = running.pop(ref)
             try:
                 outcome = ray.get(ref)
-            except ray.exceptions.RayActorError:  # the worker died: replace it, give its job again
+            except ray.exceptions.RayActorError as exc:  # the worker died (or cannot start): replace it, retry the job
+                tries[job.index] += 1
+                if tries[job.index] >= self.MAX_TRIES:
+                    raise ShoalError(f"trial {job.index}: its Ray worker died {self.MAX_TRIES} times; last: {exc}") from exc
+                try:
+                    ray.kill(actor)
+                except Exception:  # noqa: BLE001  (already gone)
+                    pass
                 self.actors[self.actors.index(actor)] = fresh = self._start()
                 self.replaced += 1
                 idle.append(fresh)
@@ -96,7 +111,10 @@ class RayEvaluator:
             yield job, outcome
 
     def close(self) -> None:
-        for actor in self.actors:
-            self._ray.kill(actor)
+        for actor in getattr(self, "actors", []):
+            try:
+                self._ray.kill(actor)
+            except Exception:  # noqa: BLE001  (already gone)
+                pass
         if self._own:
             self._ray.shutdown()
