@@ -11,7 +11,6 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -104,39 +103,17 @@ def finished_attrs(outcome: Outcome) -> tuple[dict[str, object], TrialState, flo
     return {"error": outcome, "dev_scores": {}}, TrialState.FAIL, None
 
 
-def _finished_trial(genome: GeneSpace, job: Job, outcome: Outcome) -> FrozenTrial:
+def _store(study: optuna.Study, genome: GeneSpace, job: Job, outcome: Outcome) -> FrozenTrial:
     attrs, state, value = finished_attrs(outcome)
-    return optuna.trial.create_trial(
+    trial = optuna.trial.create_trial(
         state=state,
         value=value,
         params=job.values,
         distributions={g.name: FloatDistribution(g.low, g.high) for g in genome.genes},
         user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed} | attrs,
     )
-
-
-class _Writer:
-    """Adds finished trials to the study in a background thread, in order (Optuna spends tens of ms of Python per
-    trial, a query per parameter, which would otherwise sit between one evaluation and the next). `drain` waits
-    for every write; a process killed outright loses at most the trials still queued, which a resume re-runs."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        self.study = study
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._pending: list[Future[None]] = []
-
-    def add(self, trial: FrozenTrial) -> None:
-        for future in self._pending:
-            if future.done():
-                future.result()  # a failed write surfaces here
-        self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._pool.submit(self.study.add_trial, trial))
-
-    def drain(self) -> None:
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.result()
-        self._pool.shutdown(wait=True)
+    study.add_trial(trial)
+    return trial
 
 
 def stored_trials(study: optuna.Study) -> dict[int, FrozenTrial]:
@@ -255,18 +232,6 @@ def run_trials(
     """
     stored = stored_trials(study)
     progress = Progress(0, budget, None, None)
-    writer = _Writer(study)
-    try:
-        _generations(study, genome, optimizer, evaluator, stored, writer, progress, budget=budget, seed=seed,
-                     failure_fitness=failure_fitness, on_trial=on_trial, shared=shared, poll_seconds=poll_seconds)
-    finally:
-        writer.drain()  # also on Ctrl-C or an error: every finished trial is stored
-
-
-def _generations(study: optuna.Study, genome: GeneSpace, optimizer: Optimizer, evaluator: Evaluator,
-                 stored: dict[int, FrozenTrial], writer: _Writer, progress: Progress, *, budget: int, seed: int,
-                 failure_fitness: float, on_trial: Callable[[Progress], None] | None, shared: SharedStudy | None,
-                 poll_seconds: float) -> None:
     index = 0
     while index < budget:
         generation = index // optimizer.population
@@ -285,8 +250,7 @@ def _generations(study: optuna.Study, genome: GeneSpace, optimizer: Optimizer, e
         fresh_indices = {job.index for job in jobs if job.index not in stored}
         if shared is None:
             for job, outcome in evaluator.run([job for job in jobs if job.index not in stored]):
-                stored[job.index] = _finished_trial(genome, job, outcome)
-                writer.add(stored[job.index])
+                stored[job.index] = _store(study, genome, job, outcome)
                 progress.record(stored[job.index], fresh=True, on_trial=on_trial)
         else:
             _run_shared(jobs, stored, evaluator, shared, progress, on_trial, poll_seconds)
