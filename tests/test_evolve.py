@@ -270,3 +270,29 @@ def test_a_search_whose_whole_generation_fails_alike_stops_with_the_reason(zoo, 
         run_trials(study, genome, CmaEs(len(genome), seed=0), SerialEvaluator(broken), budget=30, seed=0,
                    failure_fitness=0.0)
     assert len(study.trials) == 10  # one generation, stored, then the stop
+
+
+def test_a_failed_trial_is_told_below_every_score_even_without_a_floor(zoo, tmp_path) -> None:
+    """Log-likelihood-like fitness (negative): a failure must still rank last, not at the nominal floor 0."""
+    from shoal.search.loop import Evaluation
+
+    genome = ParameterSpace(load_search(_search(zoo, tmp_path))).genome
+    told: list[list[float]] = []
+
+    class Recording(CmaEs):
+        def tell(self, solutions):
+            told.append([f for _, f in solutions])
+            super().tell(solutions)
+
+    calls = []
+
+    def objective(values, seed, upcoming=None):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return Evaluation(-5.0 - len(calls), {}, 0.0, 0.0)
+
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "x")
+    run_trials(study, genome, Recording(len(genome), seed=0), SerialEvaluator(objective), budget=10, seed=0,
+               failure_fitness=0.0)
+    assert told[0][2] == -16.0 and min(told[0][:2] + told[0][3:]) == -15.0  # worst score -15, failure one below

@@ -223,7 +223,12 @@ def run_trials(
     shared: SharedStudy | None = None,
     poll_seconds: float = 0.5,
 ) -> None:
-    """Run the search until `budget` trials are stored. A failed trial is told to the optimizer as failure_fitness.
+    """Run the search until `budget` trials are stored.
+
+    A failed trial is told to the optimizer as worse than anything scored so far: one below the lower of
+    failure_fitness (the fitness's floor, e.g. 0 for accuracies) and the worst fitness of the trials up to its
+    generation (so metrics without a floor, like log-likelihoods, rank failures last too). It depends only on
+    stored trials, so a resumed search tells the same values.
 
     Each generation's candidates that are not stored yet go to the evaluator together (so parallel workers can
     share them); each is stored as it finishes, and the generation is told in index order once all are in.
@@ -232,6 +237,7 @@ def run_trials(
     """
     stored = stored_trials(study)
     progress = Progress(0, budget, None, None)
+    worst = failure_fitness
     index = 0
     while index < budget:
         generation = index // optimizer.population
@@ -259,10 +265,12 @@ def run_trials(
         if len(fresh) == len(jobs) > 1 and all(t.state == TrialState.FAIL for t in fresh) and len(errors) == 1:
             raise ShoalError(f"every trial of generation {generation} failed the same way, so the search stops: "
                              f"{errors.pop()}")
+        scored = [stored[job.index].value for job in jobs if stored[job.index].state == TrialState.COMPLETE]
+        worst = min([worst, *scored])
         told = []
         for x, job in zip(xs, jobs):
             trial = stored[job.index]
-            told.append((x, trial.value if trial.state == TrialState.COMPLETE else failure_fitness))
+            told.append((x, trial.value if trial.state == TrialState.COMPLETE else worst - 1.0))
         if len(told) == optimizer.population:
             optimizer.tell(told)
         index += len(xs)
