@@ -46,3 +46,15 @@ def run_cli(monkeypatch, capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Scores must not depend on thread scheduling where runs are compared exactly (resumed vs whole, parallel vs
+    serial); one thread also keeps tiny models fast on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,19 +29,13 @@ from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.zoo.build import Zoo, build_zoo
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> Zoo:
     return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Scores must not depend on thread scheduling: the resumed and the uninterrupted run are compared exactly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _search(zoo: Zoo, folder: Path, **extra: object) -> Path:
@@ -121,7 +115,7 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -
     space = ParameterSpace(search)
     genome = space.genome
     fitness = DevFitness(space, [WeightedTask(load_task(zoo.tasks["xx-math"]), 1.0)], 64)
-    poisoned = lambda values: values | {"math.weight.layers0-1": float("inf")}  # noqa: E731
+    poisoned = lambda values: values | {"math.weight.layers0-1": float("inf")}
     calls = []
 
     def objective(values, seed, upcoming=None):

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 
 from shoal.search.run import evolve
 from shoal.search.spec import load_search
 from shoal.zoo.build import build_zoo
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +32,6 @@ def search_file(tmp_path_factory) -> Path:
     (folder / "search.yaml").write_text(yaml.safe_dump(spec))
     return folder / "search.yaml"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _postgres_bin(name: str) -> str | None:

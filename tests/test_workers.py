@@ -7,7 +7,6 @@ import signal
 
 import optuna
 import pytest
-import torch
 import yaml
 
 from shoal.search.loop import Job, SerialEvaluator, trial_seed
@@ -17,6 +16,8 @@ from shoal.search.spec import load_search
 from shoal.zoo.build import build_zoo
 
 ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,6 @@ def search(tmp_path_factory):
     (folder / "search.yaml").write_text(yaml.safe_dump(spec))
     return load_search(folder / "search.yaml")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _by_index(run_dir):
