@@ -52,3 +52,25 @@ def test_an_unreachable_hub_id_is_one_clear_error(offline_cache):
 def test_a_path_that_is_not_a_hub_id_is_not_looked_up(tmp_path):
     with pytest.raises(ShoalError, match="not a Hub id"):
         resolve_model(str(tmp_path / "missing" / "deeper" / "model"))
+
+
+def test_both_search_spaces_take_a_parent_given_by_hub_id(offline_cache, parents, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from shoal.search.spaces import FlowSpace, ParameterSpace
+    from shoal.search.spec import SearchSpec
+
+    spec = SearchSpec.model_validate({
+        "base": str(parents["base"]), "parents": {"a": "shoal-test/a", "b": str(parents["b"])},
+        "tasks": [{"path": "unused"}], "space": "dfs", "dfs": {"repeats": 1, "scaling": "seam"},
+    })
+    flow = FlowSpace(spec)
+    values = flow.genome.values(flow.genome.start())
+    assert flow.build(values, 0).config.num_hidden_layers == 4  # A's layers: the start of a DFS search
+    flow.export(values, 0, tmp_path / "path")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "path").config.num_hidden_layers == 4
+    ps = ParameterSpace(spec.model_copy(update={"space": "ps", "overlap": False}))
+    merged = ps.build(ps.genome.values(ps.genome.start()), 0)
+    name = "model.layers.1.mlp.up_proj.weight"
+    with safe_open(str(next(offline_cache.glob("*.safetensors"))), "pt") as f:
+        assert not torch.equal(dict(merged.named_parameters())[name].detach(), f.get_tensor(name))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shoal.checkpoint.reader import resolve_model
 from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.flow.path import Step
@@ -55,7 +56,7 @@ class PathModel:
         self.tokenizer: PreTrainedTokenizerBase | None = None
         hidden = None
         for name, path in parents.items():
-            model, tokenizer = load_model(path, device)
+            model, tokenizer = load_model(resolve_model(str(path)), device)  # a Hub id: from the HF cache
             model.eval()
             size = model.config.hidden_size
             if hidden is not None and size != hidden:
