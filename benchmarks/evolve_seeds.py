@@ -35,7 +35,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         "space": args.space,
         "method": args.method,
         "genome": {"layers_per_group": args.layers_per_group},
-        "tasks": [{"path": str(zoo.tasks["xx-math"])}],
+        "tasks": [{"path": str(zoo.tasks[args.task])}],
         "budget": args.budget,
         "seed": seed,
     }
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1000)
     parser.add_argument("--method", default="dare_ties")
     parser.add_argument("--space", choices=["ps", "dfs", "hybrid"], default="ps")
+    parser.add_argument("--task", default="xx-math", help="the zoo task to evolve for (its dev split is the fitness)")
     parser.add_argument("--reuse-ps", type=Path, help="for --space hybrid: a PS run of this script (same seeds, budget)")
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
