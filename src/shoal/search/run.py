@@ -55,7 +55,7 @@ def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RUN_FILE
     record = json.loads(path.read_text()) if path.is_file() else {}
-    if record and record.get("search_hash") != spec.search_hash():
+    if record.get("search_hash") not in (None, spec.search_hash()):
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
     named = storage or (None if record.get("default_storage", True) else record.get("storage")) or spec.storage
     record |= {
@@ -189,6 +189,16 @@ def _evolve_hybrid(
         "dfs": spec.dfs.model_copy(update={"parents": list(flow_parents)}),
         "budget": spec.dfs.budget or spec.budget,
     })
+    dfs_record = run_dir / "dfs" / RUN_FILE
+    made_from = json.loads(dfs_record.read_text()).get("ps_best_trial") if dfs_record.is_file() else None
+    if made_from is not None and made_from != ps["best"]["trial"]:
+        raise ShoalError(
+            f"the PS stage's best trial is now #{ps['best']['trial']}, but the stored DFS trials were scored over "
+            f"#{made_from} (was the budget raised?); move {run_dir / 'dfs'} away to search DFS over the new one"
+        )
+    dfs_record.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(dfs_record, (json.loads(dfs_record.read_text()) if dfs_record.is_file() else {})
+                | {"ps_best_trial": ps["best"]["trial"]})
     stage(Stage("hybrid stage 2/2: data-flow space over the PS result"))
     dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=stage_study("dfs"),
                  workers=workers, ray_address=ray_address)
