@@ -74,7 +74,7 @@ def evolve(
     workers: Annotated[int, typer.Option(help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
 ) -> None:
-    """Evolve a merge (ps), a layer path (dfs) or both (hybrid) with CMA-ES; writes RUN_DIR/best/, summary.json, the study."""
+    """Evolve a merge (ps), a layer path (dfs) or both (hybrid) with CMA-ES into RUN_DIR (best/, summary.json)."""
     summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address)
     best = summary["best"]
     Console(stderr=True).print(
