@@ -12,7 +12,8 @@ import numpy as np
 from shoal.search.spec import SearchSpec
 
 ATTENTION, MLP = "attn", "mlp"
-"""Substrings that pick a layer's attention and MLP tensors (Llama, Mistral, Qwen2, GPT-2 names); norms follow attention."""
+"""Substrings that pick a layer's attention and MLP tensors (Llama, Mistral, Qwen2, GPT-2 names); norms go with
+attention."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ class Genome(GeneSpace):
         return recipe
 
     def table(self, values: dict[str, float]) -> dict[str, Any]:
-        """The genome as rows for a heatmap: {"layers": {row: {parent: per-layer}}, "embeddings": {row: {parent: v}} | None}."""
+        """The genome as heatmap rows: {"layers": {row: {parent: per-layer values}}, "embeddings": {row: {parent: v}}
+        or None}."""
         parts = [ATTENTION, MLP] if self.spec.genome.split_attention_mlp else [None]
         layers = {
             (param if part is None else f"{param} ({part})"): {

@@ -1,4 +1,5 @@
-"""CMA-ES over the unit cube, as the paper runs it: start at the middle (or a given point), step a fraction of the range."""
+"""CMA-ES over the unit cube, as the paper runs it: start at the middle (or a given point), step a fraction of the
+range."""
 
 from __future__ import annotations
 

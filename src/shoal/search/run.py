@@ -56,7 +56,7 @@ def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) 
     path = run_dir / RUN_FILE
     record = json.loads(path.read_text()) if path.is_file() else {}
     if record.get("search_hash") not in (None, spec.search_hash()):
-        raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
+        raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
     named = storage or (None if record.get("default_storage", True) else record.get("storage")) or spec.storage
     record |= {
         "storage": named or default_storage(run_dir),  # the default follows the folder if it is moved
@@ -83,9 +83,11 @@ def untuned_recipes(spec: SearchSpec) -> dict[str, dict[str, Any]]:
     equal = 1 / len(spec.parents)
     recipes: dict[str, dict[str, Any]] = {
         "linear": {"merge_method": "linear", "models": models({"weight": equal})},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": spec.base, "models": models({"weight": 1.0})},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": spec.base,
+                            "models": models({"weight": 1.0})},
         "ties": {"merge_method": "ties", "base_model": spec.base, "models": models({"weight": 1.0, "density": 0.5})},
-        "dare_ties": {"merge_method": "dare_ties", "base_model": spec.base, "models": models({"weight": 1.0, "density": 0.5}),
+        "dare_ties": {"merge_method": "dare_ties", "base_model": spec.base,
+                      "models": models({"weight": 1.0, "density": 0.5}),
                       "seed": spec.seed},
     }
     for recipe in recipes.values():
@@ -175,7 +177,7 @@ def _evolve_hybrid(
            "search_hash": spec.search_hash()}
     path = run_dir / RUN_FILE
     if path.is_file() and json.loads(path.read_text()).get("search_hash") != spec.search_hash():
-        raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or the search it was made with)")
+        raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
     _write_json(path, top)
     stage = on_stage or (lambda s: None)
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
@@ -210,7 +212,8 @@ def _evolve_hybrid(
         "parents": {k: v for k, v in ps["parents"].items()},
         "untuned": ps["untuned"],
         "stages": {
-            name: {"dev": s["best"]["dev"], "test": s["best"]["test"], "trials": s["trials"], "best_trial": s["best"]["trial"]}
+            name: {"dev": s["best"]["dev"], "test": s["best"]["test"], "trials": s["trials"],
+                   "best_trial": s["best"]["trial"]}
             for name, s in (("ps", ps), ("dfs", dfs))
         },
         "trials": ps["trials"] + dfs["trials"],

@@ -105,7 +105,8 @@ class SharedTrials:
         threading.Thread(target=self._beat, daemon=True).start()
 
     def _trials(self) -> list[FrozenTrial]:
-        return [t for t in self.storage.get_all_trials(self.study_id, deepcopy=False) if not t.user_attrs.get("abandoned")]
+        trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
+        return [t for t in trials if not t.user_attrs.get("abandoned")]
 
     def finished(self) -> dict[int, FrozenTrial]:
         return {t.user_attrs["index"]: t for t in self._trials() if t.state in (TrialState.COMPLETE, TrialState.FAIL)}

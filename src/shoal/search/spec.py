@@ -46,7 +46,8 @@ class DataFlowSpec(Strict):
     def _positive_scales(self) -> DataFlowSpec:
         low, high = self.scale_bounds
         if not 0 < low < high:
-            raise ValueError(f"scale_bounds must satisfy 0 < low < high (a scale <= 0 cannot be exported), got {[low, high]}")
+            raise ValueError(f"scale_bounds must satisfy 0 < low < high (a scale <= 0 cannot be exported), "
+                             f"got {[low, high]}")
         return self
 
 
