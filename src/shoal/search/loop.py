@@ -11,7 +11,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import optuna
@@ -37,17 +37,14 @@ class Evaluation:
     merge_compute_seconds: float = 0.0
 
 
-class TrialFailed(Exception):
-    """A candidate that could not be scored (NaN weights, a crash in the model); the search goes on."""
-
-
 Candidate = tuple[dict[str, float], int]
 """Gene values and the trial's seed (for DARE's drops)."""
 
 
 class Objective(Protocol):
     def __call__(self, values: dict[str, float], seed: int, upcoming: Candidate | None = None) -> Evaluation:
-        """Score one candidate (or raise TrialFailed); `upcoming`, if given, is scored next and may be prepared now."""
+        """Score one candidate (a ShoalError or a crash fails the trial); `upcoming`, if given, is scored next and
+        may be prepared now."""
         ...
 
 
@@ -56,15 +53,12 @@ class Progress:
     done: int
     budget: int
     best: float | None
-    last: FrozenTrial | None
     evaluated: int = 0
     """Trials scored by this run (the rest were replayed from storage)."""
-    started: float = field(default_factory=time.perf_counter)
 
     def record(self, trial: FrozenTrial, *, fresh: bool, on_trial: Callable[[Progress], None] | None) -> None:
         self.done += 1
         self.evaluated += int(fresh)
-        self.last = trial
         if trial.state == TrialState.COMPLETE and (self.best is None or trial.value > self.best):
             self.best = trial.value
         if on_trial:
@@ -189,7 +183,7 @@ def attempt(objective: Objective, values: dict[str, float], seed: int, upcoming:
     """The objective's Evaluation, or why it failed (NaN weights, a crash in the model, a non-finite fitness)."""
     try:
         outcome = objective(values, seed, upcoming)
-    except (TrialFailed, ShoalError) as exc:
+    except ShoalError as exc:
         return str(exc)
     except (RuntimeError, ValueError, IndexError, FloatingPointError) as exc:  # a model that crashes on this candidate
         return f"{type(exc).__name__}: {exc}"
@@ -236,7 +230,7 @@ def run_trials(
     told once every process's trials of it are in.
     """
     stored = stored_trials(study)
-    progress = Progress(0, budget, None, None)
+    progress = Progress(0, budget, None)
     worst = failure_fitness
     index = 0
     while index < budget:
