@@ -64,13 +64,18 @@ def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) 
         "study": record.get("study", study),
         "search_hash": spec.search_hash(),
         "target": _target(spec),
-        "method": spec.method,
+        "method": _method(spec),
         "space": spec.space,
         "search": spec.model_dump(),
     }
     record.setdefault("sessions", [])
     _write_json(path, record)
     return record
+
+
+def _method(spec: SearchSpec) -> str:
+    """What builds a candidate: the merge method (PS), or the layer path (DFS: no merge method is used)."""
+    return spec.method if spec.space != "dfs" else f"layer path ({spec.dfs.scaling} scaling)"
 
 
 def _target(spec: SearchSpec) -> str:
@@ -263,7 +268,7 @@ def _finish(
     mean = lambda key: sum(t.user_attrs.get(key, 0.0) for t in complete) / len(complete)
     return {
         "target": _target(spec),
-        "method": spec.method,
+        "method": _method(spec),
         "space": spec.space,
         "best": {
             "trial": best.user_attrs["index"],
