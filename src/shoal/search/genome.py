@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from optuna.distributions import FloatDistribution
 
 from shoal.search.spec import SearchSpec
 
@@ -52,6 +53,10 @@ class GeneSpace:
         return {
             g.name: float(min(g.high, max(g.low, g.low + float(xi) * (g.high - g.low)))) for g, xi in zip(self.genes, x)
         }
+
+    def distributions(self) -> dict[str, FloatDistribution]:
+        """Each gene's range, as an Optuna study records its parameters."""
+        return {g.name: FloatDistribution(g.low, g.high) for g in self.genes}
 
     def start(self) -> np.ndarray:
         """Where the search starts, on the unit cube (the middle unless a genome knows better)."""

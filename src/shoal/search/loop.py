@@ -97,15 +97,18 @@ def finished_attrs(outcome: Outcome) -> tuple[dict[str, object], TrialState, flo
     return {"error": outcome, "dev_scores": {}}, TrialState.FAIL, None
 
 
-def _store(study: optuna.Study, genome: GeneSpace, job: Job, outcome: Outcome) -> FrozenTrial:
-    attrs, state, value = finished_attrs(outcome)
-    trial = optuna.trial.create_trial(
-        state=state,
-        value=value,
-        params=job.values,
-        distributions={g.name: FloatDistribution(g.low, g.high) for g in genome.genes},
-        user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed} | attrs,
+def job_trial(job: Job, distributions: dict[str, FloatDistribution], state: TrialState, value: float | None = None,
+              attrs: dict[str, object] | None = None) -> FrozenTrial:
+    """The Optuna trial of a job: its genes as parameters, its index, generation and seed (and attrs) as attributes."""
+    return optuna.trial.create_trial(
+        state=state, value=value, params=job.values, distributions=distributions,
+        user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed} | (attrs or {}),
     )
+
+
+def _store(study: optuna.Study, distributions: dict[str, FloatDistribution], job: Job, outcome: Outcome) -> FrozenTrial:
+    attrs, state, value = finished_attrs(outcome)
+    trial = job_trial(job, distributions, state, value, attrs)
     study.add_trial(trial)
     return trial
 
@@ -231,6 +234,7 @@ def run_trials(
     """
     stored = stored_trials(study)
     progress = Progress(0, budget, None)
+    distributions = genome.distributions()
     worst = failure_fitness
     index = 0
     while index < budget:
@@ -247,14 +251,14 @@ def run_trials(
         for job in jobs:
             if job.index in stored:
                 progress.record(stored[job.index], fresh=False, on_trial=on_trial)
-        fresh_indices = {job.index for job in jobs if job.index not in stored}
+        todo = [job for job in jobs if job.index not in stored]
         if shared is None:
-            for job, outcome in evaluator.run([job for job in jobs if job.index not in stored]):
-                stored[job.index] = _store(study, genome, job, outcome)
+            for job, outcome in evaluator.run(todo):
+                stored[job.index] = _store(study, distributions, job, outcome)
                 progress.record(stored[job.index], fresh=True, on_trial=on_trial)
         else:
             _run_shared(jobs, stored, evaluator, shared, progress, on_trial, poll_seconds)
-        fresh = [stored[job.index] for job in jobs if job.index in fresh_indices] if shared is None else []
+        fresh = [stored[job.index] for job in todo] if shared is None else []
         errors = {t.user_attrs.get("error") for t in fresh}
         if len(fresh) == len(jobs) > 1 and all(t.state == TrialState.FAIL for t in fresh) and len(errors) == 1:
             raise ShoalError(f"every trial of generation {generation} failed the same way, so the search stops: "

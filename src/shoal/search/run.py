@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> dict[str, Any]:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _run_record(spec: SearchSpec, run_dir: Path) -> dict[str, Any]:
+    """run_dir's run.json (empty if new), refused if another search made it."""
     path = run_dir / RUN_FILE
     record = json.loads(path.read_text()) if path.is_file() else {}
     if record.get("search_hash") not in (None, spec.search_hash()):
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
+    return record
+
+
+def _open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_FILE
+    record = _run_record(spec, run_dir)
     named = storage or (None if record.get("default_storage", True) else record.get("storage")) or spec.storage
     record |= {
         "storage": named or default_storage(run_dir),  # the default follows the folder if it is moved
@@ -125,14 +133,12 @@ def evolve(
     stage(Stage("loading parents"))
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
-    genome = genome_of(spec)
+    genome = space.genome if space is not None else genome_of(spec)
     shared_storage = not record["default_storage"]  # a storage the user named may be shared with other processes
     if shared_storage:
         from shoal.search.shared import SharedTrials, StorageLock
-
-        with StorageLock(record["storage"], record["study"]).held():  # the first process creates the schema
-            study = open_study(record["storage"], spec.search_hash(), record["study"])
-    else:
+    # with a shared storage, the first process creates the schema while the others wait
+    with StorageLock(record["storage"], record["study"]).held() if shared_storage else nullcontext():
         study = open_study(record["storage"], spec.search_hash(), record["study"])
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
@@ -180,10 +186,8 @@ def _evolve_hybrid(
     run_dir.mkdir(parents=True, exist_ok=True)
     top = {"space": "hybrid", "stages": ["ps", "dfs"], "target": _target(spec), "method": spec.method,
            "search_hash": spec.search_hash()}
-    path = run_dir / RUN_FILE
-    if path.is_file() and json.loads(path.read_text()).get("search_hash") != spec.search_hash():
-        raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
-    _write_json(path, top)
+    _run_record(spec, run_dir)
+    _write_json(run_dir / RUN_FILE, top)
     stage = on_stage or (lambda s: None)
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     stage(Stage("hybrid stage 1/2: parameter space"))

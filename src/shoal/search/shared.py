@@ -24,14 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import optuna
-from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from shoal.errors import ShoalError
 from shoal.search.genome import GeneSpace
-from shoal.search.loop import Job, Outcome, finished_attrs
+from shoal.search.loop import Job, Outcome, finished_attrs, job_trial
 
 
 class StorageLock:
@@ -94,7 +93,7 @@ class SharedTrials:
         self.storage = optuna.storages.get_storage(storage)
         self.study_id = self.storage.get_study_id_from_name(study)
         self.lock = StorageLock(storage, study)
-        self.distributions = {g.name: FloatDistribution(g.low, g.high) for g in genome.genes}
+        self.distributions = genome.distributions()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.heartbeat_seconds = heartbeat_seconds
         self.grace_seconds = grace_seconds
@@ -116,11 +115,7 @@ class SharedTrials:
         with self.lock.held():
             if any(t.user_attrs.get("index") == job.index for t in self._trials()):
                 return None
-            template = optuna.trial.create_trial(
-                state=TrialState.RUNNING, params=job.values, distributions=self.distributions,
-                user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed, "owner": self.owner,
-                            "heartbeat": 0},
-            )
+            template = job_trial(job, self.distributions, TrialState.RUNNING, attrs={"owner": self.owner, "heartbeat": 0})
             trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
         self._active.add(trial_id)
         return Claim(trial_id, self.storage.get_trial_number_from_id(trial_id))
@@ -135,11 +130,7 @@ class SharedTrials:
                     self.storage.set_trial_user_attr(claim.trial_id, key, item)
                 self.storage.set_trial_state_values(claim.trial_id, state, None if value is None else [value])
                 return self.storage.get_trial(claim.trial_id)
-            template = optuna.trial.create_trial(
-                state=state, value=value, params=job.values, distributions=self.distributions,
-                user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed, "owner": self.owner}
-                | attrs,
-            )
+            template = job_trial(job, self.distributions, state, value, {"owner": self.owner} | attrs)
             return self.storage.get_trial(self.storage.create_new_trial(self.study_id, template_trial=template))
 
     def _gone(self, trial: FrozenTrial) -> bool:
