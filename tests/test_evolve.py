@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -231,11 +232,14 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     assert dfs["parents"]["ps"] == ps["best"]["test"]  # stage 2's parent A is stage 1's best model
     assert summary["stages"]["ps"]["test"] == ps["best"]["test"] and summary["best"]["test"] == dfs["best"]["test"]
     assert summary["parents"] == ps["parents"] and (tmp_path / "run" / "best" / "path.yaml").is_file()
-    record = json.loads((tmp_path / "run" / "dfs" / "run.json").read_text())
+    moved = tmp_path / "moved"  # stage 2's parent A is in the run folder: the DFS search survives a move
+    shutil.move(tmp_path / "run", moved)
+    assert evolve(search, moved)["best"] == summary["best"]
+    record = json.loads((moved / "dfs" / "run.json").read_text())
     assert record["ps_best_trial"] == ps["best"]["trial"]
-    (tmp_path / "run" / "dfs" / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
+    (moved / "dfs" / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
     with pytest.raises(ShoalError, match="stored DFS trials were scored over #99"):
-        evolve(search, tmp_path / "run")  # as if a larger PS budget had found another best: A would change
+        evolve(search, moved)  # as if a larger PS budget had found another best: A would change
 
 
 def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:

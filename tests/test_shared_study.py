@@ -10,12 +10,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
+from shoal.errors import ShoalError
 from shoal.search.run import evolve
 from shoal.search.spec import load_search
 from shoal.zoo.build import build_zoo
@@ -24,12 +26,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def search_file(tmp_path_factory) -> Path:
-    zoo = build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+def zoo(tmp_path_factory):
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+
+
+def _search(zoo, to: Callable[[Path], str], budget: int = 30) -> dict:
+    return {"base": to(zoo.base), "parents": {k: to(v) for k, v in zoo.parents.items()},
+            "genome": {"layers_per_group": 0}, "tasks": [{"path": to(zoo.tasks["xx-math"])}], "budget": budget,
+            "seed": 4}
+
+
+@pytest.fixture(scope="module")
+def search_file(zoo, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("search")
-    spec = {"base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
-            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 30, "seed": 4}
-    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    (folder / "search.yaml").write_text(yaml.safe_dump(_search(zoo, str)))
     return folder / "search.yaml"
 
 
@@ -163,3 +173,26 @@ def test_a_stalled_claim_is_released_and_its_late_owner_still_stores_its_result(
     assert watcher.finished()[0].value == 0.25
     owner.close()
     watcher.close()
+
+
+def test_machines_that_keep_the_project_in_other_folders_share_one_study(zoo, tmp_path) -> None:
+    """The search file names its parents relative to itself; each machine resolves them in its own folder."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    projects = [tmp_path / "alice" / "project", tmp_path / "bob" / "work" / "project"]
+    for project in projects:
+        shutil.copytree(zoo.root, project / "zoo")
+        relative = lambda path: str(Path("zoo") / path.relative_to(zoo.root))
+        (project / "search.yaml").write_text(yaml.safe_dump(_search(zoo, relative, budget=8)))
+    first, second = (load_search(project / "search.yaml") for project in projects)
+    assert first.base != second.base and first.search_hash() == second.search_hash()
+    evolve(first, projects[0] / "run", storage=storage)
+    summary = evolve(second.model_copy(update={"budget": 16}), projects[1] / "run", storage=storage)
+    trials = _trials(storage)
+    assert sorted(_by_index(trials)) == list(range(16)) and summary["trials"] == 16
+    assert len({t.user_attrs["owner"] for t in trials if t.user_attrs["index"] >= 8}) == 1
+    other = yaml.safe_load((projects[1] / "search.yaml").read_text())
+    names = list(other["parents"])
+    other["parents"] = dict(zip(names, reversed(other["parents"].values())))  # the same files, named the other way
+    (projects[1] / "swapped.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(ShoalError, match="different search"):
+        evolve(load_search(projects[1] / "swapped.yaml"), projects[1] / "swapped", storage=storage)

@@ -26,7 +26,15 @@ from shoal.evaluate.runner import load_model
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, scores, weighted
-from shoal.search.loop import STUDY_NAME, Evaluator, Progress, SerialEvaluator, open_study, run_trials, stored_trials
+from shoal.search.loop import (
+    STUDY_NAME,
+    Evaluator,
+    Progress,
+    SerialEvaluator,
+    open_study,
+    run_trials,
+    stored_trials,
+)
 from shoal.search.optimizer import CmaEs
 from shoal.search.spaces import Space, genome_of, make_space
 from shoal.search.spec import SearchSpec
@@ -191,15 +199,17 @@ def _evolve_hybrid(
     stage = on_stage or (lambda s: None)
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     stage(Stage("hybrid stage 1/2: parameter space"))
-    ps = evolve(spec.model_copy(update={"space": "ps"}), run_dir / "ps", storage=storage, on_stage=on_stage,
-                study=stage_study("ps"), workers=workers, ray_address=ray_address)
-    flow_parents = {"ps": str((run_dir / "ps" / BEST_DIR).resolve()), **spec.flow_parents}
+    ps_spec = spec.model_copy(update={"space": "ps"})
+    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_stage=on_stage, study=stage_study("ps"),
+                workers=workers, ray_address=ray_address)
+    ps_best = str((run_dir / "ps" / BEST_DIR).resolve())
+    flow_parents = {"ps": ps_best, **spec.flow_parents}
     dfs_spec = spec.model_copy(update={
         "space": "dfs",
         "parents": flow_parents,
         "dfs": spec.dfs.model_copy(update={"parents": list(flow_parents)}),
         "budget": spec.dfs.budget or spec.budget,
-    })
+    }).naming(ps_best, f"best of the PS stage {ps_spec.search_hash()}")
     dfs_record = run_dir / "dfs" / RUN_FILE
     made_from = json.loads(dfs_record.read_text()).get("ps_best_trial") if dfs_record.is_file() else None
     if made_from is not None and made_from != ps["best"]["trial"]:

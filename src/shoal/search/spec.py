@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from shoal import yamlfile
 from shoal.errors import ShoalError
@@ -104,6 +113,8 @@ class SearchSpec(Strict):
     device: str = "cpu"
     overlap: bool = True
     """Merge the next candidate while this one is scored (keeps a second copy of the model)."""
+    _written: dict[str, str] = PrivateAttr(default_factory=dict)
+    """Resolved local path -> how the search names it (as written in the file, or a stage's result)."""
 
     @field_validator("method")
     @classmethod
@@ -159,14 +170,32 @@ class SearchSpec(Strict):
     def bound(self, param: str) -> tuple[float, float]:
         return self.bounds.get(param, {"weight": (0.0, 1.0), "density": (0.1, 1.0)}[param])
 
+    def naming(self, path: str, name: str) -> SearchSpec:
+        """This search, with the local folder `path` fingerprinted as `name` (e.g. the result of an earlier stage)."""
+        named = self.model_copy()
+        named._written = self._written | {path: name}
+        return named
+
     def search_hash(self) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
         part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
-        batch size, device or overlap, nor the data-flow settings of a parameter-space search."""
+        batch size, device or overlap, nor the data-flow settings of a parameter-space search. Local paths count
+        as the search file wrote them, so machines that keep the same files in other folders share a study."""
         excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
                                        "overlap": True, "dfs": True if self.space == "ps" else {"budget"}}
-        kept = self.model_dump(exclude=excluded, exclude_defaults=True)
+        kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _renamed(value: object, names: dict[str, str]) -> object:
+    """value with every string that is a key of names replaced by its name, through nested dicts and lists."""
+    if isinstance(value, str):
+        return names.get(value, value)
+    if isinstance(value, dict):
+        return {k: _renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, names) for v in value]
+    return value
 
 
 def parse_search(text: str, source: str, root: Path) -> SearchSpec:
@@ -174,28 +203,36 @@ def parse_search(text: str, source: str, root: Path) -> SearchSpec:
     spec, _ = yamlfile.validated(
         SearchSpec, text, source, "a search file is a YAML mapping with at least base, parents and tasks"
     )
-    here = lambda p: _located(p, root)
-    return spec.model_copy(
+    written: dict[str, str] = {}
+    here = lambda p: _located(p, root, written)
+    located = spec.model_copy(
         update={
             "base": here(spec.base),
             "parents": {name: here(p) for name, p in spec.parents.items()},
-            "tasks": [_located_task(t, root) for t in spec.tasks],
+            "tasks": [_located_task(t, here) for t in spec.tasks],
         }
     )
+    located._written = written
+    return located
 
 
-def _located(path: str, root: Path) -> str:
-    """A path relative to the search file made absolute; a name not found there is kept (a Hub id, or an error later)."""
+def _located(path: str, root: Path, written: dict[str, str]) -> str:
+    """A path relative to the search file made absolute (and noted in written as the file wrote it, normalised); a
+    name not found there is kept (a Hub id, or an error later)."""
     candidate = root / path
-    return str(candidate.resolve()) if candidate.exists() else path
+    if not candidate.exists():
+        return path
+    resolved = str(candidate.resolve())
+    written[resolved] = os.path.normpath(path)
+    return resolved
 
 
-def _located_task(task: TaskWeight, root: Path) -> TaskWeight:
+def _located_task(task: TaskWeight, here: Callable[[str], str]) -> TaskWeight:
     if task.lm_eval is not None:
         include = task.lm_eval.include
-        ref = task.lm_eval.model_copy(update={"include": include and _located(include, root)})
+        ref = task.lm_eval.model_copy(update={"include": include and here(include)})
         return task.model_copy(update={"lm_eval": ref})
-    return task.model_copy(update={"path": _located(str(task.path), root)})
+    return task.model_copy(update={"path": here(str(task.path))})
 
 
 def load_search(path: str | Path) -> SearchSpec:
