@@ -1,10 +1,13 @@
-"""Trials per hour of `shoal evolve` with 1 process vs N Ray workers, on the demo zoo, in one run.
+"""Trials per hour of `shoal evolve` with 1 process vs N Ray workers, and with the transformers vs the vLLM
+engine, on the demo zoo, in one run.
 
-Each setting runs the same search (the demo's PS search, fixed budget) into a fresh folder; the rate counts the
-trial loop only (from the first stored trial to the last), not Ray's start-up or the final test scoring. The
-trials of every setting are checked to be the same (a parallel search stores what a serial one does).
+Each setting (workers x engine) runs the same search (the demo's PS search, fixed budget) into a fresh folder; the
+rate counts the trial loop only (from the first stored trial to the last), not Ray's or vLLM's start-up or the
+final test scoring. The trials of every setting are compared with the first's (a parallel search stores what a
+serial one does; another engine may round differently).
 
     python benchmarks/parallel.py --zoo ~/.cache/shoal/zoo-bench/default/seed0 --budget 120 --workers 1 2
+    python benchmarks/parallel.py --device cuda --engine hf vllm    # GPU machine with vLLM installed
 """
 
 from __future__ import annotations
@@ -42,22 +45,28 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=120)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process / worker")
+    parser.add_argument("--engine", nargs="+", default=["hf"], choices=["hf", "vllm"])
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     zoo = load_zoo(args.zoo)
     work = Path(tempfile.mkdtemp(prefix="shoal-parallel-"))
-    search = work / "search.yaml"
-    search.write_text(yaml.safe_dump({
-        "base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
-        "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": args.budget, "seed": 0,
-    }))
-    results = {w: rate(search, work / f"workers{w}", w) for w in args.workers}
-    first = args.workers[0]
-    for w, (per_hour, trials) in results.items():
+    settings = [(w, engine) for engine in args.engine for w in args.workers]
+    results = {}
+    for w, engine in settings:
+        search = work / f"search-{engine}.yaml"
+        search.write_text(yaml.safe_dump({
+            "base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
+            "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": args.budget, "seed": 0,
+            "device": args.device, "engine": engine,
+        }))
+        results[w, engine] = rate(search, work / f"workers{w}-{engine}", w)
+    first = settings[0]
+    for (w, engine), (per_hour, trials) in results.items():
         same = trials == results[first][1]
-        print(f"workers {w}: {per_hour:8.0f} trials/hour | x{per_hour / results[first][0]:.2f} vs {first} | "
-              f"trials identical to workers={first}: {same}")
+        print(f"workers {w}, engine {engine}: {per_hour:8.0f} trials/hour | x{per_hour / results[first][0]:.2f} vs "
+              f"workers {first[0]}, engine {first[1]} | trials identical to it: {same}")
 
 
 if __name__ == "__main__":

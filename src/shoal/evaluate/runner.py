@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from shoal.errors import ShoalError
 from shoal.evaluate import backend, metrics
@@ -37,6 +43,12 @@ class EvalResult:
             "task": self.task, "split": self.split, "metric": self.metric, "score": self.score, "n": self.n,
             "constraint_failures": self.constraint_failures, "seconds": self.seconds,
         }
+
+
+class Generator(Protocol):
+    """Another engine for the generation metrics (e.g. `VllmEngine`), holding the model being evaluated."""
+
+    def generate(self, prompts: Sequence[list[int]], *, max_new_tokens: int, stop: Sequence[str]) -> list[str]: ...
 
 
 _fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
@@ -94,7 +106,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def _score(task: Task, split: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-           limit: int | None) -> tuple[list[float], dict[str, int], list[str] | None]:
+           limit: int | None, generator: Generator | None) -> tuple[list[float], dict[str, int], list[str] | None]:
     spec, items = task.spec, task.items(split)[:limit]
     failures = {c.name: 0 for c in spec.constraints}
     if task.metric == "answer_logprob":
@@ -111,8 +123,11 @@ def _score(task: Task, split: str, model: PreTrainedModel, tokenizer: PreTrained
             picked.append(it.choices[metrics.best_choice(mine)])
         return scores, failures, picked
     prompts, triggers = _encoded(task, split, tokenizer, limit)
-    outputs = backend.generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop,
-                               triggers=triggers, batch_size=batch_size)
+    if generator is not None:
+        outputs = generator.generate(prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop)
+    else:
+        outputs = backend.generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop,
+                                   triggers=triggers, batch_size=batch_size)
     scores = []
     for it, out in zip(items, outputs):
         failed = metrics.failed_constraints(out, spec.constraints)
@@ -142,12 +157,15 @@ def evaluate(
     limit: int | None = None,
     device: str | None = None,
     return_outputs: bool = False,
+    generator: Generator | None = None,
 ) -> EvalResult:
     """Score a model (a folder, or a loaded model used where it is) on the first `limit` items of a task's split.
 
     seconds counts tokenising, the model's forward passes and scoring, not loading a folder.
     device applies to a folder (default cpu). A loaded model needs tokenizer= (the object or its folder). Nothing
     that depends on the weights is cached, so a model whose weights change between calls is scored afresh.
+    generator, if given, produces the outputs of a generation metric instead of the model (which must hold the
+    same weights); log-likelihood metrics always use the model.
     """
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ShoalError("batch_size and limit must be at least 1")
@@ -167,7 +185,7 @@ def evaluate(
     training = model.training
     model.eval()
     try:
-        scores, failures, outputs = _score(task, split, model, tokenizer, batch_size, limit)
+        scores, failures, outputs = _score(task, split, model, tokenizer, batch_size, limit, generator)
     finally:
         model.train(training)
     return EvalResult(

@@ -5,16 +5,20 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shoal.evaluate.lm_eval_task import LmEvalTask
-from shoal.evaluate.runner import evaluate
+from shoal.evaluate.runner import Generator, evaluate
 from shoal.evaluate.task import Task, load_task
 from shoal.search.loop import Candidate, Evaluation
 from shoal.search.spaces import Space
 from shoal.search.spec import SearchSpec
+
+if TYPE_CHECKING:
+    from shoal.evaluate.vllm_engine import VllmEngine
 
 
 @dataclass
@@ -38,16 +42,17 @@ def load_tasks(spec: SearchSpec) -> list[WeightedTask]:
 
 
 def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task | LmEvalTask, split: str,
-          batch_size: int) -> float:
+          batch_size: int, generator: Generator | None = None) -> float:
     if isinstance(task, LmEvalTask):
         return task.score(model, tokenizer, split, batch_size)
-    return evaluate(model, task, split, tokenizer=tokenizer, batch_size=batch_size).score
+    return evaluate(model, task, split, tokenizer=tokenizer, batch_size=batch_size, generator=generator).score
 
 
 def scores(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[WeightedTask], split: str, batch_size: int
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[WeightedTask], split: str, batch_size: int,
+    generator: Generator | None = None,
 ) -> dict[str, float]:
-    return {t.task.name: score(model, tokenizer, t.task, split, batch_size) for t in tasks}
+    return {t.task.name: score(model, tokenizer, t.task, split, batch_size, generator) for t in tasks}
 
 
 def weighted(tasks: list[WeightedTask], by_task: dict[str, float]) -> float:
@@ -66,12 +71,16 @@ class DevFitness:
 
     With a two-slot space, the next candidate is built in a background thread into the other model while this
     one is scored, so a trial waits for its merge only when it was not known in advance (a generation's first).
+    With a vLLM engine, the built model's weights are loaded into it (counted as waiting for the merge) and it
+    generates the outputs of generation tasks.
     """
 
-    def __init__(self, space: Space, tasks: list[WeightedTask], batch_size: int) -> None:
+    def __init__(self, space: Space, tasks: list[WeightedTask], batch_size: int,
+                 engine: VllmEngine | None = None) -> None:
         self.space = space
         self.tasks = tasks
         self.batch_size = batch_size
+        self.engine = engine
         threads = torch.get_num_threads()  # torch's thread count is per thread: the merging thread gets this one's
         self._pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,)) \
             if space.slots > 1 else None
@@ -92,12 +101,24 @@ class DevFitness:
             if pending is not None:
                 wait([pending.merged])  # never two merges into one slot at once
             slot, compute = 0, self._merge((values, seed), 0)
+        if self.engine is not None:
+            self.engine.load(self._models[slot])
         waited = time.perf_counter() - start
         if upcoming is not None and self._pool is not None:
             other = 1 - slot
             self._pending = _Pending(upcoming, other, self._pool.submit(self._merge, upcoming, other))
         scored = time.perf_counter()
-        by_task = scores(self._models[slot], self.space.tokenizer, self.tasks, "dev", self.batch_size)
+        by_task = scores(self._models[slot], self.space.tokenizer, self.tasks, "dev", self.batch_size, self.engine)
         return Evaluation(
             weighted(self.tasks, by_task), by_task, waited, time.perf_counter() - scored, merge_compute_seconds=compute
         )
+
+
+def search_fitness(spec: SearchSpec, space: Space, tasks: list[WeightedTask]) -> DevFitness:
+    """The search's DevFitness, with the engine the search names."""
+    engine = None
+    if spec.engine == "vllm":
+        from shoal.evaluate.vllm_engine import VllmEngine
+
+        engine = VllmEngine(spec.base, dtype=spec.dtype or "auto", seed=spec.seed, **spec.vllm)
+    return DevFitness(space, tasks, spec.batch_size, engine)

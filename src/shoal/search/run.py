@@ -25,7 +25,7 @@ from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
-from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, scores, weighted
+from shoal.search.fitness import WeightedTask, load_tasks, scores, search_fitness, weighted
 from shoal.search.loop import (
     STUDY_NAME,
     Evaluator,
@@ -156,7 +156,7 @@ def evolve(
         evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
     else:
         assert space is not None
-        evaluator = SerialEvaluator(DevFitness(space, tasks, spec.batch_size))
+        evaluator = SerialEvaluator(search_fitness(spec, space, tasks))
     shared = SharedTrials(record["storage"], record["study"], genome) if shared_storage else None
     try:
         run_trials(

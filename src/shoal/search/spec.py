@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -113,6 +113,12 @@ class SearchSpec(Strict):
     device: str = "cpu"
     overlap: bool = True
     """Merge the next candidate while this one is scored (keeps a second copy of the model)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What generates the outputs of generation tasks during the search: transformers, or a resident vLLM engine
+    whose weights are updated in place (parameter space only; `pip install vllm`). Log-likelihood and lm-eval
+    tasks, and the final test scores, always use transformers."""
+    vllm: dict[str, Any] = {}
+    """Further keyword options of vLLM's LLM (e.g. gpu_memory_utilization, max_model_len, enforce_eager)."""
     _written: dict[str, str] = PrivateAttr(default_factory=dict)
     """Resolved local path -> how the search names it (as written in the file, or a stage's result)."""
 
@@ -152,6 +158,9 @@ class SearchSpec(Strict):
             raise ValueError(f"bounds: density must lie in (0, 1], got [{low}, {high}]")
         if self.method == "linear" and self.genome.embeddings == "base":
             raise ValueError("genome.embeddings: base needs a method with a base model (linear has none)")
+        if self.engine == "vllm" and self.space != "ps":
+            raise ValueError("engine: vllm scores parameter-space candidates only (a data-flow path changes the "
+                             "layers of the model the engine was built with)")
         unknown = [name for name in self.dfs.parents or [] if name not in self.parents]
         if unknown:
             raise ValueError(f"dfs.parents: {unknown[0]!r} is not one of the parents ({', '.join(self.parents)})")
@@ -179,10 +188,12 @@ class SearchSpec(Strict):
     def search_hash(self) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
         part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
-        batch size, device or overlap, nor the data-flow settings of a parameter-space search. Local paths count
-        as the search file wrote them, so machines that keep the same files in other folders share a study."""
+        batch size, device, overlap or engine, nor the data-flow settings of a parameter-space search. Local
+        paths count as the search file wrote them, so machines that keep the same files in other folders share
+        a study."""
         excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
-                                       "overlap": True, "dfs": True if self.space == "ps" else {"budget"}}
+                                       "overlap": True, "engine": True, "vllm": True,
+                                       "dfs": True if self.space == "ps" else {"budget"}}
         kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 

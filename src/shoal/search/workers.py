@@ -25,13 +25,13 @@ class _Worker:
         import torch
         from transformers.utils import logging as transformers_logging
 
-        from shoal.search.fitness import DevFitness, load_tasks
+        from shoal.search.fitness import load_tasks, search_fitness
         from shoal.search.spaces import make_space
 
         torch.set_num_threads(threads)
         transformers_logging.disable_progress_bar()
         spec = SearchSpec.model_validate_json(spec_json).model_copy(update={"overlap": False})
-        self.fitness = DevFitness(make_space(spec), load_tasks(spec), spec.batch_size)
+        self.fitness = search_fitness(spec, make_space(spec), load_tasks(spec))
 
     def evaluate(self, values: dict[str, float], seed: int) -> Outcome:
         from shoal.search.loop import attempt

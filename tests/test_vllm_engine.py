@@ -1,0 +1,134 @@
+"""`engine: vllm`: generation tasks scored on a resident vLLM engine whose weights follow each candidate.
+
+vLLM cannot run on this project's test machine (no GPU; its CPU build needs sources from GitHub), so these tests
+drive shoal's engine through `vllm_standin`, which keeps vLLM's contract for the calls shoal makes. The last test
+runs the real vLLM where it is installed and a GPU is present.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import vllm_standin
+import yaml
+
+from shoal.errors import ShoalError
+from shoal.evaluate import evaluate, load_task
+from shoal.search.fitness import DevFitness, WeightedTask, search_fitness
+from shoal.search.run import evolve
+from shoal.search.spaces import ParameterSpace
+from shoal.search.spec import SearchSpec, load_search
+from shoal.zoo.build import Zoo, build_zoo
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> Zoo:
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+
+
+@pytest.fixture(scope="module")
+def own_task(zoo, tmp_path_factory) -> Path:
+    """A zoo task whose answers are the language parent's own greedy outputs, so that candidates score apart."""
+    folder = tmp_path_factory.mktemp("task")
+    spec = yaml.safe_load((zoo.tasks["xx-easy"] / "task.yaml").read_text()) | {"name": "own"}
+    (folder / "task.yaml").write_text(yaml.safe_dump(spec))
+    for split in ("dev", "test"):
+        (folder / f"{split}.jsonl").write_text((zoo.tasks["xx-easy"] / f"{split}.jsonl").read_text())
+    for split in ("dev", "test"):
+        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        own = evaluate(zoo.parents["language"], load_task(folder), split, return_outputs=True).outputs
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r | {"answer": o}) + "\n" for r, o in zip(rows, own)))
+    return folder
+
+
+@pytest.fixture
+def standin(monkeypatch) -> type[vllm_standin.LLM]:
+    for name, module in vllm_standin.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.setattr(vllm_standin.LLM, "instances", [])
+    return vllm_standin.LLM
+
+
+def _search(zoo: Zoo, task: Path, folder: Path, **extra: object) -> Path:
+    spec = {"base": str(zoo.base), "parents": {name: str(path) for name, path in zoo.parents.items()},
+            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(task)}], "budget": 10, "seed": 3} | extra
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "search.yaml"
+
+
+def test_every_candidate_is_scored_on_its_own_weights_as_transformers_scores_it(zoo, own_task, tmp_path, standin) -> None:
+    spec = load_search(_search(zoo, own_task, tmp_path, engine="vllm", overlap=False))
+    space = ParameterSpace(spec)
+    task = load_task(own_task)
+    fitness = search_fitness(spec, space, [WeightedTask(task, 1.0)])
+    [engine] = standin.instances
+    genome = space.genome
+    points = [genome.start(), [0.0] * len(genome), [1.0] * len(genome), [0.9, 0.1] * (len(genome) // 2)]
+    through_vllm, through_hf = [], []
+    for i, point in enumerate(points):
+        values = genome.values(point)
+        through_vllm.append(fitness(values, seed=i).fitness)
+        through_hf.append(evaluate(space.build(values, i), task, "dev", tokenizer=space.tokenizer).score)
+    assert through_vllm == through_hf and len(set(through_hf)) >= 3  # candidates differ, and each was its own
+    assert engine.reloads == len(points)
+
+
+def test_a_search_on_the_vllm_engine_stores_the_trials_of_one_on_transformers(zoo, own_task, tmp_path, standin) -> None:
+    hf = evolve(load_search(_search(zoo, own_task, tmp_path / "hf")), tmp_path / "hf" / "run")
+    on_vllm = evolve(load_search(_search(zoo, own_task, tmp_path / "vllm", engine="vllm")), tmp_path / "vllm" / "run")
+    trials = lambda run: [(t.params, t.value) for t in optuna.load_study(
+        study_name="shoal", storage=f"sqlite:///{run / 'study.db'}").trials]
+    assert trials(tmp_path / "vllm" / "run") == trials(tmp_path / "hf" / "run")
+    assert on_vllm["best"] == hf["best"] and standin.instances[0].reloads == 10
+
+
+def test_forgetting_the_prefix_cache_would_be_caught(zoo, own_task, tmp_path, standin, monkeypatch) -> None:
+    """The stand-in's prefix cache is what makes the tests above fail if the engine kept stale prompt KV."""
+    from shoal.evaluate.vllm_engine import VllmEngine
+
+    spec = load_search(_search(zoo, own_task, tmp_path, engine="vllm", overlap=False))
+    space = ParameterSpace(spec)
+    task = load_task(own_task)
+    monkeypatch.setattr(standin, "reset_prefix_cache", lambda self, *a, **k: True)
+    fitness = DevFitness(space, [WeightedTask(task, 1.0)], spec.batch_size, VllmEngine(spec.base))
+    scores = [fitness(space.genome.values([x] * len(space.genome)), seed=0).fitness for x in (0.0, 1.0)]
+    assert scores[0] == scores[1] != evaluate(space.build(space.genome.values([1.0] * len(space.genome)), 0), task,
+                                              "dev", tokenizer=space.tokenizer).score
+
+
+def test_the_engine_says_what_it_needs(zoo, monkeypatch) -> None:
+    from shoal.evaluate.vllm_engine import VllmEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    with pytest.raises(ShoalError, match="pip install vllm"):
+        VllmEngine(zoo.base)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(ShoalError, match="in shoal's process"):
+        VllmEngine(zoo.base)
+    with pytest.raises(ValueError, match="parameter-space candidates only"):
+        SearchSpec.model_validate({"base": "b", "parents": {"m": "m"}, "tasks": [{"path": "t"}], "space": "dfs",
+                                   "engine": "vllm"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM runs on a GPU here")
+def test_real_vllm_generates_what_transformers_generates(zoo, own_task, tmp_path) -> None:
+    pytest.importorskip("vllm")
+    spec = load_search(_search(zoo, own_task, tmp_path, engine="vllm", overlap=False, device="cuda", dtype="float32",
+                               vllm={"enforce_eager": True, "gpu_memory_utilization": 0.2}))
+    space = ParameterSpace(spec)
+    task = load_task(own_task)
+    fitness = search_fitness(spec, space, [WeightedTask(task, 1.0)])
+    for i, x in enumerate((0.0, 0.5, 1.0)):
+        values = space.genome.values([x] * len(space.genome))
+        expected = evaluate(space.build(values, i), task, "dev", tokenizer=space.tokenizer).score
+        assert fitness(values, seed=i).fitness == pytest.approx(expected, abs=0.05)
