@@ -99,10 +99,28 @@ def test_forgetting_the_prefix_cache_would_be_caught(zoo, own_task, tmp_path, st
     space = ParameterSpace(spec)
     task = load_task(own_task)
     monkeypatch.setattr(standin, "reset_prefix_cache", lambda self, *a, **k: True)
-    fitness = DevFitness(space, [WeightedTask(task, 1.0)], spec.batch_size, VllmEngine(spec.base))
+    engine = VllmEngine(spec.base, dtype=torch.float32)
+    fitness = DevFitness(space, [WeightedTask(task, 1.0)], spec.batch_size, engine)
     scores = [fitness(space.genome.values([x] * len(space.genome)), seed=0).fitness for x in (0.0, 1.0)]
     assert scores[0] == scores[1] != evaluate(space.build(space.genome.values([1.0] * len(space.genome)), 0), task,
                                               "dev", tokenizer=space.tokenizer).score
+
+
+def test_the_engine_refuses_what_would_score_other_weights_or_other_outputs(zoo, own_task, tmp_path, standin) -> None:
+    from shoal.evaluate.vllm_engine import VllmEngine
+
+    engine = VllmEngine(zoo.base, dtype=torch.float32, max_model_len=40)
+    [llm] = standin.instances
+    assert llm.model.dtype == torch.float32  # shoal names the candidates' dtype: vLLM's "auto" would be bfloat16
+    prompts = [[1, 2, 3]] * 2
+    assert len(engine.generate(prompts, max_new_tokens=37, stop=[])) == 2
+    with pytest.raises(ShoalError, match="exceeds vLLM's max_model_len 40"):
+        engine.generate(prompts, max_new_tokens=38, stop=[])  # vLLM would stop at 40 tokens, transformers not
+    llm.busy = True
+    with pytest.raises(ShoalError, match="kept its prefix cache"):
+        engine.load(ParameterSpace(load_search(_search(zoo, own_task, tmp_path))).merger.model)
+    with pytest.raises(ShoalError, match="float32, float16 or bfloat16"):
+        VllmEngine(zoo.base, dtype=torch.float64)
 
 
 def test_the_engine_says_what_it_needs(zoo, monkeypatch) -> None:
@@ -111,13 +129,15 @@ def test_the_engine_says_what_it_needs(zoo, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     with pytest.raises(ShoalError, match="pip install vllm"):
-        VllmEngine(zoo.base)
+        VllmEngine(zoo.base, dtype=torch.float32)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     with pytest.raises(ShoalError, match="in shoal's process"):
-        VllmEngine(zoo.base)
+        VllmEngine(zoo.base, dtype=torch.float32)
+    search = {"base": "b", "parents": {"m": "m"}, "tasks": [{"path": "t"}], "engine": "vllm"}
     with pytest.raises(ValueError, match="parameter-space candidates only"):
-        SearchSpec.model_validate({"base": "b", "parents": {"m": "m"}, "tasks": [{"path": "t"}], "space": "dfs",
-                                   "engine": "vllm"})
+        SearchSpec.model_validate(search | {"space": "dfs"})
+    with pytest.raises(ValueError, match="dtype, seed come from the search"):
+        SearchSpec.model_validate(search | {"vllm": {"seed": 1, "dtype": "half", "enforce_eager": True}})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM runs on a GPU here")

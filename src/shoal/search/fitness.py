@@ -119,6 +119,8 @@ def search_fitness(spec: SearchSpec, space: Space, tasks: list[WeightedTask]) ->
     engine = None
     if spec.engine == "vllm":
         from shoal.evaluate.vllm_engine import VllmEngine
+        from shoal.search.spaces import ParameterSpace
 
-        engine = VllmEngine(spec.base, dtype=spec.dtype or "auto", seed=spec.seed, **spec.vllm)
+        assert isinstance(space, ParameterSpace)  # the search file refuses engine: vllm elsewhere
+        engine = VllmEngine(spec.base, dtype=space.merger.model.dtype, seed=spec.seed, **spec.vllm)
     return DevFitness(space, tasks, spec.batch_size, engine)

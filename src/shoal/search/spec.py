@@ -118,7 +118,8 @@ class SearchSpec(Strict):
     whose weights are updated in place (parameter space only; `pip install vllm`). Log-likelihood and lm-eval
     tasks, and the final test scores, always use transformers."""
     vllm: dict[str, Any] = {}
-    """Further keyword options of vLLM's LLM (e.g. gpu_memory_utilization, max_model_len, enforce_eager)."""
+    """Further keyword options of vLLM's LLM (e.g. gpu_memory_utilization: the share of the GPU's total memory the
+    engine takes, default 0.4; enforce_eager). Model, tokenizer, dtype and seed come from the search."""
     _written: dict[str, str] = PrivateAttr(default_factory=dict)
     """Resolved local path -> how the search names it (as written in the file, or a stage's result)."""
 
@@ -161,6 +162,9 @@ class SearchSpec(Strict):
         if self.engine == "vllm" and self.space != "ps":
             raise ValueError("engine: vllm scores parameter-space candidates only (a data-flow path changes the "
                              "layers of the model the engine was built with)")
+        taken = sorted({"model", "tokenizer", "dtype", "seed"} & set(self.vllm))
+        if taken:
+            raise ValueError(f"vllm: {', '.join(taken)} come from the search (base, dtype, seed), not vllm options")
         unknown = [name for name in self.dfs.parents or [] if name not in self.parents]
         if unknown:
             raise ValueError(f"dfs.parents: {unknown[0]!r} is not one of the parents ({', '.join(self.parents)})")
