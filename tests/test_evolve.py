@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from shoal.search.optimizer import CmaEs
 from shoal.search.run import evolve
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
+from shoal.search.storage import open_storage
 from shoal.zoo.build import Zoo, build_zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,7 +56,7 @@ def _search(zoo: Zoo, folder: Path, **extra: object) -> Path:
 
 
 def _trials(run_dir: Path) -> list[tuple[dict, float | None, str]]:
-    study = optuna.load_study(study_name="shoal", storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = optuna.load_study(study_name="shoal", storage=open_storage(str(run_dir / 'study.log')))
     return [(t.params, t.value, t.state.name) for t in sorted(study.trials, key=lambda t: t.number)]
 
 
@@ -88,15 +88,15 @@ def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path, s
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = killed / "study.db"
+    log = killed / "study.log"
     deadline = time.time() + 120
     stored = 0
     while stored < population + 3 and time.time() < deadline:  # into the second generation
         time.sleep(0.02)
-        if db.exists():
+        if log.exists():
             try:
-                stored = sqlite3.connect(db).execute("select count(*) from trials").fetchone()[0]
-            except sqlite3.OperationalError:
+                stored = len(optuna.load_study(study_name="shoal", storage=open_storage(str(log))).trials)
+            except KeyError:  # the study is not made yet
                 pass
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -144,7 +144,7 @@ def test_merging_ahead_changes_no_result_and_hides_the_merge(zoo, tmp_path) -> N
     ahead = evolve(search, tmp_path / "ahead")
     evolve(search.model_copy(update={"overlap": False}), tmp_path / "inline")
     assert _trials(tmp_path / "ahead") == _trials(tmp_path / "inline")
-    study = optuna.load_study(study_name="shoal", storage=f"sqlite:///{tmp_path / 'ahead' / 'study.db'}")
+    study = optuna.load_study(study_name="shoal", storage=open_storage(str(tmp_path / 'ahead' / 'study.log')))
     waited = [t.user_attrs["merge_seconds"] < t.user_attrs["merge_compute_seconds"] / 2 for t in study.trials]
     assert waited[0] is False and sum(waited[1:10]) >= 7  # a generation's first waits; the others were merged ahead
     assert ahead["seconds_per_trial"]["merge"] < ahead["seconds_per_trial"]["merge_compute"]
@@ -209,7 +209,7 @@ def test_data_flow_search_exports_the_path_it_scored(zoo, tmp_path) -> None:
     space = FlowSpace(search)
     start = space.genome.path(space.genome.values(space.genome.start()))
     assert [(s.parent, s.layer, s.scale) for s in start] == [("language", 0, 1.0), ("language", 1, 1.0)]
-    trial = optuna.load_study(study_name="shoal", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}").trials[
+    trial = optuna.load_study(study_name="shoal", storage=open_storage(str(tmp_path / 'run' / 'study.log'))).trials[
         summary["best"]["trial"]]
     path = space.genome.path(trial.params)
     assert summary["best"]["path"] == [{"parent": s.parent, "layer": s.layer, "scale": s.scale} for s in path]
@@ -248,7 +248,7 @@ def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:
     import io
 
     summary = evolve(load_search(_search(zoo, tmp_path, budget=5)), tmp_path / "run")
-    app = dashboard.wsgi(f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    app = dashboard.wsgi(open_storage(str(tmp_path / 'run' / 'study.log')))
 
     def get(path: str) -> dict:
         environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "SERVER_NAME": "x", "SERVER_PORT": "80",

@@ -20,6 +20,7 @@ import yaml
 from shoal.errors import ShoalError
 from shoal.search.run import evolve
 from shoal.search.spec import load_search
+from shoal.search.storage import open_storage
 from shoal.zoo.build import build_zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,7 +77,7 @@ def postgres() -> str:
 
 
 def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="shoal", storage=storage).trials
+    return optuna.load_study(study_name="shoal", storage=open_storage(storage)).trials
 
 
 def _by_index(trials) -> dict[int, tuple]:
@@ -94,15 +95,16 @@ def _two_processes(search_file: Path, storage: str, tmp_path: Path) -> None:
         assert proc.returncode == 0, err
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "journal"])
 def test_two_processes_share_one_study_and_split_its_trials(search_file, tmp_path, request, backend) -> None:
-    storage = f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite" else request.getfixturevalue("postgres")
+    storage = {"sqlite": f"sqlite:///{tmp_path / 'shared.db'}", "journal": str(tmp_path / "shared.log")}.get(
+        backend) or request.getfixturevalue("postgres")
     _two_processes(search_file, storage, tmp_path)
     shared = _trials(storage)
     owners = {t.user_attrs["owner"] for t in shared}
     assert len(owners) == 2, "both processes scored trials"
     evolve(load_search(search_file), tmp_path / "alone")
-    alone = optuna.load_study(study_name="shoal", storage=f"sqlite:///{tmp_path / 'alone' / 'study.db'}").trials
+    alone = optuna.load_study(study_name="shoal", storage=open_storage(str(tmp_path / 'alone' / 'study.log'))).trials
     assert _by_index(shared) == _by_index(alone) and len(_by_index(alone)) == 30
 
 

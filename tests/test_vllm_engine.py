@@ -23,6 +23,7 @@ from shoal.search.fitness import DevFitness, WeightedTask, search_fitness
 from shoal.search.run import evolve
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import SearchSpec, load_search
+from shoal.search.storage import open_storage
 from shoal.zoo.build import Zoo, build_zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -86,7 +87,7 @@ def test_a_search_on_the_vllm_engine_stores_the_trials_of_one_on_transformers(zo
     hf = evolve(load_search(_search(zoo, own_task, tmp_path / "hf")), tmp_path / "hf" / "run")
     on_vllm = evolve(load_search(_search(zoo, own_task, tmp_path / "vllm", engine="vllm")), tmp_path / "vllm" / "run")
     trials = lambda run: [(t.params, t.value) for t in optuna.load_study(
-        study_name="shoal", storage=f"sqlite:///{run / 'study.db'}").trials]
+        study_name="shoal", storage=open_storage(str(run / 'study.log'))).trials]
     assert trials(tmp_path / "vllm" / "run") == trials(tmp_path / "hf" / "run")
     assert on_vllm["best"] == hf["best"] and standin.instances[0].reloads == 10
 

@@ -13,6 +13,7 @@ from shoal.search.loop import Job, SerialEvaluator, trial_seed
 from shoal.search.run import evolve
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
+from shoal.search.storage import open_storage
 from shoal.zoo.build import build_zoo
 
 ray = pytest.importorskip("ray")
@@ -39,7 +40,7 @@ def search(tmp_path_factory):
 
 
 def _by_index(run_dir):
-    study = optuna.load_study(study_name="shoal", storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = optuna.load_study(study_name="shoal", storage=open_storage(str(run_dir / 'study.log')))
     return {t.user_attrs["index"]: (t.params, t.value, t.state.name, t.user_attrs["seed"]) for t in study.trials}
 
 

@@ -68,7 +68,7 @@ def run_evolve(
 def evolve(
     search: Annotated[Path, typer.Argument(help="Search file (YAML): parents, method, genome, tasks, budget.")],
     run_dir: Annotated[Path, typer.Argument(help="Run folder; run again on the same folder to continue.")],
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (default: sqlite in RUN_DIR).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal file (default: RUN_DIR/study.log).")] = None,
     budget: Annotated[int | None, typer.Option(help="Trials in all (overrides the search file's).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 suits tiny models).")] = None,
     workers: Annotated[int, typer.Option(help="Ray actors scoring each generation in parallel (1: this process).")] = 1,

@@ -245,20 +245,23 @@ def _read_trials(url: str, name: str) -> tuple[list[Trial], int]:
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    if url.startswith("sqlite:///"):
-        # SQLAlchemy would quietly create an empty database here; a missing file is a wrong URL.
-        path = url[len("sqlite:///"):].split("?", 1)[0]
-        if path and path != ":memory:" and not Path(path).exists():
-            raise ShoalError(f"cannot open the study at {url}: {path} does not exist; check run.json or --storage")
+    from shoal.search.storage import is_journal, open_storage
+
+    # Optuna would quietly create an empty database or journal here; a missing file is a wrong URL.
+    path = url
+    if not is_journal(url):
+        path = url[len("sqlite:///"):].split("?", 1)[0] if url.startswith("sqlite:///") else ""
+    if path and path != ":memory:" and not Path(path).exists():
+        raise ShoalError(f"cannot open the study at {url}: {path} does not exist; check run.json or --storage")
     try:
-        rdb = optuna.storages.RDBStorage(url)
+        store = open_storage(url)
     except (SQLAlchemyError, ImportError, ValueError) as exc:  # bad URL, missing driver, not a database
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShoalError(f"cannot open the Optuna storage {url}: {reason}") from None
     try:
-        study = optuna.load_study(study_name=name, storage=rdb)
+        study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
-        names = optuna.get_all_study_names(rdb)
+        names = optuna.get_all_study_names(store)
         there = f"studies there: {', '.join(names)}" if names else "it holds no studies"
         raise ShoalError(f"no study named {name!r} at {url} ({there})") from None
 

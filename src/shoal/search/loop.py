@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from shoal.errors import ShoalError
 from shoal.search.genome import GeneSpace
 from shoal.search.optimizer import Optimizer
+from shoal.search.storage import open_storage
 
 STUDY_NAME = "shoal"
 
@@ -73,7 +74,8 @@ def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna
     """The run's study (created if new); refuses one made by a different search."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+        study = optuna.create_study(storage=open_storage(storage, repair=True), study_name=name,
+                                    direction="maximize", load_if_exists=True)
     except Exception as exc:  # SQLAlchemy / driver errors name the storage problem
         raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
     stored = study.user_attrs.get("search_hash")

@@ -38,6 +38,7 @@ from shoal.search.loop import (
 from shoal.search.optimizer import CmaEs
 from shoal.search.spaces import Space, genome_of, make_space
 from shoal.search.spec import SearchSpec
+from shoal.search.storage import default_storage
 
 RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
 
@@ -48,10 +49,6 @@ class Stage:
 
     name: str
     progress: Progress | None = None
-
-
-def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{run_dir.resolve() / 'study.db'}"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """One study shared by several processes (on one machine or many): each trial is claimed before it is scored.
 
 A claim is a RUNNING trial created under a storage-wide lock (PostgreSQL advisory lock, or a lock file next to a
-SQLite database) after checking that no other process holds or has finished that trial. The claimant keeps a
+SQLite database or a journal file) after checking that no other process holds or has finished that trial. The claimant keeps a
 heartbeat on it. A claim whose owner process is gone (same host: its pid is dead, or it is a previous process
 with the same pid) or whose heartbeat has not moved for the grace period (timed on the watcher's own clock, so
 clocks need not agree across machines) is marked abandoned (FAIL, `abandoned: true`, ignored by the search) so
@@ -31,27 +31,31 @@ from sqlalchemy.engine import make_url
 from shoal.errors import ShoalError
 from shoal.search.genome import GeneSpace
 from shoal.search.loop import Job, Outcome, finished_attrs, job_trial
+from shoal.search.storage import is_journal, open_storage
 
 
 class StorageLock:
     """A lock every process using the same storage URL and study sees."""
 
     def __init__(self, storage: str, study: str) -> None:
+        self.key = zlib.crc32(f"shoal/{study}".encode())
+        if is_journal(storage):
+            self.backend, self._path = "file", f"{storage}.shoal-lock"
+            return
         url = make_url(storage)
         self.backend = url.get_backend_name()
-        self.key = zlib.crc32(f"shoal/{study}".encode())
         if self.backend == "sqlite":
             if not url.database:
                 raise ShoalError("a shared study needs a SQLite file, not an in-memory database")
-            self._path = f"{url.database}.shoal-lock"
+            self.backend, self._path = "file", f"{url.database}.shoal-lock"
         elif self.backend == "postgresql":
             self._engine = create_engine(url, pool_size=1, max_overflow=0)
         else:
-            raise ShoalError(f"sharing a study needs PostgreSQL or SQLite storage, not {self.backend}")
+            raise ShoalError(f"sharing a study needs PostgreSQL, SQLite or a journal file, not {self.backend}")
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        if self.backend == "sqlite":
+        if self.backend == "file":
             with open(self._path, "a") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 try:
@@ -90,7 +94,7 @@ class SharedTrials:
         self, storage: str, study: str, genome: GeneSpace, *, heartbeat_seconds: float = 10.0,
         grace_seconds: float = 120.0,
     ) -> None:
-        self.storage = optuna.storages.get_storage(storage)
+        self.storage = open_storage(storage)
         self.study_id = self.storage.get_study_id_from_name(study)
         self.lock = StorageLock(storage, study)
         self.distributions = genome.distributions()

@@ -108,7 +108,7 @@ class SearchSpec(Strict):
     dtype: str | None = None
     """The merge's working dtype (default: the parents'); the resident model runs in it."""
     storage: str | None = None
-    """Optuna storage URL; default sqlite:///RUN_DIR/study.db."""
+    """Optuna storage URL, or the path of an Optuna journal file; default RUN_DIR/study.log."""
     batch_size: int = Field(256, ge=1)
     device: str = "cpu"
     overlap: bool = True
