@@ -126,7 +126,8 @@ def evolve(
 ) -> dict[str, Any]:
     """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json.
 
-    storage: an Optuna storage URL (default: the search file's, else sqlite in run_dir); study: its study name.
+    storage: an Optuna storage URL or journal file (default: the search file's, else run_dir/study.log); study: its
+    study name.
     workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
     if spec.space == "hybrid":
         return _evolve_hybrid(spec, Path(run_dir), storage, on_stage, workers, ray_address)
