@@ -24,6 +24,27 @@ def bf16_parents(tmp_path_factory) -> dict[str, Path]:
     return make_parents(tmp_path_factory.mktemp("parents_bf16"), dtype=torch.bfloat16, seed=1)
 
 
+def own_output_task(zoo, folder: Path, every: int = 1) -> Path:
+    """The zoo's xx-easy task with the language parent's own greedy outputs as the answers of every `every`-th
+    item ("nope" elsewhere), so that scores are neither a vacuous 0 nor all alike across candidates."""
+    import json
+
+    from shoal.evaluate import evaluate, load_task
+
+    spec = {"name": "own", "metric": "exact_match", "max_new_tokens": 12, "stop": ["\n"],
+            "normalize": {"lowercase": False, "collapse_whitespace": False, "strip": True},
+            "splits": {"dev": "dev.jsonl", "test": "test.jsonl"}}
+    (folder / "task.yaml").write_text(yaml.safe_dump(spec))
+    for split in ("dev", "test"):
+        (folder / f"{split}.jsonl").write_text((zoo.tasks["xx-easy"] / f"{split}.jsonl").read_text())
+    for split in ("dev", "test"):
+        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        own = evaluate(zoo.parents["language"], load_task(folder), split, return_outputs=True).outputs
+        rows = [r | {"answer": o.strip() if i % every == 0 else "nope"} for i, (r, o) in enumerate(zip(rows, own))]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 import yaml
+from conftest import own_output_task
 
 from shoal.evaluate import evaluate, load_task
 from shoal.evaluate.lm_eval_task import LmEvalTask
@@ -27,18 +27,7 @@ def setup(tmp_path_factory):
     as a shoal task folder and as an lm-eval task YAML over the same JSONL files, and a search using the latter."""
     torch.set_num_threads(1)
     zoo = build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
-    folder = tmp_path_factory.mktemp("task")
-    spec = {"name": "own", "metric": "exact_match", "max_new_tokens": 12, "stop": ["\n"],
-            "normalize": {"lowercase": False, "collapse_whitespace": False, "strip": True},
-            "splits": {"dev": "dev.jsonl", "test": "test.jsonl"}}
-    (folder / "task.yaml").write_text(yaml.safe_dump(spec))
-    for split in ("dev", "test"):
-        (folder / f"{split}.jsonl").write_text((zoo.tasks["xx-easy"] / f"{split}.jsonl").read_text())
-    for split in ("dev", "test"):
-        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
-        own = evaluate(zoo.parents["language"], load_task(folder), split, return_outputs=True).outputs
-        rows = [r | {"answer": o.strip() if i % 2 == 0 else "nope"} for i, (r, o) in enumerate(zip(rows, own))]
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = own_output_task(zoo, tmp_path_factory.mktemp("task"), every=2)
     include = tmp_path_factory.mktemp("lm_eval_tasks")
     (include / "zoo_own.yaml").write_text(yaml.safe_dump({
         "task": "zoo_own",

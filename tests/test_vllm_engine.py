@@ -7,7 +7,6 @@ runs the real vLLM where it is installed and a GPU is present.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 import vllm_standin
 import yaml
+from conftest import own_output_task
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
@@ -36,17 +36,7 @@ def zoo(tmp_path_factory) -> Zoo:
 
 @pytest.fixture(scope="module")
 def own_task(zoo, tmp_path_factory) -> Path:
-    """A zoo task whose answers are the language parent's own greedy outputs, so that candidates score apart."""
-    folder = tmp_path_factory.mktemp("task")
-    spec = yaml.safe_load((zoo.tasks["xx-easy"] / "task.yaml").read_text()) | {"name": "own"}
-    (folder / "task.yaml").write_text(yaml.safe_dump(spec))
-    for split in ("dev", "test"):
-        (folder / f"{split}.jsonl").write_text((zoo.tasks["xx-easy"] / f"{split}.jsonl").read_text())
-    for split in ("dev", "test"):
-        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
-        own = evaluate(zoo.parents["language"], load_task(folder), split, return_outputs=True).outputs
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r | {"answer": o}) + "\n" for r, o in zip(rows, own)))
-    return folder
+    return own_output_task(zoo, tmp_path_factory.mktemp("task"))
 
 
 @pytest.fixture
