@@ -23,6 +23,7 @@ import yaml
 
 from shoal.search.run import Stage, evolve
 from shoal.search.spec import load_search
+from shoal.search.storage import default_storage, open_storage
 from shoal.zoo import load_zoo
 
 
@@ -34,7 +35,7 @@ def rate(search: Path, out: Path, workers: int) -> tuple[float, dict]:
             times.append(time.perf_counter())
 
     evolve(load_search(search), out, workers=workers, on_stage=on_stage)
-    study = optuna.load_study(study_name="shoal", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="shoal", storage=open_storage(default_storage(out)))
     trials = {t.user_attrs["index"]: (t.params, t.value) for t in study.trials}
     return 3600 * (len(times) - 1) / (times[-1] - times[0]), trials
 

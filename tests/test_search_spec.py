@@ -90,6 +90,13 @@ def test_relative_paths_resolve_against_the_search_file(tmp_path: Path) -> None:
     assert spec.base == str(tmp_path / "models" / "b") and spec.parents["m"] == "org/hub-model"
 
 
+def test_a_journal_file_named_in_the_search_file_is_relative_to_it(tmp_path: Path) -> None:
+    text = "base: b\nparents: {m: m}\ntasks: [{path: t}]\nstorage: runs/shared.log\n"
+    assert parse_search(text, "s", tmp_path).storage == str(tmp_path / "runs" / "shared.log")
+    url = "postgresql://u@host/db"
+    assert parse_search(text.replace("runs/shared.log", url), "s", tmp_path).storage == url
+
+
 def test_cli_reports_a_missing_search_file(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli("evolve", tmp_path / "nope.yaml", tmp_path / "run")
     assert code == 2 and "search file" in err and "not found" in err

@@ -108,8 +108,14 @@ def test_two_processes_share_one_study_and_split_its_trials(search_file, tmp_pat
     assert _by_index(shared) == _by_index(alone) and len(_by_index(alone)) == 30
 
 
-def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path) -> None:
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+@pytest.fixture(params=["sqlite", "journal"])
+def file_storage(request, tmp_path) -> str:
+    """A study storage in a file, of either kind a shared disk can hold."""
+    return f"sqlite:///{tmp_path / 'shared.db'}" if request.param == "sqlite" else str(tmp_path / "shared.log")
+
+
+def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path, file_storage) -> None:
+    storage = file_storage
     spec = load_search(search_file).model_copy(update={"budget": 12})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     from shoal.search.loop import Job, open_study, trial_seed
@@ -134,13 +140,12 @@ def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path) -
     assert sorted(_by_index(trials)) == list(range(12))
 
 
-def _claimed(search_file, tmp_path, **options):
+def _claimed(search_file, storage, **options):
     from shoal.search.loop import Job, open_study, trial_seed
     from shoal.search.optimizer import CmaEs
     from shoal.search.shared import SharedTrials
     from shoal.search.spaces import genome_of
 
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
     spec = load_search(search_file)
     genome = genome_of(spec)
     open_study(storage, spec.search_hash())
@@ -149,10 +154,10 @@ def _claimed(search_file, tmp_path, **options):
     return storage, genome, job, first, first.claim(job)
 
 
-def test_a_claim_of_this_process_s_predecessor_with_the_same_pid_is_released(search_file, tmp_path) -> None:
+def test_a_claim_of_this_process_s_predecessor_with_the_same_pid_is_released(search_file, file_storage) -> None:
     from shoal.search.shared import SharedTrials
 
-    storage, genome, job, first, claim = _claimed(search_file, tmp_path)
+    storage, genome, job, first, claim = _claimed(search_file, file_storage)
     first.close()
     again = SharedTrials(storage, "shoal", genome)  # same host and pid, new process identity
     assert again.claim(job) is None and again.release_abandoned() == 1
@@ -160,11 +165,11 @@ def test_a_claim_of_this_process_s_predecessor_with_the_same_pid_is_released(sea
     again.close()
 
 
-def test_a_stalled_claim_is_released_and_its_late_owner_still_stores_its_result(search_file, tmp_path) -> None:
+def test_a_stalled_claim_is_released_and_its_late_owner_still_stores_its_result(search_file, file_storage) -> None:
     from shoal.search.loop import Evaluation
     from shoal.search.shared import SharedTrials
 
-    storage, genome, job, owner, claim = _claimed(search_file, tmp_path, heartbeat_seconds=3600)
+    storage, genome, job, owner, claim = _claimed(search_file, file_storage, heartbeat_seconds=3600)
     watcher = SharedTrials(storage, "shoal", genome, grace_seconds=0.2)
     watcher.owner = "elsewhere:1:x"  # another machine: its pid says nothing here
     assert watcher.release_abandoned() == 0  # first sight of the heartbeat starts the clock

@@ -112,6 +112,9 @@ def test_the_engine_refuses_what_would_score_other_weights_or_other_outputs(zoo,
         engine.load(ParameterSpace(load_search(_search(zoo, own_task, tmp_path))).merger.model)
     with pytest.raises(ShoalError, match="float32, float16 or bfloat16"):
         VllmEngine(zoo.base, dtype=torch.float64)
+    spec = load_search(_search(zoo, own_task, tmp_path, engine="vllm"))
+    with pytest.raises(ShoalError, match="this search has none"):
+        search_fitness(spec, ParameterSpace(spec), [])  # e.g. only log-likelihood tasks: the engine would idle
 
 
 def test_the_engine_says_what_it_needs(zoo, monkeypatch) -> None:

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shoal.errors import ShoalError
 from shoal.evaluate.lm_eval_task import LmEvalTask
 from shoal.evaluate.runner import Generator, evaluate
-from shoal.evaluate.task import Task, load_task
+from shoal.evaluate.task import GENERATION_METRICS, Task, load_task
 from shoal.search.loop import Candidate, Evaluation
 from shoal.search.spaces import Space
 from shoal.search.spec import SearchSpec
@@ -122,5 +123,8 @@ def search_fitness(spec: SearchSpec, space: Space, tasks: list[WeightedTask]) ->
         from shoal.search.spaces import ParameterSpace
 
         assert isinstance(space, ParameterSpace)  # the search file refuses engine: vllm elsewhere
+        if not any(isinstance(t.task, Task) and t.task.metric in GENERATION_METRICS for t in tasks):
+            raise ShoalError("engine: vllm generates the outputs of generation tasks, and this search has none "
+                             "(log-likelihood and lm-eval tasks are scored with transformers)")
         engine = VllmEngine(spec.base, dtype=space.merger.model.dtype, seed=spec.seed, **spec.vllm)
     return DevFitness(space, tasks, spec.batch_size, engine)

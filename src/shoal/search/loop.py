@@ -70,16 +70,17 @@ def trial_seed(seed: int, index: int) -> int:
     return zlib.crc32(f"{seed}/trial/{index}".encode())
 
 
-def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna.Study:
-    """The run's study (created if new); refuses one made by a different search."""
+def open_study(storage: str, search_hash: str, name: str = STUDY_NAME, earlier_hash: str | None = None) -> optuna.Study:
+    """The run's study (created if new); refuses one made by a different search. A study that holds earlier_hash
+    (the same search as an earlier shoal fingerprinted it) is taken, and given the new hash."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(storage=open_storage(storage, repair=True), study_name=name,
+        study = optuna.create_study(storage=open_storage(storage), study_name=name,
                                     direction="maximize", load_if_exists=True)
     except Exception as exc:  # SQLAlchemy / driver errors name the storage problem
         raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
     stored = study.user_attrs.get("search_hash")
-    if stored is None:
+    if stored is None or stored == earlier_hash:
         study.set_user_attr("search_hash", search_hash)
     elif stored != search_hash:
         raise ShoalError(

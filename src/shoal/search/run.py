@@ -25,7 +25,13 @@ from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
-from shoal.search.fitness import WeightedTask, load_tasks, scores, search_fitness, weighted
+from shoal.search.fitness import (
+    WeightedTask,
+    load_tasks,
+    scores,
+    search_fitness,
+    weighted,
+)
 from shoal.search.loop import (
     STUDY_NAME,
     Evaluator,
@@ -61,7 +67,7 @@ def _run_record(spec: SearchSpec, run_dir: Path) -> dict[str, Any]:
     """run_dir's run.json (empty if new), refused if another search made it."""
     path = run_dir / RUN_FILE
     record = json.loads(path.read_text()) if path.is_file() else {}
-    if record.get("search_hash") not in (None, spec.search_hash()):
+    if record.get("search_hash") not in (None, spec.search_hash(), spec.search_hash(as_before=True)):
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
     return record
 
@@ -145,7 +151,7 @@ def evolve(
         from shoal.search.shared import SharedTrials, StorageLock
     # with a shared storage, the first process creates the schema while the others wait
     with StorageLock(record["storage"], record["study"]).held() if shared_storage else nullcontext():
-        study = open_study(record["storage"], spec.search_hash(), record["study"])
+        study = open_study(record["storage"], spec.search_hash(), record["study"], spec.search_hash(as_before=True))
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
     if parallel:
@@ -207,7 +213,7 @@ def _evolve_hybrid(
         "parents": flow_parents,
         "dfs": spec.dfs.model_copy(update={"parents": list(flow_parents)}),
         "budget": spec.dfs.budget or spec.budget,
-    }).naming(ps_best, f"best of the PS stage {ps_spec.search_hash()}")
+    }).naming(ps_best, f"trial {ps['best']['trial']} of the PS stage {ps_spec.search_hash()}")
     dfs_record = run_dir / "dfs" / RUN_FILE
     made_from = json.loads(dfs_record.read_text()).get("ps_best_trial") if dfs_record.is_file() else None
     if made_from is not None and made_from != ps["best"]["trial"]:

@@ -20,6 +20,7 @@ from pydantic import (
 
 from shoal import yamlfile
 from shoal.errors import ShoalError
+from shoal.search.storage import is_journal
 
 SEARCHABLE_METHODS = ("dare_ties", "ties", "task_arithmetic", "dare_linear", "linear")
 """Methods whose parameters are a weight (and, where they sparsify, a density) per parent."""
@@ -108,7 +109,8 @@ class SearchSpec(Strict):
     dtype: str | None = None
     """The merge's working dtype (default: the parents'); the resident model runs in it."""
     storage: str | None = None
-    """Optuna storage URL, or the path of an Optuna journal file; default RUN_DIR/study.log."""
+    """Optuna storage URL, or the path of an Optuna journal file (relative to the search file); default
+    RUN_DIR/study.log."""
     batch_size: int = Field(256, ge=1)
     device: str = "cpu"
     overlap: bool = True
@@ -189,16 +191,18 @@ class SearchSpec(Strict):
         named._written = self._written | {path: name}
         return named
 
-    def search_hash(self) -> str:
+    def search_hash(self, *, as_before: bool = False) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
         part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
         batch size, device, overlap or engine, nor the data-flow settings of a parameter-space search. Local
         paths count as the search file wrote them, so machines that keep the same files in other folders share
-        a study."""
+        a study. as_before: the fingerprint shoal gave before that (paths resolved), which runs made then hold."""
         excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
                                        "overlap": True, "engine": True, "vllm": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
-        kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
+        kept = self.model_dump(exclude=excluded, exclude_defaults=True)
+        if not as_before:
+            kept = _renamed(kept, self._written)
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -225,6 +229,8 @@ def parse_search(text: str, source: str, root: Path) -> SearchSpec:
             "base": here(spec.base),
             "parents": {name: here(p) for name, p in spec.parents.items()},
             "tasks": [_located_task(t, here) for t in spec.tasks],
+            "storage": spec.storage and (str((root / spec.storage).resolve()) if is_journal(spec.storage)
+                                         else spec.storage),
         }
     )
     located._written = written

@@ -8,6 +8,7 @@ before keep their SQLite file (RUN_DIR/study.db). optuna-dashboard opens either.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import optuna
@@ -24,39 +25,52 @@ def is_journal(storage: str) -> bool:
 
 
 def default_storage(run_dir: Path) -> str:
-    """The study of a run folder: its SQLite file if an earlier shoal made one, else a journal file."""
+    """The study of a run folder: its journal file, or the SQLite file of a folder an earlier shoal made."""
     run_dir = run_dir.resolve()
-    return f"sqlite:///{run_dir / SQLITE}" if (run_dir / SQLITE).exists() else str(run_dir / JOURNAL)
+    if (run_dir / SQLITE).exists() and not (run_dir / JOURNAL).exists():
+        return f"sqlite:///{run_dir / SQLITE}"
+    return str(run_dir / JOURNAL)
 
 
-def open_storage(storage: str, *, repair: bool = False) -> BaseStorage:
-    """The Optuna storage behind a URL or a journal file's path (created if missing). repair: first drop the
-    torn last line a crash may have left in a journal (see `drop_torn_line`)."""
+def open_storage(storage: str) -> BaseStorage:
+    """The Optuna storage behind a URL or a journal file's path (created if missing)."""
     if not is_journal(storage):
         return optuna.storages.get_storage(storage)
-    if repair:
-        drop_torn_line(Path(storage))
-    return JournalStorage(JournalFileBackend(storage))
+    return JournalStorage(JournalFileBackend(storage, lock_obj=MendingLock(storage)))
+
+
+class MendingLock(JournalFileSymlinkLock):
+    """Optuna's default journal lock, which also drops a torn last line (see `drop_torn_line`) once it is held, so
+    every process appends after complete lines only, whoever left the torn one."""
+
+    def __init__(self, journal: str) -> None:
+        super().__init__(journal)
+        self.journal = Path(journal)
+
+    def acquire(self) -> bool:
+        held = super().acquire()
+        if held:
+            drop_torn_line(self.journal)
+        return held
 
 
 def drop_torn_line(path: Path) -> bool:
     """Cut the unfinished last line that a write interrupted by a crash or a full disk leaves in an Optuna journal
-    (Optuna would join the next record to it, losing that trial, and refuse the file once more follow); every
-    complete line, so every stored trial, is kept. Only a file whose first line is a journal record is touched. True if a line was cut."""
+    (Optuna would join the next record to it and lose that trial); every complete line, so every stored trial, is
+    kept. Only a file whose first line is a journal record is touched. Call it holding the journal's lock."""
     if not path.is_file() or path.stat().st_size == 0:
         return False
-    lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's appends take: no write is cut off by this one
-    lock.acquire()
-    try:
-        with open(path, "rb+") as handle:
-            data = handle.read()
-            end = data.rfind(b"\n") + 1
-            if data.endswith(b"\n") or end == 0 or not _is_record(data[:data.index(b"\n")]):
-                return False
-            handle.truncate(end)
-        return True
-    finally:
-        lock.release()
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return False
+        handle.seek(0)
+        data = handle.read()
+        end = data.rfind(b"\n") + 1
+        if end == 0 or not _is_record(data[:data.index(b"\n")]):
+            return False
+        handle.truncate(end)
+    return True
 
 
 def _is_record(line: bytes) -> bool:
