@@ -40,9 +40,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         "seed": seed,
     }
     if args.space == "dfs":  # A = the language parent: its layers read and write XX
-        search["dfs"] = {"parents": ["language", "math"]}
-    if args.space == "hybrid":
-        search["dfs"] = {"parents": ["math"]}  # the paper's hybrid: A = the PS result, B = the math parent
+        search["dfs"] = {"parents": ["language", "math"], "scaling": args.scaling}
+    if args.space == "hybrid":  # the paper's hybrid: A = the PS result, B = the math parent
+        search["dfs"] = {"parents": ["math"], "scaling": args.scaling}
         if args.reuse_ps and not (folder / "run" / "ps").exists():  # the PS stage is the PS search: reuse its trials
             shutil.copytree(args.reuse_ps / f"seed{seed}" / "run", folder / "run" / "ps")
     path = folder / "search.yaml"
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--method", default="dare_ties")
     parser.add_argument("--space", choices=["ps", "dfs", "hybrid"], default="ps")
     parser.add_argument("--task", default="xx-math", help="the zoo task to evolve for (its dev split is the fitness)")
+    parser.add_argument("--scaling", choices=["full", "seam", "none"], default="full",
+                        help="DFS input scales: the paper's full M x M matrix, one per seam, or none")
     parser.add_argument("--reuse-ps", type=Path, help="for --space hybrid: a PS run of this script (same seeds, budget)")
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
