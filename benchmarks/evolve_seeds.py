@@ -39,8 +39,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         "budget": args.budget,
         "seed": seed,
     }
-    if args.space == "dfs":  # A = the language parent: its layers read and write XX
-        search["dfs"] = {"parents": ["language", "math"], "scaling": args.scaling}
+    if args.space == "dfs":  # default A = the language parent: its layers read and write XX
+        search["dfs"] = {"parents": args.dfs_parents, "scaling": args.scaling}
     if args.space == "hybrid":  # the paper's hybrid: A = the PS result, B = the math parent
         search["dfs"] = {"parents": ["math"], "scaling": args.scaling}
         if args.reuse_ps and not (folder / "run" / "ps").exists():  # the PS stage is the PS search: reuse its trials
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--task", default="xx-math", help="the zoo task to evolve for (its dev split is the fitness)")
     parser.add_argument("--scaling", choices=["full", "seam", "none"], default="full",
                         help="DFS input scales: the paper's full M x M matrix, one per seam, or none")
+    parser.add_argument("--dfs-parents", nargs="+", default=["language", "math"],
+                        help="for --space dfs: the parents in layout order (the first, A, gives embeddings and head)")
     parser.add_argument("--reuse-ps", type=Path, help="for --space hybrid: a PS run of this script (same seeds, budget)")
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
