@@ -1,8 +1,8 @@
 """One study shared by several processes (on one machine or many): each trial is claimed before it is scored.
 
 A claim is a RUNNING trial created under a storage-wide lock (PostgreSQL advisory lock, or a lock file next to a
-SQLite database or a journal file) after checking that no other process holds or has finished that trial. The claimant keeps a
-heartbeat on it. A claim whose owner process is gone (same host: its pid is dead, or it is a previous process
+SQLite database or a journal file) after checking that no other process holds or has finished that trial. The
+claimant keeps a heartbeat on it. A claim whose owner process is gone (same host: its pid is dead, or it is a previous process
 with the same pid) or whose heartbeat has not moved for the grace period (timed on the watcher's own clock, so
 clocks need not agree across machines) is marked abandoned (FAIL, `abandoned: true`, ignored by the search) so
 that another process takes the trial. Finishing and abandoning both happen under the lock; an owner that finds
@@ -39,24 +39,26 @@ class StorageLock:
 
     def __init__(self, storage: str, study: str) -> None:
         self.key = zlib.crc32(f"shoal/{study}".encode())
+        self._file: str | None = None
+        """A lock file beside the storage's file (SQLite, journal), else None: a PostgreSQL advisory lock."""
         if is_journal(storage):
-            self.backend, self._path = "file", f"{storage}.shoal-lock"
+            self._file = f"{storage}.shoal-lock"
             return
         url = make_url(storage)
-        self.backend = url.get_backend_name()
-        if self.backend == "sqlite":
+        backend = url.get_backend_name()
+        if backend == "sqlite":
             if not url.database:
                 raise ShoalError("a shared study needs a SQLite file, not an in-memory database")
-            self.backend, self._path = "file", f"{url.database}.shoal-lock"
-        elif self.backend == "postgresql":
+            self._file = f"{url.database}.shoal-lock"
+        elif backend == "postgresql":
             self._engine = create_engine(url, pool_size=1, max_overflow=0)
         else:
-            raise ShoalError(f"sharing a study needs PostgreSQL, SQLite or a journal file, not {self.backend}")
+            raise ShoalError(f"sharing a study needs PostgreSQL, SQLite or a journal file, not {backend}")
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        if self.backend == "file":
-            with open(self._path, "a") as handle:
+        if self._file is not None:
+            with open(self._file, "a") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 try:
                     yield
