@@ -86,8 +86,14 @@ def _by_index(trials) -> dict[int, tuple]:
     return {t.user_attrs["index"]: (t.params, t.value, t.state.name) for t in kept}
 
 
+SHARED_BUDGET = 120
+"""Enough trials that two processes started together overlap: 30 took half a second on a journal file, less than
+the start-up skew of two processes, so one of them sometimes found the search done."""
+
+
 def _two_processes(search_file: Path, storage: str, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "shoal", "evolve", str(search_file), "--storage", storage, "--threads", "1"]
+    command = [sys.executable, "-m", "shoal", "evolve", str(search_file), "--storage", storage, "--threads", "1",
+               "--budget", str(SHARED_BUDGET)]
     procs = [subprocess.Popen(command + [str(tmp_path / f"machine{i}")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     for proc in procs:
@@ -103,9 +109,9 @@ def test_two_processes_share_one_study_and_split_its_trials(search_file, tmp_pat
     shared = _trials(storage)
     owners = {t.user_attrs["owner"] for t in shared}
     assert len(owners) == 2, "both processes scored trials"
-    evolve(load_search(search_file), tmp_path / "alone")
+    evolve(load_search(search_file).model_copy(update={"budget": SHARED_BUDGET}), tmp_path / "alone")
     alone = optuna.load_study(study_name="shoal", storage=open_storage(str(tmp_path / 'alone' / 'study.log'))).trials
-    assert _by_index(shared) == _by_index(alone) and len(_by_index(alone)) == 30
+    assert _by_index(shared) == _by_index(alone) and len(_by_index(alone)) == SHARED_BUDGET
 
 
 @pytest.fixture(params=["sqlite", "journal"])
