@@ -1,7 +1,7 @@
 """Where a study lives: an Optuna storage URL (SQLite, PostgreSQL, ...), or an Optuna journal file.
 
 A run folder's own study is a journal file (RUN_DIR/study.log): storing a trial appends one line (under 1 ms)
-where SQLite through Optuna's ORM spends about 20 ms of Python for 20 genes (BENCHMARKS.md). Folders made
+where SQLite through Optuna's ORM spends about 27 ms of Python for 20 genes (benchmarks/storage.py). Folders made
 before keep their SQLite file (RUN_DIR/study.db). optuna-dashboard opens either.
 """
 
