@@ -67,3 +67,42 @@ def test_constraints_report_every_broken_one_by_name():
     assert metrics.failed_constraints("the answer is 46 .", constraints) == ["in-xx", "ascii", "form"]
     assert metrics.failed_constraints("ra 46 lo ne . ra", constraints) == ["form"]  # fullmatch, not search
     assert metrics.failed_constraints("", constraints) == ["form"]
+
+
+@pytest.mark.parametrize(
+    ("output", "answer", "rouge_l", "token_f1"),
+    [
+        # LCS "the on" (or "the cat") = 2: P 2/4, R 2/5; all 4 output tokens are in the answer's bag: P 1, R 4/5
+        ("mat the on cat", "the cat on the mat", 2 * (2 / 4) * (2 / 5) / (2 / 4 + 2 / 5), 2 * (4 / 5) / (1 + 4 / 5)),
+        ("The Cat  sat", "the cat sat", 1.0, 1.0),  # lowercased and collapsed first
+        ("a a a", "a b", 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2), 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2)),  # once
+        ("dog", "the cat", 0.0, 0.0),
+        ("", "the cat", 0.0, 0.0),
+        ("  ", " ", 0.0, 1.0),  # no tokens on either side: rouge-score says 0, SQuAD says 1
+    ],
+)
+def test_rouge_l_and_token_f1_on_hand_computed_cases(output, answer, rouge_l, token_f1):
+    assert metrics.rouge_l(output, answer, ALL) == pytest.approx(rouge_l)
+    assert metrics.token_f1(output, answer, ALL) == pytest.approx(token_f1)
+
+
+def test_rouge_l_keeps_case_and_punctuation_unless_normalize_drops_them():
+    assert metrics.rouge_l("The cat .", "the cat", Normalize()) == pytest.approx(2 * (1 / 3) * (1 / 2) / (5 / 6))
+    assert metrics.token_f1("猫 が いる", "猫 が いた", Normalize()) == pytest.approx(2 / 3)  # any script
+
+
+def test_rouge_l_equals_the_rouge_score_package_with_a_whitespace_tokenizer():
+    import random
+
+    from rouge_score import rouge_scorer
+
+    class Whitespace:
+        def tokenize(self, text: str) -> list[str]:
+            return text.split()
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Whitespace())
+    rng = random.Random(0)
+    for _ in range(300):
+        output, answer = (" ".join(rng.choice("abcdef") for _ in range(rng.randint(0, 9))) for _ in range(2))
+        expected = scorer.score(answer, output)["rougeL"].fmeasure  # score(target, prediction)
+        assert metrics.rouge_l(output, answer, NONE) == pytest.approx(expected, abs=1e-12)

@@ -15,7 +15,8 @@ from shoal.cli.app import app
 
 @app.command(name="eval")
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="Model folder (config, weights, tokenizer).")],
+    model: Annotated[Path, typer.Argument(
+        help="Model folder (config, weights, tokenizer; or a vision-language model and its processor).")],
     task: Annotated[list[Path], typer.Option(help="Task folder or its task.yaml; repeat for several.")],
     split: Annotated[str, typer.Option(help="Split to score, as named in task.yaml.")] = "dev",
     as_json: Annotated[bool, typer.Option("--json", help="Print only a JSON list, one object per task.")] = False,

@@ -50,7 +50,7 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return sorted({t for t in [*found, tokenizer.eos_token_id] if t is not None})
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if t is not None:
             return t
@@ -73,7 +73,7 @@ def _keeps_logits(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first (so memory runs out on the first batch)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -96,7 +96,7 @@ def _generate_batch(
     eos: Sequence[int],
     triggers: Sequence[int],
 ) -> list[Ids]:
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     ids, mask, positions = _left_padded(rows, pad_id, model.device)
     extra = {"logits_to_keep": 1} if _keeps_logits(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
@@ -147,7 +147,7 @@ def generate(
     """
     eos = eos_ids(model, tokenizer)
     outputs: list[str] = [""] * len(prompts)
-    for batch in _batches([len(p) for p in prompts], batch_size):
+    for batch in length_batches([len(p) for p in prompts], batch_size):
         new = _generate_batch(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, stop, eos, triggers)
         for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
             outputs[i] = cut_at_stop(text, stop)
@@ -161,9 +161,9 @@ def loglikelihoods(
     """Per-token log-probabilities of each continuation given its context, teacher-forced, one forward per batch."""
     keep = _keeps_logits(model)
     out: list[list[float]] = [[] for _ in pairs]
-    for batch in _batches([len(c) + len(t) for c, t in pairs], batch_size):
+    for batch in length_batches([len(c) + len(t) for c, t in pairs], batch_size):
         rows = [pairs[i][0] + pairs[i][1] for i in batch]
-        ids, mask, positions = _left_padded(rows, _pad_id(tokenizer), model.device)
+        ids, mask, positions = _left_padded(rows, padding_id(tokenizer), model.device)
         span = max(1, *(len(pairs[i][1]) for i in batch))
         extra = {"logits_to_keep": span + 1} if keep else {}
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits

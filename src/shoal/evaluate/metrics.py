@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 from shoal.evaluate.task import NUMBER, CharsetConstraint, Constraint, Normalize, VocabularyConstraint
@@ -45,6 +46,50 @@ def regex_match(output: str, answer: str, pattern: str, how: Normalize) -> float
     if found is None:
         return 0.0
     return exact_match(found.group(1) if found.re.groups else found.group(0), answer, how)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token sequences (dynamic programming, one row kept)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(output: str, answer: str, how: Normalize) -> float:
+    """ROUGE-L F-measure (beta = 1) of output against answer, over whitespace tokens after normalisation.
+
+    With LCS the longest common subsequence, P = LCS / output tokens and R = LCS / answer tokens, the score is
+    2PR / (P + R), and 0 when either side has no tokens: rouge-score's `rougeL` (single sentence, no
+    `rougeLsum`) with a whitespace tokenizer instead of its default (which lowercases and keeps only [a-z0-9]
+    runs), so it applies to any script once the task's normalisation has run. The EvoVLM paper tokenised
+    Japanese with a morphological analyser first; put spaces between words in such answers to match it.
+    """
+    got, gold = normalize(output, how).split(), normalize(answer, how).split()
+    lcs = _lcs_length(got, gold)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(got), lcs / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(output: str, answer: str, how: Normalize) -> float:
+    """SQuAD-style F1 of the bags of whitespace tokens of output and answer after normalisation.
+
+    Shared tokens count with multiplicity (min of the two counts); P = shared / output tokens, R = shared /
+    answer tokens, F1 = 2PR / (P + R). As in SQuAD's script, two empty sides score 1 and one empty side 0;
+    unlike it, articles and punctuation are kept (the task's normalize says what is ignored).
+    """
+    got, gold = normalize(output, how).split(), normalize(answer, how).split()
+    if not got or not gold:
+        return float(got == gold)
+    shared = sum((Counter(got) & Counter(gold)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(got), shared / len(gold)
+    return 2 * precision * recall / (precision + recall)
 
 
 def best_choice(loglikelihoods: Sequence[float]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import weakref
 from collections.abc import Sequence
@@ -14,14 +15,17 @@ from typing import Any, Protocol
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProcessorMixin,
 )
 
 from shoal.errors import ShoalError
-from shoal.evaluate import backend, metrics
-from shoal.evaluate.task import GENERATION_METRICS, Task
+from shoal.evaluate import backend, metrics, vision
+from shoal.evaluate.task import GENERATION_METRICS, Item, Task
 
 
 @dataclass
@@ -67,11 +71,20 @@ def _fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return _fingerprints[tokenizer]
 
 
+def _processor_fingerprint(processor: ProcessorMixin) -> str:
+    """Equal for processors that prepare inputs alike (equal tokenizers, image processors and chat templates)."""
+    if processor not in _fingerprints:
+        text = _fingerprint(processor.tokenizer) + processor.to_json_string() + str(processor.chat_template)
+        _fingerprints[processor] = hashlib.sha256(text.encode()).hexdigest()
+    return _fingerprints[processor]
+
+
 def _encoded(task: Task, split: str, tokenizer: PreTrainedTokenizerBase, limit: int | None) -> Any:
-    """The split's items tokenised for the task's metric, cached on the task per (split, tokenizer, limit)."""
+    """The split's items without an image tokenised for the task's metric, cached on the task per (split,
+    tokenizer, limit)."""
     key = (split, _fingerprint(tokenizer), limit)
     if key not in task.cache:
-        items = task.items(split)[:limit]
+        items = [it for it in task.items(split)[:limit] if it.image is None]
         if task.metric in GENERATION_METRICS:
             triggers = backend.stop_triggers(tokenizer, task.spec.stop) if task.spec.stop else []
             task.cache[key] = (backend.encode_prompts(tokenizer, [it.prompt for it in items]), triggers)
@@ -86,16 +99,52 @@ def _encoded(task: Task, split: str, tokenizer: PreTrainedTokenizerBase, limit: 
     return task.cache[key]
 
 
-def load_model(path: str | Path, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from an HF folder, in the dtype the folder stores."""
+def _encoded_images(task: Task, split: str, processor: ProcessorMixin, limit: int | None, batch_size: int) -> Any:
+    """The split's items with an image as processor batches (see vision.encode) and the stop-string triggers,
+    cached on the task per (split, processor, limit, batch size)."""
+    key = ("images", split, _processor_fingerprint(processor), limit, batch_size)
+    if key not in task.cache:
+        indexed = [(i, it.prompt, task.folder / it.image) for i, it in enumerate(task.items(split)[:limit])
+                   if it.image is not None]
+        batches = vision.encode(processor, [p for _, p, _ in indexed], [f for _, _, f in indexed], batch_size)
+        batches = [([indexed[i][0] for i in indices], inputs) for indices, inputs in batches]
+        triggers = backend.stop_triggers(processor.tokenizer, task.spec.stop) if task.spec.stop else []
+        task.cache[key] = (batches, triggers)
+    return task.cache[key]
+
+
+def is_vision_language(path: str | Path) -> bool:
+    """Whether the model folder holds a vision-language model: its config.json has a vision_config."""
+    try:
+        return "vision_config" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(path: str | Path, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
+    """A model and what prepares its inputs from an HF folder, in the dtype the folder stores: a causal LM and its
+    tokenizer, or (see is_vision_language) an image-text-to-text model and its processor."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ShoalError(f"{path} is not a model folder (no config.json); pass a folder written by save_pretrained")
+    vlm = is_vision_language(path)
+    auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
+        model = auto.from_pretrained(path, dtype="auto").to(device)
     except (OSError, ValueError) as exc:
         raise ShoalError(f"{path}: cannot load the model ({exc})") from exc
-    return model, load_tokenizer(path)
+    return model, load_processor(path) if vlm else load_tokenizer(path)
+
+
+def load_processor(path: str | Path) -> ProcessorMixin:
+    try:
+        processor = AutoProcessor.from_pretrained(Path(path))
+    except (OSError, ValueError) as exc:
+        raise ShoalError(f"{path}: cannot load a processor ({exc})") from exc
+    if not isinstance(processor, ProcessorMixin):
+        raise ShoalError(f"{path}: found a {type(processor).__name__}, not a processor for images and text; save "
+                         "the model's processor (e.g. LlavaProcessor) with save_pretrained")
+    return processor
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -105,8 +154,48 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         raise ShoalError(f"{path}: cannot load a tokenizer ({exc})") from exc
 
 
-def _score(task: Task, split: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-           limit: int | None, generator: Generator | None) -> tuple[list[float], dict[str, int], list[str] | None]:
+def _outputs(task: Task, split: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+             processor: ProcessorMixin | None, batch_size: int, limit: int | None,
+             generator: Generator | None) -> list[str]:
+    """Generated text of each item: items with an image through the processor and the model, the others as text
+    prompts through the generator if given, else the model."""
+    spec, items = task.spec, task.items(split)[:limit]
+    outputs = [""] * len(items)
+    if any(it.image is None for it in items):
+        prompts, triggers = _encoded(task, split, tokenizer, limit)
+        if generator is not None:
+            texts = generator.generate(prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop)
+        else:
+            texts = backend.generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop,
+                                     triggers=triggers, batch_size=batch_size)
+        for i, text in zip([i for i, it in enumerate(items) if it.image is None], texts):
+            outputs[i] = text
+    if any(it.image is not None for it in items):
+        assert processor is not None  # evaluate() refuses image items without one
+        batches, triggers = _encoded_images(task, split, processor, limit, batch_size)
+        found = vision.generate(model, processor.tokenizer, batches, max_new_tokens=spec.max_new_tokens,
+                                stop=spec.stop, triggers=triggers)
+        for i, text in found.items():
+            outputs[i] = text
+    return outputs
+
+
+def _item_score(task: Task, item: Item, output: str) -> float:
+    spec = task.spec
+    if task.metric == "exact_match":
+        return metrics.exact_match(output, item.answer, spec.normalize)
+    if task.metric == "last_number":
+        return metrics.last_number(output, item.answer)
+    if task.metric == "rouge_l":
+        return metrics.rouge_l(output, item.answer, spec.normalize)
+    if task.metric == "token_f1":
+        return metrics.token_f1(output, item.answer, spec.normalize)
+    return metrics.regex_match(output, item.answer, spec.pattern or "", spec.normalize)
+
+
+def _score(task: Task, split: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+           processor: ProcessorMixin | None, batch_size: int, limit: int | None,
+           generator: Generator | None) -> tuple[list[float], dict[str, int], list[str] | None]:
     spec, items = task.spec, task.items(split)[:limit]
     failures = {c.name: 0 for c in spec.constraints}
     if task.metric == "answer_logprob":
@@ -122,25 +211,13 @@ def _score(task: Task, split: str, model: PreTrainedModel, tokenizer: PreTrained
             scores.append(metrics.multiple_choice(mine, it.choices, it.answer))
             picked.append(it.choices[metrics.best_choice(mine)])
         return scores, failures, picked
-    prompts, triggers = _encoded(task, split, tokenizer, limit)
-    if generator is not None:
-        outputs = generator.generate(prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop)
-    else:
-        outputs = backend.generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=spec.stop,
-                                   triggers=triggers, batch_size=batch_size)
+    outputs = _outputs(task, split, model, tokenizer, processor, batch_size, limit, generator)
     scores = []
     for it, out in zip(items, outputs):
         failed = metrics.failed_constraints(out, spec.constraints)
         for name in failed:
             failures[name] += 1
-        if failed:
-            scores.append(0.0)
-        elif task.metric == "exact_match":
-            scores.append(metrics.exact_match(out, it.answer, spec.normalize))
-        elif task.metric == "last_number":
-            scores.append(metrics.last_number(out, it.answer))
-        else:
-            scores.append(metrics.regex_match(out, it.answer, spec.pattern or "", spec.normalize))
+        scores.append(0.0 if failed else _item_score(task, it, out))
     return scores, failures, outputs
 
 
@@ -158,6 +235,7 @@ def evaluate(
     device: str | None = None,
     return_outputs: bool = False,
     generator: Generator | None = None,
+    processor: ProcessorMixin | str | Path | None = None,
 ) -> EvalResult:
     """Score a model (a folder, or a loaded model used where it is) on the first `limit` items of a task's split.
 
@@ -165,27 +243,42 @@ def evaluate(
     device applies to a folder (default cpu). A loaded model needs tokenizer= (the object or its folder). Nothing
     that depends on the weights is cached, so a model whose weights change between calls is scored afresh.
     generator, if given, produces the outputs of a generation metric instead of the model (which must hold the
-    same weights); log-likelihood metrics always use the model.
+    same weights); log-likelihood metrics and items with an image always use the model.
+
+    Items with an image need a vision-language model: a folder that load_model loads as one, or a loaded model
+    and processor= (the object or its folder; tokenizer= then defaults to the processor's tokenizer). A processor
+    passed as tokenizer= counts as processor=, so load_model's pair can be passed on as it is for either kind.
     """
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ShoalError("batch_size and limit must be at least 1")
-    task.items(split)
+    items = task.items(split)[:limit]
     if isinstance(model_or_path, (str, Path)):
-        model, own_tokenizer = load_model(model_or_path, device or "cpu")
-        tokenizer = tokenizer or own_tokenizer
+        model, own = load_model(model_or_path, device or "cpu")
+        tokenizer = tokenizer or own
     else:
         model = model_or_path
         if device is not None and not _same_device(torch.device(device), model.device):
             raise ShoalError(f"the model is on {model.device}, not {device}; move it or leave device out")
+    if isinstance(tokenizer, ProcessorMixin):
+        processor, tokenizer = processor or tokenizer, None
+    if isinstance(processor, (str, Path)):
+        processor = load_processor(processor)
+    if tokenizer is None and processor is not None:
+        tokenizer = processor.tokenizer
     if tokenizer is None:
         raise ShoalError("a loaded model needs tokenizer= (a tokenizer or the folder to load it from)")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
+    pictured = next((it for it in items if it.image is not None), None)
+    if pictured is not None and processor is None:
+        raise ShoalError(f"task {task.name} ({split}) has items with an image (e.g. {pictured.image}) and the model "
+                         f"{type(model).__name__} is scored as a text model; give a vision-language model folder "
+                         "(its config.json has vision_config) or pass processor=")
     start = time.perf_counter()
     training = model.training
     model.eval()
     try:
-        scores, failures, outputs = _score(task, split, model, tokenizer, batch_size, limit, generator)
+        scores, failures, outputs = _score(task, split, model, tokenizer, processor, batch_size, limit, generator)
     finally:
         model.train(training)
     return EvalResult(

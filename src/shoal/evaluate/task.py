@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shoal import yamlfile
 from shoal.errors import ShoalError
 
-GENERATION_METRICS = ("exact_match", "last_number", "regex")
+GENERATION_METRICS = ("exact_match", "last_number", "regex", "rouge_l", "token_f1")
 LOGLIKELIHOOD_METRICS = ("multiple_choice", "answer_logprob")
-Metric = Literal["exact_match", "last_number", "regex", "multiple_choice", "answer_logprob"]
+Metric = Literal["exact_match", "last_number", "regex", "rouge_l", "token_f1", "multiple_choice", "answer_logprob"]
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -28,7 +28,7 @@ def _compiles(pattern: str) -> str:
 
 
 class Normalize(BaseModel):
-    """How output and answer are normalised before exact_match and regex compare them."""
+    """How output and answer are normalised before exact_match, regex, rouge_l and token_f1 compare them."""
 
     model_config = ConfigDict(extra="forbid")
     lowercase: bool = False
@@ -100,12 +100,13 @@ class TaskSpec(BaseModel):
 
 
 class Item(BaseModel):
-    """One JSONL row; other keys are kept out of the way (ignored)."""
+    """One JSONL row; other keys are kept out of the way (ignored). image is a file path relative to the task folder."""
 
     model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
     prompt: str
     answer: str
     choices: list[str] | None = None
+    image: str | None = None
 
 
 @dataclass
@@ -170,8 +171,24 @@ def parse_spec(text: str, source: str) -> TaskSpec:
     return spec
 
 
-def parse_items(text: str, source: str, spec: TaskSpec) -> list[Item]:
-    """Validate a split's JSONL text against the task's metric; errors name the file and line."""
+def _check_image(path: Path) -> str | None:
+    """Why the file at path is not a readable image, or None if it is (reads only its header)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return f"image {path} not found"
+    try:
+        with Image.open(path):
+            return None
+    except (UnidentifiedImageError, OSError) as exc:
+        return f"image {path} cannot be read ({exc})"
+
+
+def parse_items(text: str, source: str, spec: TaskSpec, folder: Path | None = None) -> list[Item]:
+    """Validate a split's JSONL text against the task's metric; errors name the file and line.
+
+    Images are checked (the file exists and is an image) when folder, the task folder they are relative to, is given.
+    """
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -191,6 +208,13 @@ def parse_items(text: str, source: str, spec: TaskSpec) -> list[Item]:
             raise ShoalError(f"{where}: metric multiple_choice needs 'choices' that include the answer {item.answer!r}")
         if spec.metric == "last_number" and not NUMBER.search(item.answer):
             raise ShoalError(f"{where}: metric last_number needs a number in the answer, got {item.answer!r}")
+        if item.image is not None:
+            if spec.metric in LOGLIKELIHOOD_METRICS:
+                raise ShoalError(f"{where}: items with an image are scored on generated text; metric {spec.metric} "
+                                 f"does not generate (use one of {', '.join(GENERATION_METRICS)})")
+            problem = _check_image(folder / item.image) if folder is not None else None
+            if problem:
+                raise ShoalError(f"{where}: {problem}; image paths are relative to the task folder {folder}")
         items.append(item)
     if not items:
         raise ShoalError(f"{source}: no items; write one JSON object per line")
@@ -210,5 +234,5 @@ def load_task(path: str | Path) -> Task:
         file = folder / filename
         if not file.is_file():
             raise ShoalError(f"{yaml_path}: split {split!r} names {filename}, which is not in {folder}")
-        splits[split] = parse_items(file.read_text(), str(file), spec)
+        splits[split] = parse_items(file.read_text(), str(file), spec, folder)
     return Task(spec=spec, folder=folder, splits=splits)
