@@ -3,6 +3,7 @@ hand computation, constraints score 0, `shoal eval` runs, and images are checked
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections import Counter
@@ -214,16 +215,48 @@ def test_text_items_on_a_vlm_are_generated_from_the_prompt_alone(loaded, picture
     assert outputs[1::2] == pictured
 
 
-def test_the_image_token_is_kept_where_the_prompt_puts_it_else_placed_before_it(loaded):
+TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+            "{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} w9{% endif %}")
+
+
+def test_the_image_token_is_kept_where_the_prompt_puts_it_else_placed_by_the_chat_template_or_before_it(loaded):
     _, processor = loaded
     assert model_text(processor, "w5 <image> w6") == ("w5 <image> w6", True)
     assert model_text(processor, "w5 w6") == ("<image>\nw5 w6", True)
-    processor.chat_template = "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}" \
-                              "<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endfor %} w9"
+    processor.chat_template = TEMPLATE
     try:
         assert model_text(processor, "w5 w6") == ("<image> w5 w6 w9", False)
+        assert model_text(processor, "w5 <image> w6") == ("w5 <image> w6", True)
     finally:
         processor.chat_template = None
+
+
+def test_chat_template_and_verbatim_prompts_batch_apart_and_equal_one_at_a_time(loaded, pictures):
+    model, processor = loaded
+    items = rows(1)
+    for it in items[::3]:
+        it["prompt"] = f"w7 {IMAGE} {it['prompt']}"
+    task = load_task(write_task(pictures, "templated", {"metric": "exact_match", "max_new_tokens": 5}, items))
+    templated = AutoProcessor.from_pretrained(processor.tokenizer.name_or_path)
+    templated.chat_template = TEMPLATE
+    batched = evaluate(model, task, "dev", processor=templated, batch_size=4, return_outputs=True).outputs
+    assert batched == evaluate(model, task, "dev", processor=templated, batch_size=1, return_outputs=True).outputs
+    plain = evaluate(model, task, "dev", processor=processor, batch_size=4, return_outputs=True).outputs
+    assert [a == b for a, b in zip(batched, plain)].count(False) >= N // 2  # the template changed the others
+    assert batched[::3] == plain[::3]  # prompts that place the image are used as written either way
+
+
+def test_greedy_ignores_the_models_sampling_and_penalty_settings(loaded, pictures):
+    model, processor = loaded
+    task = load_task(write_task(pictures, "greedy", {"metric": "exact_match", "max_new_tokens": 6}, rows()))
+    before = evaluate(model, task, "dev", processor=processor, return_outputs=True).outputs
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.update(do_sample=True, temperature=5.0, repetition_penalty=3.0, no_repeat_ngram_size=1)
+    try:
+        assert evaluate(model, task, "dev", processor=processor, return_outputs=True).outputs == before
+    finally:
+        model.generation_config = saved
 
 
 def test_an_image_task_on_a_text_model_is_one_clear_error(parents, pictures, run_cli):
