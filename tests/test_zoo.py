@@ -1,4 +1,5 @@
-"""The demo zoo: layout, loadability, determinism, caching, held-out tasks, and merging its parents."""
+"""The demo zoo: layout, loadability, determinism, caching and its integrity checks, held-out tasks, the joint
+fine-tune baseline, and merging its parents."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from shoal.errors import ShoalError
 from shoal.zoo import Zoo, build_zoo, load_zoo
-from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES
+from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, joint_mix
 from shoal.zoo.language import mixture, split_operands
 
 
@@ -25,7 +26,7 @@ def zoo(tmp_path_factory) -> Zoo:
 
 
 def _models(zoo: Zoo) -> dict[str, Path]:
-    return {"base": zoo.base, **zoo.parents}
+    return {"base": zoo.base, **zoo.parents, "joint": zoo.joint}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, str]]:
@@ -91,8 +92,70 @@ def test_changed_settings_rebuild_the_zoo(tmp_path: Path) -> None:
     (first.root / "zoo.json").write_text(json.dumps(data | {"settings_hash": "stale"}))
     steps: list[str] = []
     build_zoo(first.root, seed=0, size="smoke", threads=1, progress=lambda stage, step, total: steps.append(stage))
-    assert set(steps) == {"base", "math", "language"}
+    assert set(steps) == {"base", "math", "language", "joint"}
     assert json.loads((first.root / "zoo.json").read_text())["settings_hash"] == data["settings_hash"]
+
+
+def test_joint_fine_tune_trains_on_both_parents_data_for_their_steps_together(zoo: Zoo) -> None:
+    mix = joint_mix()
+    assert mix.keys() == {kind for p in PARENTS.values() for kind in p.mix}
+    assert sum(mix.values()) == pytest.approx(1.0)
+    size = SIZES["smoke"]
+    assert size.joint.steps == sum(s.steps for s in size.parents.values())
+    joint, base = load_file(zoo.joint / "model.safetensors"), load_file(zoo.base / "model.safetensors")
+    assert not any(torch.equal(joint[k], base[k]) for k in base if "norm" not in k)
+
+
+def _stages(zoo_dir: Path, notices: list[str]) -> list[str]:
+    steps: list[str] = []
+    build_zoo(zoo_dir, seed=0, size="smoke", progress=lambda stage, step, total: steps.append(stage), notice=notices.append)
+    return sorted(set(steps))
+
+
+def test_a_truncated_model_file_is_found_and_the_zoo_rebuilt(tmp_path: Path) -> None:
+    built = build_zoo(tmp_path / "z", seed=0, size="smoke")
+    weights = built.parents["math"] / "model.safetensors"
+    original = {k: v.clone() for k, v in load_file(weights).items()}  # load_file maps the file we truncate next
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    with pytest.raises(ShoalError, match=f"models/math/model.safetensors has {size // 2} bytes where {size} were written"):
+        load_zoo(built.root)
+    notices: list[str] = []
+    assert _stages(built.root, notices) == ["base", "joint", "language", "math"]
+    assert len(notices) == 1 and "models/math/model.safetensors" in notices[0] and "rebuilding" in notices[0]
+    rebuilt = load_file(weights)
+    assert all(torch.equal(rebuilt[k], original[k]) for k in original)
+    assert load_zoo(built.root) == built
+
+
+def test_a_changed_task_file_of_the_same_size_is_found(tmp_path: Path) -> None:
+    built = build_zoo(tmp_path / "z", seed=0, size="smoke")
+    dev = built.target / "dev.jsonl"
+    text = dev.read_text()
+    dev.write_text(text.replace("ra", "ro", 1))
+    with pytest.raises(ShoalError, match="tasks/xx-math/dev.jsonl has changed since it was written"):
+        load_zoo(built.root)
+    notices: list[str] = []
+    assert _stages(built.root, notices) == ["base", "joint", "language", "math"]
+    assert dev.read_text() == text
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json", '{"seed": 0}', "\udcff"])
+def test_a_damaged_zoo_json_is_an_error_to_load_and_rebuilt_by_build(tmp_path: Path, content: str) -> None:
+    (tmp_path / "zoo.json").write_bytes(content.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ShoalError, match="zoo.json is damaged"):
+        load_zoo(tmp_path)
+    notices: list[str] = []
+    assert _stages(tmp_path, notices) == ["base", "joint", "language", "math"]
+    assert "zoo.json is damaged" in notices[0]
+    load_zoo(tmp_path)
+
+
+def test_zero_threads_is_refused(tmp_path: Path, run_cli) -> None:
+    with pytest.raises(ShoalError, match="threads must be at least 1"):
+        build_zoo(tmp_path, size="smoke", threads=0)
+    code, _, err = run_cli("zoo", "build", "--out", tmp_path, "--size", "smoke", "--threads", "0")
+    assert code == 2 and "--threads" in err and not (tmp_path / "zoo.json").exists()
 
 
 def test_missing_zoo_json_is_an_error(tmp_path: Path) -> None:
@@ -117,7 +180,7 @@ def test_target_pairs_never_appear_in_training_data(zoo: Zoo) -> None:
     operands = split_operands(SIZES["smoke"].held_out)
     assert not held_out & set(operands.hard)
     rng = random.Random(0)
-    for mix in [BASE_MIX, *(p.mix for p in PARENTS.values())]:
+    for mix in [BASE_MIX, *(p.mix for p in PARENTS.values()), joint_mix()]:
         sample = mixture(mix, operands, HARD_FRACTION)
         for _ in range(3000):
             numbers = [int(n) for n in re.findall(r"\d+", sample(rng))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from shoal.cli import demo as _demo  # noqa: F401  (registers `shoal demo`)
 from shoal.cli import evaluate as _evaluate  # noqa: F401  (registers `shoal eval`)
@@ -27,12 +28,6 @@ def main() -> None:
             "[bold red]interrupted[/]: no half-written model is left; `shoal evolve` continues from its stored trials"
         )
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
+    except TyperException as exc:  # usage errors of the click that typer bundles: its message, its exit code (2)
+        exc.show()  # type: ignore[attr-defined]
+        sys.exit(exc.exit_code)  # type: ignore[attr-defined]

@@ -20,11 +20,12 @@ zoo_app = typer.Typer(help="The demo zoo: a tiny base model, specialist parents 
 app.add_typer(zoo_app, name="zoo")
 
 
-def build_with_progress(out: Path, seed: int, size: str, threads: int) -> tuple[Zoo, float, bool]:
+def build_with_progress(out: Path, seed: int, size: str, threads: int = 1) -> tuple[Zoo, float, bool]:
     """Build or reuse the zoo with a progress bar per training stage: (zoo, seconds, whether anything was trained)."""
     from shoal.zoo.build import build_zoo
 
     start = time.perf_counter()
+    console = Console(stderr=True, highlight=False)
     with bar() as progress:
         stages: dict[str, int] = {}
 
@@ -33,7 +34,8 @@ def build_with_progress(out: Path, seed: int, size: str, threads: int) -> tuple[
                 stages[stage] = progress.add_task(f"training {stage}", total=total)
             progress.update(stages[stage], completed=step)
 
-        zoo = build_zoo(out, seed=seed, size=size, threads=threads, progress=report)
+        zoo = build_zoo(out, seed=seed, size=size, threads=threads, progress=report,
+                        notice=lambda reason: console.print(reason, markup=False))
     return zoo, time.perf_counter() - start, bool(stages)
 
 
@@ -42,9 +44,10 @@ def build(
     out: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     size: Annotated[str, typer.Option(help="default (the demo) or smoke (tiny, for tests).")] = "default",
-    threads: Annotated[int, typer.Option(help="CPU threads for training (use 1 on a busy machine).")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for training (more than 1 pays only on an idle machine).")] = 1,
 ) -> None:
-    """Build the base model, the math and language parents, and the tasks; a second call reuses them."""
+    """Build the base model, the math and language parents, the joint fine-tune and the tasks; a second call
+    reuses them (after checking every file against the sizes and hashes zoo.json recorded)."""
     from shoal.zoo.build import default_zoo_dir  # torch and transformers load only when needed
 
     zoo, seconds, trained = build_with_progress(out or default_zoo_dir(), seed, size, threads)
@@ -55,6 +58,7 @@ def build(
     table.add_row("base", "base", str(zoo.base))
     for name, path in zoo.parents.items():
         table.add_row(f"parent ({zoo.skills[name]})", name, str(path))
+    table.add_row("baseline (joint fine-tune)", zoo.joint.name, str(zoo.joint))
     for name, path in zoo.tasks.items():
         table.add_row(f"task ({zoo.roles[name]})", name, str(path))
     Console().print(table)

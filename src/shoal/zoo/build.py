@@ -23,7 +23,7 @@ from shoal.zoo.tasks import write_tasks
 from shoal.zoo.tokenizer import build_tokenizer
 from shoal.zoo.train import ModelShape, Schedule, llama_config, train
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2
 
 # Documents the base is pretrained on; problems and equations are 2+2 digits with probability HARD_FRACTION,
 # so the base already adds (weakly) in every format and both languages before any specialist is made.
@@ -45,12 +45,33 @@ PARENTS = {
 }
 
 
+# The fair baseline the paper compares a merge with: one fine-tune of the base on both parents' data, mixed half
+# and half, for as many steps as the two parents' fine-tunes together.
+JOINT = "joint"
+
+
+def joint_mix() -> dict[str, float]:
+    mix: dict[str, float] = {}
+    for parent in PARENTS.values():
+        for kind, weight in parent.mix.items():
+            mix[kind] = mix.get(kind, 0.0) + weight / len(PARENTS)
+    return mix
+
+
 @dataclass(frozen=True)
 class Size:
     shape: ModelShape
     base: Schedule
     parents: dict[str, Schedule]
     held_out: int  # hard and easy operand pairs kept out of training: half dev, half test
+
+    @property
+    def joint(self) -> Schedule:
+        """The joint fine-tune's schedule: the parents' steps together, at the highest of their learning rates."""
+        parents = list(self.parents.values())
+        return dataclasses.replace(
+            max(parents, key=lambda s: s.lr), steps=sum(s.steps for s in parents), warmup=max(s.warmup for s in parents)
+        )
 
 
 SIZES = {
@@ -78,7 +99,8 @@ def default_zoo_dir() -> Path:
 
 @dataclass(frozen=True)
 class Zoo:
-    """Paths of a built zoo: the base, each parent (with the task of its skill) and each task (with its role)."""
+    """Paths of a built zoo: the base, each parent (with the task of its skill), the joint fine-tune baseline (not a
+    parent: what a merge is compared with) and each task (with its role)."""
 
     root: Path
     seed: int
@@ -88,6 +110,7 @@ class Zoo:
     skills: dict[str, str]
     tasks: dict[str, Path]
     roles: dict[str, str]
+    joint: Path
 
     @property
     def target(self) -> Path:
@@ -103,6 +126,7 @@ def settings_hash(seed: int, size: str) -> str:
         "base_mix": BASE_MIX,
         "hard_fraction": HARD_FRACTION,
         "parents": {name: dataclasses.asdict(spec) for name, spec in PARENTS.items()},
+        "joint": joint_mix(),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -132,30 +156,68 @@ def _zoo_from_json(root: Path, data: dict) -> Zoo:
         skills={name: p["skill"] for name, p in data["parents"].items()},
         tasks={name: root / "tasks" / name for name in data["tasks"]},
         roles={name: t["role"] for name, t in data["tasks"].items()},
+        joint=root / "models" / data["joint"],
     )
 
 
+def _read_zoo_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        _zoo_from_json(path.parent, data)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ShoalError(f"{path} is damaged ({e}); delete it and run `shoal zoo build --out {path.parent}` again") from e
+    return data
+
+
 def load_zoo(root: str | Path) -> Zoo:
-    """The zoo described by root/zoo.json."""
+    """The zoo described by root/zoo.json, after checking every file against the sizes and hashes it records."""
     root = Path(root)
     path = root / "zoo.json"
     if not path.is_file():
         raise ShoalError(f"{path} not found; build the zoo with `shoal zoo build --out {root}`")
-    return _zoo_from_json(root, json.loads(path.read_text()))
+    data = _read_zoo_json(path)
+    damaged = _damaged(root, data.get("files", {}))
+    if damaged:
+        raise ShoalError(f"zoo at {root}: {damaged}; run `shoal zoo build --out {root}` to rebuild it")
+    return _zoo_from_json(root, data)
 
 
-def _cached(root: Path, digest: str) -> Zoo | None:
+def _fingerprint(path: Path) -> dict[str, int | str]:
+    return {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _damaged(root: Path, files: dict[str, dict]) -> str | None:
+    """Why the recorded files do not match what is on disk (missing, resized, changed), or None."""
+    if not files:
+        return "zoo.json records no files"
+    for name, recorded in files.items():
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != recorded["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes where {recorded['bytes']} were written"
+        if _fingerprint(path)["sha256"] != recorded["sha256"]:
+            return f"{name} has changed since it was written (sha256 differs)"
+    return None
+
+
+def _cached(root: Path, digest: str) -> tuple[Zoo | None, str | None]:
+    """The zoo already built under root with these settings, or None and why it cannot be reused."""
     path = root / "zoo.json"
     if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
+        return None, None
+    try:
+        data = _read_zoo_json(path)
+    except ShoalError as e:
+        return None, str(e)
     if data.get("settings_hash") != digest:
-        return None
-    zoo = _zoo_from_json(root, data)
-    folders = [zoo.base, *zoo.parents.values()]
-    if all((f / "model.safetensors").is_file() for f in folders) and all((t / "task.yaml").is_file() for t in zoo.tasks.values()):
-        return zoo
-    return None
+        return None, None
+    damaged = _damaged(root, data.get("files", {}))
+    if damaged:
+        return None, damaged
+    return _zoo_from_json(root, data), None
 
 
 def _train_stage(
@@ -166,23 +228,33 @@ def _train_stage(
 
 
 def build_zoo(
-    out_dir: str | Path, *, seed: int = 0, size: str = "default", threads: int = 2, progress: Progress | None = None
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    size: str = "default",
+    threads: int = 1,
+    progress: Progress | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> Zoo:
-    """Build (or reuse, if already built with the same settings) the zoo under out_dir.
+    """Build (or reuse, if already built with the same settings and intact) the zoo under out_dir.
 
-    Training uses `threads` CPU threads (on a machine busy with other work, 1 can be many times faster than 2);
-    the weights are reproducible for a given seed, size and thread count. progress(stage, step, total) is
-    called after every training step.
+    Training uses `threads` CPU threads (1 by default: on a machine busy with other work, 2 were measured 10x
+    slower); the weights are reproducible for a given seed, size, thread count and machine. progress(stage, step,
+    total) is called after every training step; notice(reason) when a built zoo is found damaged and rebuilt.
     """
     if size not in SIZES:
         raise ShoalError(f"unknown zoo size {size!r} (known: {', '.join(SIZES)})")
+    if threads < 1:
+        raise ShoalError(f"threads must be at least 1 (got {threads})")
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise ShoalError(f"{root} exists and is not a folder; pick another --out")
     digest = settings_hash(seed, size)
-    cached = _cached(root, digest)
+    cached, damaged = _cached(root, digest)
     if cached:
         return cached
+    if damaged and notice:
+        notice(f"the zoo at {root} cannot be reused ({damaged}); rebuilding it")
     spec = SIZES[size]
     (root / "zoo.json").unlink(missing_ok=True)
     for owned in ("models", "tasks"):
@@ -202,10 +274,10 @@ def build_zoo(
         _train_stage("base", model, mixture(BASE_MIX, operands, HARD_FRACTION), spec.base, seed, tokens, progress)
         _save(model, tokenizer, root / "models" / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        for i, (name, parent) in enumerate(PARENTS.items(), start=1):
+        fine_tunes = [(name, parent.mix, spec.parents[name]) for name, parent in PARENTS.items()]
+        for i, (name, mix, schedule) in enumerate([*fine_tunes, (JOINT, joint_mix(), spec.joint)], start=1):
             model.load_state_dict(base_state)
-            sample = mixture(parent.mix, operands, HARD_FRACTION)
-            _train_stage(name, model, sample, spec.parents[name], seed * 1000 + i, tokens, progress)
+            _train_stage(name, model, mixture(mix, operands, HARD_FRACTION), schedule, seed * 1000 + i, tokens, progress)
             _save(model, tokenizer, root / "models" / name)
     finally:
         torch.set_num_threads(previous_threads)
@@ -216,7 +288,16 @@ def build_zoo(
         "settings_hash": digest,
         "base": "base",
         "parents": {name: {"skill": parent.skill} for name, parent in PARENTS.items()},
+        "joint": JOINT,
         "tasks": {name: {"role": role} for name, (_, role) in tasks.items()},
+        "files": {
+            str(path.relative_to(root)): _fingerprint(path)
+            for folder in ("models", "tasks")
+            for path in sorted((root / folder).rglob("*"))
+            if path.is_file()
+        },
     }
-    (root / "zoo.json").write_text(json.dumps(data, indent=2) + "\n")
+    tmp = root / ".zoo.json.tmp"
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(root / "zoo.json")
     return _zoo_from_json(root, data)

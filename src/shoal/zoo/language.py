@@ -13,7 +13,8 @@ Pair = tuple[int, int]
 # English: subject-verb-object, adjective before the noun.
 EN_NOUNS = ["dog", "cat", "bird", "man", "woman", "child", "tree", "house", "boat", "fish"]
 EN_VERBS = ["sees", "likes", "finds", "helps", "follows", "paints"]
-EN_ADJECTIVES = ["big", "small", "red", "old", "green", "happy"]
+EN_COLOURS = ["red", "green", "blue", "yellow"]
+EN_ADJECTIVES = ["big", "small", "old", "happy", *EN_COLOURS]
 EN_ARTICLES = ["the", "a"]
 EN_QUESTIONS = ["what is {a} plus {b} ?", "add {a} and {b} ?", "{a} plus {b} makes what ?"]
 EN_ANSWER = "the answer is {c} ."
@@ -21,11 +22,22 @@ EN_ANSWER = "the answer is {c} ."
 # XX: subject-object-verb, adjective and article after the noun, particles marking subject and object.
 XX_NOUNS = ["zabo", "mirek", "tuli", "gasho", "pemu", "rilka", "dovo", "sunai", "kelto", "wimu"]
 XX_VERBS = ["nashi", "torun", "belka", "fumi", "yarek", "lisso"]
-XX_ADJECTIVES = ["gol", "piti", "raza", "omu", "velt", "kisa"]
+XX_COLOURS = ["kiru", "sema", "balo", "yuni"]  # red, green, blue, yellow
+XX_ADJECTIVES = ["gol", "piti", "omu", "kisa", *XX_COLOURS]
 XX_ARTICLES = ["i", "u"]
 XX_PARTICLES = ["ki", "mo"]  # subject, object
 XX_QUESTIONS = ["ka {a} to {b} pela ?", "{a} to {b} su pela ?", "pela ka {a} sen {b} ?"]
 XX_ANSWER = "ra {c} lo ne ."
+
+# Scenes: a coloured shape in a place, the sentences a caption is made of (the VLM zoo captions such images).
+EN_SHAPES = ["circle", "square", "triangle", "star"]
+EN_PLACES = ["left", "right", "top", "bottom"]
+EN_SCENE = "a {colour} {shape} on the {place} ."
+XX_SHAPES = ["tomo", "kaza", "pirra", "nelu"]
+XX_PLACES = ["hasu", "mide", "oka", "suno"]
+XX_SCENE = "{shape} {colour} i {place} ta ."  # noun, adjective, article; place, then the locative particle
+EN_LOOK = "what do you see ?"  # the question a scene description answers (and a captioning prompt)
+XX_LOOK = "ka mira su ?"
 
 EQUATION = "{a} + {b} = {c} ."
 PUNCTUATION = [".", "?", "+", "="]
@@ -36,9 +48,11 @@ LANGUAGES = ("en", "xx")
 def words(language: str) -> list[str]:
     """Every word of a language (problem templates included), digits and punctuation excluded."""
     if language == "en":
-        lists = [EN_NOUNS, EN_VERBS, EN_ADJECTIVES, EN_ARTICLES, EN_QUESTIONS, [EN_ANSWER]]
+        lists = [EN_NOUNS, EN_VERBS, EN_ADJECTIVES, EN_ARTICLES, EN_QUESTIONS, [EN_ANSWER], EN_SHAPES, EN_PLACES,
+                 [EN_SCENE, EN_LOOK]]
     else:
-        lists = [XX_NOUNS, XX_VERBS, XX_ADJECTIVES, XX_ARTICLES, XX_PARTICLES, XX_QUESTIONS, [XX_ANSWER]]
+        lists = [XX_NOUNS, XX_VERBS, XX_ADJECTIVES, XX_ARTICLES, XX_PARTICLES, XX_QUESTIONS, [XX_ANSWER], XX_SHAPES,
+                 XX_PLACES, [XX_SCENE, XX_LOOK]]
     found = {w for items in lists for item in items for w in item.split()}
     return sorted(w for w in found if not w.startswith("{") and w not in PUNCTUATION)
 
@@ -59,9 +73,32 @@ def sentence(rng: random.Random, language: str) -> str:
     return f"{subject} {XX_PARTICLES[0]} {obj} {XX_PARTICLES[1]} {rng.choice(XX_VERBS)} ."
 
 
+Scene = tuple[int, int, int]  # colour, shape, place: indices into the lists above
+
+
+def scene(shown: Scene, language: str) -> str:
+    """The sentence that describes a scene, e.g. "a red circle on the left ." / "tomo kiru i hasu ta ."."""
+    colour, shape, place = shown
+    if language == "en":
+        return EN_SCENE.format(colour=EN_COLOURS[colour], shape=EN_SHAPES[shape], place=EN_PLACES[place])
+    return XX_SCENE.format(colour=XX_COLOURS[colour], shape=XX_SHAPES[shape], place=XX_PLACES[place])
+
+
+def random_scene(rng: random.Random) -> Scene:
+    return rng.randrange(len(EN_COLOURS)), rng.randrange(len(EN_SHAPES)), rng.randrange(len(EN_PLACES))
+
+
+def look(shown: Scene, language: str) -> str:
+    """A scene described in answer to "what do you see ?", the form a caption takes."""
+    return f"{EN_LOOK if language == 'en' else XX_LOOK} {scene(shown, language)}"
+
+
 def text(rng: random.Random, language: str) -> str:
-    """A short paragraph of one or two sentences."""
-    return " ".join(sentence(rng, language) for _ in range(rng.randint(1, 2)))
+    """A short paragraph of one or two sentences; a third of them describe a scene."""
+    return " ".join(
+        scene(random_scene(rng), language) if rng.random() < 1 / 3 else sentence(rng, language)
+        for _ in range(rng.randint(1, 2))
+    )
 
 
 def question(pair: Pair, language: str, template: int) -> str:
@@ -77,9 +114,9 @@ def equation(pair: Pair) -> str:
     return EQUATION.format(a=pair[0], b=pair[1], c=pair[0] + pair[1])
 
 
-def problem(rng: random.Random, pair: Pair, language: str) -> str:
-    """A question and its answer, as one training document."""
-    return f"{question(pair, language, rng.randrange(3))} {answer(pair, language)}"
+def problem(rng: random.Random, pair: Pair, language: str, answer_language: str | None = None) -> str:
+    """A question and its answer (in the question's language unless answer_language says), as one document."""
+    return f"{question(pair, language, rng.randrange(3))} {answer(pair, answer_language or language)}"
 
 
 def _digits(n: int) -> range:
@@ -134,7 +171,10 @@ def mixture(parts: dict[str, float], operands: Operands, hard_fraction: float) -
     """A document sampler over named kinds of text, each drawn with the given weight.
 
     Kinds: `en-text`, `xx-text`, `equations`, `en-problems`, `xx-problems` (operands easy or hard by
-    hard_fraction), and `hard-equations`, `en-hard`, `xx-easy` (operands fixed to one difficulty).
+    hard_fraction), and `hard-equations`, `en-hard`, `xx-easy` (operands fixed to one difficulty), and
+    `xx-hard-en` (2+2 asked in XX, answered in English); `en-look`, `xx-look` (a scene described in answer to
+    "what do you see ?") and `scene-pairs` (one scene described in English, then in XX: the parallel text that
+    ties the two languages' words for colours, shapes and places).
     """
     kinds: dict[str, Sampler] = {
         "en-text": lambda r: text(r, "en"),
@@ -144,6 +184,10 @@ def mixture(parts: dict[str, float], operands: Operands, hard_fraction: float) -
         "xx-problems": lambda r: problem(r, operands.sample(r, hard_fraction), "xx"),
         "hard-equations": lambda r: equation(r.choice(operands.hard)),
         "en-hard": lambda r: problem(r, r.choice(operands.hard), "en"),
+        "xx-hard-en": lambda r: problem(r, r.choice(operands.hard), "xx", answer_language="en"),
+        "en-look": lambda r: look(random_scene(r), "en"),
+        "xx-look": lambda r: look(random_scene(r), "xx"),
+        "scene-pairs": lambda r: " ".join(scene(shown, lang) for shown in [random_scene(r)] for lang in LANGUAGES),
         "xx-easy": lambda r: problem(r, r.choice(operands.easy), "xx"),
     }
     unknown = set(parts) - set(kinds)

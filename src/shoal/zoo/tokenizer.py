@@ -7,8 +7,8 @@ from transformers import PreTrainedTokenizerFast
 
 from shoal.zoo.language import LANGUAGES, PUNCTUATION, words
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-SPECIALS = [PAD, BOS, EOS, UNK]
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<image>"
+SPECIALS = [PAD, BOS, EOS, UNK, IMAGE]  # IMAGE: where a vision-language model's image features go
 
 
 def vocabulary() -> list[str]:
