@@ -27,7 +27,7 @@ from shoal.synthetic import make_parents, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILIES = ["llava", "llava-live", "llava_next", "qwen2_vl", "qwen2_vl-live"]
+FAMILIES = ["llava", "llava-live", "llava_next", "qwen2_vl", "qwen2_vl-live", "qwen2_5_vl"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def vlms(llms, tmp_path_factory) -> dict[str, Path]:
         "llava_next": make_llava(root / "llava_next", llms["llama"]["b"], noise=0.0, next_=True),
         "qwen2_vl": make_qwen2_vl(root / "qwen2_vl", llms["qwen2"]["b"], noise=0.0),
         "qwen2_vl-live": make_qwen2_vl(root / "qwen2_vl-live", llms["qwen2"]["b"], noise=0.0, layout="live"),
+        "qwen2_5_vl": make_qwen2_vl(root / "qwen2_5_vl", llms["qwen2"]["b"], noise=0.0, v2_5=True),
     }
 
 
@@ -142,15 +143,18 @@ def test_the_merged_llava_loads_with_its_class_and_processor_and_answers_an_imag
         assert not torch.allclose(model(**inputs).logits[0, -1], model(**other).logits[0, -1])
 
 
-def test_the_merged_qwen2_vl_loads_with_its_class_and_image_processor_and_answers_an_image(llms, vlms, tmp_path) -> None:
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_merged_qwen2_vl_loads_with_its_class_and_image_processor_and_answers_an_image(
+    family, llms, vlms, tmp_path
+) -> None:
     """Qwen2VLProcessor needs torchvision (its video processor), not a dependency here; its image processor and
     tokenizer do the same for an image: the image pad token repeated once per merged patch."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     llm = llms["qwen2"]
-    out = _merge(_recipe("dare_ties", llm["base"], llm["a"], vlms["qwen2_vl"]), tmp_path / "m")
+    out = _merge(_recipe("dare_ties", llm["base"], llm["a"], vlms[family]), tmp_path / "m")
     model = AutoModelForImageTextToText.from_pretrained(out)
-    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(model).__name__ == open_checkpoint(vlms[family]).architecture
     images = AutoImageProcessor.from_pretrained(out)(images=_image(56), return_tensors="pt")
     tokenizer = AutoTokenizer.from_pretrained(out)
     pads = int(images["image_grid_thw"].prod()) // 4
@@ -188,7 +192,8 @@ def _expect_error(run_cli, tmp_path: Path, recipe: dict, *needles: str) -> None:
 @pytest.mark.parametrize("config,needles", [
     (tiny_config(hidden_size=32), ["hidden_size", "64", "32"]),
     (tiny_config(num_hidden_layers=2), ["layer count", "num_hidden_layers", "4", "2"]),
-], ids=["width", "depth"])
+    (tiny_config(vocab_size=260), ["model.embed_tokens.weight", "(260, 64)", "(256, 64)"]),
+], ids=["width", "depth", "vocabulary"])
 def test_a_vlm_and_an_llm_of_other_sizes_are_refused_in_one_line(config, needles, run_cli, vlms, tmp_path) -> None:
     other = make_parents(tmp_path / "other", ("x",), config=config)["x"]
     recipe = {"merge_method": "ties", "base_model": str(other),
@@ -281,17 +286,21 @@ def _stored(run_dir: Path) -> list[tuple]:
     return [(t.params, t.value, t.state.name) for t in sorted(study.trials, key=lambda t: t.number)]
 
 
-def test_evolve_with_a_llava_parent_resumes_storing_the_same_trials(llms, tmp_path) -> None:
-    """The PS search over a Llama base, a Llama fine-tune and a LLaVA whose language model is another: candidates
-    are merged into the resident LLaVA and scored on a text task; a run stopped and resumed stores the trials of
-    one that ran whole, and its best folder is the VLM."""
+def _llava_search(llms, folder: Path, budget: int = 9):
+    """A PS search over a Llama base, a Llama fine-tune and a LLaVA whose language model is another fine-tune."""
     llm = llms["llama"]
-    llava = make_llava(tmp_path / "llava", llm["b"], noise=0.02, seed=3)
+    llava = make_llava(folder / "llava", llm["b"], noise=0.02, seed=3)
     spec = {"base": str(llm["base"]), "parents": {"ja": str(llm["a"]), "vlm": str(llava)}, "method": "dare_ties",
-            "genome": {"layers_per_group": 2}, "tasks": [{"path": str(_text_task(tmp_path / "task"))}],
-            "budget": 9, "seed": 2, "population": 4}
-    (tmp_path / "search.yaml").write_text(yaml.safe_dump(spec))
-    search = load_search(tmp_path / "search.yaml")
+            "genome": {"layers_per_group": 2}, "tasks": [{"path": str(_text_task(folder / "task"))}],
+            "budget": budget, "seed": 2, "population": 4}
+    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    return load_search(folder / "search.yaml")
+
+
+def test_evolve_with_a_llava_parent_resumes_storing_the_same_trials(llms, tmp_path) -> None:
+    """Candidates are merged into the resident LLaVA and scored on a text task; a run stopped and resumed stores
+    the trials of one that ran whole, and its best folder is the VLM."""
+    search = _llava_search(llms, tmp_path)
     evolve(search.model_copy(update={"budget": 5}), tmp_path / "resumed")  # stops inside the second generation
     summary = evolve(search, tmp_path / "resumed")
     evolve(search, tmp_path / "whole")
@@ -301,3 +310,23 @@ def test_evolve_with_a_llava_parent_resumes_storing_the_same_trials(llms, tmp_pa
     best = tmp_path / "resumed" / "best"
     assert json.loads((best / "config.json").read_text())["model_type"] == "llava"
     assert set(summary["parents"]) == {"base", "ja", "vlm"}
+
+
+def test_ray_workers_with_a_llava_parent_store_the_trials_of_a_serial_run(llms, tmp_path) -> None:
+    ray = pytest.importorskip("ray")
+    search = _llava_search(llms, tmp_path, budget=8)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        parallel = evolve(search, tmp_path / "parallel", workers=2)
+    finally:
+        ray.shutdown()
+    serial = evolve(search, tmp_path / "serial")
+    import optuna
+
+    def by_index(run: Path) -> dict[int, tuple]:
+        study = optuna.load_study(study_name="shoal", storage=open_storage(str(run / "study.log")))
+        return {t.user_attrs["index"]: (t.params, t.value, t.state.name, t.user_attrs["seed"]) for t in study.trials}
+
+    assert by_index(tmp_path / "parallel") == by_index(tmp_path / "serial")
+    assert len(by_index(tmp_path / "serial")) == 8
+    assert parallel["best"] == serial["best"]

@@ -24,6 +24,8 @@ from transformers import (
     LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -114,22 +116,30 @@ def make_llava(folder: Path, llm: Path, *, noise: float = 0.02, seed: int = 0, l
     return folder
 
 
-def make_qwen2_vl(folder: Path, llm: Path, *, noise: float = 0.02, seed: int = 0, layout: str = "checkpoint") -> Path:
-    """A tiny Qwen2-VL (2-block vision tower, 56x56 images -> 4 image tokens) over a tiny Qwen2 LLM."""
+def make_qwen2_vl(folder: Path, llm: Path, *, noise: float = 0.02, seed: int = 0, layout: str = "checkpoint",
+                  v2_5: bool = False) -> Path:
+    """A tiny Qwen2-VL or Qwen2.5-VL (2-block vision tower, 56x56 images -> 4 image tokens) over a tiny Qwen2 LLM."""
     text = AutoConfig.from_pretrained(llm).to_dict()
     text.pop("architectures", None)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     ids = {s: text["vocab_size"] - 4 + i for i, s in enumerate(QWEN_SPECIALS)}
-    config = Qwen2VLConfig(
+    patches = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if v2_5:
+        kind, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=text["hidden_size"], intermediate_size=64, num_heads=2,
+                      window_size=56, fullatt_block_indexes=[1], **patches)
+    else:
+        kind, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2, **patches)
+    config = kind(
         text_config=text,
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=vision,
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
-        architectures=["Qwen2VLForConditionalGeneration"], tie_word_embeddings=False,
+        architectures=[model_class.__name__], tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     _from_llm(model, llm, noise, seed + 1)
     _save(model, folder, layout)
     pixels = dict(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)

@@ -114,10 +114,9 @@ def _check_sizes(parents: dict[str, Checkpoint], whole_models: bool) -> None:
         first, first_size = next(iter(sizes.items()), (None, None))
         for ref, size in sizes.items():
             if size != first_size:
-                what = "layer count" if names[0] == "num_hidden_layers" else names[0]
+                what = "layer count (num_hidden_layers)" if names[0] == "num_hidden_layers" else names[0]
                 raise ShoalError(
-                    f"the parents' language models differ in {what} ({names[0]}): {first} has {first_size}, "
-                    f"{ref} has {size}"
+                    f"the parents' language models differ in {what}: {first} has {first_size}, {ref} has {size}"
                 )
 
 
