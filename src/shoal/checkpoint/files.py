@@ -1,4 +1,4 @@
-"""The small files of a model folder besides the weights: config, tokenizer, recipe and model card."""
+"""The small files of a model folder besides the weights: config, tokenizer, processor, recipe and model card."""
 
 from __future__ import annotations
 
@@ -20,15 +20,25 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+"""What a vision-language model's processor reads besides the tokenizer."""
+
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def copy_tokenizer(source: Path, folder: Path) -> list[str]:
-    """Copy the tokenizer (and generation config) files that exist in source; return their names."""
+def copy_tokenizer(source: Path, folder: Path, *, processor: bool = False) -> list[str]:
+    """Copy the tokenizer (and generation config) files that exist in source, and the processor's files when
+    processor; return their names."""
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in dict.fromkeys(TOKENIZER_FILES + (PROCESSOR_FILES if processor else ())):
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
             copied.append(name)
@@ -36,7 +46,14 @@ def copy_tokenizer(source: Path, folder: Path) -> list[str]:
 
 
 def write_model_card(
-    folder: Path, *, method: str, parents: Sequence[str], base: str | None, recipe_file: str, remake: str | None = None
+    folder: Path,
+    *,
+    method: str,
+    parents: Sequence[str],
+    base: str | None,
+    recipe_file: str,
+    remake: str | None = None,
+    vision: str | None = None,
 ) -> None:
     lines = [
         "---",
@@ -51,5 +68,8 @@ def write_model_card(
     if base:
         lines += [f"Base model: `{base}`", ""]
     lines += ["Parents:", ""] + [f"- `{p}`" for p in parents if p != base]
+    if vision:
+        lines += ["", f"A vision-language model: its language model is the merge; the vision tower, projector and "
+                  f"processor are `{vision}`'s, unchanged."]
     lines += ["", remake or f"The recipe is in `{recipe_file}`; `shoal merge {recipe_file} OUT` remakes this model.", ""]
     (folder / "README.md").write_text("\n".join(lines))

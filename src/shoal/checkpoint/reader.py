@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from shoal import layout
 from shoal.errors import ShoalError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -75,17 +76,42 @@ class Checkpoint:
         with safe_open(str(self.tensors[name].file), framework="pt", device=str(device)) as handle:
             return handle.get_tensor(name)
 
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The language model's config (a VLM's text_config)."""
+        return layout.text_config(self.config)
+
     @cached_property
     def num_layers(self) -> int | None:
+        """The language model's layer count."""
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(self.config.get(key), int):
-                return int(self.config[key])
+            if isinstance(self.text_config.get(key), int):
+                return int(self.text_config[key])
         return None
 
     @property
     def architecture(self) -> str:
         archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
         return str(archs[0])
+
+    @cached_property
+    def lm(self) -> layout.Names:
+        """How this checkpoint names its language model's tensors (ShoalError for a VLM family shoal cannot merge)."""
+        return layout.language_model(self.config, self.names, str(self.path))
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.lm.family is not None
+
+    @cached_property
+    def lm_names(self) -> list[str]:
+        """The canonical names of the language model's tensors, in file order (all tensors of a text-only LLM)."""
+        return [c for c in map(self.lm.canonical, self.names) if c is not None]
+
+    @cached_property
+    def extra_names(self) -> list[str]:
+        """This checkpoint's names of the tensors outside the language model (a VLM's vision tower, projector...)."""
+        return [n for n in self.names if self.lm.canonical(n) is None]
 
 
 def _read_headers(files: list[Path]) -> dict[str, TensorInfo]:

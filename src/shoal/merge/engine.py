@@ -94,7 +94,10 @@ def merge_tensor(
     tensors: list[torch.Tensor],
     scratch: Scratch | None = None,
 ) -> torch.Tensor:
-    """merged_values as a new tensor in the output dtype (never the scratch buffer itself)."""
+    """merged_values as a new tensor in the output dtype (never the scratch buffer itself); a verbatim job's
+    input unchanged."""
+    if job.verbatim:
+        return tensors[0].to(job.spec.dtype)
     return merged_values(job, method_name, base, tensors, scratch).to(job.spec.dtype, copy=True)
 
 
@@ -119,9 +122,18 @@ def open_parents(recipe: Recipe) -> dict[str, Checkpoint]:
 
 
 def _tokenizer_source(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> Path:
+    """The folder the output's tokenizer comes from: a VLM output's is the VLM's own (its processor needs the
+    image tokens), whatever the base; else tokenizer_source, by default the base."""
     ref = recipe.tokenizer_source
     if ref == "union":
         raise ShoalError("tokenizer_source: union is not supported; use base or a model path")
+    if parents[reference].is_vlm:
+        if ref not in (None, "base", reference):
+            raise ShoalError(
+                f"tokenizer_source: {ref}, but the output is the vision-language model {reference}, whose processor "
+                f"needs its own tokenizer; leave tokenizer_source out or set it to {reference}"
+            )
+        return parents[reference].path
     if ref in (None, "base"):
         ref = recipe.base_model or reference
     return parents[ref].path if ref in parents else open_checkpoint(ref).path
@@ -171,10 +183,11 @@ def run_merge(
             raise
         writer.close()
         files.write_config(tmp, plan.config)
-        files.copy_tokenizer(tokenizer_dir, tmp)
+        files.copy_tokenizer(tokenizer_dir, tmp, processor=parents[plan.reference].is_vlm)
         text = recipe_text or yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
         (tmp / RECIPE_FILE).write_text(text)
         files.write_model_card(
-            tmp, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model, recipe_file=RECIPE_FILE
+            tmp, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model, recipe_file=RECIPE_FILE,
+            vision=plan.reference if parents[plan.reference].is_vlm else None,
         )
     return out_dir

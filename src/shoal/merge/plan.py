@@ -1,4 +1,9 @@
-"""Turn a recipe and its opened parents into one checked job per output tensor, before any data is read."""
+"""Turn a recipe and its opened parents into one checked job per output tensor, before any data is read.
+
+Parents are matched by their language models' canonical tensor names (`layout.Names`), so a vision-language
+parent merges with text-only LLMs of its language model's architecture; the output then takes the VLM's names,
+config and tensors outside the language model (vision tower, projector), those copied unchanged.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ class TensorJob:
     per_model: list[dict[str, Any]]
     shared: dict[str, Any]
     seeds: list[int]
+    verbatim: bool = False
+    """Copied from inputs[0] unchanged (cast to spec.dtype only): a VLM's tensors outside the language model."""
 
 
 @dataclass
@@ -52,6 +59,7 @@ class MergePlan:
     jobs: list[TensorJob]
     config: dict[str, Any]
     reference: str
+    """The parent whose config, tensor names and tokenizer the output takes: the VLM when a parent is one."""
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -75,21 +83,64 @@ def _as_slices(recipe: Recipe, parents: dict[str, Checkpoint]) -> list[Slice]:
 
 
 def _check_architectures(parents: dict[str, Checkpoint]) -> None:
-    archs = {ref: ck.architecture for ref, ck in parents.items()}
+    vlms = {ref: ck for ref, ck in parents.items() if ck.is_vlm}  # refuses a VLM family shoal does not know
+    archs = {ref: ck.architecture for ref, ck in parents.items() if ref not in vlms}
     if len(set(archs.values())) > 1:
         listed = ", ".join(f"{ref} is {arch}" for ref, arch in archs.items())
         raise ShoalError(f"parents have different architectures: {listed}")
+    if not vlms:
+        return
+    families = {ref: ck.architecture for ref, ck in vlms.items()}
+    if len(set(families.values())) > 1:
+        listed = ", ".join(f"{ref} is {arch}" for ref, arch in families.items())
+        raise ShoalError(f"vision-language parents of different families: {listed}")
+    kinds = {ref: layout.text_model_type(ck.config) for ref, ck in parents.items()}
+    if len(set(kinds.values())) > 1:
+        listed = ", ".join(
+            f"{ref} is {'a VLM whose language model is ' if ref in vlms else ''}{kind}" for ref, kind in kinds.items()
+        )
+        raise ShoalError(f"parents have different language-model architectures: {listed}")
+
+
+def _check_sizes(parents: dict[str, Checkpoint], whole_models: bool) -> None:
+    """The language models agree in width, and in depth when whole models are merged (not slices)."""
+    keys = [("hidden_size", "n_embd")] + ([("num_hidden_layers", "n_layer")] if whole_models else [])
+    for names in keys:
+        sizes = {}
+        for ref, ck in parents.items():
+            size = next((ck.text_config[k] for k in names if k in ck.text_config), None)
+            if size is not None:
+                sizes[ref] = size
+        first, first_size = next(iter(sizes.items()), (None, None))
+        for ref, size in sizes.items():
+            if size != first_size:
+                what = "layer count (num_hidden_layers)" if names[0] == "num_hidden_layers" else names[0]
+                raise ShoalError(
+                    f"the parents' language models differ in {what}: {first} has {first_size}, {ref} has {size}"
+                )
 
 
 def _check_same_tensors(parents: dict[str, Checkpoint], reference: str) -> None:
-    ref_names = set(parents[reference].tensors)
+    ref_names = set(parents[reference].lm_names)
     for ref, ck in parents.items():
-        missing = sorted(ref_names - set(ck.tensors))
-        extra = sorted(set(ck.tensors) - ref_names)
+        names = set(ck.lm_names)
+        missing = sorted(ref_names - names)
+        extra = sorted(names - ref_names)
         if missing:
-            raise ShoalError(f"tensor {missing[0]} is missing in parent {ref} (present in {reference})")
+            raise ShoalError(f"tensor {ck.lm.own(missing[0])} is missing in parent {ref} (present in {reference})")
         if extra:
-            raise ShoalError(f"tensor {extra[0]} is missing in parent {reference} (present in {ref})")
+            raise ShoalError(
+                f"tensor {parents[reference].lm.own(extra[0])} is missing in parent {reference} (present in {ref})"
+            )
+
+
+def _output_parent(recipe: Recipe, parents: dict[str, Checkpoint], first_ref: str) -> str:
+    """The parent the output is a copy of, outside the merged tensors: the base if it is a VLM, else the first
+    VLM, else first_ref."""
+    vlms = [ref for ref in recipe.parents() if parents[ref].is_vlm]
+    if not vlms:
+        return first_ref
+    return recipe.base_model if recipe.base_model in vlms else vlms[0]
 
 
 def _seed(seed: int, name: str, i: int) -> int:
@@ -105,7 +156,10 @@ def _job(
     t: float,
     out_dtype: torch.dtype | None,
     work_dtype: torch.dtype | None,
+    out_names: layout.Names,
 ) -> TensorJob:
+    """The job of one language-model tensor; out_name and src_names are canonical names (filters, gradients and
+    DARE seeds see those), turned into each parent's own names and the output's."""
     method = recipe.method
     base_ref = piece.base_model or recipe.base_model
     entries = list(zip(piece.sources, src_names))
@@ -113,14 +167,14 @@ def _job(
     if method.base == "required":
         assert base_ref is not None
         base_name = next((n for s, n in entries if s.model == base_ref), src_names[0])
-        base = TensorInput(base_ref, base_name)
+        base = TensorInput(base_ref, parents[base_ref].lm.own(base_name))
         entries = [(s, n) for s, n in entries if s.model != base_ref]
     if not method.min_inputs <= len(entries) <= (method.max_inputs or len(entries)):
         most = method.max_inputs if method.max_inputs is not None else "any"
         raise ShoalError(
             f"{method.name} takes {method.min_inputs} to {most} models besides the base, got {len(entries)}"
         )
-    inputs = [TensorInput(s.model, n) for s, n in entries]
+    inputs = [TensorInput(s.model, parents[s.model].lm.own(n)) for s, n in entries]
     for tin in inputs + ([base] if base else []):
         if tin.name not in parents[tin.parent].tensors:
             raise ShoalError(f"tensor {tin.name} is missing in parent {tin.parent}")
@@ -144,7 +198,7 @@ def _job(
         if "density" in params and not 0 < params["density"] <= 1:
             raise ShoalError(f"density for tensor {out_name} is {params['density']}, outside (0, 1]")
     return TensorJob(
-        spec=TensorSpec(out_name, tuple(shapes[0][1]), dtype),
+        spec=TensorSpec(out_names.own(out_name), tuple(shapes[0][1]), dtype),
         work_dtype=work_dtype if work_dtype is not None and floating else src_dtype,
         inputs=inputs,
         base=base,
@@ -154,38 +208,57 @@ def _job(
     )
 
 
+def _copy_job(ref: str, parent: Checkpoint, name: str, out_dtype: torch.dtype | None) -> TensorJob:
+    src_dtype = DTYPE_OF_TAG[parent.dtype(name)]
+    dtype = out_dtype if out_dtype is not None and src_dtype.is_floating_point else src_dtype
+    return TensorJob(
+        spec=TensorSpec(name, tuple(parent.shape(name)), dtype), work_dtype=src_dtype, inputs=[TensorInput(ref, name)],
+        base=None, per_model=[], shared={}, seeds=[], verbatim=True,
+    )
+
+
 def output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch.dtype | None) -> dict[str, Any]:
+    """The reference's config.json with the layer count (of a VLM's text_config) and dtype of the output."""
     config = copy.deepcopy(reference.config)
+    text = layout.text_config(config)
     n_in = reference.num_layers
     if n_in is not None and len(layer_sources) != n_in:
-        for key, value in list(config.items()):
+        for key, value in list(text.items()):
             if isinstance(value, list) and len(value) == n_in:
-                config[key] = [value[i] for i in layer_sources]
+                text[key] = [value[i] for i in layer_sources]
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if key in config:
-                config[key] = len(layer_sources)
+            if key in text:
+                text[key] = len(layer_sources)
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+        for key in ("torch_dtype", "dtype"):
+            if text is not config and key in text:
+                text[key] = name
     return config
 
 
 def build_plan(recipe: Recipe, parents: dict[str, Checkpoint]) -> MergePlan:
-    """Every output tensor's job, in file order (embeddings, layers, head), checked for names and shapes."""
+    """Every output tensor's job, in file order (embeddings, layers, head, then a VLM's tensors outside the
+    language model), checked for names and shapes."""
     work_dtype = parse_dtype(recipe.dtype)
     out_dtype = parse_dtype(recipe.out_dtype) or work_dtype
     _check_architectures(parents)
+    _check_sizes(parents, whole_models=bool(recipe.models))
     slices = _as_slices(recipe, parents)
     first_ref = recipe.base_model if recipe.models and recipe.base_model else slices[0].sources[0].model
     if recipe.models:
         _check_same_tensors(parents, first_ref)
+    out_ref = _output_parent(recipe, parents, first_ref)
+    out_names = parents[out_ref].lm
     jobs: list[TensorJob] = []
+    job = lambda piece, out, src, t: _job(recipe, parents, piece, out, src, t, out_dtype, work_dtype, out_names)
 
     def outer(piece: Slice, wanted: str) -> None:
         ref = parents[piece.sources[0].model]
-        for name in ref.names:
+        for name in ref.lm_names:
             if layout.part(name) == wanted:
-                jobs.append(_job(recipe, parents, piece, name, [name] * len(piece.sources), 0.0, out_dtype, work_dtype))
+                jobs.append(job(piece, name, [name] * len(piece.sources), 0.0))
 
     outer(slices[0], "pre")
     out_layer = 0
@@ -203,12 +276,12 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint]) -> MergePlan:
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
             first = piece.sources[0].layer_range[0] + offset
-            for name in layout.layer_names(ref.names, first):
+            for name in layout.layer_names(ref.lm_names, first):
                 src_names = [layout.with_layer(name, s.layer_range[0] + offset) for s in piece.sources]
-                out_name = layout.with_layer(name, out_layer)
-                jobs.append(_job(recipe, parents, piece, out_name, src_names, t, out_dtype, work_dtype))
+                jobs.append(job(piece, layout.with_layer(name, out_layer), src_names, t))
             layer_sources.append(first)
             out_layer += 1
     outer(slices[-1], "post")
-    reference = parents[first_ref]
-    return MergePlan(jobs=jobs, config=output_config(reference, layer_sources, out_dtype), reference=first_ref)
+    reference = parents[out_ref]
+    jobs += [_copy_job(out_ref, reference, name, out_dtype) for name in reference.extra_names]
+    return MergePlan(jobs=jobs, config=output_config(reference, layer_sources, out_dtype), reference=out_ref)

@@ -4,6 +4,9 @@ Everything that does not depend on a recipe's numbers is done once: inputs are r
 recipe's dtype, task vectors (parent - base) are formed, and for TIES their magnitude ranks are sorted, so
 a trial's trim is a comparison. Each tensor then goes through the same formula as `shoal merge`
 (`engine.merged_values`), so a recipe gives the same weights either way, bit for bit.
+
+With a vision-language parent the live model is that VLM (its vision tower and projector as loaded, never
+rewritten); the plan's tensor names are the VLM checkpoint's, mapped to the live model's by `layout.Names`.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from shoal import layout
+from shoal.checkpoint.live import load_live
 from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
-from shoal.evaluate.runner import load_model
 from shoal.merge import methods
 from shoal.merge.engine import Scratch, merged_values, open_parents
 from shoal.merge.plan import MergePlan, TensorJob, build_plan
@@ -44,7 +48,7 @@ class ResidentMerger:
         self.method = recipe.method
         self.parents: dict[str, Checkpoint] = open_parents(recipe)
         plan = build_plan(recipe, self.parents)
-        self._inputs = {job.spec.name: self._read(job) for job in plan.jobs}
+        self._inputs = {job.spec.name: self._read(job) for job in plan.jobs if not job.verbatim}
         self.models: list[PreTrainedModel] = []
         for _ in range(slots):
             model, self.tokenizer = self._load_model(plan)
@@ -71,20 +75,28 @@ class ResidentMerger:
         return _Inputs(base, tensors, deltas, ranks)
 
     def _load_model(self, plan: MergePlan) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        model, tokenizer = load_model(self.parents[plan.reference].path, self.device)
+        model, tokenizer = load_live(self.parents[plan.reference].path, self.device)
         dtypes = {job.spec.dtype for job in plan.jobs if job.spec.dtype.is_floating_point}
         if len(dtypes) == 1:
             model = model.to(dtypes.pop())
         model.eval()
         return model, tokenizer
 
-    @staticmethod
-    def _parameters(model: PreTrainedModel, plan: MergePlan) -> dict[str, torch.Tensor]:
+    def _parameters(self, model: PreTrainedModel, plan: MergePlan) -> dict[str, torch.Tensor]:
+        """The live tensor of each merged job, by the job's (checkpoint) name."""
         state = dict(model.named_parameters()) | dict(model.named_buffers())
-        missing = [job.spec.name for job in plan.jobs if job.spec.name not in state]
-        if missing:
-            raise ShoalError(f"the model built from {plan.reference} has no parameter {missing[0]}")
-        return {job.spec.name: state[job.spec.name] for job in plan.jobs}
+        saved = self.parents[plan.reference].lm
+        live = layout.language_model(model.config.to_dict(), list(state), f"the model built from {plan.reference}")
+        targets = {}
+        for job in plan.jobs:
+            if job.verbatim:
+                continue
+            canonical = saved.canonical(job.spec.name)
+            name = job.spec.name if job.spec.name in state or canonical is None else live.own(canonical)
+            if name not in state:
+                raise ShoalError(f"the model built from {plan.reference} has no parameter {name}")
+            targets[job.spec.name] = state[name]
+        return targets
 
     def apply(self, recipe: Recipe, slot: int = 0) -> None:
         """Merge `recipe` into the parameters of model `slot` (raises ShoalError on NaN/inf, like `shoal merge`).
@@ -95,6 +107,8 @@ class ResidentMerger:
         plan = build_plan(recipe, self.parents)
         with torch.no_grad():
             for job in plan.jobs:
+                if job.verbatim:  # a VLM's own tensors, loaded with the model
+                    continue
                 inputs = self._inputs[job.spec.name]
                 merged = merged_values(
                     job, recipe.merge_method, inputs.base, inputs.tensors, self._scratch[slot],

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from shoal.checkpoint.reader import open_checkpoint
 from shoal.errors import ShoalError
-from shoal.evaluate.runner import load_model
+from shoal.checkpoint.live import load_live
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.fitness import (
@@ -268,11 +268,11 @@ def _finish(
     space.export(best.params, seed, run_dir / BEST_DIR)
 
     stage(Stage("scoring on the test split"))
-    model, tokenizer = load_model(run_dir / BEST_DIR, spec.device)
+    model, tokenizer = load_live(run_dir / BEST_DIR, spec.device)
     best_test = scores(model, tokenizer, tasks, "test", spec.batch_size)
     parents: dict[str, float] = {}
     for name, path in {"base": spec.base, **spec.parents}.items():
-        model, tokenizer = load_model(open_checkpoint(path).path, spec.device)
+        model, tokenizer = load_live(open_checkpoint(path).path, spec.device)
         parents[name] = weighted(tasks, scores(model, tokenizer, tasks, "test", spec.batch_size))
     del model
     untuned: dict[str, float] = {}

@@ -44,7 +44,7 @@ def ps_genome(spec: SearchSpec) -> Genome:
     base = open_checkpoint(spec.base)
     if base.num_layers is None:
         raise ShoalError(f"{spec.base}: config.json does not say how many layers the model has")
-    return Genome(spec, base.num_layers, [name for name in base.names if layout.part(name) != "layer"])
+    return Genome(spec, base.num_layers, [name for name in base.lm_names if layout.part(name) != "layer"])
 
 
 def flow_genome(spec: SearchSpec) -> PathGenome:

@@ -1,0 +1,332 @@
+"""Vision-language parents (EvoVLM): a VLM's language model merges with text-only LLMs by layer and role, and the
+output is the VLM (its names, class, vision tower, projector and processor), for every family shoal knows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import write_recipe
+from PIL import Image
+from safetensors import safe_open
+from vlm_models import make_llava, make_qwen2_vl, qwen2_config
+
+from shoal.checkpoint.reader import open_checkpoint
+from shoal.merge.engine import run_merge
+from shoal.merge.resident import ResidentMerger
+from shoal.recipe import parse_recipe
+from shoal.search.run import evolve
+from shoal.search.spec import load_search
+from shoal.search.storage import open_storage
+from shoal.synthetic import make_parents, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FAMILIES = ["llava", "llava-live", "llava_next", "qwen2_vl", "qwen2_vl-live", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def llms(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Text-only parents, per language-model architecture: a base and two fine-tunes (base + noise)."""
+    root = tmp_path_factory.mktemp("llms")
+    return {"llama": make_parents(root / "llama", ("base", "a", "b"), seed=0),
+            "qwen2": make_parents(root / "qwen2", ("base", "a", "b"), config=qwen2_config(), seed=0)}
+
+
+@pytest.fixture(scope="module")
+def vlms(llms, tmp_path_factory) -> dict[str, Path]:
+    """One VLM per family (and saved layout) whose language model is exactly the LLM parent b."""
+    root = tmp_path_factory.mktemp("vlms")
+    return {
+        "llava": make_llava(root / "llava", llms["llama"]["b"], noise=0.0),
+        "llava-live": make_llava(root / "llava-live", llms["llama"]["b"], noise=0.0, layout="live"),
+        "llava_next": make_llava(root / "llava_next", llms["llama"]["b"], noise=0.0, next_=True),
+        "qwen2_vl": make_qwen2_vl(root / "qwen2_vl", llms["qwen2"]["b"], noise=0.0),
+        "qwen2_vl-live": make_qwen2_vl(root / "qwen2_vl-live", llms["qwen2"]["b"], noise=0.0, layout="live"),
+        "qwen2_5_vl": make_qwen2_vl(root / "qwen2_5_vl", llms["qwen2"]["b"], noise=0.0, v2_5=True),
+    }
+
+
+def _llm_of(family: str) -> str:
+    return "qwen2" if family.startswith("qwen2") else "llama"
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _recipe(method: str, base: Path, a: Path, b: Path, seed: int = 4) -> dict:
+    density = {"density": 0.4} if method != "task_arithmetic" else {}
+    return {"merge_method": method, "base_model": str(base), "seed": seed, "models": [
+        {"model": str(a), "parameters": {"weight": [0.3, 0.9], **density}},
+        {"model": str(b), "parameters": {"weight": [{"filter": "mlp", "value": 0.6}, {"value": 0.8}], **density}}]}
+
+
+def _merge(recipe: dict, out: Path) -> Path:
+    return run_merge(parse_recipe(yaml.safe_dump(recipe)), out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_maps_its_language_model_onto_the_llms_tensor_names(family, llms, vlms) -> None:
+    vlm, llm = open_checkpoint(vlms[family]), open_checkpoint(llms[_llm_of(family)]["b"])
+    assert vlm.is_vlm and not llm.is_vlm
+    assert sorted(vlm.lm_names) == sorted(llm.names)
+    assert vlm.num_layers == llm.num_layers
+    for name in llm.names:  # the VLM was built from b with no noise: each role holds b's very tensor
+        assert torch.equal(vlm.tensor(vlm.lm.own(name)), llm.tensor(name)), name
+    assert vlm.extra_names and all(vlm.lm.canonical(n) is None for n in vlm.extra_names)
+    assert all(("vision" in n or "visual" in n or "projector" in n or n == "image_newline") for n in vlm.extra_names)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_vlm_parent_merges_like_its_language_model_and_keeps_its_vision_tensors(
+    family, method, llms, vlms, tmp_path
+) -> None:
+    """The VLM stands where b stood: every language tensor equals the text-only merge (the formula, DARE's seeds and
+    filters all see the LLM's names), written under the VLM's names; the rest is the VLM's, bit for bit."""
+    llm = llms[_llm_of(family)]
+    text = tensors(_merge(_recipe(method, llm["base"], llm["a"], llm["b"]), tmp_path / "text"))
+    out = _merge(_recipe(method, llm["base"], llm["a"], vlms[family]), tmp_path / "vlm")
+    merged, vlm = tensors(out), open_checkpoint(vlms[family])
+    assert set(merged) == set(vlm.names)
+    for name, expected in text.items():
+        assert torch.equal(merged[vlm.lm.own(name)], expected), name
+    for name in vlm.extra_names:
+        assert torch.equal(merged[name], vlm.tensor(name)), name
+    assert json.loads((out / "config.json").read_text())["model_type"] == vlm.config["model_type"]
+
+
+def test_the_language_tensors_follow_the_task_arithmetic_formula(llms, vlms, tmp_path) -> None:
+    llm = llms["llama"]
+    out = tensors(_merge(_recipe("task_arithmetic", llm["base"], llm["a"], vlms["llava"]), tmp_path / "m"))
+    base, a, b = (tensors(llm[n]) for n in ("base", "a", "b"))
+    for layer in range(4):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        wa = 0.3 + 0.6 * layer / 3
+        expected = base[name] + wa * (a[name] - base[name]) + 0.6 * (b[name] - base[name])
+        assert torch.allclose(out[f"language_model.{name}"], expected, atol=1e-6)
+
+
+def _image(size: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(0).random((size, size, 3)) * 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_the_merged_llava_loads_with_its_class_and_processor_and_answers_an_image(family, llms, vlms, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    llm = llms["llama"]
+    out = _merge(_recipe("dare_ties", llm["base"], llm["a"], vlms[family]), tmp_path / "m")
+    for name in ("processor_config.json", "chat_template.jinja", "tokenizer.json"):
+        assert (out / name).read_bytes() == (vlms[family] / name).read_bytes(), name
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == open_checkpoint(vlms[family]).architecture
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w5 w6"}]}]
+    prompt = processor.apply_chat_template(messages)
+    inputs = processor(images=_image(32), text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() > 0
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    with torch.no_grad():  # the image reaches the answer: another image, other logits
+        other = processor(images=_image(32).rotate(90), text=prompt, return_tensors="pt")
+        assert not torch.allclose(model(**inputs).logits[0, -1], model(**other).logits[0, -1])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_the_merged_qwen2_vl_loads_with_its_class_and_image_processor_and_answers_an_image(
+    family, llms, vlms, tmp_path
+) -> None:
+    """Qwen2VLProcessor needs torchvision (its video processor), not a dependency here; its image processor and
+    tokenizer do the same for an image: the image pad token repeated once per merged patch."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    llm = llms["qwen2"]
+    out = _merge(_recipe("dare_ties", llm["base"], llm["a"], vlms[family]), tmp_path / "m")
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == open_checkpoint(vlms[family]).architecture
+    images = AutoImageProcessor.from_pretrained(out)(images=_image(56), return_tensors="pt")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    pads = int(images["image_grid_thw"].prod()) // 4
+    prompt = "<|vision_start|>" + "<|image_pad|>" * pads + "<|vision_end|> w5 w6"
+    inputs = tokenizer(prompt, return_tensors="pt") | dict(images)
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_a_slice_recipe_over_a_vlm_writes_the_vlm_with_its_new_depth(llms, vlms, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    llm = llms["llama"]
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(vlms["llava"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(llm["a"]), "layer_range": [3, 4]}]}]}
+    out = _merge(recipe, tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 3 and config["model_type"] == "llava"
+    merged, a = tensors(out), tensors(llm["a"])
+    assert torch.equal(merged["language_model.model.layers.2.mlp.up_proj.weight"], a["model.layers.3.mlp.up_proj.weight"])
+    assert "vision_tower.encoder.layers.1.mlp.fc1.weight" in merged
+    AutoModelForImageTextToText.from_pretrained(out)
+
+
+def _expect_error(run_cli, tmp_path: Path, recipe: dict, *needles: str) -> None:
+    code, _, err = run_cli("merge", write_recipe(tmp_path, recipe), tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config,needles", [
+    (tiny_config(hidden_size=32), ["hidden_size", "64", "32"]),
+    (tiny_config(num_hidden_layers=2), ["layer count", "num_hidden_layers", "4", "2"]),
+    (tiny_config(vocab_size=260), ["model.embed_tokens.weight", "(260, 64)", "(256, 64)"]),
+], ids=["width", "depth", "vocabulary"])
+def test_a_vlm_and_an_llm_of_other_sizes_are_refused_in_one_line(config, needles, run_cli, vlms, tmp_path) -> None:
+    other = make_parents(tmp_path / "other", ("x",), config=config)["x"]
+    recipe = {"merge_method": "ties", "base_model": str(other),
+              "models": [{"model": str(vlms["llava"]), "parameters": {"weight": 1.0}}]}
+    _expect_error(run_cli, tmp_path, recipe, *needles, str(other), str(vlms["llava"]))
+
+
+def test_a_vlm_over_another_language_model_architecture_is_refused(run_cli, llms, vlms, tmp_path) -> None:
+    recipe = {"merge_method": "ties", "base_model": str(llms["qwen2"]["base"]),
+              "models": [{"model": str(vlms["llava"]), "parameters": {"weight": 1.0}}]}
+    _expect_error(run_cli, tmp_path, recipe, "different language-model architectures", "llama", "qwen2")
+
+
+def test_a_multimodal_family_shoal_does_not_know_is_refused(run_cli, llms, vlms, tmp_path) -> None:
+    unknown = tmp_path / "unknown"
+    shutil.copytree(vlms["llava"], unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    config |= {"model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"]}
+    (unknown / "config.json").write_text(json.dumps(config))
+    recipe = {"merge_method": "ties", "base_model": str(llms["llama"]["base"]),
+              "models": [{"model": str(unknown), "parameters": {"weight": 1.0}}]}
+    _expect_error(run_cli, tmp_path, recipe, "PaliGemmaForConditionalGeneration", "cannot merge", "llava, llava_next")
+
+
+def test_a_tokenizer_other_than_the_vlms_is_refused(run_cli, llms, vlms, tmp_path) -> None:
+    llm = llms["llama"]
+    recipe = _recipe("ties", llm["base"], llm["a"], vlms["llava"]) | {"tokenizer_source": str(llm["a"])}
+    _expect_error(run_cli, tmp_path, recipe, "tokenizer_source", "processor", str(vlms["llava"]))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_resident_merger_holds_the_vlm_and_matches_shoal_merge(family, llms, vlms, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    llm = llms[_llm_of(family)]
+    first = _recipe("dare_ties", llm["base"], llm["a"], vlms[family])
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(first)))
+    assert type(merger.model).__name__ == open_checkpoint(vlms[family]).architecture
+    second = _recipe("dare_ties", llm["base"], llm["a"], vlms[family], seed=9)
+    second["models"][0]["parameters"] = {"weight": 0.1, "density": 0.8}
+    for i, recipe in enumerate([first, second]):
+        merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+        on_disk = _merge(recipe, tmp_path / f"out{i}")
+        loaded = AutoModelForImageTextToText.from_pretrained(on_disk).state_dict()
+        live = merger.model.state_dict()
+        assert set(loaded) == set(live)
+        for name, tensor in loaded.items():
+            assert torch.equal(live[name], tensor), name
+
+
+def test_mergekit_0_1_5_cannot_merge_vlm_recipes(llms, vlms, tmp_path) -> None:
+    """So there is no mergekit output to agree with. Under transformers 5, a recipe of LLaVAs only (base and parents
+    alike) gets back the vision tower and projector without any language-model tensor; a Qwen2-VL parent stops it
+    (its config keeps num_hidden_layers under text_config)."""
+    mergekit = pytest.importorskip("mergekit", reason="mergekit is a test-only dependency")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mergekit_merge
+
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+    llavas = {n: make_llava(tmp_path / n, llms["llama"][n], noise=0.0) for n in ("base", "a")}
+    recipe = _recipe("ties", llavas["base"], llavas["a"], vlms["llava"])
+    mergekit_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), options)
+    written = tensors(tmp_path / "mk")
+    assert written and not any("layers" in n and "vision" not in n for n in written)
+    assert not any("embed_tokens" in n or "lm_head" in n for n in written)
+    qwen = _recipe("ties", llms["qwen2"]["base"], llms["qwen2"]["a"], vlms["qwen2_vl"])
+    with pytest.raises(Exception, match="num_hidden_layers"):
+        mergekit_merge(MergeConfiguration.model_validate(qwen), str(tmp_path / "mk-qwen"),
+                       MergeOptions(**options.model_dump() | {"allow_crimes": True}))
+
+
+def _text_task(folder: Path) -> Path:
+    """Mean log-probability of a fixed continuation: a score that differs between any two candidates."""
+    folder.mkdir()
+    spec = {"name": "words", "metric": "answer_logprob", "splits": {"dev": "dev.jsonl", "test": "test.jsonl"}}
+    (folder / "task.yaml").write_text(yaml.safe_dump(spec))
+    rng = np.random.default_rng(0)
+    for split in ("dev", "test"):
+        rows = [{"prompt": " ".join(f"w{i}" for i in rng.integers(4, 200, 5)), "answer": f" w{rng.integers(4, 200)}"}
+                for _ in range(6)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def _stored(run_dir: Path) -> list[tuple]:
+    import optuna
+
+    study = optuna.load_study(study_name="shoal", storage=open_storage(str(run_dir / "study.log")))
+    return [(t.params, t.value, t.state.name) for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+def _llava_search(llms, folder: Path, budget: int = 9):
+    """A PS search over a Llama base, a Llama fine-tune and a LLaVA whose language model is another fine-tune."""
+    llm = llms["llama"]
+    llava = make_llava(folder / "llava", llm["b"], noise=0.02, seed=3)
+    spec = {"base": str(llm["base"]), "parents": {"ja": str(llm["a"]), "vlm": str(llava)}, "method": "dare_ties",
+            "genome": {"layers_per_group": 2}, "tasks": [{"path": str(_text_task(folder / "task"))}],
+            "budget": budget, "seed": 2, "population": 4}
+    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    return load_search(folder / "search.yaml")
+
+
+def test_evolve_with_a_llava_parent_resumes_storing_the_same_trials(llms, tmp_path) -> None:
+    """Candidates are merged into the resident LLaVA and scored on a text task; a run stopped and resumed stores
+    the trials of one that ran whole, and its best folder is the VLM."""
+    search = _llava_search(llms, tmp_path)
+    evolve(search.model_copy(update={"budget": 5}), tmp_path / "resumed")  # stops inside the second generation
+    summary = evolve(search, tmp_path / "resumed")
+    evolve(search, tmp_path / "whole")
+    resumed, whole = _stored(tmp_path / "resumed"), _stored(tmp_path / "whole")
+    assert resumed == whole and len(whole) == 9 and summary["sessions"] == 2
+    assert len({value for _, value, _ in whole}) > 1
+    best = tmp_path / "resumed" / "best"
+    assert json.loads((best / "config.json").read_text())["model_type"] == "llava"
+    assert set(summary["parents"]) == {"base", "ja", "vlm"}
+
+
+def test_ray_workers_with_a_llava_parent_store_the_trials_of_a_serial_run(llms, tmp_path) -> None:
+    ray = pytest.importorskip("ray")
+    search = _llava_search(llms, tmp_path, budget=8)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        parallel = evolve(search, tmp_path / "parallel", workers=2)
+    finally:
+        ray.shutdown()
+    serial = evolve(search, tmp_path / "serial")
+    import optuna
+
+    def by_index(run: Path) -> dict[int, tuple]:
+        study = optuna.load_study(study_name="shoal", storage=open_storage(str(run / "study.log")))
+        return {t.user_attrs["index"]: (t.params, t.value, t.state.name, t.user_attrs["seed"]) for t in study.trials}
+
+    assert by_index(tmp_path / "parallel") == by_index(tmp_path / "serial")
+    assert len(by_index(tmp_path / "serial")) == 8
+    assert parallel["best"] == serial["best"]
