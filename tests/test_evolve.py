@@ -71,8 +71,8 @@ def test_rerunning_a_finished_run_scores_nothing_again(zoo, tmp_path) -> None:
     search = load_search(_search(zoo, tmp_path, budget=5))
     evolve(search, tmp_path / "run")
     stages: list[str] = []
-    evolve(search, tmp_path / "run", on_stage=lambda s: stages.append(s.name) if s.progress is None else
-           stages.append(f"evaluated {s.progress.evaluated}"))
+    evolve(search, tmp_path / "run", on_step=stages.append,
+           on_trial=lambda progress: stages.append(f"evaluated {progress.evaluated}"))
     assert "evaluated 0" in stages and not any(s.startswith("evaluated 1") for s in stages)
     assert len(_trials(tmp_path / "run")) == 5
 

@@ -37,7 +37,8 @@ def run_evolve(
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from shoal.search.evolve import Stage, evolve
+    from shoal.search.evolve import evolve
+    from shoal.search.loop import Progress as TrialProgress
     from shoal.search.spec import load_search
 
     transformers_logging.disable_progress_bar()
@@ -52,11 +53,10 @@ def run_evolve(
         task = progress.add_task("trials", total=spec.budget, best="-", rate="-")
         shown: dict[str, float] = {}
 
-        def on_stage(stage: Stage) -> None:
-            p = stage.progress
-            if p is None:
-                console.print(f"[dim]{stage.name}[/]")
-                return
+        def on_step(name: str) -> None:
+            console.print(f"[dim]{name}[/]")
+
+        def on_trial(p: TrialProgress) -> None:
             if p.evaluated == 1:
                 shown["since"] = time.perf_counter()
             minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
@@ -64,7 +64,8 @@ def run_evolve(
             best = f"{p.best:.4f}" if p.best is not None else "-"
             progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate)
 
-        return evolve(spec, run_dir, storage=storage, on_stage=on_stage, workers=workers, ray_address=ray_address)
+        return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial, workers=workers,
+                      ray_address=ray_address)
 
 
 @app.command()

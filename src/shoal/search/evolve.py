@@ -10,7 +10,6 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,12 +25,14 @@ from shoal.search.summary import Best, SecondsPerTrial, StageResult, Summary
 from shoal.search.trials import STUDY_NAME, Trial, open_study, stored_trials
 
 
-@dataclass
-class Stage:
-    """What the run is doing, for a progress display: 'trials' (with a Progress) or a final step's name."""
+OnStep = Callable[[str], None]
+"""Told the name of each step outside the trials ("loading parents", "scoring on the test split", ...)."""
+OnTrial = Callable[[Progress], None]
+"""Told the search's progress after each trial is stored (or found stored)."""
 
-    name: str
-    progress: Progress | None = None
+
+def _quiet(_: object) -> None:
+    pass
 
 
 def evolve(
@@ -39,7 +40,8 @@ def evolve(
     run_dir: str | Path,
     *,
     storage: str | None = None,
-    on_stage: Callable[[Stage], None] | None = None,
+    on_step: OnStep = _quiet,
+    on_trial: OnTrial = _quiet,
     study: str = STUDY_NAME,
     workers: int = 1,
     ray_address: str | None = None,
@@ -47,16 +49,15 @@ def evolve(
     """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json.
 
     storage: an Optuna storage URL or journal file (default: the search file's, else run_dir/study.log); study: its
-    study name.
+    study name. on_step and on_trial are told what the run is doing, for a display.
     workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
     if spec.space == "hybrid":
-        return _evolve_hybrid(spec, Path(run_dir), storage, on_stage, workers, ray_address)
+        return _evolve_hybrid(spec, Path(run_dir), storage, on_step, on_trial, workers, ray_address)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     record = run_folder.open_run(spec, run_dir, storage, study)
-    stage = on_stage or (lambda s: None)
     tasks = load_tasks(spec)
-    stage(Stage("loading parents"))
+    on_step("loading parents")
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
     genome = space.genome if space is not None else genome_of(spec)
@@ -85,7 +86,7 @@ def evolve(
             budget=spec.budget,
             seed=spec.seed,
             failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
-            on_trial=lambda p: stage(Stage("trials", p)),
+            on_trial=on_trial,
             shared=shared,
         )
     finally:
@@ -96,9 +97,9 @@ def evolve(
     trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[: spec.budget]
     best = best_trial(trials)
     space = space or make_space(spec)
-    stage(Stage("writing the best model"))
+    on_step("writing the best model")
     space.export(best.params, best.seed, run_dir / run_folder.BEST_DIR)
-    stage(Stage("scoring on the test split"))
+    on_step("scoring on the test split")
     test = score_on_test(spec, space, tasks, run_dir / run_folder.BEST_DIR)
     wall = run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=True, new=False)
     summary = _summary(spec, space, tasks, trials, best, test, optimizer.population, wall, len(record["sessions"]))
@@ -134,17 +135,16 @@ def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: 
 
 
 def _evolve_hybrid(
-    spec: SearchSpec, run_dir: Path, storage: str | None, on_stage: Callable[[Stage], None] | None, workers: int,
+    spec: SearchSpec, run_dir: Path, storage: str | None, on_step: OnStep, on_trial: OnTrial, workers: int,
     ray_address: str | None,
 ) -> Summary:
     """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
     run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"])
-    stage = on_stage or (lambda s: None)
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
-    stage(Stage("hybrid stage 1/2: parameter space"))
+    on_step("hybrid stage 1/2: parameter space")
     ps_spec = spec.model_copy(update={"space": "ps"})
-    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_stage=on_stage, study=stage_study("ps"),
-                workers=workers, ray_address=ray_address)
+    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_step=on_step, on_trial=on_trial,
+                study=stage_study("ps"), workers=workers, ray_address=ray_address)
     ps_best = str((run_dir / "ps" / run_folder.BEST_DIR).resolve())
     flow_parents = {"ps": ps_best, **spec.flow_parents}
     dfs_spec = spec.model_copy(update={
@@ -154,9 +154,9 @@ def _evolve_hybrid(
         "budget": spec.dfs.budget or spec.budget,
     }).naming(ps_best, f"trial {ps.best.trial} of the PS stage {ps_spec.search_hash()}")
     run_folder.pin_stage_parent(run_dir / "dfs", ps.best.trial)
-    stage(Stage("hybrid stage 2/2: data-flow space over the PS result"))
-    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_stage=on_stage, study=stage_study("dfs"),
-                 workers=workers, ray_address=ray_address)
+    on_step("hybrid stage 2/2: data-flow space over the PS result")
+    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial,
+                 study=stage_study("dfs"), workers=workers, ray_address=ray_address)
     shutil.rmtree(run_dir / run_folder.BEST_DIR, ignore_errors=True)
     shutil.copytree(run_dir / "dfs" / run_folder.BEST_DIR, run_dir / run_folder.BEST_DIR)
     summary = dfs.model_copy(update={
