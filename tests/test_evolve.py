@@ -21,14 +21,14 @@ from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
+from shoal.search.evolve import evolve
 from shoal.search.fitness import DevFitness, WeightedTask
 from shoal.search.loop import SerialEvaluator, run_trials
 from shoal.search.optimizer import CmaEs
-from shoal.search.evolve import evolve
+from shoal.search.run_folder import read_summary
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
-from shoal.search.summary import Summary
 from shoal.search.trials import open_study
 from shoal.zoo.build import Zoo
 
@@ -149,7 +149,7 @@ def test_merging_ahead_changes_no_result_and_hides_the_merge(zoo, tmp_path) -> N
 def test_best_folder_is_the_in_memory_merge_and_summary_scores_are_real(zoo, tmp_path) -> None:
     run = tmp_path / "run"
     summary = evolve(load_search(_search(zoo, tmp_path, budget=10)), run)
-    assert Summary.read(run / "summary.json") == summary
+    assert read_summary(run) == summary
     best = summary.best
     trial = _trials(run)[best.trial]
     assert trial[1] == best.dev == max(t[1] for t in _trials(run) if t[1] is not None)
@@ -232,9 +232,9 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     moved = tmp_path / "moved"  # stage 2's parent A is in the run folder: the DFS search survives a move
     shutil.move(tmp_path / "run", moved)
     assert evolve(search, moved).best == summary.best
-    record = json.loads((moved / "dfs" / "run.json").read_text())
+    record = json.loads((moved / "run.json").read_text())
     assert record["ps_best_trial"] == ps["best"]["trial"]
-    (moved / "dfs" / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
+    (moved / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
     with pytest.raises(ShoalError, match="stored DFS trials were scored over #99"):
         evolve(search, moved)  # as if a larger PS budget had found another best: A would change
 

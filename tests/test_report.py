@@ -22,7 +22,7 @@ from shoal.report import (
     recipe_matrix,
     write_report,
 )
-from shoal.search.run_folder import write_summary
+from shoal.search.run_folder import RunRecord, read_summary, write_summary
 from shoal.search.storage import default_storage, open_storage
 from shoal.search.summary import Summary
 from shoal.search.trials import (
@@ -102,10 +102,21 @@ def make_run(
     folder.mkdir(parents=True, exist_ok=True)
     storage = default_storage(folder)
     store_trials(storage, study, trials, genes, running=running)
-    meta = {"storage": storage, "study": study, "space": space}
-    (folder / "run.json").write_text(json.dumps(meta))
+    RunRecord(space=space, target="xx-math", method="dare_ties", search_hash="hash", storage=storage,
+              study=study).write(folder)
     if summary is not None:
         write_summary(folder, Summary.model_validate(summary))
+    return folder
+
+
+def hybrid_record(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    RunRecord(space="hybrid", target="xx-math", method="dare_ties", search_hash="hash", stages=["ps", "dfs"]).write(folder)
+
+
+def edit_run_json(folder: Path, **changes: object) -> Path:
+    record = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps(record | changes))
     return folder
 
 
@@ -223,7 +234,7 @@ def test_report_of_a_run_shoal_evolve_made_agrees_with_its_summary(zoo, run_cli,
     code, _, err = run_cli("evolve", tmp_path / "search.yaml", tmp_path / "run", "--threads", "1")
     assert code == 0, err
     run = tmp_path / "run"
-    summary = Summary.read(run / "summary.json")
+    summary = read_summary(run)
     code, _, err = run_cli("report", run)
     assert code == 0, err
     md = (run / "report" / "report.md").read_text()
@@ -271,7 +282,7 @@ def test_unopenable_storage_is_an_error(run_cli, tmp_path):
 
 def test_unknown_study_name_is_an_error(run_cli, tmp_path):
     run = make_run(tmp_path / "run")
-    (run / "run.json").write_text(json.dumps({"storage": default_storage(run), "study": "other", "space": "ps"}))
+    edit_run_json(run, study="other")
     expect_error(run_cli, run, needles=("no study named 'other'", "studies there: shoal"))
 
 
@@ -401,8 +412,7 @@ def make_hybrid(folder: Path, dfs: str = "finished") -> Path:
                  space="dfs", genes=DFS_GENES, running=2)
     elif dfs == "no trials":
         make_run(folder / "dfs", trials=[], summary=None, study="shoal-dfs", space="dfs", running=1)
-    meta = {"space": "hybrid", "stages": ["ps", "dfs"], "target": "xx-math", "method": "dare_ties"}
-    (folder / "run.json").write_text(json.dumps(meta))
+    hybrid_record(folder)
     if dfs == "finished":
         top = {
             **{k: v for k, v in final.items() if k not in ("parents", "untuned")},
@@ -483,24 +493,22 @@ def test_unfinished_hybrid_reports_the_stages_so_far(tmp_path, dfs, says, stage_
 def test_hybrid_run_with_no_stage_trials_yet_is_an_error(run_cli, tmp_path):
     run = tmp_path / "run"
     make_run(run / "ps", trials=[], summary=None)
-    (run / "run.json").write_text(json.dumps({"space": "hybrid", "stages": ["ps", "dfs"]}))
+    hybrid_record(run)
     expect_error(run_cli, run, needles=("no stage with finished trials yet",))
 
 
 def test_storage_option_on_a_hybrid_run_is_an_error(run_cli, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "run.json").write_text(json.dumps({"space": "hybrid", "stages": ["ps", "dfs"]}))
+    hybrid_record(run)
     expect_error(run_cli, run, "--storage", "sqlite:///x.db", needles=("hybrid", "--storage"))
 
 
 def test_unknown_space_is_an_error(run_cli, tmp_path):
-    run = make_run(tmp_path / "run", space="tensor")
-    expect_error(run_cli, run, needles=("unknown search space 'tensor'", "run.json"))
+    run = edit_run_json(make_run(tmp_path / "run"), space="tensor")
+    expect_error(run_cli, run, needles=("run.json is not a valid run record: space:", "'ps', 'dfs' or 'hybrid'"))
     hybrid = make_hybrid(tmp_path / "hybrid")
-    meta = json.loads((hybrid / "dfs" / "run.json").read_text())
-    (hybrid / "dfs" / "run.json").write_text(json.dumps({**meta, "space": "flow"}))
-    expect_error(run_cli, hybrid, needles=("unknown search space 'flow'", "dfs"))
+    edit_run_json(hybrid / "dfs", space="flow")
+    expect_error(run_cli, hybrid, needles=("dfs/run.json is not a valid run record: space:",))
 
 
 def test_summary_space_that_contradicts_run_json_is_an_error(run_cli, tmp_path):

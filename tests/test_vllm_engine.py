@@ -19,8 +19,8 @@ from conftest import own_output_task
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
-from shoal.search.fitness import DevFitness, WeightedTask, search_fitness
 from shoal.search.evolve import evolve
+from shoal.search.fitness import DevFitness, WeightedTask, search_fitness
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import SearchSpec, load_search
 from shoal.search.storage import open_storage

@@ -9,8 +9,8 @@ import optuna
 import pytest
 import yaml
 
-from shoal.search.loop import SerialEvaluator, trial_seed
 from shoal.search.evolve import evolve
+from shoal.search.loop import SerialEvaluator, trial_seed
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage

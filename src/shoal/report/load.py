@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from shoal.errors import ShoalError
-from shoal.search.run_folder import RUN_FILE, SUMMARY_FILE
+from shoal.search.run_folder import RUN_FILE, SUMMARY_FILE, RunRecord, read_run, read_summary
 from shoal.search.summary import Summary
 from shoal.search.trials import Trial, running_trials, stored_trials
 
-SPACES = ("ps", "dfs", "hybrid")
 STAGE_SPACES = ("ps", "dfs")
 
 
@@ -28,9 +25,9 @@ class Run:
     trials: list[Trial]  # finished trials, by index in the search
     running: int  # trials started but not finished
     summary: Summary | None  # None while the run has not finished
-    target: str | None = None
-    method: str | None = None
-    space: str = "ps"  # "ps" or "dfs"; a hybrid folder is a HybridRun
+    target: str
+    method: str
+    space: str  # "ps" or "dfs"; a hybrid folder is a HybridRun
 
 
 @dataclass(frozen=True)
@@ -48,38 +45,35 @@ class HybridRun:
     folder: Path
     stages: list[Stage]  # in the order they run
     summary: Summary | None  # None while the run has not finished
-    target: str | None = None
-    method: str | None = None
+    target: str
+    method: str
 
 
 def run_space(folder: Path) -> str:
     """The search space of the run in `folder` ("ps", "dfs" or "hybrid")."""
-    return _space(Path(folder) / "run.json", _read_meta(Path(folder)))
+    return _read_record(Path(folder)).space
 
 
 def load_run(folder: Path, storage: str | None = None) -> Run:
     """Read run.json, the finished trials of its study (at `storage` if given) and summary.json if present."""
     folder = Path(folder)
-    meta = _read_meta(folder)
-    run_json = folder / RUN_FILE
-    space = _space(run_json, meta)
-    if space == "hybrid":
+    record = _read_record(folder)
+    if record.space == "hybrid":
         raise ShoalError(f"{folder} is a hybrid run (no study of its own); load its stages with load_hybrid")
-    url = storage or meta.get("storage")
-    name = meta.get("study")
-    if not isinstance(url, str) or not url:
-        raise ShoalError(f"{run_json} has no \"storage\" URL; pass --storage URL")
-    if not isinstance(name, str) or not name:
-        raise ShoalError(f"{run_json} has no \"study\" name")
+    url = storage or record.storage
+    name = record.study
+    if not url:
+        raise ShoalError(f"{folder / RUN_FILE} has no \"storage\" URL; pass --storage URL")
+    if not name:
+        raise ShoalError(f"{folder / RUN_FILE} has no \"study\" name")
 
-    summary = _read_summary(folder, space)
+    summary = _read_summary(folder, record.space)
     trials, running = _read_trials(url, name)
     if not trials:
         more = f" ({running} running)" if running else ""
         raise NoTrialsYet(f"study {name!r} at {url} has no trials yet{more}; wait for `shoal evolve` to finish one")
-    target = (summary.target if summary else None) or _str_or_none(meta.get("target"))
-    method = (summary.method if summary else None) or _str_or_none(meta.get("method"))
-    return Run(folder, url, name, trials, running, summary, target, method, space)
+    target, method = (summary.target, summary.method) if summary else (record.target, record.method)
+    return Run(folder, url, name, trials, running, summary, target, method, record.space)
 
 
 def load_hybrid(folder: Path) -> HybridRun:
@@ -88,18 +82,17 @@ def load_hybrid(folder: Path) -> HybridRun:
     A finished hybrid run needs every stage with its trials; an unfinished one reports what exists so far.
     """
     folder = Path(folder)
-    meta = _read_meta(folder)
+    record = _read_record(folder)
     run_json = folder / RUN_FILE
-    space = _space(run_json, meta)
-    if space != "hybrid":
-        raise ShoalError(f"{folder} is a {space!r} run, not a hybrid one")
-    names = meta.get("stages", list(STAGE_SPACES))
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+    if record.space != "hybrid":
+        raise ShoalError(f"{folder} is a {record.space!r} run, not a hybrid one")
+    names = record.stages
+    if not names or not all(names):
         raise ShoalError(f"{run_json}: \"stages\" must be a non-empty list of stage folder names, like [\"ps\", \"dfs\"]")
     for name in names:
         if name in (".", "..") or "/" in name or "\\" in name:
             raise ShoalError(f"{run_json}: stage {name!r} is not a folder name inside the run folder")
-    summary = _read_summary(folder, space)
+    summary = _read_summary(folder, record.space)
 
     stages = []
     for name in names:
@@ -121,51 +114,28 @@ def load_hybrid(folder: Path) -> HybridRun:
             stages.append(Stage(name, sub, status, None))
     if summary is None and all(s.run is None for s in stages):
         raise NoTrialsYet(f"hybrid run {folder} has no stage with finished trials yet; wait for `shoal evolve`")
-    target = (summary.target if summary else None) or _str_or_none(meta.get("target"))
-    method = (summary.method if summary else None) or _str_or_none(meta.get("method"))
+    target, method = (summary.target, summary.method) if summary else (record.target, record.method)
     return HybridRun(folder, stages, summary, target, method)
 
 
-def _read_meta(folder: Path) -> dict[str, Any]:
+def _read_record(folder: Path) -> RunRecord:
     if not folder.exists():
         raise ShoalError(f"run folder {folder} does not exist")
     if not folder.is_dir():
         raise ShoalError(f"{folder} is a file, not a `shoal evolve` run folder")
-    run_json = folder / RUN_FILE
-    if not run_json.is_file():
+    if not (folder / RUN_FILE).is_file():
         raise ShoalError(f"{folder} is not a `shoal evolve` run folder (no run.json)")
-    meta = _read_json(run_json)
-    if not isinstance(meta, dict):
-        raise ShoalError(f"{run_json} must hold a JSON object")
-    return meta
-
-
-def _space(where: Path, record: dict[str, Any]) -> str:
-    space = record.get("space")
-    if space not in SPACES:
-        raise ShoalError(f"{where}: unknown search space {space!r}; expected one of {', '.join(SPACES)}")
-    return space
+    return read_run(folder)
 
 
 def _read_summary(folder: Path, space: str) -> Summary | None:
     path = folder / SUMMARY_FILE
     if not path.is_file():
         return None
-    summary = Summary.read(path)
+    summary = read_summary(folder)
     if summary.space != space:
         raise ShoalError(f"{path} says space {summary.space!r} but run.json says {space!r}")
     return summary
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShoalError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def _read_trials(url: str, name: str) -> tuple[list[Trial], int]:

@@ -61,12 +61,13 @@ def evolve(
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
     genome = space.genome if space is not None else genome_of(spec)
-    shared_storage = not record["default_storage"]  # a storage the user named may be shared with other processes
+    assert record.storage is not None and record.study is not None
+    shared_storage = not record.default_storage  # a storage the user named may be shared with other processes
     if shared_storage:
         from shoal.search.shared import SharedTrials, StorageLock
     # with a shared storage, the first process creates the schema while the others wait
-    with StorageLock(record["storage"], record["study"]).held() if shared_storage else nullcontext():
-        study = open_study(record["storage"], spec.search_hash(), record["study"])
+    with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
+        study = open_study(record.storage, spec.search_hash(), record.study)
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
     if parallel:
@@ -76,7 +77,7 @@ def evolve(
     else:
         assert space is not None
         evaluator = SerialEvaluator(search_fitness(spec, space, tasks))
-    shared = SharedTrials(record["storage"], record["study"], genome) if shared_storage else None
+    shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
     try:
         run_trials(
             study,
@@ -102,7 +103,7 @@ def evolve(
     on_step("scoring on the test split")
     test = score_on_test(spec, space, tasks, run_dir / run_folder.BEST_DIR)
     wall = run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=True, new=False)
-    summary = _summary(spec, space, tasks, trials, best, test, optimizer.population, wall, len(record["sessions"]))
+    summary = _summary(spec, space, tasks, trials, best, test, optimizer.population, wall, len(record.sessions))
     run_folder.write_summary(run_dir, summary)
     return summary
 
@@ -139,7 +140,7 @@ def _evolve_hybrid(
     ray_address: str | None,
 ) -> Summary:
     """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
-    run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"])
+    record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"])
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     on_step("hybrid stage 1/2: parameter space")
     ps_spec = spec.model_copy(update={"space": "ps"})
@@ -153,7 +154,7 @@ def _evolve_hybrid(
         "dfs": spec.dfs.model_copy(update={"parents": list(flow_parents)}),
         "budget": spec.dfs.budget or spec.budget,
     }).naming(ps_best, f"trial {ps.best.trial} of the PS stage {ps_spec.search_hash()}")
-    run_folder.pin_stage_parent(run_dir / "dfs", ps.best.trial)
+    run_folder.pin_ps_trial(record, run_dir, ps.best.trial)
     on_step("hybrid stage 2/2: data-flow space over the PS result")
     dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial,
                  study=stage_study("dfs"), workers=workers, ray_address=ray_address)

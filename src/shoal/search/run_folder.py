@@ -1,7 +1,8 @@
-"""A run folder's record, run.json: which search made the folder, where its study lives, and its sessions.
+"""A run folder's JSON files, read and written through one model each, for `shoal evolve` and the report alike.
 
-The folder also holds summary.json (search.summary) and best/ once the run has finished; a hybrid run holds one
-such folder per stage (RUN_DIR/ps, RUN_DIR/dfs) and a run.json that names them.
+run.json (RunRecord) says which search made the folder, where its study lives and its sessions; summary.json
+(search.summary.Summary) is written once the run has finished, with best/. A hybrid run holds one such folder per
+stage (RUN_DIR/ps, RUN_DIR/dfs) and a run.json that names them.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shoal.errors import ShoalError
 from shoal.search.spec import SearchSpec
@@ -17,6 +20,65 @@ from shoal.search.storage import default_storage
 from shoal.search.summary import Summary
 
 RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
+
+
+class Session(BaseModel):
+    """One run of `shoal evolve` on the folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    seconds: float
+    finished: bool
+
+
+class RunRecord(BaseModel):
+    """run.json: the search that made the folder and, for one space, where its study lives; for a hybrid run, the
+    stage folders it runs in turn."""
+
+    model_config = ConfigDict(extra="forbid")
+    space: Literal["ps", "dfs", "hybrid"]
+    target: str
+    method: str
+    search_hash: str
+    storage: str | None = None
+    """One space: the study's Optuna storage URL or journal file."""
+    default_storage: bool = True
+    """One space: the storage is the folder's own journal (not named by the user: not shared)."""
+    study: str | None = None
+    search: dict[str, Any] | None = None
+    """One space: the search as run."""
+    sessions: list[Session] = []
+    stages: list[str] | None = None
+    """Hybrid: the stage folders, in the order they run."""
+    ps_best_trial: int | None = None
+    """Hybrid: the PS trial whose model is parent A of the DFS stage's trials."""
+
+    def write(self, run_dir: Path) -> None:
+        write_json(run_dir / RUN_FILE, self.model_dump(mode="json", exclude_none=True))
+
+
+Record = TypeVar("Record", bound=BaseModel)
+
+
+def read_record(model: type[Record], path: Path, what: str) -> Record:
+    """A JSON file of the run folder as its model; errors say which file and which field."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShoalError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "top level"
+        raise ShoalError(f"{path} is not a valid {what}: {where}: {first['msg']}") from None
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    return read_record(RunRecord, run_dir / RUN_FILE, "run record")
+
+
+def read_summary(run_dir: Path) -> Summary:
+    return read_record(Summary, run_dir / SUMMARY_FILE, "run summary")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -31,68 +93,65 @@ def write_summary(run_dir: Path, summary: Summary) -> None:
     write_json(run_dir / SUMMARY_FILE, summary.model_dump(mode="json", exclude_unset=True))
 
 
-def read_record(spec: SearchSpec, run_dir: Path) -> dict[str, Any]:
-    """run_dir's run.json (empty if new), refused if another search made it."""
+def _earlier(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
+    """run_dir's run.json (None if new), refused if another search made it."""
     path = run_dir / RUN_FILE
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    if record.get("search_hash") not in (None, spec.search_hash()):
+    record = read_run(run_dir) if path.is_file() else None
+    if record is not None and record.search_hash != spec.search_hash():
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
     return record
 
 
-def open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> dict[str, Any]:
+def open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> RunRecord:
     """run.json of a one-space run, made or taken over: the storage named here, else the one named before, else
     the search file's, else the folder's own journal."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = read_record(spec, run_dir)
-    named = storage or (None if record.get("default_storage", True) else record.get("storage")) or spec.storage
-    record |= {
-        "storage": named or default_storage(run_dir),  # the default follows the folder if it is moved
-        "default_storage": named is None,
-        "study": record.get("study", study),
-        "search_hash": spec.search_hash(),
-        "target": target(spec),
-        "method": method(spec),
-        "space": spec.space,
-        "search": spec.model_dump(),
-    }
-    record.setdefault("sessions", [])
-    write_json(run_dir / RUN_FILE, record)
+    earlier = _earlier(spec, run_dir)
+    named = storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
+    record = RunRecord(
+        space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
+        storage=named or default_storage(run_dir),  # the default follows the folder if it is moved
+        default_storage=named is None,
+        study=earlier.study if earlier else study,
+        search=spec.model_dump(),
+        sessions=earlier.sessions if earlier else [],
+    )
+    record.write(run_dir)
     return record
 
 
-def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str]) -> None:
-    """run.json of a hybrid run: the stage folders it runs in turn."""
+def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str]) -> RunRecord:
+    """run.json of a hybrid run, made or taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    read_record(spec, run_dir)
-    write_json(run_dir / RUN_FILE, {"space": "hybrid", "stages": stages, "target": target(spec),
-                                    "method": spec.method, "search_hash": spec.search_hash()})
+    earlier = _earlier(spec, run_dir)
+    record = RunRecord(space="hybrid", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
+                       stages=stages, ps_best_trial=earlier.ps_best_trial if earlier else None)
+    record.write(run_dir)
+    return record
 
 
-def pin_stage_parent(stage_dir: Path, trial: int) -> None:
-    """Note in a hybrid's DFS stage folder which PS trial its parent A is; refuse a folder whose trials were scored
-    over another (its search is not this one, though the search file is the same)."""
-    path = stage_dir / RUN_FILE
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    made_from = record.get("ps_best_trial")
-    if made_from is not None and made_from != trial:
+def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int) -> None:
+    """Note in a hybrid's run.json which PS trial is parent A of the DFS stage; refuse a DFS stage folder whose
+    trials were scored over another (after a raised budget found a new best)."""
+    if (run_dir / "dfs" / RUN_FILE).is_file() and record.ps_best_trial not in (None, trial):
         raise ShoalError(
             f"the PS stage's best trial is now #{trial}, but the stored DFS trials were scored over "
-            f"#{made_from} (was the budget raised?); move {stage_dir} away to search DFS over the new one"
+            f"#{record.ps_best_trial} (was the budget raised?); move {run_dir / 'dfs'} away to search DFS over the "
+            "new one"
         )
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    write_json(path, record | {"ps_best_trial": trial})
+    record.ps_best_trial = trial
+    record.write(run_dir)
 
 
-def end_session(run_dir: Path, record: dict[str, Any], seconds: float, *, finished: bool, new: bool) -> float:
+def end_session(run_dir: Path, record: RunRecord, seconds: float, *, finished: bool, new: bool) -> float:
     """Note this session's time in run.json (a new entry, or the last one updated); return the run's wall time."""
-    session = {"seconds": seconds, "finished": finished}
+    session = Session(seconds=seconds, finished=finished)
     if new:
-        record["sessions"].append(session)
+        record.sessions.append(session)
     else:
-        record["sessions"][-1] = session
-    write_json(run_dir / RUN_FILE, record)
-    return sum(s["seconds"] for s in record["sessions"])
+        record.sessions[-1] = session
+    record.write(run_dir)
+    return sum(s.seconds for s in record.sessions)
 
 
 def method(spec: SearchSpec) -> str:

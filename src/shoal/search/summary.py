@@ -1,14 +1,10 @@
-"""summary.json, a finished run's results: the one model that `shoal evolve` writes and the CLI and the report read."""
+"""summary.json's model, a finished run's results: `shoal evolve` writes it, the CLI and the report read it."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from shoal.errors import ShoalError
+from pydantic import BaseModel, ConfigDict
 
 
 class _Record(BaseModel):
@@ -87,17 +83,3 @@ class Summary(_Record):
     """How many times `shoal evolve` ran on the folder (a resumed run: more than one)."""
     stages: dict[str, StageResult] | None = None
     """Hybrid runs: each stage's best."""
-
-    @classmethod
-    def read(cls, path: Path) -> Summary:
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ShoalError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "top level"
-            raise ShoalError(f"{path} is not a valid run summary: {where}: {first['msg']}") from None
-
