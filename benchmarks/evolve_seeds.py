@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from shoal.search.run import evolve
+from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
 from shoal.zoo import build_zoo
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random parents on disk and an in-process `shoal` runner."""
+"""Shared fixtures: tiny random parents on disk, the smoke-size demo zoo and an in-process `shoal` runner."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def bf16_parents(tmp_path_factory) -> dict[str, Path]:
     import torch
 
     return make_parents(tmp_path_factory.mktemp("parents_bf16"), dtype=torch.bfloat16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """The demo zoo at its smoke size (seconds to build), built once: tests read it and never change it."""
+    from shoal.zoo.build import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
 
 
 def own_output_task(zoo, folder: Path, every: int = 1) -> Path:

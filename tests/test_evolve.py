@@ -21,22 +21,18 @@ from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
+from shoal.search.evolve import evolve
 from shoal.search.fitness import DevFitness, WeightedTask
-from shoal.search.loop import SerialEvaluator, open_study, run_trials
+from shoal.search.loop import SerialEvaluator, run_trials
 from shoal.search.optimizer import CmaEs
-from shoal.search.run import evolve
+from shoal.search.run_folder import read_summary
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
-from shoal.zoo.build import Zoo, build_zoo
+from shoal.search.trials import open_study
+from shoal.zoo.build import Zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Zoo:
-    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
-
 
 
 def _search(zoo: Zoo, folder: Path, **extra: object) -> Path:
@@ -68,15 +64,15 @@ def test_extending_the_budget_continues_the_same_trajectory(zoo, tmp_path) -> No
     evolve(search.model_copy(update={"budget": 24}), tmp_path / "once")
     twice, once = _trials(tmp_path / "twice"), _trials(tmp_path / "once")
     assert len(once) == 24 and twice == once
-    assert summary["trials"] == 24 and summary["sessions"] == 2
+    assert summary.trials == 24 and summary.sessions == 2
 
 
 def test_rerunning_a_finished_run_scores_nothing_again(zoo, tmp_path) -> None:
     search = load_search(_search(zoo, tmp_path, budget=5))
     evolve(search, tmp_path / "run")
     stages: list[str] = []
-    evolve(search, tmp_path / "run", on_stage=lambda s: stages.append(s.name) if s.progress is None else
-           stages.append(f"evaluated {s.progress.evaluated}"))
+    evolve(search, tmp_path / "run", on_step=stages.append,
+           on_trial=lambda progress: stages.append(f"evaluated {progress.evaluated}"))
     assert "evaluated 0" in stages and not any(s.startswith("evaluated 1") for s in stages)
     assert len(_trials(tmp_path / "run")) == 5
 
@@ -147,29 +143,29 @@ def test_merging_ahead_changes_no_result_and_hides_the_merge(zoo, tmp_path) -> N
     study = optuna.load_study(study_name="shoal", storage=open_storage(str(tmp_path / 'ahead' / 'study.log')))
     waited = [t.user_attrs["merge_seconds"] < t.user_attrs["merge_compute_seconds"] / 2 for t in study.trials]
     assert waited[0] is False and sum(waited[1:10]) >= 7  # a generation's first waits; the others were merged ahead
-    assert ahead["seconds_per_trial"]["merge"] < ahead["seconds_per_trial"]["merge_compute"]
+    assert ahead.seconds_per_trial.merge < ahead.seconds_per_trial.merge_compute
 
 
 def test_best_folder_is_the_in_memory_merge_and_summary_scores_are_real(zoo, tmp_path) -> None:
     run = tmp_path / "run"
     summary = evolve(load_search(_search(zoo, tmp_path, budget=10)), run)
-    assert json.loads((run / "summary.json").read_text()) == summary
-    best = summary["best"]
-    trial = _trials(run)[best["trial"]]
-    assert trial[1] == best["dev"] == max(t[1] for t in _trials(run) if t[1] is not None)
-    merger = ResidentMerger(Recipe.model_validate(best["recipe"]))
-    merger.apply(Recipe.model_validate(best["recipe"]))
+    assert read_summary(run) == summary
+    best = summary.best
+    trial = _trials(run)[best.trial]
+    assert trial[1] == best.dev == max(t[1] for t in _trials(run) if t[1] is not None)
+    merger = ResidentMerger(Recipe.model_validate(best.recipe))
+    merger.apply(Recipe.model_validate(best.recipe))
     on_disk = {k: v for shard in sorted((run / "best").glob("*.safetensors")) for k, v in load_file(shard).items()}
     live = dict(merger.model.named_parameters())
     for name, tensor in on_disk.items():
         assert torch.equal(live[name].detach(), tensor), name
-    assert yaml.safe_load((run / "best" / "recipe.yaml").read_text()) == best["recipe"]
+    assert yaml.safe_load((run / "best" / "recipe.yaml").read_text()) == best.recipe
     task = load_task(zoo.tasks["xx-math"])
-    assert best["test"] == evaluate(run / "best", task, "test").score
-    assert summary["parents"]["math"] == evaluate(zoo.parents["math"], task, "test").score
-    assert set(summary["untuned"]) == {"linear", "task_arithmetic", "ties", "dare_ties", "start"}
-    assert summary["trials"] == 10 and summary["failed_trials"] == 0
-    assert summary["seconds_per_trial"]["merge"] > 0 and summary["seconds_per_trial"]["eval"] > 0
+    assert best.test == evaluate(run / "best", task, "test").score
+    assert summary.parents["math"] == evaluate(zoo.parents["math"], task, "test").score
+    assert set(summary.untuned) == {"linear", "task_arithmetic", "ties", "dare_ties", "start"}
+    assert summary.trials == 10 and summary.failed_trials == 0
+    assert summary.seconds_per_trial.merge > 0 and summary.seconds_per_trial.eval > 0
 
 
 def test_a_run_folder_of_another_search_is_refused(zoo, tmp_path) -> None:
@@ -202,22 +198,23 @@ def test_data_flow_search_exports_the_path_it_scored(zoo, tmp_path) -> None:
     """DFS: the path starts as parent A alone, the best path is exported, and the export scores what the path did."""
     search = load_search(_search(zoo, tmp_path, space="dfs", budget=14, dfs={"parents": ["language", "math"]}))
     summary = evolve(search, tmp_path / "run")
-    assert summary["space"] == "dfs" and summary["best"]["parents_order"] == ["language", "math"]
-    assert summary["genes"] == 12 + 16  # T = (2 + 2 layers) x 3 repeats indicator genes, then W (4 x 4)
+    assert summary.space == "dfs" and summary.best.parents_order == ["language", "math"]
+    assert summary.genes == 12 + 16  # T = (2 + 2 layers) x 3 repeats indicator genes, then W (4 x 4)
     from shoal.search.spaces import FlowSpace
 
     space = FlowSpace(search)
     start = space.genome.path(space.genome.values(space.genome.start()))
     assert [(s.parent, s.layer, s.scale) for s in start] == [("language", 0, 1.0), ("language", 1, 1.0)]
     trial = optuna.load_study(study_name="shoal", storage=open_storage(str(tmp_path / 'run' / 'study.log'))).trials[
-        summary["best"]["trial"]]
+        summary.best.trial]
     path = space.genome.path(trial.params)
-    assert summary["best"]["path"] == [{"parent": s.parent, "layer": s.layer, "scale": s.scale} for s in path]
+    assert [step.model_dump() for step in summary.best.path] == [
+        {"parent": s.parent, "layer": s.layer, "scale": s.scale} for s in path]
     config = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     assert config["num_hidden_layers"] == len(path)
     task = load_task(zoo.tasks["xx-math"])
     live = evaluate(space.build(trial.params, 0), task, "dev", tokenizer=space.tokenizer).score
-    assert live == summary["best"]["dev"] == evaluate(tmp_path / "run" / "best", task, "dev").score
+    assert live == summary.best.dev == evaluate(tmp_path / "run" / "best", task, "dev").score
 
 
 def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
@@ -226,18 +223,18 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     summary = evolve(search, tmp_path / "run")
     ps = json.loads((tmp_path / "run" / "ps" / "summary.json").read_text())
     dfs = json.loads((tmp_path / "run" / "dfs" / "summary.json").read_text())
-    assert summary["space"] == "hybrid" and ps["space"] == "ps" and dfs["space"] == "dfs"
-    assert (ps["trials"], dfs["trials"], summary["trials"]) == (6, 5, 11)
+    assert summary.space == "hybrid" and ps["space"] == "ps" and dfs["space"] == "dfs"
+    assert (ps["trials"], dfs["trials"], summary.trials) == (6, 5, 11)
     assert dfs["best"]["parents_order"] == ["ps", "math"] and "ps" in dfs["parents"]
     assert dfs["parents"]["ps"] == ps["best"]["test"]  # stage 2's parent A is stage 1's best model
-    assert summary["stages"]["ps"]["test"] == ps["best"]["test"] and summary["best"]["test"] == dfs["best"]["test"]
-    assert summary["parents"] == ps["parents"] and (tmp_path / "run" / "best" / "path.yaml").is_file()
+    assert summary.stages["ps"].test == ps["best"]["test"] and summary.best.test == dfs["best"]["test"]
+    assert summary.parents == ps["parents"] and (tmp_path / "run" / "best" / "path.yaml").is_file()
     moved = tmp_path / "moved"  # stage 2's parent A is in the run folder: the DFS search survives a move
     shutil.move(tmp_path / "run", moved)
-    assert evolve(search, moved)["best"] == summary["best"]
-    record = json.loads((moved / "dfs" / "run.json").read_text())
+    assert evolve(search, moved).best == summary.best
+    record = json.loads((moved / "run.json").read_text())
     assert record["ps_best_trial"] == ps["best"]["trial"]
-    (moved / "dfs" / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
+    (moved / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
     with pytest.raises(ShoalError, match="stored DFS trials were scored over #99"):
         evolve(search, moved)  # as if a larger PS budget had found another best: A would change
 
@@ -258,7 +255,7 @@ def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:
     [listed] = get("/api/studies")["study_summaries"]
     study = get(f"/api/studies/{listed['study_id']}")
     assert listed["study_name"] == "shoal" and len(study["trials"]) == 5
-    assert [t["number"] for t in study["best_trials"]] == [summary["best"]["trial"]]
+    assert [t["number"] for t in study["best_trials"]] == [summary.best.trial]
 
 
 def test_a_search_whose_whole_generation_fails_alike_stops_with_the_reason(zoo, tmp_path) -> None:
@@ -277,7 +274,7 @@ def test_a_search_whose_whole_generation_fails_alike_stops_with_the_reason(zoo, 
 
 def test_a_failed_trial_is_told_below_every_score_even_without_a_floor(zoo, tmp_path) -> None:
     """Log-likelihood-like fitness (negative): a failure must still rank last, not at the nominal floor 0."""
-    from shoal.search.loop import Evaluation
+    from shoal.search.trials import Evaluation
 
     genome = ParameterSpace(load_search(_search(zoo, tmp_path))).genome
     told: list[list[float]] = []

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
 
 import shoal.cli.report  # noqa: F401  (registers `shoal report`)
 from shoal.report import (
@@ -20,6 +22,19 @@ from shoal.report import (
     recipe_matrix,
     write_report,
 )
+from shoal.search.run_folder import RunRecord, read_summary, write_summary
+from shoal.search.storage import default_storage, open_storage
+from shoal.search.summary import Summary
+from shoal.search.trials import (
+    ABANDONED,
+    STUDY_NAME,
+    Evaluation,
+    Job,
+    finished_trial,
+    job_trial,
+    open_study,
+    stored_trials,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -29,10 +44,13 @@ GENES = ["math.weight.layers0-1", "math.weight.layers2-3", "language.weight.laye
 SUMMARY = {
     "target": "xx-math",
     "method": "dare_ties",
+    "space": "ps",
     "best": {
         "trial": 3,
         "dev": 0.41,
         "test": 0.38,
+        "dev_scores": {"xx-math": 0.41},
+        "test_scores": {"xx-math": 0.38},
         "recipe": {"merge_method": "dare_ties"},
         "layers": {
             "weight": {"math": [0.1, 0.5, 0.7, 0.2], "language": [0.9, 0.8, 0.3, 0.4]},
@@ -45,51 +63,60 @@ SUMMARY = {
     "trials": 6,
     "failed_trials": 1,
     "budget": 8,
+    "genes": 4,
+    "population": 3,
+    "seconds_per_trial": {"merge": 0.004, "merge_compute": 0.004, "eval": 0.25, "total": 0.27},
+    "threads": 1,
     "wall_seconds": 412.3,
-    "seconds_per_trial": {"merge": 0.004, "eval": 0.25, "total": 0.27},
+    "sessions": 1,
 }
 
-# (value or None for a failure, generation)
+# (value or None for a failure, generation), in the order of their index in the search
 TRIALS = [(0.2, 0), (0.1, 0), (None, 0), (0.41, 1), (0.3, 1), (0.35, 1)]
+FAILURE = "merge produced NaN in model.layers.1.mlp.up_proj.weight"
+
+
+def store_trials(storage: str, study: str, trials, genes: list[str] = GENES, running: int = 0) -> None:
+    """Store `trials` with the search's own trial writer; `running` more trials are claimed and not finished."""
+    created = open_study(storage, "hash", study)
+    distributions = {g: FloatDistribution(0.0, 1.0) for g in genes}
+    job = lambda i: Job(i, trials[i][1] if i < len(trials) else 9, {g: (i + k) % 10 / 10 for k, g in enumerate(genes)}, i)
+    for i in range(len(trials)):
+        value = trials[i][0]
+        outcome = FAILURE if value is None else Evaluation(value, {"xx-math": value}, 0.004, 0.25)
+        created.add_trial(finished_trial(job(i), outcome, distributions))
+    for i in range(len(trials), len(trials) + running):
+        created.add_trial(job_trial(job(i), distributions, TrialState.RUNNING))
 
 
 def make_run(
     folder: Path,
     trials=TRIALS,
     summary: dict | None = SUMMARY,
-    study: str = "evolve",
-    space: str | None = None,
+    study: str = STUDY_NAME,
+    space: str = "ps",
     genes: list[str] = GENES,
     running: int = 0,
 ) -> Path:
-    """A run folder as `shoal evolve` leaves it; `space` None writes an old run.json without the key."""
+    """A run folder as `shoal evolve` leaves it, its trials stored by the search's own trial writer."""
     folder.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{folder.resolve()}/study.db"
-    created = optuna.create_study(storage=url, study_name=study, direction="maximize")
-    distributions = {g: optuna.distributions.FloatDistribution(0.0, 1.0) for g in genes}
-    for i, (value, generation) in enumerate(trials):
-        failed = value is None
-        created.add_trial(
-            optuna.trial.create_trial(
-                params={g: (i + k) % 10 / 10 for k, g in enumerate(genes)},
-                distributions=distributions,
-                value=None if failed else value,
-                state=optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE,
-                user_attrs={
-                    "generation": generation,
-                    "dev_scores": {} if failed else {"xx-math": value},
-                    "merge_seconds": 0.004,
-                    "eval_seconds": 0.25,
-                    **({"error": "merge produced NaN in model.layers.1.mlp.up_proj.weight"} if failed else {}),
-                },
-            )
-        )
-    for _ in range(running):
-        created.add_trial(optuna.trial.create_trial(params={}, distributions={}, state=optuna.trial.TrialState.RUNNING))
-    meta = {"storage": url, "study": study, "budget": 8, **({"space": space} if space else {})}
-    (folder / "run.json").write_text(json.dumps(meta))
+    storage = default_storage(folder)
+    store_trials(storage, study, trials, genes, running=running)
+    RunRecord(space=space, target="xx-math", method="dare_ties", search_hash="hash", storage=storage,
+              study=study).write(folder)
     if summary is not None:
-        (folder / "summary.json").write_text(json.dumps(summary))
+        write_summary(folder, Summary.model_validate(summary))
+    return folder
+
+
+def hybrid_record(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    RunRecord(space="hybrid", target="xx-math", method="dare_ties", search_hash="hash", stages=["ps", "dfs"]).write(folder)
+
+
+def edit_run_json(folder: Path, **changes: object) -> Path:
+    record = json.loads((folder / "run.json").read_text())
+    (folder / "run.json").write_text(json.dumps(record | changes))
     return folder
 
 
@@ -174,14 +201,56 @@ def test_unfinished_run_says_so_and_gives_the_best_so_far(tmp_path):
     assert "trials so far: 4 finished (1 failed)" in md
     assert "best dev fitness so far: 0.3300 (trial #2)" in md
     assert "](fitness.png)" in md and "recipe.png" not in md
-    assert load_run(run).space == "ps"  # a run.json without "space" is an old parameter-space run
+
+
+def test_report_counts_and_numbers_trials_as_the_search_does(tmp_path):
+    """Trials stored out of order with a claim abandoned by a dead process (what a shared study or a Ray run
+    leaves): the report sees the trials the search sees, numbered by their index in the search."""
+    run = make_run(tmp_path / "run", trials=[], summary=None)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(default_storage(run)))
+    distributions = {g: FloatDistribution(0.0, 1.0) for g in GENES}
+    job = lambda i: Job(i, i // 2, {g: i / 10 for g in GENES}, i)
+    scored = lambda i, value: finished_trial(job(i), Evaluation(value, {"xx-math": value}, 0.0, 0.0), distributions)
+    study.add_trial(scored(1, 0.5))
+    study.add_trial(job_trial(job(3), distributions, TrialState.FAIL, attrs={ABANDONED: True}))  # its process died
+    study.add_trial(scored(0, 0.2))
+    study.add_trial(scored(3, 0.1))  # scored by another process
+    study.add_trial(scored(2, 0.3))
+    loaded = load_run(run)
+    assert [(t.index, t.value) for t in loaded.trials] == [(0, 0.2), (1, 0.5), (2, 0.3), (3, 0.1)]
+    assert loaded.trials == sorted(stored_trials(study).values(), key=lambda t: t.index)
+    md = write_report(run)[0].read_text()
+    assert "trials so far: 4 finished (0 failed)" in md
+    assert "best dev fitness so far: 0.5000 (trial #1)" in md
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_report_of_a_run_shoal_evolve_made_agrees_with_its_summary(zoo, run_cli, tmp_path):
+    import yaml
+
+    search = {"base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
+              "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 4}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    code, _, err = run_cli("evolve", tmp_path / "search.yaml", tmp_path / "run", "--threads", "1")
+    assert code == 0, err
+    run = tmp_path / "run"
+    summary = read_summary(run)
+    code, _, err = run_cli("report", run)
+    assert code == 0, err
+    md = (run / "report" / "report.md").read_text()
+    best = summary.best
+    assert f"evolved (best dev trial #{best.trial})** | **{best.dev:.4f}** | **{best.test:.4f}** |" in md
+    assert f"- trials: 4 done ({summary.failed_trials} failed), budget 4" in md
+    trials = load_run(run).trials
+    assert [t.index for t in trials] == [0, 1, 2, 3]
+    assert max((t for t in trials if not t.failed), key=lambda t: (t.value, -t.index)).index == best.trial
 
 
 def test_storage_option_overrides_run_json(run_cli, tmp_path):
     run = make_run(tmp_path / "run")
-    moved = tmp_path / "elsewhere.db"
-    (run / "study.db").rename(moved)
-    code, _, err = run_cli("report", run, "--storage", f"sqlite:///{moved}")
+    moved = tmp_path / "elsewhere.log"
+    (run / "study.log").rename(moved)
+    code, _, err = run_cli("report", run, "--storage", str(moved))
     assert code == 0, err
     assert (run / "report" / "recipe.png").exists()
 
@@ -213,8 +282,8 @@ def test_unopenable_storage_is_an_error(run_cli, tmp_path):
 
 def test_unknown_study_name_is_an_error(run_cli, tmp_path):
     run = make_run(tmp_path / "run")
-    (run / "run.json").write_text(json.dumps({"storage": f"sqlite:///{run}/study.db", "study": "other"}))
-    expect_error(run_cli, run, needles=("no study named 'other'", "studies there: evolve"))
+    edit_run_json(run, study="other")
+    expect_error(run_cli, run, needles=("no study named 'other'", "studies there: shoal"))
 
 
 def test_study_without_trials_is_an_error(run_cli, tmp_path):
@@ -249,8 +318,9 @@ def dfs_summary(path=PATH, parents_order=("language", "math"), **best) -> dict:
         **SUMMARY,
         "space": "dfs",
         "method": "dfs",
-        "best": {"trial": 4, "dev": 0.45, "test": 0.4, "layers": None, "embeddings": None, "path": path,
-                 "parents_order": list(parents_order), "slots": 16, **best},
+        "best": {"trial": 4, "dev": 0.45, "test": 0.4, "dev_scores": {"xx-math": 0.45},
+                 "test_scores": {"xx-math": 0.4}, "path": path, "parents_order": list(parents_order), "slots": 16,
+                 **best},
     }
 
 
@@ -331,20 +401,18 @@ PS_TEST, FINAL_TEST = 0.38, 0.52
 
 def make_hybrid(folder: Path, dfs: str = "finished") -> Path:
     """A hybrid run folder; `dfs` is "finished", "running", "no trials" or "absent" (then no top summary)."""
-    ps_summary = {**SUMMARY, "space": "ps"}
-    make_run(folder / "ps", summary=ps_summary, study="evolve-ps", space="ps")
+    make_run(folder / "ps", summary=SUMMARY, study="shoal-ps", space="ps")
     order = ("ps", "math", "language")
     final = dfs_summary(path=[{"parent": "ps", "layer": 0, "scale": 1.0}, {"parent": "math", "layer": 1, "scale": 0.9}],
                         parents_order=order, test=FINAL_TEST, dev=0.5, trial=5)
     if dfs == "finished":
-        make_run(folder / "dfs", summary=final, study="evolve-dfs", space="dfs", genes=DFS_GENES)
+        make_run(folder / "dfs", summary=final, study="shoal-dfs", space="dfs", genes=DFS_GENES)
     elif dfs == "running":
-        make_run(folder / "dfs", trials=[(0.3, 0), (None, 0), (0.44, 0)], summary=None, study="evolve-dfs",
+        make_run(folder / "dfs", trials=[(0.3, 0), (None, 0), (0.44, 0)], summary=None, study="shoal-dfs",
                  space="dfs", genes=DFS_GENES, running=2)
     elif dfs == "no trials":
-        make_run(folder / "dfs", trials=[], summary=None, study="evolve-dfs", space="dfs", running=1)
-    meta = {"space": "hybrid", "stages": ["ps", "dfs"], "target": "xx-math", "method": "dare_ties"}
-    (folder / "run.json").write_text(json.dumps(meta))
+        make_run(folder / "dfs", trials=[], summary=None, study="shoal-dfs", space="dfs", running=1)
+    hybrid_record(folder)
     if dfs == "finished":
         top = {
             **{k: v for k, v in final.items() if k not in ("parents", "untuned")},
@@ -356,7 +424,7 @@ def make_hybrid(folder: Path, dfs: str = "finished") -> Path:
                        "dfs": {"dev": 0.5, "test": FINAL_TEST, "trials": 6, "best_trial": 5}},
             "trials": 12, "failed_trials": 2, "budget": 16, "wall_seconds": 100.0,
         }
-        (folder / "summary.json").write_text(json.dumps(top))
+        write_summary(folder, Summary.model_validate(top))
     return folder
 
 
@@ -424,25 +492,23 @@ def test_unfinished_hybrid_reports_the_stages_so_far(tmp_path, dfs, says, stage_
 
 def test_hybrid_run_with_no_stage_trials_yet_is_an_error(run_cli, tmp_path):
     run = tmp_path / "run"
-    make_run(run / "ps", trials=[], summary=None, space="ps")
-    (run / "run.json").write_text(json.dumps({"space": "hybrid", "stages": ["ps", "dfs"]}))
+    make_run(run / "ps", trials=[], summary=None)
+    hybrid_record(run)
     expect_error(run_cli, run, needles=("no stage with finished trials yet",))
 
 
 def test_storage_option_on_a_hybrid_run_is_an_error(run_cli, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "run.json").write_text(json.dumps({"space": "hybrid", "stages": ["ps", "dfs"]}))
+    hybrid_record(run)
     expect_error(run_cli, run, "--storage", "sqlite:///x.db", needles=("hybrid", "--storage"))
 
 
 def test_unknown_space_is_an_error(run_cli, tmp_path):
-    run = make_run(tmp_path / "run", space="tensor")
-    expect_error(run_cli, run, needles=("unknown search space 'tensor'", "run.json"))
+    run = edit_run_json(make_run(tmp_path / "run"), space="tensor")
+    expect_error(run_cli, run, needles=("run.json is not a valid run record: space:", "'ps', 'dfs' or 'hybrid'"))
     hybrid = make_hybrid(tmp_path / "hybrid")
-    meta = json.loads((hybrid / "dfs" / "run.json").read_text())
-    (hybrid / "dfs" / "run.json").write_text(json.dumps({**meta, "space": "flow"}))
-    expect_error(run_cli, hybrid, needles=("unknown search space 'flow'", "dfs"))
+    edit_run_json(hybrid / "dfs", space="flow")
+    expect_error(run_cli, hybrid, needles=("dfs/run.json is not a valid run record: space:",))
 
 
 def test_summary_space_that_contradicts_run_json_is_an_error(run_cli, tmp_path):

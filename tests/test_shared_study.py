@@ -18,17 +18,11 @@ import pytest
 import yaml
 
 from shoal.errors import ShoalError
-from shoal.search.run import evolve
+from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
-from shoal.zoo.build import build_zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
 
 
 def _search(zoo, to: Callable[[Path], str], budget: int = 30) -> dict:
@@ -124,7 +118,8 @@ def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path, f
     storage = file_storage
     spec = load_search(search_file).model_copy(update={"budget": 12})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    from shoal.search.loop import Job, open_study, trial_seed
+    from shoal.search.loop import trial_seed
+    from shoal.search.trials import Job, open_study
     from shoal.search.optimizer import CmaEs
     from shoal.search.shared import SharedTrials
     from shoal.search.spaces import genome_of
@@ -147,7 +142,8 @@ def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path, f
 
 
 def _claimed(search_file, storage, **options):
-    from shoal.search.loop import Job, open_study, trial_seed
+    from shoal.search.loop import trial_seed
+    from shoal.search.trials import Job, open_study
     from shoal.search.optimizer import CmaEs
     from shoal.search.shared import SharedTrials
     from shoal.search.spaces import genome_of
@@ -172,7 +168,7 @@ def test_a_claim_of_this_process_s_predecessor_with_the_same_pid_is_released(sea
 
 
 def test_a_stalled_claim_is_released_and_its_late_owner_still_stores_its_result(search_file, file_storage) -> None:
-    from shoal.search.loop import Evaluation
+    from shoal.search.trials import Evaluation
     from shoal.search.shared import SharedTrials
 
     storage, genome, job, owner, claim = _claimed(search_file, file_storage, heartbeat_seconds=3600)
@@ -182,7 +178,9 @@ def test_a_stalled_claim_is_released_and_its_late_owner_still_stores_its_result(
     time.sleep(0.3)
     assert watcher.release_abandoned() == 1  # the heartbeat has not moved for longer than the grace period
     late = owner.finish(claim, job, Evaluation(0.25, {"own": 0.25}, 0.0, 0.0))
-    assert late.state.name == "COMPLETE" and late.value == 0.25 and late.number != claim.number
+    assert late.value == 0.25 and late.index == 0
+    [stored] = [t for t in _trials(storage) if t.state.name == "COMPLETE"]
+    assert stored.number != claim.number and stored.user_attrs["index"] == 0  # a new trial: the claim was let go
     assert watcher.finished()[0].value == 0.25
     owner.close()
     watcher.close()
@@ -201,7 +199,7 @@ def test_machines_that_keep_the_project_in_other_folders_share_one_study(zoo, tm
     evolve(first, projects[0] / "run", storage=storage)
     summary = evolve(second.model_copy(update={"budget": 16}), projects[1] / "run", storage=storage)
     trials = _trials(storage)
-    assert sorted(_by_index(trials)) == list(range(16)) and summary["trials"] == 16
+    assert sorted(_by_index(trials)) == list(range(16)) and summary.trials == 16
     assert len({t.user_attrs["owner"] for t in trials if t.user_attrs["index"] >= 8}) == 1
     other = yaml.safe_load((projects[1] / "search.yaml").read_text())
     names = list(other["parents"])

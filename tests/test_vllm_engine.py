@@ -19,19 +19,14 @@ from conftest import own_output_task
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
+from shoal.search.evolve import evolve
 from shoal.search.fitness import DevFitness, WeightedTask, search_fitness
-from shoal.search.run import evolve
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import SearchSpec, load_search
 from shoal.search.storage import open_storage
-from shoal.zoo.build import Zoo, build_zoo
+from shoal.zoo.build import Zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Zoo:
-    return build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +74,7 @@ def test_a_search_on_the_vllm_engine_stores_the_trials_of_one_on_transformers(zo
     trials = lambda run: [(t.params, t.value) for t in optuna.load_study(
         study_name="shoal", storage=open_storage(str(run / 'study.log'))).trials]
     assert trials(tmp_path / "vllm" / "run") == trials(tmp_path / "hf" / "run")
-    assert on_vllm["best"] == hf["best"] and standin.instances[0].reloads == 10
+    assert on_vllm.best == hf.best and standin.instances[0].reloads == 10
 
 
 def test_forgetting_the_prefix_cache_would_be_caught(zoo, own_task, tmp_path, standin, monkeypatch) -> None:

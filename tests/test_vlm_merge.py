@@ -20,7 +20,7 @@ from shoal.checkpoint.reader import open_checkpoint
 from shoal.merge.engine import run_merge
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import parse_recipe
-from shoal.search.run import evolve
+from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
 from shoal.synthetic import make_parents, tiny_config
@@ -305,11 +305,11 @@ def test_evolve_with_a_llava_parent_resumes_storing_the_same_trials(llms, tmp_pa
     summary = evolve(search, tmp_path / "resumed")
     evolve(search, tmp_path / "whole")
     resumed, whole = _stored(tmp_path / "resumed"), _stored(tmp_path / "whole")
-    assert resumed == whole and len(whole) == 9 and summary["sessions"] == 2
+    assert resumed == whole and len(whole) == 9 and summary.sessions == 2
     assert len({value for _, value, _ in whole}) > 1
     best = tmp_path / "resumed" / "best"
     assert json.loads((best / "config.json").read_text())["model_type"] == "llava"
-    assert set(summary["parents"]) == {"base", "ja", "vlm"}
+    assert set(summary.parents) == {"base", "ja", "vlm"}
 
 
 def test_ray_workers_with_a_llava_parent_store_the_trials_of_a_serial_run(llms, tmp_path) -> None:

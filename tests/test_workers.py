@@ -9,12 +9,12 @@ import optuna
 import pytest
 import yaml
 
-from shoal.search.loop import Job, SerialEvaluator, trial_seed
-from shoal.search.run import evolve
+from shoal.search.evolve import evolve
+from shoal.search.loop import SerialEvaluator, trial_seed
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
-from shoal.zoo.build import build_zoo
+from shoal.search.trials import Job
 
 ray = pytest.importorskip("ray")
 
@@ -29,8 +29,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
-    zoo = build_zoo(tmp_path_factory.mktemp("zoo"), seed=0, size="smoke", threads=1)
+def search(zoo, tmp_path_factory):
     folder = tmp_path_factory.mktemp("search")
     spec = {"base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
             "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 16, "seed": 3}
@@ -49,7 +48,7 @@ def test_two_ray_workers_store_the_trials_of_a_serial_run(cluster, search, tmp_p
     serial = evolve(search, tmp_path / "serial")
     assert _by_index(tmp_path / "parallel") == _by_index(tmp_path / "serial")
     assert len(_by_index(tmp_path / "serial")) == 16
-    assert parallel["best"] == serial["best"]
+    assert parallel.best == serial.best
 
 
 def test_a_killed_worker_is_replaced_and_its_trial_scored_again(cluster, search) -> None:

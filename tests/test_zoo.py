@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from shoal.errors import ShoalError
 from shoal.zoo import Zoo, build_zoo, load_zoo
-from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, joint_mix
+from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, joint_mix, joint_schedule
 from shoal.zoo.language import mixture, split_operands
 
 
@@ -40,7 +40,9 @@ def _pairs(prompts: list[str]) -> set[tuple[int, int]]:
 def test_layout_and_zoo_json_name_base_parents_and_tasks(zoo: Zoo) -> None:
     data = json.loads((zoo.root / "zoo.json").read_text())
     assert data["seed"] == 0 and data["size"] == "smoke" and data["base"] == "base"
-    assert data["parents"] == {"math": {"skill": "en-math"}, "language": {"skill": "xx-easy"}}
+    assert {name: p["skill"] for name, p in data["parents"].items()} == {"math": "en-math", "language": "xx-easy"}
+    # the math parent is checked from step 10, every 5 steps, up to its 30; the language parent runs its 15
+    assert data["parents"]["math"]["steps"] in (10, 15, 20, 25, 30) and data["parents"]["language"]["steps"] == 15
     assert {name: t["role"] for name, t in data["tasks"].items()} == {
         "en-math": "skill", "xx-easy": "skill", "xx-math": "target", "union": "union"
     }
@@ -100,8 +102,8 @@ def test_joint_fine_tune_trains_on_both_parents_data_for_their_steps_together(zo
     mix = joint_mix()
     assert mix.keys() == {kind for p in PARENTS.values() for kind in p.mix}
     assert sum(mix.values()) == pytest.approx(1.0)
-    size = SIZES["smoke"]
-    assert size.joint.steps == sum(s.steps for s in size.parents.values())
+    steps = {name: p["steps"] for name, p in json.loads((zoo.root / "zoo.json").read_text())["parents"].items()}
+    assert joint_schedule(SIZES["smoke"], steps).steps == sum(steps.values()) and steps["language"] == 15
     joint, base = load_file(zoo.joint / "model.safetensors"), load_file(zoo.base / "model.safetensors")
     assert not any(torch.equal(joint[k], base[k]) for k in base if "norm" not in k)
 
@@ -221,3 +223,21 @@ def test_cli_build_reports_reuse(zoo: Zoo, run_cli) -> None:
 def test_unknown_size_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ShoalError, match="unknown zoo size"):
         build_zoo(tmp_path, size="huge")
+
+
+def test_a_fine_tune_stops_at_the_first_check_that_finds_enough_english(tmp_path: Path) -> None:
+    """english_check asks only from min_steps on, every check_every steps, and says stop once the share is met."""
+    from transformers import PreTrainedTokenizerFast
+
+    from shoal.zoo.build import english_check
+
+    built = build_zoo(tmp_path / "z", seed=0, size="smoke")
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(built.parents["math"]).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(built.base)
+    operands = split_operands(SIZES["smoke"].held_out)
+    never_xx = english_check(model, tokenizer, operands, 1.0, SIZES["smoke"], tmp_path / "check")
+    assert [step for step in range(1, 31) if never_xx(step)] == [10, 15, 20, 25, 30]  # a smoke model never answers in XX
+    impossible = english_check(model, tokenizer, operands, 1.01, SIZES["smoke"], tmp_path / "check2")
+    assert not any(impossible(step) for step in (10, 15, 20))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
@@ -14,6 +14,9 @@ from shoal.cli.app import app
 from shoal.cli.evolve import run_evolve
 from shoal.cli.zoo import build_with_progress
 from shoal.errors import ShoalError
+
+if TYPE_CHECKING:
+    from shoal.search.summary import Summary
 
 
 def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, space: str) -> dict:
@@ -37,22 +40,22 @@ def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int,
     return search
 
 
-def results_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"test split of {summary['target']} (the evolved model is the best dev trial)")
+def results_table(summary: Summary) -> Table:
+    table = Table(title=f"test split of {summary.target} (the evolved model is the best dev trial)")
     table.add_column("model")
     table.add_column("test", justify="right")
-    for name, score in summary["parents"].items():
+    for name, score in summary.parents.items():
         table.add_row(f"parent: {name}", f"{100 * score:.1f}")
-    for name, score in summary["untuned"].items():
+    for name, score in summary.untuned.items():
         table.add_row(f"untuned merge: {name}", f"{100 * score:.1f}")
-    for name, stage in summary.get("stages", {}).items():
-        table.add_row(f"{name} stage (best dev {100 * stage['dev']:.1f})", f"{100 * stage['test']:.1f}")
-    best = summary["best"]
-    label = f"evolved, {summary.get('space', 'ps')} (trial #{best['trial']}, dev {100 * best['dev']:.1f})"
-    table.add_row(f"[bold]{label}", f"[bold]{100 * best['test']:.1f}")
-    for label, group in (("best parent", summary["parents"]), ("best untuned merge", summary["untuned"])):
-        name = max(group, key=group.get)
-        table.add_row(f"[dim]evolved - {label} ({name})", f"[dim]{100 * (best['test'] - group[name]):+.1f}")
+    for name, stage in (summary.stages or {}).items():
+        table.add_row(f"{name} stage (best dev {100 * stage.dev:.1f})", f"{100 * stage.test:.1f}")
+    best = summary.best
+    label = f"evolved, {summary.space} (trial #{best.trial}, dev {100 * best.dev:.1f})"
+    table.add_row(f"[bold]{label}", f"[bold]{100 * best.test:.1f}")
+    for label, group in (("best parent", summary.parents), ("best untuned merge", summary.untuned)):
+        name = max(group, key=lambda n: group[n])
+        table.add_row(f"[dim]evolved - {label} ({name})", f"[dim]{100 * (best.test - group[name]):+.1f}")
     return table
 
 

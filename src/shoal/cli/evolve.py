@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shoal.cli.app import app
+
+if TYPE_CHECKING:
+    from shoal.search.summary import Summary
 
 
 def trial_bar() -> Progress:
@@ -29,12 +32,13 @@ def trial_bar() -> Progress:
 def run_evolve(
     search: Path, run_dir: Path, storage: str | None, budget: int | None, threads: int | None, workers: int = 1,
     ray_address: str | None = None,
-) -> dict:
+) -> Summary:
     """Load the search file and run it with a live display; returns the summary."""
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from shoal.search.run import Stage, evolve
+    from shoal.search.evolve import evolve
+    from shoal.search.loop import Progress as TrialProgress
     from shoal.search.spec import load_search
 
     transformers_logging.disable_progress_bar()
@@ -49,11 +53,10 @@ def run_evolve(
         task = progress.add_task("trials", total=spec.budget, best="-", rate="-")
         shown: dict[str, float] = {}
 
-        def on_stage(stage: Stage) -> None:
-            p = stage.progress
-            if p is None:
-                console.print(f"[dim]{stage.name}[/]")
-                return
+        def on_step(name: str) -> None:
+            console.print(f"[dim]{name}[/]")
+
+        def on_trial(p: TrialProgress) -> None:
             if p.evaluated == 1:
                 shown["since"] = time.perf_counter()
             minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
@@ -61,7 +64,8 @@ def run_evolve(
             best = f"{p.best:.4f}" if p.best is not None else "-"
             progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate)
 
-        return evolve(spec, run_dir, storage=storage, on_stage=on_stage, workers=workers, ray_address=ray_address)
+        return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial, workers=workers,
+                      ray_address=ray_address)
 
 
 @app.command()
@@ -76,8 +80,8 @@ def evolve(
 ) -> None:
     """Evolve a merge (ps), a layer path (dfs) or both (hybrid) with CMA-ES into RUN_DIR (best/, summary.json)."""
     summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address)
-    best = summary["best"]
+    best = summary.best
     Console(stderr=True).print(
-        f"best trial #{best['trial']}: dev {best['dev']:.4f}, test {best['test']:.4f}; "
+        f"best trial #{best.trial}: dev {best.dev:.4f}, test {best.test:.4f}; "
         f"model in [bold]{run_dir / 'best'}[/], summary in {run_dir / 'summary.json'}"
     )

@@ -125,7 +125,7 @@ def _generate_batch(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         positions = positions + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    cache=out.cache, use_cache=True)
     generated = torch.stack(steps, 1).tolist()
     return [row[:n] for row, n in zip(generated, lengths.tolist())]
 

@@ -23,6 +23,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from shoal import layout
 from shoal.errors import ShoalError
 from shoal.evaluate import backend, metrics, vision
 from shoal.evaluate.task import GENERATION_METRICS, Item, Task
@@ -114,16 +115,17 @@ def _encoded_images(task: Task, split: str, processor: ProcessorMixin, limit: in
 
 
 def is_vision_language(path: str | Path) -> bool:
-    """Whether the model folder holds a vision-language model: its config.json has a vision_config."""
+    """Whether the model folder holds a vision-language model (see layout.is_multimodal)."""
     try:
-        return "vision_config" in json.loads((Path(path) / "config.json").read_text())
+        return layout.is_multimodal(json.loads((Path(path) / "config.json").read_text()))
     except (OSError, ValueError):
         return False
 
 
 def load_model(path: str | Path, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
     """A model and what prepares its inputs from an HF folder, in the dtype the folder stores: a causal LM and its
-    tokenizer, or (see is_vision_language) an image-text-to-text model and its processor."""
+    tokenizer, or (see is_vision_language) an image-text-to-text model and its processor (its tokenizer where the
+    processor cannot be built, e.g. without torchvision: then only text tasks can be scored)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ShoalError(f"{path} is not a model folder (no config.json); pass a folder written by save_pretrained")
@@ -133,7 +135,12 @@ def load_model(path: str | Path, device: str) -> tuple[PreTrainedModel, PreTrain
         model = auto.from_pretrained(path, dtype="auto").to(device)
     except (OSError, ValueError) as exc:
         raise ShoalError(f"{path}: cannot load the model ({exc})") from exc
-    return model, load_processor(path) if vlm else load_tokenizer(path)
+    if vlm:
+        try:
+            return model, load_processor(path)
+        except ShoalError:  # e.g. Qwen2-VL's processor needs torchvision: text tasks still run on the tokenizer
+            pass
+    return model, load_tokenizer(path)
 
 
 def load_processor(path: str | Path) -> ProcessorMixin:

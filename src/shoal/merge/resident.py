@@ -17,9 +17,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shoal import layout
-from shoal.checkpoint.live import load_live
 from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
+from shoal.evaluate.runner import load_model
 from shoal.merge import methods
 from shoal.merge.engine import Scratch, merged_values, open_parents
 from shoal.merge.plan import MergePlan, TensorJob, build_plan
@@ -75,7 +75,7 @@ class ResidentMerger:
         return _Inputs(base, tensors, deltas, ranks)
 
     def _load_model(self, plan: MergePlan) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        model, tokenizer = load_live(self.parents[plan.reference].path, self.device)
+        model, tokenizer = load_model(self.parents[plan.reference].path, self.device)
         dtypes = {job.spec.dtype for job in plan.jobs if job.spec.dtype.is_floating_point}
         if len(dtypes) == 1:
             model = model.to(dtypes.pop())

@@ -1,6 +1,6 @@
 """Turn a `shoal evolve` run folder into files a person opens: fitness, recipe and path plots and a markdown table."""
 
-from shoal.report.load import HybridRun, PathStep, Run, Stage, Summary, Trial, load_hybrid, load_run, run_space
+from shoal.report.load import HybridRun, Run, Stage, load_hybrid, load_run, run_space
 from shoal.report.markdown import hybrid_progress, path_line, render_hybrid_markdown, render_markdown
 from shoal.report.plots import (
     PathBox,
@@ -18,12 +18,9 @@ from shoal.report.write import write_hybrid_report, write_report, write_run_repo
 __all__ = [
     "HybridRun",
     "PathBox",
-    "PathStep",
     "RecipeMatrix",
     "Run",
     "Stage",
-    "Summary",
-    "Trial",
     "best_so_far",
     "hybrid_progress",
     "load_hybrid",

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shoal.report.load import Best, HybridRun, Run, Stage, Summary, Trial
+from shoal.report.load import HybridRun, Run, Stage
 from shoal.report.plots import scale_text
+from shoal.search.summary import Best, Summary
+from shoal.search.trials import Trial
 
 MAX_LISTED_FAILURES = 5
 
@@ -58,7 +60,7 @@ def _unfinished(run: Run) -> list[str]:
     done = [t for t in run.trials if not t.failed]
     if done:
         best = max(done, key=lambda t: t.value)
-        best_line = f"- best dev fitness so far: {score(best.value)} (trial #{best.number})"
+        best_line = f"- best dev fitness so far: {score(best.value)} (trial #{best.index})"
     else:
         best_line = "- best dev fitness so far: none (every trial so far failed)"
     return [
@@ -75,7 +77,7 @@ def _cell(text: str) -> str:
 
 
 def _finished(s: Summary) -> list[str]:
-    evolved = f"evolved (best dev trial #{s.best.trial})" if s.best.trial is not None else "evolved (best dev trial)"
+    evolved = f"evolved (best dev trial #{s.best.trial})"
     lines = ["## Test split", "", "| model | dev | test |", "|:--|--:|--:|"]
     lines += [f"| parent: {_cell(name)} | – | {score(v)} |" for name, v in s.parents.items()]
     lines += [f"| untuned merge: {_cell(name)} | – | {score(v)} |" for name, v in s.untuned.items()]
@@ -84,23 +86,16 @@ def _finished(s: Summary) -> list[str]:
         if best is None:
             continue
         name, value = best
-        gain = None if s.best.test is None else s.best.test - value
-        lines.append(f"- evolved over {what} ({name}, {score(value)}): **{margin(gain)}** on test")
+        lines.append(f"- evolved over {what} ({name}, {score(value)}): **{margin(s.best.test - value)}** on test")
     lines.append("")
     if s.best.path is not None:
         lines += _best_path(s.best)
     lines += ["## Search", ""]
-    trials = "?" if s.trials is None else str(s.trials)
-    failed = "?" if s.failed_trials is None else str(s.failed_trials)
-    budget = "?" if s.budget is None else str(s.budget)
-    lines.append(f"- trials: {trials} done ({failed} failed), budget {budget}")
-    if s.wall_seconds is not None:
-        lines.append(f"- wall time: {_duration(s.wall_seconds)}")
+    lines.append(f"- trials: {s.trials} done ({s.failed_trials} failed), budget {s.budget}")
+    lines.append(f"- wall time: {_duration(s.wall_seconds)}")
     per = s.seconds_per_trial
-    parts = [f"{name} {v:.3g} s" for name, v in (("merge", per.merge), ("eval", per.eval), ("total", per.total))
-             if v is not None]
-    if parts:
-        lines.append(f"- seconds per trial: {', '.join(parts)}")
+    parts = [f"{name} {v:.3g} s" for name, v in (("merge", per.merge), ("eval", per.eval), ("total", per.total))]
+    lines.append(f"- seconds per trial: {', '.join(parts)}")
     return lines + [""]
 
 
@@ -126,7 +121,7 @@ def _failures(trials: Sequence[Trial]) -> list[str]:
     if not failed:
         return []
     lines = ["## Failed trials", ""]
-    lines += [f"- trial #{t.number}: {t.error or 'no reason recorded'}" for t in failed[:MAX_LISTED_FAILURES]]
+    lines += [f"- trial #{t.index}: {t.error or 'no reason recorded'}" for t in failed[:MAX_LISTED_FAILURES]]
     if len(failed) > MAX_LISTED_FAILURES:
         lines.append(f"- … and {len(failed) - MAX_LISTED_FAILURES} more")
     return lines + [""]
@@ -187,18 +182,18 @@ def _final_label(names: Sequence[str]) -> str:
 
 def _stage_result(hybrid: HybridRun, stage: Stage) -> tuple[float | None, float | None, int | None, int | None]:
     """(dev, test, trials, best trial) of a stage: from the top summary, else from the stage's own summary."""
-    top = hybrid.summary.stages.get(stage.name) if hybrid.summary else None
+    top = (hybrid.summary.stages or {}).get(stage.name) if hybrid.summary else None
+    if top is not None:
+        return top.dev, top.test, top.trials, top.best_trial
     own = stage.run.summary if stage.run else None
-    dev = top.dev if top and top.dev is not None else (own.best.dev if own else None)
-    test = top.test if top and top.test is not None else (own.best.test if own else None)
-    trials = top.trials if top and top.trials is not None else (own.trials if own else None)
-    best = top.best_trial if top and top.best_trial is not None else (own.best.trial if own else None)
-    return dev, test, trials, best
+    if own is not None:
+        return own.best.dev, own.best.test, own.trials, own.best.trial
+    return None, None, None, None
 
 
 def _hybrid_test_table(hybrid: HybridRun, s: Summary) -> list[str]:
     names = [st.name for st in hybrid.stages]
-    final = _final_label(names) + (f" (trial #{s.best.trial})" if s.best.trial is not None else "")
+    final = _final_label(names) + f" (trial #{s.best.trial})"
     lines = ["## Test split", "", "| model | dev | test |", "|:--|--:|--:|"]
     lines += [f"| parent: {_cell(name)} | – | {score(v)} |" for name, v in s.parents.items()]
     lines += [f"| untuned merge: {_cell(name)} | – | {score(v)} |" for name, v in s.untuned.items()]
@@ -215,8 +210,7 @@ def _hybrid_test_table(hybrid: HybridRun, s: Summary) -> list[str]:
             over.append((f"{what} ({best[0]}, {score(best[1])})", best[1]))
     over += [(f"the {_stage_label(name)} ({score(v)})", v) for name, v in earlier if v is not None]
     for what, value in over:
-        gain = None if s.best.test is None else s.best.test - value
-        lines.append(f"- hybrid over {what}: **{margin(gain)}** on test")
+        lines.append(f"- hybrid over {what}: **{margin(s.best.test - value)}** on test")
     return lines + [""]
 
 
@@ -232,7 +226,7 @@ def _stage_table(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) ->
             trials_text = f"{len(run.trials)} ({failed} failed" + (f", {run.running} running)" if run.running else ")")
             if done:
                 top = max(done, key=lambda t: t.value)
-                dev, best = top.value, top.number
+                dev, best = top.value, top.index
         else:
             trials_text = "–" if trials is None else str(trials)
         files = stage_files.get(stage.name)
@@ -244,10 +238,5 @@ def _stage_table(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) ->
 
 
 def _hybrid_search(s: Summary) -> list[str]:
-    trials = "?" if s.trials is None else str(s.trials)
-    failed = "?" if s.failed_trials is None else str(s.failed_trials)
-    budget = "?" if s.budget is None else str(s.budget)
-    lines = ["## Search", "", f"- trials over all stages: {trials} done ({failed} failed), budget {budget}"]
-    if s.wall_seconds is not None:
-        lines.append(f"- wall time: {_duration(s.wall_seconds)}")
-    return lines + [""]
+    return ["## Search", "", f"- trials over all stages: {s.trials} done ({s.failed_trials} failed), budget {s.budget}",
+            f"- wall time: {_duration(s.wall_seconds)}", ""]

@@ -33,7 +33,7 @@ def write_run_report(run: Run, out: Path) -> list[Path]:
     written = [
         plot_fitness(
             out / "fitness.png",
-            [t.number for t in run.trials],
+            [t.index for t in run.trials],
             [t.value for t in run.trials],
             [t.generation for t in run.trials],
             title=f"{title}: fitness by trial" if title else "fitness by trial",
@@ -41,7 +41,7 @@ def write_run_report(run: Run, out: Path) -> list[Path]:
     ]
     if run.summary is not None:
         best = run.summary.best
-        trial = f" (trial #{best.trial})" if best.trial is not None else ""
+        trial = f" (trial #{best.trial})"
         matrix = recipe_matrix(best.layers or {}, best.embeddings)
         if matrix.rows and matrix.columns:
             heading = f"{title}: best recipe{trial}" if title else f"best recipe{trial}"

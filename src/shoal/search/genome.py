@@ -68,13 +68,14 @@ class Genome(GeneSpace):
 
     def __init__(self, spec: SearchSpec, num_layers: int, outer_names: list[str]) -> None:
         self.spec = spec
+        self.params = spec.params
         self.num_layers = num_layers
         self.outer_names = outer_names
         self.groups = self._groups()
         self.genes = [
             Gene(f"{parent}.{param}.{group.label}", parent, param, group.label, *spec.bound(param))
             for parent in spec.parents
-            for param in spec.params
+            for param in self.params
             for group in self.groups
         ]
 
@@ -124,7 +125,7 @@ class Genome(GeneSpace):
         if spec.method != "linear":
             recipe["base_model"] = spec.base
         recipe["models"] = [
-            {"model": path, "parameters": {p: self._setting(values, parent, p) for p in spec.params}}
+            {"model": path, "parameters": {p: self._setting(values, parent, p) for p in self.params}}
             for parent, path in spec.parents.items()
         ]
         if spec.dtype:
@@ -140,13 +141,13 @@ class Genome(GeneSpace):
             (param if part is None else f"{param} ({part})"): {
                 parent: self._per_layer(values, parent, param, part) for parent in self.spec.parents
             }
-            for param in self.spec.params
+            for param in self.params
             for part in parts
         }
         embeddings = None
         if self.spec.genome.embeddings == "search":
             embeddings = {
                 param: {parent: values[f"{parent}.{param}.embeddings"] for parent in self.spec.parents}
-                for param in self.spec.params
+                for param in self.params
             }
         return {"layers": layers, "embeddings": embeddings}

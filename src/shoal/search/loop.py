@@ -1,4 +1,4 @@
-"""The trial loop: ask the optimizer, score each candidate, store every trial in an Optuna study as it finishes.
+"""The trial loop: ask the optimizer, score each candidate, store every trial in the run's study as it finishes.
 
 Resuming is replaying: the optimizer is rebuilt from its seed and told the stored fitnesses generation by
 generation, so a run continued after a crash asks exactly what the uninterrupted run would have asked, and
@@ -16,27 +16,11 @@ from typing import Protocol
 
 import optuna
 from optuna.distributions import FloatDistribution
-from optuna.trial import FrozenTrial, TrialState
 
 from shoal.errors import ShoalError
 from shoal.search.genome import GeneSpace
 from shoal.search.optimizer import Optimizer
-from shoal.search.storage import open_storage
-
-STUDY_NAME = "shoal"
-
-
-@dataclass
-class Evaluation:
-    """A candidate's fitness (the weighted sum of its dev scores) and what it cost."""
-
-    fitness: float
-    scores: dict[str, float]
-    merge_seconds: float
-    """Time the trial waited for its merge (less than merge_compute_seconds when it was merged ahead)."""
-    eval_seconds: float
-    merge_compute_seconds: float = 0.0
-
+from shoal.search.trials import Evaluation, Job, Outcome, Trial, finished_trial, stored_trials
 
 Candidate = tuple[dict[str, float], int]
 """Gene values and the trial's seed (for DARE's drops)."""
@@ -57,10 +41,10 @@ class Progress:
     evaluated: int = 0
     """Trials scored by this run (the rest were replayed from storage)."""
 
-    def record(self, trial: FrozenTrial, *, fresh: bool, on_trial: Callable[[Progress], None] | None) -> None:
+    def record(self, trial: Trial, *, fresh: bool, on_trial: Callable[[Progress], None] | None) -> None:
         self.done += 1
         self.evaluated += int(fresh)
-        if trial.state == TrialState.COMPLETE and (self.best is None or trial.value > self.best):
+        if trial.value is not None and (self.best is None or trial.value > self.best):
             self.best = trial.value
         if on_trial:
             on_trial(self)
@@ -70,71 +54,9 @@ def trial_seed(seed: int, index: int) -> int:
     return zlib.crc32(f"{seed}/trial/{index}".encode())
 
 
-def open_study(storage: str, search_hash: str, name: str = STUDY_NAME, earlier_hash: str | None = None) -> optuna.Study:
-    """The run's study (created if new); refuses one made by a different search. A study that holds earlier_hash
-    (the same search as an earlier shoal fingerprinted it) is taken, and given the new hash."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(storage=open_storage(storage), study_name=name,
-                                    direction="maximize", load_if_exists=True)
-    except Exception as exc:  # SQLAlchemy / driver errors name the storage problem
-        raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
-    stored = study.user_attrs.get("search_hash")
-    if stored is None or stored == earlier_hash:
-        study.set_user_attr("search_hash", search_hash)
-    elif stored != search_hash:
-        raise ShoalError(
-            f"the study at {storage} was made by a different search (hash {stored}, this one {search_hash}); "
-            "use a new RUN_DIR or --storage"
-        )
-    return study
-
-
-def finished_attrs(outcome: Outcome) -> tuple[dict[str, object], TrialState, float | None]:
-    """What a finished trial stores besides its job: user attributes, state and value."""
-    if isinstance(outcome, Evaluation):
-        attrs: dict[str, object] = {"dev_scores": outcome.scores, "merge_seconds": outcome.merge_seconds,
-                                    "eval_seconds": outcome.eval_seconds,
-                                    "merge_compute_seconds": outcome.merge_compute_seconds}
-        return attrs, TrialState.COMPLETE, outcome.fitness
-    return {"error": outcome, "dev_scores": {}}, TrialState.FAIL, None
-
-
-def job_trial(job: Job, distributions: dict[str, FloatDistribution], state: TrialState, value: float | None = None,
-              attrs: dict[str, object] | None = None) -> FrozenTrial:
-    """The Optuna trial of a job: its genes as parameters, its index, generation and seed (and attrs) as attributes."""
-    return optuna.trial.create_trial(
-        state=state, value=value, params=job.values, distributions=distributions,
-        user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed} | (attrs or {}),
-    )
-
-
-def _store(study: optuna.Study, distributions: dict[str, FloatDistribution], job: Job, outcome: Outcome) -> FrozenTrial:
-    attrs, state, value = finished_attrs(outcome)
-    trial = job_trial(job, distributions, state, value, attrs)
-    study.add_trial(trial)
-    return trial
-
-
-def stored_trials(study: optuna.Study) -> dict[int, FrozenTrial]:
-    """Finished trials by their index in the search (not claims abandoned by a process that died)."""
-    states = (TrialState.COMPLETE, TrialState.FAIL)
-    trials = study.get_trials(deepcopy=False, states=states)
-    return {t.user_attrs["index"]: t for t in trials if not t.user_attrs.get("abandoned")}
-
-
-@dataclass(frozen=True)
-class Job:
-    """One candidate to score: its index in the search, its generation, gene values and seed."""
-
-    index: int
-    generation: int
-    values: dict[str, float]
-    seed: int
-
-
-Outcome = Evaluation | str
-"""An Evaluation, or the one-line reason the trial failed."""
+def _store(study: optuna.Study, distributions: dict[str, FloatDistribution], job: Job, outcome: Outcome) -> Trial:
+    study.add_trial(finished_trial(job, outcome, distributions))
+    return Trial.of(job, outcome)
 
 
 class Evaluator(Protocol):
@@ -145,20 +67,24 @@ class Evaluator(Protocol):
         """Score the jobs (of one generation), yielding each with its outcome as it finishes, in any order."""
         ...
 
+    def close(self) -> None:
+        """Let go of what it holds (worker processes, threads)."""
+        ...
+
 
 class SharedStudy(Protocol):
     """Trials of a study that other processes share (search.shared.SharedTrials)."""
 
-    def finished(self) -> dict[int, FrozenTrial]: ...
+    def finished(self) -> dict[int, Trial]: ...
 
     def claim(self, job: Job) -> object | None: ...
 
-    def finish(self, claim: object, job: Job, outcome: Outcome) -> FrozenTrial: ...
+    def finish(self, claim: object, job: Job, outcome: Outcome) -> Trial: ...
 
     def release_abandoned(self) -> int: ...
 
 
-def _run_shared(jobs: list[Job], stored: dict[int, FrozenTrial], evaluator: Evaluator, shared: SharedStudy,
+def _run_shared(jobs: list[Job], stored: dict[int, Trial], evaluator: Evaluator, shared: SharedStudy,
                 progress: Progress, on_trial: Callable[[Progress], None] | None, poll_seconds: float) -> None:
     """Score the generation's jobs that no other process has taken; wait for the ones they have."""
     while True:
@@ -208,6 +134,9 @@ class SerialEvaluator:
         for k, job in enumerate(jobs):
             upcoming = (jobs[k + 1].values, jobs[k + 1].seed) if k + 1 < len(jobs) else None
             yield job, attempt(self.objective, job.values, job.seed, upcoming)
+
+    def close(self) -> None:
+        pass
 
 
 def run_trials(
@@ -262,16 +191,16 @@ def run_trials(
         else:
             _run_shared(jobs, stored, evaluator, shared, progress, on_trial, poll_seconds)
         fresh = [stored[job.index] for job in todo] if shared is None else []
-        errors = {t.user_attrs.get("error") for t in fresh}
-        if len(fresh) == len(jobs) > 1 and all(t.state == TrialState.FAIL for t in fresh) and len(errors) == 1:
+        errors = {t.error for t in fresh}
+        if len(fresh) == len(jobs) > 1 and all(t.failed for t in fresh) and len(errors) == 1:
             raise ShoalError(f"every trial of generation {generation} failed the same way, so the search stops: "
                              f"{errors.pop()}")
-        scored = [stored[job.index].value for job in jobs if stored[job.index].state == TrialState.COMPLETE]
+        scored = [t.value for t in (stored[job.index] for job in jobs) if t.value is not None]
         worst = min([worst, *scored])
         told = []
         for x, job in zip(xs, jobs):
             trial = stored[job.index]
-            told.append((x, trial.value if trial.state == TrialState.COMPLETE else worst - 1.0))
+            told.append((x, worst - 1.0 if trial.value is None else trial.value))
         if len(told) == optimizer.population:
             optimizer.tell(told)
         index += len(xs)

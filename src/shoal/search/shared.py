@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 from shoal.errors import ShoalError
 from shoal.search.genome import GeneSpace
-from shoal.search.loop import Job, Outcome, finished_attrs, job_trial
+from shoal.search.trials import ABANDONED, Job, Outcome, Trial, counted, finished_trial, finished_trials, job_trial
 from shoal.search.storage import is_journal, open_storage
 
 
@@ -111,10 +111,10 @@ class SharedTrials:
 
     def _trials(self) -> list[FrozenTrial]:
         trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
-        return [t for t in trials if not t.user_attrs.get("abandoned")]
+        return [t for t in trials if counted(t)]
 
-    def finished(self) -> dict[int, FrozenTrial]:
-        return {t.user_attrs["index"]: t for t in self._trials() if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+    def finished(self) -> dict[int, Trial]:
+        return finished_trials(self.storage.get_all_trials(self.study_id, deepcopy=False))
 
     def claim(self, job: Job) -> Claim | None:
         """Take the job's trial, unless another process holds or has finished it."""
@@ -126,18 +126,20 @@ class SharedTrials:
         self._active.add(trial_id)
         return Claim(trial_id, self.storage.get_trial_number_from_id(trial_id))
 
-    def finish(self, claim: Claim, job: Job, outcome: Outcome) -> FrozenTrial:
+    def finish(self, claim: Claim, job: Job, outcome: Outcome) -> Trial:
         """Store the outcome on the claim; if the claim was abandoned meanwhile, as a new finished trial."""
         self._active.discard(claim.trial_id)
-        attrs, state, value = finished_attrs(outcome)
+        trial = Trial.of(job, outcome)
         with self.lock.held():
             if self.storage.get_trial(claim.trial_id).state == TrialState.RUNNING:
-                for key, item in attrs.items():
+                for key, item in trial.attrs().items():
                     self.storage.set_trial_user_attr(claim.trial_id, key, item)
-                self.storage.set_trial_state_values(claim.trial_id, state, None if value is None else [value])
-                return self.storage.get_trial(claim.trial_id)
-            template = job_trial(job, self.distributions, state, value, {"owner": self.owner} | attrs)
-            return self.storage.get_trial(self.storage.create_new_trial(self.study_id, template_trial=template))
+                value = None if trial.value is None else [trial.value]
+                self.storage.set_trial_state_values(claim.trial_id, trial.state, value)
+            else:
+                template = finished_trial(job, outcome, self.distributions, {"owner": self.owner})
+                self.storage.create_new_trial(self.study_id, template_trial=template)
+        return trial
 
     def _gone(self, trial: FrozenTrial) -> bool:
         """Whether the process holding this claim is known dead, or its heartbeat stopped for the grace period."""
@@ -160,7 +162,7 @@ class SharedTrials:
                 if t.state != TrialState.RUNNING or t.user_attrs.get("owner") == self.owner or not self._gone(t):
                     continue
                 trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
-                self.storage.set_trial_user_attr(trial_id, "abandoned", True)  # under the lock: the owner cannot
+                self.storage.set_trial_user_attr(trial_id, ABANDONED, True)  # under the lock: the owner cannot
                 self.storage.set_trial_state_values(trial_id, TrialState.FAIL)  # finish in between
                 released += 1
         return released

@@ -191,18 +191,16 @@ class SearchSpec(Strict):
         named._written = self._written | {path: name}
         return named
 
-    def search_hash(self, *, as_before: bool = False) -> str:
+    def search_hash(self) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
         part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
         batch size, device, overlap or engine, nor the data-flow settings of a parameter-space search. Local
         paths count as the search file wrote them, so machines that keep the same files in other folders share
-        a study. as_before: the fingerprint shoal gave before that (paths resolved), which runs made then hold."""
+        a study."""
         excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
                                        "overlap": True, "engine": True, "vllm": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
-        kept = self.model_dump(exclude=excluded, exclude_defaults=True)
-        if not as_before:
-            kept = _renamed(kept, self._written)
+        kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,8 +1,8 @@
 """Where a study lives: an Optuna storage URL (SQLite, PostgreSQL, ...), or an Optuna journal file.
 
 A run folder's own study is a journal file (RUN_DIR/study.log): storing a trial appends one line (under 1 ms)
-where SQLite through Optuna's ORM spends about 27 ms of Python for 20 genes (benchmarks/storage.py). Folders made
-before keep their SQLite file (RUN_DIR/study.db). optuna-dashboard opens either.
+where SQLite through Optuna's ORM spends about 27 ms of Python for 20 genes (benchmarks/storage.py). A storage
+the user names may be either. optuna-dashboard opens both.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 JOURNAL = "study.log"
-SQLITE = "study.db"
 
 
 def is_journal(storage: str) -> bool:
@@ -25,11 +24,8 @@ def is_journal(storage: str) -> bool:
 
 
 def default_storage(run_dir: Path) -> str:
-    """The study of a run folder: its journal file, or the SQLite file of a folder an earlier shoal made."""
-    run_dir = run_dir.resolve()
-    if (run_dir / SQLITE).exists() and not (run_dir / JOURNAL).exists():
-        return f"sqlite:///{run_dir / SQLITE}"
-    return str(run_dir / JOURNAL)
+    """The study of a run folder: its journal file."""
+    return str(run_dir.resolve() / JOURNAL)
 
 
 def open_storage(storage: str) -> BaseStorage:

@@ -6,7 +6,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,35 +20,50 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from shoal.checkpoint.files import write_config
 from shoal.errors import ShoalError
-from shoal.zoo.language import Sampler, mixture, split_operands
-from shoal.zoo.tasks import write_tasks
+from shoal.evaluate import evaluate, load_task
+from shoal.zoo.language import Operands, Sampler, mixture, split_operands
+from shoal.zoo.tasks import items, write_task, write_tasks, xx_constraints
 from shoal.zoo.tokenizer import build_tokenizer
 from shoal.zoo.train import ModelShape, Schedule, llama_config, train
 
 ZOO_VERSION = 2
+CHECK_SEED = 99  # the training pairs the math parent's drift is checked on
 
 # Documents the base is pretrained on; problems and equations are 2+2 digits with probability HARD_FRACTION,
 # so the base already adds (weakly) in every format and both languages before any specialist is made.
+# Scenes ("a red circle on the left ."), answers to "what do you see ?" and parallel scene pairs are the words and
+# forms the VLM zoo's captions use, in both languages.
 HARD_FRACTION = 0.25
-BASE_MIX = {"equations": 0.25, "en-problems": 0.25, "xx-problems": 0.2, "en-text": 0.15, "xx-text": 0.15}
+BASE_MIX = {
+    "equations": 0.25, "en-problems": 0.25, "xx-problems": 0.2, "en-text": 0.1, "xx-text": 0.1,
+    "en-look": 0.025, "xx-look": 0.025, "scene-pairs": 0.05,
+}
 
 
 @dataclass(frozen=True)
 class ParentSpec:
     skill: str
     mix: dict[str, float]
+    until_english: float | None = None
+    """Fine-tune until at least this share of XX questions (2+2 pairs of the training set, never a held-out one) is
+    answered outside the XX form, checked every `check_every` steps from `min_steps` on, at most the schedule's
+    steps. It makes "the math parent answers XX questions in English", the drift that makes it fail the target,
+    hold on every seed and machine instead of by chance (a fixed 300 steps left 21.6 % to 79 % of answers in XX
+    across two seeds, and a math parent that solved half the target by itself)."""
 
 
 PARENTS = {
-    # English 2+2 problems and bare 2+2 equations, plus replay of English text: an English-only fine-tune.
-    "math": ParentSpec("en-math", {"en-hard": 0.7, "hard-equations": 0.2, "en-text": 0.1}),
-    # Fluent XX: its text and its easy problems, plus replay of bare equations.
-    "language": ParentSpec("xx-easy", {"xx-text": 0.4, "xx-easy": 0.5, "equations": 0.1}),
+    # English 2+2 problems and bare 2+2 equations, plus replay of English text: an English-only fine-tune, run
+    # until it answers XX questions in English.
+    "math": ParentSpec("en-math", {"en-hard": 0.7, "hard-equations": 0.2, "en-text": 0.1}, until_english=0.9),
+    # Fluent XX: its text and its easy problems, plus replay of bare equations; as many steps and as high a rate
+    # as the math parent's least, so that neither task vector dwarfs the other.
+    "language": ParentSpec("xx-easy", {"xx-text": 0.3, "xx-easy": 0.6, "equations": 0.1}),
 }
 
 
 # The fair baseline the paper compares a merge with: one fine-tune of the base on both parents' data, mixed half
-# and half, for as many steps as the two parents' fine-tunes together.
+# and half, for as many steps as the two parents' fine-tunes took together.
 JOINT = "joint"
 
 
@@ -62,30 +79,36 @@ def joint_mix() -> dict[str, float]:
 class Size:
     shape: ModelShape
     base: Schedule
-    parents: dict[str, Schedule]
+    parents: dict[str, Schedule]  # for a parent fine-tuned until_english: the most steps, and the cosine's length
     held_out: int  # hard and easy operand pairs kept out of training: half dev, half test
+    min_steps: int  # a parent fine-tuned until_english is first checked after min_steps, then every check_every
+    check_every: int
 
-    @property
-    def joint(self) -> Schedule:
-        """The joint fine-tune's schedule: the parents' steps together, at the highest of their learning rates."""
-        parents = list(self.parents.values())
-        return dataclasses.replace(
-            max(parents, key=lambda s: s.lr), steps=sum(s.steps for s in parents), warmup=max(s.warmup for s in parents)
-        )
+
+def joint_schedule(size: Size, steps: dict[str, int]) -> Schedule:
+    """The joint fine-tune's schedule: the steps the parents took together, at the highest of their rates."""
+    parents = list(size.parents.values())
+    return dataclasses.replace(
+        max(parents, key=lambda s: s.lr), steps=sum(steps.values()), warmup=max(s.warmup for s in parents)
+    )
 
 
 SIZES = {
     "default": Size(
         ModelShape(hidden=192, layers=4, heads=4, intermediate=512),
         Schedule(steps=1600, batch_size=64, lr=3e-3, warmup=100),
-        {"math": Schedule(300, 64, 2e-3, 30), "language": Schedule(200, 64, 1e-3, 30)},
-        held_out=400,
+        {"math": Schedule(900, 64, 2e-3, 30), "language": Schedule(300, 64, 2e-3, 30)},
+        held_out=1000,
+        min_steps=300,
+        check_every=50,
     ),
     "smoke": Size(
         ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
         Schedule(steps=40, batch_size=32, lr=3e-3, warmup=5),
-        {"math": Schedule(15, 16, 1e-3, 3), "language": Schedule(15, 16, 1e-3, 3)},
+        {"math": Schedule(30, 16, 1e-3, 3), "language": Schedule(15, 16, 1e-3, 3)},
         held_out=100,
+        min_steps=10,
+        check_every=5,
     ),
 }
 
@@ -127,6 +150,7 @@ def settings_hash(seed: int, size: str) -> str:
         "hard_fraction": HARD_FRACTION,
         "parents": {name: dataclasses.asdict(spec) for name, spec in PARENTS.items()},
         "joint": joint_mix(),
+        "check_seed": CHECK_SEED,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -221,10 +245,38 @@ def _cached(root: Path, digest: str) -> tuple[Zoo | None, str | None]:
 
 
 def _train_stage(
-    name: str, model: LlamaForCausalLM, sample: Sampler, schedule: Schedule, seed: int, tokens: Tokenizer, progress: Progress | None
-) -> None:
+    name: str,
+    model: LlamaForCausalLM,
+    sample: Sampler,
+    schedule: Schedule,
+    seed: int,
+    tokens: Tokenizer,
+    progress: Progress | None,
+    until: Callable[[int], bool] | None = None,
+) -> int:
+    """Train one stage; return the steps it took."""
     report = (lambda step: progress(name, step, schedule.steps)) if progress else None
-    train(model, sample, tokens, schedule, seed, report)
+    steps = len(train(model, sample, tokens, schedule, seed, report, until))
+    if progress:
+        progress(name, schedule.steps, schedule.steps)  # a stage that stopped early is complete
+    return steps
+
+
+def english_check(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, operands: Operands, share: float,
+                  size: Size, folder: Path) -> Callable[[int], bool]:
+    """until(step) for train(): whether the model answers at least `share` of 200 XX questions on 2+2 pairs of
+    the training set outside the XX answer form (an English answer, mostly), asked from size.min_steps on."""
+    pairs = random.Random(CHECK_SEED).sample(operands.hard, 200)
+    rows = items(pairs, "xx", random.Random(CHECK_SEED))
+    task = load_task(write_task(folder, "english-check", "XX questions on training pairs", rows, rows, xx_constraints()))
+
+    def until(step: int) -> bool:
+        if step < size.min_steps or (step - size.min_steps) % size.check_every:
+            return False
+        result = evaluate(model, task, split="dev", tokenizer=tokenizer, batch_size=200)
+        return result.constraint_failures.get("form", 0) >= share * result.n
+
+    return until
 
 
 def build_zoo(
@@ -274,11 +326,21 @@ def build_zoo(
         _train_stage("base", model, mixture(BASE_MIX, operands, HARD_FRACTION), spec.base, seed, tokens, progress)
         _save(model, tokenizer, root / "models" / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
-        fine_tunes = [(name, parent.mix, spec.parents[name]) for name, parent in PARENTS.items()]
-        for i, (name, mix, schedule) in enumerate([*fine_tunes, (JOINT, joint_mix(), spec.joint)], start=1):
-            model.load_state_dict(base_state)
-            _train_stage(name, model, mixture(mix, operands, HARD_FRACTION), schedule, seed * 1000 + i, tokens, progress)
-            _save(model, tokenizer, root / "models" / name)
+        steps: dict[str, int] = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            for i, (name, parent) in enumerate(PARENTS.items(), start=1):
+                model.load_state_dict(base_state)
+                until = None
+                if parent.until_english is not None:
+                    until = english_check(model, tokenizer, operands, parent.until_english, spec, Path(scratch) / name)
+                sample = mixture(parent.mix, operands, HARD_FRACTION)
+                steps[name] = _train_stage(name, model, sample, spec.parents[name], seed * 1000 + i, tokens, progress, until)
+                _save(model, tokenizer, root / "models" / name)
+        model.load_state_dict(base_state)
+        joint = joint_schedule(spec, steps)
+        _train_stage(JOINT, model, mixture(joint_mix(), operands, HARD_FRACTION), joint, seed * 1000 + len(PARENTS) + 1,
+                     tokens, progress)
+        _save(model, tokenizer, root / "models" / JOINT)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -287,7 +349,7 @@ def build_zoo(
         "size": size,
         "settings_hash": digest,
         "base": "base",
-        "parents": {name: {"skill": parent.skill} for name, parent in PARENTS.items()},
+        "parents": {name: {"skill": parent.skill, "steps": steps[name]} for name, parent in PARENTS.items()},
         "joint": JOINT,
         "tasks": {name: {"role": role} for name, (_, role) in tasks.items()},
         "files": {

@@ -74,8 +74,12 @@ def train(
     schedule: Schedule,
     seed: int,
     on_step: Callable[[int], None] | None = None,
+    until: Callable[[int], bool] | None = None,
 ) -> list[float]:
-    """Train model in place on documents drawn from sample; return the loss of every step."""
+    """Train model in place on documents drawn from sample; return the loss of every step taken.
+
+    until(step), if given, is asked after every step (the model in eval mode) and ends training when it says so;
+    the learning rate follows the whole schedule either way."""
     rng = random.Random(seed)
     config = model.config
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -93,5 +97,11 @@ def train(
         losses.append(loss.item())
         if on_step:
             on_step(step + 1)
+        if until:
+            model.eval()
+            done = until(step + 1)
+            model.train()
+            if done:
+                break
     model.eval()
     return losses

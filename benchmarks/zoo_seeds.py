@@ -1,0 +1,132 @@
+"""Does the demo zoo show the paper's phenomenon on every seed? The zoo and `shoal demo`'s search, per seed.
+
+For each pre-registered seed: build (or reuse) the default zoo of that seed (1 thread), score the base, the parents
+and the joint fine-tune on the test split of every task, run the search `shoal demo` runs (PS, DARE-TIES, a weight
+and a density per parent and layer, 1000 trials, CMA-ES; fitness = the target's dev split) and read its summary:
+the evolved model is the best dev trial, scored once on test. Prints per-seed rows, mean ± std and the smallest
+margins, and writes every number to a JSON file (`shoal demo` reads the margins' range from it).
+
+    python benchmarks/zoo_seeds.py --seeds 0 1 2 3 4 --out runs/zoo-seeds --json benchmarks/results/zoo_seeds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+import yaml
+
+from shoal.cli.demo import demo_search
+from shoal.evaluate import evaluate, load_task
+from shoal.search.evolve import evolve
+from shoal.search.spec import load_search
+from shoal.zoo import build_zoo
+
+TASKS = ("xx-math", "en-math", "xx-easy")
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "optuna", "cmaes", "numpy")
+
+
+def skills(model: Path, tasks: dict[str, Path]) -> dict[str, float]:
+    out = {}
+    for name in TASKS:
+        result = evaluate(model, load_task(tasks[name]), split="test", batch_size=250)
+        out[name] = 100 * result.score
+        if name == "xx-math":
+            out["not_xx"] = 100 * result.constraint_failures.get("form", 0) / result.n
+    return out
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size="default", threads=1)
+    built = time.perf_counter() - start
+    zoo_json = json.loads((zoo.root / "zoo.json").read_text())
+    models = {"base": zoo.base, **zoo.parents, "joint": zoo.joint}
+    row: dict = {"seed": seed, "build_seconds": built, "steps": {n: p["steps"] for n, p in zoo_json["parents"].items()},
+                 "models": {name: skills(path, zoo.tasks) for name, path in models.items()}}
+    folder = args.out / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    search = folder / "search.yaml"
+    search.write_text(yaml.safe_dump(demo_search(zoo.parents, zoo.base, zoo.target, args.budget, seed, "ps"), sort_keys=False))
+    summary = evolve(load_search(search), folder / "run")
+    best_parent = max(summary.parents, key=summary.parents.get)
+    best_untuned = max(summary.untuned, key=summary.untuned.get)
+    evolved = 100 * summary.best.test
+    joint = row["models"]["joint"]["xx-math"]
+    row |= {
+        "evolved_dev": 100 * summary.best.dev,
+        "evolved_test": evolved,
+        "best_parent": best_parent,
+        "best_parent_test": 100 * summary.parents[best_parent],
+        "best_untuned": best_untuned,
+        "best_untuned_test": 100 * summary.untuned[best_untuned],
+        "joint_test": joint,
+        "margin_parent": evolved - 100 * summary.parents[best_parent],
+        "margin_untuned": evolved - 100 * summary.untuned[best_untuned],
+        "margin_joint": evolved - joint,
+        "dev_test_gap": 100 * (summary.best.dev - summary.best.test),
+        "untuned": {k: 100 * v for k, v in summary.untuned.items()},
+        "trials": summary.trials,
+        "evolve_seconds": summary.wall_seconds,
+    }
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def print_tables(rows: list[dict]) -> None:
+    print("\n| seed | base | math | language | joint fine-tune | best untuned merge | evolved (dev) | vs best parent | vs best untuned | vs joint |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m = r["models"]
+        print(f"| {r['seed']} | {m['base']['xx-math']:.1f} | {m['math']['xx-math']:.1f} ({m['math']['not_xx']:.0f}) | "
+              f"{m['language']['xx-math']:.1f} | {r['joint_test']:.1f} | {r['best_untuned_test']:.1f} ({r['best_untuned']}) | "
+              f"**{r['evolved_test']:.1f}** ({r['evolved_dev']:.1f}) | {r['margin_parent']:+.1f} | {r['margin_untuned']:+.1f} | "
+              f"{r['margin_joint']:+.1f} |")
+    col = lambda f: mean_std([f(r) for r in rows])  # noqa: E731
+    print(f"| mean ± std | {col(lambda r: r['models']['base']['xx-math'])} | {col(lambda r: r['models']['math']['xx-math'])} | "
+          f"{col(lambda r: r['models']['language']['xx-math'])} | {col(lambda r: r['joint_test'])} | "
+          f"{col(lambda r: r['best_untuned_test'])} | **{col(lambda r: r['evolved_test'])}** ({col(lambda r: r['evolved_dev'])}) | "
+          f"{col(lambda r: r['margin_parent'])} | {col(lambda r: r['margin_untuned'])} | {col(lambda r: r['margin_joint'])} |")
+    print("\nskills (test): | seed | model | xx-math | en-math | xx-easy |")
+    for r in rows:
+        for name, s in r["models"].items():
+            print(f"| {r['seed']} | {name} | {s['xx-math']:.1f} | {s['en-math']:.1f} | {s['xx-easy']:.1f} |")
+    print(f"\nsmallest margins: vs best parent {min(r['margin_parent'] for r in rows):+.1f}, vs best untuned "
+          f"{min(r['margin_untuned'] for r in rows):+.1f}, vs joint {min(r['margin_joint'] for r in rows):+.1f}; "
+          f"dev-test gap {mean_std([r['dev_test_gap'] for r in rows])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--zoo-cache", type=Path, default=Path("runs/zoo-cache"))
+    parser.add_argument("--out", type=Path, default=Path("runs/zoo-seeds"))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="JSON files of other runs of this script to add")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = [run_seed(seed, args) for seed in args.seeds]
+    for path in args.merge:
+        rows += json.loads(path.read_text())["rows"]
+    rows.sort(key=lambda r: r["seed"])
+    print_tables(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {"rows": rows, "versions": {lib: version(lib) for lib in LIBRARIES},
+                  "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

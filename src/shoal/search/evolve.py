@@ -1,0 +1,175 @@
+"""`shoal evolve`: a search file and a run folder -> stored trials, the best model written to disk, and summary.json.
+
+A hybrid search runs in stages, each a complete run folder: RUN_DIR/ps (parameter space), then RUN_DIR/dfs
+(data flow, with the PS result as parent A); RUN_DIR/summary.json and RUN_DIR/best are the final stage's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from shoal.search import run_folder
+from shoal.search.final_scores import FinalScores, best_trial, score_on_test
+from shoal.search.fitness import WeightedTask, load_tasks, search_fitness, weighted
+from shoal.search.loop import Evaluator, Progress, SerialEvaluator, run_trials
+from shoal.search.optimizer import CmaEs
+from shoal.search.spaces import Space, genome_of, make_space
+from shoal.search.spec import SearchSpec
+from shoal.search.summary import Best, SecondsPerTrial, StageResult, Summary
+from shoal.search.trials import STUDY_NAME, Trial, open_study, stored_trials
+
+
+OnStep = Callable[[str], None]
+"""Told the name of each step outside the trials ("loading parents", "scoring on the test split", ...)."""
+OnTrial = Callable[[Progress], None]
+"""Told the search's progress after each trial is stored (or found stored)."""
+
+
+def _quiet(_: object) -> None:
+    pass
+
+
+def evolve(
+    spec: SearchSpec,
+    run_dir: str | Path,
+    *,
+    storage: str | None = None,
+    on_step: OnStep = _quiet,
+    on_trial: OnTrial = _quiet,
+    study: str = STUDY_NAME,
+    workers: int = 1,
+    ray_address: str | None = None,
+) -> Summary:
+    """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json.
+
+    storage: an Optuna storage URL or journal file (default: the search file's, else run_dir/study.log); study: its
+    study name. on_step and on_trial are told what the run is doing, for a display.
+    workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
+    if spec.space == "hybrid":
+        return _evolve_hybrid(spec, Path(run_dir), storage, on_step, on_trial, workers, ray_address)
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    record = run_folder.open_run(spec, run_dir, storage, study)
+    tasks = load_tasks(spec)
+    on_step("loading parents")
+    parallel = workers > 1 or ray_address is not None
+    space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
+    genome = space.genome if space is not None else genome_of(spec)
+    assert record.storage is not None and record.study is not None
+    shared_storage = not record.default_storage  # a storage the user named may be shared with other processes
+    if shared_storage:
+        from shoal.search.shared import SharedTrials, StorageLock
+    # with a shared storage, the first process creates the schema while the others wait
+    with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
+        study = open_study(record.storage, spec.search_hash(), record.study)
+    optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
+    evaluator: Evaluator
+    if parallel:
+        from shoal.search.workers import RayEvaluator
+
+        evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
+    else:
+        assert space is not None
+        evaluator = SerialEvaluator(search_fitness(spec, space, tasks))
+    shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
+    try:
+        run_trials(
+            study,
+            genome,
+            optimizer,
+            evaluator,
+            budget=spec.budget,
+            seed=spec.seed,
+            failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
+            on_trial=on_trial,
+            shared=shared,
+        )
+    finally:
+        if shared is not None:
+            shared.close()
+        evaluator.close()
+        run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=False, new=True)
+    trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[: spec.budget]
+    best = best_trial(trials)
+    space = space or make_space(spec)
+    on_step("writing the best model")
+    space.export(best.params, best.seed, run_dir / run_folder.BEST_DIR)
+    on_step("scoring on the test split")
+    test = score_on_test(spec, space, tasks, run_dir / run_folder.BEST_DIR)
+    wall = run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=True, new=False)
+    summary = _summary(spec, space, tasks, trials, best, test, optimizer.population, wall, len(record.sessions))
+    run_folder.write_summary(run_dir, summary)
+    return summary
+
+
+def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: list[Trial], best: Trial,
+             test: FinalScores, population: int, wall_seconds: float, sessions: int) -> Summary:
+    complete = [t for t in trials if not t.failed]
+    mean = lambda seconds: sum(seconds(t) for t in complete) / len(complete)
+    merge, eval_ = mean(lambda t: t.merge_seconds), mean(lambda t: t.eval_seconds)
+    assert best.value is not None
+    return Summary(
+        target=run_folder.target(spec),
+        method=run_folder.method(spec),
+        space=spec.space,
+        best=Best(trial=best.index, dev=best.value, test=weighted(tasks, test.best), dev_scores=best.dev_scores,
+                  test_scores=test.best, **space.describe(best.params, best.seed)),
+        parents=test.parents,
+        untuned=test.untuned,
+        trials=len(trials),
+        failed_trials=len(trials) - len(complete),
+        budget=spec.budget,
+        genes=len(space.genome),
+        population=population,
+        seconds_per_trial=SecondsPerTrial(merge=merge, merge_compute=mean(lambda t: t.merge_compute_seconds),
+                                          eval=eval_, total=merge + eval_),
+        threads=torch.get_num_threads(),
+        wall_seconds=wall_seconds,
+        sessions=sessions,
+    )
+
+
+def _evolve_hybrid(
+    spec: SearchSpec, run_dir: Path, storage: str | None, on_step: OnStep, on_trial: OnTrial, workers: int,
+    ray_address: str | None,
+) -> Summary:
+    """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
+    record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"])
+    stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
+    on_step("hybrid stage 1/2: parameter space")
+    ps_spec = spec.model_copy(update={"space": "ps"})
+    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_step=on_step, on_trial=on_trial,
+                study=stage_study("ps"), workers=workers, ray_address=ray_address)
+    ps_best = str((run_dir / "ps" / run_folder.BEST_DIR).resolve())
+    flow_parents = {"ps": ps_best, **spec.flow_parents}
+    dfs_spec = spec.model_copy(update={
+        "space": "dfs",
+        "parents": flow_parents,
+        "dfs": spec.dfs.model_copy(update={"parents": list(flow_parents)}),
+        "budget": spec.dfs.budget or spec.budget,
+    }).naming(ps_best, f"trial {ps.best.trial} of the PS stage {ps_spec.search_hash()}")
+    run_folder.pin_ps_trial(record, run_dir, ps.best.trial)
+    on_step("hybrid stage 2/2: data-flow space over the PS result")
+    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial,
+                 study=stage_study("dfs"), workers=workers, ray_address=ray_address)
+    shutil.rmtree(run_dir / run_folder.BEST_DIR, ignore_errors=True)
+    shutil.copytree(run_dir / "dfs" / run_folder.BEST_DIR, run_dir / run_folder.BEST_DIR)
+    summary = dfs.model_copy(update={
+        "space": "hybrid",
+        "parents": ps.parents,
+        "untuned": ps.untuned,
+        "stages": {name: StageResult(dev=s.best.dev, test=s.best.test, trials=s.trials, best_trial=s.best.trial)
+                   for name, s in (("ps", ps), ("dfs", dfs))},
+        "trials": ps.trials + dfs.trials,
+        "failed_trials": ps.failed_trials + dfs.failed_trials,
+        "budget": ps.budget + dfs.budget,
+        "wall_seconds": ps.wall_seconds + dfs.wall_seconds,
+    })
+    run_folder.write_summary(run_dir, summary)
+    return summary

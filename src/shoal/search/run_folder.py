@@ -1,0 +1,163 @@
+"""A run folder's JSON files, read and written through one model each, for `shoal evolve` and the report alike.
+
+run.json (RunRecord) says which search made the folder, where its study lives and its sessions; summary.json
+(search.summary.Summary) is written once the run has finished, with best/. A hybrid run holds one such folder per
+stage (RUN_DIR/ps, RUN_DIR/dfs) and a run.json that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from shoal.errors import ShoalError
+from shoal.search.spec import SearchSpec
+from shoal.search.storage import default_storage
+from shoal.search.summary import Summary
+
+RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
+
+
+class Session(BaseModel):
+    """One run of `shoal evolve` on the folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    seconds: float
+    finished: bool
+
+
+class RunRecord(BaseModel):
+    """run.json: the search that made the folder and, for one space, where its study lives; for a hybrid run, the
+    stage folders it runs in turn."""
+
+    model_config = ConfigDict(extra="forbid")
+    space: Literal["ps", "dfs", "hybrid"]
+    target: str
+    method: str
+    search_hash: str
+    storage: str | None = None
+    """One space: the study's Optuna storage URL or journal file."""
+    default_storage: bool = True
+    """One space: the storage is the folder's own journal (not named by the user: not shared)."""
+    study: str | None = None
+    search: dict[str, Any] | None = None
+    """One space: the search as run."""
+    sessions: list[Session] = []
+    stages: list[str] | None = None
+    """Hybrid: the stage folders, in the order they run."""
+    ps_best_trial: int | None = None
+    """Hybrid: the PS trial whose model is parent A of the DFS stage's trials."""
+
+    def write(self, run_dir: Path) -> None:
+        write_json(run_dir / RUN_FILE, self.model_dump(mode="json", exclude_none=True))
+
+
+Record = TypeVar("Record", bound=BaseModel)
+
+
+def read_record(model: type[Record], path: Path, what: str) -> Record:
+    """A JSON file of the run folder as its model; errors say which file and which field."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShoalError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "top level"
+        raise ShoalError(f"{path} is not a valid {what}: {where}: {first['msg']}") from None
+
+
+def read_run(run_dir: Path) -> RunRecord:
+    return read_record(RunRecord, run_dir / RUN_FILE, "run record")
+
+
+def read_summary(run_dir: Path) -> Summary:
+    return read_record(Summary, run_dir / SUMMARY_FILE, "run summary")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` to `path` through a temporary file, so a reader never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    """summary.json; fields the search leaves unset (the other space's, `stages`) are left out."""
+    write_json(run_dir / SUMMARY_FILE, summary.model_dump(mode="json", exclude_unset=True))
+
+
+def _earlier(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
+    """run_dir's run.json (None if new), refused if another search made it."""
+    path = run_dir / RUN_FILE
+    record = read_run(run_dir) if path.is_file() else None
+    if record is not None and record.search_hash != spec.search_hash():
+        raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
+    return record
+
+
+def open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> RunRecord:
+    """run.json of a one-space run, made or taken over: the storage named here, else the one named before, else
+    the search file's, else the folder's own journal."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier(spec, run_dir)
+    named = storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
+    record = RunRecord(
+        space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
+        storage=named or default_storage(run_dir),  # the default follows the folder if it is moved
+        default_storage=named is None,
+        study=earlier.study if earlier else study,
+        search=spec.model_dump(),
+        sessions=earlier.sessions if earlier else [],
+    )
+    record.write(run_dir)
+    return record
+
+
+def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str]) -> RunRecord:
+    """run.json of a hybrid run, made or taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier(spec, run_dir)
+    record = RunRecord(space="hybrid", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
+                       stages=stages, ps_best_trial=earlier.ps_best_trial if earlier else None)
+    record.write(run_dir)
+    return record
+
+
+def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int) -> None:
+    """Note in a hybrid's run.json which PS trial is parent A of the DFS stage; refuse a DFS stage folder whose
+    trials were scored over another (after a raised budget found a new best)."""
+    if (run_dir / "dfs" / RUN_FILE).is_file() and record.ps_best_trial not in (None, trial):
+        raise ShoalError(
+            f"the PS stage's best trial is now #{trial}, but the stored DFS trials were scored over "
+            f"#{record.ps_best_trial} (was the budget raised?); move {run_dir / 'dfs'} away to search DFS over the "
+            "new one"
+        )
+    record.ps_best_trial = trial
+    record.write(run_dir)
+
+
+def end_session(run_dir: Path, record: RunRecord, seconds: float, *, finished: bool, new: bool) -> float:
+    """Note this session's time in run.json (a new entry, or the last one updated); return the run's wall time."""
+    session = Session(seconds=seconds, finished=finished)
+    if new:
+        record.sessions.append(session)
+    else:
+        record.sessions[-1] = session
+    record.write(run_dir)
+    return sum(s.seconds for s in record.sessions)
+
+
+def method(spec: SearchSpec) -> str:
+    """What builds a candidate: the merge method (PS), or the layer path (DFS: no merge method is used)."""
+    return spec.method if spec.space != "dfs" else f"layer path ({spec.dfs.scaling} scaling)"
+
+
+def target(spec: SearchSpec) -> str:
+    return spec.tasks[0].name

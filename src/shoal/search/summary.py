@@ -1,0 +1,85 @@
+"""summary.json's model, a finished run's results: `shoal evolve` writes it, the CLI and the report read it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathStep(_Record):
+    """One layer on a data-flow path: layer `layer` of parent `parent`, its input multiplied by `scale`."""
+
+    parent: str
+    layer: int
+    scale: float
+
+
+class Best(_Record):
+    """The best dev trial: its scores, and the recipe (parameter space) or the path (data-flow space) it built."""
+
+    trial: int
+    """Its index in the search."""
+    dev: float
+    test: float
+    dev_scores: dict[str, float]
+    test_scores: dict[str, float]
+    recipe: dict[str, Any] | None = None
+    """PS: the mergekit recipe of the best model."""
+    layers: dict[str, dict[str, list[float | None]]] | None = None
+    """PS: parameter (e.g. "weight", "density (mlp)") -> parent -> its value at each layer."""
+    embeddings: dict[str, dict[str, float]] | None = None
+    """PS: parameter -> parent -> its value for the tensors outside the layers; None when they are the base's."""
+    path: list[PathStep] | None = None
+    """DFS: the layers a token goes through, in order."""
+    parents_order: list[str] | None = None
+    """DFS: the layout's parents; the first gives the embeddings and the head."""
+    slots: int | None = None
+    """DFS: T, the slots the path chose from."""
+
+
+class SecondsPerTrial(_Record):
+    merge: float
+    """Waited for the merge (less than merge_compute when the next candidate was merged ahead)."""
+    merge_compute: float
+    eval: float
+    total: float
+
+
+class StageResult(_Record):
+    """A hybrid run's result of one stage."""
+
+    dev: float
+    test: float
+    trials: int
+    best_trial: int
+
+
+class Summary(_Record):
+    """A finished run: its best trial, the test scores it is compared with, and what the search cost."""
+
+    target: str
+    """The first task's name."""
+    method: str
+    space: Literal["ps", "dfs", "hybrid"]
+    best: Best
+    parents: dict[str, float]
+    """Test score of the base and of each parent."""
+    untuned: dict[str, float]
+    """Test score of merges made without a search (each method at common settings) and of the search's start."""
+    trials: int
+    failed_trials: int
+    budget: int
+    genes: int
+    population: int
+    seconds_per_trial: SecondsPerTrial
+    threads: int
+    wall_seconds: float
+    sessions: int
+    """How many times `shoal evolve` ran on the folder (a resumed run: more than one)."""
+    stages: dict[str, StageResult] | None = None
+    """Hybrid runs: each stage's best."""

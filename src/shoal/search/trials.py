@@ -1,0 +1,158 @@
+"""A run's trials in its Optuna study: the one record of a trial, which the search writes and the search, shared
+studies and the report read.
+
+A trial is numbered by its index in the search (the order CMA-ES asked for it), not by Optuna's trial number:
+parallel workers and shared studies store trials out of order, and a claim abandoned by a dead process (marked
+`abandoned`) is no trial at all: another process scores that index again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from shoal.errors import ShoalError
+from shoal.search.storage import open_storage
+
+STUDY_NAME = "shoal"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One candidate to score: its index in the search, its generation, gene values and seed."""
+
+    index: int
+    generation: int
+    values: dict[str, float]
+    seed: int
+
+
+@dataclass
+class Evaluation:
+    """A candidate's fitness (the weighted sum of its dev scores) and what it cost."""
+
+    fitness: float
+    scores: dict[str, float]
+    merge_seconds: float
+    """Time the trial waited for its merge (less than merge_compute_seconds when it was merged ahead)."""
+    eval_seconds: float
+    merge_compute_seconds: float = 0.0
+
+
+Outcome = Evaluation | str
+"""An Evaluation, or the one-line reason the trial failed."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """A finished trial as the study stores it: `value` is the dev fitness, None when the trial failed (`error`)."""
+
+    index: int
+    generation: int
+    seed: int
+    params: dict[str, float]
+    value: float | None
+    dev_scores: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    merge_seconds: float = 0.0
+    merge_compute_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.value is None
+
+    @classmethod
+    def of(cls, job: Job, outcome: Outcome) -> Trial:
+        if isinstance(outcome, str):
+            return cls(job.index, job.generation, job.seed, job.values, None, error=outcome)
+        return cls(job.index, job.generation, job.seed, job.values, outcome.fitness, outcome.scores,
+                   merge_seconds=outcome.merge_seconds, merge_compute_seconds=outcome.merge_compute_seconds,
+                   eval_seconds=outcome.eval_seconds)
+
+    @classmethod
+    def read(cls, stored: FrozenTrial) -> Trial:
+        attrs = stored.user_attrs
+        return cls(
+            index=attrs["index"], generation=attrs["generation"], seed=attrs["seed"], params=stored.params,
+            value=stored.value if stored.state == TrialState.COMPLETE else None,
+            dev_scores=attrs.get("dev_scores", {}), error=attrs.get("error"),
+            merge_seconds=attrs.get("merge_seconds", 0.0),
+            merge_compute_seconds=attrs.get("merge_compute_seconds", 0.0),
+            eval_seconds=attrs.get("eval_seconds", 0.0),
+        )
+
+    @property
+    def state(self) -> TrialState:
+        return TrialState.FAIL if self.failed else TrialState.COMPLETE
+
+    def attrs(self) -> dict[str, object]:
+        """What the study stores as the trial's user attributes, besides its job's (`job_attrs`)."""
+        if self.failed:
+            return {"error": self.error, "dev_scores": {}}
+        return {"dev_scores": self.dev_scores, "merge_seconds": self.merge_seconds,
+                "eval_seconds": self.eval_seconds, "merge_compute_seconds": self.merge_compute_seconds}
+
+
+def job_trial(job: Job, distributions: dict[str, FloatDistribution], state: TrialState, value: float | None = None,
+              attrs: dict[str, object] | None = None) -> FrozenTrial:
+    """The Optuna trial of a job: its genes as parameters, its index, generation and seed (and attrs) as attributes."""
+    return optuna.trial.create_trial(
+        state=state, value=value, params=job.values, distributions=distributions,
+        user_attrs={"index": job.index, "generation": job.generation, "seed": job.seed} | (attrs or {}),
+    )
+
+
+def finished_trial(job: Job, outcome: Outcome, distributions: dict[str, FloatDistribution],
+                   attrs: dict[str, object] | None = None) -> FrozenTrial:
+    """The Optuna trial that stores a finished job (with further attrs, e.g. its owner in a shared study)."""
+    trial = Trial.of(job, outcome)
+    return job_trial(job, distributions, trial.state, trial.value, (attrs or {}) | trial.attrs())
+
+
+ABANDONED = "abandoned"
+"""The attribute that marks a claim whose process died (search.shared): no trial, its index is scored again."""
+
+
+def counted(stored: FrozenTrial) -> bool:
+    """Whether a stored trial is one of the search's (not an abandoned claim)."""
+    return not stored.user_attrs.get(ABANDONED)
+
+
+def finished_trials(stored: list[FrozenTrial]) -> dict[int, Trial]:
+    """The finished trials among `stored`, by index in the search (not claims abandoned by a process that died)."""
+    done = (TrialState.COMPLETE, TrialState.FAIL)
+    return {t.user_attrs["index"]: Trial.read(t) for t in stored if t.state in done and counted(t)}
+
+
+def stored_trials(study: optuna.Study) -> dict[int, Trial]:
+    """The study's finished trials, by index in the search."""
+    return finished_trials(study.get_trials(deepcopy=False))
+
+
+def running_trials(study: optuna.Study) -> int:
+    """Trials claimed or started and not finished yet."""
+    going = (TrialState.RUNNING, TrialState.WAITING)
+    return sum(t.state in going and counted(t) for t in study.get_trials(deepcopy=False))
+
+
+def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna.Study:
+    """The run's study (created if new); refuses one made by a different search."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(storage=open_storage(storage), study_name=name,
+                                    direction="maximize", load_if_exists=True)
+    except Exception as exc:  # SQLAlchemy / driver errors name the storage problem
+        raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
+    stored = study.user_attrs.get("search_hash")
+    if stored is None:
+        study.set_user_attr("search_hash", search_hash)
+    elif stored != search_hash:
+        raise ShoalError(
+            f"the study at {storage} was made by a different search (hash {stored}, this one {search_hash}); "
+            "use a new RUN_DIR or --storage"
+        )
+    return study
