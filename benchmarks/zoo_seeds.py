@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -108,12 +109,14 @@ def print_tables(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
     parser.add_argument("--budget", type=int, default=1000)
     parser.add_argument("--zoo-cache", type=Path, default=Path("runs/zoo-cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/zoo-seeds"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="JSON files of other runs of this script to add")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="also write the per-seed rows `shoal demo` compares itself with (src/shoal/zoo/measured.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [run_seed(seed, args) for seed in args.seeds]
@@ -126,6 +129,12 @@ def main() -> None:
         record = {"rows": rows, "versions": {lib: version(lib) for lib in LIBRARIES},
                   "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
+    if args.reference:
+        keep = ("seed", "evolved_test", "evolved_dev", "best_parent_test", "best_untuned_test", "joint_test", "margin_parent",
+                "margin_untuned", "margin_joint")
+        reference = {"rows": [{k: r[k] for k in keep} for r in rows], "versions": {lib: version(lib) for lib in LIBRARIES},
+                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+        args.reference.write_text(json.dumps(reference, indent=1) + "\n")
 
 
 if __name__ == "__main__":

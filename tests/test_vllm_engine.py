@@ -58,7 +58,8 @@ def test_every_candidate_is_scored_on_its_own_weights_as_transformers_scores_it(
     fitness = search_fitness(spec, space, [WeightedTask(task, 1.0)])
     [engine] = standin.instances
     genome = space.genome
-    points = [genome.start(), [0.0] * len(genome), [1.0] * len(genome), [0.9, 0.1] * (len(genome) // 2)]
+    n = len(genome)
+    points = [genome.start(), [0.0] * n, [1.0] * n, [0.9] * n, [0.8] * n]  # smoke zoo: 0, 0, 0.64, 0.24, 0
     through_vllm, through_hf = [], []
     for i, point in enumerate(points):
         values = genome.values(point)

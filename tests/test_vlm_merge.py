@@ -329,4 +329,4 @@ def test_ray_workers_with_a_llava_parent_store_the_trials_of_a_serial_run(llms, 
 
     assert by_index(tmp_path / "parallel") == by_index(tmp_path / "serial")
     assert len(by_index(tmp_path / "serial")) == 8
-    assert parallel["best"] == serial["best"]
+    assert parallel.best == serial.best

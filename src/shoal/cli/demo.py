@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -40,7 +41,7 @@ def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int,
     return search
 
 
-def results_table(summary: Summary) -> Table:
+def results_table(summary: Summary, joint: float | None = None) -> Table:
     table = Table(title=f"test split of {summary.target} (the evolved model is the best dev trial)")
     table.add_column("model")
     table.add_column("test", justify="right")
@@ -48,6 +49,8 @@ def results_table(summary: Summary) -> Table:
         table.add_row(f"parent: {name}", f"{100 * score:.1f}")
     for name, score in summary.untuned.items():
         table.add_row(f"untuned merge: {name}", f"{100 * score:.1f}")
+    if joint is not None:
+        table.add_row("fine-tune of the base on both parents' data (joint)", f"{100 * joint:.1f}")
     for name, stage in (summary.stages or {}).items():
         table.add_row(f"{name} stage (best dev {100 * stage.dev:.1f})", f"{100 * stage.test:.1f}")
     best = summary.best
@@ -56,7 +59,29 @@ def results_table(summary: Summary) -> Table:
     for label, group in (("best parent", summary.parents), ("best untuned merge", summary.untuned)):
         name = max(group, key=lambda n: group[n])
         table.add_row(f"[dim]evolved - {label} ({name})", f"[dim]{100 * (best.test - group[name]):+.1f}")
+    if joint is not None:
+        table.add_row("[dim]evolved - joint fine-tune", f"[dim]{100 * (best.test - joint):+.1f}")
     return table
+
+
+def against_measured(summary: Summary, seed: int) -> str:
+    """Where this run falls against the pre-registered seeds measured by benchmarks/zoo_seeds.py (shipped as
+    shoal/zoo/measured.json): the demo's defaults on the default zoo only."""
+    from importlib.resources import files
+
+    measured = json.loads(files("shoal.zoo").joinpath("measured.json").read_text())
+    rows = measured["rows"]
+    evolved = [r["evolved_test"] for r in rows]
+    margins = [r["margin_parent"] for r in rows]
+    mine = 100 * summary.best.test
+    margin = mine - 100 * max(summary.parents.values())
+    inside = min(evolved) <= mine <= max(evolved)
+    seeds = ", ".join(str(r["seed"]) for r in rows)
+    return (
+        f"measured on seeds {seeds} ({measured['machine']}, torch {measured['versions']['torch']}): evolved "
+        f"{min(evolved):.1f} to {max(evolved):.1f} on test, {min(margins):+.1f} to {max(margins):+.1f} over the best "
+        f"parent; this run (seed {seed}): {mine:.1f}, {margin:+.1f} — {'inside' if inside else 'outside'} that range"
+    )
 
 
 @app.command()
@@ -69,6 +94,7 @@ def demo(
     space: Annotated[str, typer.Option(help="ps (merge weights), dfs (layer paths) or hybrid (PS then DFS).")] = "ps",
 ) -> None:
     """Build the demo zoo, evolve a merge of its math and language parents for XX math, and report on test."""
+    from shoal.evaluate import evaluate, load_task
     from shoal.report import write_report
     from shoal.zoo.build import default_zoo_dir
 
@@ -76,7 +102,7 @@ def demo(
     if zoo is None:
         zoo = default_zoo_dir() if seed == 0 else default_zoo_dir().with_name(f"zoo-seed{seed}")
     console.print(f"[bold]1/3[/] the demo zoo ({zoo_size}, seed {seed}) in {zoo}")
-    built, _, _ = build_with_progress(zoo, seed, zoo_size, threads=2)
+    built, _, _ = build_with_progress(zoo, seed, zoo_size)
     out.mkdir(parents=True, exist_ok=True)
     search = out / "search.yaml"
     if space not in ("ps", "dfs", "hybrid"):
@@ -87,5 +113,8 @@ def demo(
     summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)
     console.print(f"[bold]3/3[/] report in {out / 'run' / 'report'}")
     written = write_report(out / "run")
-    Console().print(results_table(summary))
+    joint = evaluate(built.joint, load_task(built.target), split="test").score
+    Console().print(results_table(summary, joint))
+    if zoo_size == "default" and space == "ps" and budget == 1000:
+        console.print(against_measured(summary, seed), markup=False)
     console.print(f"best model: [bold]{out / 'run' / 'best'}[/]; report: {written[0]}")

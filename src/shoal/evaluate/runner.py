@@ -146,7 +146,7 @@ def load_model(path: str | Path, device: str) -> tuple[PreTrainedModel, PreTrain
 def load_processor(path: str | Path) -> ProcessorMixin:
     try:
         processor = AutoProcessor.from_pretrained(Path(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: e.g. Qwen2-VL's processor needs torchvision
         raise ShoalError(f"{path}: cannot load a processor ({exc})") from exc
     if not isinstance(processor, ProcessorMixin):
         raise ShoalError(f"{path}: found a {type(processor).__name__}, not a processor for images and text; save "
