@@ -236,3 +236,14 @@ def test_unknown_size_and_zero_threads_are_refused(zoo: Zoo) -> None:
         build_vlm_zoo(zoo, size="huge")
     with pytest.raises(ShoalError, match="threads must be at least 1"):
         build_vlm_zoo(zoo, threads=0)
+
+
+def test_cli_build_vlm_builds_then_reuses_the_vlm_part(tmp_path: Path, run_cli) -> None:
+    code, out, err = run_cli("zoo", "build", "--out", tmp_path, "--size", "smoke", "--vlm")
+    assert code == 0, err
+    assert "xx-caption" in out and "en-caption" in out and "built in" in err
+    assert load_vlm_zoo(tmp_path).vlm == tmp_path / "models" / "vlm"
+    code, out, err = run_cli("zoo", "build", "--out", tmp_path, "--size", "smoke", "--vlm")
+    assert code == 0 and "reused" in err
+    code, out, err = run_cli("zoo", "build", "--out", tmp_path, "--size", "smoke")
+    assert code == 0 and "xx-caption" not in out
