@@ -3,7 +3,7 @@ tower and projector), and task-arithmetic merges of the language models, on en-c
 
     nice -n 10 python benchmarks/vlm_zoo.py --zoo /tmp/zoo --seed 0 --size default [--grid] [--out result.json]
 
-Builds (or reuses) the text zoo and its VLM part under --zoo, then scores every model on the test split (and, with
+Builds (or loads as it is) the text zoo under --zoo, builds (or reuses) its VLM part, then scores every model on the test split (and, with
 --grid, a 7 x 7 grid of task-arithmetic weights (vlm, language) on dev, the best point then scored on test). A merge
 is base + a * (vlm LM - base) + b * (language - base) for the language-model tensors; the vision tower and
 projector are the VLM's. For the xx-caption outputs it also counts the XX scene form and, among the captions in that
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shoal.evaluate import evaluate, load_task
-from shoal.zoo import build_vlm_zoo, build_zoo
+from shoal.zoo import build_vlm_zoo, build_zoo, load_zoo
 
 GRID = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 
@@ -53,7 +53,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     start = time.perf_counter()
-    zoo = build_zoo(args.zoo, seed=args.seed, size=args.size)
+    # A zoo already there is used as it is (whatever its settings: e.g. one built with another mix for a trial);
+    # build_zoo would rebuild it to this checkout's settings.
+    zoo = load_zoo(args.zoo) if (args.zoo / "zoo.json").is_file() else build_zoo(args.zoo, seed=args.seed, size=args.size)
     print(f"text zoo: {time.perf_counter() - start:.0f} s", flush=True)
     start = time.perf_counter()
 

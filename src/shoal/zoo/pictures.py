@@ -39,9 +39,9 @@ def render(shown: Scene, rng: random.Random, side: int = 32) -> Image.Image:
     big = side * SUPERSAMPLE
     shade = rng.randint(30, 150)
     image = Image.new("RGB", (big, big), (shade, shade, shade))
-    r = rng.uniform(0.2, 0.34) * big / 2 * (1.25 if shape == 3 else 1.0)  # a star's arms reach further out
+    r = rng.uniform(0.32, 0.46) * big / 2 * (1.2 if shape == 3 else 1.0)  # a star's arms reach further out
     fx, fy = CENTRES[place]
-    jitter = 0.1 * big
+    jitter = 0.06 * big
     cx = min(max(fx * big + rng.uniform(-jitter, jitter), r + 1), big - r - 1)
     cy = min(max(fy * big + rng.uniform(-jitter, jitter), r + 1), big - r - 1)
     ink = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in INKS[colour])

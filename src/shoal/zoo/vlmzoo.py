@@ -35,9 +35,9 @@ class VlmSize:
 VLM_SIZES = {
     "default": VlmSize(
         VisionShape(side=32, patch=8, hidden=64, layers=2, heads=2, intermediate=128),
-        Schedule(steps=600, batch_size=32, lr=2e-3, warmup=50),
-        lm_lr_ratio=0.5,
-        train_pictures=4096,
+        Schedule(steps=1500, batch_size=32, lr=3e-3, warmup=50),
+        lm_lr_ratio=0.3,
+        train_pictures=8192,
         held_out=128,
     ),
     "smoke": VlmSize(
