@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +16,9 @@ from shoal.cli.progress import bar
 
 if TYPE_CHECKING:
     from shoal.zoo.build import Zoo
+    from shoal.zoo.vlmzoo import VlmZoo
+
+T = TypeVar("T")
 
 zoo_app = typer.Typer(help="The demo zoo: a tiny base model, specialist parents and their tasks.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -24,6 +28,18 @@ def build_with_progress(out: Path, seed: int, size: str, threads: int = 1) -> tu
     """Build or reuse the zoo with a progress bar per training stage: (zoo, seconds, whether anything was trained)."""
     from shoal.zoo.build import build_zoo
 
+    return _with_progress(lambda report, notice: build_zoo(out, seed=seed, size=size, threads=threads,
+                                                           progress=report, notice=notice))
+
+
+def build_vlm_with_progress(zoo: Zoo, threads: int = 1) -> tuple[VlmZoo, float, bool]:
+    """Build or reuse the zoo's VLM part, with a progress bar: (VLM part, seconds, whether anything was trained)."""
+    from shoal.zoo.vlmzoo import build_vlm_zoo
+
+    return _with_progress(lambda report, notice: build_vlm_zoo(zoo, threads=threads, progress=report, notice=notice))
+
+
+def _with_progress(build: Callable[[Callable, Callable], T]) -> tuple[T, float, bool]:
     start = time.perf_counter()
     console = Console(stderr=True, highlight=False)
     with bar() as progress:
@@ -34,9 +50,8 @@ def build_with_progress(out: Path, seed: int, size: str, threads: int = 1) -> tu
                 stages[stage] = progress.add_task(f"training {stage}", total=total)
             progress.update(stages[stage], completed=step)
 
-        zoo = build_zoo(out, seed=seed, size=size, threads=threads, progress=report,
-                        notice=lambda reason: console.print(reason, markup=False))
-    return zoo, time.perf_counter() - start, bool(stages)
+        built = build(report, lambda reason: console.print(reason, markup=False))
+    return built, time.perf_counter() - start, bool(stages)
 
 
 @zoo_app.command()
@@ -45,12 +60,18 @@ def build(
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     size: Annotated[str, typer.Option(help="default (the demo) or smoke (tiny, for tests).")] = "default",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for training (more than 1 pays only on an idle machine).")] = 1,
+    vlm: Annotated[bool, typer.Option("--vlm", help="Also the VLM part: a LLaVA captioner on the base, caption tasks.")] = False,
 ) -> None:
-    """Build the base model, the math and language parents, the joint fine-tune and the tasks; a second call
-    reuses them (after checking every file against the sizes and hashes zoo.json recorded)."""
+    """Build the base model, the math and language parents, the joint fine-tune and the tasks (with --vlm also a
+    vision-language parent and the caption tasks); a second call reuses them (after checking every file against
+    the sizes and hashes zoo.json and vlm.json recorded)."""
     from shoal.zoo.build import default_zoo_dir  # torch and transformers load only when needed
 
     zoo, seconds, trained = build_with_progress(out or default_zoo_dir(), seed, size, threads)
+    part = None
+    if vlm:
+        part, vlm_seconds, vlm_trained = build_vlm_with_progress(zoo, threads)
+        seconds, trained = seconds + vlm_seconds, trained or vlm_trained
     table = Table(title=f"shoal zoo ({zoo.size}, seed {zoo.seed})")
     table.add_column("what")
     table.add_column("name")
@@ -61,6 +82,10 @@ def build(
     table.add_row("baseline (joint fine-tune)", zoo.joint.name, str(zoo.joint))
     for name, path in zoo.tasks.items():
         table.add_row(f"task ({zoo.roles[name]})", name, str(path))
+    if part:
+        table.add_row(f"VLM parent ({part.skills[part.vlm.name]})", part.vlm.name, str(part.vlm))
+        for name, path in part.tasks.items():
+            table.add_row(f"task ({part.roles[name]}, images)", name, str(path))
     Console().print(table)
     how = f"built in {seconds:.0f} s" if trained else "already built with these settings; reused"
     Console(stderr=True).print(f"zoo at [bold]{zoo.root}[/]: {how}")
