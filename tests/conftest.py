@@ -87,3 +87,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def one_error_line(code: int, err: str, *needles: str) -> str:
+    """A refusal: exit code 2, no traceback, and the last line of stderr is `error: ...` holding every needle (a
+    progress bar may come before it); return that line."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: "), err
+    for needle in needles:
+        assert needle in line, err
+    return line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Union
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from shoal import yamlfile
 from shoal.errors import ShoalError
-from shoal.merge.registry import METHODS, REQUIRED, MergeMethod
+from shoal.merge.registry import METHODS, RANGES, REQUIRED, MergeMethod
 
 Scalar = Union[bool, int, float, str]
 Value = Union[Scalar, list[Scalar]]
@@ -98,17 +99,39 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ShoalError(f"recipe {path} not found")
-    return parse_recipe(path.read_text(), str(path))
+    return parse_recipe(yamlfile.read_text(path), str(path))
 
 
-def _numbers(setting: Setting) -> list[float]:
+FLOAT32_MAX = 3.4028234663852886e38
+"""Merges compute in float32 (at least): a parameter beyond this cannot even be converted."""
+
+
+def _values(setting: Setting) -> list[Scalar]:
+    """Every value a setting holds, through filters and gradients."""
     if isinstance(setting, Conditional):
-        return _numbers(setting.value)
+        return _values(setting.value)
     if isinstance(setting, list):
-        return [n for item in setting for n in _numbers(item)]
-    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
-        return [float(setting)]
-    return []
+        return [v for item in setting for v in _values(item)]
+    return [setting]
+
+
+def _value_error(method: MergeMethod, name: str, setting: Setting) -> str | None:
+    """What is wrong with a parameter's values for method (a wrong type, a number that is not finite or out of
+    its range), or None."""
+    values = _values(setting)
+    if method.kind(name) == "bool":
+        bad = next((v for v in values if not isinstance(v, bool)), None)
+        return None if bad is None else f"{name} must be true or false, got {bad!r}"
+    bad = next((v for v in values if isinstance(v, (bool, str))), None)
+    if bad is not None:
+        return f"{name} must be a number, got {bad!r}"
+    shown = values[0] if len(values) == 1 else values
+    if any(not math.isfinite(v) or abs(v) > FLOAT32_MAX for v in values):
+        return f"{name} must be a finite number (|x| <= 3.4e38), got {shown}"
+    check, text = RANGES.get(name, (lambda v: True, ""))
+    if any(not check(float(v)) for v in values):
+        return f"{name} must be in {text}, got {shown}"
+    return None
 
 
 def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
@@ -135,8 +158,9 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
             if name not in method.parameters:
                 known = ", ".join(sorted(method.parameters)) or "none"
                 raise ShoalError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known})")
-            if name == "density" and any(not 0 < v <= 1 for v in _numbers(setting)):
-                raise ShoalError(f"{where}: density must be in (0, 1], got {_numbers(setting)}")
+            problem = _value_error(method, name, setting)
+            if problem:
+                raise ShoalError(f"{where}: {problem}")
 
 
 def evaluate(setting: Setting, tensor_name: str, t: float) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -10,14 +11,47 @@ from pydantic import BaseModel, ValidationError
 from shoal.errors import ShoalError
 
 
+MAX_DEPTH = 50
+"""Deepest nesting of mappings and lists a recipe or search file may have (theirs is under 10)."""
+
+
+def read_text(path: Path) -> str:
+    """A YAML file's text; a file that is not UTF-8 is a ShoalError naming the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ShoalError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                         "save the file as UTF-8") from None
+
+
 def parse(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     """The document's data and its node tree; malformed YAML is a ShoalError naming the file and line."""
     try:
-        return yaml.safe_load(text), yaml.compose(text)
+        node = yaml.compose(text)
+        _check_depth(node, source)
+        return yaml.safe_load(text), node
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ShoalError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from exc
+    except RecursionError:
+        raise ShoalError(f"{source}: nested too deeply (more than {MAX_DEPTH} levels)") from None
+
+
+def _check_depth(node: yaml.Node | None, source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH (iteratively, so the check itself cannot recurse too deep)."""
+    stack = [(node, 1)] if node is not None else []
+    while stack:
+        current, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ShoalError(f"{source}:{current.start_mark.line + 1}: nested too deeply (more than {MAX_DEPTH} "
+                             "levels of mappings and lists)")
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in current.value)
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in current.value for child in pair)
 
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -38,6 +72,8 @@ def validated(model: type[Model], text: str, source: str, what: str) -> tuple[Mo
         raise ShoalError(f"{source}: {what}")
     try:
         return model.model_validate(data), node
+    except RecursionError:
+        raise ShoalError(f"{source}: nested too deeply") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))

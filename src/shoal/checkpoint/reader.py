@@ -127,13 +127,27 @@ def _read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     return infos
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, an index); anything else is a ShoalError naming it."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno} ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else " (not UTF-8)"
+        raise ShoalError(f"{path}: invalid JSON{where}") from None
+    except RecursionError:
+        raise ShoalError(f"{path}: invalid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ShoalError(f"{path}: {what} must be a JSON object ({{...}}), found a {type(data).__name__}")
+    return data
+
+
 def _tensor_files(path: Path) -> dict[str, TensorInfo]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ShoalError(f"{index}: not a valid safetensors index ({exc})") from exc
+        weight_map = read_json_object(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ShoalError(f"{index}: not a valid safetensors index (weight_map must map tensor names to file "
+                             "names)")
         shards = sorted({path / file for file in weight_map.values()})
         for file in shards:
             if not file.is_file():
@@ -145,9 +159,23 @@ def _tensor_files(path: Path) -> dict[str, TensorInfo]:
         return {name: infos[name] for name in weight_map}
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
-        hint = " (only PyTorch .bin weights found; convert them to safetensors)" if any(path.glob("*.bin")) else ""
-        raise ShoalError(f"{path}: no *.safetensors weights{hint}")
+        raise ShoalError(f"{path}: no *.safetensors weights{pickle_hint(path)}")
     return _read_headers(shards)
+
+
+def pickle_hint(path: Path) -> str:
+    """What to say about a folder without safetensors weights that holds PyTorch pickle files (or nothing)."""
+    if not any(path.glob("*.bin")) and not any(path.glob("*.pt")) and not any(path.glob("*.pth")):
+        return ""
+    return ("; it holds only PyTorch pickle weights (*.bin), which shoal does not load, since unpickling can run "
+            "code: convert them once with `python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}').save_pretrained('{path}-st')\"` (in a process you trust)")
+
+
+def check_weights(path: Path) -> None:
+    """Check a model folder's safetensors weights from their headers alone (no pickle, no tensor data): a missing,
+    truncated or damaged file is a ShoalError naming it."""
+    _tensor_files(path)
 
 
 def open_checkpoint(ref: str | Path) -> Checkpoint:
@@ -156,8 +184,5 @@ def open_checkpoint(ref: str | Path) -> Checkpoint:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ShoalError(f"{path}: no config.json; is this a Hugging Face model folder?")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShoalError(f"{config_file}: invalid JSON at line {exc.lineno} ({exc.msg})") from exc
+    config = read_json_object(config_file, "config.json")
     return Checkpoint(path=path, config=config, tensors=_tensor_files(path))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from rich.console import Console
+from rich.text import Text
 from typer.exceptions import TyperException
 
 from shoal.cli import demo as _demo  # noqa: F401  (registers `shoal demo`)
@@ -14,20 +16,66 @@ from shoal.cli import merge as _merge  # noqa: F401  (registers `shoal merge`)
 from shoal.cli import report as _report  # noqa: F401  (registers `shoal report`)
 from shoal.cli import zoo as _zoo  # noqa: F401  (registers `shoal zoo`)
 from shoal.cli.app import app
-from shoal.errors import ShoalError
+from shoal.errors import Interrupted, ShoalError
+
+MERGEKIT_OPTIONS = {
+    "--cuda": "shoal merge has --device cuda",
+    "--random-seed": "shoal merge has --seed N",
+    "--out-shard-size": "shoal merge has --shard-size GB",
+    "--copy-tokenizer": "shoal merge always writes the tokenizer; the recipe's tokenizer_source picks whose",
+    "--lazy-unpickle": "shoal never unpickles; it reads safetensors lazily, always",
+    "--lazy-loader": "shoal reads tensors lazily, always",
+    "--low-cpu-memory": "shoal merge streams one tensor at a time, always",
+    "--allow-crimes": "shoal merge has no equivalent: parents of different architectures are refused",
+    "--trust-remote-code": "shoal has no equivalent: it runs no code from model folders",
+    "--write-model-card": "shoal merge always writes a model card (README.md)",
+    "--clone-tensors": "shoal merge has no equivalent (tensors are never shared between outputs)",
+}
+"""mergekit-yaml's options, and what shoal has (or does) instead."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` on one line, the message as written (no rich markup is read in it), and exit."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error:", "bold red"), " ", message))
+    sys.exit(code)
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError (full disk, read-only filesystem, name too long...) as one line naming the file."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {what}" if names else what
+
+
+INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells use."""
+
+
+def interrupted(message: str) -> NoReturn:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("interrupted:", "bold red"), " ",
+                                                                              message))
+    sys.exit(INTERRUPTED)
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt no command caught
     except ShoalError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(exc))
+    except Interrupted as exc:
+        interrupted(str(exc))
     except KeyboardInterrupt:
-        Console(stderr=True).print(
-            "[bold red]interrupted[/]: no half-written model is left; `shoal evolve` continues from its stored trials"
-        )
-        sys.exit(130)
+        interrupted("nothing half-written is left")
     except TyperException as exc:  # usage errors of the click that typer bundles: its message, its exit code (2)
+        ctx = getattr(exc, "ctx", None)
+        hint = MERGEKIT_OPTIONS.get(getattr(exc, "option_name", None) or "")
+        if hint and ctx is not None and ctx.command.name == "merge":
+            exc.message = f"{exc.message} (a mergekit option: {hint})"
         exc.show()  # type: ignore[attr-defined]
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except OSError as exc:  # the filesystem refused (full, read-only, name too long): nothing half-written is left
+        fail(_os_error(exc))
+    if code == INTERRUPTED:
+        interrupted("nothing half-written is left")
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.app import app
@@ -42,13 +43,13 @@ def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int,
 
 
 def results_table(summary: Summary, joint: float | None = None) -> Table:
-    table = Table(title=f"test split of {summary.target} (the evolved model is the best dev trial)")
+    table = Table(title=escape(f"test split of {summary.target}") + " (the evolved model is the best dev trial)")
     table.add_column("model")
     table.add_column("test", justify="right")
     for name, score in summary.parents.items():
-        table.add_row(f"parent: {name}", f"{100 * score:.1f}")
+        table.add_row(f"parent: {escape(name)}", f"{100 * score:.1f}")
     for name, score in summary.untuned.items():
-        table.add_row(f"untuned merge: {name}", f"{100 * score:.1f}")
+        table.add_row(f"untuned merge: {escape(name)}", f"{100 * score:.1f}")
     if joint is not None:
         table.add_row("fine-tune of the base on both parents' data (joint)", f"{100 * joint:.1f}")
     for name, stage in (summary.stages or {}).items():
@@ -58,7 +59,7 @@ def results_table(summary: Summary, joint: float | None = None) -> Table:
     table.add_row(f"[bold]{label}", f"[bold]{100 * best.test:.1f}")
     for label, group in (("best parent", summary.parents), ("best untuned merge", summary.untuned)):
         name = max(group, key=lambda n: group[n])
-        table.add_row(f"[dim]evolved - {label} ({name})", f"[dim]{100 * (best.test - group[name]):+.1f}")
+        table.add_row(f"[dim]evolved - {label} ({escape(name)})", f"[dim]{100 * (best.test - group[name]):+.1f}")
     if joint is not None:
         table.add_row("[dim]evolved - joint fine-tune", f"[dim]{100 * (best.test - joint):+.1f}")
     return table
@@ -87,7 +88,7 @@ def against_measured(summary: Summary, seed: int) -> str:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the search file, the run and its report.")] = Path("demo"),
-    budget: Annotated[int, typer.Option(help="Trials of the search.")] = 1000,
+    budget: Annotated[int, typer.Option(min=1, help="Trials of the search.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the zoo and of the search.")] = 0,
     zoo: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo[-seedN]).")] = None,
     zoo_size: Annotated[str, typer.Option(help="default, or smoke (seconds; for trying the pipeline).")] = "default",
@@ -101,7 +102,7 @@ def demo(
     console = Console(stderr=True)
     if zoo is None:
         zoo = default_zoo_dir() if seed == 0 else default_zoo_dir().with_name(f"zoo-seed{seed}")
-    console.print(f"[bold]1/3[/] the demo zoo ({zoo_size}, seed {seed}) in {zoo}")
+    console.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}) in {escape(str(zoo))}")
     built, _, _ = build_with_progress(zoo, seed, zoo_size)
     out.mkdir(parents=True, exist_ok=True)
     search = out / "search.yaml"
@@ -109,12 +110,12 @@ def demo(
         raise ShoalError(f"--space {space}: choose ps, dfs or hybrid")
     spec = demo_search(built.parents, built.base, built.tasks["xx-math"], budget, seed, space)
     search.write_text(yaml.safe_dump(spec, sort_keys=False))
-    console.print(f"[bold]2/3[/] evolving ({search}) into {out / 'run'}; run again to continue after an interruption")
+    console.print(f"[bold]2/3[/] evolving ({escape(str(search))}) into {escape(str(out / 'run'))}; run again to continue after an interruption")
     summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)
-    console.print(f"[bold]3/3[/] report in {out / 'run' / 'report'}")
+    console.print(f"[bold]3/3[/] report in {escape(str(out / 'run' / 'report'))}")
     written = write_report(out / "run")
     joint = evaluate(built.joint, load_task(built.target), split="test").score
     Console().print(results_table(summary, joint))
     if zoo_size == "default" and space == "ps" and budget == 1000:
         console.print(against_measured(summary, seed), markup=False)
-    console.print(f"best model: [bold]{out / 'run' / 'best'}[/]; report: {written[0]}")
+    console.print(f"best model: [bold]{escape(str(out / 'run' / 'best'))}[/]; report: {escape(str(written[0]))}")

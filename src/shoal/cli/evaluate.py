@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.app import app
@@ -20,9 +21,11 @@ def eval_command(
     task: Annotated[list[Path], typer.Option(help="Task folder or its task.yaml; repeat for several.")],
     split: Annotated[str, typer.Option(help="Split to score, as named in task.yaml.")] = "dev",
     as_json: Annotated[bool, typer.Option("--json", help="Print only a JSON list, one object per task.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Prompts (or prompt-choice pairs) per forward pass.")] = 64,
-    limit: Annotated[int | None, typer.Option(help="Score only the first N items of the split.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts (or prompt-choice pairs) per forward pass.")] = 64,
+    limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of the split.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    allow_pickle: Annotated[bool, typer.Option(
+        help="Also load PyTorch pickle weights (*.bin); unpickling runs code, so only for files you trust.")] = False,
 ) -> None:
     """Score MODEL on each TASK's split."""
     from transformers.utils import logging as transformers_logging
@@ -32,15 +35,15 @@ def eval_command(
 
     transformers_logging.disable_progress_bar()
     tasks = [load_task(t) for t in task]
-    loaded, tokenizer = load_model(model, device)
+    loaded, tokenizer = load_model(model, device, allow_pickle=allow_pickle)
     results = [evaluate(loaded, t, split, tokenizer=tokenizer, batch_size=batch_size, limit=limit) for t in tasks]
     if as_json:
         typer.echo(json.dumps([r.summary() for r in results], indent=2))
         return
-    table = Table(title=f"shoal eval {model}")
+    table = Table(title=escape(f"shoal eval {model}"))
     for column in ("task", "split", "metric", "score", "n", "constraint failures", "seconds"):
         table.add_column(column, justify="right" if column in ("score", "n", "seconds") else "left")
     for r in results:
-        failures = ", ".join(f"{name}: {count}" for name, count in r.constraint_failures.items()) or "-"
-        table.add_row(r.task, r.split, r.metric, f"{r.score:.4f}", str(r.n), failures, f"{r.seconds:.2f}")
+        failures = ", ".join(f"{escape(name)}: {count}" for name, count in r.constraint_failures.items()) or "-"
+        table.add_row(escape(r.task), escape(r.split), r.metric, f"{r.score:.4f}", str(r.n), failures, f"{r.seconds:.2f}")
     Console().print(table)

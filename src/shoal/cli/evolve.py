@@ -8,11 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shoal.cli.app import app
+from shoal.errors import Interrupted, ShoalError
 
 if TYPE_CHECKING:
+    from shoal.search.spec import SearchSpec
     from shoal.search.summary import Summary
 
 
@@ -54,7 +57,7 @@ def run_evolve(
         shown: dict[str, float] = {}
 
         def on_step(name: str) -> None:
-            console.print(f"[dim]{name}[/]")
+            console.print(f"[dim]{escape(name)}[/]")
 
         def on_trial(p: TrialProgress) -> None:
             if p.evaluated == 1:
@@ -63,9 +66,30 @@ def run_evolve(
             rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
             best = f"{p.best:.4f}" if p.best is not None else "-"
             progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate)
+            shown["done"] = p.done
 
-        return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial, workers=workers,
-                      ray_address=ray_address)
+        try:
+            return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial, workers=workers,
+                          ray_address=ray_address)
+        except KeyboardInterrupt:
+            done = _stored(spec, run_dir, int(shown.get("done", 0)))
+            raise Interrupted(f"{done} of {spec.budget} trials are stored for {run_dir}; run the same command again "
+                              "to continue from them (no trial is scored twice)") from None
+
+
+def _stored(spec: SearchSpec, run_dir: Path, shown: int) -> int:
+    """Trials stored for a one-space run, as its storage holds them (the display may lag one behind); for a hybrid
+    run, or where the storage cannot be read, the count shown."""
+    from shoal.search.run_folder import RUN_FILE, read_run
+    from shoal.search.trials import open_study, stored_trials
+
+    try:
+        record = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else None
+        if record is None or record.storage is None or record.study is None:
+            return shown
+        return max(shown, len(stored_trials(open_study(record.storage, spec.search_hash(), record.study))))
+    except (ShoalError, OSError, ValueError, KeyError):
+        return shown
 
 
 @app.command()
@@ -73,9 +97,9 @@ def evolve(
     search: Annotated[Path, typer.Argument(help="Search file (YAML): parents, method, genome, tasks, budget.")],
     run_dir: Annotated[Path, typer.Argument(help="Run folder; run again on the same folder to continue.")],
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal file (default: RUN_DIR/study.log).")] = None,
-    budget: Annotated[int | None, typer.Option(help="Trials in all (overrides the search file's).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 suits tiny models).")] = None,
-    workers: Annotated[int, typer.Option(help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
+    budget: Annotated[int | None, typer.Option(min=1, help="Trials in all (overrides the search file's).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (1 suits tiny models).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
 ) -> None:
     """Evolve a merge (ps), a layer path (dfs) or both (hybrid) with CMA-ES into RUN_DIR (best/, summary.json)."""
@@ -83,5 +107,5 @@ def evolve(
     best = summary.best
     Console(stderr=True).print(
         f"best trial #{best.trial}: dev {best.dev:.4f}, test {best.test:.4f}; "
-        f"model in [bold]{run_dir / 'best'}[/], summary in {run_dir / 'summary.json'}"
+        f"model in [bold]{escape(str(run_dir / 'best'))}[/], summary in {escape(str(run_dir / 'summary.json'))}"
     )

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from shoal import yamlfile
 from shoal.cli.app import app
 from shoal.cli.progress import bar
+from shoal.errors import Interrupted, ShoalError
 
 
 @app.command()
@@ -19,11 +23,14 @@ def merge(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for random methods (overrides the recipe's).")] = None,
-    shard_size: Annotated[float, typer.Option(help="Largest shard, in GB.")] = 2.0,
+    shard_size: Annotated[float, typer.Option(help="Largest shard, in GB (more than 0).")] = 2.0,
 ) -> None:
     """Merge the parents named in RECIPE into a new model folder OUT_DIR."""
     from shoal.merge.engine import run_merge
     from shoal.recipe import load_recipe
+
+    if not (math.isfinite(shard_size) and shard_size * 1024**3 >= 1):
+        raise ShoalError(f"--shard-size {shard_size}: give the largest shard's size in GB, a number above 0")
 
     parsed = load_recipe(recipe)
     if seed is not None:
@@ -40,12 +47,15 @@ def merge(
         run_merge(
             parsed,
             out_dir,
-            recipe_text=recipe.read_text() if seed is None else None,
+            recipe_text=yamlfile.read_text(recipe) if seed is None else None,
             device=device,
             overwrite=overwrite,
             max_shard_bytes=int(shard_size * 1024**3),
             on_tensor=show,
         )
+    except KeyboardInterrupt:
+        kept = "the earlier OUT_DIR is unchanged" if overwrite and out_dir.exists() else "nothing was written"
+        raise Interrupted(f"{out_dir}: {kept} (no half-written model is left); run the command again to merge") from None
     finally:
         progress.stop()
-    Console(stderr=True).print(f"wrote [bold]{out_dir}[/]")
+    Console(stderr=True).print(f"wrote [bold]{escape(str(out_dir))}[/]")

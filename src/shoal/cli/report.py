@@ -24,4 +24,4 @@ def report(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     console = Console()
     for path in write_report(run_dir, storage):
-        console.print(str(path), highlight=False, soft_wrap=True)
+        console.print(str(path), highlight=False, soft_wrap=True, markup=False)

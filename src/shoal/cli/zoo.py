@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.app import app
@@ -76,16 +77,16 @@ def build(
     table.add_column("what")
     table.add_column("name")
     table.add_column("path")
-    table.add_row("base", "base", str(zoo.base))
+    table.add_row("base", "base", escape(str(zoo.base)))
     for name, path in zoo.parents.items():
-        table.add_row(f"parent ({zoo.skills[name]})", name, str(path))
-    table.add_row("baseline (joint fine-tune)", zoo.joint.name, str(zoo.joint))
+        table.add_row(f"parent ({zoo.skills[name]})", name, escape(str(path)))
+    table.add_row("baseline (joint fine-tune)", escape(zoo.joint.name), escape(str(zoo.joint)))
     for name, path in zoo.tasks.items():
-        table.add_row(f"task ({zoo.roles[name]})", name, str(path))
+        table.add_row(f"task ({zoo.roles[name]})", name, escape(str(path)))
     if part:
-        table.add_row(f"VLM parent ({part.skills[part.vlm.name]})", part.vlm.name, str(part.vlm))
+        table.add_row(f"VLM parent ({part.skills[part.vlm.name]})", part.vlm.name, escape(str(part.vlm)))
         for name, path in part.tasks.items():
-            table.add_row(f"task ({part.roles[name]}, images)", name, str(path))
+            table.add_row(f"task ({part.roles[name]}, images)", name, escape(str(path)))
     Console().print(table)
     how = f"built in {seconds:.0f} s" if trained else "already built with these settings; reused"
-    Console(stderr=True).print(f"zoo at [bold]{zoo.root}[/]: {how}")
+    Console(stderr=True).print(f"zoo at [bold]{escape(str(zoo.root))}[/]: {how}")

@@ -24,6 +24,8 @@ from transformers import (
 )
 
 from shoal import layout
+from shoal.checkpoint.reader import check_weights, pickle_hint, read_json_object
+from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.evaluate import backend, metrics, vision
 from shoal.evaluate.task import GENERATION_METRICS, Item, Task
@@ -122,17 +124,31 @@ def is_vision_language(path: str | Path) -> bool:
         return False
 
 
-def load_model(path: str | Path, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
+def load_model(
+    path: str | Path, device: str, *, allow_pickle: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
     """A model and what prepares its inputs from an HF folder, in the dtype the folder stores: a causal LM and its
     tokenizer, or (see is_vision_language) an image-text-to-text model and its processor (its tokenizer where the
-    processor cannot be built, e.g. without torchvision: then only text tasks can be scored)."""
+    processor cannot be built, e.g. without torchvision: then only text tasks can be scored).
+
+    Only safetensors weights are read, checked from their headers first, unless allow_pickle: then PyTorch pickle
+    files (*.bin), which can run code when loaded, are accepted too."""
     path = Path(path)
+    check_device(device)
     if not (path / "config.json").is_file():
         raise ShoalError(f"{path} is not a model folder (no config.json); pass a folder written by save_pretrained")
+    read_json_object(path / "config.json", "config.json")
+    if not allow_pickle:
+        try:
+            check_weights(path)
+        except ShoalError as exc:
+            if not pickle_hint(path):
+                raise
+            raise ShoalError(f"{exc}; or, if you trust it, pass --allow-pickle (allow_pickle=True)") from None
     vlm = is_vision_language(path)
     auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(path, dtype="auto").to(device)
+        model = auto.from_pretrained(path, dtype="auto", use_safetensors=None if allow_pickle else True).to(device)
     except (OSError, ValueError) as exc:
         raise ShoalError(f"{path}: cannot load the model ({exc})") from exc
     if vlm:

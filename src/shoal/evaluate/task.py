@@ -227,12 +227,12 @@ def load_task(path: str | Path) -> Task:
     yaml_path = path / "task.yaml" if path.is_dir() else path
     if not yaml_path.is_file():
         raise ShoalError(f"{yaml_path} not found; a task is a folder with task.yaml and one JSONL file per split")
-    spec = parse_spec(yaml_path.read_text(), str(yaml_path))
+    spec = parse_spec(yamlfile.read_text(yaml_path), str(yaml_path))
     folder = yaml_path.parent
     splits = {}
     for split, filename in spec.splits.items():
         file = folder / filename
         if not file.is_file():
             raise ShoalError(f"{yaml_path}: split {split!r} names {filename}, which is not in {folder}")
-        splits[split] = parse_items(file.read_text(), str(file), spec, folder)
+        splits[split] = parse_items(yamlfile.read_text(file), str(file), spec, folder)
     return Task(spec=spec, folder=folder, splits=splits)

@@ -12,6 +12,7 @@ import yaml
 from shoal.checkpoint import files
 from shoal.checkpoint.reader import Checkpoint, open_checkpoint
 from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
+from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.merge.plan import MergePlan, TensorJob, build_plan
 from shoal.merge.registry import METHODS, MergeCall
@@ -154,8 +155,9 @@ def run_merge(
     Everything that can be checked without reading tensor data (parents, names, shapes, parameters) is
     checked first; on_tensor(0, total) is called once that passed, then after each tensor.
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ShoalError(f"--device {device}: no CUDA GPU is available here")
+    check_device(device)
+    if max_shard_bytes < 1:
+        raise ShoalError(f"shard size {max_shard_bytes} bytes: give a positive size")
     parents = open_parents(recipe)
     plan: MergePlan = build_plan(recipe, parents)
     tokenizer_dir = _tokenizer_source(recipe, parents, plan.reference)

@@ -65,6 +65,21 @@ class MergeMethod:
     def parameters(self) -> set[str]:
         return set(self.per_model) | set(self.shared)
 
+    def kind(self, name: str) -> Kind:
+        """What a value of parameter `name` must be: a switch (its default is a bool), else a finite number in
+        the range RANGES gives (any number if none)."""
+        default = {**self.per_model, **self.shared}[name]
+        return "bool" if isinstance(default, bool) else "number"
+
+
+Kind = Literal["bool", "number"]
+
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "density": (lambda v: 0 < v <= 1, "(0, 1]"),
+    "gamma": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "t": (lambda v: 0 <= v <= 1, "[0, 1]"),
+}
+"""Parameters whose numbers have a meaning only in a range: the test, and the range as errors state it."""
 
 
 def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], torch.Tensor]:

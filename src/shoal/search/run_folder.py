@@ -62,9 +62,12 @@ Record = TypeVar("Record", bound=BaseModel)
 def read_record(model: type[Record], path: Path, what: str) -> Record:
     """A JSON file of the run folder as its model; errors say which file and which field."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes())
     except json.JSONDecodeError as exc:
         raise ShoalError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        why = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
+        raise ShoalError(f"{path} is not valid JSON ({why})") from None
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from shoal import yamlfile
+from shoal import devices, yamlfile
 from shoal.errors import ShoalError
 from shoal.search.storage import is_journal
 
@@ -27,7 +27,9 @@ SEARCHABLE_METHODS = ("dare_ties", "ties", "task_arithmetic", "dare_linear", "li
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are refused, and so are a NaN or an infinity where a number is expected."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class GenomeSpec(Strict):
@@ -130,6 +132,13 @@ class SearchSpec(Strict):
     def _known_method(cls, value: str) -> str:
         if value not in SEARCHABLE_METHODS:
             raise ValueError(f"method {value!r} cannot be searched (searchable: {', '.join(SEARCHABLE_METHODS)})")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not devices.is_device_name(value):
+            raise ValueError(f"unknown device {value!r} ({devices.ACCEPTED})")
         return value
 
     @field_validator("parents")
@@ -258,4 +267,4 @@ def load_search(path: str | Path) -> SearchSpec:
     path = Path(path)
     if not path.is_file():
         raise ShoalError(f"search file {path} not found")
-    return parse_search(path.read_text(), str(path), path.parent)
+    return parse_search(yamlfile.read_text(path), str(path), path.parent)

@@ -1,0 +1,103 @@
+"""Ctrl-C (SIGINT) stops `shoal merge` and `shoal evolve` with exit code 130 and one line saying what was kept:
+no half-written model, and for a search the stored trials that a rerun continues from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_recipe
+
+SLOW_MERGE = """
+import sys, time
+import shoal.merge.engine as engine
+real = engine.merge_tensor
+def slow(*args, **kwargs):
+    time.sleep(0.1)
+    return real(*args, **kwargs)
+engine.merge_tensor = slow
+from shoal.cli import main
+sys.argv = ["shoal", *sys.argv[1:]]
+main()
+"""
+
+
+def _wait_for(condition, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _finished(log: Path) -> int:
+    """Trials stored in a run's journal so far."""
+    import optuna
+
+    from shoal.search.storage import open_storage
+
+    if not log.exists():
+        return 0
+    try:
+        study = optuna.load_study(study_name="shoal", storage=open_storage(str(log)))
+    except KeyError:  # the study is not made yet
+        return 0
+    return sum(t.state.is_finished() for t in study.trials)
+
+
+def _last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_ctrl_c_during_merge_exits_130_and_leaves_nothing_half_written(parents, tmp_path, overwrite) -> None:
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(parents[n]), "parameters": {"weight": 1.0}} for n in ("a", "b")]})
+    out = tmp_path / "out"
+    if overwrite:
+        out.mkdir()
+        (out / "old").write_text("kept")
+    args = [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out)] + (["--overwrite"] if overwrite else [])
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(p.name.startswith(".out.tmp-") and any(p.glob("*.safetensors"))
+                          for p in tmp_path.iterdir()))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    line = _last_line(err)
+    assert line.startswith(f"interrupted: {out}: ") and "no half-written model is left" in line
+    assert ("earlier OUT_DIR is unchanged" if overwrite else "nothing was written") in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out", "recipe.yaml"] if overwrite else ["recipe.yaml"])
+    if overwrite:
+        assert [p.name for p in out.iterdir()] == ["old"]
+
+
+def test_ctrl_c_during_evolve_exits_130_and_says_how_many_trials_are_kept(zoo, tmp_path) -> None:
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({
+        "base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
+        "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 400,
+        "seed": 5}))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run / "study.log"
+    _wait_for(lambda: _finished(log) >= 3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    line = _last_line(err)
+    assert line.startswith("interrupted: ") and "of 400 trials are stored" in line
+    assert "run the same command again to continue" in line
+    stored = int(line.split("interrupted: ")[1].split(" of ")[0])
+    assert stored >= 3
+    assert not (run / "summary.json").exists() and not (run / "best").exists()
+    assert json.loads((run / "run.json").read_text())["sessions"][-1]["finished"] is False
