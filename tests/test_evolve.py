@@ -115,7 +115,7 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -
     poisoned = lambda values: values | {"math.weight.layers0-1": float("inf")}
     calls = []
 
-    def objective(values, seed, upcoming=None):
+    def objective(values, seed, upcoming=None, generation=None):
         calls.append(seed)
         if len(calls) == 1:  # trial 1 is merged in the background during trial 0, with NaN weights: refused
             upcoming = (poisoned(upcoming[0]), upcoming[1])
@@ -190,7 +190,7 @@ def test_demo_builds_evolves_reports_and_prints_the_table(zoo, tmp_path, run_cli
     run = tmp_path / "demo" / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trials"] == 6 and (run / "best" / "config.json").is_file()
-    assert {p.name for p in (run / "report").iterdir()} == {"report.md", "fitness.png", "recipe.png"}
+    assert {p.name for p in (run / "report").iterdir()} == {"report.md", "fitness.png", "compute.png", "recipe.png"}
     assert "untuned merge: ties" in out and f"{100 * summary['best']['test']:.1f}" in out
 
 
@@ -262,7 +262,7 @@ def test_a_search_whose_whole_generation_fails_alike_stops_with_the_reason(zoo, 
     search = load_search(_search(zoo, tmp_path, budget=30))
     genome = ParameterSpace(search).genome
 
-    def broken(values, seed, upcoming=None):
+    def broken(values, seed, upcoming=None, generation=None):
         raise RuntimeError("shape mismatch in layer 3")
 
     study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "x")
@@ -286,7 +286,7 @@ def test_a_failed_trial_is_told_below_every_score_even_without_a_floor(zoo, tmp_
 
     calls = []
 
-    def objective(values, seed, upcoming=None):
+    def objective(values, seed, upcoming=None, generation=None):
         calls.append(seed)
         if len(calls) == 3:
             raise RuntimeError("boom")

@@ -241,6 +241,11 @@ def test_report_of_a_run_shoal_evolve_made_agrees_with_its_summary(zoo, run_cli,
     best = summary.best
     assert f"evolved (best dev trial #{best.trial})** | **{best.dev:.4f}** | **{best.test:.4f}** |" in md
     assert f"- trials: 4 done ({summary.failed_trials} failed), budget 4" in md
+    assert summary.compute is not None and f"- compute: {summary.compute.items:,} dev items scored" in md
+    assert "- fitness: full" in md and "- final model: the best on the whole dev split of the top 5 trials" in md
+    assert f"- picked trial #{best.trial}: search fitness {best.search:.4f}, whole dev {best.dev:.4f}" in md
+    assert "](compute.png)" in md
+    assert_png(run / "report" / "compute.png")
     trials = load_run(run).trials
     assert [t.index for t in trials] == [0, 1, 2, 3]
     assert max((t for t in trials if not t.failed), key=lambda t: (t.value, -t.index)).index == best.trial

@@ -26,6 +26,7 @@ def trial_bar() -> Progress:
         MofNCompleteColumn(),
         TextColumn("best dev {task.fields[best]}"),
         TextColumn("{task.fields[rate]} trials/min"),
+        TextColumn("{task.fields[items]} items scored"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
@@ -53,7 +54,7 @@ def run_evolve(
         torch.set_num_threads(threads)
     console = Console(stderr=True)
     with trial_bar() as progress:
-        task = progress.add_task("trials", total=spec.budget, best="-", rate="-")
+        task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0)
         shown: dict[str, float] = {}
 
         def on_step(name: str) -> None:
@@ -65,7 +66,7 @@ def run_evolve(
             minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
             rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
             best = f"{p.best:.4f}" if p.best is not None else "-"
-            progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate)
+            progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=f"{p.items:,}")
             shown["done"] = p.done
 
         try:

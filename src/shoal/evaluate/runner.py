@@ -43,6 +43,8 @@ class EvalResult:
     constraint_failures: dict[str, int]
     seconds: float
     outputs: list[str] | None = field(default=None, repr=False)
+    tokens: int = 0
+    """Tokens generated (the outputs as the tokenizer counts them); 0 for log-likelihood metrics."""
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready fields (everything but outputs)."""
@@ -304,6 +306,8 @@ def evaluate(
         scores, failures, outputs = _score(task, split, model, tokenizer, processor, batch_size, limit, generator)
     finally:
         model.train(training)
+    seconds = time.perf_counter() - start
+    generated = outputs is not None and task.metric in GENERATION_METRICS
     return EvalResult(
         task=task.name,
         split=split,
@@ -311,6 +315,7 @@ def evaluate(
         score=sum(scores) / len(scores),
         n=len(scores),
         constraint_failures=failures,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         outputs=outputs if return_outputs else None,
+        tokens=sum(len(tokenizer.encode(out, add_special_tokens=False)) for out in outputs) if generated else 0,
     )

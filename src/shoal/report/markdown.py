@@ -96,7 +96,29 @@ def _finished(s: Summary) -> list[str]:
     per = s.seconds_per_trial
     parts = [f"{name} {v:.3g} s" for name, v in (("merge", per.merge), ("eval", per.eval), ("total", per.total))]
     lines.append(f"- seconds per trial: {', '.join(parts)}")
-    return lines + [""]
+    return lines + _fitness(s) + [""]
+
+
+def _fitness(s: Summary) -> list[str]:
+    """How trials were scored, what it cost, and how the final model was picked (runs that record it)."""
+    lines = []
+    if s.fitness is not None:
+        lines.append(f"- fitness: {s.fitness}")
+    if s.compute is not None:
+        lines.append(f"- compute: {s.compute.items:,} dev items scored, {s.compute.tokens:,} tokens generated")
+    if s.selection is not None:
+        sel = s.selection
+        lines.append("- splits: dev for the search fitness and the final pick; test only for the scores above "
+                     "(a task whose dev items repeat test prompts is refused)")
+        lines.append(f"- final model: the best on the whole {sel.on} split of the top {sel.top} trials by search "
+                     f"fitness ({sel.cost.items:,} items scored again)")
+        lines += ["", "| trial | search fitness | whole dev |", "|--:|--:|--:|"]
+        lines += [f"| {'**#%d**' % r.trial if r.trial == s.best.trial else '#%d' % r.trial} | {score(r.search)} | "
+                  f"{score(r.dev)} |" for r in sel.rescored]
+        if s.best.search is not None:
+            lines += ["", f"- picked trial #{s.best.trial}: search fitness {score(s.best.search)}, whole dev "
+                          f"{score(s.best.dev)}, test {score(s.best.test)}"]
+    return lines
 
 
 def _best_path(best: Best) -> list[str]:

@@ -114,6 +114,28 @@ def plot_fitness(
     return Path(path)
 
 
+def plot_compute(path: Path, items: Sequence[int], values: Sequence[float | None],
+                 title: str = "best so far by compute") -> Path:
+    """Save the best-so-far fitness against the dev items scored so far (trials in index order)."""
+    fig = _figure(9, 5)
+    ax = fig.add_subplot()
+    spent, total = [], 0
+    for n in items:
+        total += n
+        spent.append(total)
+    running = [(x, b) for x, b in zip(spent, best_so_far(values)) if b is not None]
+    if running:
+        ax.step([x for x, _ in running], [b for _, b in running], where="post", color="tab:orange", linewidth=1.8,
+                label="best so far")
+    ax.set_xlabel("dev items scored")
+    ax.set_ylabel("best fitness so far (search)")
+    ax.set_title(title)
+    ax.grid(color="0.92", linewidth=0.7)
+    ax.set_axisbelow(True)
+    fig.savefig(path)
+    return Path(path)
+
+
 def plot_recipe(path: Path, matrix: RecipeMatrix, title: str = "best recipe") -> Path:
     """Save a heatmap of `matrix`, rows grouped by row label, values written in the cells when few columns."""
     import numpy as np

@@ -8,7 +8,7 @@ from pathlib import Path
 from shoal.errors import ShoalError
 from shoal.report.load import HybridRun, Run, load_hybrid, load_run, run_space
 from shoal.report.markdown import render_hybrid_markdown, render_markdown
-from shoal.report.plots import plot_fitness, plot_path, plot_recipe, recipe_matrix
+from shoal.report.plots import plot_compute, plot_fitness, plot_path, plot_recipe, recipe_matrix
 
 
 def write_report(folder: Path, storage: str | None = None) -> list[Path]:
@@ -39,6 +39,9 @@ def write_run_report(run: Run, out: Path) -> list[Path]:
             title=f"{title}: fitness by trial" if title else "fitness by trial",
         )
     ]
+    if any(t.items for t in run.trials):  # runs that count the items they score
+        written.append(plot_compute(out / "compute.png", [t.items for t in run.trials], [t.value for t in run.trials],
+                                    title=f"{title}: best so far by compute" if title else "best so far by compute"))
     if run.summary is not None:
         best = run.summary.best
         trial = f" (trial #{best.trial})"

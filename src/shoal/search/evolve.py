@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 
 from shoal.search import run_folder
-from shoal.search.final_scores import FinalScores, best_trial, score_on_test
-from shoal.search.fitness import WeightedTask, load_tasks, search_fitness, weighted
-from shoal.search.loop import Evaluator, Progress, SerialEvaluator, run_trials
+from shoal.search.final_scores import FinalScores, score_on_test
+from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, search_fitness, weighted
+from shoal.search.loop import Evaluator, Progress, SerialEvaluator, attempt, run_trials
 from shoal.search.optimizer import CmaEs
+from shoal.search.select import Selection, select, stored_score
 from shoal.search.spaces import Space, genome_of, make_space
 from shoal.search.spec import SearchSpec
-from shoal.search.summary import Best, SecondsPerTrial, StageResult, Summary
+from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
+from shoal.search.summary import Selection as SelectionRecord
 from shoal.search.trials import STUDY_NAME, Trial, open_study, stored_trials
 
 
@@ -55,8 +57,8 @@ def evolve(
         return _evolve_hybrid(spec, Path(run_dir), storage, on_step, on_trial, workers, ray_address)
     run_dir = Path(run_dir)
     start = time.perf_counter()
+    tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
     record = run_folder.open_run(spec, run_dir, storage, study)
-    tasks = load_tasks(spec)
     on_step("loading parents")
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
@@ -70,13 +72,15 @@ def evolve(
         study = open_study(record.storage, spec.search_hash(), record.study)
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
+    fitness: DevFitness | None = None
     if parallel:
         from shoal.search.workers import RayEvaluator
 
         evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
     else:
         assert space is not None
-        evaluator = SerialEvaluator(search_fitness(spec, space, tasks))
+        fitness = search_fitness(spec, space, tasks)
+        evaluator = SerialEvaluator(fitness)
     shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
     try:
         run_trials(
@@ -96,30 +100,50 @@ def evolve(
         evaluator.close()
         run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=False, new=True)
     trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[: spec.budget]
-    best = best_trial(trials)
     space = space or make_space(spec)
+    selection = _select(spec, space, tasks, trials, fitness, on_step)
+    best = selection.pick.trial
     on_step("writing the best model")
     space.export(best.params, best.seed, run_dir / run_folder.BEST_DIR)
     on_step("scoring on the test split")
     test = score_on_test(spec, space, tasks, run_dir / run_folder.BEST_DIR)
     wall = run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=True, new=False)
-    summary = _summary(spec, space, tasks, trials, best, test, optimizer.population, wall, len(record.sessions))
+    summary = _summary(spec, space, tasks, trials, selection, test, optimizer.population, wall, len(record.sessions))
     run_folder.write_summary(run_dir, summary)
     return summary
 
 
-def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: list[Trial], best: Trial,
+def _select(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: list[Trial],
+            fitness: DevFitness | None, on_step: OnStep) -> Selection:
+    """The trial whose model the run ends with: the best of the top trials by search fitness on the whole dev split."""
+    if spec.fitness.mode == "full":  # the search fitness is the whole-dev score already
+        return select(trials, spec.select.top, stored_score)
+    on_step(f"re-scoring the top {spec.select.top} trials on the whole dev split")
+    fitness = fitness or search_fitness(spec, space, tasks)
+    return select(trials, spec.select.top, lambda t: attempt(fitness, t.params, t.seed))
+
+
+def _fitness_name(spec: SearchSpec) -> str:
+    if spec.fitness.mode == "subset":
+        return f"subset ({spec.fitness.items} dev items per task and generation)"
+    return spec.fitness.mode
+
+
+def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: list[Trial], selection: Selection,
              test: FinalScores, population: int, wall_seconds: float, sessions: int) -> Summary:
     complete = [t for t in trials if not t.failed]
     mean = lambda seconds: sum(seconds(t) for t in complete) / len(complete)
     merge, eval_ = mean(lambda t: t.merge_seconds), mean(lambda t: t.eval_seconds)
+    best, whole = selection.pick.trial, selection.pick.evaluation
     assert best.value is not None
+    rescored = [Rescored(trial=r.trial.index, search=r.trial.value, dev=r.evaluation.fitness)
+                for r in selection.rescored if r.trial.value is not None]
     return Summary(
         target=run_folder.target(spec),
         method=run_folder.method(spec),
         space=spec.space,
-        best=Best(trial=best.index, dev=best.value, test=weighted(tasks, test.best), dev_scores=best.dev_scores,
-                  test_scores=test.best, **space.describe(best.params, best.seed)),
+        best=Best(trial=best.index, dev=whole.fitness, test=weighted(tasks, test.best), search=best.value,
+                  dev_scores=whole.scores, test_scores=test.best, **space.describe(best.params, best.seed)),
         parents=test.parents,
         untuned=test.untuned,
         trials=len(trials),
@@ -132,7 +156,18 @@ def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: 
         threads=torch.get_num_threads(),
         wall_seconds=wall_seconds,
         sessions=sessions,
+        fitness=_fitness_name(spec),
+        compute=Cost(items=sum(t.items for t in trials), tokens=sum(t.tokens for t in trials)),
+        selection=SelectionRecord(
+            top=spec.select.top, on=spec.select.on, rescored=rescored,
+            cost=Cost(items=sum(r.evaluation.items for r in selection.rescored),
+                      tokens=sum(r.evaluation.tokens for r in selection.rescored)),
+        ),
     )
+
+
+def _added(a: Cost | None, b: Cost | None) -> Cost | None:
+    return None if a is None or b is None else Cost(items=a.items + b.items, tokens=a.tokens + b.tokens)
 
 
 def _evolve_hybrid(
@@ -170,6 +205,7 @@ def _evolve_hybrid(
         "failed_trials": ps.failed_trials + dfs.failed_trials,
         "budget": ps.budget + dfs.budget,
         "wall_seconds": ps.wall_seconds + dfs.wall_seconds,
+        "compute": _added(ps.compute, dfs.compute),
     })
     run_folder.write_summary(run_dir, summary)
     return summary

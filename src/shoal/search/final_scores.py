@@ -1,5 +1,5 @@
-"""The end of a search: its best trial exported, then scored on the test split beside the base, the parents,
-merges made without a search, and the search's start."""
+"""The end of a search: the picked trial's model (search.select) scored on the test split beside the base, the
+parents, merges made without a search, and the search's start."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from shoal.checkpoint.reader import open_checkpoint
-from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.fitness import WeightedTask, scores, weighted
 from shoal.search.spaces import Space
 from shoal.search.spec import SearchSpec
-from shoal.search.trials import Trial
 
 
 @dataclass
@@ -26,14 +24,6 @@ class FinalScores:
     """Weighted test score of the base and each parent."""
     untuned: dict[str, float]
     """Weighted test score of each untuned merge and of the search's start."""
-
-
-def best_trial(trials: list[Trial]) -> Trial:
-    """The trial with the highest dev fitness, the earliest of equal bests."""
-    complete = [t for t in trials if t.value is not None]
-    if not complete:
-        raise ShoalError(f"every trial failed; the first (trial {trials[0].index}): {trials[0].error}")
-    return max(complete, key=lambda t: (t.value, -t.index))
 
 
 def untuned_recipes(spec: SearchSpec) -> dict[str, dict[str, Any]]:

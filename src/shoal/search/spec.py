@@ -63,6 +63,30 @@ class DataFlowSpec(Strict):
         return self
 
 
+class FitnessSpec(Strict):
+    """How a candidate is scored: on every dev item (`full`), or on `items` dev items per task drawn afresh for each
+    CMA-ES generation from the search's seed and the generation's index, the same items for all its candidates
+    (`subset`: common random numbers, so the ranking CMA-ES uses compares like with like)."""
+
+    mode: Literal["full", "subset"] = "full"
+    items: int | None = Field(None, ge=1)
+    """subset: dev items per task and generation (a task with fewer is scored whole)."""
+
+    @model_validator(mode="after")
+    def _sized(self) -> FitnessSpec:
+        if (self.mode == "subset") != (self.items is not None):
+            raise ValueError("fitness: give items (dev items per generation) with mode subset, and only then")
+        return self
+
+
+class SelectSpec(Strict):
+    """How the final model is picked: the `top` trials by search fitness are scored again on the whole dev split
+    (with the DARE seed each trial stored) and the best of those scores wins."""
+
+    top: int = Field(5, ge=1)
+    on: Literal["dev"] = "dev"
+
+
 class LmEvalRef(Strict):
     """A task of lm-evaluation-harness: from its registry, or from YAML files under `include`."""
 
@@ -113,6 +137,8 @@ class SearchSpec(Strict):
     storage: str | None = None
     """Optuna storage URL, or the path of an Optuna journal file (relative to the search file); default
     RUN_DIR/study.log."""
+    fitness: FitnessSpec = FitnessSpec()
+    select: SelectSpec = SelectSpec()
     batch_size: int = Field(256, ge=1)
     device: str = "cpu"
     overlap: bool = True
@@ -203,11 +229,12 @@ class SearchSpec(Strict):
     def search_hash(self) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
         part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
-        batch size, device, overlap or engine, nor the data-flow settings of a parameter-space search. Local
-        paths count as the search file wrote them, so machines that keep the same files in other folders share
-        a study."""
+        batch size, device, overlap, engine or final selection, nor the data-flow settings of a parameter-space
+        search. Local paths count as the search file wrote them, so machines that keep the same files in other
+        folders share a study."""
         excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
                                        "overlap": True, "engine": True, "vllm": True,
+                                       "select": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
         kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

@@ -20,12 +20,15 @@ class PathStep(_Record):
 
 
 class Best(_Record):
-    """The best dev trial: its scores, and the recipe (parameter space) or the path (data-flow space) it built."""
+    """The picked trial: its scores, and the recipe (parameter space) or the path (data-flow space) it built."""
 
     trial: int
     """Its index in the search."""
     dev: float
+    """Its score on the whole dev split, which picked it among the top trials by search fitness (`selection`)."""
     test: float
+    search: float | None = None
+    """Its search fitness (the score that put it among the top trials; on a subset of dev in fitness mode subset)."""
     dev_scores: dict[str, float]
     test_scores: dict[str, float]
     recipe: dict[str, Any] | None = None
@@ -40,6 +43,32 @@ class Best(_Record):
     """DFS: the layout's parents; the first gives the embeddings and the head."""
     slots: int | None = None
     """DFS: T, the slots the path chose from."""
+
+
+class Cost(_Record):
+    """What scoring cost: dev items scored and tokens generated (tokens are not counted for lm-eval tasks)."""
+
+    items: int
+    tokens: int
+
+
+class Rescored(_Record):
+    """One of the top trials by search fitness, scored again on the whole dev split."""
+
+    trial: int
+    search: float
+    dev: float
+
+
+class Selection(_Record):
+    """How the final model was picked: the `top` trials by search fitness re-scored `on` a split, the best kept."""
+
+    top: int
+    on: str
+    rescored: list[Rescored]
+    """Best search fitness first."""
+    cost: Cost
+    """Of the re-scoring (nothing in fitness mode full: the search fitness is already the whole-dev score)."""
 
 
 class SecondsPerTrial(_Record):
@@ -83,3 +112,9 @@ class Summary(_Record):
     """How many times `shoal evolve` ran on the folder (a resumed run: more than one)."""
     stages: dict[str, StageResult] | None = None
     """Hybrid runs: each stage's best."""
+    fitness: str | None = None
+    """How trials were scored: full, or subset (N dev items per task and generation)."""
+    compute: Cost | None = None
+    """What the search's trials cost in all (not the selection's re-scoring, nor the test scores)."""
+    selection: Selection | None = None
+    """How the best trial was picked (a hybrid run: in its last stage)."""

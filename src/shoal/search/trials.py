@@ -40,6 +40,10 @@ class Evaluation:
     """Time the trial waited for its merge (less than merge_compute_seconds when it was merged ahead)."""
     eval_seconds: float
     merge_compute_seconds: float = 0.0
+    items: int = 0
+    """Dev items scored (over all tasks)."""
+    tokens: int = 0
+    """Tokens generated while scoring them."""
 
 
 Outcome = Evaluation | str
@@ -60,6 +64,10 @@ class Trial:
     merge_seconds: float = 0.0
     merge_compute_seconds: float = 0.0
     eval_seconds: float = 0.0
+    items: int = 0
+    """Dev items scored (0 for a failed trial)."""
+    tokens: int = 0
+    """Tokens generated while scoring them."""
 
     @property
     def failed(self) -> bool:
@@ -71,7 +79,7 @@ class Trial:
             return cls(job.index, job.generation, job.seed, job.values, None, error=outcome)
         return cls(job.index, job.generation, job.seed, job.values, outcome.fitness, outcome.scores,
                    merge_seconds=outcome.merge_seconds, merge_compute_seconds=outcome.merge_compute_seconds,
-                   eval_seconds=outcome.eval_seconds)
+                   eval_seconds=outcome.eval_seconds, items=outcome.items, tokens=outcome.tokens)
 
     @classmethod
     def read(cls, stored: FrozenTrial) -> Trial:
@@ -83,6 +91,7 @@ class Trial:
             merge_seconds=attrs.get("merge_seconds", 0.0),
             merge_compute_seconds=attrs.get("merge_compute_seconds", 0.0),
             eval_seconds=attrs.get("eval_seconds", 0.0),
+            items=attrs.get("items", 0), tokens=attrs.get("tokens", 0),
         )
 
     @property
@@ -94,7 +103,8 @@ class Trial:
         if self.failed:
             return {"error": self.error, "dev_scores": {}}
         return {"dev_scores": self.dev_scores, "merge_seconds": self.merge_seconds,
-                "eval_seconds": self.eval_seconds, "merge_compute_seconds": self.merge_compute_seconds}
+                "eval_seconds": self.eval_seconds, "merge_compute_seconds": self.merge_compute_seconds,
+                "items": self.items, "tokens": self.tokens}
 
 
 def job_trial(job: Job, distributions: dict[str, FloatDistribution], state: TrialState, value: float | None = None,

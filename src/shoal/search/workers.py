@@ -33,10 +33,10 @@ class _Worker:
         spec = SearchSpec.model_validate_json(spec_json).model_copy(update={"overlap": False})
         self.fitness = search_fitness(spec, make_space(spec), load_tasks(spec))
 
-    def evaluate(self, values: dict[str, float], seed: int) -> Outcome:
+    def evaluate(self, values: dict[str, float], seed: int, generation: int) -> Outcome:
         from shoal.search.loop import attempt
 
-        return attempt(self.fitness, values, seed)
+        return attempt(self.fitness, values, seed, generation=generation)
 
     def pid(self) -> int:
         return os.getpid()
@@ -89,7 +89,7 @@ class RayEvaluator:
         while queue or running:
             while queue and idle:
                 actor, job = idle.pop(), queue.popleft()
-                running[actor.evaluate.remote(job.values, job.seed)] = (actor, job)
+                running[actor.evaluate.remote(job.values, job.seed, job.generation)] = (actor, job)
             [ref], _ = ray.wait(list(running), num_returns=1)
             actor, job = running.pop(ref)
             try:

@@ -1,0 +1,97 @@
+"""Fitness that costs less: what each fitness mode buys per dev item scored, on the demo zoo, scored on test.
+
+For each seed and mode (`full`, and `subset` with each --subset size), a PS search with the same compute: `full`
+runs --budget trials; a subset of n items runs --budget x N / n trials (N: the target's dev items), so every run
+scores about the same number of dev items. Each run picks its model by re-scoring its top --top trials on the
+whole dev split (`select`). Per run: items and tokens spent, the pick's search fitness, whole-dev score and test
+score, and the gap between the search fitness and test (how much the winner overstates itself).
+
+    python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 8 16 --out runs/fitness-cost --json fitness_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import yaml
+
+from shoal.evaluate import load_task
+from shoal.search.evolve import evolve
+from shoal.search.spec import load_search
+from shoal.zoo import build_zoo
+
+
+def run(seed: int, mode: str, n: int | None, args: argparse.Namespace) -> dict:
+    zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.zoo_size, threads=1)
+    dev = len(load_task(zoo.tasks[args.task]).items("dev"))
+    budget = args.budget if n is None else args.budget * dev // min(n, dev)
+    folder = args.out / f"seed{seed}" / (mode if n is None else f"{mode}{n}")
+    folder.mkdir(parents=True, exist_ok=True)
+    search = {
+        "base": str(zoo.base),
+        "parents": {name: str(path) for name, path in zoo.parents.items()},
+        "method": "dare_ties",
+        "genome": {"layers_per_group": args.layers_per_group},
+        "tasks": [{"path": str(zoo.tasks[args.task])}],
+        "fitness": {"mode": mode} | ({"items": n} if n is not None else {}),
+        "select": {"top": args.top},
+        "budget": budget,
+        "seed": seed,
+    }
+    path = folder / "search.yaml"
+    path.write_text(yaml.safe_dump(search, sort_keys=False))
+    s = evolve(load_search(path), folder / "run")
+    assert s.compute is not None and s.selection is not None and s.best.search is not None
+    return {
+        "seed": seed, "mode": s.fitness, "trials": s.trials, "items": s.compute.items, "tokens": s.compute.tokens,
+        "select_items": s.selection.cost.items, "search": 100 * s.best.search, "dev": 100 * s.best.dev,
+        "test": 100 * s.best.test, "overstated": 100 * (s.best.search - s.best.test),
+        "top_by_search_dev": 100 * s.selection.rescored[0].dev, "wall_seconds": s.wall_seconds,
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=300, help="trials of the full-fitness run")
+    parser.add_argument("--subset", type=int, nargs="*", default=[8, 16], help="subset sizes (dev items per generation)")
+    parser.add_argument("--top", type=int, default=5, help="trials re-scored on the whole dev split at the end")
+    parser.add_argument("--task", default="xx-math")
+    parser.add_argument("--layers-per-group", type=int, default=1)
+    parser.add_argument("--zoo-size", choices=["default", "smoke"], default="default")
+    parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
+    parser.add_argument("--out", type=Path, default=Path("runs/fitness-cost"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    modes = [("full", None)] + [("subset", n) for n in args.subset]
+    rows = []
+    for seed in args.seeds:
+        for mode, n in modes:
+            rows.append(run(seed, mode, n, args))
+            r = rows[-1]
+            print(f"seed {seed} {r['mode']}: {r['trials']} trials, {r['items']} items | search {r['search']:.1f} "
+                  f"dev {r['dev']:.1f} test {r['test']:.1f} (overstated by {r['overstated']:+.1f})", flush=True)
+    print("\n| fitness | trials | dev items | search fitness | whole dev | test | search - test |")
+    print("|:--|--:|--:|--:|--:|--:|--:|")
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        cells = [mean_std([r[k] for r in mine]) for k in ("search", "dev", "test", "overstated")]
+        print(f"| {mode} | {statistics.mean(r['trials'] for r in mine):.0f} | "
+              f"{statistics.mean(r['items'] for r in mine):.0f} | {' | '.join(cells)} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
