@@ -99,3 +99,15 @@ def one_error_line(code: int, err: str, *needles: str) -> str:
     for needle in needles:
         assert needle in line, err
     return line
+
+
+def write_two_split_task(folder: Path) -> Path:
+    """A valid task with a dev and a test split (different prompts): what a search file needs to get past its tasks."""
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "task.yaml").write_text(yaml.safe_dump({"name": "t", "metric": "exact_match",
+                                                      "splits": {"dev": "dev.jsonl", "test": "test.jsonl"}}))
+    (folder / "dev.jsonl").write_text(json.dumps({"prompt": "a b", "answer": "c"}) + "\n")
+    (folder / "test.jsonl").write_text(json.dumps({"prompt": "d e", "answer": "f"}) + "\n")
+    return folder

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 import yaml
-from conftest import one_error_line, write_recipe
+from conftest import one_error_line, write_recipe, write_two_split_task
 
 
 def _recipe(parents) -> dict:
@@ -41,7 +41,7 @@ def test_an_output_name_too_long(run_cli, parents, tmp_path) -> None:
 def test_a_run_folder_that_is_a_file(run_cli, parents, tmp_path) -> None:
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({"base": str(parents["base"]), "parents": {"a": str(parents["a"])},
-                                      "tasks": [{"path": "t"}]}))
+                                      "tasks": [{"path": str(write_two_split_task(tmp_path / "t"))}]}))
     (tmp_path / "run").write_text("a file")
     code, _, err = run_cli("evolve", search, tmp_path / "run")
     one_error_line(code, err, str(tmp_path / "run"))

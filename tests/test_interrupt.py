@@ -29,6 +29,12 @@ main()
 """
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C's default disposition. A child inherits an ignored SIGINT (earlier tests in this process
+    may leave it ignored, e.g. Ray's), and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(condition, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while not condition():
@@ -64,7 +70,8 @@ def test_ctrl_c_during_merge_exits_130_and_leaves_nothing_half_written(parents, 
         out.mkdir()
         (out / "old").write_text("kept")
     args = [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out)] + (["--overwrite"] if overwrite else [])
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     _wait_for(lambda: any(p.name.startswith(".out.tmp-") and any(p.glob("*.safetensors"))
                           for p in tmp_path.iterdir()))
     proc.send_signal(signal.SIGINT)
@@ -87,7 +94,8 @@ def test_ctrl_c_during_evolve_exits_130_and_says_how_many_trials_are_kept(zoo, t
         "seed": 5}))
     run = tmp_path / "run"
     command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     log = run / "study.log"
     _wait_for(lambda: _finished(log) >= 3)
     proc.send_signal(signal.SIGINT)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import one_error_line, write_recipe
+from conftest import one_error_line, write_recipe, write_two_split_task
 
 
 def _linear(*models: Path) -> dict:
@@ -100,7 +100,7 @@ def test_a_task_file_that_is_not_utf8(run_cli, parents, tmp_path) -> None:
 def test_a_corrupt_run_json(run_cli, parents, tmp_path, content, needle) -> None:
     search = tmp_path / "search.yaml"
     search.write_text(yaml.safe_dump({"base": str(parents["base"]), "parents": {"a": str(parents["a"])},
-                                      "tasks": [{"path": "t"}]}))
+                                      "tasks": [{"path": str(write_two_split_task(tmp_path / "t"))}]}))
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_bytes(content)
