@@ -14,17 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from shoal.checkpoint.files import write_config
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
 from shoal.zoo.language import Operands, Sampler, mixture, split_operands
 from shoal.zoo.tasks import items, write_task, write_tasks, xx_constraints
 from shoal.zoo.tokenizer import build_tokenizer
-from shoal.zoo.train import ModelShape, Schedule, llama_config, train
+from shoal.zoo.train import ModelShape, Schedule, llama_config, save_model, train
 
 ZOO_VERSION = 2
 CHECK_SEED = 99  # the training pairs the math parent's drift is checked on
@@ -153,21 +151,6 @@ def settings_hash(seed: int, size: str) -> str:
         "check_seed": CHECK_SEED,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
-    """Write an HF model folder (fp32 safetensors, config, tokenizer) atomically."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict() | {"architectures": ["LlamaForCausalLM"], "dtype": "float32"}
-    write_config(tmp, config)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
 
 
 def _zoo_from_json(root: Path, data: dict) -> Zoo:
@@ -324,7 +307,7 @@ def build_zoo(
         model = LlamaForCausalLM(config)
         tokens = tokenizer.backend_tokenizer
         _train_stage("base", model, mixture(BASE_MIX, operands, HARD_FRACTION), spec.base, seed, tokens, progress)
-        _save(model, tokenizer, root / "models" / "base")
+        save_model(model, tokenizer, root / "models" / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
         steps: dict[str, int] = {}
         with tempfile.TemporaryDirectory() as scratch:
@@ -335,12 +318,12 @@ def build_zoo(
                     until = english_check(model, tokenizer, operands, parent.until_english, spec, Path(scratch) / name)
                 sample = mixture(parent.mix, operands, HARD_FRACTION)
                 steps[name] = _train_stage(name, model, sample, spec.parents[name], seed * 1000 + i, tokens, progress, until)
-                _save(model, tokenizer, root / "models" / name)
+                save_model(model, tokenizer, root / "models" / name)
         model.load_state_dict(base_state)
         joint = joint_schedule(spec, steps)
         _train_stage(JOINT, model, mixture(joint_mix(), operands, HARD_FRACTION), joint, seed * 1000 + len(PARENTS) + 1,
                      tokens, progress)
-        _save(model, tokenizer, root / "models" / JOINT)
+        save_model(model, tokenizer, root / "models" / JOINT)
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -1,15 +1,21 @@
-"""Next-token training of a small Llama on sampled documents: AdamW, linear warm-up, cosine decay, clipping."""
+"""Training the zoo's models (AdamW, linear warm-up, cosine decay, clipping) and writing them as model folders."""
 
 from __future__ import annotations
 
 import math
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from shoal.checkpoint.files import write_config
 
 from shoal.zoo.language import Sampler
 
@@ -67,29 +73,33 @@ def get_batch(docs: list[str], tokenizer: Tokenizer, eos_id: int, pad_id: int) -
     return x, y
 
 
-def train(
-    model: LlamaForCausalLM,
-    sample: Sampler,
-    tokenizer: Tokenizer,
+Batch = dict[str, torch.Tensor]  # the model's keyword inputs for one step, labels included
+
+
+def fit(
+    model: PreTrainedModel,
+    next_batch: Callable[[random.Random], Batch],
     schedule: Schedule,
     seed: int,
     on_step: Callable[[int], None] | None = None,
     until: Callable[[int], bool] | None = None,
+    groups: list[dict[str, Any]] | None = None,
 ) -> list[float]:
-    """Train model in place on documents drawn from sample; return the loss of every step taken.
+    """Train model in place on batches drawn by next_batch(rng); return the loss of every step taken.
 
+    AdamW (β 0.9/0.95, no weight decay), the schedule's warm-up and cosine, clipping. `groups` are AdamW parameter
+    groups with a "scale" each, the share of the schedule's rate they train at (default: every parameter at 1).
     until(step), if given, is asked after every step (the model in eval mode) and ends training when it says so;
     the learning rate follows the whole schedule either way."""
     rng = random.Random(seed)
-    config = model.config
-    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = groups or [{"params": list(model.parameters()), "scale": 1.0}]
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
     losses = []
     for step in range(schedule.steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, schedule)
-        x, y = get_batch([sample(rng) for _ in range(schedule.batch_size)], tokenizer, config.eos_token_id, config.pad_token_id)
-        loss = model(input_ids=x, labels=y).loss
+            group["lr"] = learning_rate(step, schedule) * group["scale"]
+        loss = model(**next_batch(rng)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
@@ -105,3 +115,38 @@ def train(
                 break
     model.eval()
     return losses
+
+
+def train(
+    model: LlamaForCausalLM,
+    sample: Sampler,
+    tokenizer: Tokenizer,
+    schedule: Schedule,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
+    until: Callable[[int], bool] | None = None,
+) -> list[float]:
+    """Train model in place on documents drawn from sample (see fit); return the loss of every step taken."""
+    config = model.config
+
+    def next_batch(rng: random.Random) -> Batch:
+        docs = [sample(rng) for _ in range(schedule.batch_size)]
+        x, y = get_batch(docs, tokenizer, config.eos_token_id, config.pad_token_id)
+        return {"input_ids": x, "labels": y}
+
+    return fit(model, next_batch, schedule, seed, on_step, until)
+
+
+def save_model(model: PreTrainedModel, preprocessor: Any, folder: Path) -> Path:
+    """Write an HF model folder atomically: fp32 safetensors, config.json (architectures = the model's class) and
+    what preprocessor.save_pretrained writes (a tokenizer, or a VLM's processor with its tokenizer)."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    write_config(tmp, model.config.to_dict() | {"architectures": [type(model).__name__], "dtype": "float32"})
+    preprocessor.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import random
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -21,9 +19,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from shoal.checkpoint.files import write_config
 from shoal.zoo.tokenizer import IMAGE
-from shoal.zoo.train import Schedule, learning_rate
+from shoal.zoo.train import Batch, Schedule, fit
 
 
 @dataclass(frozen=True)
@@ -110,44 +107,16 @@ def train_vlm(
     model: LlavaForConditionalGeneration, data: Examples, schedule: Schedule, seed: int, lm_lr_ratio: float = 1.0,
     on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Train every part of model in place on batches drawn from data (AdamW, warm-up, cosine, clipping as the zoo's
-    text training); the language model's learning rate is lm_lr_ratio times the schedule's. Returns each step's loss."""
-    rng = random.Random(seed)
+    """Train every part of model in place on batches drawn from data (the zoo's `fit`); the language model's
+    learning rate is lm_lr_ratio times the schedule's. Returns each step's loss."""
     language = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     chosen = {id(p) for p in language}
     fresh = [p for p in model.parameters() if id(p) not in chosen]
     groups = [{"params": fresh, "scale": 1.0}, {"params": language, "scale": lm_lr_ratio}]
-    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    model.train()
-    losses = []
     n = data.input_ids.shape[0]
-    for step in range(schedule.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, schedule) * group["scale"]
+
+    def next_batch(rng: random.Random) -> Batch:
         batch = torch.tensor([rng.randrange(n) for _ in range(schedule.batch_size)])
-        loss = model(input_ids=data.input_ids[batch], pixel_values=data.pixel_values[batch], labels=data.labels[batch]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step:
-            on_step(step + 1)
-    model.eval()
-    return losses
+        return {"input_ids": data.input_ids[batch], "pixel_values": data.pixel_values[batch], "labels": data.labels[batch]}
 
-
-def save_vlm(model: LlavaForConditionalGeneration, processor: LlavaProcessor, folder: Path) -> Path:
-    """Write a LLaVA folder (fp32 safetensors, config, processor and tokenizer) atomically; it loads with
-    AutoModelForImageTextToText and AutoProcessor."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict() | {"architectures": ["LlavaForConditionalGeneration"], "dtype": "float32"}
-    write_config(tmp, config)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+    return fit(model, next_batch, schedule, seed, on_step, groups=groups)

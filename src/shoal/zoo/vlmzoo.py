@@ -16,8 +16,8 @@ from shoal.errors import ShoalError
 from shoal.zoo.build import Progress, Zoo, _damaged, _fingerprint, load_zoo
 from shoal.zoo.captions import PROMPTS, held_out, training_renders, write_caption_tasks
 from shoal.zoo.language import scene
-from shoal.zoo.train import Schedule
-from shoal.zoo.vlm import VisionShape, examples, from_base, save_vlm, train_vlm
+from shoal.zoo.train import Schedule, save_model
+from shoal.zoo.vlm import VisionShape, examples, from_base, train_vlm
 
 VLM_VERSION = 1
 VLM = "vlm"
@@ -187,7 +187,7 @@ def build_vlm_zoo(
         data = examples(processor, [r.image for r in pool], [PROMPTS["en"]] * len(pool), [scene(r.scene, "en") for r in pool])
         report = (lambda step: progress(VLM, step, spec.schedule.steps)) if progress else None
         train_vlm(model, data, spec.schedule, seed * 1000 + 7, spec.lm_lr_ratio, report)
-        save_vlm(model, processor, root / "models" / VLM)
+        save_model(model, processor, root / "models" / VLM)
     finally:
         torch.set_num_threads(previous_threads)
 
