@@ -28,12 +28,7 @@ from shoal.zoo.vlmzoo import VLM_SIZES, VlmZoo, build_vlm_zoo, load_vlm_zoo
 SMOKE = VLM_SIZES["smoke"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
