@@ -49,7 +49,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     built = time.perf_counter() - start
     zoo_json = json.loads((zoo.root / "zoo.json").read_text())
     models = {"base": zoo.base, **zoo.parents, "joint": zoo.joint}
-    row: dict = {"seed": seed, "build_seconds": built, "steps": {n: p["steps"] for n, p in zoo_json["parents"].items()},
+    row: dict = {"seed": seed, "build_seconds": built, "steps": {"base": zoo_json["base_steps"], **{n: p["steps"] for n, p in zoo_json["parents"].items()}},
                  "models": {name: skills(path, zoo.tasks) for name, path in models.items()}}
     folder = args.out / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)

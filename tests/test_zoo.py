@@ -41,7 +41,9 @@ def test_layout_and_zoo_json_name_base_parents_and_tasks(zoo: Zoo) -> None:
     data = json.loads((zoo.root / "zoo.json").read_text())
     assert data["seed"] == 0 and data["size"] == "smoke" and data["base"] == "base"
     assert {name: p["skill"] for name, p in data["parents"].items()} == {"math": "en-math", "language": "xx-easy"}
-    # the math parent is checked from step 10, every 5 steps, up to its 30; the language parent runs its 15
+    # the base is checked from step 20, every 10, up to its 40; the math parent from step 10, every 5 steps, up to
+    # its 30; the language parent runs its 15
+    assert data["base_steps"] in (20, 30, 40)
     assert data["parents"]["math"]["steps"] in (10, 15, 20, 25, 30) and data["parents"]["language"]["steps"] == 15
     assert {name: t["role"] for name, t in data["tasks"].items()} == {
         "en-math": "skill", "xx-easy": "skill", "xx-math": "target", "union": "union"
@@ -225,19 +227,21 @@ def test_unknown_size_is_an_error(tmp_path: Path) -> None:
         build_zoo(tmp_path, size="huge")
 
 
-def test_a_fine_tune_stops_at_the_first_check_that_finds_enough_english(tmp_path: Path) -> None:
-    """english_check asks only from min_steps on, every check_every steps, and says stop once the share is met."""
-    from transformers import PreTrainedTokenizerFast
+def test_a_stage_stops_at_the_first_check_that_meets_its_rule(tmp_path: Path) -> None:
+    """stop_check asks only from `first` on, every `every` steps, and says stop once the rule's share is met: by
+    answers outside the XX form (english) or by right XX answers (right)."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from shoal.zoo.build import english_check
+    from shoal.zoo.build import Stop, stop_check
 
     built = build_zoo(tmp_path / "z", seed=0, size="smoke")
-    from transformers import LlamaForCausalLM
-
     model = LlamaForCausalLM.from_pretrained(built.parents["math"]).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(built.base)
     operands = split_operands(SIZES["smoke"].held_out)
-    never_xx = english_check(model, tokenizer, operands, 1.0, SIZES["smoke"], tmp_path / "check")
+    never_xx = stop_check(model, tokenizer, operands, Stop("english", 1.0, first=10, every=5), tmp_path / "check")
     assert [step for step in range(1, 31) if never_xx(step)] == [10, 15, 20, 25, 30]  # a smoke model never answers in XX
-    impossible = english_check(model, tokenizer, operands, 1.01, SIZES["smoke"], tmp_path / "check2")
+    impossible = stop_check(model, tokenizer, operands, Stop("english", 1.01, first=10, every=5), tmp_path / "check2")
     assert not any(impossible(step) for step in (10, 15, 20))
+    # a smoke model answers no XX question right: a share of 0 is met at once, any positive share never
+    assert stop_check(model, tokenizer, operands, Stop("right", 0.0, first=3, every=7), tmp_path / "c3")(10)
+    assert not stop_check(model, tokenizer, operands, Stop("right", 0.3, first=3, every=7), tmp_path / "c4")(10)
