@@ -4,20 +4,30 @@ vlm.json's reuse and integrity checks (smoke size)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
+from shoal.search.evolve import evolve
+from shoal.search.spec import load_search
+from shoal.search.storage import open_storage
 from shoal.zoo import Zoo, build_zoo
 from shoal.zoo.captions import PROMPTS, SCENES, held_out, training_renders
 from shoal.zoo.language import EN_LOOK, XX_LOOK, scene
@@ -242,3 +252,87 @@ def test_cli_build_vlm_builds_then_reuses_the_vlm_part(tmp_path: Path, run_cli) 
     assert code == 0 and "reused" in err
     code, out, err = run_cli("zoo", "build", "--out", tmp_path, "--size", "smoke")
     assert code == 0 and "xx-caption" not in out
+
+
+def _f1_target(vlm_zoo: VlmZoo, folder: Path) -> Path:
+    """en-caption scored by token F1 instead of exact match, so that smoke models' scores (their captions are
+    English-like word salad) differ from trial to trial."""
+    shutil.copytree(vlm_zoo.tasks["en-caption"], folder)
+    spec = (folder / "task.yaml").read_text().replace('metric: "exact_match"', 'metric: "token_f1"')
+    (folder / "task.yaml").write_text(spec.replace('name: "en-caption"', 'name: "en-caption-f1"'))
+    return folder
+
+
+def _vlm_search(vlm_zoo: VlmZoo, folder: Path, budget: int) -> Path:
+    spec = {"base": str(vlm_zoo.base), "parents": {"vlm": str(vlm_zoo.vlm), "language": str(vlm_zoo.language)},
+            "method": "dare_ties", "genome": {"layers_per_group": 1, "embeddings": "search"},
+            "tasks": [{"path": str(_f1_target(vlm_zoo, folder / "task"))}], "budget": budget, "seed": 3}
+    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "search.yaml"
+
+
+def _stored(run_dir: Path) -> list[tuple]:
+    study = optuna.load_study(study_name="shoal", storage=open_storage(str(run_dir / "study.log")))
+    return [(t.params, t.value, t.state.name) for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+def test_a_killed_search_on_the_vlm_zoo_resumes_into_the_trials_of_a_whole_run(vlm_zoo: VlmZoo, tmp_path: Path) -> None:
+    """An image-task search with the VLM parent, killed (SIGKILL) in its second generation, resumed from the
+    command line, stores exactly the trials of a run that was never stopped."""
+    population = 10  # 2 parents x (weight, density) x (2 layers + embeddings) = 12 genes: 4 + floor(3 ln 12)
+    budget = 2 * population + 2
+    path = _vlm_search(vlm_zoo, tmp_path, budget)
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, stored = time.time() + 180, 0
+    while stored < population + 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if (killed / "study.log").exists():
+            try:
+                stored = len(_stored(killed))
+            except KeyError:  # the study is not made yet
+                pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _stored(killed)
+    assert population + 3 <= len(before) < budget, "the kill must land inside the search"
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    evolve(load_search(path), tmp_path / "whole")
+    after, whole = _stored(killed), _stored(tmp_path / "whole")
+    assert after[: len(before)] == before and after == whole and len(whole) == budget
+    assert len({value for _, value, _ in whole}) > 1  # the fitness is not flat: the trials are really scored
+    assert json.loads((killed / "best" / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_text_parents_of_a_vlm_search_are_scored_inside_the_vlms_vision_shell(vlm_zoo: VlmZoo, tmp_path: Path) -> None:
+    """The base and the language parent cannot see: each is scored as its language model in the VLM's tower and
+    projector, the same number evaluate gives for that model put together by hand."""
+    summary = evolve(load_search(_vlm_search(vlm_zoo, tmp_path, budget=2)), tmp_path / "run")
+    assert set(summary.parents) == {"base", "vlm", "language"}
+    task = load_task(tmp_path / "task")
+    processor = AutoProcessor.from_pretrained(vlm_zoo.vlm)
+    for name, path in (("base", vlm_zoo.base), ("language", vlm_zoo.language)):
+        shell = LlavaForConditionalGeneration.from_pretrained(vlm_zoo.vlm).eval()
+        state = shell.state_dict()
+        for key, tensor in load_file(path / "model.safetensors").items():
+            state[key.replace("model.", "model.language_model.", 1) if key.startswith("model.") else key] = tensor
+        shell.load_state_dict(state)
+        by_hand = evaluate(shell, task, split="test", processor=processor).score
+        assert summary.parents[name] == pytest.approx(by_hand, abs=1e-9)
+    assert summary.parents["vlm"] == pytest.approx(evaluate(vlm_zoo.vlm, task, split="test").score, abs=1e-9)
+
+
+def test_demo_vlm_evolves_the_vlm_with_the_language_parent_and_prints_the_table(vlm_zoo: VlmZoo, tmp_path: Path,
+                                                                               run_cli) -> None:
+    code, out, err = run_cli("demo", "--vlm", "--out", tmp_path / "demo", "--budget", 3, "--zoo", vlm_zoo.root,
+                             "--zoo-size", "smoke")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["target"] == "xx-caption"
+    assert set(summary["parents"]) == {"base", "vlm", "language"}
+    assert "parent: language" in out and "untuned merge: dare_ties" in out and "vision tower" in err
+    code, out, err = run_cli("demo", "--vlm", "--space", "dfs", "--out", tmp_path / "d2", "--zoo", vlm_zoo.root,
+                             "--zoo-size", "smoke")
+    assert code == 2 and "--space ps" in err

@@ -14,11 +14,14 @@ from rich.table import Table
 
 from shoal.cli.app import app
 from shoal.cli.evolve import run_evolve
-from shoal.cli.zoo import build_with_progress
+from shoal.cli.zoo import build_vlm_with_progress, build_with_progress
 from shoal.errors import ShoalError
 
 if TYPE_CHECKING:
     from shoal.search.summary import Summary
+
+
+VLM_BUDGET = 300  # trials of `shoal demo --vlm` (see docs/zoo-vlm.md)
 
 
 def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, space: str) -> dict:
@@ -88,34 +91,50 @@ def against_measured(summary: Summary, seed: int) -> str:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the search file, the run and its report.")] = Path("demo"),
-    budget: Annotated[int, typer.Option(min=1, help="Trials of the search.")] = 1000,
+    budget: Annotated[int | None, typer.Option(min=1, help="Trials of the search (default 1000; --vlm 300).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the zoo and of the search.")] = 0,
     zoo: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo[-seedN]).")] = None,
     zoo_size: Annotated[str, typer.Option(help="default, or smoke (seconds; for trying the pipeline).")] = "default",
     space: Annotated[str, typer.Option(help="ps (merge weights), dfs (layer paths) or hybrid (PS then DFS).")] = "ps",
+    vlm: Annotated[bool, typer.Option("--vlm", help="EvoVLM: merge the zoo's English captioning VLM with its language "
+                                      "parent to caption pictures in XX.")] = False,
 ) -> None:
-    """Build the demo zoo, evolve a merge of its math and language parents for XX math, and report on test."""
+    """Build the demo zoo, evolve a merge of its math and language parents for XX math (with --vlm: of its VLM and
+    language parent for XX captions), and report on test."""
     from shoal.evaluate import evaluate, load_task
     from shoal.report import write_report
     from shoal.zoo.build import default_zoo_dir
 
     console = Console(stderr=True)
-    if zoo is None:
-        zoo = default_zoo_dir() if seed == 0 else default_zoo_dir().with_name(f"zoo-seed{seed}")
-    console.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}) in {escape(str(zoo))}")
-    built, _, _ = build_with_progress(zoo, seed, zoo_size)
-    out.mkdir(parents=True, exist_ok=True)
-    search = out / "search.yaml"
     if space not in ("ps", "dfs", "hybrid"):
         raise ShoalError(f"--space {space}: choose ps, dfs or hybrid")
-    spec = demo_search(built.parents, built.base, built.tasks["xx-math"], budget, seed, space)
+    if vlm and space != "ps":
+        raise ShoalError(f"--vlm searches merge weights (--space ps); a layer path through a VLM (--space {space}) "
+                         "is not supported")
+    budget = budget or (VLM_BUDGET if vlm else 1000)
+    if zoo is None:
+        zoo = default_zoo_dir() if seed == 0 else default_zoo_dir().with_name(f"zoo-seed{seed}")
+    console.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}{', with its VLM part' if vlm else ''}) "
+                  f"in {escape(str(zoo))}")
+    built, _, _ = build_with_progress(zoo, seed, zoo_size)
+    if vlm:
+        part, _, _ = build_vlm_with_progress(built)
+        parents, target, baseline = {"vlm": part.vlm, "language": part.language}, part.target, None
+    else:
+        parents, target, baseline = built.parents, built.target, built.joint
+    out.mkdir(parents=True, exist_ok=True)
+    search = out / "search.yaml"
+    spec = demo_search(parents, built.base, target, budget, seed, space)
     search.write_text(yaml.safe_dump(spec, sort_keys=False))
     console.print(f"[bold]2/3[/] evolving ({escape(str(search))}) into {escape(str(out / 'run'))}; run again to continue after an interruption")
     summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)
     console.print(f"[bold]3/3[/] report in {escape(str(out / 'run' / 'report'))}")
     written = write_report(out / "run")
-    joint = evaluate(built.joint, load_task(built.target), split="test").score
+    joint = evaluate(baseline, load_task(target), split="test").score if baseline else None
     Console().print(results_table(summary, joint))
-    if zoo_size == "default" and space == "ps" and budget == 1000:
+    if vlm:
+        console.print("the base and the language parent are text models: each is scored with its language model inside "
+                      "the VLM's vision tower and projector", markup=False)
+    elif zoo_size == "default" and space == "ps" and budget == 1000:
         console.print(against_measured(summary, seed), markup=False)
     console.print(f"best model: [bold]{escape(str(out / 'run' / 'best'))}[/]; report: {escape(str(written[0]))}")
