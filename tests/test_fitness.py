@@ -175,3 +175,129 @@ def test_a_task_whose_dev_items_are_test_items_is_refused(zoo, tmp_path, task) -
     with pytest.raises(ShoalError, match=r"task own .*3 of its \d+ dev items share a prompt with its test split"):
         evolve(spec, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _race(zoo, tmp_path, task, **extra):  # noqa: ANN202
+    return load_search(_search(zoo, tmp_path, task, fitness={"mode": "race", "first": 4, "delta": 0.5}, **extra))
+
+
+def test_race_tells_finishers_their_whole_dev_score_and_the_rest_an_upper_bound(zoo, tmp_path, task) -> None:
+    spec = _race(zoo, tmp_path, task, budget=10, select={"top": 2})  # one generation of 10; μ = 5
+    summary = evolve(spec, tmp_path / "run")
+    trials = _trials(tmp_path / "run")
+    space, scored = ParameterSpace(spec), load_task(task)
+    dev = len(scored.items("dev"))
+    full = [evaluate(space.build(t.params, t.seed), scored, "dev", tokenizer=space.tokenizer).score for t in trials]
+    assert sum(t.items == dev for t in trials) >= 5  # μ finish
+    for trial, whole in zip(trials, full):
+        if trial.items == dev:
+            assert trial.value == pytest.approx(whole)  # scored on every dev item
+        else:
+            assert trial.value >= whole and trial.items < dev  # told its upper bound, on fewer items
+    by_value = sorted(range(10), key=lambda i: -trials[i].value)[:5]
+    assert sorted(by_value) == sorted(sorted(range(10), key=lambda i: -full[i])[:5])  # CMA-ES selects as in full
+    assert summary.compute is not None and summary.compute.items == sum(t.items for t in trials)
+    assert summary.fitness.startswith("race")
+
+
+def test_race_evaluator_scores_a_generation_in_rounds_and_stops_the_hopeless(tmp_path, monkeypatch) -> None:
+    """With known per-item scores (a stand-in space and evaluate): the hopeless stop early on fewer items, the
+    finishers are told their mean over every item, the items come in one order per generation, and each candidate
+    is built once per round it runs (and once before the race)."""
+    import random
+
+    from shoal.evaluate.runner import EvalResult
+    from shoal.search import racing
+    from shoal.search.fitness import WeightedTask
+    from shoal.search.trials import Job
+
+    folder = tmp_path / "task"
+    folder.mkdir()
+    (folder / "task.yaml").write_text("name: many\nmetric: exact_match\nsplits: {dev: dev.jsonl, test: test.jsonl}\n")
+    (folder / "dev.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "a"}) + "\n" for i in range(400)))
+    (folder / "test.jsonl").write_text(json.dumps({"prompt": "t", "answer": "a"}) + "\n")
+    rates = [0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.85, 0.9, 0.92, 0.95]
+    rng = random.Random(0)
+    table = [[float(rng.random() < p) for _ in range(400)] for p in rates]
+    builds: list[int] = []
+    asked: list[tuple[int, list[int]]] = []
+
+    class Space:
+        tokenizer = None
+
+        def build(self, values, seed, slot=0):
+            builds.append(int(values["c"]))
+            return int(values["c"])
+
+    def fake_evaluate(model, part, split, tokenizer, batch_size):
+        ids = [int(item.prompt[1:]) for item in part.items(split)]
+        asked.append((model, ids))
+        scores = [table[model][i] for i in ids]
+        return EvalResult("many", split, "exact_match", sum(scores) / len(scores), len(ids), {}, 0.0, item_scores=scores)
+
+    monkeypatch.setattr(racing, "evaluate", fake_evaluate)
+    task = load_task(folder)
+    evaluator = racing.RaceEvaluator(Space(), [WeightedTask(task, 1.0)], 64, mu=3, seed=1, first=16, delta=0.05)
+    jobs = [Job(10 + c, 1, {"c": float(c)}, c) for c in range(10)]
+    told = {job.index - 10: outcome for job, outcome in evaluator.run(jobs)}
+    assert all(told[c].items < 400 for c in range(5)) and all(told[c].items == 400 for c in (7, 8, 9))
+    for c in (7, 8, 9):
+        assert told[c].fitness == pytest.approx(sum(table[c]) / 400)
+    assert sum(o.items for o in told.values()) < 0.7 * 4000
+    order = racing.item_order(task, 1, 1)
+    assert sorted(order) == list(range(400)) and order != list(range(400))
+    for c in range(10):  # each candidate's items, in the generation's order, each once
+        mine = [i for model, ids in asked if model == c for i in ids]
+        assert mine == order[: told[c].items]
+    rounds = {c: sum(1 for model, _ in asked if model == c) for c in range(10)}
+    assert {c: builds.count(c) for c in range(10)} == {c: rounds[c] + 1 for c in range(10)}
+
+
+def test_race_search_extended_mid_generation_stores_the_uninterrupted_trials(zoo, tmp_path, task) -> None:
+    spec = _race(zoo, tmp_path, task, budget=24, select={"top": 2})
+    evolve(spec.model_copy(update={"budget": 13}), tmp_path / "twice")  # the budget ends inside generation 2
+    evolve(spec, tmp_path / "twice")
+    evolve(spec, tmp_path / "once")
+    twice, once = _trials(tmp_path / "twice"), _trials(tmp_path / "once")
+    assert len(once) == 24 and _kept(twice) == _kept(once)
+
+
+def test_race_search_killed_while_storing_a_generation_resumes_into_the_same_trials(zoo, tmp_path, task,
+                                                                                 monkeypatch) -> None:
+    """A raced generation is stored as a burst at its end; a crash inside the burst leaves part of it stored, and
+    the resumed run races the whole generation again and stores the rest as one run would."""
+    from shoal.search import racing
+
+    spec = _race(zoo, tmp_path, task, budget=20, select={"top": 2})
+    real = racing.RaceEvaluator.run
+
+    def crashing(self, jobs):
+        for k, pair in enumerate(real(self, jobs)):
+            if jobs[0].generation == 1 and k == 4:
+                raise KeyboardInterrupt
+            yield pair
+
+    monkeypatch.setattr(racing.RaceEvaluator, "run", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        evolve(spec, tmp_path / "killed")
+    assert len(_trials(tmp_path / "killed")) == 14
+    monkeypatch.setattr(racing.RaceEvaluator, "run", real)
+    evolve(spec, tmp_path / "killed")
+    evolve(spec, tmp_path / "once")
+    assert _kept(_trials(tmp_path / "killed")) == _kept(_trials(tmp_path / "once"))
+
+
+def test_race_is_refused_where_it_cannot_bound_or_cannot_run(zoo, tmp_path, task) -> None:
+    base = "base: b\nparents: {a: a}\ntasks: [{path: t}]\n"
+    with pytest.raises(ShoalError, match="first and delta are settings of mode race"):
+        parse_search(base + "fitness: {mode: full, first: 4}\n", "s.yaml", Path("."))
+    with pytest.raises(ShoalError, match="delta"):
+        parse_search(base + "fitness: {mode: race, delta: 1.5}\n", "s.yaml", Path("."))
+    with pytest.raises(ShoalError, match="cannot be split over --workers"):
+        evolve(_race(zoo, tmp_path, task), tmp_path / "run", workers=2)
+    logprob = tmp_path / "logprob"
+    shutil.copytree(task, logprob)
+    (logprob / "task.yaml").write_text((logprob / "task.yaml").read_text().replace("exact_match", "answer_logprob"))
+    with pytest.raises(ShoalError, match=r"race needs item scores in \[0, 1\]"):
+        evolve(load_search(_search(zoo, tmp_path / "lp", logprob, fitness={"mode": "race"})), tmp_path / "run2")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()

@@ -45,6 +45,8 @@ class EvalResult:
     outputs: list[str] | None = field(default=None, repr=False)
     tokens: int = 0
     """Tokens generated (the outputs as the tokenizer counts them); 0 for log-likelihood metrics."""
+    item_scores: list[float] = field(default_factory=list, repr=False)
+    """Each item's score, in the split's order (score is their mean)."""
 
     def summary(self) -> dict[str, Any]:
         """The JSON-ready fields (everything but outputs)."""
@@ -318,4 +320,5 @@ def evaluate(
         seconds=seconds,
         outputs=outputs if return_outputs else None,
         tokens=sum(len(tokenizer.encode(out, add_special_tokens=False)) for out in outputs) if generated else 0,
+        item_scores=scores,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from shoal.errors import ShoalError
 from shoal.search import run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
 from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, search_fitness, weighted
@@ -58,6 +59,13 @@ def evolve(
     run_dir = Path(run_dir)
     start = time.perf_counter()
     tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
+    if spec.fitness.mode == "race":
+        from shoal.search.racing import check_raceable
+
+        check_raceable(tasks)
+        if workers > 1 or ray_address is not None or storage is not None:
+            raise ShoalError("fitness: race scores a generation's candidates together in this process; it cannot be "
+                             "split over --workers or a shared --storage (use mode full or subset there)")
     record = run_folder.open_run(spec, run_dir, storage, study)
     on_step("loading parents")
     parallel = workers > 1 or ray_address is not None
@@ -73,7 +81,13 @@ def evolve(
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
     fitness: DevFitness | None = None
-    if parallel:
+    if spec.fitness.mode == "race":
+        from shoal.search.racing import DEFAULT_DELTA, DEFAULT_FIRST, RaceEvaluator
+
+        assert space is not None
+        evaluator = RaceEvaluator(space, tasks, spec.batch_size, optimizer.mu, spec.seed,
+                                  first=spec.fitness.first or DEFAULT_FIRST, delta=spec.fitness.delta or DEFAULT_DELTA)
+    elif parallel:
         from shoal.search.workers import RayEvaluator
 
         evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
@@ -126,6 +140,11 @@ def _select(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: l
 def _fitness_name(spec: SearchSpec) -> str:
     if spec.fitness.mode == "subset":
         return f"subset ({spec.fitness.items} dev items per task and generation)"
+    if spec.fitness.mode == "race":
+        from shoal.search.racing import DEFAULT_DELTA, DEFAULT_FIRST
+
+        return (f"race (from {spec.fitness.first or DEFAULT_FIRST} dev items per task, doubling each round; "
+                f"delta {spec.fitness.delta or DEFAULT_DELTA})")
     return spec.fitness.mode
 
 

@@ -69,6 +69,9 @@ def _store(study: optuna.Study, distributions: dict[str, FloatDistribution], job
 class Evaluator(Protocol):
     width: int
     """How many jobs it scores at once."""
+    whole_generation: bool
+    """Whether a job's outcome depends on the other jobs of its generation (racing): then run() is given every
+    job of a generation that is not wholly stored, stored ones included, and only the others' outcomes are kept."""
 
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, Outcome]]:
         """Score the jobs (of one generation), yielding each with its outcome as it finishes, in any order."""
@@ -134,6 +137,7 @@ class SerialEvaluator:
     """Scores jobs one after another in this process, telling the objective which one comes next."""
 
     width = 1
+    whole_generation = False
 
     def __init__(self, objective: Objective) -> None:
         self.objective = objective
@@ -193,7 +197,17 @@ def run_trials(
                 progress.record(stored[job.index], fresh=False, on_trial=on_trial)
         todo = [job for job in jobs if job.index not in stored]
         if shared is None:
-            for job, outcome in evaluator.run(todo):
+            batch = todo
+            if evaluator.whole_generation and todo:
+                # A raced outcome depends on the whole generation: race all of it, its stored jobs too and, where
+                # the budget ends inside it, the candidates it would have had (so a larger budget later stores
+                # what one run would have); only the unstored jobs within the budget are kept.
+                rest = [optimizer.ask() for _ in range(optimizer.population - len(xs))]
+                batch = jobs + [Job(index + len(xs) + j, generation, genome.values(x),
+                                    trial_seed(seed, index + len(xs) + j)) for j, x in enumerate(rest)]
+            for job, outcome in evaluator.run(batch):
+                if job.index in stored or job.index >= budget:
+                    continue
                 stored[job.index] = _store(study, distributions, job, outcome)
                 progress.record(stored[job.index], fresh=True, on_trial=on_trial)
         else:

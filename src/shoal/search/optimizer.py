@@ -35,6 +35,8 @@ class CmaEs:
             population_size=population,
         )
         self.population: int = self._cma.population_size
+        self.mu: int = self.population // 2
+        """How many of a generation's best candidates the update uses (cmaes' μ: half the population)."""
 
     def ask(self) -> np.ndarray:
         return self._cma.ask()

@@ -64,18 +64,27 @@ class DataFlowSpec(Strict):
 
 
 class FitnessSpec(Strict):
-    """How a candidate is scored: on every dev item (`full`), or on `items` dev items per task drawn afresh for each
+    """How a candidate is scored: on every dev item (`full`); on `items` dev items per task drawn afresh for each
     CMA-ES generation from the search's seed and the generation's index, the same items for all its candidates
-    (`subset`: common random numbers, so the ranking CMA-ES uses compares like with like)."""
+    (`subset`: common random numbers, so the ranking CMA-ES uses compares like with like); or raced (`race`): a
+    generation's candidates are scored on `first` items per task, then twice as many each round, and one that
+    cannot reach the generation's selected set (by a Hoeffding-Serfling bound holding with probability 1 - `delta`)
+    stops early (see search/race.py)."""
 
-    mode: Literal["full", "subset"] = "full"
+    mode: Literal["full", "subset", "race"] = "full"
     items: int | None = Field(None, ge=1)
     """subset: dev items per task and generation (a task with fewer is scored whole)."""
+    first: int | None = Field(None, ge=1)
+    """race: items per task in the first round (default 16)."""
+    delta: float | None = Field(None, gt=0, lt=1)
+    """race: the chance, at most, that any bound the race uses is wrong (default 0.05)."""
 
     @model_validator(mode="after")
     def _sized(self) -> FitnessSpec:
         if (self.mode == "subset") != (self.items is not None):
             raise ValueError("fitness: give items (dev items per generation) with mode subset, and only then")
+        if self.mode != "race" and (self.first is not None or self.delta is not None):
+            raise ValueError("fitness: first and delta are settings of mode race")
         return self
 
 

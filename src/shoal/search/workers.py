@@ -45,6 +45,8 @@ class _Worker:
 class RayEvaluator:
     """N Ray actors (one GPU each where there are GPUs, one CPU each otherwise) scoring jobs in parallel."""
 
+    whole_generation = False
+
     def __init__(self, spec: SearchSpec, workers: int, *, address: str | None = None, threads: int = 1) -> None:
         try:
             import ray
