@@ -2,11 +2,12 @@
 
 For each seed and mode (`full`, and `subset` with each --subset size), a PS search with the same compute: `full`
 runs --budget trials; a subset of n items runs --budget x N / n trials (N: the target's dev items), so every run
-scores about the same number of dev items. Each run picks its model by re-scoring its top --top trials on the
+scores about the same number of dev items. With --race, also `race` (--first items per task in its first round)
+for --budget trials, like `full`: what racing saves is read off its items against full's at the same trials. Each run picks its model by re-scoring its top --top trials on the
 whole dev split (`select`). Per run: items and tokens spent, the pick's search fitness, whole-dev score and test
 score, and the gap between the search fitness and test (how much the winner overstates itself).
 
-    python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 8 16 --out runs/fitness-cost --json fitness_cost.json
+    python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 8 16 --race --out runs/fitness-cost --json fitness_cost.json
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def run(seed: int, mode: str, n: int | None, args: argparse.Namespace) -> dict:
     zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.zoo_size, threads=1)
     dev = len(load_task(zoo.tasks[args.task]).items("dev"))
     budget = args.budget if n is None else args.budget * dev // min(n, dev)
+    fitness = {"mode": mode} | ({"items": n} if n is not None else {}) | ({"first": args.first} if mode == "race" else {})
     folder = args.out / f"seed{seed}" / (mode if n is None else f"{mode}{n}")
     folder.mkdir(parents=True, exist_ok=True)
     search = {
@@ -37,7 +39,7 @@ def run(seed: int, mode: str, n: int | None, args: argparse.Namespace) -> dict:
         "method": "dare_ties",
         "genome": {"layers_per_group": args.layers_per_group},
         "tasks": [{"path": str(zoo.tasks[args.task])}],
-        "fitness": {"mode": mode} | ({"items": n} if n is not None else {}),
+        "fitness": fitness,
         "select": {"top": args.top},
         "budget": budget,
         "seed": seed,
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=300, help="trials of the full-fitness run")
     parser.add_argument("--subset", type=int, nargs="*", default=[8, 16], help="subset sizes (dev items per generation)")
+    parser.add_argument("--race", action="store_true", help="also the race mode, at --budget trials")
+    parser.add_argument("--first", type=int, default=16, help="race: items per task in the first round")
     parser.add_argument("--top", type=int, default=5, help="trials re-scored on the whole dev split at the end")
     parser.add_argument("--task", default="xx-math")
     parser.add_argument("--layers-per-group", type=int, default=1)
@@ -74,7 +78,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    modes = [("full", None)] + [("subset", n) for n in args.subset]
+    modes = [("full", None)] + [("subset", n) for n in args.subset] + ([("race", None)] if args.race else [])
     rows = []
     for seed in args.seeds:
         for mode, n in modes:
