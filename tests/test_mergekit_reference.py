@@ -1,8 +1,10 @@
 """shoal merge agrees with mergekit 0.1.5 on whole random models, recipe for recipe.
 
 Deterministic methods must match tensor for tensor (max |diff| < 1e-5 in fp32, < 1e-2 in bf16).
-DARE's random masks differ between the two tools, so for DARE methods the statistics are compared:
-the fraction of entries changed from the base and the mean and spread of the merged task vector.
+DARE's and DELLA's random masks differ between the two tools (shoal seeds a generator per tensor, mergekit
+draws from torch's global one in its own order), so for whole models the statistics are compared: the
+fraction of entries changed from the base and the mean and spread of the merged task vector. DELLA's drop
+step alone is compared exactly, with mergekit's global generator and shoal's seeded alike.
 
 Trimming (TIES, breadcrumbs) keeps the k largest magnitudes. In bfloat16 many magnitudes are exactly
 equal, and which of the tied entries at the threshold survive is arbitrary: mergekit takes whatever
@@ -87,6 +89,8 @@ RECIPES = {
                                   {"model": str(p["c"]), "parameters": {"weight": 0.3, "density": 0.7}}]},
     "breadcrumbs": lambda p: {"merge_method": "breadcrumbs", "base_model": str(p["base"]),
                               "models": three(p, weight=0.5, density=0.6, gamma=0.05)},
+    "della_dense": lambda p: {"merge_method": "della", "base_model": str(p["base"]),  # density 1: no random drop
+                              "models": three(p, weight=0.7), "parameters": {"lambda": 1.3}},
     "slerp": lambda p: {"merge_method": "slerp", "base_model": str(p["a"]),
                         "models": [{"model": str(p["a"])}, {"model": str(p["b"])}],
                         "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.4}]}},
@@ -110,10 +114,11 @@ def test_deterministic_methods_match_mergekit(method, precision, parents, bf16_p
     assert worst < tolerance, f"{method} {precision}: max |diff| {worst}"
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
-def test_dare_statistics_match_mergekit(method, parents, tmp_path):
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_random_drop_statistics_match_mergekit(method, parents, tmp_path):
+    extra = {"epsilon": 0.2} if method.startswith("della") else {}
     recipe = {"merge_method": method, "base_model": str(parents["base"]), "dtype": "float32",
-              "models": three(parents, weight=0.5, density=0.3)}
+              "models": three(parents, weight=0.5, density=0.3, **extra)}
     ours, theirs = both(recipe, tmp_path)
     base = tensors(parents["base"])
     for name in ("model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"):
@@ -124,3 +129,16 @@ def test_dare_statistics_match_mergekit(method, parents, tmp_path):
         assert abs(changed_ours - (1 - 0.7**3)) < 0.02
         assert abs(d_ours.std().item() / d_theirs.std().item() - 1) < 0.05
         assert abs(d_ours.abs().mean().item() / d_theirs.abs().mean().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (300,)])
+def test_della_drop_equals_mergekit_with_the_same_seed(shape):
+    from mergekit.sparsify import RescaleNorm, della_magprune
+
+    from shoal.merge import methods
+
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(11)
+    theirs = della_magprune(delta, density=0.4, epsilon=0.25, rescale_norm=RescaleNorm.l1)
+    mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.4, 0.25, torch.Generator().manual_seed(11))
+    assert torch.equal(methods.apply_mask(delta, mask, rescale=True), theirs)

@@ -79,6 +79,29 @@ def test_breadcrumbs_drops_outliers_and_the_smallest():
     assert delta[mask].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
 
 
+def test_della_ranks_magnitudes_within_each_row():
+    fractions = methods.magnitude_fractions(torch.tensor([[3.0, -1.0, 2.0], [0.5, -4.0, 1.0]]))
+    # row 0: |3| > |2| > |-1| -> places 2, 0, 1 of 0..2; row 1: |0.5| < |1| < |-4| -> 0, 2, 1
+    assert fractions.tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
+    # a vector is one row; equal magnitudes are ordered by index: 1 (index 2) < 2 (index 0) <= -2 (index 1)
+    assert methods.magnitude_fractions(t(2.0, -2.0, 1.0)).tolist() == [0.5, 1.0, 0.0]
+
+
+def test_della_keeps_larger_magnitudes_more_often():
+    fractions = torch.tensor([0.0, 0.5, 1.0]).repeat(40_000, 1)
+    kept = methods.magprune_mask(fractions, 0.5, 0.2, torch.Generator().manual_seed(0)).float().mean(dim=0)
+    # p = density - eps + 2 eps * fraction: 0.3, 0.5, 0.7
+    assert torch.allclose(kept, t(0.3, 0.5, 0.7), atol=0.01)
+    assert methods.magprune_mask(fractions, 1.0, 0.2, torch.Generator()).all()
+
+
+def test_della_at_the_extreme_epsilon_keeps_exactly_the_larger_entry_and_rescales():
+    delta = t(1.0, -3.0)  # fractions 0, 1 -> p = 0.5 - 0.5 + 2 * 0.5 * fraction = 0, 1
+    mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.5, 0.5, torch.Generator().manual_seed(3))
+    assert mask.tolist() == [False, True]
+    assert methods.apply_mask(delta, mask, rescale=True).tolist() == [0.0, -4.0]  # L1 4 -> kept -3 scaled by 4/3
+
+
 def test_slerp_moves_along_the_great_circle():
     v0, v1 = t(1.0, 0.0), t(0.0, 1.0)
     out = methods.slerp(0.5, v0, v1)

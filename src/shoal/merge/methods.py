@@ -9,6 +9,9 @@ Each function follows its paper and mergekit's conventions, so a mergekit recipe
   (mergekit's L1 rescale: the kept entries are scaled so |τ_i|_1 is unchanged).
 - Model Breadcrumbs (Davari & Belilovsky 2023): drop the top-gamma fraction of magnitudes (outliers)
   and the smallest, keeping a density fraction.
+- DELLA (Deep et al. 2024, MagPrune): drop entries of τ_i at random with a keep-probability that grows
+  with the entry's magnitude rank in its row, from density - ε (smallest) to density + ε (largest), then
+  rescale as DARE does (mergekit's L1 rule, not the paper's 1/p).
 - SLERP: spherical interpolation of the whole tensor, linear where the two are nearly parallel.
 - Model Stock (Jang et al. 2024): interpolate between θ_0 and the average of the fine-tunes with
   t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors.
@@ -111,6 +114,32 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Te
         return torch.ones_like(delta, dtype=torch.bool)
     noise = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
     return noise < density
+
+
+def magnitude_fractions(delta: Tensor) -> Tensor:
+    """Each entry's magnitude rank within its row, from 0 (smallest) to 1 (largest), as float32 of delta's shape.
+
+    Rows run along dim 1 (a matrix's rows; a vector is one row), ties ordered by index (a stable sort).
+    A row of one entry has no order: its fraction is 1/2.
+    """
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    n = rows.shape[1]
+    if n < 2:
+        return torch.full(delta.shape, 0.5, dtype=torch.float32, device=delta.device)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    places = torch.arange(n, dtype=torch.float32, device=delta.device).view([1, n] + [1] * (rows.dim() - 2))
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
+    ranks.scatter_(1, order, places.expand(rows.shape))
+    return ranks.div_(n - 1).reshape(delta.shape)
+
+
+def magprune_mask(fractions: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+    """DELLA's drop step: keep each entry with probability p = density - ε + 2ε · fraction, its magnitude rank
+    fraction (magnitude_fractions), drawn from a seeded generator; all kept when density >= 1."""
+    if density >= 1:
+        return torch.ones_like(fractions, dtype=torch.bool)
+    keep = (density - epsilon) + fractions * 2 * epsilon
+    return torch.bernoulli(keep, generator=generator).bool()
 
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:

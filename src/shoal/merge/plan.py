@@ -197,6 +197,13 @@ def _job(
     for params in per_model:
         if "density" in params and not 0 < params["density"] <= 1:
             raise ShoalError(f"density for tensor {out_name} is {params['density']}, outside (0, 1]")
+        if method.sparsify == "magprune" and params["density"] < 1:
+            density, epsilon = params["density"], params["epsilon"]
+            if not (density - epsilon > 0 and density + epsilon < 1):
+                raise ShoalError(
+                    f"epsilon for tensor {out_name} is {epsilon} with density {density}: {method.name} keeps entries "
+                    f"with probabilities from density - epsilon to density + epsilon, which must lie in (0, 1)"
+                )
     return TensorJob(
         spec=TensorSpec(out_names.own(out_name), tuple(shapes[0][1]), dtype),
         work_dtype=work_dtype if work_dtype is not None and floating else src_dtype,

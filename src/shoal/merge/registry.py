@@ -31,7 +31,8 @@ class MergeCall:
     deltas: list[torch.Tensor] | None = None
     """Task vectors tensor_i - base in compute_dtype, when already formed (the resident merger keeps them)."""
     ranks: list[torch.Tensor] | None = None
-    """Each task vector's magnitude ranks (methods.magnitude_ranks), when precomputed: TIES' trim is then a lookup."""
+    """Each task vector's magnitude ranks, when precomputed: methods.magnitude_ranks for TIES (its trim is then a
+    lookup), methods.magnitude_fractions for DELLA."""
 
     @property
     def rank_dtype(self) -> torch.dtype:
@@ -44,7 +45,7 @@ class MergeCall:
         return base, [t.to(self.compute_dtype) for t in self.tensors]
 
 
-Sparsify = Literal["magnitude", "random", "outliers"] | None
+Sparsify = Literal["magnitude", "random", "outliers", "magprune"] | None
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
                 mask = methods.random_mask(delta, params["density"], call.generators[i])
             elif sparsify == "outliers":
                 mask = methods.outlier_mask(delta.to(call.rank_dtype), params["density"], params["gamma"])
+            elif sparsify == "magprune":
+                fractions = call.ranks[i] if call.ranks is not None else methods.magnitude_fractions(
+                    delta.to(call.rank_dtype))
+                mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
             else:
                 mask = None
             deltas.append(delta if mask is None else methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
@@ -119,6 +124,8 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         per_model["density"] = 1.0
     if sparsify == "outliers":
         per_model["gamma"] = 0.01
+    if sparsify == "magprune":
+        per_model["epsilon"] = 0.15
     # int8_mask is mergekit's memory option; accepted so its recipes load, and without effect here
     shared = {"normalize": normalize, "lambda": 1.0, "int8_mask": False, "rescale": rescale}
     return MergeMethod(
@@ -127,7 +134,7 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         per_model=per_model,
         shared=shared,
         base="required",
-        random=sparsify == "random",
+        random=sparsify in ("random", "magprune"),
         sparsify=sparsify,
         task_vectors=True,
     )
@@ -168,6 +175,8 @@ METHODS: dict[str, MergeMethod] = {
         _task_vector_method("dare_linear", "random", False, normalize=False, rescale=True),
         _task_vector_method("breadcrumbs", "outliers", False, normalize=False, rescale=False),
         _task_vector_method("breadcrumbs_ties", "outliers", True, normalize=False, rescale=False),
+        _task_vector_method("della", "magprune", True, normalize=True, rescale=True),
+        _task_vector_method("della_linear", "magprune", False, normalize=False, rescale=True),
         MergeMethod("slerp", _slerp, {}, {"t": REQUIRED}, base="required", min_inputs=1, max_inputs=1),
         MergeMethod("model_stock", _model_stock, {}, {"filter_wise": False}, base="required", min_inputs=2),
         MergeMethod("passthrough", _passthrough, {"scale": None}, {}, base="ignored", max_inputs=1),
