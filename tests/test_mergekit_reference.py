@@ -6,10 +6,11 @@ draws from torch's global one in its own order), so for whole models the statist
 fraction of entries changed from the base and the mean and spread of the merged task vector. DELLA's drop
 step alone is compared exactly, with mergekit's global generator and shoal's seeded alike.
 
-Trimming (TIES, breadcrumbs) keeps the k largest magnitudes. In bfloat16 many magnitudes are exactly
-equal, and which of the tied entries at the threshold survive is arbitrary: mergekit takes whatever
-order torch's unstable parallel argsort gives. shoal breaks such ties by index (a stable sort's order,
-found in linear time). So mergekit runs here with its sorts made stable; everything else is its own code.
+Trimming (TIES, breadcrumbs) keeps the k largest magnitudes, SCE the k largest variances. In bfloat16 many
+are exactly equal, and which of the tied entries at the threshold survive is arbitrary: mergekit takes
+whatever order torch's unstable parallel argsort (or topk) gives. shoal breaks such ties by index (a stable
+sort's order, found in linear time). So mergekit runs here with its sorts made stable; everything else is
+its own code.
 """
 
 from __future__ import annotations
@@ -49,12 +50,19 @@ class _StableSorts:
     def sort(x, descending=False, **kw):
         return torch.sort(x, descending=descending, stable=True)
 
+    @staticmethod
+    def topk(x, k, largest=True, **kw):
+        values, indices = torch.sort(x, descending=largest, stable=True)
+        return values[:k], indices[:k]
+
 
 @pytest.fixture(autouse=True)
 def stable_mergekit_sorts(monkeypatch):
+    import mergekit.merge_methods.sce
     import mergekit.sparsify
 
     monkeypatch.setattr(mergekit.sparsify, "torch", _StableSorts())
+    monkeypatch.setattr(mergekit.merge_methods.sce, "torch", _StableSorts())
 
 
 def both(recipe: dict, tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -91,6 +99,8 @@ RECIPES = {
                               "models": three(p, weight=0.5, density=0.6, gamma=0.05)},
     "della_dense": lambda p: {"merge_method": "della", "base_model": str(p["base"]),  # density 1: no random drop
                               "models": three(p, weight=0.7), "parameters": {"lambda": 1.3}},
+    "sce": lambda p: {"merge_method": "sce", "base_model": str(p["base"]), "models": three(p),
+                      "parameters": {"select_topk": [0.3, 1.0]}},
     "slerp": lambda p: {"merge_method": "slerp", "base_model": str(p["a"]),
                         "models": [{"model": str(p["a"])}, {"model": str(p["b"])}],
                         "parameters": {"t": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.4}]}},

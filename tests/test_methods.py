@@ -102,6 +102,26 @@ def test_della_at_the_extreme_epsilon_keeps_exactly_the_larger_entry_and_rescale
     assert methods.apply_mask(delta, mask, rescale=True).tolist() == [0.0, -4.0]  # L1 4 -> kept -3 scaled by 4/3
 
 
+def test_sce_weights_by_mean_square_and_erases_the_minority_sign():
+    deltas = [t(2.0, -1.0, 0.5, 0.0), t(4.0, 1.0, -0.5, 0.0)]
+    out = methods.sce(torch.zeros(4), deltas, select_topk=1.0)
+    # c ∝ mean(τ²): (4 + 1 + 0.25) / 4 = 1.3125 and (16 + 1 + 0.25) / 4 = 4.3125 -> 7/30 and 23/30
+    # column 0: both positive -> 2·7/30 + 4·23/30 = 106/30; columns 1, 2: the sum is 0, counted as +, so only the
+    # positive entry stays (and is divided by its own coefficient); column 3: no sign, nothing kept -> 0
+    assert torch.allclose(out, t(106 / 30, 1.0, 0.5, 0.0))
+
+
+def test_sce_selects_the_entries_of_largest_variance_first():
+    base = t(1.0, 1.0, 1.0, 1.0)
+    deltas = [t(2.0, -1.0, 0.5, 0.0), t(4.0, 2.0, -0.5, 0.0)]
+    # variances across the two: 1, 2.25, 0.25, 0 -> 3 nonzero
+    # k = int(3 · 0.5) = 1: column 1 alone; τ = (0, -1), (0, 2); c = 0.2, 0.8; sum +1 -> only 2 stays
+    assert torch.allclose(methods.sce(base, deltas, 0.5), base + t(0.0, 2.0, 0.0, 0.0))
+    # k = int(3 · 0.7) = 2: columns 0 and 1; c ∝ (4 + 1) / 4, (16 + 4) / 4 -> 0.2, 0.8
+    # column 0: 0.2·2 + 0.8·4 = 3.6; column 1: only 2 stays
+    assert torch.allclose(methods.sce(base, deltas, 0.7), base + t(3.6, 2.0, 0.0, 0.0))
+
+
 def test_slerp_moves_along_the_great_circle():
     v0, v1 = t(1.0, 0.0), t(0.0, 1.0)
     out = methods.slerp(0.5, v0, v1)

@@ -12,6 +12,8 @@ Each function follows its paper and mergekit's conventions, so a mergekit recipe
 - DELLA (Deep et al. 2024, MagPrune): drop entries of τ_i at random with a keep-probability that grows
   with the entry's magnitude rank in its row, from density - ε (smallest) to density + ε (largest), then
   rescale as DARE does (mergekit's L1 rule, not the paper's 1/p).
+- SCE (Wan et al. 2024, FuseChat): select the entries where the task vectors vary most, calculate each
+  model's coefficient from its mean squared task vector, erase the entries whose sign is the minority's.
 - SLERP: spherical interpolation of the whole tensor, linear where the two are nearly parallel.
 - Model Stock (Jang et al. 2024): interpolate between θ_0 and the average of the fine-tunes with
   t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors.
@@ -221,6 +223,33 @@ def combine_task_vectors(
     if lam != 1:
         mixed.mul_(lam)
     return mixed.add_(base)
+
+
+def sce(base: Tensor, deltas: Sequence[Tensor], select_topk: float, *, rank_dtype: torch.dtype | None = None) -> Tensor:
+    """θ_0 + SCE's merge of the task vectors τ_i (in base's dtype):
+
+    Select: below select_topk = 1, keep only the k = int(select_topk · m) entries of largest variance across the
+    τ_i, m the count of entries of nonzero variance (ties to the lowest indices). Calculate: c_i = mean(τ_i²) /
+    sum_j mean(τ_j²) (equal when that sum is below 1e-6). Erase: per entry, keep the τ_i whose sign is that of
+    sum_j τ_j (0 counts as +). The result is sum_i c_i τ_i over sum_i c_i, both over the kept τ_i.
+    rank_dtype, if given, is the precision of the variances and of the sign election (mergekit's: the recipe's
+    dtype; in bfloat16 that decides which entries are selected and the sign where the sum is near zero).
+    """
+    tvs = torch.stack(list(deltas))
+    low = tvs if rank_dtype is None else tvs.to(rank_dtype)
+    if select_topk < 1:
+        variance = torch.var(low, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * select_topk)
+        selected = top_mask(variance, k)
+        tvs.mul_(selected)
+        low = low * selected
+    squares = tvs.square().reshape(len(tvs), -1).mean(dim=1)
+    total = float(squares.sum())
+    coefficients = squares / total if abs(total) >= 1e-6 else torch.full_like(squares, 1 / len(tvs))
+    coefficients = coefficients.view(-1, *[1] * base.dim())
+    majority = (low.sum(dim=0) >= 0).to(base.dtype).mul_(2).sub_(1)
+    kept = coefficients * (tvs.sign() == majority)
+    return base + (tvs * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:

@@ -78,6 +78,7 @@ Kind = Literal["bool", "number"]
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "density": (lambda v: 0 < v <= 1, "(0, 1]"),
     "gamma": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "select_topk": (lambda v: 0 < v <= 1, "(0, 1]"),
     "t": (lambda v: 0 <= v <= 1, "[0, 1]"),
 }
 """Parameters whose numbers have a meaning only in a range: the test, and the range as errors state it."""
@@ -140,6 +141,13 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
     )
 
 
+def _sce(call: MergeCall) -> torch.Tensor:
+    assert call.base is not None
+    base = call.base.to(call.compute_dtype)
+    deltas = call.deltas if call.deltas is not None else [t - base for t in call.tensors]
+    return methods.sce(base, deltas, call.shared["select_topk"], rank_dtype=call.rank_dtype)
+
+
 def _linear(call: MergeCall) -> torch.Tensor:
     weights = [p["weight"] for p in call.per_model]
     return methods.linear(
@@ -177,6 +185,9 @@ METHODS: dict[str, MergeMethod] = {
         _task_vector_method("breadcrumbs_ties", "outliers", True, normalize=False, rescale=False),
         _task_vector_method("della", "magprune", True, normalize=True, rescale=True),
         _task_vector_method("della_linear", "magprune", False, normalize=False, rescale=True),
+        MergeMethod(
+            "sce", _sce, {}, {"select_topk": 1.0, "int8_mask": False}, base="required", task_vectors=True
+        ),
         MergeMethod("slerp", _slerp, {}, {"t": REQUIRED}, base="required", min_inputs=1, max_inputs=1),
         MergeMethod("model_stock", _model_stock, {}, {"filter_wise": False}, base="required", min_inputs=2),
         MergeMethod("passthrough", _passthrough, {"scale": None}, {}, base="ignored", max_inputs=1),
