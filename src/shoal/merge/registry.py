@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from shoal.merge import methods
+from shoal.merge import methods, spherical
 
 REQUIRED: Any = object()
 
@@ -45,6 +45,11 @@ class MergeCall:
         return base, [t.to(self.compute_dtype) for t in self.tensors]
 
 
+BasePolicy = Literal["required", "optional", "ignored", "included"]
+"""What the recipe's base_model is to a method (mergekit's input contracts): required, or optional (either way the
+base, named apart from the other inputs); ignored (unless listed as a model); or included: one more input, added
+to the models when they do not list it (mergekit's rule for methods that ignore the base, as karcher)."""
+
 Sparsify = Literal["magnitude", "random", "outliers", "magprune"] | None
 
 
@@ -54,7 +59,7 @@ class MergeMethod:
     merge: Callable[[MergeCall], torch.Tensor]
     per_model: Mapping[str, Any]
     shared: Mapping[str, Any]
-    base: Literal["required", "ignored"]
+    base: BasePolicy
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
@@ -79,6 +84,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "density": (lambda v: 0 < v <= 1, "(0, 1]"),
     "gamma": (lambda v: 0 <= v < 1, "[0, 1)"),
     "select_topk": (lambda v: 0 < v <= 1, "(0, 1]"),
+    "max_iter": (lambda v: v >= 0 and float(v).is_integer(), "{0, 1, 2, ...}"),
     "t": (lambda v: 0 <= v <= 1, "[0, 1]"),
 }
 """Parameters whose numbers have a meaning only in a range: the test, and the range as errors state it."""
@@ -161,6 +167,29 @@ def _slerp(call: MergeCall) -> torch.Tensor:
     return methods.slerp(call.shared["t"], base, tensors[0])
 
 
+def _nuslerp(call: MergeCall) -> torch.Tensor:
+    base, (v0, v1) = call.upcast()
+    w0, w1 = (p["weight"] for p in call.per_model)
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    options = {"flatten": call.shared["nuslerp_flatten"], "row_wise": call.shared["nuslerp_row_wise"]}
+    if base is None:
+        return spherical.nuslerp(t, v0, v1, **options)
+    return base + spherical.nuslerp(t, v0 - base, v1 - base, **options)
+
+
+def _multislerp(call: MergeCall) -> torch.Tensor:
+    base, tensors = call.upcast()
+    weights = [p["weight"] for p in call.per_model]
+    return spherical.multislerp(
+        tensors, weights, base, normalize_weights=call.shared["normalize_weights"], eps=call.shared["eps"]
+    )
+
+
+def _karcher(call: MergeCall) -> torch.Tensor:
+    _, tensors = call.upcast()
+    return spherical.karcher(tensors, max_iter=int(call.shared["max_iter"]), tol=call.shared["tol"])
+
+
 def _model_stock(call: MergeCall) -> torch.Tensor:
     base, tensors = call.upcast()
     assert base is not None
@@ -189,6 +218,14 @@ METHODS: dict[str, MergeMethod] = {
             "sce", _sce, {}, {"select_topk": 1.0, "int8_mask": False}, base="required", task_vectors=True
         ),
         MergeMethod("slerp", _slerp, {}, {"t": REQUIRED}, base="required", min_inputs=1, max_inputs=1),
+        MergeMethod(
+            "nuslerp", _nuslerp, {"weight": REQUIRED}, {"nuslerp_flatten": True, "nuslerp_row_wise": False},
+            base="optional", min_inputs=2, max_inputs=2,
+        ),
+        MergeMethod(
+            "multislerp", _multislerp, {"weight": REQUIRED}, {"normalize_weights": True, "eps": 1e-8}, base="optional"
+        ),
+        MergeMethod("karcher", _karcher, {}, {"max_iter": 10, "tol": 1e-5}, base="included"),
         MergeMethod("model_stock", _model_stock, {}, {"filter_wise": False}, base="required", min_inputs=2),
         MergeMethod("passthrough", _passthrough, {"scale": None}, {}, base="ignored", max_inputs=1),
     ]
