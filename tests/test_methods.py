@@ -122,6 +122,36 @@ def test_sce_selects_the_entries_of_largest_variance_first():
     assert torch.allclose(methods.sce(base, deltas, 0.7), base + t(3.6, 2.0, 0.0, 0.0))
 
 
+def test_ram_averages_only_the_models_that_change_an_entry():
+    deltas = [t(1.0, 2.0, 0.0, 0.5, 1e-6), t(3.0, 0.0, 0.0, -0.5, 2.0)]
+    # changed by: both, a, none, both, b (1e-6 is below epsilon) -> (1+3)/2, 2, 0, 0, 2
+    assert torch.allclose(methods.ram(t(1.0, 1.0, 1.0, 1.0, 1.0), deltas, epsilon=1e-5), t(3.0, 3.0, 1.0, 1.0, 3.0))
+
+
+def test_ramplus_scales_a_models_own_entries_by_its_shared_to_own_ratio():
+    deltas = [t(1.0, 2.0, 4.0, 1.0, 0.5), t(3.0, 0.0, 0.0, 0.0, -0.5)]
+    # model a changes 2 shared entries (0, 4) and 3 of its own (1, 2, 3): ρ = 2/3, λ = 1 + 0.3 · 2/3 = 1.2
+    out = methods.ram(torch.zeros(5), deltas, epsilon=1e-5, r=0.3, alpha=1.0)
+    assert torch.allclose(out, t(2.0, 2.4, 4.8, 1.2, 0.0))
+    # alpha caps ρ: λ = 1 + 0.3 · 0.5 = 1.15
+    capped = methods.ram(torch.zeros(5), deltas, epsilon=1e-5, r=0.3, alpha=0.5)
+    assert torch.allclose(capped, t(2.0, 2.3, 4.6, 1.15, 0.0))
+
+
+def test_nearswap_moves_by_t_over_the_distance():
+    out = methods.nearswap(0.1, t(0.0, 0.0, 0.0, 1.0), t(0.05, 0.5, -2.0, 1.0))
+    # distances 0.05, 0.5, 2, 0: weights min(1, 0.1/d) = 1, 0.2, 0.05, 1
+    assert torch.allclose(out, t(0.05, 0.1, -0.1, 1.0))
+
+
+def test_arcee_fusion_keeps_only_the_outlying_changes():
+    other = t(0.0, 1.0, -2.0, 3.0, 4.0, -5.0, 6.0, 20.0)
+    # one row: importance = |Δ| · KL, KL > 0 the same for all; quartiles at floor(0.25·7, 0.5·7, 0.75·7) = 1, 3, 5
+    # of the sorted |Δ|: 1, 3, 5 -> threshold (3 + 1.5 · (5 - 1)) · KL = 9 · KL: only 20 is kept
+    assert torch.equal(methods.arcee_fusion(torch.zeros(8), other), t(0, 0, 0, 0, 0, 0, 0, 20.0))
+    assert torch.equal(methods.arcee_fusion(other, other), other)  # no change, KL 0: every importance 0 >= 0
+
+
 def test_slerp_moves_along_the_great_circle():
     v0, v1 = t(1.0, 0.0), t(0.0, 1.0)
     out = methods.slerp(0.5, v0, v1)

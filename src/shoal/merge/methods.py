@@ -14,6 +14,12 @@ Each function follows its paper and mergekit's conventions, so a mergekit recipe
   rescale as DARE does (mergekit's L1 rule, not the paper's 1/p).
 - SCE (Wan et al. 2024, FuseChat): select the entries where the task vectors vary most, calculate each
   model's coefficient from its mean squared task vector, erase the entries whose sign is the minority's.
+- RAM (Reinforced Agent Merging, 2026): per entry, the mean of the task vectors that change it (|τ_i| > ε),
+  so an entry only one model changes keeps its full value; RAM+ also scales each model's own entries up by
+  how much of its change it shares with others.
+- NearSwap: move from the base toward the other model by t / |θ_1 - θ_0|, all the way where they are within t.
+- Arcee Fusion: take the other model's value only where its importance, |Δ| times the KL divergence of the
+  rows' softmaxes, is an upper outlier (above median + 1.5 IQR).
 - SLERP: spherical interpolation of the whole tensor, linear where the two are nearly parallel.
 - Model Stock (Jang et al. 2024): interpolate between θ_0 and the average of the fine-tunes with
   t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors.
@@ -250,6 +256,60 @@ def sce(base: Tensor, deltas: Sequence[Tensor], select_topk: float, *, rank_dtyp
     majority = (low.sum(dim=0) >= 0).to(base.dtype).mul_(2).sub_(1)
     kept = coefficients * (tvs.sign() == majority)
     return base + (tvs * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+
+
+def ram(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    *,
+    epsilon: float,
+    r: float = 0.0,
+    alpha: float = 0.0,
+    rank_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """θ_0 + RAM's merge of the task vectors τ_i: each entry is the mean of the τ_i that change it (|τ_i| > ε);
+    an entry changed by one model alone takes that model's value times λ_i.
+
+    λ_i = 1 for RAM; for RAM+ (tensor-local, r > 0) λ_i = 1 + r · clip(ρ_i, 0, α), ρ_i = the count of model i's
+    changed entries that others change too over the count of those it alone changes (ε when none).
+    rank_dtype, if given, is the precision of the test |τ_i| > ε (mergekit's: the recipe's dtype).
+    """
+    tvs = torch.stack(list(deltas)).reshape(len(deltas), -1)
+    changes = (tvs if rank_dtype is None else tvs.to(rank_dtype)).abs() > epsilon
+    count = changes.sum(dim=0, keepdim=True)
+    alone, shared = count == 1, count > 1
+    tvs = tvs * changes
+    scale = torch.ones(len(deltas), 1, dtype=tvs.dtype, device=tvs.device)
+    if r:
+        ratio = (changes & shared).sum(dim=1) / (changes & alone).sum(dim=1).clamp(min=epsilon)
+        scale = (1 + r * ratio.clamp(min=0, max=alpha)).unsqueeze(-1)
+    merged = (tvs * alone * scale + tvs * shared / count.clamp(min=1)).sum(dim=0)
+    return base + merged.reshape(base.shape)
+
+
+def nearswap(t: float, base: Tensor, other: Tensor) -> Tensor:
+    """w · θ_1 + (1 - w) · θ_0 per entry, w = t / |θ_1 - θ_0| clipped to [0, 1] (|θ_1 - θ_0| at least 1e-6)."""
+    weight = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * other + (1 - weight) * base
+
+
+def arcee_fusion(base: Tensor, other: Tensor, *, rank_dtype: torch.dtype | None = None) -> Tensor:
+    """θ_0 + Δ where Δ = θ_1 - θ_0 is important, θ_0 elsewhere.
+
+    Importance: |Δ| · KL(softmax θ_1 ‖ softmax θ_0), the softmaxes along the last dim (1e-8 added to each), one
+    KL per row. Important: at least median + 1.5 · (q3 - q1) of all importances, each quartile the sorted value at
+    floor(q · (n - 1)). (mergekit estimates the quartiles of a tensor over a million entries from a random sample
+    of a million; here they are always exact.) rank_dtype, if given, is the precision in which importance is
+    computed and compared (mergekit's: the recipe's dtype).
+    """
+    low_base, low_other = (base, other) if rank_dtype is None else (base.to(rank_dtype), other.to(rank_dtype))
+    p = torch.softmax(low_other, dim=-1) + 1e-8
+    q = torch.softmax(low_base, dim=-1) + 1e-8
+    importance = ((low_other - low_base).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)).reshape(-1)
+    places = (torch.tensor([0.25, 0.5, 0.75]) * (importance.numel() - 1)).long()
+    q1, median, q3 = (torch.kthvalue(importance, int(i) + 1).values for i in places)
+    important = (importance >= median + 1.5 * (q3 - q1)).reshape(base.shape)
+    return base + (other - base) * important
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:

@@ -154,6 +154,25 @@ def _sce(call: MergeCall) -> torch.Tensor:
     return methods.sce(base, deltas, call.shared["select_topk"], rank_dtype=call.rank_dtype)
 
 
+def _ram(call: MergeCall) -> torch.Tensor:
+    assert call.base is not None
+    base = call.base.to(call.compute_dtype)
+    deltas = call.deltas if call.deltas is not None else [t - base for t in call.tensors]
+    return methods.ram(base, deltas, **call.shared, rank_dtype=call.rank_dtype)
+
+
+def _nearswap(call: MergeCall) -> torch.Tensor:
+    base, (other,) = call.upcast()
+    assert base is not None
+    return methods.nearswap(call.shared["t"], base, other)
+
+
+def _arcee_fusion(call: MergeCall) -> torch.Tensor:
+    base, (other,) = call.upcast()
+    assert base is not None
+    return methods.arcee_fusion(base, other, rank_dtype=call.rank_dtype)
+
+
 def _linear(call: MergeCall) -> torch.Tensor:
     weights = [p["weight"] for p in call.per_model]
     return methods.linear(
@@ -217,6 +236,12 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "sce", _sce, {}, {"select_topk": 1.0, "int8_mask": False}, base="required", task_vectors=True
         ),
+        MergeMethod("ram", _ram, {}, {"epsilon": 1e-5}, base="required", task_vectors=True),
+        MergeMethod(
+            "ramplus_tl", _ram, {}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, base="required", task_vectors=True
+        ),
+        MergeMethod("nearswap", _nearswap, {}, {"t": REQUIRED}, base="required", max_inputs=1),
+        MergeMethod("arcee_fusion", _arcee_fusion, {}, {}, base="required", max_inputs=1),
         MergeMethod("slerp", _slerp, {}, {"t": REQUIRED}, base="required", min_inputs=1, max_inputs=1),
         MergeMethod(
             "nuslerp", _nuslerp, {"weight": REQUIRED}, {"nuslerp_flatten": True, "nuslerp_row_wise": False},
