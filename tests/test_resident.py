@@ -60,6 +60,20 @@ def test_resident_model_equals_shoal_merge_tensor_for_tensor(parents, tmp_path, 
             assert torch.equal(live[name].detach(), tensor), name
 
 
+@pytest.mark.parametrize("method,params,shared", [
+    ("breadcrumbs_ties", {"weight": [0.4, 0.9], "density": [0.5, 0.8], "gamma": 0.03}, {}),
+    ("sce", {}, {"select_topk": [0.3, 0.8]}),
+])
+def test_resident_model_equals_shoal_merge_for_other_searchable_methods(parents, tmp_path, method, params, shared):
+    recipe = {"merge_method": method, "base_model": str(parents["base"]), "parameters": shared,
+              "models": [{"model": str(parents[n]), "parameters": params} for n in ("a", "b")]}
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)))
+    merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+    live = dict(merger.model.named_parameters())
+    for name, tensor in _on_disk(recipe, tmp_path / "out").items():
+        assert torch.equal(live[name].detach(), tensor), name
+
+
 def test_resident_merge_in_bfloat16_matches_too(bf16_parents, tmp_path) -> None:
     recipe = _recipe(bf16_parents, "ties", [0.7, [0.2, 0.6]], [[0.2, 0.9], 0.35], dtype="bfloat16")
     merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)))
