@@ -38,7 +38,8 @@ METHODS = {
                         "models": [{"model": str(p[n]), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}
                                    for n in "abc"]},
     "nuslerp": lambda p: {"merge_method": "nuslerp", "dtype": "bfloat16", "base_model": str(p["base"]),
-                          "models": [{"model": str(p[n]), "parameters": {"weight": w}} for n, w in (("a", 0.6), ("b", 0.4))]},
+                          "models": [{"model": str(p[n]), "parameters": {"weight": w}}
+                                     for n, w in (("a", 0.6), ("b", 0.4))]},
 }
 RSS_WRAPPER = (
     "import resource, subprocess, sys, time; t = time.perf_counter(); "

@@ -2,8 +2,8 @@
 
 Everything that does not depend on a recipe's numbers is done once: inputs are read and rounded to the
 recipe's dtype, task vectors (parent - base) are formed, and for TIES (DELLA) their magnitude ranks are sorted,
-so a trial's trim is a comparison (a trial's keep-probabilities a multiply-add). Each tensor then goes through the same formula as `shoal merge`
-(`engine.merged_values`), so a recipe gives the same weights either way, bit for bit.
+so a trial's trim is a comparison (its keep-probabilities a multiply-add). Each tensor then goes through the
+same formula as `shoal merge` (`engine.merged_values`), so a recipe gives the same weights either way, bit for bit.
 
 With a vision-language parent the live model is that VLM (its vision tower and projector as loaded, never
 rewritten); the plan's tensor names are the VLM checkpoint's, mapped to the live model's by `layout.Names`.

@@ -18,7 +18,9 @@ from shoal.errors import ShoalError
 Tensor = torch.Tensor
 
 
-def nuslerp(t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True, row_wise: bool = False, eps: float = 1e-8) -> Tensor:
+def nuslerp(
+    t: float, v0: Tensor, v1: Tensor, *, flatten: bool = True, row_wise: bool = False, eps: float = 1e-8
+) -> Tensor:
     """Spherical interpolation from v0 (t=0) to v1 (t=1), with the norms interpolated as the vectors are.
 
     flatten: each tensor is one vector. Otherwise each vector runs along the last dim (a matrix's rows), or along

@@ -148,10 +148,9 @@ class Genome(GeneSpace):
         recipe: dict[str, Any] = {"merge_method": spec.method}
         if spec.method != "linear":
             recipe["base_model"] = spec.base
+        settings = lambda parent: {p: self._setting(values, parent, p) for p in self.per_parent}
         recipe["models"] = [
-            {"model": path} | (
-                {"parameters": {p: self._setting(values, parent, p) for p in self.per_parent}} if self.per_parent else {}
-            )
+            {"model": path} | ({"parameters": settings(parent)} if self.per_parent else {})
             for parent, path in spec.parents.items()
         ]
         if self.shared:
