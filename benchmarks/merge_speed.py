@@ -34,6 +34,12 @@ METHODS = {
                        "models": [{"model": str(p[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "abc"]},
     "dare_ties": lambda p: {"merge_method": "dare_ties", "dtype": "bfloat16", "base_model": str(p["base"]),
                             "models": [{"model": str(p[n]), "parameters": {"weight": 1.0, "density": 0.5}} for n in "abc"]},
+    "della": lambda p: {"merge_method": "della", "dtype": "bfloat16", "base_model": str(p["base"]),
+                        "models": [{"model": str(p[n]), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}
+                                   for n in "abc"]},
+    "nuslerp": lambda p: {"merge_method": "nuslerp", "dtype": "bfloat16", "base_model": str(p["base"]),
+                          "models": [{"model": str(p[n]), "parameters": {"weight": w}}
+                                     for n, w in (("a", 0.6), ("b", 0.4))]},
 }
 RSS_WRAPPER = (
     "import resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -93,7 +99,7 @@ def main() -> None:
     ap.add_argument("--size", default="0.5b", choices=SIZES)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/shoal-bench"))
-    ap.add_argument("--methods", default="linear,ties,dare_ties")
+    ap.add_argument("--methods", default="linear,ties,dare_ties,della,nuslerp")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     parents = build_parents(args.work, args.size)
@@ -105,14 +111,14 @@ def main() -> None:
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for method in args.methods.split(","):
         recipe = args.work / f"{method}.yaml"
-        recipe.write_text(yaml.safe_dump(METHODS[method](parents), sort_keys=False))
+        spec = METHODS[method](parents)
+        recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
+        read = [m["model"] for m in spec["models"]] + ([spec["base_model"]] if "base_model" in spec else [])
         commands = {
             "shoal": ["shoal", "merge", str(recipe), str(out)],
             "mergekit": ["mergekit-yaml", str(recipe), str(out)],
-            "floor": floor_cmd,
+            "floor": floor_cmd[:4] + read,  # the floor reads what the method reads
         }
-        if method != "linear":  # the floor reads the base too when the method does
-            commands["floor"] = floor_cmd + [str(parents["base"])]
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
         for _ in range(args.repeats):
             for tool, cmd in commands.items():

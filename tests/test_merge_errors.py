@@ -78,6 +78,13 @@ def test_density_outside_zero_one(run_cli, parents, tmp_path, density):
     expect_error(run_cli, tmp_path, recipe, "density must be in (0, 1]")
 
 
+@pytest.mark.parametrize("density,epsilon", [(0.1, 0.15), (0.9, 0.15), (0.5, 0.5)])
+def test_della_epsilon_that_leaves_zero_one(run_cli, parents, tmp_path, density, epsilon):
+    recipe = {"merge_method": "della", "base_model": str(parents["base"]), "models": [
+        {"model": str(parents["a"]), "parameters": {"weight": 1.0, "density": density, "epsilon": epsilon}}]}
+    expect_error(run_cli, tmp_path, recipe, f"epsilon for tensor model.embed_tokens.weight is {epsilon}", "(0, 1)")
+
+
 def test_malformed_yaml_gives_the_line(run_cli, tmp_path):
     text = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [1, 2}\n"
     expect_error(run_cli, tmp_path, text, "malformed YAML", "recipe.yaml:4")

@@ -79,6 +79,79 @@ def test_breadcrumbs_drops_outliers_and_the_smallest():
     assert delta[mask].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
 
 
+def test_della_ranks_magnitudes_within_each_row():
+    fractions = methods.magnitude_fractions(torch.tensor([[3.0, -1.0, 2.0], [0.5, -4.0, 1.0]]))
+    # row 0: |3| > |2| > |-1| -> places 2, 0, 1 of 0..2; row 1: |0.5| < |1| < |-4| -> 0, 2, 1
+    assert fractions.tolist() == [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]]
+    # a vector is one row; equal magnitudes are ordered by index: 1 (index 2) < 2 (index 0) <= -2 (index 1)
+    assert methods.magnitude_fractions(t(2.0, -2.0, 1.0)).tolist() == [0.5, 1.0, 0.0]
+
+
+def test_della_keeps_larger_magnitudes_more_often():
+    fractions = torch.tensor([0.0, 0.5, 1.0]).repeat(40_000, 1)
+    kept = methods.magprune_mask(fractions, 0.5, 0.2, torch.Generator().manual_seed(0)).float().mean(dim=0)
+    # p = density - eps + 2 eps * fraction: 0.3, 0.5, 0.7
+    assert torch.allclose(kept, t(0.3, 0.5, 0.7), atol=0.01)
+    assert methods.magprune_mask(fractions, 1.0, 0.2, torch.Generator()).all()
+
+
+def test_della_at_the_extreme_epsilon_keeps_exactly_the_larger_entry_and_rescales():
+    delta = t(1.0, -3.0)  # fractions 0, 1 -> p = 0.5 - 0.5 + 2 * 0.5 * fraction = 0, 1
+    mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.5, 0.5, torch.Generator().manual_seed(3))
+    assert mask.tolist() == [False, True]
+    assert methods.apply_mask(delta, mask, rescale=True).tolist() == [0.0, -4.0]  # L1 4 -> kept -3 scaled by 4/3
+
+
+def test_sce_weights_by_mean_square_and_erases_the_minority_sign():
+    deltas = [t(2.0, -1.0, 0.5, 0.0), t(4.0, 1.0, -0.5, 0.0)]
+    out = methods.sce(torch.zeros(4), deltas, select_topk=1.0)
+    # c ∝ mean(τ²): (4 + 1 + 0.25) / 4 = 1.3125 and (16 + 1 + 0.25) / 4 = 4.3125 -> 7/30 and 23/30
+    # column 0: both positive -> 2·7/30 + 4·23/30 = 106/30; columns 1, 2: the sum is 0, counted as +, so only the
+    # positive entry stays (and is divided by its own coefficient); column 3: no sign, nothing kept -> 0
+    assert torch.allclose(out, t(106 / 30, 1.0, 0.5, 0.0))
+
+
+def test_sce_selects_the_entries_of_largest_variance_first():
+    base = t(1.0, 1.0, 1.0, 1.0)
+    deltas = [t(2.0, -1.0, 0.5, 0.0), t(4.0, 2.0, -0.5, 0.0)]
+    # variances across the two: 1, 2.25, 0.25, 0 -> 3 nonzero
+    # k = int(3 · 0.5) = 1: column 1 alone; τ = (0, -1), (0, 2); c = 0.2, 0.8; sum +1 -> only 2 stays
+    assert torch.allclose(methods.sce(base, deltas, 0.5), base + t(0.0, 2.0, 0.0, 0.0))
+    # k = int(3 · 0.7) = 2: columns 0 and 1; c ∝ (4 + 1) / 4, (16 + 4) / 4 -> 0.2, 0.8
+    # column 0: 0.2·2 + 0.8·4 = 3.6; column 1: only 2 stays
+    assert torch.allclose(methods.sce(base, deltas, 0.7), base + t(3.6, 2.0, 0.0, 0.0))
+
+
+def test_ram_averages_only_the_models_that_change_an_entry():
+    deltas = [t(1.0, 2.0, 0.0, 0.5, 1e-6), t(3.0, 0.0, 0.0, -0.5, 2.0)]
+    # changed by: both, a, none, both, b (1e-6 is below epsilon) -> (1+3)/2, 2, 0, 0, 2
+    assert torch.allclose(methods.ram(t(1.0, 1.0, 1.0, 1.0, 1.0), deltas, epsilon=1e-5), t(3.0, 3.0, 1.0, 1.0, 3.0))
+
+
+def test_ramplus_scales_a_models_own_entries_by_its_shared_to_own_ratio():
+    deltas = [t(1.0, 2.0, 4.0, 1.0, 0.5), t(3.0, 0.0, 0.0, 0.0, -0.5)]
+    # model a changes 2 shared entries (0, 4) and 3 of its own (1, 2, 3): ρ = 2/3, λ = 1 + 0.3 · 2/3 = 1.2
+    out = methods.ram(torch.zeros(5), deltas, epsilon=1e-5, r=0.3, alpha=1.0)
+    assert torch.allclose(out, t(2.0, 2.4, 4.8, 1.2, 0.0))
+    # alpha caps ρ: λ = 1 + 0.3 · 0.5 = 1.15
+    capped = methods.ram(torch.zeros(5), deltas, epsilon=1e-5, r=0.3, alpha=0.5)
+    assert torch.allclose(capped, t(2.0, 2.3, 4.6, 1.15, 0.0))
+
+
+def test_nearswap_moves_by_t_over_the_distance():
+    out = methods.nearswap(0.1, t(0.0, 0.0, 0.0, 1.0), t(0.05, 0.5, -2.0, 1.0))
+    # distances 0.05, 0.5, 2, 0: weights min(1, 0.1/d) = 1, 0.2, 0.05, 1
+    assert torch.allclose(out, t(0.05, 0.1, -0.1, 1.0))
+
+
+def test_arcee_fusion_keeps_only_the_outlying_changes():
+    other = t(0.0, 1.0, -2.0, 3.0, 4.0, -5.0, 6.0, 20.0)
+    # one row: importance = |Δ| · KL, KL > 0 the same for all; quartiles at floor(0.25·7, 0.5·7, 0.75·7) = 1, 3, 5
+    # of the sorted |Δ|: 1, 3, 5 -> threshold (3 + 1.5 · (5 - 1)) · KL = 9 · KL: only 20 is kept
+    assert torch.equal(methods.arcee_fusion(torch.zeros(8), other), t(0, 0, 0, 0, 0, 0, 0, 20.0))
+    assert torch.equal(methods.arcee_fusion(other, other), other)  # no change, KL 0: every importance 0 >= 0
+
+
 def test_slerp_moves_along_the_great_circle():
     v0, v1 = t(1.0, 0.0), t(0.0, 1.0)
     out = methods.slerp(0.5, v0, v1)

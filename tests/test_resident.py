@@ -41,6 +41,8 @@ CASES = [
     ("dare_ties", [[1.0, 0.1], [0.3, 0.6]], [0.4, [0.9, 0.2, 0.6]]),
     ("task_arithmetic", [[0.5, -0.2], 0.8], [None, None]),
     ("dare_linear", [0.6, 0.4], [0.3, 0.7]),
+    ("della", [[1.0, 0.2], 0.5], [0.4, [0.3, 0.6]]),
+    ("della_linear", [0.6, 0.4], [0.3, 0.7]),
     ("linear", [[0.1, 0.9], 0.5], [None, None]),
 ]
 
@@ -56,6 +58,20 @@ def test_resident_model_equals_shoal_merge_tensor_for_tensor(parents, tmp_path, 
         assert set(expected) <= set(live)
         for name, tensor in expected.items():
             assert torch.equal(live[name].detach(), tensor), name
+
+
+@pytest.mark.parametrize("method,params,shared", [
+    ("breadcrumbs_ties", {"weight": [0.4, 0.9], "density": [0.5, 0.8], "gamma": 0.03}, {}),
+    ("sce", {}, {"select_topk": [0.3, 0.8]}),
+])
+def test_resident_model_equals_shoal_merge_for_other_searchable_methods(parents, tmp_path, method, params, shared):
+    recipe = {"merge_method": method, "base_model": str(parents["base"]), "parameters": shared,
+              "models": [{"model": str(parents[n]), "parameters": params} for n in ("a", "b")]}
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)))
+    merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+    live = dict(merger.model.named_parameters())
+    for name, tensor in _on_disk(recipe, tmp_path / "out").items():
+        assert torch.equal(live[name].detach(), tensor), name
 
 
 def test_resident_merge_in_bfloat16_matches_too(bf16_parents, tmp_path) -> None:

@@ -63,6 +63,54 @@ def test_unit_vector_maps_onto_bounds() -> None:
     assert genome.recipe(genome.values([0.5, 0.5]), 0)["models"][0]["parameters"]["weight"][-1] == {"value": 0.5}
 
 
+def test_della_epsilon_genes_are_fractions_of_the_room_the_density_leaves() -> None:
+    genome = Genome(SearchSpec.model_validate(BASE | {"method": "della"}), 2, OUTER)
+    assert len(genome) == 2 * 3 * 3 and genome.names[:3] == ["math.weight.layer0", "math.weight.layer1",
+                                                            "math.weight.embeddings"]
+    values = genome.values([0.5] * len(genome)) | {"math.density.layer0": 0.8, "math.epsilon.layer0": 0.5,
+                                                    "math.density.layer1": 0.2, "math.epsilon.layer1": 0.9}
+    recipe = genome.recipe(values, 0)
+    name = lambda layer: f"model.layers.{layer}.mlp.up_proj.weight"
+    assert _value(recipe, 0, "epsilon", name(0), 0, 2) == pytest.approx(0.5 * 0.2)  # min(0.8, 0.2) = 0.2
+    assert _value(recipe, 0, "epsilon", name(1), 1, 2) == pytest.approx(0.9 * 0.2)
+    assert genome.table(values)["layers"]["epsilon"]["math"] == pytest.approx([0.1, 0.18])
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear", "breadcrumbs_ties", "sce"])
+@pytest.mark.parametrize("corner", [0.0, 1.0])
+def test_every_corner_of_the_genome_is_a_recipe_shoal_merge_accepts(parents, method, corner) -> None:
+    import yaml
+
+    from shoal.merge.engine import open_parents
+    from shoal.merge.plan import build_plan
+    from shoal.recipe import parse_recipe
+
+    spec = SearchSpec.model_validate({"base": str(parents["base"]), "parents": {"a": str(parents["a"])},
+                                      "tasks": [{"path": "t"}], "method": method})
+    genome = Genome(spec, 4, OUTER)
+    recipe = parse_recipe(yaml.safe_dump(genome.recipe(genome.values([corner] * len(genome)), 0)))
+    assert len(build_plan(recipe, open_parents(recipe)).jobs) > 0
+
+
+def test_sce_has_one_selection_gene_per_group_for_all_parents() -> None:
+    genome = Genome(SearchSpec.model_validate(BASE | {"method": "sce"}), 3, OUTER)
+    assert genome.names == ["select_topk.layer0", "select_topk.layer1", "select_topk.layer2", "select_topk.embeddings"]
+    values = dict(zip(genome.names, [0.2, 0.5, 0.9, 0.7]))
+    recipe = genome.recipe(values, 0)
+    assert recipe["models"] == [{"model": "m"}, {"model": "l"}]
+    shared = Recipe.model_validate(recipe).parameters
+    assert resolve("select_topk", [shared], "model.layers.1.self_attn.q_proj.weight", 0.5, None) == pytest.approx(0.5)
+    assert resolve("select_topk", [shared], "lm_head.weight", 0.0, None) == 0.7
+    assert genome.table(values)["layers"] == {"select_topk": {"all parents": [0.2, 0.5, 0.9]}}
+
+
+def test_breadcrumbs_ties_searches_the_outlier_fraction_too() -> None:
+    spec = SearchSpec.model_validate(BASE | {"method": "breadcrumbs_ties", "bounds": {"gamma": [0.0, 0.1]}})
+    genome = Genome(spec, 1, OUTER)
+    assert [g.param for g in genome.genes if g.parent == "lang"] == ["weight"] * 2 + ["density"] * 2 + ["gamma"] * 2
+    assert genome.values([1.0] * len(genome))["lang.gamma.layer0"] == 0.1
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -73,6 +121,9 @@ def test_unit_vector_maps_onto_bounds() -> None:
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudgett: 3\n", "search.yaml:4: budgett: Extra inputs"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: linear\ngenome: {embeddings: base}\n", "linear has"),
         ("[1, 2]", "a search file is a YAML mapping"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbounds: {epsilon: [0.1, 1.0]}\n", "epsilon must lie in [0, 1)"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbounds: {lambda: [0, 2]}\n", "known: weight, density, gamma"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: sce\ngenome: {embeddings: base}\n", "sce has none"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ndfs: {parents: [q]}\n", "'q' is not one of the parents"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),

@@ -79,7 +79,10 @@ def merged_values(
     )
     if scratch is not None:
         call.scratch = scratch.take(raw[0].shape, call.compute_dtype, raw[0].device)
-    result = method.merge(call)
+    try:
+        result = method.merge(call)
+    except ShoalError as error:
+        raise ShoalError(f"tensor {job.spec.name} ({method_name}): {error}") from None
     if not _finite(result):
         raise ShoalError(
             f"the merge produced NaN or inf in tensor {job.spec.name} ({method_name}); "

@@ -9,6 +9,17 @@ Each function follows its paper and mergekit's conventions, so a mergekit recipe
   (mergekit's L1 rescale: the kept entries are scaled so |τ_i|_1 is unchanged).
 - Model Breadcrumbs (Davari & Belilovsky 2023): drop the top-gamma fraction of magnitudes (outliers)
   and the smallest, keeping a density fraction.
+- DELLA (Deep et al. 2024, MagPrune): drop entries of τ_i at random with a keep-probability that grows
+  with the entry's magnitude rank in its row, from density - ε (smallest) to density + ε (largest), then
+  rescale as DARE does (mergekit's L1 rule, not the paper's 1/p).
+- SCE (Wan et al. 2024, FuseChat): select the entries where the task vectors vary most, calculate each
+  model's coefficient from its mean squared task vector, erase the entries whose sign is the minority's.
+- RAM (Reinforced Agent Merging, 2026): per entry, the mean of the task vectors that change it (|τ_i| > ε),
+  so an entry only one model changes keeps its full value; RAM+ also scales each model's own entries up by
+  how much of its change it shares with others.
+- NearSwap: move from the base toward the other model by t / |θ_1 - θ_0|, all the way where they are within t.
+- Arcee Fusion: take the other model's value only where its importance, |Δ| times the KL divergence of the
+  rows' softmaxes, is an upper outlier (above median + 1.5 IQR).
 - SLERP: spherical interpolation of the whole tensor, linear where the two are nearly parallel.
 - Model Stock (Jang et al. 2024): interpolate between θ_0 and the average of the fine-tunes with
   t = N cos / (1 + (N - 1) cos), cos the mean pairwise cosine of the task vectors.
@@ -113,6 +124,32 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Te
     return noise < density
 
 
+def magnitude_fractions(delta: Tensor) -> Tensor:
+    """Each entry's magnitude rank within its row, from 0 (smallest) to 1 (largest), as float32 of delta's shape.
+
+    Rows run along dim 1 (a matrix's rows; a vector is one row), ties ordered by index (a stable sort).
+    A row of one entry has no order: its fraction is 1/2.
+    """
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    n = rows.shape[1]
+    if n < 2:
+        return torch.full(delta.shape, 0.5, dtype=torch.float32, device=delta.device)
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    places = torch.arange(n, dtype=torch.float32, device=delta.device).view([1, n] + [1] * (rows.dim() - 2))
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
+    ranks.scatter_(1, order, places.expand(rows.shape))
+    return ranks.div_(n - 1).reshape(delta.shape)
+
+
+def magprune_mask(fractions: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+    """DELLA's drop step: keep each entry with probability p = density - ε + 2ε · fraction, its magnitude rank
+    fraction (magnitude_fractions), drawn from a seeded generator; all kept when density >= 1."""
+    if density >= 1:
+        return torch.ones_like(fractions, dtype=torch.bool)
+    keep = (density - epsilon) + fractions * 2 * epsilon
+    return torch.bernoulli(keep, generator=generator).bool()
+
+
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     """Breadcrumbs: drop the int(gamma * n) largest magnitudes, then the smallest, keeping int(density * n).
 
@@ -192,6 +229,87 @@ def combine_task_vectors(
     if lam != 1:
         mixed.mul_(lam)
     return mixed.add_(base)
+
+
+def sce(base: Tensor, deltas: Sequence[Tensor], select_topk: float, *, rank_dtype: torch.dtype | None = None) -> Tensor:
+    """θ_0 + SCE's merge of the task vectors τ_i (in base's dtype):
+
+    Select: below select_topk = 1, keep only the k = int(select_topk · m) entries of largest variance across the
+    τ_i, m the count of entries of nonzero variance (ties to the lowest indices). Calculate: c_i = mean(τ_i²) /
+    sum_j mean(τ_j²) (equal when that sum is below 1e-6). Erase: per entry, keep the τ_i whose sign is that of
+    sum_j τ_j (0 counts as +). The result is sum_i c_i τ_i over sum_i c_i, both over the kept τ_i.
+    rank_dtype, if given, is the precision of the variances and of the sign election (mergekit's: the recipe's
+    dtype; in bfloat16 that decides which entries are selected and the sign where the sum is near zero).
+    """
+    tvs = torch.stack(list(deltas))
+    low = tvs if rank_dtype is None else tvs.to(rank_dtype)
+    if select_topk < 1:
+        variance = torch.var(low, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(variance) * select_topk)
+        selected = top_mask(variance, k)
+        tvs.mul_(selected)
+        low = low * selected
+    squares = tvs.square().reshape(len(tvs), -1).mean(dim=1)
+    total = float(squares.sum())
+    coefficients = squares / total if abs(total) >= 1e-6 else torch.full_like(squares, 1 / len(tvs))
+    coefficients = coefficients.view(-1, *[1] * base.dim())
+    majority = (low.sum(dim=0) >= 0).to(base.dtype).mul_(2).sub_(1)
+    kept = coefficients * (tvs.sign() == majority)
+    return base + (tvs * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
+
+
+def ram(
+    base: Tensor,
+    deltas: Sequence[Tensor],
+    *,
+    epsilon: float,
+    r: float = 0.0,
+    alpha: float = 0.0,
+    rank_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """θ_0 + RAM's merge of the task vectors τ_i: each entry is the mean of the τ_i that change it (|τ_i| > ε);
+    an entry changed by one model alone takes that model's value times λ_i.
+
+    λ_i = 1 for RAM; for RAM+ (tensor-local, r > 0) λ_i = 1 + r · clip(ρ_i, 0, α), ρ_i = the count of model i's
+    changed entries that others change too over the count of those it alone changes (ε when none).
+    rank_dtype, if given, is the precision of the test |τ_i| > ε (mergekit's: the recipe's dtype).
+    """
+    tvs = torch.stack(list(deltas)).reshape(len(deltas), -1)
+    changes = (tvs if rank_dtype is None else tvs.to(rank_dtype)).abs() > epsilon
+    count = changes.sum(dim=0, keepdim=True)
+    alone, shared = count == 1, count > 1
+    tvs = tvs * changes
+    scale = torch.ones(len(deltas), 1, dtype=tvs.dtype, device=tvs.device)
+    if r:
+        ratio = (changes & shared).sum(dim=1) / (changes & alone).sum(dim=1).clamp(min=epsilon)
+        scale = (1 + r * ratio.clamp(min=0, max=alpha)).unsqueeze(-1)
+    merged = (tvs * alone * scale + tvs * shared / count.clamp(min=1)).sum(dim=0)
+    return base + merged.reshape(base.shape)
+
+
+def nearswap(t: float, base: Tensor, other: Tensor) -> Tensor:
+    """w · θ_1 + (1 - w) · θ_0 per entry, w = t / |θ_1 - θ_0| clipped to [0, 1] (|θ_1 - θ_0| at least 1e-6)."""
+    weight = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * other + (1 - weight) * base
+
+
+def arcee_fusion(base: Tensor, other: Tensor, *, rank_dtype: torch.dtype | None = None) -> Tensor:
+    """θ_0 + Δ where Δ = θ_1 - θ_0 is important, θ_0 elsewhere.
+
+    Importance: |Δ| · KL(softmax θ_1 ‖ softmax θ_0), the softmaxes along the last dim (1e-8 added to each), one
+    KL per row. Important: at least median + 1.5 · (q3 - q1) of all importances, each quartile the sorted value at
+    floor(q · (n - 1)). (mergekit estimates the quartiles of a tensor over a million entries from a random sample
+    of a million; here they are always exact.) rank_dtype, if given, is the precision in which importance is
+    computed and compared (mergekit's: the recipe's dtype).
+    """
+    low_base, low_other = (base, other) if rank_dtype is None else (base.to(rank_dtype), other.to(rank_dtype))
+    p = torch.softmax(low_other, dim=-1) + 1e-8
+    q = torch.softmax(low_base, dim=-1) + 1e-8
+    importance = ((low_other - low_base).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)).reshape(-1)
+    places = (torch.tensor([0.25, 0.5, 0.75]) * (importance.numel() - 1)).long()
+    q1, median, q3 = (torch.kthvalue(importance, int(i) + 1).values for i in places)
+    important = (importance >= median + 1.5 * (q3 - q1)).reshape(base.shape)
+    return base + (other - base) * important
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:

@@ -18,7 +18,7 @@ from shoal import layout
 from shoal.checkpoint.reader import Checkpoint
 from shoal.checkpoint.writer import DTYPE_TAGS, TensorSpec
 from shoal.errors import ShoalError
-from shoal.recipe import Parameters, Recipe, Slice, SliceSource, resolve
+from shoal.recipe import ModelEntry, Parameters, Recipe, Slice, SliceSource, resolve
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -78,7 +78,10 @@ def _as_slices(recipe: Recipe, parents: dict[str, Checkpoint]) -> list[Slice]:
     n = parents[reference].num_layers
     if n is None:
         raise ShoalError(f"{reference}: config.json does not say how many layers the model has")
-    sources = [SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters) for m in recipe.models]
+    models = list(recipe.models)
+    if recipe.method.base == "included" and recipe.base_model and all(m.model != recipe.base_model for m in models):
+        models.append(ModelEntry(model=recipe.base_model))
+    sources = [SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters) for m in models]
     return [Slice(sources=sources)]
 
 
@@ -164,7 +167,7 @@ def _job(
     base_ref = piece.base_model or recipe.base_model
     entries = list(zip(piece.sources, src_names))
     base: TensorInput | None = None
-    if method.base == "required":
+    if method.base == "required" or (method.base == "optional" and base_ref is not None):
         assert base_ref is not None
         base_name = next((n for s, n in entries if s.model == base_ref), src_names[0])
         base = TensorInput(base_ref, parents[base_ref].lm.own(base_name))
@@ -197,6 +200,13 @@ def _job(
     for params in per_model:
         if "density" in params and not 0 < params["density"] <= 1:
             raise ShoalError(f"density for tensor {out_name} is {params['density']}, outside (0, 1]")
+        if method.sparsify == "magprune" and params["density"] < 1:
+            density, epsilon = params["density"], params["epsilon"]
+            if not (density - epsilon > 0 and density + epsilon < 1):
+                raise ShoalError(
+                    f"epsilon for tensor {out_name} is {epsilon} with density {density}: {method.name} keeps entries "
+                    f"with probabilities from density - epsilon to density + epsilon, which must lie in (0, 1)"
+                )
     return TensorJob(
         spec=TensorSpec(out_names.own(out_name), tuple(shapes[0][1]), dtype),
         work_dtype=work_dtype if work_dtype is not None and floating else src_dtype,

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from shoal.merge import methods
+from shoal.merge import methods, spherical
 
 REQUIRED: Any = object()
 
@@ -31,7 +31,8 @@ class MergeCall:
     deltas: list[torch.Tensor] | None = None
     """Task vectors tensor_i - base in compute_dtype, when already formed (the resident merger keeps them)."""
     ranks: list[torch.Tensor] | None = None
-    """Each task vector's magnitude ranks (methods.magnitude_ranks), when precomputed: TIES' trim is then a lookup."""
+    """Each task vector's magnitude ranks, when precomputed: methods.magnitude_ranks for TIES (its trim is then a
+    lookup), methods.magnitude_fractions for DELLA."""
 
     @property
     def rank_dtype(self) -> torch.dtype:
@@ -44,7 +45,12 @@ class MergeCall:
         return base, [t.to(self.compute_dtype) for t in self.tensors]
 
 
-Sparsify = Literal["magnitude", "random", "outliers"] | None
+BasePolicy = Literal["required", "optional", "ignored", "included"]
+"""What the recipe's base_model is to a method (mergekit's input contracts): required, or optional (either way the
+base, named apart from the other inputs); ignored (unless listed as a model); or included: one more input, added
+to the models when they do not list it (mergekit's rule for methods that ignore the base, as karcher)."""
+
+Sparsify = Literal["magnitude", "random", "outliers", "magprune"] | None
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class MergeMethod:
     merge: Callable[[MergeCall], torch.Tensor]
     per_model: Mapping[str, Any]
     shared: Mapping[str, Any]
-    base: Literal["required", "ignored"]
+    base: BasePolicy
     min_inputs: int = 1
     max_inputs: int | None = None
     random: bool = False
@@ -77,6 +83,8 @@ Kind = Literal["bool", "number"]
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "density": (lambda v: 0 < v <= 1, "(0, 1]"),
     "gamma": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "select_topk": (lambda v: 0 < v <= 1, "(0, 1]"),
+    "max_iter": (lambda v: v >= 0 and float(v).is_integer(), "{0, 1, 2, ...}"),
     "t": (lambda v: 0 <= v <= 1, "[0, 1]"),
 }
 """Parameters whose numbers have a meaning only in a range: the test, and the range as errors state it."""
@@ -97,6 +105,10 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
                 mask = methods.random_mask(delta, params["density"], call.generators[i])
             elif sparsify == "outliers":
                 mask = methods.outlier_mask(delta.to(call.rank_dtype), params["density"], params["gamma"])
+            elif sparsify == "magprune":
+                fractions = call.ranks[i] if call.ranks is not None else methods.magnitude_fractions(
+                    delta.to(call.rank_dtype))
+                mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
             else:
                 mask = None
             deltas.append(delta if mask is None else methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
@@ -119,6 +131,8 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         per_model["density"] = 1.0
     if sparsify == "outliers":
         per_model["gamma"] = 0.01
+    if sparsify == "magprune":
+        per_model["epsilon"] = 0.15
     # int8_mask is mergekit's memory option; accepted so its recipes load, and without effect here
     shared = {"normalize": normalize, "lambda": 1.0, "int8_mask": False, "rescale": rescale}
     return MergeMethod(
@@ -127,10 +141,36 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         per_model=per_model,
         shared=shared,
         base="required",
-        random=sparsify == "random",
+        random=sparsify in ("random", "magprune"),
         sparsify=sparsify,
         task_vectors=True,
     )
+
+
+def _sce(call: MergeCall) -> torch.Tensor:
+    assert call.base is not None
+    base = call.base.to(call.compute_dtype)
+    deltas = call.deltas if call.deltas is not None else [t - base for t in call.tensors]
+    return methods.sce(base, deltas, call.shared["select_topk"], rank_dtype=call.rank_dtype)
+
+
+def _ram(call: MergeCall) -> torch.Tensor:
+    assert call.base is not None
+    base = call.base.to(call.compute_dtype)
+    deltas = call.deltas if call.deltas is not None else [t - base for t in call.tensors]
+    return methods.ram(base, deltas, **call.shared, rank_dtype=call.rank_dtype)
+
+
+def _nearswap(call: MergeCall) -> torch.Tensor:
+    base, (other,) = call.upcast()
+    assert base is not None
+    return methods.nearswap(call.shared["t"], base, other)
+
+
+def _arcee_fusion(call: MergeCall) -> torch.Tensor:
+    base, (other,) = call.upcast()
+    assert base is not None
+    return methods.arcee_fusion(base, other, rank_dtype=call.rank_dtype)
 
 
 def _linear(call: MergeCall) -> torch.Tensor:
@@ -144,6 +184,29 @@ def _slerp(call: MergeCall) -> torch.Tensor:
     base, tensors = call.upcast()
     assert base is not None
     return methods.slerp(call.shared["t"], base, tensors[0])
+
+
+def _nuslerp(call: MergeCall) -> torch.Tensor:
+    base, (v0, v1) = call.upcast()
+    w0, w1 = (p["weight"] for p in call.per_model)
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    options = {"flatten": call.shared["nuslerp_flatten"], "row_wise": call.shared["nuslerp_row_wise"]}
+    if base is None:
+        return spherical.nuslerp(t, v0, v1, **options)
+    return base + spherical.nuslerp(t, v0 - base, v1 - base, **options)
+
+
+def _multislerp(call: MergeCall) -> torch.Tensor:
+    base, tensors = call.upcast()
+    weights = [p["weight"] for p in call.per_model]
+    return spherical.multislerp(
+        tensors, weights, base, normalize_weights=call.shared["normalize_weights"], eps=call.shared["eps"]
+    )
+
+
+def _karcher(call: MergeCall) -> torch.Tensor:
+    _, tensors = call.upcast()
+    return spherical.karcher(tensors, max_iter=int(call.shared["max_iter"]), tol=call.shared["tol"])
 
 
 def _model_stock(call: MergeCall) -> torch.Tensor:
@@ -168,7 +231,26 @@ METHODS: dict[str, MergeMethod] = {
         _task_vector_method("dare_linear", "random", False, normalize=False, rescale=True),
         _task_vector_method("breadcrumbs", "outliers", False, normalize=False, rescale=False),
         _task_vector_method("breadcrumbs_ties", "outliers", True, normalize=False, rescale=False),
+        _task_vector_method("della", "magprune", True, normalize=True, rescale=True),
+        _task_vector_method("della_linear", "magprune", False, normalize=False, rescale=True),
+        MergeMethod(
+            "sce", _sce, {}, {"select_topk": 1.0, "int8_mask": False}, base="required", task_vectors=True
+        ),
+        MergeMethod("ram", _ram, {}, {"epsilon": 1e-5}, base="required", task_vectors=True),
+        MergeMethod(
+            "ramplus_tl", _ram, {}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, base="required", task_vectors=True
+        ),
+        MergeMethod("nearswap", _nearswap, {}, {"t": REQUIRED}, base="required", max_inputs=1),
+        MergeMethod("arcee_fusion", _arcee_fusion, {}, {}, base="required", max_inputs=1),
         MergeMethod("slerp", _slerp, {}, {"t": REQUIRED}, base="required", min_inputs=1, max_inputs=1),
+        MergeMethod(
+            "nuslerp", _nuslerp, {"weight": REQUIRED}, {"nuslerp_flatten": True, "nuslerp_row_wise": False},
+            base="optional", min_inputs=2, max_inputs=2,
+        ),
+        MergeMethod(
+            "multislerp", _multislerp, {"weight": REQUIRED}, {"normalize_weights": True, "eps": 1e-8}, base="optional"
+        ),
+        MergeMethod("karcher", _karcher, {}, {"max_iter": 10, "tol": 1e-5}, base="included"),
         MergeMethod("model_stock", _model_stock, {}, {"filter_wise": False}, base="required", min_inputs=2),
         MergeMethod("passthrough", _passthrough, {"scale": None}, {}, base="ignored", max_inputs=1),
     ]

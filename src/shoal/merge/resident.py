@@ -1,9 +1,9 @@
 """The resident merger: parents read once, each new recipe over them merged into one live model, in place.
 
 Everything that does not depend on a recipe's numbers is done once: inputs are read and rounded to the
-recipe's dtype, task vectors (parent - base) are formed, and for TIES their magnitude ranks are sorted, so
-a trial's trim is a comparison. Each tensor then goes through the same formula as `shoal merge`
-(`engine.merged_values`), so a recipe gives the same weights either way, bit for bit.
+recipe's dtype, task vectors (parent - base) are formed, and for TIES (DELLA) their magnitude ranks are sorted,
+so a trial's trim is a comparison (its keep-probabilities a multiply-add). Each tensor then goes through the
+same formula as `shoal merge` (`engine.merged_values`), so a recipe gives the same weights either way, bit for bit.
 
 With a vision-language parent the live model is that VLM (its vision tower and projector as loaded, never
 rewritten); the plan's tensor names are the VLM checkpoint's, mapped to the live model's by `layout.Names`.
@@ -72,6 +72,8 @@ class ResidentMerger:
             deltas = [t - wide for t in tensors]
             if self.method.sparsify == "magnitude":
                 ranks = [methods.magnitude_ranks(d.to(job.work_dtype)) for d in deltas]
+            elif self.method.sparsify == "magprune":
+                ranks = [methods.magnitude_fractions(d.to(job.work_dtype)) for d in deltas]
         return _Inputs(base, tensors, deltas, ranks)
 
     def _load_model(self, plan: MergePlan) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

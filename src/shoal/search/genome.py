@@ -1,5 +1,5 @@
-"""Genomes: named genes on the unit cube; the parameter-space genome <-> a mergekit recipe with per-layer weights
-and densities."""
+"""Genomes: named genes on the unit cube; the parameter-space genome <-> a mergekit recipe with per-layer merge
+parameters (weights, densities, ...)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from optuna.distributions import FloatDistribution
 
-from shoal.search.spec import SearchSpec
+from shoal.search.spec import SHARED_GENES, SearchSpec
 
 ATTENTION, MLP = "attn", "mlp"
 """Substrings that pick a layer's attention and MLP tensors (Llama, Mistral, Qwen2, GPT-2 names); norms go with
@@ -20,7 +20,8 @@ attention."""
 @dataclass(frozen=True)
 class Gene:
     name: str
-    parent: str
+    parent: str | None
+    """None for a gene all parents share (a recipe-wide parameter)."""
     param: str
     group: str
     low: float
@@ -63,8 +64,17 @@ class GeneSpace:
         return np.full(len(self.genes), 0.5)
 
 
+ALL_PARENTS = "all parents"
+"""How the genome's table names the row of a gene all parents share."""
+
+
+def _gene_name(parent: str | None, param: str, group: str) -> str:
+    return f"{param}.{group}" if parent is None else f"{parent}.{param}.{group}"
+
+
 class Genome(GeneSpace):
-    """The PS genome: one gene per (parent, parameter, group) of layers."""
+    """The PS genome: one gene per (parent, parameter, group) of layers, or per (parameter, group) for a parameter
+    all parents share (SHARED_GENES)."""
 
     def __init__(self, spec: SearchSpec, num_layers: int, outer_names: list[str]) -> None:
         self.spec = spec
@@ -72,10 +82,12 @@ class Genome(GeneSpace):
         self.num_layers = num_layers
         self.outer_names = outer_names
         self.groups = self._groups()
+        self.per_parent = [p for p in self.params if p not in SHARED_GENES]
+        self.shared = [p for p in self.params if p in SHARED_GENES]
+        owned = [(parent, param) for parent in spec.parents for param in self.per_parent]
         self.genes = [
-            Gene(f"{parent}.{param}.{group.label}", parent, param, group.label, *spec.bound(param))
-            for parent in spec.parents
-            for param in self.params
+            Gene(_gene_name(parent, param, group.label), parent, param, group.label, *spec.bound(param))
+            for parent, param in owned + [(None, param) for param in self.shared]
             for group in self.groups
         ]
 
@@ -92,20 +104,21 @@ class Genome(GeneSpace):
             groups.append(Group("embeddings", ()))
         return groups
 
-    def _per_layer(self, values: dict[str, float], parent: str, param: str, part: str | None) -> list[float]:
+    def _per_layer(self, values: dict[str, float], parent: str | None, param: str, part: str | None) -> list[float]:
         row = [0.0] * self.num_layers
         for group in self.groups:
             if group.layers and group.part == part:
                 for layer in group.layers:
-                    row[layer] = values[f"{parent}.{param}.{group.label}"]
+                    row[layer] = values[_gene_name(parent, param, group.label)]
         return row
 
-    def _setting(self, values: dict[str, float], parent: str, param: str) -> Any:
-        """One parent's parameter as a mergekit setting: a number, a per-layer gradient, or filtered entries."""
+    def _setting(self, values: dict[str, float], parent: str | None, param: str) -> Any:
+        """One parameter (of one parent, or shared) as a mergekit setting: a number, a per-layer gradient, or
+        filtered entries."""
         gradient = lambda row: row[0] if len(set(row)) == 1 else row
         entries: list[dict[str, Any]] = []
         if self.spec.genome.embeddings == "search":
-            outer = values[f"{parent}.{param}.embeddings"]
+            outer = values[_gene_name(parent, param, "embeddings")]
             entries += [{"filter": name, "value": outer} for name in self.outer_names]
         elif param == "weight":
             entries += [{"filter": name, "value": 0.0} for name in self.outer_names]  # the base's own tensors
@@ -118,28 +131,49 @@ class Genome(GeneSpace):
             layers = gradient(self._per_layer(values, parent, param, None))
         return entries + [{"value": layers}] if entries else layers
 
+    def _recipe_values(self, values: dict[str, float]) -> dict[str, float]:
+        """Gene values as the recipe's: an epsilon gene is the fraction of the room its density leaves,
+        epsilon = gene · min(density, 1 - density) (so density ± epsilon stays inside (0, 1))."""
+        out = dict(values)
+        for g in self.genes:
+            if g.param == "epsilon":
+                density = values[_gene_name(g.parent, "density", g.group)]
+                out[g.name] = values[g.name] * min(density, 1 - density)
+        return out
+
     def recipe(self, values: dict[str, float], seed: int) -> dict[str, Any]:
-        """The mergekit recipe (as a YAML-ready dict) of a genome; seed fixes DARE's random drops."""
+        """The mergekit recipe (as a YAML-ready dict) of a genome; seed fixes the random drops (DARE, DELLA)."""
         spec = self.spec
+        values = self._recipe_values(values)
         recipe: dict[str, Any] = {"merge_method": spec.method}
         if spec.method != "linear":
             recipe["base_model"] = spec.base
+        settings = lambda parent: {p: self._setting(values, parent, p) for p in self.per_parent}
         recipe["models"] = [
-            {"model": path, "parameters": {p: self._setting(values, parent, p) for p in self.params}}
+            {"model": path} | ({"parameters": settings(parent)} if self.per_parent else {})
             for parent, path in spec.parents.items()
         ]
+        if self.shared:
+            recipe["parameters"] = {p: self._setting(values, None, p) for p in self.shared}
         if spec.dtype:
             recipe["dtype"] = spec.dtype
         recipe["seed"] = seed
         return recipe
 
+    def _owners(self, param: str) -> list[tuple[str, str | None]]:
+        """The table's row names of a parameter, with the parent whose genes fill each."""
+        if param in self.shared:
+            return [(ALL_PARENTS, None)]
+        return [(parent, parent) for parent in self.spec.parents]
+
     def table(self, values: dict[str, float]) -> dict[str, Any]:
-        """The genome as heatmap rows: {"layers": {row: {parent: per-layer values}}, "embeddings": {row: {parent: v}}
-        or None}."""
+        """The recipe's values as heatmap rows: {"layers": {row: {parent: per-layer values}}, "embeddings": {row:
+        {parent: v}} or None}; a shared parameter's row is under ALL_PARENTS."""
+        values = self._recipe_values(values)
         parts = [ATTENTION, MLP] if self.spec.genome.split_attention_mlp else [None]
         layers = {
             (param if part is None else f"{param} ({part})"): {
-                parent: self._per_layer(values, parent, param, part) for parent in self.spec.parents
+                row: self._per_layer(values, parent, param, part) for row, parent in self._owners(param)
             }
             for param in self.params
             for part in parts
@@ -147,7 +181,7 @@ class Genome(GeneSpace):
         embeddings = None
         if self.spec.genome.embeddings == "search":
             embeddings = {
-                param: {parent: values[f"{parent}.{param}.embeddings"] for parent in self.spec.parents}
+                param: {row: values[_gene_name(parent, param, "embeddings")] for row, parent in self._owners(param)}
                 for param in self.params
             }
         return {"layers": layers, "embeddings": embeddings}

@@ -22,8 +22,39 @@ from shoal import devices, yamlfile
 from shoal.errors import ShoalError
 from shoal.search.storage import is_journal
 
-SEARCHABLE_METHODS = ("dare_ties", "ties", "task_arithmetic", "dare_linear", "linear")
-"""Methods whose parameters are a weight (and, where they sparsify, a density) per parent."""
+SEARCH_GENES: dict[str, tuple[str, ...]] = {
+    "dare_ties": ("weight", "density"),
+    "ties": ("weight", "density"),
+    "task_arithmetic": ("weight",),
+    "dare_linear": ("weight", "density"),
+    "linear": ("weight",),
+    "breadcrumbs_ties": ("weight", "density", "gamma"),
+    "della": ("weight", "density", "epsilon"),
+    "della_linear": ("weight", "density", "epsilon"),
+    "sce": ("select_topk",),
+}
+"""The methods a search can drive, and the merge parameters it sets per layer group: a weight per parent, and each
+parent's knobs of the method's sparsification (density; breadcrumbs' outlier fraction gamma; DELLA's epsilon), or
+for SCE its one shared selection fraction. lambda is never a gene: without normalize it only rescales the weights
+(a direction the weight genes already span), and with normalize the methods keep it at 1, as TIES does."""
+SEARCHABLE_METHODS = tuple(SEARCH_GENES)
+SHARED_GENES = ("select_topk",)
+"""Parameters that are one gene per layer group for all parents (a shared, global parameter of the recipe)."""
+DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
+    "weight": (0.0, 1.0),
+    "density": (0.1, 1.0),
+    "gamma": (0.0, 0.05),
+    "epsilon": (0.0, 0.9),
+    "select_topk": (0.1, 1.0),
+}
+"""A gene's range unless `bounds` sets it. DELLA's epsilon gene is a fraction of the room its density leaves,
+epsilon = gene · min(density, 1 - density), so that every point of the genome is a valid recipe."""
+BOUND_CHECKS: dict[str, tuple[Callable[[float, float], bool], str]] = {
+    "density": (lambda low, high: 0 < low and high <= 1, "(0, 1]"),
+    "gamma": (lambda low, high: 0 <= low and high < 1, "[0, 1)"),
+    "epsilon": (lambda low, high: 0 <= low and high < 1, "[0, 1) (a fraction of min(density, 1 - density))"),
+    "select_topk": (lambda low, high: 0 < low and high <= 1, "(0, 1]"),
+}
 
 
 class Strict(BaseModel):
@@ -196,15 +227,17 @@ class SearchSpec(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
         for name, (low, high) in self.bounds.items():
-            if name not in ("weight", "density"):
-                raise ValueError(f"bounds: unknown parameter {name!r} (known: weight, density)")
+            if name not in DEFAULT_BOUNDS:
+                raise ValueError(f"bounds: unknown parameter {name!r} (known: {', '.join(DEFAULT_BOUNDS)})")
             if not low < high:
                 raise ValueError(f"bounds: {name} needs low < high, got [{low}, {high}]")
-        low, high = self.bounds.get("density", (0.1, 1.0))
-        if not 0 < low < high <= 1:
-            raise ValueError(f"bounds: density must lie in (0, 1], got [{low}, {high}]")
+            check, text = BOUND_CHECKS.get(name, (lambda low, high: True, ""))
+            if not check(low, high):
+                raise ValueError(f"bounds: {name} must lie in {text}, got [{low}, {high}]")
         if self.method == "linear" and self.genome.embeddings == "base":
             raise ValueError("genome.embeddings: base needs a method with a base model (linear has none)")
+        if "weight" not in self.params and self.genome.embeddings == "base":
+            raise ValueError(f"genome.embeddings: base needs a method with weights to set to 0 ({self.method} has none)")
         if self.engine == "vllm" and self.space != "ps":
             raise ValueError("engine: vllm scores parameter-space candidates only (a data-flow path changes the "
                              "layers of the model the engine was built with)")
@@ -224,10 +257,10 @@ class SearchSpec(Strict):
     @property
     def params(self) -> list[str]:
         """The merge parameters each group of genes sets."""
-        return ["weight", "density"] if self.method in ("dare_ties", "ties", "dare_linear") else ["weight"]
+        return list(SEARCH_GENES[self.method])
 
     def bound(self, param: str) -> tuple[float, float]:
-        return self.bounds.get(param, {"weight": (0.0, 1.0), "density": (0.1, 1.0)}[param])
+        return self.bounds.get(param, DEFAULT_BOUNDS[param])
 
     def naming(self, path: str, name: str) -> SearchSpec:
         """This search, with the local folder `path` fingerprinted as `name` (e.g. the result of an earlier stage)."""

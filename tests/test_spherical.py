@@ -1,0 +1,72 @@
+"""The sphere-based merge formulas (NuSLERP, Multi-SLERP, Karcher mean) on small tensors against values computed by
+hand."""
+
+import math
+
+import pytest
+import torch
+
+from shoal.errors import ShoalError
+from shoal.merge import spherical
+
+H = math.sqrt(0.5)
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_nuslerp_of_whole_tensors_follows_the_arc_and_interpolates_the_norms():
+    assert torch.allclose(spherical.nuslerp(0.5, t(1.0, 0.0), t(0.0, 1.0)), t(H, H))
+    # 90 degrees apart, both of norm 2: sin(45°) / sin(90°) of each
+    assert torch.allclose(spherical.nuslerp(0.5, t(2.0, 0.0), t(0.0, 2.0)), t(2 * H, 2 * H))
+    assert torch.allclose(spherical.nuslerp(0.25, t(1.0, 2.0), t(2.0, 4.0)), t(1.25, 2.5))  # parallel: linear
+
+
+def test_nuslerp_by_rows_by_columns_or_whole():
+    v0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    v1 = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    # rows: (1,0)->(0,1) at 90°; (0,1)->(1,1) at 45°, coefficients sin(22.5°) / sin(45°) = 0.541196 on both
+    c = math.sin(math.pi / 8) / math.sin(math.pi / 4)
+    rows = spherical.nuslerp(0.5, v0, v1, flatten=False)
+    assert torch.allclose(rows, torch.tensor([[H, H], [c, 2 * c]]), atol=1e-6)
+    # columns: (1,0)->(0,1) and (0,1)->(1,1), the same pairs, written down the columns
+    columns = spherical.nuslerp(0.5, v0, v1, flatten=False, row_wise=True)
+    assert torch.allclose(columns, torch.tensor([[H, c], [H, 2 * c]]), atol=1e-6)
+    # whole: (1,0,0,1) and (0,1,1,1): cos = 1 / (sqrt 2 · sqrt 3), one angle for all four entries
+    theta = math.acos(1 / math.sqrt(6))
+    k = math.sin(theta / 2) / math.sin(theta)
+    whole = spherical.nuslerp(0.5, v0, v1)
+    assert torch.allclose(whole, k * torch.tensor([[1.0, 1.0], [1.0, 2.0]]), atol=1e-6)
+
+
+def test_multislerp_is_the_weighted_mean_direction_scaled_by_the_weighted_mean_norm():
+    # weights 3, 1 -> 0.75, 0.25; directions (1,0), (0,1): mean (0.75, 0.25) -> (3, 1) / sqrt(10); the tangent
+    # vectors at that point average to zero; scale 0.75 · 2 + 0.25 · 4 = 2.5
+    out = spherical.multislerp([t(2.0, 0.0), t(0.0, 4.0)], [3.0, 1.0])
+    assert torch.allclose(out, 2.5 * t(3.0, 1.0) / math.sqrt(10), atol=1e-6)
+    based = spherical.multislerp([t(3.0, 1.0), t(1.0, 5.0)], [3.0, 1.0], base=t(1.0, 1.0))  # offsets as above
+    assert torch.allclose(based, t(1.0, 1.0) + 2.5 * t(3.0, 1.0) / math.sqrt(10), atol=1e-6)
+    assert torch.equal(spherical.multislerp([t(5.0, 6.0)], [0.2]), t(5.0, 6.0))
+
+
+def test_multislerp_of_opposite_inputs_is_linear_for_two_and_refused_for_more():
+    assert torch.allclose(spherical.multislerp([t(1.0, 0.0), t(-1.0, 0.0)], [1.0, 1.0]), t(0.0, 0.0))
+    with pytest.raises(ShoalError, match="weighted mean of the inputs' directions is zero"):
+        spherical.multislerp([t(1.0, 0.0), t(-1.0, 0.0), t(2.0, 0.0), t(-2.0, 0.0)], [1.0, 1.0, 1.0, 1.0])
+
+
+def test_karcher_mean_of_angles_on_a_circle():
+    # directions at 0°, 0°, 90°: the arc-length mean is 30° (the Euclidean mean would be atan(1/2) = 26.6°);
+    # norms 1, 3, 2 -> scale 2
+    out = spherical.karcher([t(1.0, 0.0), t(3.0, 0.0), t(0.0, 2.0)])
+    assert torch.allclose(out, 2 * t(math.cos(math.pi / 6), 0.5), atol=1e-5)
+    assert torch.allclose(spherical.karcher([t(2.0, 0.0), t(0.0, 4.0)]), 3 * t(H, H), atol=1e-6)
+
+
+def test_karcher_leaves_zero_tensors_out_of_the_direction_but_not_the_scale():
+    assert torch.allclose(spherical.karcher([t(0.0, 0.0), t(1.0, 0.0)]), t(0.5, 0.0))
+    assert torch.equal(spherical.karcher([t(0.0, 0.0), t(0.0, 0.0)]), t(0.0, 0.0))
+    # no step at all: the start, the normalised mean of the directions
+    assert torch.allclose(spherical.karcher([t(1.0, 0.0), t(1.0, 0.0), t(0.0, 1.0)], max_iter=0),
+                          t(2.0, 1.0) / math.sqrt(5), atol=1e-6)
