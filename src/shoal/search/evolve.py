@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from shoal.folder_lock import folder_lock
 from shoal.search import run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
 from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, search_fitness, weighted
@@ -52,13 +53,23 @@ def evolve(
 
     storage: an Optuna storage URL or journal file (default: the search file's, else run_dir/study.log); study: its
     study name. on_step and on_trial are told what the run is doing, for a display.
-    workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
-    if spec.space == "hybrid":
-        return _evolve_hybrid(spec, Path(run_dir), storage, on_step, on_trial, workers, ray_address)
+    workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same.
+    With the folder's own journal, the folder is locked for the run: a second process on it is refused (a named
+    storage may be shared on purpose, so is not locked)."""
     run_dir = Path(run_dir)
+    if spec.space == "hybrid":
+        with folder_lock(run_dir) if storage is None and spec.storage is None else nullcontext():
+            return _evolve_hybrid(spec, run_dir, storage, on_step, on_trial, workers, ray_address)
     start = time.perf_counter()
     tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
-    record = run_folder.open_run(spec, run_dir, storage, study)
+    with folder_lock(run_dir) if run_folder.own_journal(spec, run_dir, storage) else nullcontext():
+        record = run_folder.open_run(spec, run_dir, storage, study)
+        return _search(spec, run_dir, record, tasks, start, on_step, on_trial, workers, ray_address)
+
+
+def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, tasks: list[WeightedTask], start: float,
+            on_step: OnStep, on_trial: OnTrial, workers: int, ray_address: str | None) -> Summary:
+    """The trials, the pick, best/ and summary.json."""
     on_step("loading parents")
     parallel = workers > 1 or ray_address is not None
     space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end

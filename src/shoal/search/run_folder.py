@@ -105,12 +105,24 @@ def _earlier(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
     return record
 
 
+def own_journal(spec: SearchSpec, run_dir: Path, storage: str | None) -> bool:
+    """Whether a one-space run's study is the folder's own journal: no storage named here, in the search file or
+    by an earlier session. Only then does one process at a time own the study (a named storage may be shared)."""
+    earlier = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else None
+    return _named(spec, earlier, storage) is None
+
+
+def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> str | None:
+    """The storage named here, else the one named before, else the search file's; None: the folder's journal."""
+    return storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
+
+
 def open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> RunRecord:
     """run.json of a one-space run, made or taken over: the storage named here, else the one named before, else
     the search file's, else the folder's own journal."""
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = _earlier(spec, run_dir)
-    named = storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
+    named = _named(spec, earlier, storage)
     record = RunRecord(
         space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
         storage=named or default_storage(run_dir),  # the default follows the folder if it is moved
