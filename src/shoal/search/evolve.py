@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from shoal.folder_lock import folder_lock
-from shoal.search import run_folder
+from shoal.search import journal, run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
 from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, search_fitness, weighted
 from shoal.search.loop import Evaluator, Progress, SerialEvaluator, attempt, run_trials
@@ -23,6 +23,7 @@ from shoal.search.optimizer import CmaEs
 from shoal.search.select import Selection, select, stored_score
 from shoal.search.spaces import Space, genome_of, make_space
 from shoal.search.spec import SearchSpec
+from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
 from shoal.search.trials import STUDY_NAME, Trial, open_study, stored_trials
@@ -32,6 +33,8 @@ OnStep = Callable[[str], None]
 """Told the name of each step outside the trials ("loading parents", "scoring on the test split", ...)."""
 OnTrial = Callable[[Progress], None]
 """Told the search's progress after each trial is stored (or found stored)."""
+Notice = Callable[[str], None]
+"""Told, in one line, what was done to the run folder that the user did not ask for (a mended study file)."""
 
 
 def _quiet(_: object) -> None:
@@ -45,6 +48,7 @@ def evolve(
     storage: str | None = None,
     on_step: OnStep = _quiet,
     on_trial: OnTrial = _quiet,
+    notice: Notice = _quiet,
     study: str = STUDY_NAME,
     workers: int = 1,
     ray_address: str | None = None,
@@ -52,17 +56,21 @@ def evolve(
     """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json.
 
     storage: an Optuna storage URL or journal file (default: the search file's, else run_dir/study.log); study: its
-    study name. on_step and on_trial are told what the run is doing, for a display.
-    workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same.
-    With the folder's own journal, the folder is locked for the run: a second process on it is refused (a named
-    storage may be shared on purpose, so is not locked)."""
+    study name. on_step and on_trial are told what the run is doing, for a display; notice, what was done to the
+    folder unasked (a mended study file). With the folder's own journal, the folder is locked for the run: a second
+    process on it is refused (a named storage may be shared on purpose, so is not locked).
+    workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
     run_dir = Path(run_dir)
     if spec.space == "hybrid":
         with folder_lock(run_dir) if storage is None and spec.storage is None else nullcontext():
-            return _evolve_hybrid(spec, run_dir, storage, on_step, on_trial, workers, ray_address)
+            return _evolve_hybrid(spec, run_dir, storage, on_step, on_trial, notice, workers, ray_address)
     start = time.perf_counter()
     tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
-    with folder_lock(run_dir) if run_folder.own_journal(spec, run_dir, storage) else nullcontext():
+    own = run_folder.own_journal(spec, run_dir, storage)
+    with folder_lock(run_dir) if own else nullcontext():
+        mended = journal.recover(Path(default_storage(run_dir))) if own else None
+        if mended:
+            notice(mended)
         record = run_folder.open_run(spec, run_dir, storage, study)
         return _search(spec, run_dir, record, tasks, start, on_step, on_trial, workers, ray_address)
 
@@ -182,15 +190,15 @@ def _added(a: Cost | None, b: Cost | None) -> Cost | None:
 
 
 def _evolve_hybrid(
-    spec: SearchSpec, run_dir: Path, storage: str | None, on_step: OnStep, on_trial: OnTrial, workers: int,
-    ray_address: str | None,
+    spec: SearchSpec, run_dir: Path, storage: str | None, on_step: OnStep, on_trial: OnTrial, notice: Notice,
+    workers: int, ray_address: str | None,
 ) -> Summary:
     """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
     record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"])
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     on_step("hybrid stage 1/2: parameter space")
     ps_spec = spec.model_copy(update={"space": "ps"})
-    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_step=on_step, on_trial=on_trial,
+    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
                 study=stage_study("ps"), workers=workers, ray_address=ray_address)
     ps_best = str((run_dir / "ps" / run_folder.BEST_DIR).resolve())
     flow_parents = {"ps": ps_best, **spec.flow_parents}
@@ -202,7 +210,7 @@ def _evolve_hybrid(
     }).naming(ps_best, f"trial {ps.best.trial} of the PS stage {ps_spec.search_hash()}")
     run_folder.pin_ps_trial(record, run_dir, ps.best.trial)
     on_step("hybrid stage 2/2: data-flow space over the PS result")
-    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial,
+    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
                  study=stage_study("dfs"), workers=workers, ray_address=ray_address)
     shutil.rmtree(run_dir / run_folder.BEST_DIR, ignore_errors=True)
     shutil.copytree(run_dir / "dfs" / run_folder.BEST_DIR, run_dir / run_folder.BEST_DIR)
