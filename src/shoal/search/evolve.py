@@ -18,6 +18,7 @@ from shoal.folder_lock import folder_lock
 from shoal.search import journal, run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
 from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, search_fitness, weighted
+from shoal.search.genome import GeneSpace
 from shoal.search.loop import Evaluator, Progress, SerialEvaluator, attempt, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.select import Selection, select, stored_score
@@ -33,8 +34,7 @@ OnStep = Callable[[str], None]
 """Told the name of each step outside the trials ("loading parents", "scoring on the test split", ...)."""
 OnTrial = Callable[[Progress], None]
 """Told the search's progress after each trial is stored (or found stored)."""
-Notice = Callable[[str], None]
-"""Told, in one line, what was done to the run folder that the user did not ask for (a mended study file)."""
+Notice = run_folder.Notice
 
 
 def _quiet(_: object) -> None:
@@ -57,8 +57,8 @@ def evolve(
 
     storage: an Optuna storage URL or journal file (default: the search file's, else run_dir/study.log); study: its
     study name. on_step and on_trial are told what the run is doing, for a display; notice, what was done to the
-    folder unasked (a mended study file). With the folder's own journal, the folder is locked for the run: a second
-    process on it is refused (a named storage may be shared on purpose, so is not locked).
+    folder unasked (a take-over, a mended study file). With the folder's own journal, the folder is locked for the
+    run: a second process on it is refused (a named storage may be shared on purpose, so is not locked).
     workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
     run_dir = Path(run_dir)
     if spec.space == "hybrid":
@@ -68,20 +68,25 @@ def evolve(
     tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
     own = run_folder.own_journal(spec, run_dir, storage)
     with folder_lock(run_dir) if own else nullcontext():
+        earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
         if mended:
             notice(mended)
-        record = run_folder.open_run(spec, run_dir, storage, study)
-        return _search(spec, run_dir, record, tasks, start, on_step, on_trial, workers, ray_address)
+        on_step("loading parents")
+        parallel = workers > 1 or ray_address is not None
+        space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
+        genome = space.genome if space is not None else genome_of(spec)
+        fitness = None if space is None else search_fitness(spec, space, tasks)
+        # nothing is recorded before here, so a search refused so far leaves the folder as it was
+        record = run_folder.open_run(spec, run_dir, earlier, storage, study, notice)
+        return _search(spec, run_dir, record, space, genome, fitness, tasks, start, on_step, on_trial, workers,
+                       ray_address)
 
 
-def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, tasks: list[WeightedTask], start: float,
-            on_step: OnStep, on_trial: OnTrial, workers: int, ray_address: str | None) -> Summary:
+def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space: Space | None, genome: GeneSpace,
+            fitness: DevFitness | None, tasks: list[WeightedTask], start: float, on_step: OnStep, on_trial: OnTrial,
+            workers: int, ray_address: str | None) -> Summary:
     """The trials, the pick, best/ and summary.json."""
-    on_step("loading parents")
-    parallel = workers > 1 or ray_address is not None
-    space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
-    genome = space.genome if space is not None else genome_of(spec)
     assert record.storage is not None and record.study is not None
     shared_storage = not record.default_storage  # a storage the user named may be shared with other processes
     if shared_storage:
@@ -91,14 +96,11 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, tasks
         study = open_study(record.storage, spec.search_hash(), record.study)
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
-    fitness: DevFitness | None = None
-    if parallel:
+    if fitness is None:
         from shoal.search.workers import RayEvaluator
 
         evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
     else:
-        assert space is not None
-        fitness = search_fitness(spec, space, tasks)
         evaluator = SerialEvaluator(fitness)
     shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
     try:
@@ -194,7 +196,7 @@ def _evolve_hybrid(
     workers: int, ray_address: str | None,
 ) -> Summary:
     """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
-    record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"])
+    record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"], notice)
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     on_step("hybrid stage 1/2: parameter space")
     ps_spec = spec.model_copy(update={"space": "ps"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -16,10 +17,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shoal.errors import ShoalError
 from shoal.search.spec import SearchSpec
-from shoal.search.storage import default_storage
+from shoal.search.storage import default_storage, open_storage
 from shoal.search.summary import Summary
 
 RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
+
+Notice = Callable[[str], None]
+"""Told, in one line, what was done to the folder that the user did not ask for (a take-over)."""
 
 
 class Session(BaseModel):
@@ -96,13 +100,44 @@ def write_summary(run_dir: Path, summary: Summary) -> None:
     write_json(run_dir / SUMMARY_FILE, summary.model_dump(mode="json", exclude_unset=True))
 
 
-def _earlier(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
-    """run_dir's run.json (None if new), refused if another search made it."""
-    path = run_dir / RUN_FILE
-    record = read_run(run_dir) if path.is_file() else None
-    if record is not None and record.search_hash != spec.search_hash():
+def earlier_run(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
+    """run_dir's run.json (None if new); refused if another search made it and stored a trial there. One that
+    stored none (it failed or was stopped before its first trial) is returned, for `open_run` to take over."""
+    record = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else None
+    if record is not None and record.search_hash != spec.search_hash() and _holds_trials(run_dir, record):
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
     return record
+
+
+def _holds_trials(run_dir: Path, record: RunRecord) -> bool:
+    """Whether the run stored a trial; a study the folder does not own (a storage the user named) counts as
+    holding some, as does one that cannot be read: neither is cleared by a take-over."""
+    if record.stages is not None:
+        return any(_holds_trials(run_dir / s, read_run(run_dir / s)) for s in record.stages
+                   if (run_dir / s / RUN_FILE).is_file())
+    if not record.default_storage or record.study is None:
+        return True
+    journal = Path(default_storage(run_dir))
+    if not journal.is_file():
+        return False
+    try:
+        storage = open_storage(str(journal))
+        return bool(storage.get_all_trials(storage.get_study_id_from_name(record.study), deepcopy=False))
+    except KeyError:  # no study in it yet
+        return False
+    except (ShoalError, ValueError):
+        return True
+
+
+def _take_over(run_dir: Path, earlier: RunRecord | None, spec: SearchSpec, notice: Notice) -> RunRecord | None:
+    """The earlier record, or None once the folder of another search that stored no trial is cleared for this one."""
+    if earlier is None or earlier.search_hash == spec.search_hash():
+        return earlier
+    if earlier.stages is None:
+        Path(default_storage(run_dir)).unlink(missing_ok=True)  # its empty study names the other search
+    notice(f"{run_dir} held another search (hash {earlier.search_hash}) that stored no trial; this search takes "
+           "it over")
+    return None
 
 
 def own_journal(spec: SearchSpec, run_dir: Path, storage: str | None) -> bool:
@@ -117,11 +152,12 @@ def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> 
     return storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
 
 
-def open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> RunRecord:
-    """run.json of a one-space run, made or taken over: the storage named here, else the one named before, else
-    the search file's, else the folder's own journal."""
+def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage: str | None, study: str,
+             notice: Notice) -> RunRecord:
+    """run.json of a one-space run (earlier: `earlier_run`'s), made or taken over: the storage named here, else the
+    one named before, else the search file's, else the folder's own journal."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier(spec, run_dir)
+    earlier = _take_over(run_dir, earlier, spec, notice)
     named = _named(spec, earlier, storage)
     record = RunRecord(
         space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
@@ -135,10 +171,10 @@ def open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -
     return record
 
 
-def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str]) -> RunRecord:
+def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str], notice: Notice) -> RunRecord:
     """run.json of a hybrid run, made or taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier(spec, run_dir)
+    earlier = _take_over(run_dir, earlier_run(spec, run_dir), spec, notice)
     record = RunRecord(space="hybrid", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
                        stages=stages, ps_best_trial=earlier.ps_best_trial if earlier else None)
     record.write(run_dir)
