@@ -86,7 +86,7 @@ def evolve(
 def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space: Space | None, genome: GeneSpace,
             fitness: DevFitness | None, tasks: list[WeightedTask], start: float, on_step: OnStep, on_trial: OnTrial,
             workers: int, ray_address: str | None) -> Summary:
-    """The trials, the pick, best/ and summary.json."""
+    """The trials (each noted in run.json's session as it is stored), the pick, best/ and summary.json."""
     assert record.storage is not None and record.study is not None
     shared_storage = not record.default_storage  # a storage the user named may be shared with other processes
     if shared_storage:
@@ -102,6 +102,15 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
         evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
     else:
         evaluator = SerialEvaluator(fitness)
+    evaluated = 0
+
+    def stored(progress: Progress) -> None:
+        nonlocal evaluated
+        if progress.evaluated > evaluated:  # a trial of this session: its time so far, in case it is killed
+            evaluated = progress.evaluated
+            run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
+        on_trial(progress)
+
     shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
     try:
         run_trials(
@@ -112,14 +121,14 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
             budget=spec.budget,
             seed=spec.seed,
             failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
-            on_trial=on_trial,
+            on_trial=stored,
             shared=shared,
         )
     finally:
         if shared is not None:
             shared.close()
         evaluator.close()
-        run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=False, new=True)
+        run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
     trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[: spec.budget]
     space = space or make_space(spec)
     selection = _select(spec, space, tasks, trials, fitness, on_step)
@@ -128,7 +137,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
     space.export(best.params, best.seed, run_dir / run_folder.BEST_DIR)
     on_step("scoring on the test split")
     test = score_on_test(spec, space, tasks, run_dir / run_folder.BEST_DIR)
-    wall = run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=True, new=False)
+    wall = run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=True)
     summary = _summary(spec, space, tasks, trials, selection, test, optimizer.population, wall, len(record.sessions))
     run_folder.write_summary(run_dir, summary)
     return summary

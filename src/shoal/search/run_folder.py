@@ -27,10 +27,11 @@ Notice = Callable[[str], None]
 
 
 class Session(BaseModel):
-    """One run of `shoal evolve` on the folder."""
+    """One run of `shoal evolve` on the folder, recorded as it starts."""
 
     model_config = ConfigDict(extra="forbid")
     seconds: float
+    """Its time so far: updated as each of its trials is stored, and as it ends."""
     finished: bool
 
 
@@ -154,8 +155,8 @@ def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> 
 
 def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage: str | None, study: str,
              notice: Notice) -> RunRecord:
-    """run.json of a one-space run (earlier: `earlier_run`'s), made or taken over: the storage named here, else the
-    one named before, else the search file's, else the folder's own journal."""
+    """run.json of a one-space run (earlier: `earlier_run`'s), made or taken over, with a new session started, so
+    that the session counts even if the process is killed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = _take_over(run_dir, earlier, spec, notice)
     named = _named(spec, earlier, storage)
@@ -165,7 +166,7 @@ def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage
         default_storage=named is None,
         study=earlier.study if earlier else study,
         search=spec.model_dump(),
-        sessions=earlier.sessions if earlier else [],
+        sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
     )
     record.write(run_dir)
     return record
@@ -194,13 +195,10 @@ def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int) -> None:
     record.write(run_dir)
 
 
-def end_session(run_dir: Path, record: RunRecord, seconds: float, *, finished: bool, new: bool) -> float:
-    """Note this session's time in run.json (a new entry, or the last one updated); return the run's wall time."""
-    session = Session(seconds=seconds, finished=finished)
-    if new:
-        record.sessions.append(session)
-    else:
-        record.sessions[-1] = session
+def note_session(run_dir: Path, record: RunRecord, seconds: float, *, finished: bool) -> float:
+    """Note the time of this session (the last one in run.json) so far; return the run's wall time. Called as each
+    trial is stored, a killed session keeps the time up to its last stored trial."""
+    record.sessions[-1] = Session(seconds=seconds, finished=finished)
     record.write(run_dir)
     return sum(s.seconds for s in record.sessions)
 
