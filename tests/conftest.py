@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,43 @@ def own_output_task(zoo, folder: Path, every: int = 1) -> Path:
         rows = [r | {"answer": o.strip() if i % every == 0 else "nope"} for i, (r, o) in enumerate(zip(rows, own))]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
+
+
+SLOW_MERGE = """
+import sys, time
+import shoal.merge.engine as engine
+real = engine.merge_tensor
+def slow(*args, **kwargs):
+    time.sleep(0.1)
+    return real(*args, **kwargs)
+engine.merge_tensor = slow
+from shoal.cli import main
+sys.argv = ["shoal", *sys.argv[1:]]
+main()
+"""
+"""`python -c SLOW_MERGE merge ...`: `shoal merge` taking 0.1 s a tensor, long enough to act while it writes."""
+
+
+def wait_for(condition, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def finished_trials(log: Path) -> int:
+    """Trials stored in a run's journal so far (by another process, say)."""
+    import optuna
+
+    from shoal.search.storage import open_storage
+
+    if not log.exists():
+        return 0
+    try:
+        study = optuna.load_study(study_name="shoal", storage=open_storage(str(log)))
+    except KeyError:  # the study is not made yet
+        return 0
+    return sum(t.state.is_finished() for t in study.trials)
 
 
 def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:

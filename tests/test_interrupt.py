@@ -4,57 +4,19 @@ no half-written model, and for a search the stored trials that a rerun continues
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_recipe
-
-SLOW_MERGE = """
-import sys, time
-import shoal.merge.engine as engine
-real = engine.merge_tensor
-def slow(*args, **kwargs):
-    time.sleep(0.1)
-    return real(*args, **kwargs)
-engine.merge_tensor = slow
-from shoal.cli import main
-sys.argv = ["shoal", *sys.argv[1:]]
-main()
-"""
+from conftest import SLOW_MERGE, finished_trials, wait_for, write_recipe
 
 
 def _default_sigint() -> None:
     """In the child: Ctrl-C's default disposition. A child inherits an ignored SIGINT (earlier tests in this process
     may leave it ignored, e.g. Ray's), and Python then never turns it into KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _wait_for(condition, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
-
-
-def _finished(log: Path) -> int:
-    """Trials stored in a run's journal so far."""
-    import optuna
-
-    from shoal.search.storage import open_storage
-
-    if not log.exists():
-        return 0
-    try:
-        study = optuna.load_study(study_name="shoal", storage=open_storage(str(log)))
-    except KeyError:  # the study is not made yet
-        return 0
-    return sum(t.state.is_finished() for t in study.trials)
 
 
 def _last_line(stderr: str) -> str:
@@ -72,7 +34,7 @@ def test_ctrl_c_during_merge_exits_130_and_leaves_nothing_half_written(parents, 
     args = [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out)] + (["--overwrite"] if overwrite else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
-    _wait_for(lambda: any(p.name.startswith(".out.tmp-") and any(p.glob("*.safetensors"))
+    wait_for(lambda: any(p.name.startswith(".out.tmp-") and any(p.glob("*.safetensors"))
                           for p in tmp_path.iterdir()))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -97,7 +59,7 @@ def test_ctrl_c_during_evolve_exits_130_and_says_how_many_trials_are_kept(zoo, t
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
     log = run / "study.log"
-    _wait_for(lambda: _finished(log) >= 3)
+    wait_for(lambda: finished_trials(log) >= 3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -12,7 +12,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
 from shoal.errors import ShoalError
-from shoal.search.storage import default_storage, drop_torn_line, open_storage
+from shoal.search.journal import drop_torn_line
+from shoal.search.storage import default_storage, open_storage
 from shoal.search.trials import open_study
 
 
@@ -51,6 +52,6 @@ def test_only_a_journal_is_mended(tmp_path) -> None:
     other = tmp_path / "notes.log"
     other.write_bytes(b"first line\nsecond line, no newline")
     assert not drop_torn_line(other) and other.read_bytes() == b"first line\nsecond line, no newline"
-    with pytest.raises(ShoalError, match="cannot open the study"):
+    with pytest.raises(ShoalError, match="notes.log: line 1 is not an Optuna journal record"):
         open_study(str(other), "h")
     assert other.read_bytes() == b"first line\nsecond line, no newline"

@@ -15,6 +15,7 @@ from typing import BinaryIO
 import torch
 
 from shoal.errors import ShoalError
+from shoal.folder_lock import folder_lock
 
 DTYPE_TAGS: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -148,23 +149,24 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
 def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside out_dir that becomes out_dir only if the block finishes.
 
-    An error, Ctrl-C or kill leaves out_dir as it was (absent, or the old folder when overwriting).
+    An error, Ctrl-C or kill leaves out_dir as it was (absent, or the old folder when overwriting). out_dir's lock
+    is held throughout: a second process writing the same out_dir at once is refused, before it writes anything.
     """
     out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not overwrite:
-        raise ShoalError(f"{out_dir} already exists; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
+    with folder_lock(out_dir):
+        if out_dir.exists() and not overwrite:
+            raise ShoalError(f"{out_dir} already exists; pass --overwrite to replace it")
+        _remove_stale_temporaries(out_dir)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)

@@ -70,8 +70,9 @@ def run_evolve(
             shown["done"] = p.done
 
         try:
-            return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial, workers=workers,
-                          ray_address=ray_address)
+            return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial,
+                          notice=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
+                          workers=workers, ray_address=ray_address)
         except KeyboardInterrupt:
             done = _stored(spec, run_dir, int(shown.get("done", 0)))
             raise Interrupted(f"{done} of {spec.budget} trials are stored for {run_dir}; run the same command again "

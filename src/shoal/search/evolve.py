@@ -15,14 +15,17 @@ from pathlib import Path
 import torch
 
 from shoal.errors import ShoalError
-from shoal.search import run_folder
+from shoal.folder_lock import folder_lock
+from shoal.search import journal, run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
 from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, search_fitness, weighted
+from shoal.search.genome import GeneSpace
 from shoal.search.loop import Evaluator, Progress, SerialEvaluator, attempt, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.select import Selection, select, stored_score
 from shoal.search.spaces import Space, genome_of, make_space
 from shoal.search.spec import SearchSpec
+from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
 from shoal.search.trials import STUDY_NAME, Trial, open_study, stored_trials
@@ -32,6 +35,7 @@ OnStep = Callable[[str], None]
 """Told the name of each step outside the trials ("loading parents", "scoring on the test split", ...)."""
 OnTrial = Callable[[Progress], None]
 """Told the search's progress after each trial is stored (or found stored)."""
+Notice = run_folder.Notice
 
 
 def _quiet(_: object) -> None:
@@ -45,6 +49,7 @@ def evolve(
     storage: str | None = None,
     on_step: OnStep = _quiet,
     on_trial: OnTrial = _quiet,
+    notice: Notice = _quiet,
     study: str = STUDY_NAME,
     workers: int = 1,
     ray_address: str | None = None,
@@ -52,25 +57,44 @@ def evolve(
     """Run (or continue) the search of `spec` in run_dir; return the summary also written to run_dir/summary.json.
 
     storage: an Optuna storage URL or journal file (default: the search file's, else run_dir/study.log); study: its
-    study name. on_step and on_trial are told what the run is doing, for a display.
+    study name. on_step and on_trial are told what the run is doing, for a display; notice, what was done to the
+    folder unasked (a take-over, a mended study file). With the folder's own journal, the folder is locked for the
+    run: a second process on it is refused (a named storage may be shared on purpose, so is not locked).
     workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
-    if spec.space == "hybrid":
-        return _evolve_hybrid(spec, Path(run_dir), storage, on_step, on_trial, workers, ray_address)
     run_dir = Path(run_dir)
+    if spec.space == "hybrid":
+        with folder_lock(run_dir) if storage is None and spec.storage is None else nullcontext():
+            return _evolve_hybrid(spec, run_dir, storage, on_step, on_trial, notice, workers, ray_address)
     start = time.perf_counter()
     tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
+    own = run_folder.own_journal(spec, run_dir, storage)
     if spec.fitness.mode == "race":
         from shoal.search.racing import check_raceable
 
         check_raceable(tasks)
-        if workers > 1 or ray_address is not None or storage is not None:
+        if workers > 1 or ray_address is not None or not own:
             raise ShoalError("fitness: race scores a generation's candidates together in this process; it cannot be "
-                             "split over --workers or a shared --storage (use mode full or subset there)")
-    record = run_folder.open_run(spec, run_dir, storage, study)
-    on_step("loading parents")
-    parallel = workers > 1 or ray_address is not None
-    space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
-    genome = space.genome if space is not None else genome_of(spec)
+                             "split over --workers or a shared storage (use mode full or subset there)")
+    with folder_lock(run_dir) if own else nullcontext():
+        earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
+        mended = journal.recover(Path(default_storage(run_dir))) if own else None
+        if mended:
+            notice(mended)
+        on_step("loading parents")
+        parallel = workers > 1 or ray_address is not None
+        space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
+        genome = space.genome if space is not None else genome_of(spec)
+        fitness = None if space is None else search_fitness(spec, space, tasks)
+        # nothing is recorded before here, so a search refused so far leaves the folder as it was
+        record = run_folder.open_run(spec, run_dir, earlier, storage, study, notice)
+        return _search(spec, run_dir, record, space, genome, fitness, tasks, start, on_step, on_trial, workers,
+                       ray_address)
+
+
+def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space: Space | None, genome: GeneSpace,
+            fitness: DevFitness | None, tasks: list[WeightedTask], start: float, on_step: OnStep, on_trial: OnTrial,
+            workers: int, ray_address: str | None) -> Summary:
+    """The trials (each noted in run.json's session as it is stored), the pick, best/ and summary.json."""
     assert record.storage is not None and record.study is not None
     shared_storage = not record.default_storage  # a storage the user named may be shared with other processes
     if shared_storage:
@@ -80,21 +104,27 @@ def evolve(
         study = open_study(record.storage, spec.search_hash(), record.study)
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
-    fitness: DevFitness | None = None
     if spec.fitness.mode == "race":
         from shoal.search.racing import DEFAULT_DELTA, DEFAULT_FIRST, RaceEvaluator
 
-        assert space is not None
+        assert space is not None  # race refuses workers
         evaluator = RaceEvaluator(space, tasks, spec.batch_size, optimizer.mu, spec.seed,
                                   first=spec.fitness.first or DEFAULT_FIRST, delta=spec.fitness.delta or DEFAULT_DELTA)
-    elif parallel:
+    elif fitness is None:
         from shoal.search.workers import RayEvaluator
 
         evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
     else:
-        assert space is not None
-        fitness = search_fitness(spec, space, tasks)
         evaluator = SerialEvaluator(fitness)
+    evaluated = 0
+
+    def stored(progress: Progress) -> None:
+        nonlocal evaluated
+        if progress.evaluated > evaluated:  # a trial of this session: its time so far, in case it is killed
+            evaluated = progress.evaluated
+            run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
+        on_trial(progress)
+
     shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
     try:
         run_trials(
@@ -105,14 +135,14 @@ def evolve(
             budget=spec.budget,
             seed=spec.seed,
             failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
-            on_trial=on_trial,
+            on_trial=stored,
             shared=shared,
         )
     finally:
         if shared is not None:
             shared.close()
         evaluator.close()
-        run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=False, new=True)
+        run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
     trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[: spec.budget]
     space = space or make_space(spec)
     selection = _select(spec, space, tasks, trials, fitness, on_step)
@@ -121,7 +151,7 @@ def evolve(
     space.export(best.params, best.seed, run_dir / run_folder.BEST_DIR)
     on_step("scoring on the test split")
     test = score_on_test(spec, space, tasks, run_dir / run_folder.BEST_DIR)
-    wall = run_folder.end_session(run_dir, record, time.perf_counter() - start, finished=True, new=False)
+    wall = run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=True)
     summary = _summary(spec, space, tasks, trials, selection, test, optimizer.population, wall, len(record.sessions))
     run_folder.write_summary(run_dir, summary)
     return summary
@@ -190,15 +220,15 @@ def _added(a: Cost | None, b: Cost | None) -> Cost | None:
 
 
 def _evolve_hybrid(
-    spec: SearchSpec, run_dir: Path, storage: str | None, on_step: OnStep, on_trial: OnTrial, workers: int,
-    ray_address: str | None,
+    spec: SearchSpec, run_dir: Path, storage: str | None, on_step: OnStep, on_trial: OnTrial, notice: Notice,
+    workers: int, ray_address: str | None,
 ) -> Summary:
     """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
-    record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"])
+    record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"], notice)
     stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     on_step("hybrid stage 1/2: parameter space")
     ps_spec = spec.model_copy(update={"space": "ps"})
-    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_step=on_step, on_trial=on_trial,
+    ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
                 study=stage_study("ps"), workers=workers, ray_address=ray_address)
     ps_best = str((run_dir / "ps" / run_folder.BEST_DIR).resolve())
     flow_parents = {"ps": ps_best, **spec.flow_parents}
@@ -210,7 +240,7 @@ def _evolve_hybrid(
     }).naming(ps_best, f"trial {ps.best.trial} of the PS stage {ps_spec.search_hash()}")
     run_folder.pin_ps_trial(record, run_dir, ps.best.trial)
     on_step("hybrid stage 2/2: data-flow space over the PS result")
-    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial,
+    dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
                  study=stage_study("dfs"), workers=workers, ray_address=ray_address)
     shutil.rmtree(run_dir / run_folder.BEST_DIR, ignore_errors=True)
     shutil.copytree(run_dir / "dfs" / run_folder.BEST_DIR, run_dir / run_folder.BEST_DIR)

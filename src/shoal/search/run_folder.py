@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -16,17 +17,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from shoal.errors import ShoalError
 from shoal.search.spec import SearchSpec
-from shoal.search.storage import default_storage
+from shoal.search.storage import default_storage, open_storage
 from shoal.search.summary import Summary
 
 RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
 
+Notice = Callable[[str], None]
+"""Told, in one line, what was done to the folder that the user did not ask for (a take-over)."""
+
 
 class Session(BaseModel):
-    """One run of `shoal evolve` on the folder."""
+    """One run of `shoal evolve` on the folder, recorded as it starts."""
 
     model_config = ConfigDict(extra="forbid")
     seconds: float
+    """Its time so far: updated as each of its trials is stored, and as it ends."""
     finished: bool
 
 
@@ -96,37 +101,81 @@ def write_summary(run_dir: Path, summary: Summary) -> None:
     write_json(run_dir / SUMMARY_FILE, summary.model_dump(mode="json", exclude_unset=True))
 
 
-def _earlier(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
-    """run_dir's run.json (None if new), refused if another search made it."""
-    path = run_dir / RUN_FILE
-    record = read_run(run_dir) if path.is_file() else None
-    if record is not None and record.search_hash != spec.search_hash():
+def earlier_run(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
+    """run_dir's run.json (None if new); refused if another search made it and stored a trial there. One that
+    stored none (it failed or was stopped before its first trial) is returned, for `open_run` to take over."""
+    record = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else None
+    if record is not None and record.search_hash != spec.search_hash() and _holds_trials(run_dir, record):
         raise ShoalError(f"{run_dir} holds a run of a different search; use a new RUN_DIR (or that run's search)")
     return record
 
 
-def open_run(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> RunRecord:
-    """run.json of a one-space run, made or taken over: the storage named here, else the one named before, else
-    the search file's, else the folder's own journal."""
+def _holds_trials(run_dir: Path, record: RunRecord) -> bool:
+    """Whether the run stored a trial; a study the folder does not own (a storage the user named) counts as
+    holding some, as does one that cannot be read: neither is cleared by a take-over."""
+    if record.stages is not None:
+        return any(_holds_trials(run_dir / s, read_run(run_dir / s)) for s in record.stages
+                   if (run_dir / s / RUN_FILE).is_file())
+    if not record.default_storage or record.study is None:
+        return True
+    journal = Path(default_storage(run_dir))
+    if not journal.is_file():
+        return False
+    try:
+        storage = open_storage(str(journal))
+        return bool(storage.get_all_trials(storage.get_study_id_from_name(record.study), deepcopy=False))
+    except KeyError:  # no study in it yet
+        return False
+    except (ShoalError, ValueError):
+        return True
+
+
+def _take_over(run_dir: Path, earlier: RunRecord | None, spec: SearchSpec, notice: Notice) -> RunRecord | None:
+    """The earlier record, or None once the folder of another search that stored no trial is cleared for this one."""
+    if earlier is None or earlier.search_hash == spec.search_hash():
+        return earlier
+    if earlier.stages is None:
+        Path(default_storage(run_dir)).unlink(missing_ok=True)  # its empty study names the other search
+    notice(f"{run_dir} held another search (hash {earlier.search_hash}) that stored no trial; this search takes "
+           "it over")
+    return None
+
+
+def own_journal(spec: SearchSpec, run_dir: Path, storage: str | None) -> bool:
+    """Whether a one-space run's study is the folder's own journal: no storage named here, in the search file or
+    by an earlier session. Only then does one process at a time own the study (a named storage may be shared)."""
+    earlier = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else None
+    return _named(spec, earlier, storage) is None
+
+
+def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> str | None:
+    """The storage named here, else the one named before, else the search file's; None: the folder's journal."""
+    return storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
+
+
+def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage: str | None, study: str,
+             notice: Notice) -> RunRecord:
+    """run.json of a one-space run (earlier: `earlier_run`'s), made or taken over, with a new session started, so
+    that the session counts even if the process is killed."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier(spec, run_dir)
-    named = storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
+    earlier = _take_over(run_dir, earlier, spec, notice)
+    named = _named(spec, earlier, storage)
     record = RunRecord(
         space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
         storage=named or default_storage(run_dir),  # the default follows the folder if it is moved
         default_storage=named is None,
         study=earlier.study if earlier else study,
         search=spec.model_dump(),
-        sessions=earlier.sessions if earlier else [],
+        sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
     )
     record.write(run_dir)
     return record
 
 
-def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str]) -> RunRecord:
+def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str], notice: Notice) -> RunRecord:
     """run.json of a hybrid run, made or taken over."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier(spec, run_dir)
+    earlier = _take_over(run_dir, earlier_run(spec, run_dir), spec, notice)
     record = RunRecord(space="hybrid", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
                        stages=stages, ps_best_trial=earlier.ps_best_trial if earlier else None)
     record.write(run_dir)
@@ -146,13 +195,10 @@ def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int) -> None:
     record.write(run_dir)
 
 
-def end_session(run_dir: Path, record: RunRecord, seconds: float, *, finished: bool, new: bool) -> float:
-    """Note this session's time in run.json (a new entry, or the last one updated); return the run's wall time."""
-    session = Session(seconds=seconds, finished=finished)
-    if new:
-        record.sessions.append(session)
-    else:
-        record.sessions[-1] = session
+def note_session(run_dir: Path, record: RunRecord, seconds: float, *, finished: bool) -> float:
+    """Note the time of this session (the last one in run.json) so far; return the run's wall time. Called as each
+    trial is stored, a killed session keeps the time up to its last stored trial."""
+    record.sessions[-1] = Session(seconds=seconds, finished=finished)
     record.write(run_dir)
     return sum(s.seconds for s in record.sessions)
 

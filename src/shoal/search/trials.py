@@ -155,6 +155,8 @@ def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna
     try:
         study = optuna.create_study(storage=open_storage(storage), study_name=name,
                                     direction="maximize", load_if_exists=True)
+    except ShoalError:  # a damaged journal, named by its line
+        raise
     except Exception as exc:  # SQLAlchemy / driver errors name the storage problem
         raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
     stored = study.user_attrs.get("search_hash")

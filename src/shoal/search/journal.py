@@ -1,0 +1,121 @@
+"""Damage to an Optuna journal file (one JSON record a line), mended where no stored trial is put at risk, else
+named by its line.
+
+A crash or a full disk can leave the last line torn (no newline): it is cut once a writer holds the journal's
+lock (`MendingLock`). A damaged complete line (not JSON, or a record cut short and followed by the next one) makes
+Optuna refuse the whole file; `recover` drops such lines from a run folder's own journal, keeping a copy of the
+damaged file, when the records after them cannot depend on what they held; `check` names the first one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+
+from optuna.storages.journal import JournalFileSymlinkLock
+from optuna.trial import TrialState
+
+from shoal.errors import ShoalError
+
+CREATE_STUDY, CREATE_TRIAL = 0, 4
+"""Op codes of the journal's records (Optuna's JournalOperation, fixed by the file format)."""
+
+
+class MendingLock(JournalFileSymlinkLock):
+    """Optuna's default journal lock, which also drops a torn last line (see `drop_torn_line`) once it is held, so
+    every process appends after complete lines only, whoever left the torn one."""
+
+    def __init__(self, journal: str) -> None:
+        super().__init__(journal)
+        self.journal = Path(journal)
+
+    def acquire(self) -> bool:
+        held = super().acquire()
+        if held:
+            drop_torn_line(self.journal)
+        return held
+
+
+def drop_torn_line(path: Path) -> bool:
+    """Cut the unfinished last line that a write interrupted by a crash or a full disk leaves in an Optuna journal
+    (Optuna would join the next record to it and lose that trial); every complete line, so every stored trial, is
+    kept. Only a file whose first line is a journal record is touched. Call it holding the journal's lock."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return False
+        handle.seek(0)
+        data = handle.read()
+        end = data.rfind(b"\n") + 1
+        if end == 0 or _record(data[:data.index(b"\n")]) is None:
+            return False
+        handle.truncate(end)
+    return True
+
+
+def _record(line: bytes) -> dict | None:
+    """The journal record a line holds, or None if it is damaged."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("op_code"), int) else None
+
+
+def _lines(path: Path) -> list[tuple[bytes, dict | None]]:
+    """The complete lines of a journal with their records (None: damaged); a torn last line is left out."""
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")[:-1]
+    return [(line, _record(line)) for line in lines]
+
+
+def check(path: Path) -> None:
+    """Refuse a journal with a damaged line, naming the first."""
+    lines = _lines(path)
+    damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+    if damaged:
+        raise ShoalError(f"{path}: line {damaged[0]} is not an Optuna journal record (damaged); stop every process "
+                         "using the file, then delete that line or restore the file from a backup")
+
+
+def recover(path: Path) -> str | None:
+    """Drop a run folder's own journal's damaged lines (call it holding the folder's lock: nobody else reads or
+    writes the file); return what was done, in one line, or None if nothing was damaged.
+
+    Safe only when the study was created before the first damaged line and every record after it is a whole
+    stored trial (how `shoal evolve` stores trials in its own journal): trial ids are then referred to by nothing,
+    so a dropped line costs at most the trial it held, which the search scores again. Otherwise refused."""
+    lines = _lines(path)
+    damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+    if not damaged:
+        return None
+    before = [record for _, record in lines[: damaged[0] - 1]]
+    studies = sum(r is not None and r["op_code"] == CREATE_STUDY for r in before)
+    after = [record for _, record in lines[damaged[0]:] if record is not None]
+    if not studies or not all(_whole_trial(record, studies) for record in after):
+        raise ShoalError(f"{path}: line {damaged[0]} is not an Optuna journal record (damaged), and the records "
+                         "after it may depend on it; restore the file from a backup, or move its run folder away "
+                         "to start the search again")
+    backup = next(p for k in itertools.count(1)
+                  if not (p := path.with_name(f"{path.name}.damaged" + (f"-{k}" if k > 1 else ""))).exists())
+    shutil.copy2(path, backup)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(b"".join(line + b"\n" for line, record in lines if record is not None))
+    tmp.replace(path)
+    where = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+    return (f"{path}: dropped {len(damaged)} damaged line{'s' if len(damaged) > 1 else ''} (line {where}) and kept "
+            f"every intact record; the damaged file is saved as {backup.name}; a trial lost with "
+            f"{'them' if len(damaged) > 1 else 'it'} is scored again")
+
+
+def _whole_trial(record: dict, studies: int) -> bool:
+    """A trial stored whole (created finished) in one of the first `studies` studies."""
+    finished = (TrialState.COMPLETE.value, TrialState.FAIL.value, TrialState.PRUNED.value)
+    return (record["op_code"] == CREATE_TRIAL and record.get("state") in finished
+            and isinstance(record.get("study_id"), int) and 0 <= record["study_id"] < studies)

@@ -1,0 +1,71 @@
+"""A search refused at its start records nothing, so the corrected search runs in the same RUN_DIR; a folder that
+a search left before storing any trial (killed, or made by an older shoal) is taken over, saying so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from conftest import one_error_line
+
+from shoal.folder_lock import lock_file
+from shoal.search import run_folder
+from shoal.search.spec import load_search
+from shoal.search.storage import default_storage, open_storage
+from shoal.search.trials import open_study
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _search(zoo, folder: Path, name: str = "search.yaml", **extra: object) -> Path:
+    spec = {"base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
+            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 2,
+            "seed": 5} | extra
+    (folder / name).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder / name
+
+
+def _trials(run: Path) -> int:
+    return len(optuna.load_study(study_name="shoal", storage=open_storage(str(run / "study.log"))).trials)
+
+
+def test_a_search_refused_after_its_checks_leaves_nothing_and_the_corrected_one_runs(zoo, run_cli, tmp_path) -> None:
+    missing = tmp_path / "no-such-parent"
+    bad = _search(zoo, tmp_path, "bad.yaml", parents={"math": str(zoo.parents["math"]), "language": str(missing)})
+    run = tmp_path / "run"
+    code, _, err = run_cli("evolve", bad, run, "--threads", 1)
+    one_error_line(code, err, str(missing), "not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no run folder, no lock file
+    code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1)
+    assert code == 0, err
+    assert "takes it over" not in err and _trials(run) == 2
+    assert not lock_file(run).exists()
+
+
+def test_a_folder_whose_search_stored_no_trial_is_taken_over(zoo, run_cli, tmp_path) -> None:
+    run = tmp_path / "run"
+    other = load_search(_search(zoo, tmp_path, "other.yaml", seed=6))
+    run_folder.open_run(other, run, None, None, "shoal", lambda _: None)  # what a start that got no further left
+    open_study(default_storage(run), other.search_hash())
+    code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1)
+    assert code == 0, err
+    line = f"{run} held another search (hash {other.search_hash()}) that stored no trial; this search takes it over"
+    assert line in err.splitlines()
+    record = json.loads((run / "run.json").read_text())
+    assert record["search_hash"] != other.search_hash() and len(record["sessions"]) == 1
+    assert _trials(run) == 2
+
+
+def test_a_folder_whose_search_stored_a_trial_is_refused_as_it_was(zoo, run_cli, tmp_path) -> None:
+    run = tmp_path / "run"
+    other = load_search(_search(zoo, tmp_path, "other.yaml", seed=6))
+    run_folder.open_run(other, run, None, None, "shoal", lambda _: None)
+    study = open_study(default_storage(run), other.search_hash())
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"index": 0, "generation": 0, "seed": 1}))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1)
+    one_error_line(code, err, f"{run} holds a run of a different search; use a new RUN_DIR")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

@@ -1,0 +1,52 @@
+"""run.json records each `shoal evolve` session as it starts and notes its time as each trial is stored, so
+summary.json counts sessions ended by kill -9 and adds their time to wall_seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+from conftest import finished_trials, wait_for
+
+from shoal.search.evolve import evolve
+from shoal.search.spec import load_search
+from shoal.search.storage import open_storage
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_sessions_ended_by_kill_9_are_counted_with_their_time(zoo, tmp_path) -> None:
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({
+        "base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
+        "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 36,
+        "seed": 5}))
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
+    bounds = [0]
+    for _ in range(2):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: finished_trials(run / "study.log") >= bounds[-1] + 8)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        bounds.append(finished_trials(run / "study.log"))
+    assert bounds[-1] < 36, "the kills must land before the search ends"
+    evolve(load_search(search), run)
+    bounds.append(36)
+
+    study = optuna.load_study(study_name="shoal", storage=open_storage(str(run / "study.log")))
+    stored_at = {t.user_attrs["index"]: t.datetime_complete.timestamp() for t in study.trials}
+    spans = [stored_at[high - 1] - stored_at[low] for low, high in zip(bounds, bounds[1:])]
+    """Each session's time from its first to its last stored trial: a lower bound on its time."""
+    sessions = json.loads((run / "run.json").read_text())["sessions"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s["finished"] for s in sessions] == [False, False, True] and summary["sessions"] == 3
+    assert all(s["seconds"] >= span for s, span in zip(sessions, spans))
+    assert summary["wall_seconds"] == pytest.approx(sum(s["seconds"] for s in sessions))
+    assert summary["wall_seconds"] >= sum(spans)
