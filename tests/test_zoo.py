@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -245,3 +246,47 @@ def test_a_stage_stops_at_the_first_check_that_meets_its_rule(tmp_path: Path) ->
     # a smoke model answers no XX question right: a share of 0 is met at once, any positive share never
     assert stop_check(model, tokenizer, operands, Stop("right", 0.0, first=3, every=7), tmp_path / "c3")(10)
     assert not stop_check(model, tokenizer, operands, Stop("right", 0.3, first=3, every=7), tmp_path / "c4")(10)
+
+
+def test_the_pool_adds_a_useful_parent_and_two_distractors_from_the_base_and_is_reused(zoo: Zoo, tmp_path: Path) -> None:
+    from shoal.zoo.pool import POOL, build_pool, load_pool
+
+    root = tmp_path / "z"
+    shutil.copytree(zoo.root, root)
+    built = load_zoo(root)
+    pool = build_pool(built)
+    assert list(pool.parents) == ["math", "language", *POOL]
+    assert {name: pool.roles[name] for name in POOL} == {"equations": "useful", "prose": "distractor", "scenes": "distractor"}
+    assert pool.skills["math"] == "en-math" and pool.skills["prose"] == "en-prose" and pool.target == built.target
+    base = load_file(built.base / "model.safetensors")
+    for name in POOL:  # each a fine-tune of the base: same tensors, changed values
+        tuned = load_file(pool.parents[name] / "model.safetensors")
+        assert tuned.keys() == base.keys() and not torch.equal(tuned["lm_head.weight"], base["lm_head.weight"])
+    data = json.loads((root / "pool.json").read_text())
+    assert {n: p["steps"] for n, p in data["parents"].items()} == {n: 10 for n in POOL}
+    before = (root / "models" / "prose" / "model.safetensors").stat().st_mtime_ns
+    assert build_pool(built) == pool and load_pool(root) == pool  # reused, not trained again
+    assert (root / "models" / "prose" / "model.safetensors").stat().st_mtime_ns == before
+    (root / "models" / "scenes" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(ShoalError, match=r"models/scenes/model.safetensors has 6 bytes"):
+        load_pool(root)
+    notices: list[str] = []
+    assert build_pool(built, notice=notices.append) == pool and "rebuilding it" in notices[0]
+
+
+def test_demo_pool_searches_every_parent_and_prints_the_weight_each_gets(zoo: Zoo, tmp_path: Path, run_cli) -> None:
+    root = tmp_path / "z"
+    shutil.copytree(zoo.root, root)
+    code, out, err = run_cli("demo", "--pool", "--out", tmp_path / "demo", "--budget", 3, "--zoo", root,
+                             "--zoo-size", "smoke")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert set(summary["parents"]) == {"base", "math", "language", "equations", "prose", "scenes"}
+    assert summary["genes"] == 5 * 2 * 3  # 5 parents x (weight, density) x (2 layers + embeddings)
+    assert "weight per parent" in out and "distractor" in out
+    from shoal.cli.demo import weight_mass
+    from shoal.search.run_folder import read_summary
+
+    mass = weight_mass(read_summary(tmp_path / "demo" / "run"))
+    layers = summary["best"]["layers"]["weight"]["prose"] + [summary["best"]["embeddings"]["weight"]["prose"]]
+    assert mass["prose"] == pytest.approx(sum(layers) / len(layers)) and f"{mass['prose']:.2f}" in out

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from shoal.cli.app import app
 from shoal.cli.evolve import run_evolve
-from shoal.cli.zoo import build_vlm_with_progress, build_with_progress
+from shoal.cli.zoo import build_pool_with_progress, build_vlm_with_progress, build_with_progress
 from shoal.errors import ShoalError
 
 if TYPE_CHECKING:
@@ -68,6 +68,28 @@ def results_table(summary: Summary, joint: float | None = None) -> Table:
     return table
 
 
+def weight_mass(summary: Summary) -> dict[str, float]:
+    """Each parent's mean weight in the best recipe, over its layers (and the embeddings' entry, if searched)."""
+    layers = summary.best.layers or {}
+    outer = (summary.best.embeddings or {}).get("weight", {})
+    mass = {}
+    for parent, row in layers.get("weight", {}).items():
+        values = [v for v in row if v is not None] + ([outer[parent]] if parent in outer else [])
+        mass[parent] = sum(values) / len(values)
+    return mass
+
+
+def weights_table(summary: Summary, roles: dict[str, str]) -> Table:
+    """The weight the evolved recipe gives each parent, with the parent's role in the pool."""
+    table = Table(title="weight per parent in the evolved recipe (mean over layers)")
+    table.add_column("parent")
+    table.add_column("role")
+    table.add_column("weight", justify="right")
+    for parent, weight in sorted(weight_mass(summary).items(), key=lambda kv: -kv[1]):
+        table.add_row(escape(parent), roles.get(parent, ""), f"{weight:.2f}")
+    return table
+
+
 def against_measured(summary: Summary, seed: int) -> str:
     """Where this run falls against the pre-registered seeds measured by benchmarks/zoo_seeds.py (shipped as
     shoal/zoo/measured.json): the demo's defaults on the default zoo only."""
@@ -98,6 +120,8 @@ def demo(
     space: Annotated[str, typer.Option(help="ps (merge weights), dfs (layer paths) or hybrid (PS then DFS).")] = "ps",
     vlm: Annotated[bool, typer.Option("--vlm", help="EvoVLM: merge the zoo's English captioning VLM with its language "
                                       "parent to caption pictures in XX.")] = False,
+    pool: Annotated[bool, typer.Option("--pool", help="Search over the whole pool: the math and language parents, one "
+                                       "more useful parent and two distractors.")] = False,
 ) -> None:
     """Build the demo zoo, evolve a merge of its math and language parents for XX math (with --vlm: of its VLM and
     language parent for XX captions), and report on test."""
@@ -108,6 +132,8 @@ def demo(
     console = Console(stderr=True)
     if space not in ("ps", "dfs", "hybrid"):
         raise ShoalError(f"--space {space}: choose ps, dfs or hybrid")
+    if vlm and pool:
+        raise ShoalError("--vlm and --pool are separate demos; choose one")
     if vlm and space != "ps":
         raise ShoalError(f"--vlm searches merge weights (--space ps); a layer path through a VLM (--space {space}) "
                          "is not supported")
@@ -120,6 +146,9 @@ def demo(
     if vlm:
         part, _, _ = build_vlm_with_progress(built)
         parents, target, baseline = {"vlm": part.vlm, "language": part.language}, part.target, None
+    elif pool:
+        every, _, _ = build_pool_with_progress(built)
+        parents, target, baseline = every.parents, built.target, built.joint
     else:
         parents, target, baseline = built.parents, built.target, built.joint
     out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +161,11 @@ def demo(
     written = write_report(out / "run")
     joint = evaluate(baseline, load_task(target), split="test").score if baseline else None
     Console().print(results_table(summary, joint))
+    if pool:
+        Console().print(weights_table(summary, every.roles))
     if vlm:
         console.print("the base and the language parent are text models: each is scored with its language model inside "
                       "the VLM's vision tower and projector", markup=False)
-    elif zoo_size == "default" and space == "ps" and budget == 1000:
+    elif not pool and zoo_size == "default" and space == "ps" and budget == 1000:
         console.print(against_measured(summary, seed), markup=False)
     console.print(f"best model: [bold]{escape(str(out / 'run' / 'best'))}[/]; report: {escape(str(written[0]))}")

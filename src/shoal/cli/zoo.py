@@ -17,6 +17,7 @@ from shoal.cli.progress import bar
 
 if TYPE_CHECKING:
     from shoal.zoo.build import Zoo
+    from shoal.zoo.pool import PoolZoo
     from shoal.zoo.vlmzoo import VlmZoo
 
 T = TypeVar("T")
@@ -38,6 +39,13 @@ def build_vlm_with_progress(zoo: Zoo, threads: int = 1) -> tuple[VlmZoo, float, 
     from shoal.zoo.vlmzoo import build_vlm_zoo
 
     return _with_progress(lambda report, notice: build_vlm_zoo(zoo, threads=threads, progress=report, notice=notice))
+
+
+def build_pool_with_progress(zoo: Zoo, threads: int = 1) -> tuple[PoolZoo, float, bool]:
+    """Build or reuse the zoo's pool, with a progress bar per parent: (pool, seconds, whether anything was trained)."""
+    from shoal.zoo.pool import build_pool
+
+    return _with_progress(lambda report, notice: build_pool(zoo, threads=threads, progress=report, notice=notice))
 
 
 def _with_progress(build: Callable[[Callable, Callable], T]) -> tuple[T, float, bool]:
@@ -62,10 +70,11 @@ def build(
     size: Annotated[str, typer.Option(help="default (the demo) or smoke (tiny, for tests).")] = "default",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for training (more than 1 pays only on an idle machine).")] = 1,
     vlm: Annotated[bool, typer.Option("--vlm", help="Also the VLM part: a LLaVA captioner on the base, caption tasks.")] = False,
+    pool: Annotated[bool, typer.Option("--pool", help="Also the pool: one more useful parent and two distractors.")] = False,
 ) -> None:
     """Build the base model, the math and language parents, the joint fine-tune and the tasks (with --vlm also a
-    vision-language parent and the caption tasks); a second call reuses them (after checking every file against
-    the sizes and hashes zoo.json and vlm.json recorded)."""
+    vision-language parent and the caption tasks; with --pool three more parents); a second call reuses them (after
+    checking every file against the sizes and hashes zoo.json, vlm.json and pool.json recorded)."""
     from shoal.zoo.build import default_zoo_dir  # torch and transformers load only when needed
 
     zoo, seconds, trained = build_with_progress(out or default_zoo_dir(), seed, size, threads)
@@ -73,6 +82,10 @@ def build(
     if vlm:
         part, vlm_seconds, vlm_trained = build_vlm_with_progress(zoo, threads)
         seconds, trained = seconds + vlm_seconds, trained or vlm_trained
+    extra = None
+    if pool:
+        extra, pool_seconds, pool_trained = build_pool_with_progress(zoo, threads)
+        seconds, trained = seconds + pool_seconds, trained or pool_trained
     table = Table(title=f"shoal zoo ({zoo.size}, seed {zoo.seed})")
     table.add_column("what")
     table.add_column("name")
@@ -83,6 +96,9 @@ def build(
     table.add_row("baseline (joint fine-tune)", escape(zoo.joint.name), escape(str(zoo.joint)))
     for name, path in zoo.tasks.items():
         table.add_row(f"task ({zoo.roles[name]})", name, escape(str(path)))
+    if extra:
+        for name in [n for n in extra.parents if n not in zoo.parents]:
+            table.add_row(f"pool parent, {extra.roles[name]} ({extra.skills[name]})", name, escape(str(extra.parents[name])))
     if part:
         table.add_row(f"VLM parent ({part.skills[part.vlm.name]})", part.vlm.name, escape(str(part.vlm)))
         for name, path in part.tasks.items():
