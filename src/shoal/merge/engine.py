@@ -151,19 +151,22 @@ def run_merge(
     device: str = "cpu",
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    copy_tokenizer: bool = True,
     on_tensor: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Merge `recipe` into out_dir: a loadable HF folder that appears only when complete.
 
     Everything that can be checked without reading tensor data (parents, names, shapes, parameters) is
-    checked first; on_tensor(0, total) is called once that passed, then after each tensor.
+    checked first; on_tensor(0, total) is called once that passed, then after each tensor. Without copy_tokenizer,
+    no tokenizer or processor files are written unless the recipe names a tokenizer_source (mergekit's rule).
     """
     check_device(device)
     if max_shard_bytes < 1:
         raise ShoalError(f"shard size {max_shard_bytes} bytes: give a positive size")
     parents = open_parents(recipe)
     plan: MergePlan = build_plan(recipe, parents)
-    tokenizer_dir = _tokenizer_source(recipe, parents, plan.reference)
+    wants_tokenizer = copy_tokenizer or recipe.tokenizer_source is not None
+    tokenizer_dir = _tokenizer_source(recipe, parents, plan.reference) if wants_tokenizer else None
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ModelFolderWriter(tmp, [job.spec for job in plan.jobs], max_shard_bytes)
