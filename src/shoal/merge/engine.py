@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from shoal.checkpoint import files
+from shoal.checkpoint import card, files
 from shoal.checkpoint.reader import Checkpoint, open_checkpoint
 from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
@@ -191,11 +191,13 @@ def run_merge(
             raise
         writer.close()
         files.write_config(tmp, plan.config)
-        files.copy_tokenizer(tokenizer_dir, tmp, processor=parents[plan.reference].is_vlm)
+        if tokenizer_dir is not None:
+            files.copy_tokenizer(tokenizer_dir, tmp, processor=parents[plan.reference].is_vlm)
         text = recipe_text or yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
         (tmp / RECIPE_FILE).write_text(text)
-        files.write_model_card(
-            tmp, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model, recipe_file=RECIPE_FILE,
+        card.write_model_card(
+            tmp, name=out_dir.name, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model,
+            recipe_file=RECIPE_FILE, recipe_text=text,
             vision=plan.reference if parents[plan.reference].is_vlm else None,
         )
     return out_dir
