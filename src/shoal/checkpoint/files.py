@@ -1,10 +1,9 @@
-"""The small files of a model folder besides the weights: config, tokenizer, processor, recipe and model card."""
+"""The small files of a model folder besides the weights: config, tokenizer and processor."""
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,32 +43,3 @@ def copy_tokenizer(source: Path, folder: Path, *, processor: bool = False) -> li
             copied.append(name)
     return copied
 
-
-def write_model_card(
-    folder: Path,
-    *,
-    method: str,
-    parents: Sequence[str],
-    base: str | None,
-    recipe_file: str,
-    remake: str | None = None,
-    vision: str | None = None,
-) -> None:
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [merge, shoal]",
-        "---",
-        "# Merged model",
-        "",
-        f"Made by shoal with the `{method}` merge method.",
-        "",
-    ]
-    if base:
-        lines += [f"Base model: `{base}`", ""]
-    lines += ["Parents:", ""] + [f"- `{p}`" for p in parents if p != base]
-    if vision:
-        lines += ["", f"A vision-language model: its language model is the merge; the vision tower, projector and "
-                  f"processor are `{vision}`'s, unchanged."]
-    lines += ["", remake or f"The recipe is in `{recipe_file}`; `shoal merge {recipe_file} OUT` remakes this model.", ""]
-    (folder / "README.md").write_text("\n".join(lines))

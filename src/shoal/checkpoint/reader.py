@@ -19,6 +19,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
 
+def is_hub_id(ref: str | Path) -> bool:
+    """Whether resolve_model takes ref as a Hub id: of the form org/name, and no local folder."""
+    return not Path(ref).expanduser().exists() and bool(_HUB_ID.match(str(ref)))
+
+
 def resolve_model(ref: str | Path, *, revision: str | None = None) -> Path:
     """Return the local folder of a model given as a folder path or a Hub id (downloaded once into the HF cache)."""
     path = Path(ref).expanduser()

@@ -19,19 +19,21 @@ from shoal.cli.app import app
 from shoal.errors import Interrupted, ShoalError
 
 MERGEKIT_OPTIONS = {
-    "--cuda": "shoal merge has --device cuda",
-    "--random-seed": "shoal merge has --seed N",
-    "--out-shard-size": "shoal merge has --shard-size GB",
-    "--copy-tokenizer": "shoal merge always writes the tokenizer; the recipe's tokenizer_source picks whose",
-    "--lazy-unpickle": "shoal never unpickles; it reads safetensors lazily, always",
     "--lazy-loader": "shoal reads tensors lazily, always",
     "--low-cpu-memory": "shoal merge streams one tensor at a time, always",
-    "--allow-crimes": "shoal merge has no equivalent: parents of different architectures are refused",
     "--trust-remote-code": "shoal has no equivalent: it runs no code from model folders",
     "--write-model-card": "shoal merge always writes a model card (README.md)",
     "--clone-tensors": "shoal merge has no equivalent (tensors are never shared between outputs)",
 }
-"""mergekit-yaml's options, and what shoal has (or does) instead."""
+"""mergekit-yaml's options that shoal merge does not take, and what shoal has (or does) instead."""
+
+REFUSED_MERGEKIT_OPTIONS = {
+    "--lazy-unpickle": "shoal never unpickles PyTorch pickle weights (unpickling can run code); it reads safetensors "
+                       "lazily, always: leave the option out",
+    "--no-safe-serialization": "shoal writes safetensors only, never PyTorch pickle (which whoever loads it would "
+                               "have to unpickle): leave the option out",
+}
+"""mergekit-yaml's options that would unpickle (or make others unpickle): `shoal merge` refuses them in one line."""
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -68,9 +70,12 @@ def main() -> None:
         interrupted("nothing half-written is left")
     except TyperException as exc:  # usage errors of the click that typer bundles: its message, its exit code (2)
         ctx = getattr(exc, "ctx", None)
-        hint = MERGEKIT_OPTIONS.get(getattr(exc, "option_name", None) or "")
-        if hint and ctx is not None and ctx.command.name == "merge":
-            exc.message = f"{exc.message} (a mergekit option: {hint})"
+        option = getattr(exc, "option_name", None) or ""
+        if ctx is not None and ctx.command.name == "merge":
+            if option in REFUSED_MERGEKIT_OPTIONS:
+                fail(f"{option}: refused, {REFUSED_MERGEKIT_OPTIONS[option]}")
+            if option in MERGEKIT_OPTIONS:
+                exc.message = f"{exc.message} (a mergekit option: {MERGEKIT_OPTIONS[option]})"
         exc.show()  # type: ignore[attr-defined]
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
     except OSError as exc:  # the filesystem refused (full, read-only, name too long): nothing half-written is left

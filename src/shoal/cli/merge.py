@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -15,23 +16,68 @@ from shoal.cli.app import app
 from shoal.cli.progress import bar
 from shoal.errors import Interrupted, ShoalError
 
+_MERGEKIT_SIZE = re.compile(r"^(\d+)([KkMmBb]?)$")
+_MERGEKIT_UNITS = {"": 1, "k": 1000, "m": 1000**2, "b": 1000**3}
+
+
+def _shard_bytes(shard_size: float | None, out_shard_size: str | None) -> int:
+    """The largest shard in bytes, from --shard-size (GB, 2 if neither is given) or mergekit's --out-shard-size: a
+    whole number with an optional K, M or B suffix (thousands, millions, billions), counted in bytes by mergekit's
+    writer as by shoal's."""
+    if shard_size is not None and out_shard_size is not None:
+        raise ShoalError("--shard-size and --out-shard-size both set the shard size; give one of them")
+    if out_shard_size is not None:
+        match = _MERGEKIT_SIZE.match(out_shard_size)
+        if not match or int(match[1]) == 0:
+            raise ShoalError(f"--out-shard-size {out_shard_size}: give a whole number of bytes above 0, "
+                             "optionally with K, M or B for thousands, millions or billions (e.g. 5B, 500M)")
+        return int(match[1]) * _MERGEKIT_UNITS[match[2].lower()]
+    shard_size = 2.0 if shard_size is None else shard_size
+    if not (math.isfinite(shard_size) and shard_size * 1024**3 >= 1):
+        raise ShoalError(f"--shard-size {shard_size}: give the largest shard's size in GB, a number above 0")
+    return int(shard_size * 1024**3)
+
+
+def _merge_device(device: str | None, cuda: bool) -> str:
+    """--device, or cuda for mergekit's --cuda (a --device naming a CUDA GPU picks which)."""
+    if cuda and device is not None and not device.startswith("cuda"):
+        raise ShoalError(f"--cuda and --device {device} disagree; give one of them")
+    return device or ("cuda" if cuda else "cpu")
+
 
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe in mergekit's YAML format.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (written atomically).")],
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.", show_default="cpu")] = None,
+    cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's name for --device cuda.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
-    seed: Annotated[int | None, typer.Option(help="Seed for random methods (overrides the recipe's).")] = None,
-    shard_size: Annotated[float, typer.Option(help="Largest shard, in GB (more than 0).")] = 2.0,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", "--random-seed",
+        help="Seed of the random drops of DARE and DELLA (overrides the recipe's seed); --random-seed is mergekit's "
+             "name.")] = None,
+    shard_size: Annotated[float | None, typer.Option(
+        help="Largest shard, in GB (more than 0).", show_default="2")] = None,
+    out_shard_size: Annotated[str | None, typer.Option(
+        metavar="SIZE", help="Largest shard in mergekit's form: bytes, with K, M or B for thousands, millions or "
+                             "billions (5B, 500M); instead of --shard-size.")] = None,
+    copy_tokenizer: Annotated[bool, typer.Option(
+        "--copy-tokenizer/--no-copy-tokenizer",
+        help="Copy the base's (or first model's) tokenizer and processor files; as in mergekit, a recipe's "
+             "tokenizer_source is written either way.")] = True,
+    allow_crimes: Annotated[bool, typer.Option(
+        "--allow-crimes",
+        help="Accepted for mergekit's command lines, and changes nothing: mergekit needs it to mix architectures; "
+             "shoal mixes only where that is safe (a vision-language model with LLMs of its language model's "
+             "architecture) and refuses other mixes either way.")] = False,
 ) -> None:
     """Merge the parents named in RECIPE into a new model folder OUT_DIR."""
     from shoal.merge.engine import run_merge
     from shoal.recipe import load_recipe
 
-    if not (math.isfinite(shard_size) and shard_size * 1024**3 >= 1):
-        raise ShoalError(f"--shard-size {shard_size}: give the largest shard's size in GB, a number above 0")
-
+    del allow_crimes  # a no-op, documented in its help
+    max_shard_bytes = _shard_bytes(shard_size, out_shard_size)
+    device = _merge_device(device, cuda)
     parsed = load_recipe(recipe)
     if seed is not None:
         parsed = parsed.model_copy(update={"seed": seed})
@@ -50,7 +96,8 @@ def merge(
             recipe_text=yamlfile.read_text(recipe) if seed is None else None,
             device=device,
             overwrite=overwrite,
-            max_shard_bytes=int(shard_size * 1024**3),
+            max_shard_bytes=max_shard_bytes,
+            copy_tokenizer=copy_tokenizer,
             on_tensor=show,
         )
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from shoal import layout
-from shoal.checkpoint import files
+from shoal.checkpoint import card, files
 from shoal.checkpoint.reader import Checkpoint, open_checkpoint
 from shoal.checkpoint.writer import ModelFolderWriter, TensorSpec, atomic_output_dir
 from shoal.errors import ShoalError
@@ -99,10 +99,12 @@ def export_path(path: list[Step], parents: Mapping[str, str | Path], out_dir: st
         files.write_config(tmp, _config(a, opened, path))
         files.copy_tokenizer(a.path, tmp)
         steps = [{"parent": s.parent, "layer": s.layer, "scale": s.scale} for s in path]
-        (tmp / PATH_FILE).write_text(yaml.safe_dump({"parents": {k: str(v) for k, v in parents.items()}, "path": steps},
-                                                    sort_keys=False))
-        files.write_model_card(tmp, method="data-flow path", parents=[str(p) for p in parents.values()], base=None,
-                               recipe_file=PATH_FILE, remake=f"The layer path and its scales are in `{PATH_FILE}`.")
+        text = yaml.safe_dump({"parents": {k: str(v) for k, v in parents.items()}, "path": steps}, sort_keys=False)
+        (tmp / PATH_FILE).write_text(text)
+        card.write_model_card(
+            tmp, name=out_dir.name, method="data-flow path", parents=[str(p) for p in parents.values()], base=None,
+            recipe_file=PATH_FILE, recipe_text=text, remake=f"The layer path and its scales, also in `{PATH_FILE}`:",
+        )
     return out_dir
 
 

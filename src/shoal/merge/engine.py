@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from shoal.checkpoint import files
+from shoal.checkpoint import card, files
 from shoal.checkpoint.reader import Checkpoint, open_checkpoint
 from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
@@ -151,19 +151,22 @@ def run_merge(
     device: str = "cpu",
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    copy_tokenizer: bool = True,
     on_tensor: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Merge `recipe` into out_dir: a loadable HF folder that appears only when complete.
 
     Everything that can be checked without reading tensor data (parents, names, shapes, parameters) is
-    checked first; on_tensor(0, total) is called once that passed, then after each tensor.
+    checked first; on_tensor(0, total) is called once that passed, then after each tensor. Without copy_tokenizer,
+    no tokenizer or processor files are written unless the recipe names a tokenizer_source (mergekit's rule).
     """
     check_device(device)
     if max_shard_bytes < 1:
         raise ShoalError(f"shard size {max_shard_bytes} bytes: give a positive size")
     parents = open_parents(recipe)
     plan: MergePlan = build_plan(recipe, parents)
-    tokenizer_dir = _tokenizer_source(recipe, parents, plan.reference)
+    wants_tokenizer = copy_tokenizer or recipe.tokenizer_source is not None
+    tokenizer_dir = _tokenizer_source(recipe, parents, plan.reference) if wants_tokenizer else None
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ModelFolderWriter(tmp, [job.spec for job in plan.jobs], max_shard_bytes)
@@ -188,11 +191,13 @@ def run_merge(
             raise
         writer.close()
         files.write_config(tmp, plan.config)
-        files.copy_tokenizer(tokenizer_dir, tmp, processor=parents[plan.reference].is_vlm)
+        if tokenizer_dir is not None:
+            files.copy_tokenizer(tokenizer_dir, tmp, processor=parents[plan.reference].is_vlm)
         text = recipe_text or yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
         (tmp / RECIPE_FILE).write_text(text)
-        files.write_model_card(
-            tmp, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model, recipe_file=RECIPE_FILE,
+        card.write_model_card(
+            tmp, name=out_dir.name, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model,
+            recipe_file=RECIPE_FILE, recipe_text=text,
             vision=plan.reference if parents[plan.reference].is_vlm else None,
         )
     return out_dir
