@@ -91,6 +91,25 @@ def finished_trials(log: Path) -> int:
     return sum(t.state.is_finished() for t in study.trials)
 
 
+def base_and_language_task(zoo, folder: Path) -> Path:
+    """own_output_task answered as the base answers on a quarter of the items, as the language parent does on half
+    and by neither on the rest, so that models near the base, near the language parent and elsewhere score
+    differently (0.25, 0.5, other) even where the smoke zoo's models answer every item alike."""
+    import json
+
+    from shoal.evaluate import evaluate, load_task
+
+    own_output_task(zoo, folder)
+    scored = load_task(folder)
+    for split in ("dev", "test"):
+        base = evaluate(zoo.base, scored, split, return_outputs=True).outputs
+        rows = [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+        rows = [r | {"answer": b.strip()} if i % 4 == 0 else r | {"answer": "nope"} if i % 4 == 3 else r
+                for i, (r, b) in enumerate(zip(rows, base))]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
