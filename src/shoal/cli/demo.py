@@ -123,8 +123,8 @@ def demo(
     pool: Annotated[bool, typer.Option("--pool", help="Search over the whole pool: the math and language parents, one "
                                        "more useful parent and two distractors.")] = False,
 ) -> None:
-    """Build the demo zoo, evolve a merge of its math and language parents for XX math (with --vlm: of its VLM and
-    language parent for XX captions), and report on test."""
+    """Build the demo zoo, evolve a merge of its math and language parents for XX math (with --pool: of every parent
+    of its pool; with --vlm: of its VLM and language parent for XX captions), and report on test."""
     from shoal.evaluate import evaluate, load_task
     from shoal.report import write_report
     from shoal.zoo.build import default_zoo_dir
@@ -140,7 +140,7 @@ def demo(
     budget = budget or (VLM_BUDGET if vlm else 1000)
     if zoo is None:
         zoo = default_zoo_dir() if seed == 0 else default_zoo_dir().with_name(f"zoo-seed{seed}")
-    console.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}{', with its VLM part' if vlm else ''}) "
+    console.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}{', with its VLM part' if vlm else ', with its pool' if pool else ''}) "
                   f"in {escape(str(zoo))}")
     built, _, _ = build_with_progress(zoo, seed, zoo_size)
     if vlm:
