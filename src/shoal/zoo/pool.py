@@ -14,8 +14,9 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from shoal.errors import ShoalError
-from shoal.zoo.build import HARD_FRACTION, SIZES, ParentSpec, Progress, Zoo, _damaged, _fingerprint, _train_stage, load_zoo
+from shoal.zoo.build import HARD_FRACTION, SIZES, ParentSpec, Progress, Zoo, _fingerprint, _train_stage, load_zoo
 from shoal.zoo.language import mixture, split_operands
+from shoal.zoo.part import PartRecord
 from shoal.zoo.train import Schedule, save_model
 
 POOL_VERSION = 1
@@ -78,28 +79,15 @@ def _pool_from_json(zoo: Zoo, data: dict) -> PoolZoo:
     )
 
 
-def _read(zoo: Zoo) -> tuple[dict, PoolZoo]:
-    path = zoo.root / "pool.json"
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data, _pool_from_json(zoo, data)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ShoalError(f"{path} is damaged ({e}); run `shoal zoo build --pool --out {zoo.root}` to rebuild it") from e
+def _record(zoo: Zoo) -> PartRecord[PoolZoo]:
+    return PartRecord("pool.json", "pool", "--pool", lambda data: _pool_from_json(zoo, data))
 
 
 def load_pool(zoo: Zoo | str | Path) -> PoolZoo:
     """The pool described by pool.json in a built zoo, after checking every file against what pool.json records."""
     if not isinstance(zoo, Zoo):
         zoo = load_zoo(zoo)
-    if not (zoo.root / "pool.json").is_file():
-        raise ShoalError(f"{zoo.root / 'pool.json'} not found; build the pool with `shoal zoo build --pool --out {zoo.root}`")
-    data, pool = _read(zoo)
-    damaged = _damaged(zoo.root, data.get("files", {}))
-    if damaged:
-        raise ShoalError(f"pool of the zoo at {zoo.root}: {damaged}; run `shoal zoo build --pool --out {zoo.root}` to rebuild it")
-    return pool
+    return _record(zoo).load(zoo.root)
 
 
 def build_pool(zoo: Zoo, *, threads: int = 1, progress: Progress | None = None,
@@ -109,16 +97,12 @@ def build_pool(zoo: Zoo, *, threads: int = 1, progress: Progress | None = None,
     if threads < 1:
         raise ShoalError(f"threads must be at least 1 (got {threads})")
     digest = settings_hash(zoo)
-    if (zoo.root / "pool.json").is_file():
-        try:
-            data, pool = _read(zoo)
-            damaged = _damaged(zoo.root, data.get("files", {})) if data.get("settings_hash") == digest else None
-            if data.get("settings_hash") == digest and damaged is None:
-                return pool
-        except ShoalError as e:
-            damaged = str(e)
-        if damaged and notice:
-            notice(f"the pool of the zoo at {zoo.root} cannot be reused ({damaged}); rebuilding it")
+    record = _record(zoo)
+    cached, damaged = record.cached(zoo.root, digest)
+    if cached:
+        return cached
+    if damaged and notice:
+        notice(f"the pool of the zoo at {zoo.root} cannot be reused ({damaged}); rebuilding it")
     (zoo.root / "pool.json").unlink(missing_ok=True)
     operands = split_operands(SIZES[zoo.size].held_out)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(zoo.base)
@@ -148,8 +132,5 @@ def build_pool(zoo: Zoo, *, threads: int = 1, progress: Progress | None = None,
             if path.is_file()
         },
     }
-    tmp = zoo.root / ".pool.json.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(zoo.root / "pool.json")
-    return _pool_from_json(zoo, data)
+    return record.write(zoo.root, data)
 

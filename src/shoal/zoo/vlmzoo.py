@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from shoal.errors import ShoalError
-from shoal.zoo.build import Progress, Zoo, _damaged, _fingerprint, load_zoo
+from shoal.zoo.build import Progress, Zoo, _fingerprint, load_zoo
 from shoal.zoo.captions import PROMPTS, held_out, training_renders, write_caption_tasks
 from shoal.zoo.language import scene
+from shoal.zoo.part import PartRecord
 from shoal.zoo.train import Schedule, save_model
 from shoal.zoo.vlm import VisionShape, examples, from_base, train_vlm
 
@@ -99,15 +100,8 @@ def _vlm_zoo_from_json(zoo: Zoo, data: dict) -> VlmZoo:
     )
 
 
-def _read_vlm_json(zoo: Zoo) -> tuple[dict, VlmZoo]:
-    path = zoo.root / "vlm.json"
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data, _vlm_zoo_from_json(zoo, data)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ShoalError(f"{path} is damaged ({e}); run `shoal zoo build --vlm --out {zoo.root}` to rebuild it") from e
+def _record(zoo: Zoo) -> PartRecord[VlmZoo]:
+    return PartRecord("vlm.json", "VLM part", "--vlm", lambda data: _vlm_zoo_from_json(zoo, data))
 
 
 def load_vlm_zoo(zoo: Zoo | str | Path) -> VlmZoo:
@@ -115,28 +109,7 @@ def load_vlm_zoo(zoo: Zoo | str | Path) -> VlmZoo:
     the sizes and hashes it records."""
     if not isinstance(zoo, Zoo):
         zoo = load_zoo(zoo)
-    path = zoo.root / "vlm.json"
-    if not path.is_file():
-        raise ShoalError(f"{path} not found; build the VLM part with `shoal zoo build --vlm --out {zoo.root}`")
-    data, found = _read_vlm_json(zoo)
-    damaged = _damaged(zoo.root, data.get("files", {}))
-    if damaged:
-        raise ShoalError(f"VLM part of the zoo at {zoo.root}: {damaged}; run `shoal zoo build --vlm --out {zoo.root}` to rebuild it")
-    return found
-
-
-def _cached(zoo: Zoo, digest: str) -> tuple[VlmZoo | None, str | None]:
-    """The VLM part already built with these settings, or None and why it cannot be reused."""
-    if not (zoo.root / "vlm.json").is_file():
-        return None, None
-    try:
-        data, found = _read_vlm_json(zoo)
-    except ShoalError as e:
-        return None, str(e)
-    if data.get("settings_hash") != digest:
-        return None, None
-    damaged = _damaged(zoo.root, data.get("files", {}))
-    return (None, damaged) if damaged else (found, None)
+    return _record(zoo).load(zoo.root)
 
 
 def build_vlm_zoo(
@@ -165,7 +138,8 @@ def build_vlm_zoo(
     if "language" not in zoo.parents:
         raise ShoalError(f"the zoo at {zoo.root} has no language parent to pair with the VLM")
     digest = settings_hash(zoo, size, seed)
-    cached, damaged = _cached(zoo, digest)
+    record = _record(zoo)
+    cached, damaged = record.cached(zoo.root, digest)
     if cached:
         return cached
     if damaged and notice:
@@ -206,7 +180,4 @@ def build_vlm_zoo(
             if path.is_file()
         },
     }
-    tmp = root / ".vlm.json.tmp"
-    tmp.write_text(json.dumps(data_json, indent=2) + "\n")
-    tmp.replace(root / "vlm.json")
-    return _vlm_zoo_from_json(zoo, data_json)
+    return record.write(root, data_json)
