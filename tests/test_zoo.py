@@ -228,9 +228,10 @@ def test_unknown_size_is_an_error(tmp_path: Path) -> None:
         build_zoo(tmp_path, size="huge")
 
 
-def test_a_stage_stops_at_the_first_check_that_meets_its_rule(tmp_path: Path) -> None:
-    """stop_check asks only from `first` on, every `every` steps, and says stop once the rule's share is met: by
-    answers outside the XX form (english) or by right XX answers (right)."""
+def test_a_stage_stops_at_the_first_check_that_meets_every_need(tmp_path: Path) -> None:
+    """stop_check asks only from `first` on, every `every` steps, and says stop once every need's share is met: by
+    answers outside the XX form (english), by right XX answers (right), by right answers to the same pairs asked in
+    English (en-right)."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     from shoal.zoo.build import Stop, stop_check
@@ -239,13 +240,18 @@ def test_a_stage_stops_at_the_first_check_that_meets_its_rule(tmp_path: Path) ->
     model = LlamaForCausalLM.from_pretrained(built.parents["math"]).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(built.base)
     operands = split_operands(SIZES["smoke"].held_out)
-    never_xx = stop_check(model, tokenizer, operands, Stop("english", 1.0, first=10, every=5), tmp_path / "check")
+
+    def check(needs: dict, first: int, every: int, name: str):
+        return stop_check(model, tokenizer, operands, Stop(needs, first=first, every=every), tmp_path / name)
+
+    never_xx = check({"english": 1.0}, 10, 5, "a")
     assert [step for step in range(1, 31) if never_xx(step)] == [10, 15, 20, 25, 30]  # a smoke model never answers in XX
-    impossible = stop_check(model, tokenizer, operands, Stop("english", 1.01, first=10, every=5), tmp_path / "check2")
-    assert not any(impossible(step) for step in (10, 15, 20))
-    # a smoke model answers no XX question right: a share of 0 is met at once, any positive share never
-    assert stop_check(model, tokenizer, operands, Stop("right", 0.0, first=3, every=7), tmp_path / "c3")(10)
-    assert not stop_check(model, tokenizer, operands, Stop("right", 0.3, first=3, every=7), tmp_path / "c4")(10)
+    assert not any(check({"english": 1.01}, 10, 5, "b")(step) for step in (10, 15, 20))
+    # a smoke model answers no question right, in XX or English: a share of 0 is met at once, any positive share never
+    assert check({"right": 0.0}, 3, 7, "c")(10)
+    assert not check({"right": 0.3}, 3, 7, "d")(10)
+    assert check({"english": 1.0, "en-right": 0.0}, 3, 7, "e")(10)
+    assert not check({"english": 1.0, "en-right": 0.01}, 3, 7, "f")(10)  # every need, not any
 
 
 def test_the_pool_adds_a_useful_parent_and_two_distractors_from_the_base_and_is_reused(zoo: Zoo, tmp_path: Path) -> None:

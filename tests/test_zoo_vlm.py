@@ -197,9 +197,9 @@ def test_the_same_seed_gives_identical_vlm_tensors(vlm_zoo: VlmZoo, zoo: Zoo, tm
 def test_another_seed_rebuilds_the_vlm(tmp_path: Path) -> None:
     built = build_zoo(tmp_path / "z", seed=0, size="smoke", threads=1)
     first = build_vlm_zoo(built)
-    assert _stages(built, seed=1) == ["vlm"]
+    assert _stages(built, seed=1) == ["vlm", "vlm-align"]
     assert json.loads((built.root / "vlm.json").read_text())["seed"] == 1
-    assert _stages(built) == ["vlm"] and build_vlm_zoo(built) == first
+    assert _stages(built) == ["vlm", "vlm-align"] and build_vlm_zoo(built) == first
 
 
 @pytest.mark.parametrize("damage", ["truncate-weights", "edit-caption", "delete-image", "vlm-json"])
@@ -224,7 +224,7 @@ def test_a_damaged_vlm_part_is_found_and_rebuilt(tmp_path: Path, damage: str) ->
     with pytest.raises(ShoalError, match=re.escape(expected)):
         load_vlm_zoo(built)
     notices: list[str] = []
-    assert _stages(built, notices) == ["vlm"]
+    assert _stages(built, notices) == ["vlm", "vlm-align"]
     assert len(notices) == 1 and expected in notices[0] and "rebuilding" in notices[0]
     assert weights.read_bytes() == original
     assert load_vlm_zoo(built) == vlm

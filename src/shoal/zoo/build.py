@@ -25,9 +25,10 @@ from shoal.zoo.tasks import items, write_task, write_tasks, xx_constraints
 from shoal.zoo.tokenizer import build_tokenizer
 from shoal.zoo.train import ModelShape, Schedule, llama_config, save_model, train
 
-ZOO_VERSION = 3
+ZOO_VERSION = 4
 CHECK_SEED = 99  # the training pairs a Stop rule checks
 BASE_STOP_SHARE = 0.3  # the base stops once it answers 30 % of XX 2+2 training questions right
+MATH_STOP_SHARE = 0.9  # the math parent stops no sooner than it answers 90 % of English 2+2 training questions right
 
 # Documents the base is pretrained on; problems and equations are 2+2 digits with probability HARD_FRACTION,
 # so the base already adds (weakly) in every format and both languages before any specialist is made.
@@ -36,7 +37,7 @@ BASE_STOP_SHARE = 0.3  # the base stops once it answers 30 % of XX 2+2 training 
 HARD_FRACTION = 0.25
 BASE_MIX = {
     "equations": 0.25, "en-problems": 0.25, "xx-problems": 0.2, "en-text": 0.1, "xx-text": 0.1,
-    "en-look": 0.025, "xx-look": 0.025, "scene-pairs": 0.05,
+    "en-look": 0.025, "xx-look": 0.025, "grounded": 0.2,
 }
 
 
@@ -46,16 +47,19 @@ class ParentSpec:
     mix: dict[str, float]
 
 
+Measure = Literal["english", "right", "en-right"]
+
+
 @dataclass(frozen=True)
 class Stop:
-    """End a training stage at the first check, from step `first` on and every `every` steps, where the model
-    answers at least `share` of 200 XX 2+2 questions on training pairs (never a held-out one) in the way `measure`
-    names: `english`, outside the XX answer form; `right`, right and in the XX form. The stage's schedule gives the
-    most steps and the cosine's length. A rule instead of a fixed step count makes a property the design needs hold
-    on every seed and machine instead of by chance (see docs/zoo.md)."""
+    """End a training stage at the first check, from step `first` on and every `every` steps, where the model meets
+    every need: answers at least that share of 200 2+2 questions on training pairs (never a held-out one) in the way
+    the measure names: `english`, XX questions answered outside the XX answer form; `right`, XX questions answered
+    right and in the XX form; `en-right`, the same pairs asked in English and answered right. The stage's schedule
+    gives the most steps and the cosine's length. A rule instead of a fixed step count makes a property the design
+    needs hold on every seed and machine instead of by chance (see docs/zoo.md)."""
 
-    measure: Literal["english", "right"]
-    share: float
+    needs: dict[Measure, float]
     first: int
     every: int
 
@@ -104,16 +108,18 @@ def joint_schedule(size: Size, steps: dict[str, int]) -> Schedule:
 SIZES = {
     "default": Size(
         ModelShape(hidden=192, layers=4, heads=4, intermediate=512),
-        Schedule(steps=1600, batch_size=64, lr=3e-3, warmup=100),
+        Schedule(steps=2400, batch_size=64, lr=3e-3, warmup=100),
         {"math": Schedule(900, 64, 2e-3, 30), "language": Schedule(300, 64, 2e-3, 30)},
         held_out=1000,
         stops={
             # The base stops before it masters 2+2 in XX: left to a fixed 1,600 steps, it grokked 2+2 on two seeds
             # of five and scored 80 % on the target by itself, leaving a merge little to add.
-            "base": Stop("right", BASE_STOP_SHARE, first=800, every=50),
+            "base": Stop({"right": BASE_STOP_SHARE}, first=800, every=50),
             # An English-only fine-tune until it answers XX questions in English, as the paper's English math
-            # models answer Japanese questions in English.
-            "math": Stop("english", 0.9, first=300, every=50),
+            # models answer Japanese questions in English, and is good at its own skill: stopped at the first rule
+            # alone, the math parent of seed 7 (zoo v3) answered 67 % of held-out English questions and the merge
+            # could not beat the base (docs/zoo.md).
+            "math": Stop({"english": 0.9, "en-right": MATH_STOP_SHARE}, first=300, every=50),
         },
     ),
     "smoke": Size(
@@ -121,7 +127,8 @@ SIZES = {
         Schedule(steps=40, batch_size=32, lr=3e-3, warmup=5),
         {"math": Schedule(30, 16, 1e-3, 3), "language": Schedule(15, 16, 1e-3, 3)},
         held_out=100,
-        stops={"base": Stop("right", BASE_STOP_SHARE, first=20, every=10), "math": Stop("english", 0.9, first=10, every=5)},
+        stops={"base": Stop({"right": BASE_STOP_SHARE}, first=20, every=10),
+               "math": Stop({"english": 0.9, "en-right": MATH_STOP_SHARE}, first=10, every=5)},
     ),
 }
 
@@ -264,15 +271,23 @@ def stop_check(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, oper
                folder: Path) -> Callable[[int], bool]:
     """until(step) for train(): whether `stop` says the stage is done, asked from stop.first on, every stop.every."""
     pairs = random.Random(CHECK_SEED).sample(operands.hard, 200)
-    rows = items(pairs, "xx", random.Random(CHECK_SEED))
-    task = load_task(write_task(folder, "stop-check", "XX questions on training pairs", rows, rows, xx_constraints()))
+    tasks = {}
+    for language in ("xx", "en"):
+        rows = items(pairs, language, random.Random(CHECK_SEED))
+        constraints = xx_constraints() if language == "xx" else []
+        tasks[language] = load_task(write_task(folder / language, f"stop-check-{language}", "2+2 questions on training pairs",
+                                               rows, rows, constraints))
+
+    def met(measure: Measure, share: float) -> bool:
+        result = evaluate(model, tasks["en" if measure == "en-right" else "xx"], split="dev", tokenizer=tokenizer,
+                          batch_size=200)
+        found = result.constraint_failures.get("form", 0) if measure == "english" else result.score * result.n
+        return found >= share * result.n
 
     def until(step: int) -> bool:
         if step < stop.first or (step - stop.first) % stop.every:
             return False
-        result = evaluate(model, task, split="dev", tokenizer=tokenizer, batch_size=200)
-        found = result.constraint_failures.get("form", 0) if stop.measure == "english" else result.score * result.n
-        return found >= stop.share * result.n
+        return all(met(measure, share) for measure, share in stop.needs.items())
 
     return until
 

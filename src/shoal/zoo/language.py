@@ -93,6 +93,13 @@ def look(shown: Scene, language: str) -> str:
     return f"{EN_LOOK if language == 'en' else XX_LOOK} {scene(shown, language)}"
 
 
+def grounded(shown: Scene, context: str, language: str) -> str:
+    """A scene described in one language, then asked about and described again in another (or the same): the
+    base's only lesson that an answer to "what do you see ?" / "ka mira su ?" tells what the context shows, in the
+    question's language, whatever the context's. A VLM's image takes the context's place."""
+    return f"{scene(shown, context)} {look(shown, language)}"
+
+
 def text(rng: random.Random, language: str) -> str:
     """A short paragraph of one or two sentences; a third of them describe a scene."""
     return " ".join(
@@ -174,7 +181,8 @@ def mixture(parts: dict[str, float], operands: Operands, hard_fraction: float) -
     hard_fraction), and `hard-equations`, `en-hard`, `xx-easy` (operands fixed to one difficulty), and
     `xx-hard-en` (2+2 asked in XX, answered in English); `en-look`, `xx-look` (a scene described in answer to
     "what do you see ?") and `scene-pairs` (one scene described in English, then in XX: the parallel text that
-    ties the two languages' words for colours, shapes and places).
+    ties the two languages' words for colours, shapes and places), `grounded` (a scene in either language, then
+    asked about and described in either).
     """
     kinds: dict[str, Sampler] = {
         "en-text": lambda r: text(r, "en"),
@@ -188,6 +196,7 @@ def mixture(parts: dict[str, float], operands: Operands, hard_fraction: float) -
         "en-look": lambda r: look(random_scene(r), "en"),
         "xx-look": lambda r: look(random_scene(r), "xx"),
         "scene-pairs": lambda r: " ".join(scene(shown, lang) for shown in [random_scene(r)] for lang in LANGUAGES),
+        "grounded": lambda r: grounded(random_scene(r), r.choice(LANGUAGES), r.choice(LANGUAGES)),
         "xx-easy": lambda r: problem(r, r.choice(operands.easy), "xx"),
     }
     unknown = set(parts) - set(kinds)

@@ -107,16 +107,25 @@ def train_vlm(
     model: LlavaForConditionalGeneration, data: Examples, schedule: Schedule, seed: int, lm_lr_ratio: float = 1.0,
     on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Train every part of model in place on batches drawn from data (the zoo's `fit`); the language model's
-    learning rate is lm_lr_ratio times the schedule's. Returns each step's loss."""
+    """Train model in place on batches drawn from data (the zoo's `fit`): the vision tower and projector at the
+    schedule's rate, the language model at lm_lr_ratio times it (0: frozen, LLaVA's first, alignment stage).
+    Returns each step's loss."""
     language = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     chosen = {id(p) for p in language}
     fresh = [p for p in model.parameters() if id(p) not in chosen]
-    groups = [{"params": fresh, "scale": 1.0}, {"params": language, "scale": lm_lr_ratio}]
+    groups = [{"params": fresh, "scale": 1.0}]
+    if lm_lr_ratio > 0:
+        groups.append({"params": language, "scale": lm_lr_ratio})
     n = data.input_ids.shape[0]
 
     def next_batch(rng: random.Random) -> Batch:
         batch = torch.tensor([rng.randrange(n) for _ in range(schedule.batch_size)])
         return {"input_ids": data.input_ids[batch], "pixel_values": data.pixel_values[batch], "labels": data.labels[batch]}
 
-    return fit(model, next_batch, schedule, seed, on_step, groups=groups)
+    for p in language:
+        p.requires_grad_(lm_lr_ratio > 0)
+    try:
+        return fit(model, next_batch, schedule, seed, on_step, groups=groups)
+    finally:
+        for p in language:
+            p.requires_grad_(True)

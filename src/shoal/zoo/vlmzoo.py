@@ -20,14 +20,15 @@ from shoal.zoo.part import PartRecord
 from shoal.zoo.train import Schedule, save_model
 from shoal.zoo.vlm import VisionShape, examples, from_base, train_vlm
 
-VLM_VERSION = 1
+VLM_VERSION = 2
 VLM = "vlm"
 
 
 @dataclass(frozen=True)
 class VlmSize:
     vision: VisionShape
-    schedule: Schedule
+    align: Schedule  # LLaVA's first stage: the tower and projector learn to feed the frozen language model
+    schedule: Schedule  # then every part, the language model at lm_lr_ratio times the rate
     lm_lr_ratio: float  # the language model's learning rate over the (fresh) vision tower's and projector's
     train_pictures: int  # distinct training renders
     held_out: int  # renders per split (dev, test)
@@ -36,13 +37,15 @@ class VlmSize:
 VLM_SIZES = {
     "default": VlmSize(
         VisionShape(side=32, patch=8, hidden=64, layers=2, heads=2, intermediate=128),
-        Schedule(steps=1500, batch_size=32, lr=3e-3, warmup=50),
+        Schedule(steps=800, batch_size=32, lr=3e-3, warmup=50),
+        Schedule(steps=1000, batch_size=32, lr=3e-3, warmup=50),
         lm_lr_ratio=0.3,
         train_pictures=8192,
         held_out=128,
     ),
     "smoke": VlmSize(
         VisionShape(side=16, patch=8, hidden=16, layers=1, heads=2, intermediate=32),
+        Schedule(steps=4, batch_size=8, lr=2e-3, warmup=1),
         Schedule(steps=8, batch_size=8, lr=2e-3, warmup=2),
         lm_lr_ratio=0.5,
         train_pictures=64,
@@ -159,8 +162,10 @@ def build_vlm_zoo(
     try:
         model, processor = from_base(zoo.base, spec.vision, seed)
         data = examples(processor, [r.image for r in pool], [PROMPTS["en"]] * len(pool), [scene(r.scene, "en") for r in pool])
-        report = (lambda step: progress(VLM, step, spec.schedule.steps)) if progress else None
-        train_vlm(model, data, spec.schedule, seed * 1000 + 7, spec.lm_lr_ratio, report)
+        for stage, schedule, stage_seed, ratio in (("vlm-align", spec.align, seed * 1000 + 6, 0.0),
+                                                   (VLM, spec.schedule, seed * 1000 + 7, spec.lm_lr_ratio)):
+            report = (lambda step, st=stage, sc=schedule: progress(st, step, sc.steps)) if progress else None
+            train_vlm(model, data, schedule, stage_seed, ratio, report)
         save_model(model, processor, root / "models" / VLM)
     finally:
         torch.set_num_threads(previous_threads)
