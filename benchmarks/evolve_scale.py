@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 SIZES = {
     # ~53M parameters: 6 layers of hidden 512 / MLP 1536, vocabulary 32000, untied head; bf16 = 106 MB
