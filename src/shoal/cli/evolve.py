@@ -35,12 +35,13 @@ def trial_bar() -> Progress:
 
 def run_evolve(
     search: Path, run_dir: Path, storage: str | None, budget: int | None, threads: int | None, workers: int = 1,
-    ray_address: str | None = None,
+    ray_address: str | None = None, memory_limit: str | None = None,
 ) -> Summary:
     """Load the search file and run it with a live display; returns the summary."""
     import torch
     from transformers.utils import logging as transformers_logging
 
+    from shoal.merge.memory import parse_bytes
     from shoal.search.evolve import evolve
     from shoal.search.loop import Progress as TrialProgress
     from shoal.search.spec import load_search
@@ -50,6 +51,9 @@ def run_evolve(
     spec = load_search(search)
     if budget is not None:
         spec = spec.model_copy(update={"budget": budget})
+    if memory_limit is not None:
+        parse_bytes(memory_limit)  # a ShoalError naming the bad size
+        spec = spec.model_copy(update={"memory": spec.memory.model_copy(update={"limit": memory_limit})})
     if threads is not None:
         torch.set_num_threads(threads)
     console = Console(stderr=True)
@@ -103,9 +107,12 @@ def evolve(
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (1 suits tiny models).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
+    memory_limit: Annotated[str | None, typer.Option(
+        help="Refuse a search whose memory plan needs more device memory than this, e.g. 24GB (overrides the "
+             "search file's memory.limit; default on CUDA: the GPU's free memory).")] = None,
 ) -> None:
     """Evolve a merge (ps), a layer path (dfs) or both (hybrid) with CMA-ES into RUN_DIR (best/, summary.json)."""
-    summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address)
+    summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address, memory_limit)
     best = summary.best
     Console(stderr=True).print(
         f"best trial #{best.trial}: dev {best.dev:.4f}, test {best.test:.4f}; "

@@ -58,7 +58,8 @@ def merged_values(
 ) -> torch.Tensor:
     """Apply the method to one tensor's inputs (rounded to the recipe's dtype, computed in float32): the result
     in the compute dtype, possibly the scratch buffer. deltas and ranks, when given, are the task vectors and
-    their magnitude ranks already formed from these inputs (the resident merger keeps them between trials)."""
+    their magnitude ranks already formed from these inputs (the resident merger keeps them between trials); with
+    deltas, a task-vector method needs no tensors (an empty list)."""
     method = METHODS[method_name]
     raw = ([base] if base is not None else []) + tensors
     if not raw[0].is_floating_point():
@@ -72,6 +73,7 @@ def merged_values(
         tensors=raw[1:] if base is not None else raw,
         per_model=job.per_model,
         shared=job.shared,
+        work_dtype=job.work_dtype,
         generators=generators,
         compute_dtype=_compute_dtype(raw),
         deltas=deltas,
@@ -110,7 +112,7 @@ def _load(job: TensorJob, parents: dict[str, Checkpoint], device: str) -> Loaded
     return base, [parents[i.parent].tensor(i.name, device) for i in job.inputs]
 
 
-def _prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: str) -> Iterator[tuple[TensorJob, Loaded]]:
+def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: str) -> Iterator[tuple[TensorJob, Loaded]]:
     """Yield each job with its inputs, reading the next job's tensors while the current one is merged."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future[Loaded] | None = pool.submit(_load, jobs[0], parents, device) if jobs else None
@@ -177,7 +179,7 @@ def run_merge(
             scratch = Scratch()
             with ThreadPoolExecutor(max_workers=1) as write_pool:
                 written: Future[None] | None = None
-                for done, (job, (base, tensors)) in enumerate(_prefetched(plan.jobs, parents, device), start=1):
+                for done, (job, (base, tensors)) in enumerate(prefetched(plan.jobs, parents, device), start=1):
                     merged = merge_tensor(job, recipe.merge_method, base, tensors, scratch)
                     if written is not None:
                         written.result()

@@ -98,14 +98,24 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     return top_mask(delta.abs(), max(1, int(density * delta.numel())))
 
 
+def index_dtype(count: int) -> torch.dtype:
+    """The smallest signed integer dtype that holds every index 0 .. count - 1 (ranks stored per element)."""
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if count - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
 def magnitude_ranks(delta: Tensor) -> Tensor:
-    """Each entry's place (0 = largest) in a stable descending sort by magnitude, as int32 of delta's shape.
+    """Each entry's place (0 = largest) in a stable descending sort by magnitude, of delta's shape, in the smallest
+    integer dtype that holds delta.numel() places (index_dtype).
 
     Computed once per tensor, it turns any density's trim into `mask_from_ranks`, the same mask as magnitude_mask.
     """
+    dtype = index_dtype(delta.numel())
     order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
-    ranks = torch.empty(order.numel(), dtype=torch.int32, device=delta.device)
-    ranks[order] = torch.arange(order.numel(), dtype=torch.int32, device=delta.device)
+    ranks = torch.empty(order.numel(), dtype=dtype, device=delta.device)
+    ranks[order] = torch.arange(order.numel(), dtype=dtype, device=delta.device)
     return ranks.reshape(delta.shape)
 
 
@@ -124,21 +134,37 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Te
     return noise < density
 
 
-def magnitude_fractions(delta: Tensor) -> Tensor:
-    """Each entry's magnitude rank within its row, from 0 (smallest) to 1 (largest), as float32 of delta's shape.
+def _rows(tensor: Tensor) -> Tensor:
+    """A tensor as rows along dim 1 (a matrix's rows; a vector is one row)."""
+    return tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
 
-    Rows run along dim 1 (a matrix's rows; a vector is one row), ties ordered by index (a stable sort).
-    A row of one entry has no order: its fraction is 1/2.
-    """
-    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+
+def magnitude_places(delta: Tensor) -> Tensor:
+    """Each entry's place (0 = smallest) in a stable ascending sort by magnitude within its row (rows along dim 1,
+    a vector is one row), of delta's shape, in the smallest integer dtype that holds a row's places (index_dtype)."""
+    rows = _rows(delta)
     n = rows.shape[1]
-    if n < 2:
-        return torch.full(delta.shape, 0.5, dtype=torch.float32, device=delta.device)
+    dtype = index_dtype(n)
     order = torch.sort(rows.abs(), dim=1, stable=True).indices
-    places = torch.arange(n, dtype=torch.float32, device=delta.device).view([1, n] + [1] * (rows.dim() - 2))
-    ranks = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
+    places = torch.arange(n, dtype=dtype, device=delta.device).view([1, n] + [1] * (rows.dim() - 2))
+    ranks = torch.empty(rows.shape, dtype=dtype, device=delta.device)
     ranks.scatter_(1, order, places.expand(rows.shape))
-    return ranks.div_(n - 1).reshape(delta.shape)
+    return ranks.reshape(delta.shape)
+
+
+def fractions_of(places: Tensor) -> Tensor:
+    """magnitude_places as fractions from 0 (smallest) to 1 (largest), float32; a row of one entry has no order:
+    its fraction is 1/2."""
+    n = _rows(places).shape[1]
+    if n < 2:
+        return torch.full(places.shape, 0.5, dtype=torch.float32, device=places.device)
+    return places.to(torch.float32).div_(n - 1)
+
+
+def magnitude_fractions(delta: Tensor) -> Tensor:
+    """Each entry's magnitude rank within its row, from 0 (smallest) to 1 (largest), as float32 of delta's shape
+    (fractions_of(magnitude_places(delta))). Ties are ordered by index (a stable sort)."""
+    return fractions_of(magnitude_places(delta))
 
 
 def magprune_mask(fractions: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:

@@ -24,6 +24,7 @@ class MergeCall:
     tensors: list[torch.Tensor]
     per_model: list[dict[str, Any]]
     shared: dict[str, Any]
+    work_dtype: torch.dtype
     generators: list[torch.Generator] = field(default_factory=list)
     compute_dtype: torch.dtype = torch.float32
     scratch: torch.Tensor | None = None
@@ -32,13 +33,13 @@ class MergeCall:
     """Task vectors tensor_i - base in compute_dtype, when already formed (the resident merger keeps them)."""
     ranks: list[torch.Tensor] | None = None
     """Each task vector's magnitude ranks, when precomputed: methods.magnitude_ranks for TIES (its trim is then a
-    lookup), methods.magnitude_fractions for DELLA."""
+    lookup), methods.magnitude_places for DELLA."""
 
     @property
     def rank_dtype(self) -> torch.dtype:
         """Precision in which magnitudes are ranked and signs elected: the recipe's dtype, so that TIES and
         breadcrumbs keep the same entries as mergekit, which forms task vectors in that dtype."""
-        return self.tensors[0].dtype
+        return self.work_dtype
 
     def upcast(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = self.base.to(self.compute_dtype) if self.base is not None else None
@@ -95,8 +96,8 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
         assert call.base is not None
         base = call.base.to(call.compute_dtype)
         deltas = []
-        for i, (tensor, params) in enumerate(zip(call.tensors, call.per_model)):
-            delta = call.deltas[i] if call.deltas is not None else tensor - base  # promoted to compute_dtype
+        for i, params in enumerate(call.per_model):
+            delta = call.deltas[i] if call.deltas is not None else call.tensors[i] - base  # promoted to compute_dtype
             if sparsify == "magnitude" and call.ranks is not None:
                 mask = methods.mask_from_ranks(call.ranks[i], params["density"])
             elif sparsify == "magnitude":
@@ -106,8 +107,8 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
             elif sparsify == "outliers":
                 mask = methods.outlier_mask(delta.to(call.rank_dtype), params["density"], params["gamma"])
             elif sparsify == "magprune":
-                fractions = call.ranks[i] if call.ranks is not None else methods.magnitude_fractions(
-                    delta.to(call.rank_dtype))
+                fractions = methods.fractions_of(call.ranks[i]) if call.ranks is not None else \
+                    methods.magnitude_fractions(delta.to(call.rank_dtype))
                 mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
             else:
                 mask = None

@@ -1,9 +1,11 @@
 """The resident merger: parents read once, each new recipe over them merged into one live model, in place.
 
-Everything that does not depend on a recipe's numbers is done once: inputs are read and rounded to the
-recipe's dtype, task vectors (parent - base) are formed, and for TIES (DELLA) their magnitude ranks are sorted,
-so a trial's trim is a comparison (its keep-probabilities a multiply-add). Each tensor then goes through the
-same formula as `shoal merge` (`engine.merged_values`), so a recipe gives the same weights either way, bit for bit.
+Everything that does not depend on a recipe's numbers is done once, as far as the memory plan
+(`merge.memory.MemoryPlan`) keeps it: inputs are read (in their own dtype, or the recipe's where that is
+narrower), task vectors (parent - base) are formed, and for TIES (DELLA) their magnitude ranks are sorted, so a
+trial's trim is a comparison (its keep-probabilities a multiply-add). What the plan does not keep is formed or read
+again each trial. Each tensor then goes through the same formula as `shoal merge` (`engine.merged_values`), so a
+recipe gives the same weights either way and under every plan, bit for bit.
 
 With a vision-language parent the live model is that VLM (its vision tower and projector as loaded, never
 rewritten); the plan's tensor names are the VLM checkpoint's, mapped to the live model's by `layout.Names`.
@@ -11,6 +13,7 @@ rewritten); the plan's tensor names are the VLM checkpoint's, mapped to the live
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +24,9 @@ from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge import methods
-from shoal.merge.engine import Scratch, merged_values, open_parents
-from shoal.merge.plan import MergePlan, TensorJob, build_plan
+from shoal.merge.engine import Scratch, merged_values, open_parents, prefetched
+from shoal.merge.memory import MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes
+from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, TensorJob, build_plan
 from shoal.recipe import Recipe
 
 
@@ -30,25 +34,42 @@ from shoal.recipe import Recipe
 class _Inputs:
     base: torch.Tensor | None
     tensors: list[torch.Tensor]
+    """Empty when the task vectors are kept instead."""
     deltas: list[torch.Tensor] | None
     ranks: list[torch.Tensor] | None
+
+    def map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> _Inputs:
+        """The same inputs, each tensor changed (moved, pinned)."""
+        listed = lambda ts: None if ts is None else [change(t) for t in ts]
+        return _Inputs(None if self.base is None else change(self.base), [change(t) for t in self.tensors],
+                       listed(self.deltas), listed(self.ranks))
 
 
 class ResidentMerger:
     """Holds the parents' tensors and `slots` copies of the model; `apply(recipe, slot)` writes the recipe's
     merge into one of them (two slots let the next candidate be merged while this one is scored).
 
-    Every recipe applied must read the same parents with the same method as the one it was built from.
+    Every recipe applied must read the same parents with the same method as the one it was built from. The memory
+    `plan`'s bytes are told to `report` (one line) and checked against its limit before any tensor is read.
     """
 
-    def __init__(self, recipe: Recipe, device: str = "cpu", slots: int = 1) -> None:
+    def __init__(self, recipe: Recipe, device: str = "cpu", slots: int = 1, memory: MemoryPlan | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ShoalError(f"--device {device}: no CUDA GPU is available here")
         self.device = device
         self.method = recipe.method
+        self.memory = memory or MemoryPlan()
         self.parents: dict[str, Checkpoint] = open_parents(recipe)
         plan = build_plan(recipe, self.parents)
-        self._inputs = {job.spec.name: self._read(job) for job in plan.jobs if not job.verbatim}
+        self.need = memory_need(tensor_sizes(plan, self.parents, self.method), self.memory, slots=slots,
+                                on_cpu=device == "cpu")
+        if report is not None:
+            report(describe_need(self.need, self.memory, device, slots))
+        check_fits(self.need, self.memory, device, slots)
+        self._kept_on = "cpu" if self.memory.inputs == "host" else device
+        self._inputs = {} if self.memory.inputs == "stream" else \
+            {job.spec.name: self._read(job) for job in plan.jobs if not job.verbatim}
         self.models: list[PreTrainedModel] = []
         for _ in range(slots):
             model, self.tokenizer = self._load_model(plan)
@@ -62,19 +83,30 @@ class ResidentMerger:
         return self.models[0]
 
     def _read(self, job: TensorJob) -> _Inputs:
-        read = lambda tin: self.parents[tin.parent].tensor(tin.name, self.device).to(job.work_dtype)
+        """A job's inputs as the plan keeps them: formed on the device, then kept there or in (pinned) host memory."""
+        def read(tin: TensorInput) -> torch.Tensor:
+            own = DTYPE_OF_TAG[self.parents[tin.parent].dtype(tin.name)]
+            return self.parents[tin.parent].tensor(tin.name, self.device).to(storage_dtype(own, job.work_dtype))
+
         base = read(job.base) if job.base else None
         tensors = [read(tin) for tin in job.inputs]
         deltas = ranks = None
-        if self.method.task_vectors and base is not None and base.is_floating_point():
+        sorts = self.memory.ranks == "stored" and self.method.sparsify in ("magnitude", "magprune")
+        if self.method.task_vectors and base is not None and base.is_floating_point() and \
+                (sorts or self.memory.keep == "deltas"):
             compute = torch.float64 if job.work_dtype == torch.float64 else torch.float32
-            wide = base.to(compute)
-            deltas = [t - wide for t in tensors]
-            if self.method.sparsify == "magnitude":
-                ranks = [methods.magnitude_ranks(d.to(job.work_dtype)) for d in deltas]
-            elif self.method.sparsify == "magprune":
-                ranks = [methods.magnitude_fractions(d.to(job.work_dtype)) for d in deltas]
-        return _Inputs(base, tensors, deltas, ranks)
+            wide = base.to(job.work_dtype).to(compute)
+            formed = [t.to(job.work_dtype) - wide for t in tensors]
+            if sorts:
+                rank = methods.magnitude_ranks if self.method.sparsify == "magnitude" else methods.magnitude_places
+                ranks = [rank(d.to(job.work_dtype)) for d in formed]
+            if self.memory.keep == "deltas":
+                deltas, tensors = formed, []
+        kept = _Inputs(base, tensors, deltas, ranks)
+        if self._kept_on == self.device:
+            return kept
+        pinned = self.device.startswith("cuda")
+        return kept.map(lambda t: t.cpu().pin_memory() if pinned else t.cpu())
 
     def _load_model(self, plan: MergePlan) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model, tokenizer = load_model(self.parents[plan.reference].path, self.device)
@@ -108,12 +140,21 @@ class ResidentMerger:
             raise ShoalError("the resident merger holds other parents or another method than this recipe's")
         plan = build_plan(recipe, self.parents)
         with torch.no_grad():
-            for job in plan.jobs:
-                if job.verbatim:  # a VLM's own tensors, loaded with the model
-                    continue
-                inputs = self._inputs[job.spec.name]
+            for job, inputs in self._job_inputs([job for job in plan.jobs if not job.verbatim]):
                 merged = merged_values(
                     job, recipe.merge_method, inputs.base, inputs.tensors, self._scratch[slot],
                     deltas=inputs.deltas, ranks=inputs.ranks,
                 )
                 self._targets[slot][job.spec.name].copy_(merged)
+
+    def _job_inputs(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, _Inputs]]:
+        """Each job with its inputs on the device: as kept, moved from the host, or read from the parent files.
+        (A VLM's own tensors, verbatim jobs, are loaded with the model and never rewritten.)"""
+        if self.memory.inputs == "stream":
+            for job, (base, tensors) in prefetched(jobs, self.parents, self.device):
+                yield job, _Inputs(base, tensors, None, None)
+            return
+        for job in jobs:
+            kept = self._inputs[job.spec.name]
+            yield job, kept if self._kept_on == self.device else kept.map(
+                lambda t: t.to(self.device, non_blocking=True))

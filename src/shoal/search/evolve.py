@@ -82,7 +82,8 @@ def evolve(
             notice(mended)
         on_step("loading parents")
         parallel = workers > 1 or ray_address is not None
-        space = None if parallel else make_space(spec)  # workers hold their own; this process needs one at the end
+        # workers hold their own; this process needs one at the end
+        space = None if parallel else make_space(spec, on_step)
         genome = space.genome if space is not None else genome_of(spec)
         fitness = None if space is None else search_fitness(spec, space, tasks)
         # nothing is recorded before here, so a search refused so far leaves the folder as it was

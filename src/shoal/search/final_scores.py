@@ -9,6 +9,7 @@ from typing import Any
 
 from shoal.checkpoint.reader import open_checkpoint
 from shoal.evaluate.runner import is_vision_language, load_model
+from shoal.merge.memory import MemoryPlan
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import Recipe
 from shoal.search.fitness import WeightedTask, scores, weighted
@@ -80,6 +81,7 @@ def score_on_test(spec: SearchSpec, space: Space, tasks: list[WeightedTask], bes
 
 def _merged_score(raw: dict[str, Any], spec: SearchSpec, tasks: list[WeightedTask]) -> float:
     recipe = Recipe.model_validate(raw)
-    merger = ResidentMerger(recipe, spec.device)
+    # merged once, beside the search's own resident merger: nothing is worth keeping, so its inputs are streamed
+    merger = ResidentMerger(recipe, spec.device, memory=MemoryPlan(inputs="stream", limit=spec.memory.limit))
     merger.apply(recipe)
     return weighted(tasks, scores(merger.model, merger.tokenizer, tasks, "test", spec.batch_size))

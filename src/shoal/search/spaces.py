@@ -7,6 +7,7 @@ rewires a path through the parents' layers (the path model).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -68,14 +69,16 @@ def genome_of(spec: SearchSpec) -> GeneSpace:
 
 
 class ParameterSpace:
-    """Per-layer merge weights and densities; candidates are merged into resident models in place."""
+    """Per-layer merge weights and densities; candidates are merged into resident models in place.
 
-    def __init__(self, spec: SearchSpec) -> None:
+    report is told the memory plan's line (its bytes) before anything loads."""
+
+    def __init__(self, spec: SearchSpec, report: Callable[[str], None] | None = None) -> None:
         self.genome = ps_genome(spec)
         self.slots = 2 if spec.overlap else 1
         self.device = spec.device
         self.merger = ResidentMerger(self._recipe(self.genome.values(self.genome.start()), spec.seed), spec.device,
-                                     slots=self.slots)
+                                     slots=self.slots, memory=spec.memory, report=report)
         self.tokenizer = self.merger.tokenizer
 
     def _recipe(self, values: dict[str, float], seed: int) -> Recipe:
@@ -118,6 +121,7 @@ class FlowSpace:
         return {"path": path, "parents_order": list(self.parents), "slots": self.layout.t}
 
 
-def make_space(spec: SearchSpec) -> Space:
+def make_space(spec: SearchSpec, report: Callable[[str], None] | None = None) -> Space:
+    """The spec's space; report is told a parameter space's memory plan line before anything loads."""
     genome_of(spec)  # refuses a hybrid spec
-    return ParameterSpace(spec) if spec.space == "ps" else FlowSpace(spec)
+    return ParameterSpace(spec, report) if spec.space == "ps" else FlowSpace(spec)

@@ -20,6 +20,7 @@ from pydantic import (
 
 from shoal import devices, yamlfile
 from shoal.errors import ShoalError
+from shoal.merge.memory import MemoryPlan
 from shoal.search.storage import is_journal
 
 SEARCH_GENES: dict[str, tuple[str, ...]] = {
@@ -183,6 +184,11 @@ class SearchSpec(Strict):
     device: str = "cpu"
     overlap: bool = True
     """Merge the next candidate while this one is scored (keeps a second copy of the model)."""
+    memory: MemoryPlan = MemoryPlan()
+    """Parameter space: where the merge's inputs live (inputs: device, host or stream), whether task vectors or
+    parents are kept (keep: deltas or parents), whether TIES/DELLA ranks are stored or recomputed (ranks), and the
+    device memory the search may take (limit, e.g. 24GB; default on CUDA: the GPU's free memory). The bytes are
+    printed at the start; a plan over the limit is refused before anything loads. See merge/memory.py."""
     engine: Literal["hf", "vllm"] = "hf"
     """What generates the outputs of generation tasks during the search: transformers, or a resident vLLM engine
     whose weights are updated in place (parameter space only; `pip install vllm`). Log-likelihood and lm-eval
@@ -271,11 +277,11 @@ class SearchSpec(Strict):
     def search_hash(self) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
         part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
-        batch size, device, overlap, engine or final selection, nor the data-flow settings of a parameter-space
+        batch size, device, overlap, memory plan, engine or final selection, nor the data-flow settings of a parameter-space
         search. Local paths count as the search file wrote them, so machines that keep the same files in other
         folders share a study."""
         excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
-                                       "overlap": True, "engine": True, "vllm": True,
+                                       "overlap": True, "memory": True, "engine": True, "vllm": True,
                                        "select": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
         kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)

@@ -1,0 +1,235 @@
+"""The resident merger's memory plan: where its inputs live and what it keeps, and the bytes a plan needs.
+
+The bytes come from the checkpoints' headers (shapes and dtypes) before anything is read, so a search that does
+not fit is refused with the figure at its start rather than failing mid-run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from shoal.checkpoint.reader import Checkpoint
+from shoal.errors import ShoalError
+from shoal.merge import methods
+from shoal.merge.plan import DTYPE_OF_TAG, MergePlan
+from shoal.merge.registry import MergeMethod
+
+Placement = Literal["device", "host", "stream"]
+
+ARITHMETIC_COPIES_TASK_VECTORS = (2, 6)
+"""A task-vector merge of one tensor holds about 2 n + 6 compute-dtype temporaries of its size at once (n task
+vectors as formed and as masked; the sum, the sign votes, the elected signs, the divisor, a weighted vector and its
+agreement mask): an upper estimate, from the code of registry._task_vector_merge and methods.combine_task_vectors."""
+ARITHMETIC_COPIES_OTHER = (1, 2)
+"""Any other method: about n + 2 (its inputs widened, the result and one temporary)."""
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_bytes(text: str | int) -> int:
+    """A size as bytes: a number with an optional unit, decimal (kB, MB, GB, TB) or binary (KiB, MiB, GiB, TiB)."""
+    match = _SIZE.match(str(text).lower())
+    if match is None or match.group(2) not in _UNITS:
+        raise ShoalError(f"memory limit {text!r}: give a size such as 24GB, 24GiB, 512MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(count: int) -> str:
+    """bytes in decimal units with three significant digits: 812 MB, 1.23 GB, 170 GB."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= size:
+            value = count / size
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+    return f"{count} B"
+
+
+class MemoryPlan(BaseModel):
+    """Where the resident merger keeps the inputs of every trial's merge, and which of them it keeps.
+
+    inputs: `device` keeps them on the search device (fastest); `host` in CPU memory (pinned when the device is a
+    CUDA GPU), each tensor's moved to the device as it is merged; `stream` keeps none: each trial reads them again
+    from the memory-mapped parent files, tensor by tensor, and forms task vectors and ranks anew (keep and ranks
+    do not apply). On a CPU device, host is the same memory as device.
+    keep: for task-vector methods, `deltas` keeps the task vectors (parent - base, in the float32 arithmetic's
+    dtype: rounded to the parents' bfloat16 they would change the merge) instead of the parents; `parents` keeps the
+    parents in their own dtype and forms the task vectors each trial (half the bytes for 16-bit parents).
+    ranks: TIES' and DELLA's magnitude ranks, `stored` (in the smallest integer dtype that holds them) or
+    `recomputed` each trial.
+    limit: refuse a plan needing more device memory than this (e.g. 24GB); on a CUDA GPU the default is its free
+    memory at the start.
+    Every plan gives the same weights as `shoal merge`, bit for bit.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Placement = "device"
+    keep: Literal["deltas", "parents"] = "deltas"
+    ranks: Literal["stored", "recomputed"] = "stored"
+    limit: str | None = None
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(int(value))
+        if isinstance(value, str):
+            try:
+                parse_bytes(value)
+            except ShoalError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+    @property
+    def limit_bytes(self) -> int | None:
+        return None if self.limit is None else parse_bytes(self.limit)
+
+    def describe(self) -> str:
+        if self.inputs == "stream":
+            return "inputs streamed from the parent files"
+        return f"inputs on {self.inputs}, keep {self.keep}, ranks {self.ranks}"
+
+
+def storage_dtype(own: torch.dtype, work: torch.dtype) -> torch.dtype:
+    """The dtype an input is kept in: the recipe's working dtype when it is no wider than the input's own (rounding
+    once is what every trial would do), else the input's own (never widened for storage)."""
+    return work if work.itemsize <= own.itemsize else own
+
+
+@dataclass(frozen=True)
+class TensorSize:
+    """What the byte count needs of one output tensor, from the checkpoints' headers."""
+
+    numel: int
+    out: int
+    """Bytes per element in the live model."""
+    merged: bool
+    """False for a tensor copied unchanged (a VLM's vision tower): it lives in the live model only."""
+    base: int = 0
+    """Bytes per element of the kept base (0: the method uses none)."""
+    inputs: tuple[int, ...] = ()
+    """Bytes per element of each kept parent tensor (storage_dtype)."""
+    compute: int = 4
+    """Bytes per element of the arithmetic (and of a kept task vector): 4, or 8 for float64."""
+    rank: int = 0
+    """Bytes per element of a stored magnitude rank (0: the method ranks nothing)."""
+    task_vectors: bool = False
+    """The method merges task vectors, which can be kept instead of the parents."""
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """The bytes a plan needs: on the search device, in host memory beside it, and what they are made of."""
+
+    device: int
+    host: int
+    inputs: int
+    """Kept base, parents or task vectors (on the device or the host, as the plan says)."""
+    ranks: int
+    models: int
+    """The live models (two with merge-ahead)."""
+    working: int
+    """Per-model scratch buffers, and one tensor's merge at a time: its inputs moved or read, its temporaries."""
+
+
+def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on_cpu: bool) -> MemoryNeed:
+    """The bytes `plan` needs for tensors of these sizes and `slots` live models (on_cpu: the device is the host)."""
+    kept = ranks = models = largest = step = 0
+    for t in sizes:
+        models += slots * t.numel * t.out
+        if not t.merged:
+            continue
+        largest = max(largest, t.numel * t.compute)
+        parents = t.numel * (t.base + sum(t.inputs))
+        tensor_kept = tensor_ranks = 0
+        if plan.inputs != "stream":
+            deltas = t.task_vectors and plan.keep == "deltas"
+            tensor_kept = t.numel * (t.base + t.compute * len(t.inputs)) if deltas else parents
+            tensor_ranks = t.numel * t.rank * len(t.inputs) if plan.ranks == "stored" else 0
+        kept += tensor_kept
+        ranks += tensor_ranks
+        per, extra = ARITHMETIC_COPIES_TASK_VECTORS if t.task_vectors else ARITHMETIC_COPIES_OTHER
+        arithmetic = t.numel * t.compute * (per * len(t.inputs) + extra)
+        if plan.inputs == "stream":  # the next tensor is read while this one is merged
+            moved = 2 * parents
+        else:
+            moved = 0 if on_cpu or plan.inputs == "device" else tensor_kept + tensor_ranks
+        step = max(step, arithmetic + moved)
+    working = slots * largest + step
+    on_host = plan.inputs == "host" and not on_cpu
+    device = models + working + (0 if on_host else kept + ranks)
+    return MemoryNeed(device=device, host=kept + ranks if on_host else 0, inputs=kept, ranks=ranks, models=models,
+                      working=working)
+
+
+def tensor_sizes(plan: MergePlan, parents: dict[str, Checkpoint], method: MergeMethod) -> list[TensorSize]:
+    """Each output tensor's TensorSize, from the parents' headers (no tensor is read)."""
+    sizes = []
+    for job in plan.jobs:
+        numel = 1
+        for n in job.spec.shape:
+            numel *= n
+        out = job.spec.dtype.itemsize
+        if job.verbatim:
+            sizes.append(TensorSize(numel=numel, out=out, merged=False))
+            continue
+        kept = lambda tin: storage_dtype(DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)], job.work_dtype).itemsize
+        floating = job.work_dtype.is_floating_point
+        task_vectors = method.task_vectors and job.base is not None and floating
+        rank = 0
+        if task_vectors and method.sparsify == "magnitude":
+            rank = methods.index_dtype(numel).itemsize
+        elif task_vectors and method.sparsify == "magprune":
+            row = job.spec.shape[1] if len(job.spec.shape) >= 2 else numel
+            rank = methods.index_dtype(row).itemsize
+        sizes.append(TensorSize(
+            numel=numel, out=out, merged=True, base=kept(job.base) if job.base else 0,
+            inputs=tuple(kept(tin) for tin in job.inputs), compute=8 if job.work_dtype == torch.float64 else 4,
+            rank=rank, task_vectors=task_vectors,
+        ))
+    return sizes
+
+
+def default_limit(device: str) -> tuple[int | None, str]:
+    """The limit when the plan sets none, and where it comes from: a CUDA GPU's free memory now; else none."""
+    if not device.startswith("cuda"):
+        return None, ""
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return free, f"the free memory of {device}"
+
+
+def check_fits(need: MemoryNeed, plan: MemoryPlan, device: str, slots: int) -> None:
+    """A ShoalError naming the figure when the plan needs more device memory than its limit (or the GPU has free)."""
+    limit, source = (plan.limit_bytes, "the memory limit") if plan.limit is not None else default_limit(device)
+    if limit is None or need.device <= limit:
+        return
+    leaner = [] if plan.inputs == "stream" else ["memory: {inputs: stream}"]
+    if plan.inputs == "device" and not device == "cpu":
+        leaner.append("memory: {inputs: host}")
+    if plan.inputs != "stream" and plan.keep == "deltas":
+        leaner.append("memory: {keep: parents}")
+    if plan.inputs != "stream" and plan.ranks == "stored" and need.ranks:
+        leaner.append("memory: {ranks: recomputed}")
+    if slots > 1:
+        leaner.append("overlap: false (one live model)")
+    hint = f"; try {', '.join(leaner)} in the search file" if leaner else ""
+    raise ShoalError(
+        f"the memory plan ({plan.describe()}) needs {format_bytes(need.device)} on {device}, more than "
+        f"{format_bytes(limit)}, {source}{hint}"
+    )
+
+
+def describe_need(need: MemoryNeed, plan: MemoryPlan, device: str, slots: int) -> str:
+    """The one line a search prints at its start."""
+    parts = [f"inputs {format_bytes(need.inputs)}"] + ([f"ranks {format_bytes(need.ranks)}"] if need.ranks else [])
+    parts += [f"{slots} live model{'s' if slots > 1 else ''} {format_bytes(need.models)}",
+              f"working {format_bytes(need.working)}"]
+    host = f"; host {format_bytes(need.host)}" if need.host else ""
+    return f"memory plan: {plan.describe()}: {format_bytes(need.device)} on {device} ({', '.join(parts)}){host}"
