@@ -1,6 +1,6 @@
 """Recipes with tokenizer settings (tokenizer_source, mergekit's tokenizer section, chat_template) on parents whose
 vocabularies differ: a base of 64 tokens, a chat fine-tune that added <|im_start|> and <|im_end|> (ids 64, 65),
-and one that added <|im_end|> and hello (ids 64, 65: the same ids for other tokens)."""
+one that added <|im_end|> and hello (ids 64, 65: the same ids for other tokens), and `same`, of the base's."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+from conftest import one_error_line, write_recipe
 from shoal.checkpoint.files import write_config
 from shoal.errors import ShoalError
 from shoal.merge.chat_template import built_in
@@ -36,8 +37,6 @@ def _add_tokens(folder: Path, added: list[tuple[str, bool]], seed: int) -> None:
     for name in (EMBED, HEAD):
         extra = torch.randn((len(added), state[name].shape[1]), generator=generator) * 0.02
         state[name] = torch.cat([state[name], extra])
-    from safetensors.torch import save_file
-
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
     write_config(folder, config | {"vocab_size": len(tokenizer)})
@@ -120,7 +119,8 @@ def test_a_models_vocabulary_and_pad_to_multiple_of(family, tmp_path) -> None:
     extra = AutoTokenizer.from_pretrained(family["extra"]).get_vocab()
     aligned["base"] = torch.cat([aligned["base"], aligned["chat"][[start]], ((aligned["chat"][end] +
                                  aligned["extra"][extra["<|im_end|>"]]) / 2)[None]])
-    aligned["extra"] = torch.cat([aligned["extra"][:64], aligned["chat"][[start]], aligned["extra"][[extra["<|im_end|>"]]]])
+    own_end = aligned["extra"][[extra["<|im_end|>"]]]
+    aligned["extra"] = torch.cat([aligned["extra"][:64], aligned["chat"][[start]], own_end])
     means = {n: t.mean(0) for n, t in aligned.items()}
     expect = means["base"] + 0.6 * (means["chat"] - means["base"]) + 0.3 * (means["extra"] - means["base"])
     assert torch.allclose(merged[EMBED][66:], expect.expand(6, -1), atol=1e-6)
@@ -166,13 +166,11 @@ def test_unusable_token_settings_are_refused(family, tmp_path, tokens, needles) 
     assert not (tmp_path / "out").exists()
 
 
-def test_different_vocabularies_without_tokenizer_settings_name_the_fix(family, tmp_path) -> None:
-    with pytest.raises(ShoalError) as caught:
-        run_merge(parse_recipe(yaml.safe_dump(ta_recipe(family))), tmp_path / "out")
-    message = str(caught.value)
-    for needle in ("vocabularies differ", "64 rows", str(family["base"]), f"66 in {family['chat']}",
-                   "tokenizer_source"):
-        assert needle in message
+def test_different_vocabularies_without_tokenizer_settings_name_the_fix(family, tmp_path, run_cli) -> None:
+    code, _, err = run_cli("merge", write_recipe(tmp_path, ta_recipe(family)), tmp_path / "out")
+    one_error_line(code, err, "vocabularies differ", f"64 rows in {family['base']}", f"66 in {family['chat']}",
+                   "tokenizer_source")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("template, expected", [
@@ -239,11 +237,67 @@ def test_align_rows_by_hand() -> None:
                              "c": torch.tensor([0, -1, 1, 1, -1])})
     # token 0: all have it; 1: only a (its row for all); 2: a and b and c; 3: only c; 4: none, the recipe says b's row 0
     out = torch.stack(align_rows([a, b, c], RowAlignment(vocab, ("a", "b", "c"), base=None)))
-    assert torch.allclose(out.squeeze(2), torch.tensor([[1, 2, 3, 200, 10, 43.2, 43.2], [20, 2, 10, 200, 10, 48.4, 48.4],
-                                                        [100, 2, 200, 200, 10, 102.4, 102.4]]))
+    expected = [[1, 2, 3, 200, 10, 43.2, 43.2], [20, 2, 10, 200, 10, 48.4, 48.4], [100, 2, 200, 200, 10, 102.4, 102.4]]
+    assert torch.allclose(out.squeeze(2), torch.tensor(expected))
     vocab = Vocabulary(tokens=3, size=3, sources={}, names={}, forced=frozenset(),
-                       rows={"a": torch.tensor([0, 1, 2]), "b": torch.tensor([0, -1, 1]), "c": torch.tensor([0, -1, -1])})
+                       rows={"a": torch.tensor([0, 1, 2]), "b": torch.tensor([0, -1, 1]),
+                             "c": torch.tensor([0, -1, -1])})
     out = align_rows([a, b, c], RowAlignment(vocab, ("a", "b", "c"), base="b"))
     assert out[2].flatten().tolist() == [100, 2, 20]  # c lacks token 2: the base's row, not the mean of a and b
     out = align_rows([a, b, c], RowAlignment(vocab, ("a", "b", "c"), base=None))
     assert out[2].flatten().tolist() == [100, 2, 11.5]
+
+
+@pytest.mark.parametrize("settings", [
+    {"tokenizer_source": "union"},
+    {"tokenizer_source": "base"},
+    {"tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
+        "<|im_start|>": {"source": {"kind": "zero"}}, "<|new|>": {"source": {"kind": "model_token", "model": "CHAT",
+                                                                             "token": "w9"}}}}},
+])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_rows_match_mergekit_token_for_token(family, tmp_path, settings, method) -> None:
+    """mergekit numbers new tokens in hash order, so rows are compared by token text."""
+    pytest.importorskip("mergekit", reason="mergekit is a test-only dependency")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mergekit_merge
+
+    settings = json.loads(json.dumps(settings).replace("CHAT", str(family["chat"])))
+    recipe = ta_recipe(family, **settings) | {"merge_method": method}
+    if method == "ties":
+        recipe["models"][0]["parameters"]["density"] = 0.5
+    ours, our_vocab = merge(recipe, tmp_path / "shoal")
+    mergekit_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mergekit"),
+                   MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    theirs = rows(tmp_path / "mergekit")
+    their_vocab = AutoTokenizer.from_pretrained(tmp_path / "mergekit").get_vocab()
+    assert set(our_vocab) == set(their_vocab) and set(ours) == set(theirs)
+    order = sorted(our_vocab)
+    worst = 0.0
+    for name in ours:
+        if name in (EMBED, HEAD):
+            assert ours[name].shape == theirs[name].shape
+            mine, other = ours[name][[our_vocab[t] for t in order]], theirs[name][[their_vocab[t] for t in order]]
+            padding = ours[name][len(our_vocab):] - theirs[name][len(their_vocab):]
+            worst = max(worst, padding.abs().max().item() if padding.numel() else 0.0)
+        else:
+            mine, other = ours[name], theirs[name]
+        worst = max(worst, (mine - other).abs().max().item())
+    assert worst < 1e-5, worst
+
+
+def test_the_resident_merger_holds_the_output_vocabulary(family, tmp_path) -> None:
+    from shoal.merge.resident import ResidentMerger
+
+    recipe = parse_recipe(yaml.safe_dump(ta_recipe(family, tokenizer={"source": "union", "pad_to_multiple_of": 4})))
+    merged, vocab = merge(recipe.model_dump(exclude_none=True), tmp_path / "out")
+    merger = ResidentMerger(recipe)
+    merger.apply(recipe)
+    assert merger.tokenizer.get_vocab() == vocab and len(vocab) == 67
+    state = merger.model.state_dict()
+    for name, tensor in merged.items():
+        assert torch.equal(state[name], tensor), name
+    assert merger.model.config.vocab_size == 68
+    with pytest.raises(ShoalError, match="another tokenizer"):
+        merger.apply(parse_recipe(yaml.safe_dump(ta_recipe(family, tokenizer_source="union"))))

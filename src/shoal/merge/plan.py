@@ -195,7 +195,8 @@ def _job(
         shapes = [(ref, shape[1:]) for ref, shape in shapes]
     for ref, shape in shapes[1:]:
         if shape != shapes[0][1]:
-            if layout.is_vocabulary(out_name) and shape[1:] == shapes[0][1][1:]:
+            vlm = any(ck.is_vlm for ck in parents.values())  # whose tokenizer a recipe cannot change
+            if layout.is_vocabulary(out_name) and shape[1:] == shapes[0][1][1:] and not vlm:
                 raise ShoalError(
                     f"the parents' vocabularies differ: {out_name} has {shapes[0][1][0]} rows in {shapes[0][0]} but "
                     f"{shape[0]} in {ref}; set tokenizer_source (union, base or a model) to align their rows to "

@@ -77,9 +77,15 @@ def _union(base: Path, tokenizers: dict[str, PreTrainedTokenizerBase], rows: dic
     return out
 
 
-def _source(setting_source: ModelToken | ZeroToken | str | None, token: str, token_id: int, vocab_rows: dict[str,
-            torch.Tensor], tokenizers: dict[str, PreTrainedTokenizerBase], rows: dict[str, int]) -> TokenSource | None:
-    """Where a `tokenizer.tokens` entry takes its row from."""
+def _source(
+    setting_source: ModelToken | ZeroToken | str | None,
+    token: str,
+    token_id: int,
+    positions: dict[str, torch.Tensor],
+    tokenizers: dict[str, PreTrainedTokenizerBase],
+    rows: dict[str, int],
+) -> TokenSource | None:
+    """Where a `tokenizer.tokens` entry takes its row from (None: it names no source)."""
     where = f"tokenizer.tokens[{token!r}].source"
     if setting_source is None:
         return None
@@ -90,7 +96,7 @@ def _source(setting_source: ModelToken | ZeroToken | str | None, token: str, tok
         raise ShoalError(f"{where} names {model}, which is not a parent of the recipe (parents: "
                          f"{', '.join(tokenizers)})")
     if isinstance(setting_source, str):
-        row = int(vocab_rows[model][token_id])
+        row = int(positions[model][token_id])
         if not 0 <= row < rows[model]:
             raise ShoalError(f"{where} is {model}, which has no row for {token!r}; name a token it has with "
                              "{kind: model_token, model: ..., token: ...}")
@@ -127,18 +133,18 @@ def build_output_tokenizer(recipe: Recipe, parents: dict[str, Checkpoint]) -> Ou
         copy_from = None
     ids = out.get_vocab()
     tokens = max(ids.values()) + 1
-    vocab_rows = {}
+    positions = {}
     for ref, tok in tokenizers.items():
         own = tok.get_vocab()
-        row = torch.full((tokens,), -1, dtype=torch.int64)
+        position = torch.full((tokens,), -1, dtype=torch.int64)
         for text, i in ids.items():
-            row[i] = own.get(text, -1)
-        vocab_rows[ref] = row
+            position[i] = own.get(text, -1)
+        positions[ref] = position
     configured = settings.tokens or {}
-    sources = {ids[t]: _source(s.source, t, ids[t], vocab_rows, tokenizers, rows) for t, s in configured.items()}
+    sources = {ids[t]: _source(s.source, t, ids[t], positions, tokenizers, rows) for t, s in configured.items()}
     multiple = settings.pad_to_multiple_of or 1
     vocab = Vocabulary(
-        tokens=tokens, size=-(-tokens // multiple) * multiple, rows=vocab_rows, sources=sources,
+        tokens=tokens, size=-(-tokens // multiple) * multiple, rows=positions, sources=sources,
         names={ids[t]: t for t in configured},
         forced=frozenset(ids[t] for t, s in configured.items() if s.force),
     )
