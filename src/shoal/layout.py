@@ -18,6 +18,7 @@ from shoal.errors import ShoalError
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings)")
+_VOCABULARY = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out)\.weight$")
 
 Part = Literal["pre", "layer", "post"]
 
@@ -39,6 +40,11 @@ def part(name: str) -> Part:
     if layer_index(name) is not None:
         return "layer"
     return "pre" if _PRE.search(name) else "post"
+
+
+def is_vocabulary(name: str) -> bool:
+    """Whether a (canonical) tensor has a row per token: the token embeddings or the LM head."""
+    return layer_index(name) is None and bool(_VOCABULARY.search(name))
 
 
 def layer_names(names: list[str], index: int) -> list[str]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shoal import yamlfile
 from shoal.errors import ShoalError
+from shoal.merge import chat_template
 from shoal.merge.registry import METHODS, RANGES, REQUIRED, MergeMethod
 
 Scalar = Union[bool, int, float, str]
@@ -56,6 +57,46 @@ class Slice(BaseModel):
     parameters: Parameters | None = None
 
 
+class ModelToken(BaseModel):
+    """A token's row taken from one model's own row of another token (by text or id)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelToken":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of token or token_id")
+        return self
+
+
+class ZeroToken(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class TokenSetting(BaseModel):
+    """Where one output token's row comes from for a parent that lacks the token (every parent with force)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelToken | ZeroToken | str | None = None
+    """A parent (its row of this token), a model_token, zero; None: mergekit's default, allowed only while no
+    parent needs it."""
+    force: bool = False
+
+
+class TokenizerSection(BaseModel):
+    """mergekit's `tokenizer:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
 class Recipe(BaseModel):
     """A mergekit-format recipe. `seed` (shoal's addition, ignored by mergekit) fixes every random draw."""
 
@@ -68,11 +109,23 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    """union, base or a model: the output's vocabulary, every parent's embedding and head rows aligned to it."""
+    tokenizer: TokenizerSection | None = None
+    chat_template: str | None = None
+    """auto, a built-in template's name (shoal.merge.chat_template.BUILT_IN) or Jinja text."""
     seed: int = 0
 
     @property
     def method(self) -> MergeMethod:
         return METHODS[self.merge_method]
+
+    @property
+    def vocabulary(self) -> TokenizerSection | None:
+        """The tokenizer settings, whichever way given (`tokenizer_source: X` is `tokenizer: {source: X}`); None:
+        the parents' rows are merged as they are."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerSection(source=self.tokenizer_source) if self.tokenizer_source is not None else None
 
     def parents(self) -> list[str]:
         """Every model the recipe reads, base first, each once."""
@@ -141,6 +194,13 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
         raise ShoalError(f"{where}: unknown merge_method {recipe.merge_method!r} (known: {known})")
     if bool(recipe.models) == bool(recipe.slices):
         raise ShoalError(f"{source}: give exactly one of `models` or `slices`")
+    if recipe.tokenizer_source is not None and recipe.tokenizer is not None:
+        where = f"{source}:{yamlfile.line_of(node, ('tokenizer',))}"
+        raise ShoalError(f"{where}: give tokenizer_source or a tokenizer section, not both")
+    if recipe.chat_template is not None:
+        problem = chat_template.problem(recipe.chat_template)
+        if problem:
+            raise ShoalError(f"{source}:{yamlfile.line_of(node, ('chat_template',))}: chat_template: {problem}")
     method = recipe.method
     slices_have_bases = bool(recipe.slices) and all(s.base_model for s in recipe.slices or [])
     if method.base == "required" and not recipe.base_model and not slices_have_bases:

@@ -43,3 +43,13 @@ def copy_tokenizer(source: Path, folder: Path, *, processor: bool = False) -> li
             copied.append(name)
     return copied
 
+
+
+def write_chat_template(folder: Path, template: str) -> None:
+    """Make template the chat template of the tokenizer in folder: written into its tokenizer_config.json, and a
+    chat_template.jinja (which transformers would read instead) removed."""
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)

@@ -14,8 +14,11 @@ from shoal.checkpoint.reader import Checkpoint, open_checkpoint
 from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
 from shoal.errors import ShoalError
+from shoal.merge import chat_template
 from shoal.merge.plan import MergePlan, TensorJob, build_plan
 from shoal.merge.registry import METHODS, MergeCall
+from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates
+from shoal.merge.vocab import align_rows
 from shoal.recipe import Recipe
 
 Loaded = tuple[torch.Tensor | None, list[torch.Tensor]]
@@ -107,9 +110,18 @@ def merge_tensor(
     return merged_values(job, method_name, base, tensors, scratch).to(job.spec.dtype, copy=True)
 
 
+def aligned(job: TensorJob, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> Loaded:
+    """A vocabulary job's inputs rounded to its work dtype, their rows moved onto the output vocabulary (see
+    merge.vocab); any other job's as they are."""
+    if job.rows is None:
+        return base, tensors
+    raw = align_rows([t.to(job.work_dtype) for t in ([base] if base is not None else []) + tensors], job.rows)
+    return (raw[0], raw[1:]) if base is not None else (None, raw)
+
+
 def _load(job: TensorJob, parents: dict[str, Checkpoint], device: str) -> Loaded:
     base = parents[job.base.parent].tensor(job.base.name, device) if job.base else None
-    return base, [parents[i.parent].tensor(i.name, device) for i in job.inputs]
+    return aligned(job, base, [parents[i.parent].tensor(i.name, device) for i in job.inputs])
 
 
 def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: str) -> Iterator[tuple[TensorJob, Loaded]]:
@@ -127,22 +139,57 @@ def open_parents(recipe: Recipe) -> dict[str, Checkpoint]:
     return {ref: open_checkpoint(ref) for ref in recipe.parents()}
 
 
-def _tokenizer_source(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> Path:
-    """The folder the output's tokenizer comes from: a VLM output's is the VLM's own (its processor needs the
-    image tokens), whatever the base; else tokenizer_source, by default the base."""
-    ref = recipe.tokenizer_source
-    if ref == "union":
-        raise ShoalError("tokenizer_source: union is not supported; use base or a model path")
+def output_tokenizer(recipe: Recipe, parents: dict[str, Checkpoint]) -> OutputTokenizer | None:
+    """The tokenizer the recipe's tokenizer settings build, with the vocabulary the embeddings and head are aligned
+    to; None without settings, or with a vision-language parent (whose own tokenizer the output keeps)."""
+    if recipe.vocabulary is None or any(ck.is_vlm for ck in parents.values()):
+        return None
+    return build_output_tokenizer(recipe, parents)
+
+
+def _tokenizer_folder(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> Path:
+    """The folder the output's tokenizer files are copied from when no tokenizer is built: a VLM output's is the
+    VLM's own (its processor needs the image tokens), whatever the base; else tokenizer_source, by default the
+    base."""
+    settings = recipe.vocabulary
+    ref = settings.source if settings else None
     if parents[reference].is_vlm:
-        if ref not in (None, "base", reference):
+        if recipe.tokenizer is not None or ref not in (None, "base", reference):
+            given = "a tokenizer section" if recipe.tokenizer is not None else f"tokenizer_source: {ref}"
             raise ShoalError(
-                f"tokenizer_source: {ref}, but the output is the vision-language model {reference}, whose processor "
+                f"{given}, but the output is the vision-language model {reference}, whose processor "
                 f"needs its own tokenizer; leave tokenizer_source out or set it to {reference}"
             )
         return parents[reference].path
     if ref in (None, "base"):
         ref = recipe.base_model or reference
     return parents[ref].path if ref in parents else open_checkpoint(ref).path
+
+
+def _chat_template(recipe: Recipe, parents: dict[str, Checkpoint], reference: str, writes_tokenizer: bool
+                   ) -> str | None:
+    """The chat template to write into the output's tokenizer (None: keep its own)."""
+    if recipe.chat_template is None:
+        return None
+    if parents[reference].is_vlm:
+        raise ShoalError(f"chat_template: the output is the vision-language model {reference}, whose processor "
+                         "keeps its own chat template; leave chat_template out")
+    if not writes_tokenizer:
+        raise ShoalError("chat_template is set but no tokenizer is written; drop --no-copy-tokenizer or set "
+                         "tokenizer_source")
+    templates = chat_templates({ref: parents[ref] for ref in recipe.parents()}) if recipe.chat_template == "auto" \
+        else []
+    return chat_template.resolve(recipe.chat_template, templates)
+
+
+def _write_tokenizer(folder: Path, built: OutputTokenizer | None, source: Path | None, template: str | None,
+                     processor: bool) -> None:
+    if built is not None and built.copy_from is None:
+        built.tokenizer.save_pretrained(str(folder))
+    elif built is not None or source is not None:
+        files.copy_tokenizer(built.copy_from if built is not None else source, folder, processor=processor)
+    if template is not None:
+        files.write_chat_template(folder, template)
 
 
 def run_merge(
@@ -161,14 +208,18 @@ def run_merge(
     Everything that can be checked without reading tensor data (parents, names, shapes, parameters) is
     checked first; on_tensor(0, total) is called once that passed, then after each tensor. Without copy_tokenizer,
     no tokenizer or processor files are written unless the recipe names a tokenizer_source (mergekit's rule).
+    With tokenizer settings the output's tokenizer is built (merge.tokenizer) and the embeddings and head have a
+    row per token of it; chat_template is written into its tokenizer_config.json.
     """
     check_device(device)
     if max_shard_bytes < 1:
         raise ShoalError(f"shard size {max_shard_bytes} bytes: give a positive size")
     parents = open_parents(recipe)
-    plan: MergePlan = build_plan(recipe, parents)
-    wants_tokenizer = copy_tokenizer or recipe.tokenizer_source is not None
-    tokenizer_dir = _tokenizer_source(recipe, parents, plan.reference) if wants_tokenizer else None
+    built = output_tokenizer(recipe, parents)
+    plan: MergePlan = build_plan(recipe, parents, built.vocab if built else None)
+    wants_tokenizer = copy_tokenizer or recipe.vocabulary is not None
+    tokenizer_dir = _tokenizer_folder(recipe, parents, plan.reference) if wants_tokenizer and not built else None
+    template = _chat_template(recipe, parents, plan.reference, wants_tokenizer)
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         writer = ModelFolderWriter(tmp, [job.spec for job in plan.jobs], max_shard_bytes)
@@ -193,8 +244,7 @@ def run_merge(
             raise
         writer.close()
         files.write_config(tmp, plan.config)
-        if tokenizer_dir is not None:
-            files.copy_tokenizer(tokenizer_dir, tmp, processor=parents[plan.reference].is_vlm)
+        _write_tokenizer(tmp, built, tokenizer_dir, template, processor=parents[plan.reference].is_vlm)
         text = recipe_text or yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
         (tmp / RECIPE_FILE).write_text(text)
         card.write_model_card(

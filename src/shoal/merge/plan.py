@@ -18,6 +18,7 @@ from shoal import layout
 from shoal.checkpoint.reader import Checkpoint
 from shoal.checkpoint.writer import DTYPE_TAGS, TensorSpec
 from shoal.errors import ShoalError
+from shoal.merge.vocab import RowAlignment, Vocabulary, missing_source
 from shoal.recipe import ModelEntry, Parameters, Recipe, Slice, SliceSource, resolve
 
 DTYPES: dict[str, torch.dtype] = {
@@ -52,6 +53,9 @@ class TensorJob:
     seeds: list[int]
     verbatim: bool = False
     """Copied from inputs[0] unchanged (cast to spec.dtype only): a VLM's tensors outside the language model."""
+    rows: RowAlignment | None = None
+    """For embeddings and head under a recipe's tokenizer settings: how the inputs' rows (base first) move onto
+    the output vocabulary before the merge (None where they are its rows already)."""
 
 
 @dataclass
@@ -160,6 +164,7 @@ def _job(
     out_dtype: torch.dtype | None,
     work_dtype: torch.dtype | None,
     out_names: layout.Names,
+    vocab: Vocabulary | None,
 ) -> TensorJob:
     """The job of one language-model tensor; out_name and src_names are canonical names (filters, gradients and
     DARE seeds see those), turned into each parent's own names and the output's."""
@@ -182,8 +187,21 @@ def _job(
         if tin.name not in parents[tin.parent].tensors:
             raise ShoalError(f"tensor {tin.name} is missing in parent {tin.parent}")
     shapes = [(tin.parent, parents[tin.parent].shape(tin.name)) for tin in ([base] if base else []) + inputs]
+    rows = None
+    out_shape = tuple(shapes[0][1])
+    if vocab is not None and layout.is_vocabulary(out_name):
+        rows = _row_alignment(out_name, shapes, vocab, base_ref)
+        out_shape = (vocab.size, *out_shape[1:])
+        shapes = [(ref, shape[1:]) for ref, shape in shapes]
     for ref, shape in shapes[1:]:
         if shape != shapes[0][1]:
+            vlm = any(ck.is_vlm for ck in parents.values())  # whose tokenizer a recipe cannot change
+            if layout.is_vocabulary(out_name) and shape[1:] == shapes[0][1][1:] and not vlm:
+                raise ShoalError(
+                    f"the parents' vocabularies differ: {out_name} has {shapes[0][1][0]} rows in {shapes[0][0]} but "
+                    f"{shape[0]} in {ref}; set tokenizer_source (union, base or a model) to align their rows to "
+                    "one tokenizer"
+                )
             raise ShoalError(
                 f"tensor {out_name} has shape {tuple(shapes[0][1])} in {shapes[0][0]} but {tuple(shape)} in {ref}"
             )
@@ -208,14 +226,38 @@ def _job(
                     f"with probabilities from density - epsilon to density + epsilon, which must lie in (0, 1)"
                 )
     return TensorJob(
-        spec=TensorSpec(out_names.own(out_name), tuple(shapes[0][1]), dtype),
+        spec=TensorSpec(out_names.own(out_name), out_shape, dtype),
         work_dtype=work_dtype if work_dtype is not None and floating else src_dtype,
         inputs=inputs,
         base=base,
         per_model=per_model,
         shared=shared,
         seeds=[_seed(recipe.seed, out_name, i) for i in range(len(inputs))],
+        rows=rows,
     )
+
+
+def _row_alignment(
+    out_name: str, shapes: list[tuple[str, tuple[int, ...]]], vocab: Vocabulary, base_ref: str | None
+) -> RowAlignment | None:
+    """How one vocabulary tensor's inputs (parent, shape; the base's first) align to the output vocabulary."""
+    refs = tuple(ref for ref, _ in shapes)
+    lengths = [shape[0] for _, shape in shapes]
+    if vocab.is_identity(refs, lengths):
+        return None
+    how = RowAlignment(vocab, refs, base_ref if base_ref in refs else None)
+    for token, source in vocab.sources.items():
+        if source is not None and source.parent is not None and source.parent not in refs:
+            raise ShoalError(f"tokenizer.tokens[{vocab.names[token]!r}] takes its row from {source.parent}, which "
+                             f"is not an input of {out_name}")
+    unset = missing_source(how, lengths)
+    if unset is not None:
+        raise ShoalError(
+            f"tokenizer.tokens[{vocab.names[unset[0]]!r}] has no source, but {unset[1]} needs one for its {out_name} "
+            "row (it lacks the token, or force is set); give source: a parent, {kind: model_token, ...} or "
+            "{kind: zero}"
+        )
+    return how
 
 
 def _copy_job(ref: str, parent: Checkpoint, name: str, out_dtype: torch.dtype | None) -> TensorJob:
@@ -227,10 +269,15 @@ def _copy_job(ref: str, parent: Checkpoint, name: str, out_dtype: torch.dtype | 
     )
 
 
-def output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch.dtype | None) -> dict[str, Any]:
-    """The reference's config.json with the layer count (of a VLM's text_config) and dtype of the output."""
+def output_config(
+    reference: Checkpoint, layer_sources: list[int], dtype: torch.dtype | None, vocab_size: int | None = None
+) -> dict[str, Any]:
+    """The reference's config.json with the layer count (of a VLM's text_config), vocabulary size and dtype of the
+    output."""
     config = copy.deepcopy(reference.config)
     text = layout.text_config(config)
+    if vocab_size is not None:
+        text["vocab_size"] = vocab_size
     n_in = reference.num_layers
     if n_in is not None and len(layer_sources) != n_in:
         for key, value in list(text.items()):
@@ -248,9 +295,10 @@ def output_config(reference: Checkpoint, layer_sources: list[int], dtype: torch.
     return config
 
 
-def build_plan(recipe: Recipe, parents: dict[str, Checkpoint]) -> MergePlan:
+def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], vocab: Vocabulary | None = None) -> MergePlan:
     """Every output tensor's job, in file order (embeddings, layers, head, then a VLM's tensors outside the
-    language model), checked for names and shapes."""
+    language model), checked for names and shapes; with vocab (the output tokenizer's, when the recipe names
+    one) the embeddings and head have its rows."""
     work_dtype = parse_dtype(recipe.dtype)
     out_dtype = parse_dtype(recipe.out_dtype) or work_dtype
     _check_architectures(parents)
@@ -262,7 +310,7 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint]) -> MergePlan:
     out_ref = _output_parent(recipe, parents, first_ref)
     out_names = parents[out_ref].lm
     jobs: list[TensorJob] = []
-    job = lambda piece, out, src, t: _job(recipe, parents, piece, out, src, t, out_dtype, work_dtype, out_names)
+    job = lambda piece, out, src, t: _job(recipe, parents, piece, out, src, t, out_dtype, work_dtype, out_names, vocab)
 
     def outer(piece: Slice, wanted: str) -> None:
         ref = parents[piece.sources[0].model]
@@ -294,4 +342,5 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint]) -> MergePlan:
     outer(slices[-1], "post")
     reference = parents[out_ref]
     jobs += [_copy_job(out_ref, reference, name, out_dtype) for name in reference.extra_names]
-    return MergePlan(jobs=jobs, config=output_config(reference, layer_sources, out_dtype), reference=out_ref)
+    config = output_config(reference, layer_sources, out_dtype, vocab.size if vocab else None)
+    return MergePlan(jobs=jobs, config=config, reference=out_ref)

@@ -24,9 +24,10 @@ from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge import methods
-from shoal.merge.engine import Scratch, merged_values, open_parents, prefetched
+from shoal.merge.engine import Scratch, aligned, merged_values, open_parents, output_tokenizer, prefetched
 from shoal.merge.memory import MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes
 from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, TensorJob, build_plan
+from shoal.merge.vocab import Vocabulary
 from shoal.recipe import Recipe
 
 
@@ -49,8 +50,10 @@ class ResidentMerger:
     """Holds the parents' tensors and `slots` copies of the model; `apply(recipe, slot)` writes the recipe's
     merge into one of them (two slots let the next candidate be merged while this one is scored).
 
-    Every recipe applied must read the same parents with the same method as the one it was built from. The memory
-    `plan`'s bytes are told to `report` (one line) and checked against its limit before any tensor is read.
+    Every recipe applied must read the same parents with the same method and tokenizer settings as the one it was
+    built from. With tokenizer settings the model's embeddings and head are resized to the output vocabulary and
+    `tokenizer` is the output's, as `shoal merge` would write them. The memory `plan`'s bytes are told to `report`
+    (one line) and checked against its limit before any tensor is read.
     """
 
     def __init__(self, recipe: Recipe, device: str = "cpu", slots: int = 1, memory: MemoryPlan | None = None,
@@ -61,7 +64,9 @@ class ResidentMerger:
         self.method = recipe.method
         self.memory = memory or MemoryPlan()
         self.parents: dict[str, Checkpoint] = open_parents(recipe)
-        plan = build_plan(recipe, self.parents)
+        self._vocabulary = recipe.vocabulary
+        self._built = output_tokenizer(recipe, self.parents)
+        plan = build_plan(recipe, self.parents, self._vocab)
         self.need = memory_need(tensor_sizes(plan, self.parents, self.method), self.memory, slots=slots,
                                 on_cpu=device == "cpu")
         if report is not None:
@@ -78,6 +83,10 @@ class ResidentMerger:
         self._scratch = [Scratch() for _ in self.models]
 
     @property
+    def _vocab(self) -> Vocabulary | None:
+        return self._built.vocab if self._built else None
+
+    @property
     def model(self) -> PreTrainedModel:
         """The model of slot 0."""
         return self.models[0]
@@ -88,8 +97,7 @@ class ResidentMerger:
             own = DTYPE_OF_TAG[self.parents[tin.parent].dtype(tin.name)]
             return self.parents[tin.parent].tensor(tin.name, self.device).to(storage_dtype(own, job.work_dtype))
 
-        base = read(job.base) if job.base else None
-        tensors = [read(tin) for tin in job.inputs]
+        base, tensors = aligned(job, read(job.base) if job.base else None, [read(tin) for tin in job.inputs])
         deltas = ranks = None
         sorts = self.memory.ranks == "stored" and self.method.sparsify in ("magnitude", "magprune")
         if self.method.task_vectors and base is not None and base.is_floating_point() and \
@@ -110,6 +118,9 @@ class ResidentMerger:
 
     def _load_model(self, plan: MergePlan) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         model, tokenizer = load_model(self.parents[plan.reference].path, self.device)
+        if self._built is not None:  # the output's vocabulary: its tokenizer, and as many embedding rows
+            model.resize_token_embeddings(self._built.vocab.size, mean_resizing=False)
+            tokenizer = self._built.tokenizer
         dtypes = {job.spec.dtype for job in plan.jobs if job.spec.dtype.is_floating_point}
         if len(dtypes) == 1:
             model = model.to(dtypes.pop())
@@ -138,7 +149,10 @@ class ResidentMerger:
         Calls for different slots may run in different threads at once; calls for one slot may not."""
         if recipe.merge_method != self.method.name or set(recipe.parents()) != set(self.parents):
             raise ShoalError("the resident merger holds other parents or another method than this recipe's")
-        plan = build_plan(recipe, self.parents)
+        if recipe.vocabulary != self._vocabulary:
+            raise ShoalError("the resident merger holds another tokenizer (tokenizer_source, tokenizer) than this "
+                             "recipe's")
+        plan = build_plan(recipe, self.parents, self._vocab)
         with torch.no_grad():
             for job, inputs in self._job_inputs([job for job in plan.jobs if not job.verbatim]):
                 merged = merged_values(
