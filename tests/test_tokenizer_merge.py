@@ -304,3 +304,44 @@ def test_the_resident_merger_holds_the_output_vocabulary(family, inputs, tmp_pat
     assert merger.model.config.vocab_size == 68
     with pytest.raises(ShoalError, match="another tokenizer"):
         merger.apply(parse_recipe(yaml.safe_dump(ta_recipe(family, tokenizer_source="union"))))
+
+
+def test_a_search_over_parents_whose_vocabularies_differ_needs_and_uses_tokenizer_source(zoo, tmp_path) -> None:
+    """A parent that added ChatML tokens: refused with the setting's name, then searched over the union vocabulary;
+    the exported best model carries it and scores on dev what the search measured."""
+    import shutil
+
+    from shoal.evaluate import evaluate, load_task
+    from shoal.search.evolve import evolve
+    from shoal.search.spec import load_search
+
+    chat = tmp_path / "chat"
+    shutil.copytree(zoo.parents["math"], chat)
+    _add_tokens(chat, [("<|im_start|>", True), ("<|im_end|>", True)], seed=6)
+    spec = {"base": str(zoo.base), "parents": {"math": str(chat), "language": str(zoo.parents["language"])},
+            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 3, "seed": 1}
+    refused = tmp_path / "refused.yaml"
+    refused.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ShoalError, match="vocabularies differ.*a parent's name"):
+        evolve(load_search(refused), tmp_path / "refused-run")
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump(spec | {"tokenizer_source": "union"}))
+    summary = evolve(load_search(search), tmp_path / "run")
+    assert summary.trials == 3
+    best = tmp_path / "run" / "best"
+    vocab = AutoTokenizer.from_pretrained(best).get_vocab()
+    assert {"<|im_start|>", "<|im_end|>"} <= set(vocab)
+    assert rows(best)[EMBED].shape[0] == len(vocab) == len(AutoTokenizer.from_pretrained(zoo.base)) + 2
+    assert evaluate(best, load_task(zoo.tasks["xx-math"]), split="dev").score == pytest.approx(summary.best.dev, abs=1e-12)
+
+
+def test_a_search_names_its_tokenizer_source_among_its_parents(tmp_path) -> None:
+    from shoal.search.spec import load_search
+
+    search = tmp_path / "search.yaml"
+    search.write_text("base: b\nparents: {m: x}\ntasks: [{path: t}]\ntokenizer_source: q\n")
+    with pytest.raises(ShoalError, match="'q' is not union, base or one of the parents \\(m\\)"):
+        load_search(search)
+    search.write_text("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ntokenizer_source: union\n")
+    with pytest.raises(ShoalError, match="parameter-space setting"):
+        load_search(search)

@@ -199,8 +199,8 @@ def _job(
             if layout.is_vocabulary(out_name) and shape[1:] == shapes[0][1][1:] and not vlm:
                 raise ShoalError(
                     f"the parents' vocabularies differ: {out_name} has {shapes[0][1][0]} rows in {shapes[0][0]} but "
-                    f"{shape[0]} in {ref}; set tokenizer_source (union, base or a model) to align their rows to "
-                    "one tokenizer"
+                    f"{shape[0]} in {ref}; set tokenizer_source (union, base or a model; in a search file: union, "
+                    "base or a parent's name) to align their rows to one tokenizer"
                 )
             raise ShoalError(
                 f"tensor {out_name} has shape {tuple(shapes[0][1])} in {shapes[0][0]} but {tuple(shape)} in {ref}"

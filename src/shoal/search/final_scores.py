@@ -43,6 +43,8 @@ def untuned_recipes(spec: SearchSpec) -> dict[str, dict[str, Any]]:
     for recipe in recipes.values():
         if spec.dtype:
             recipe["dtype"] = spec.dtype
+        if spec.tokenizer_ref:
+            recipe["tokenizer_source"] = spec.tokenizer_ref
     return recipes
 
 

@@ -157,6 +157,8 @@ class Genome(GeneSpace):
             recipe["parameters"] = {p: self._setting(values, None, p) for p in self.shared}
         if spec.dtype:
             recipe["dtype"] = spec.dtype
+        if spec.tokenizer_ref:
+            recipe["tokenizer_source"] = spec.tokenizer_ref
         recipe["seed"] = seed
         return recipe
 

@@ -184,6 +184,10 @@ class SearchSpec(Strict):
     device: str = "cpu"
     overlap: bool = True
     """Merge the next candidate while this one is scored (keeps a second copy of the model)."""
+    tokenizer_source: str | None = None
+    """Parameter space: union, base or a parent's name, the merged models' vocabulary (as a recipe's
+    tokenizer_source: every parent's embedding and head rows aligned to it). Parents whose vocabularies differ (a
+    fine-tune that added chat tokens) need it; the fitness tokenizes with the merged vocabulary."""
     memory: MemoryPlan = MemoryPlan()
     """Parameter space: where the merge's inputs live (inputs: device, host or stream), whether task vectors or
     parents are kept (keep: deltas or parents), whether TIES/DELLA ranks are stored or recomputed (ranks), and the
@@ -250,10 +254,22 @@ class SearchSpec(Strict):
         taken = sorted({"model", "tokenizer", "dtype", "seed"} & set(self.vllm))
         if taken:
             raise ValueError(f"vllm: {', '.join(taken)} come from the search (base, dtype, seed), not vllm options")
+        if self.tokenizer_source not in (None, "union", "base", *self.parents):
+            raise ValueError(f"tokenizer_source: {self.tokenizer_source!r} is not union, base or one of the parents "
+                             f"({', '.join(self.parents)})")
+        if self.tokenizer_source is not None and self.space == "dfs":
+            raise ValueError("tokenizer_source is a parameter-space setting: a data-flow path keeps its first parent's "
+                             "vocabulary")
         unknown = [name for name in self.dfs.parents or [] if name not in self.parents]
         if unknown:
             raise ValueError(f"dfs.parents: {unknown[0]!r} is not one of the parents ({', '.join(self.parents)})")
         return self
+
+    @property
+    def tokenizer_ref(self) -> str | None:
+        """tokenizer_source as a recipe names it: union, base or the parent's path."""
+        source = self.tokenizer_source
+        return self.parents[source] if source in self.parents else source
 
     @property
     def flow_parents(self) -> dict[str, str]:
