@@ -1,13 +1,15 @@
 """Fitness that costs less: what each fitness mode buys per dev item scored, on the demo zoo, scored on test.
 
-For each seed and mode (`full`, and `subset` with each --subset size), a PS search with the same compute: `full`
-runs --budget trials; a subset of n items runs --budget x N / n trials (N: the target's dev items), so every run
-scores about the same number of dev items. With --race, also `race` (--first items per task in its first round)
+For each seed and mode (`full`, and `subset` with each --subset size), a PS search: `full` runs --budget trials; a
+subset of n items runs --budget x N / n x --fraction trials (N: the target's dev items), so it scores --fraction
+of full's dev items (1: the same compute); with --fraction below 1, `full` also runs at that fraction of its
+trials, the plain way to spend less. With --race, also `race` (--first items per task in its first round)
 for --budget trials, like `full`: what racing saves is read off its items against full's at the same trials. Each run picks its model by re-scoring its top --top trials on the
 whole dev split (`select`). Per run: items and tokens spent, the pick's search fitness, whole-dev score and test
 score, and the gap between the search fitness and test (how much the winner overstates itself).
 
     python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 8 16 --race --out runs/fitness-cost --json fitness_cost.json
+    python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 100 --fraction 0.2 --json fitness_fifth.json
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from shoal.search.spec import load_search
 from shoal.zoo import build_zoo
 
 
-def run(seed: int, mode: str, n: int | None, args: argparse.Namespace) -> dict:
+def run(seed: int, mode: str, n: int | None, fraction: float, args: argparse.Namespace) -> dict:
     zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.zoo_size, threads=1)
     dev = len(load_task(zoo.tasks[args.task]).items("dev"))
     budget = args.budget if n is None else args.budget * dev // min(n, dev)
+    budget = max(1, round(budget * fraction))
     fitness = {"mode": mode} | ({"items": n} if n is not None else {}) | ({"first": args.first} if mode == "race" else {})
-    folder = args.out / f"seed{seed}" / (mode if n is None else f"{mode}{n}")
+    name = (mode if n is None else f"{mode}{n}") + (f"-at-{fraction:g}" if fraction != 1 else "")
+    folder = args.out / f"seed{seed}" / name
     folder.mkdir(parents=True, exist_ok=True)
     search = {
         "base": str(zoo.base),
@@ -49,7 +53,7 @@ def run(seed: int, mode: str, n: int | None, args: argparse.Namespace) -> dict:
     s = evolve(load_search(path), folder / "run")
     assert s.compute is not None and s.selection is not None and s.best.search is not None
     return {
-        "seed": seed, "mode": s.fitness, "trials": s.trials, "items": s.compute.items, "tokens": s.compute.tokens,
+        "seed": seed, "mode": s.fitness + (f", {fraction:g} of full's compute" if fraction != 1 else ""), "trials": s.trials, "items": s.compute.items, "tokens": s.compute.tokens,
         "select_items": s.selection.cost.items, "search": 100 * s.best.search, "dev": 100 * s.best.dev,
         "test": 100 * s.best.test, "overstated": 100 * (s.best.search - s.best.test),
         "top_by_search_dev": 100 * s.selection.rescored[0].dev, "wall_seconds": s.wall_seconds,
@@ -66,6 +70,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=300, help="trials of the full-fitness run")
     parser.add_argument("--subset", type=int, nargs="*", default=[8, 16], help="subset sizes (dev items per generation)")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="run the subset modes at this fraction of full's items, and full itself at this fraction "
+                             "of its trials too (0.2: the issue's one fifth of the compute)")
     parser.add_argument("--race", action="store_true", help="also the race mode, at --budget trials")
     parser.add_argument("--first", type=int, default=16, help="race: items per task in the first round")
     parser.add_argument("--top", type=int, default=5, help="trials re-scored on the whole dev split at the end")
@@ -78,11 +85,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    modes = [("full", None)] + [("subset", n) for n in args.subset] + ([("race", None)] if args.race else [])
+    modes = [("full", None, 1.0)] + [("subset", n, args.fraction) for n in args.subset]
+    modes += ([("race", None, 1.0)] if args.race else []) + ([("full", None, args.fraction)] if args.fraction != 1 else [])
     rows = []
     for seed in args.seeds:
-        for mode, n in modes:
-            rows.append(run(seed, mode, n, args))
+        for mode, n, fraction in modes:
+            rows.append(run(seed, mode, n, fraction, args))
             r = rows[-1]
             print(f"seed {seed} {r['mode']}: {r['trials']} trials, {r['items']} items | search {r['search']:.1f} "
                   f"dev {r['dev']:.1f} test {r['test']:.1f} (overstated by {r['overstated']:+.1f})", flush=True)
