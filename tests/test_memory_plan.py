@@ -164,3 +164,22 @@ def test_sizes_read_as_users_write_them() -> None:
         ["999 B", "812 MB", "1.23 GB", "170 GB"]
     with pytest.raises(ShoalError, match="24 parsecs"):
         parse_bytes("24 parsecs")
+
+
+def _kept_bytes(merger: ResidentMerger) -> tuple[int, int]:
+    """What the merger really keeps: (inputs: base, parents, task vectors; ranks), in bytes."""
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts or [])  # noqa: E731
+    kept = sum(size(([i.base] if i.base is not None else []) + i.tensors + (i.deltas or [])) for i in merger._inputs.values())
+    return kept, sum(size(i.ranks) for i in merger._inputs.values())
+
+
+@pytest.mark.parametrize("plan", [MemoryPlan(), MemoryPlan(keep="parents"), MemoryPlan(ranks="recomputed"),
+                                  MemoryPlan(keep="parents", ranks="recomputed")], ids=lambda p: p.describe())
+@pytest.mark.parametrize("dtype", [None, "float32"])
+@pytest.mark.parametrize("tokenizer", [None, {"source": "base", "pad_to_multiple_of": 96}], ids=["own", "padded"])
+def test_the_counted_inputs_are_what_the_merger_keeps(bf16_parents, plan, dtype, tokenizer) -> None:
+    """Counted from headers, kept in fact, for bf16 parents: in their own dtype or the recipe's float32, and with a
+    tokenizer setting (embedding and head rows aligned, 256 -> 288, in the working dtype)."""
+    raw = _recipe(bf16_parents, "ties", dtype=dtype) | ({"tokenizer": tokenizer} if tokenizer else {})
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(raw)), slots=1, memory=plan)
+    assert _kept_bytes(merger) == (merger.need.inputs, merger.need.ranks)

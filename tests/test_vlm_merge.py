@@ -17,6 +17,7 @@ from safetensors import safe_open
 from vlm_models import make_llava, make_qwen2_vl, qwen2_config
 
 from shoal.checkpoint.reader import open_checkpoint
+from shoal.errors import ShoalError
 from shoal.merge.engine import run_merge
 from shoal.merge.resident import ResidentMerger
 from shoal.recipe import parse_recipe
@@ -330,3 +331,42 @@ def test_ray_workers_with_a_llava_parent_store_the_trials_of_a_serial_run(llms, 
     assert by_index(tmp_path / "parallel") == by_index(tmp_path / "serial")
     assert len(by_index(tmp_path / "serial")) == 8
     assert parallel.best == serial.best
+
+
+@pytest.mark.parametrize("inputs", ["device", "stream"])
+def test_a_vlm_of_mixed_dtypes_is_merged_in_memory_as_shoal_merge_writes_it(inputs, tmp_path) -> None:
+    """A LLaVA whose language model is bfloat16 and vision tower float32: the live model stays float32, and its
+    language tensors hold the merge rounded to bfloat16, as written on disk."""
+    from transformers import AutoModelForImageTextToText
+
+    from shoal.merge.memory import MemoryPlan
+
+    llm = make_parents(tmp_path / "llm", ("base", "a", "b"), dtype=torch.bfloat16, seed=0)
+    vlm = make_llava(tmp_path / "llava", llm["b"], noise=0.01)
+    assert {open_checkpoint(vlm).dtype(n) for n in open_checkpoint(vlm).tensors} == {"BF16", "F32"}
+    recipe = _recipe("task_arithmetic", llm["base"], llm["a"], vlm)
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)), memory=MemoryPlan(inputs=inputs))
+    merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+    loaded = AutoModelForImageTextToText.from_pretrained(_merge(recipe, tmp_path / "out")).state_dict()
+    live = merger.model.state_dict()
+    assert live["model.language_model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    for name, tensor in loaded.items():
+        assert torch.equal(live[name], tensor.to(live[name].dtype)), name
+
+
+def test_the_resident_merger_refuses_tokenizer_settings_a_vlm_output_cannot_take(llms, vlms) -> None:
+    """Refused when the search starts, as `shoal merge` refuses them, not after it at the export."""
+    llm = llms["llama"]
+    for extra in ({"tokenizer_source": "union"}, {"chat_template": "chatml"}):
+        recipe = _recipe("ties", llm["base"], llm["a"], vlms["llava"]) | extra
+        with pytest.raises(ShoalError, match="vision-language model"):
+            ResidentMerger(parse_recipe(yaml.safe_dump(recipe)))
+
+
+def test_other_families_embedding_names_are_vocabulary_tensors() -> None:
+    from shoal import layout
+
+    for name in ("model.embed_tokens.weight", "gpt_neox.embed_in.weight", "embed_out.weight", "lm_head.weight",
+                 "transformer.wte.weight", "model.tok_embeddings.weight"):
+        assert layout.is_vocabulary(name), name
+    assert not layout.is_vocabulary("model.layers.0.mlp.up_proj.weight")

@@ -17,8 +17,8 @@ from typing import Any, Literal
 from shoal.errors import ShoalError
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
-_PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings)")
-_VOCABULARY = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out)\.weight$")
+_PRE = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|tok_embeddings)")
+_VOCABULARY = re.compile(r"(^|\.)(embed_tokens|embed_in|tok_embeddings|wte|word_embeddings|lm_head|embed_out)\.weight$")
 
 Part = Literal["pre", "layer", "post"]
 

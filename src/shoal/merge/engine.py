@@ -147,6 +147,13 @@ def output_tokenizer(recipe: Recipe, parents: dict[str, Checkpoint]) -> OutputTo
     return build_output_tokenizer(recipe, parents)
 
 
+def check_tokenizer_settings(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> None:
+    """Refuse tokenizer settings the output cannot take (a vision-language output keeps its own tokenizer), as
+    `shoal merge` would, for a caller that merges in memory and writes nothing yet."""
+    _tokenizer_folder(recipe, parents, reference)
+    _chat_template(recipe, parents, reference, writes_tokenizer=True)
+
+
 def _tokenizer_folder(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> Path:
     """The folder the output's tokenizer files are copied from when no tokenizer is built: a VLM output's is the
     VLM's own (its processor needs the image tokens), whatever the base; else tokenizer_source, by default the

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
 from shoal.merge import methods
-from shoal.merge.plan import DTYPE_OF_TAG, MergePlan
+from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput
 from shoal.merge.registry import MergeMethod
 
 Placement = Literal["device", "host", "stream"]
@@ -180,7 +180,11 @@ def tensor_sizes(plan: MergePlan, parents: dict[str, Checkpoint], method: MergeM
         if job.verbatim:
             sizes.append(TensorSize(numel=numel, out=out, merged=False))
             continue
-        kept = lambda tin: storage_dtype(DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)], job.work_dtype).itemsize
+        def kept(tin: TensorInput) -> int:
+            if job.rows is not None:  # aligned onto the output vocabulary in the working dtype (engine.aligned)
+                return job.work_dtype.itemsize
+            return storage_dtype(DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)], job.work_dtype).itemsize
+
         floating = job.work_dtype.is_floating_point
         task_vectors = method.task_vectors and job.base is not None and floating
         rank = 0

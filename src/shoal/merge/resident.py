@@ -24,7 +24,9 @@ from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge import methods
-from shoal.merge.engine import Scratch, aligned, merged_values, open_parents, output_tokenizer, prefetched
+from shoal.merge.engine import (
+    Scratch, aligned, check_tokenizer_settings, merged_values, open_parents, output_tokenizer, prefetched,
+)
 from shoal.merge.memory import MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes
 from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, TensorJob, build_plan
 from shoal.merge.vocab import Vocabulary
@@ -67,6 +69,7 @@ class ResidentMerger:
         self._vocabulary = recipe.vocabulary
         self._built = output_tokenizer(recipe, self.parents)
         plan = build_plan(recipe, self.parents, self._vocab)
+        check_tokenizer_settings(recipe, self.parents, plan.reference)
         self.need = memory_need(tensor_sizes(plan, self.parents, self.method), self.memory, slots=slots,
                                 on_cpu=device == "cpu")
         if report is not None:
@@ -159,7 +162,9 @@ class ResidentMerger:
                     job, recipe.merge_method, inputs.base, inputs.tensors, self._scratch[slot],
                     deltas=inputs.deltas, ranks=inputs.ranks,
                 )
-                self._targets[slot][job.spec.name].copy_(merged)
+                # rounded to the output's dtype first: a live model kept wider than the merge writes (a VLM whose
+                # vision tower is float32 and language model bfloat16 stays float32) holds what `shoal merge` writes
+                self._targets[slot][job.spec.name].copy_(merged.to(job.spec.dtype))
 
     def _job_inputs(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, _Inputs]]:
         """Each job with its inputs on the device: as kept, moved from the host, or read from the parent files.
