@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -10,9 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shoal import yamlfile
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, ShoalWarning
 from shoal.merge import chat_template
-from shoal.merge.registry import METHODS, RANGES, REQUIRED, MergeMethod
+from shoal.merge.registry import METHODS, PARAMETER_NAMES, RANGES, REQUIRED, MergeMethod
 
 Scalar = Union[bool, int, float, str]
 Value = Union[Scalar, list[Scalar]]
@@ -217,7 +218,12 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
             where = f"{source}:{yamlfile.line_of(node, loc + (name,))}"
             if name not in method.parameters:
                 known = ", ".join(sorted(method.parameters)) or "none"
-                raise ShoalError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known})")
+                if name not in PARAMETER_NAMES:
+                    raise ShoalError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known}); no "
+                                     "merge method takes it")
+                warnings.warn(f"{where}: {method.name} does not use parameter {name!r} (it takes: {known}); "
+                              "ignored, as mergekit ignores it", ShoalWarning, stacklevel=3)
+                continue
             problem = _value_error(method, name, setting)
             if problem:
                 raise ShoalError(f"{where}: {problem}")
