@@ -39,11 +39,16 @@ def _folder(place: Location, ref: str) -> Path:
 
 
 def resolve_model(ref: str | Path) -> Path:
-    """The local folder of a model string: a folder path or a Hub id (`org/name`, `org/name@revision`)."""
+    """The local folder of a model string: a folder path or a Hub id (`org/name`, `org/name@revision`), or either
+    with `+ADAPTER` (a PEFT LoRA adapter's folder or Hub id): then the model with the adapter applied, made once
+    into shoal's cache (shoal.checkpoint.lora)."""
     reference = parse_reference(ref)
-    if reference.lora is not None:
-        raise ShoalError(f"model {str(ref)!r}: LoRA adapters (MODEL+ADAPTER) are not applied yet")
-    return _folder(reference.model, str(ref))
+    folder = _folder(reference.model, str(ref))
+    if reference.lora is None:
+        return folder
+    from shoal.checkpoint import lora  # imports peft, and this module
+
+    return lora.merged_folder(folder, _folder(reference.lora, str(ref)), str(ref))
 
 
 @dataclass(frozen=True)
