@@ -83,6 +83,35 @@ def test_the_applied_adapter_equals_peft_merge_and_unload(parents, tmp_path, rsl
     assert (merged[q] - base[q]).abs().max() > 1e-3  # B is not zero: the adapter does change the weights
 
 
+def test_in_bfloat16_the_sum_is_rounded_once(bf16_parents, tmp_path):
+    """PEFT rounds an embedding's B A to bfloat16 before adding it (two roundings); shoal rounds W + B A once. Its
+    other layers add a float32 B A, rounded once, as shoal does: those tensors are equal bit for bit."""
+    adapter = make_adapter(bf16_parents["base"], tmp_path)
+    merged, unloaded = tensors(resolve_model(f"{bf16_parents['base']}+{adapter}")), tensors(tmp_path / "unloaded")
+    name = "model.embed_tokens.weight"
+    assert [k for k in merged if not torch.equal(merged[k], unloaded[k])] == [name]
+    weight = tensors(bf16_parents["base"])[name].float()
+    delta = lora.lora_delta(lora.read_adapter(adapter).low_rank[name])
+    assert torch.equal(merged[name], (weight + delta).bfloat16())
+    assert torch.equal(unloaded[name], (weight + delta.bfloat16().float()).bfloat16())
+    exact = weight.double() + delta.double()
+    assert (merged[name].double() - exact).abs().max() < (unloaded[name].double() - exact).abs().max()
+
+
+def test_a_fan_in_fan_out_adapter_of_gpt2_equals_peft_merge_and_unload(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    adapter = make_adapter(tmp_path / "gpt2", tmp_path, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                           modules_to_save=None, rank_pattern={}, alpha_pattern={})
+    merged = tensors(resolve_model(f"{tmp_path / 'gpt2'}+{adapter}"))
+    assert max(max_differences(merged, tensors(tmp_path / "unloaded")).values()) < 1e-6
+    name = "transformer.h.0.attn.c_attn.weight"  # Conv1D: (in, out), so B A is added transposed
+    assert merged[name].shape == (32, 96) and not torch.equal(merged[name], tensors(tmp_path / "gpt2")[name])
+
+
 def test_a_recipe_over_model_plus_adapter_merges_as_over_the_unloaded_folder(parents, adapter, tmp_path):
     def merge(base: str, out: str) -> dict[str, torch.Tensor]:
         recipe = {"merge_method": "ties", "base_model": str(parents["base"]), "models": [
@@ -144,8 +173,8 @@ def refused(ref: str, message: str, cache: Path) -> None:
 
 def test_dora_is_refused(parents, tmp_path, lora_cache):
     dora = make_adapter(parents["base"], tmp_path, use_dora=True, target_modules=["q_proj"], modules_to_save=None)
-    refused(f"{parents['base']}+{dora}", r"the adapter uses DoRA .* which shoal does not apply; merge it into its model "
-                                         r"with PEFT's merge_and_unload\(\) and name the merged folder instead", lora_cache)
+    refused(f"{parents['base']}+{dora}", r"the adapter uses DoRA .* which shoal does not apply; merge it into its "
+            r"model with PEFT's merge_and_unload\(\) and name the merged folder instead", lora_cache)
 
 
 def test_an_adapter_of_another_model_is_refused(parents, tmp_path, lora_cache):
