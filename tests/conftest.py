@@ -110,6 +110,27 @@ def base_and_language_task(zoo, folder: Path) -> Path:
     return folder
 
 
+def offline_hub(monkeypatch, root: Path, repos: dict[str, dict[str, Path]]) -> dict[str, dict[str, Path]]:
+    """An offline Hugging Face cache under root: per Hub id, per ref (a branch or tag) a snapshot copied from a
+    folder, at commits 000..., 111..., ... in order. Returns each snapshot's folder, by Hub id and ref."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshots: dict[str, dict[str, Path]] = {}
+    for repo_id, refs in repos.items():
+        repo = root / f"models--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        for i, (ref, folder) in enumerate(refs.items()):
+            commit = str(i) * 40
+            shutil.copytree(folder, repo / "snapshots" / commit)
+            (repo / "refs" / ref).write_text(commit)
+            snapshots.setdefault(repo_id, {})[ref] = repo / "snapshots" / commit
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return snapshots
+
+
 def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import offline_hub
 from safetensors import safe_open
 
 from shoal.checkpoint.reader import resolve_model
@@ -17,17 +18,13 @@ from shoal.recipe import parse_recipe
 
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch, parents):
-    """An HF cache holding `shoal-test/a` (a copy of parent a) as the snapshot of its main branch."""
-    from huggingface_hub import constants
+    """An HF cache holding `shoal-test/a` (a copy of parent a) as the snapshot of its main branch, and parent b as
+    the snapshot of its branch v2."""
+    return offline_hub(monkeypatch, tmp_path / "hub", {"shoal-test/a": {"main": parents["a"], "v2": parents["b"]}})[
+        "shoal-test/a"]["main"]
 
-    commit = "0" * 40
-    repo = tmp_path / "hub" / "models--shoal-test--a"
-    shutil.copytree(parents["a"], repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return repo / "snapshots" / commit
+
+NAME = "model.layers.0.self_attn.q_proj.weight"
 
 
 def test_a_hub_id_resolves_to_its_cached_snapshot(offline_cache):
@@ -39,9 +36,36 @@ def test_a_merge_reads_a_parent_given_by_hub_id(offline_cache, parents, tmp_path
         {"model": "shoal-test/a", "parameters": {"weight": 1.0}},
         {"model": str(parents["b"]), "parameters": {"weight": 1.0}}]}
     run_merge(parse_recipe(yaml.safe_dump(recipe)), tmp_path / "m")
-    name = "model.layers.0.self_attn.q_proj.weight"
-    read = lambda folder: safe_open(str(next(folder.glob("*.safetensors"))), "pt").get_tensor(name)
     assert torch.allclose(read(tmp_path / "m"), (read(parents["a"]) + read(parents["b"])) / 2)
+
+
+def test_at_revision_picks_the_snapshot_of_that_branch_or_commit(offline_cache):
+    v2 = offline_cache.parent / ("1" * 40)
+    assert resolve_model("shoal-test/a@v2") == v2
+    assert resolve_model("shoal-test/a@main") == offline_cache
+    assert resolve_model(f"shoal-test/a@{'1' * 40}") == v2
+    assert resolve_model("shoal-test/a") == offline_cache
+
+
+def read(folder: Path) -> torch.Tensor:
+    return safe_open(str(next(folder.glob("*.safetensors"))), "pt").get_tensor(NAME)
+
+
+def test_a_recipe_merges_the_revision_it_names(offline_cache, parents, tmp_path):
+    def merge(first: str, out: str) -> torch.Tensor:
+        recipe = {"merge_method": "linear", "models": [{"model": first, "parameters": {"weight": 1.0}},
+                                                       {"model": str(parents["c"]), "parameters": {"weight": 3.0}}]}
+        run_merge(parse_recipe(yaml.safe_dump(recipe)), tmp_path / out)
+        return read(tmp_path / out)
+
+    c = read(parents["c"])
+    assert torch.allclose(merge("shoal-test/a@v2", "v2"), (read(parents["b"]) + 3 * c) / 4, atol=1e-7)
+    assert torch.allclose(merge("shoal-test/a", "main"), (read(parents["a"]) + 3 * c) / 4, atol=1e-7)
+
+
+def test_an_unknown_revision_is_one_clear_error(offline_cache):
+    with pytest.raises(ShoalError, match="'shoal-test/a@v9' not found: no such folder, and the Hub could not"):
+        resolve_model("shoal-test/a@v9")
 
 
 def test_an_unreachable_hub_id_is_one_clear_error(offline_cache):

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_recipe
+from conftest import offline_hub, write_recipe
 
 from shoal.checkpoint.card import METHOD_PAPERS, write_model_card
 from shoal.merge.engine import run_merge
@@ -63,16 +62,7 @@ def test_the_cards_recipe_block_round_trips_to_the_recipe_used(run_cli, parents,
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, parents) -> None:
     """An offline HF cache holding `shoal-test/base` and `shoal-test/a` (copies of the tiny parents)."""
-    from huggingface_hub import constants
-
-    commit = "0" * 40
-    for name in ("base", "a"):
-        repo = tmp_path / "hub" / f"models--shoal-test--{name}"
-        shutil.copytree(parents[name], repo / "snapshots" / commit)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, tmp_path / "hub", {f"shoal-test/{name}": {"main": parents[name]} for name in ("base", "a")})
 
 
 def test_base_model_lists_the_parents_named_by_hub_id_with_the_base(hub_cache, parents, tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -10,9 +11,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shoal import yamlfile
-from shoal.errors import ShoalError
+from shoal.checkpoint.reference import parse_reference
+from shoal.errors import ShoalError, ShoalWarning
 from shoal.merge import chat_template
-from shoal.merge.registry import METHODS, RANGES, REQUIRED, MergeMethod
+from shoal.merge.registry import METHODS, PARAMETER_NAMES, RANGES, REQUIRED, MergeMethod
 
 Scalar = Union[bool, int, float, str]
 Value = Union[Scalar, list[Scalar]]
@@ -187,6 +189,21 @@ def _value_error(method: MergeMethod, name: str, setting: Setting) -> str | None
     return None
 
 
+def _check_references(recipe: Recipe, node: yaml.Node, source: str) -> None:
+    """Every model string is of mergekit's form MODEL[@REVISION][+ADAPTER[@REVISION]]."""
+    places: list[tuple[tuple[Any, ...], str | None]] = [(("base_model",), recipe.base_model)]
+    places += [(("models", i, "model"), entry.model) for i, entry in enumerate(recipe.models or [])]
+    for i, piece in enumerate(recipe.slices or []):
+        places.append((("slices", i, "base_model"), piece.base_model))
+        places += [(("slices", i, "sources", j, "model"), src.model) for j, src in enumerate(piece.sources)]
+    for loc, ref in places:
+        try:
+            if ref is not None:
+                parse_reference(ref)
+        except ShoalError as exc:
+            raise ShoalError(f"{source}:{yamlfile.line_of(node, loc)}: {exc}") from None
+
+
 def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
     if recipe.merge_method not in METHODS:
         known = ", ".join(sorted(METHODS))
@@ -201,6 +218,7 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
         problem = chat_template.problem(recipe.chat_template)
         if problem:
             raise ShoalError(f"{source}:{yamlfile.line_of(node, ('chat_template',))}: chat_template: {problem}")
+    _check_references(recipe, node, source)
     method = recipe.method
     slices_have_bases = bool(recipe.slices) and all(s.base_model for s in recipe.slices or [])
     if method.base == "required" and not recipe.base_model and not slices_have_bases:
@@ -217,7 +235,12 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
             where = f"{source}:{yamlfile.line_of(node, loc + (name,))}"
             if name not in method.parameters:
                 known = ", ".join(sorted(method.parameters)) or "none"
-                raise ShoalError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known})")
+                if name not in PARAMETER_NAMES:
+                    raise ShoalError(f"{where}: unknown parameter {name!r} for {method.name} (known: {known}); no "
+                                     "merge method takes it")
+                warnings.warn(f"{where}: {method.name} does not use parameter {name!r} (it takes: {known}); "
+                              "ignored, as mergekit ignores it", ShoalWarning, stacklevel=3)
+                continue
             problem = _value_error(method, name, setting)
             if problem:
                 raise ShoalError(f"{where}: {problem}")

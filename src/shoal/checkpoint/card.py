@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from shoal.checkpoint.reader import is_hub_id
+from shoal.checkpoint.reference import parse_reference
 
 METHOD_PAPERS: dict[str, tuple[str, str | None]] = {
     "linear": ("Linear (model soups)", "https://arxiv.org/abs/2203.05482"),
@@ -61,14 +61,15 @@ def write_model_card(
     remake: str | None = None,
     vision: str | None = None,
 ) -> None:
-    """README.md: front matter whose base_model lists the parents named by Hub id (the Hub takes nothing else
-    there; local folders are named in the body), then the method with its paper, the parents and the recipe.
+    """README.md: front matter whose base_model lists the parents named by Hub id and their LoRA adapters, without
+    revisions (the Hub takes nothing else there; local folders are named in the body), then the method with its
+    paper, the parents and the recipe.
 
     A merge method's card is tagged mergekit-compatible (its recipe is in mergekit's format); another (a data-flow
     path) is not.
     """
     meta = {
-        "base_model": [p for p in parents if is_hub_id(p)],
+        "base_model": list(dict.fromkeys(i for p in parents for i in parse_reference(p).hub_ids())),
         "library_name": "transformers",
         "tags": TAGS if method in METHOD_PAPERS else [t for t in TAGS if t != "mergekit-compatible"],
     }

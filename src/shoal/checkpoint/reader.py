@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,37 +12,43 @@ import torch
 from safetensors import safe_open
 
 from shoal import layout
+from shoal.checkpoint.reference import Location, parse_reference
 from shoal.errors import ShoalError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
 
-def is_hub_id(ref: str | Path) -> bool:
-    """Whether resolve_model takes ref as a Hub id: of the form org/name, and no local folder."""
-    return not Path(ref).expanduser().exists() and bool(_HUB_ID.match(str(ref)))
-
-
-def resolve_model(ref: str | Path, *, revision: str | None = None) -> Path:
-    """Return the local folder of a model given as a folder path or a Hub id (downloaded once into the HF cache)."""
-    path = Path(ref).expanduser()
+def _folder(place: Location, ref: str) -> Path:
+    """The local folder of a folder path or a Hub id at a revision (downloaded once into the HF cache)."""
+    path = Path(place.path).expanduser()
     if path.is_dir():
         return path
-    text = str(ref)
+    what = f"model {ref!r}" if str(place) == ref else f"{place} (in {ref!r})"
     if path.exists():
-        raise ShoalError(f"model {text!r} is a file; give the folder that holds config.json and *.safetensors")
-    if not _HUB_ID.match(text):
-        raise ShoalError(f"model {text!r} not found: no such folder, and it is not a Hub id of the form 'org/name'")
+        raise ShoalError(f"{what} is a file; give the folder that holds config.json and *.safetensors")
+    if not place.is_hub_id:
+        raise ShoalError(f"{what} not found: no such folder, and it is not a Hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(place.path, revision=place.revision, allow_patterns=_HUB_FILES))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShoalError(
-            f"model {text!r} not found: no such folder, and the Hub could not provide it ({first})"
-        ) from exc
+        raise ShoalError(f"{what} not found: no such folder, and the Hub could not provide it ({first})") from exc
+
+
+def resolve_model(ref: str | Path) -> Path:
+    """The local folder of a model string: a folder path or a Hub id (`org/name`, `org/name@revision`), or either
+    with `+ADAPTER` (a PEFT LoRA adapter's folder or Hub id): then the model with the adapter applied, made once
+    into shoal's cache (shoal.checkpoint.lora)."""
+    reference = parse_reference(ref)
+    folder = _folder(reference.model, str(ref))
+    if reference.lora is None:
+        return folder
+    from shoal.checkpoint import lora  # imports peft, and this module
+
+    return lora.merged_folder(folder, _folder(reference.lora, str(ref)), str(ref))
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,8 @@ class ModelFolderWriter:
             self._file = None
 
 
-def _remove_stale_temporaries(out_dir: Path) -> None:
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove the temporary folders `.NAME.tmp-PID` beside out_dir that processes now dead left."""
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
@@ -156,7 +157,7 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
     with folder_lock(out_dir):
         if out_dir.exists() and not overwrite:
             raise ShoalError(f"{out_dir} already exists; pass --overwrite to replace it")
-        _remove_stale_temporaries(out_dir)
+        remove_stale_temporaries(out_dir)
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import NoReturn
 
 from rich.console import Console
@@ -16,7 +17,7 @@ from shoal.cli import merge as _merge  # noqa: F401  (registers `shoal merge`)
 from shoal.cli import report as _report  # noqa: F401  (registers `shoal report`)
 from shoal.cli import zoo as _zoo  # noqa: F401  (registers `shoal zoo`)
 from shoal.cli.app import app
-from shoal.errors import Interrupted, ShoalError
+from shoal.errors import Interrupted, ShoalError, ShoalWarning
 
 MERGEKIT_OPTIONS = {
     "--lazy-loader": "shoal reads tensors lazily, always",
@@ -59,7 +60,19 @@ def interrupted(message: str) -> NoReturn:
     sys.exit(INTERRUPTED)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    """Print a ShoalWarning as `warning: message` on one line; other warnings as Python prints them."""
+    if not issubclass(category, ShoalWarning):
+        return _python_show_warning(message, category, filename, lineno, file, line)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("warning:", "bold yellow"), " ",
+                                                                              str(message)))
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt no command caught
     except ShoalError as exc:

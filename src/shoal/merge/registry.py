@@ -256,3 +256,6 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod("passthrough", _passthrough, {"scale": None}, {}, base="ignored", max_inputs=1),
     ]
 }
+
+PARAMETER_NAMES: frozenset[str] = frozenset().union(*(m.parameters for m in METHODS.values()))
+"""Every parameter some method takes: a recipe's other names are typos, not parameters of another method."""

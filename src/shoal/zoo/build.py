@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from shoal.cache import cache_dir
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
 from shoal.zoo.language import Operands, Sampler, mixture, split_operands
@@ -137,7 +137,7 @@ Progress = Callable[[str, int, int], None]
 
 def default_zoo_dir() -> Path:
     """$XDG_CACHE_HOME/shoal/zoo, or ~/.cache/shoal/zoo."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shoal" / "zoo"
+    return cache_dir("zoo")
 
 
 @dataclass(frozen=True)

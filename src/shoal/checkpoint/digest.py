@@ -1,0 +1,41 @@
+"""Content digests of the files of a model folder, each file read at most once per process."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+_BLOB = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+"""A Hugging Face cache blob's name: the git SHA-1 of a small file or the SHA-256 of a large one (its content)."""
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """The SHA-256 of a file's bytes; the file's size, time and inode key the memo, so a changed file is read again."""
+    del size, mtime_ns, inode
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """A file's content digest: the name of the Hugging Face cache blob it links to (the Hub's hash of its content,
+    free), else the SHA-256 of its bytes."""
+    real = path.resolve()
+    if real.parent.name == "blobs" and _BLOB.match(real.name):
+        return f"blob:{real.name}"
+    stat = real.stat()
+    return f"sha256:{_sha256(str(real), stat.st_size, stat.st_mtime_ns, stat.st_ino)}"
+
+
+def files_digest(folder: Path, names: Iterable[str]) -> str:
+    """One digest of the named files of folder, by name and content: equal digests, equal files."""
+    digest = hashlib.sha256()
+    for name in sorted(set(names)):
+        digest.update(f"{name}\0{file_digest(folder / name)}\n".encode())
+    return digest.hexdigest()
