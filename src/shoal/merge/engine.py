@@ -150,8 +150,9 @@ def output_tokenizer(recipe: Recipe, parents: dict[str, Checkpoint]) -> OutputTo
 def check_tokenizer_settings(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> None:
     """Refuse tokenizer settings the output cannot take (a vision-language output keeps its own tokenizer), as
     `shoal merge` would, for a caller that merges in memory and writes nothing yet."""
-    _tokenizer_folder(recipe, parents, reference)
-    _chat_template(recipe, parents, reference, writes_tokenizer=True)
+    if parents[reference].is_vlm:
+        _tokenizer_folder(recipe, parents, reference)
+        _chat_template(recipe, parents, reference, writes_tokenizer=True)
 
 
 def _tokenizer_folder(recipe: Recipe, parents: dict[str, Checkpoint], reference: str) -> Path:
