@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from importlib.metadata import version
 from pathlib import Path
 
+import seed_record
 import torch
 import yaml
 
@@ -31,7 +30,6 @@ from shoal.search.spec import load_search
 from shoal.zoo import build_zoo
 from shoal.zoo.pool import build_pool
 
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "optuna", "cmaes", "numpy")
 
 
 def run_seed(seed: int, args: argparse.Namespace, two_parent: dict[int, float]) -> dict:
@@ -118,15 +116,10 @@ def main() -> None:
     torch.set_num_threads(1)
     two_parent = {r["seed"]: r["evolved_test"] for path in args.two_parent for r in json.loads(path.read_text())["rows"]}
     rows = [run_seed(seed, args, two_parent) for seed in args.seeds]
-    for path in args.merge:
-        rows += json.loads(path.read_text())["rows"]
-    rows.sort(key=lambda r: r["seed"])
+    rows = seed_record.gathered(rows, args.merge)
     print_tables(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"rows": rows, "versions": {lib: version(lib) for lib in LIBRARIES},
-                  "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        seed_record.write(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import time
-from importlib.metadata import version
 from pathlib import Path
 
+import seed_record
 import torch
 import yaml
 
@@ -31,7 +30,6 @@ from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
 from shoal.zoo import build_vlm_zoo, build_zoo
 
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "optuna", "cmaes", "numpy", "pillow")
 SLOTS = {"shape": 0, "colour": 1, "place": 3}  # word positions in an XX scene: "tomo kiru i hasu ta ."
 
 
@@ -119,15 +117,10 @@ def main() -> None:
     for seed in args.seeds:
         rows.append(run_seed(seed, args))
         print(json.dumps(rows[-1]), flush=True)
-    for path in args.merge:
-        rows += json.loads(path.read_text())["rows"]
-    rows.sort(key=lambda r: r["seed"])
+    rows = seed_record.gathered(rows, args.merge)
     print_table(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"rows": rows, "versions": {lib: version(lib) for lib in LIBRARIES},
-                  "python": platform.python_version(), "machine": platform.machine()}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        seed_record.write(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import os
 import platform
 import statistics
 import time
-from importlib.metadata import version
 from pathlib import Path
 
+import seed_record
 import torch
 import yaml
 
@@ -30,7 +30,6 @@ from shoal.search.spec import load_search
 from shoal.zoo import build_zoo
 
 TASKS = ("xx-math", "en-math", "xx-easy")
-LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "optuna", "cmaes", "numpy")
 
 
 def skills(model: Path, tasks: dict[str, Path]) -> dict[str, float]:
@@ -120,19 +119,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [run_seed(seed, args) for seed in args.seeds]
-    for path in args.merge:
-        rows += json.loads(path.read_text())["rows"]
-    rows.sort(key=lambda r: r["seed"])
+    rows = seed_record.gathered(rows, args.merge)
     print_tables(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        record = {"rows": rows, "versions": {lib: version(lib) for lib in LIBRARIES},
-                  "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        seed_record.write(args.json, rows)
     if args.reference:
         keep = ("seed", "evolved_test", "evolved_dev", "best_parent_test", "best_untuned_test", "joint_test", "margin_parent",
                 "margin_untuned", "margin_joint")
-        reference = {"rows": [{k: r[k] for k in keep} for r in rows], "versions": {lib: version(lib) for lib in LIBRARIES},
+        reference = {"rows": [{k: r[k] for k in keep} for r in rows], "versions": seed_record.versions(),
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
         args.reference.write_text(json.dumps(reference, indent=1) + "\n")
 

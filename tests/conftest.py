@@ -189,3 +189,14 @@ def write_two_split_task(folder: Path) -> Path:
     (folder / "dev.jsonl").write_text(json.dumps({"prompt": "a b", "answer": "c"}) + "\n")
     (folder / "test.jsonl").write_text(json.dumps({"prompt": "d e", "answer": "f"}) + "\n")
     return folder
+
+
+def read_tensors(folder: Path) -> dict:
+    """Every tensor of a model folder's safetensors files (one or many shards), by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

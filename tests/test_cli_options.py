@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line, write_recipe
-from safetensors import safe_open
+from conftest import one_error_line, write_recipe, read_tensors as _tensors
 
 from shoal.checkpoint.files import TOKENIZER_FILES
 
@@ -19,14 +18,6 @@ from shoal.checkpoint.files import TOKENIZER_FILES
 def _recipe(parents, method: str = "ties", **extra) -> dict:
     models = [{"model": str(parents[n]), "parameters": {"weight": 0.5, "density": 0.5}} for n in ("a", "b")]
     return {"merge_method": method, "base_model": str(parents["base"]), "models": models, **extra}
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _weight_bytes(folder: Path) -> dict[str, bytes]:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import offline_hub
-from safetensors import safe_open
+from conftest import offline_hub, read_tensors as tensors
 
 from shoal.checkpoint import lora
 from shoal.checkpoint.reader import resolve_model
@@ -26,14 +25,6 @@ peft = pytest.importorskip("peft")
 def lora_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "shoal" / "lora"
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def make_adapter(base: Path, folder: Path, seed: int = 0, **config) -> Path:

@@ -8,21 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_recipe
-from safetensors import safe_open
+from conftest import write_recipe, read_tensors as tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shoal.checkpoint.reader import open_checkpoint
 from shoal.merge.engine import run_merge
 from shoal.recipe import parse_recipe
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def merge(recipe: dict, out: Path, **kw) -> dict[str, torch.Tensor]:

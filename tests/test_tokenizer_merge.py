@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from conftest import one_error_line, write_recipe
+from conftest import one_error_line, write_recipe, read_tensors as rows
 from shoal.checkpoint.files import write_config
 from shoal.errors import ShoalError
 from shoal.merge.chat_template import built_in
@@ -54,14 +53,6 @@ def family(tmp_path_factory) -> dict[str, Path]:
         tok.chat_template = CHATML
         tok.save_pretrained(found[name])
     return found
-
-
-def rows(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def merge(recipe: dict, out: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_recipe
+from conftest import write_recipe, read_tensors as tensors
 from PIL import Image
-from safetensors import safe_open
 from vlm_models import make_llava, make_qwen2_vl, qwen2_config
 
 from shoal.checkpoint.reader import open_checkpoint
@@ -55,14 +54,6 @@ def vlms(llms, tmp_path_factory) -> dict[str, Path]:
 
 def _llm_of(family: str) -> str:
     return "qwen2" if family.startswith("qwen2") else "llama"
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _recipe(method: str, base: Path, a: Path, b: Path, seed: int = 4) -> dict:
