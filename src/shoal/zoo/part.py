@@ -66,6 +66,17 @@ class PartRecord(Generic[T]):
         damaged = _damaged(root, data.get("files", {}))
         return (None, damaged) if damaged else (part, None)
 
+    def reuse(self, root: Path, digest: str, notice: Callable[[str], None] | None) -> T | None:
+        """The part already built with these settings and intact; else None, with the stale record removed and
+        notice told why a damaged part is rebuilt."""
+        cached, damaged = self.cached(root, digest)
+        if cached is not None:
+            return cached
+        if damaged and notice:
+            notice(f"the {self.what} of the zoo at {root} cannot be reused ({damaged}); rebuilding it")
+        self.path(root).unlink(missing_ok=True)
+        return None
+
     def write(self, root: Path, data: dict) -> T:
         """Write the record atomically; return the part it describes."""
         tmp = root / f".{self.name}.tmp"

@@ -98,12 +98,9 @@ def build_pool(zoo: Zoo, *, threads: int = 1, progress: Progress | None = None,
         raise ShoalError(f"threads must be at least 1 (got {threads})")
     digest = settings_hash(zoo)
     record = _record(zoo)
-    cached, damaged = record.cached(zoo.root, digest)
-    if cached:
+    cached = record.reuse(zoo.root, digest, notice)
+    if cached is not None:
         return cached
-    if damaged and notice:
-        notice(f"the pool of the zoo at {zoo.root} cannot be reused ({damaged}); rebuilding it")
-    (zoo.root / "pool.json").unlink(missing_ok=True)
     operands = split_operands(SIZES[zoo.size].held_out)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(zoo.base)
     schedule = SCHEDULES[zoo.size]

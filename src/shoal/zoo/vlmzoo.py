@@ -142,14 +142,11 @@ def build_vlm_zoo(
         raise ShoalError(f"the zoo at {zoo.root} has no language parent to pair with the VLM")
     digest = settings_hash(zoo, size, seed)
     record = _record(zoo)
-    cached, damaged = record.cached(zoo.root, digest)
-    if cached:
+    cached = record.reuse(zoo.root, digest, notice)
+    if cached is not None:
         return cached
-    if damaged and notice:
-        notice(f"the VLM part of the zoo at {zoo.root} cannot be reused ({damaged}); rebuilding it")
     spec = VLM_SIZES[size]
     root = zoo.root
-    (root / "vlm.json").unlink(missing_ok=True)
     owned = [root / "models" / VLM, *(root / "tasks" / name for name in ("en-caption", "xx-caption"))]
     for folder in owned:
         shutil.rmtree(folder, ignore_errors=True)
