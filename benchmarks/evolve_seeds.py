@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 from pathlib import Path
 
 import torch
 import yaml
+from seed_record import mean_std
 
 from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
@@ -72,10 +72,6 @@ def row(seed: int, summary: dict) -> dict:
         "wall_seconds": summary["wall_seconds"],
     }
 
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from seed_record import mean_std
 
 from shoal.evaluate import load_task
 from shoal.search.evolve import evolve
@@ -59,10 +60,6 @@ def run(seed: int, mode: str, n: int | None, fraction: float, args: argparse.Nam
         "top_by_search_dev": 100 * s.selection.rescored[0].dev, "wall_seconds": s.wall_seconds,
     }
 
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
 def main() -> None:

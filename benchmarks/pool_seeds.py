@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import seed_record
 import torch
-import yaml
 
-from shoal.cli.demo import demo_search, weight_mass
-from shoal.search.evolve import evolve
-from shoal.search.spec import load_search
+from shoal.cli.demo import weight_mass
 from shoal.zoo import build_zoo
 from shoal.zoo.pool import build_pool
 
@@ -37,46 +33,22 @@ def run_seed(seed: int, args: argparse.Namespace, two_parent: dict[int, float]) 
     zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
     pool = build_pool(zoo, threads=1)
     built = time.perf_counter() - start
-    folder = args.out / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    search = folder / "search.yaml"
-    search.write_text(yaml.safe_dump(demo_search(pool.parents, pool.base, pool.target, args.budget, seed, "ps"),
-                                     sort_keys=False))
-    summary = evolve(load_search(search), folder / "run")
-    best_parent = max(summary.parents, key=summary.parents.get)
-    best_untuned = max(summary.untuned, key=summary.untuned.get)
-    evolved = 100 * summary.best.test
+    summary = seed_record.search(args.out / f"seed{seed}", pool.parents, pool.base, pool.target, args.budget, seed)
     mass = weight_mass(summary)
     row = {
         "seed": seed,
         "build_seconds": built,
         "roles": pool.roles,
         "parents": {name: 100 * score for name, score in summary.parents.items()},
-        "untuned": {name: 100 * score for name, score in summary.untuned.items()},
-        "evolved_dev": 100 * summary.best.dev,
-        "evolved_test": evolved,
-        "best_parent": best_parent,
-        "best_parent_test": 100 * summary.parents[best_parent],
-        "best_untuned": best_untuned,
-        "best_untuned_test": 100 * summary.untuned[best_untuned],
-        "margin_parent": evolved - 100 * summary.parents[best_parent],
-        "margin_untuned": evolved - 100 * summary.untuned[best_untuned],
+        **seed_record.outcome(summary),
         "weight_mass": mass,
         "distractor_mass": sum(w for name, w in mass.items() if pool.roles[name] == "distractor"),
-        "trials": summary.trials,
-        "evolve_seconds": summary.wall_seconds,
     }
     if seed in two_parent:
         row["two_parent_test"] = two_parent[seed]
-        row["margin_two_parent"] = evolved - two_parent[seed]
+        row["margin_two_parent"] = row["evolved_test"] - two_parent[seed]
     return row
 
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -92,8 +64,8 @@ def print_tables(rows: list[dict]) -> None:
               f"{r['best_untuned_test']:.1f} ({r['best_untuned']}) | {two} | **{r['evolved_test']:.1f}** "
               f"({r['evolved_dev']:.1f}) | {r['margin_parent']:+.1f} | {r['margin_untuned']:+.1f} | {vs_two} | "
               f"{r['distractor_mass']:.2f} |")
-    col = lambda key: mean_std([r[key] for r in rows if key in r])  # noqa: E731
-    print(f"| mean ± std | {' | '.join(mean_std([r['parents'][n] for r in rows]) for n in names)} | "
+    col = lambda key: seed_record.mean_std([r[key] for r in rows if key in r])  # noqa: E731
+    print(f"| mean ± std | {' | '.join(seed_record.mean_std([r['parents'][n] for r in rows]) for n in names)} | "
           f"{col('best_untuned_test')} | {col('two_parent_test')} | **{col('evolved_test')}** ({col('evolved_dev')}) | "
           f"{col('margin_parent')} | {col('margin_untuned')} | {col('margin_two_parent')} | {col('distractor_mass')} |")
     print("\nweight per parent (mean over layers): | seed | " + " | ".join(names) + " |")

@@ -16,18 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import time
 from pathlib import Path
 
 import seed_record
 import torch
-import yaml
 
-from shoal.cli.demo import VLM_BUDGET, demo_search
+from shoal.cli.demo import VLM_BUDGET
 from shoal.evaluate import evaluate, load_task
-from shoal.search.evolve import evolve
-from shoal.search.spec import load_search
 from shoal.zoo import build_vlm_zoo, build_zoo
 
 SLOTS = {"shape": 0, "colour": 1, "place": 3}  # word positions in an XX scene: "tomo kiru i hasu ta ."
@@ -50,39 +46,21 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     tasks = {name: load_task(folder) for name, folder in part.tasks.items()}
     vlm = {name: 100 * evaluate(part.vlm, task, split="test", batch_size=64).score for name, task in tasks.items()}
     folder = args.out / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    search = folder / "search.yaml"
-    parents = {"vlm": part.vlm, "language": part.language}
-    search.write_text(yaml.safe_dump(demo_search(parents, zoo.base, part.target, args.budget, seed, "ps"), sort_keys=False))
-    summary = evolve(load_search(search), folder / "run")
+    summary = seed_record.search(folder, {"vlm": part.vlm, "language": part.language}, zoo.base, part.target,
+                                 args.budget, seed)
     target = tasks["xx-caption"]
     result = evaluate(folder / "run" / "best", target, split="test", batch_size=64, return_outputs=True)
     answers = [item.answer for item in target.items("test")]
-    best_parent = max(summary.parents, key=summary.parents.get)
-    best_untuned = max(summary.untuned, key=summary.untuned.get)
-    evolved = 100 * summary.best.test
     return {
         "seed": seed,
         "build_seconds": built,
         "vlm_en_caption_test": vlm["en-caption"],
         "parents": {k: 100 * v for k, v in summary.parents.items()},
-        "untuned": {k: 100 * v for k, v in summary.untuned.items()},
-        "best_parent": best_parent,
-        "best_untuned": best_untuned,
-        "evolved_dev": 100 * summary.best.dev,
-        "evolved_test": evolved,
-        "margin_parent": evolved - 100 * summary.parents[best_parent],
-        "margin_untuned": evolved - 100 * summary.untuned[best_untuned],
+        **seed_record.outcome(summary),
         "evolved_slots": slot_shares(result.outputs, answers, target.spec.constraints[1].pattern),
         "evolved_example": result.outputs[0],
-        "trials": summary.trials,
-        "evolve_seconds": summary.wall_seconds,
     }
 
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -95,7 +73,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['untuned'][r['best_untuned']]:.1f} ({r['best_untuned']}) | **{r['evolved_test']:.1f}** "
               f"({r['evolved_dev']:.1f}) | {r['margin_parent']:+.1f} | {r['margin_untuned']:+.1f} | "
               f"{s['form']:.0f} / {s['shape']:.0f} / {s['colour']:.0f} / {s['place']:.0f} |")
-    col = lambda f: mean_std([f(r) for r in rows])  # noqa: E731
+    col = lambda f: seed_record.mean_std([f(r) for r in rows])  # noqa: E731
     print(f"| mean ± std | {col(lambda r: r['vlm_en_caption_test'])} | {col(lambda r: r['parents']['vlm'])} | "
           f"{col(lambda r: r['parents']['language'])} | {col(lambda r: r['parents']['base'])} | "
           f"{col(lambda r: r['untuned'][r['best_untuned']])} | **{col(lambda r: r['evolved_test'])}** "

@@ -15,18 +15,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import seed_record
 import torch
-import yaml
 
-from shoal.cli.demo import demo_search
 from shoal.evaluate import evaluate, load_task
-from shoal.search.evolve import evolve
-from shoal.search.spec import load_search
 from shoal.zoo import build_zoo
 
 TASKS = ("xx-math", "en-math", "xx-easy")
@@ -50,37 +45,16 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     models = {"base": zoo.base, **zoo.parents, "joint": zoo.joint}
     row: dict = {"seed": seed, "build_seconds": built, "steps": {"base": zoo_json["base_steps"], **{n: p["steps"] for n, p in zoo_json["parents"].items()}},
                  "models": {name: skills(path, zoo.tasks) for name, path in models.items()}}
-    folder = args.out / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    search = folder / "search.yaml"
-    search.write_text(yaml.safe_dump(demo_search(zoo.parents, zoo.base, zoo.target, args.budget, seed, "ps"), sort_keys=False))
-    summary = evolve(load_search(search), folder / "run")
-    best_parent = max(summary.parents, key=summary.parents.get)
-    best_untuned = max(summary.untuned, key=summary.untuned.get)
-    evolved = 100 * summary.best.test
+    summary = seed_record.search(args.out / f"seed{seed}", zoo.parents, zoo.base, zoo.target, args.budget, seed)
     joint = row["models"]["joint"]["xx-math"]
+    row |= seed_record.outcome(summary)
     row |= {
-        "evolved_dev": 100 * summary.best.dev,
-        "evolved_test": evolved,
-        "best_parent": best_parent,
-        "best_parent_test": 100 * summary.parents[best_parent],
-        "best_untuned": best_untuned,
-        "best_untuned_test": 100 * summary.untuned[best_untuned],
         "joint_test": joint,
-        "margin_parent": evolved - 100 * summary.parents[best_parent],
-        "margin_untuned": evolved - 100 * summary.untuned[best_untuned],
-        "margin_joint": evolved - joint,
+        "margin_joint": row["evolved_test"] - joint,
         "dev_test_gap": 100 * (summary.best.dev - summary.best.test),
-        "untuned": {k: 100 * v for k, v in summary.untuned.items()},
-        "trials": summary.trials,
-        "evolve_seconds": summary.wall_seconds,
     }
     return row
 
-
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -92,7 +66,7 @@ def print_tables(rows: list[dict]) -> None:
               f"{m['language']['xx-math']:.1f} | {r['joint_test']:.1f} | {r['best_untuned_test']:.1f} ({r['best_untuned']}) | "
               f"**{r['evolved_test']:.1f}** ({r['evolved_dev']:.1f}) | {r['margin_parent']:+.1f} | {r['margin_untuned']:+.1f} | "
               f"{r['margin_joint']:+.1f} |")
-    col = lambda f: mean_std([f(r) for r in rows])  # noqa: E731
+    col = lambda f: seed_record.mean_std([f(r) for r in rows])  # noqa: E731
     print(f"| mean ± std | {col(lambda r: r['models']['base']['xx-math'])} | {col(lambda r: r['models']['math']['xx-math'])} | "
           f"{col(lambda r: r['models']['language']['xx-math'])} | {col(lambda r: r['joint_test'])} | "
           f"{col(lambda r: r['best_untuned_test'])} | **{col(lambda r: r['evolved_test'])}** ({col(lambda r: r['evolved_dev'])}) | "
@@ -103,7 +77,7 @@ def print_tables(rows: list[dict]) -> None:
             print(f"| {r['seed']} | {name} | {s['xx-math']:.1f} | {s['en-math']:.1f} | {s['xx-easy']:.1f} |")
     print(f"\nsmallest margins: vs best parent {min(r['margin_parent'] for r in rows):+.1f}, vs best untuned "
           f"{min(r['margin_untuned'] for r in rows):+.1f}, vs joint {min(r['margin_joint'] for r in rows):+.1f}; "
-          f"dev-test gap {mean_std([r['dev_test_gap'] for r in rows])}")
+          f"dev-test gap {seed_record.mean_std([r['dev_test_gap'] for r in rows])}")
 
 
 def main() -> None:
