@@ -200,3 +200,15 @@ def read_tensors(folder: Path) -> dict:
         with safe_open(str(shard), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def zoo_search(zoo, folder: Path, name: str = "search.yaml", **extra: object) -> Path:
+    """A search file over the zoo's math and language parents for its target (DARE-TIES, a gene per parent for all
+    layers, seed 5), with `extra` keys replacing or adding to it; written to folder/name."""
+    import yaml
+
+    spec = {"base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
+            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "seed": 5} | extra
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder / name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from conftest import zoo_search
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
@@ -30,25 +32,11 @@ from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
 from shoal.search.trials import open_study
-from shoal.zoo.build import Zoo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _search(zoo: Zoo, folder: Path, **extra: object) -> Path:
-    spec = {
-        "base": str(zoo.base),
-        "parents": {name: str(path) for name, path in zoo.parents.items()},
-        "method": "dare_ties",
-        "genome": {"layers_per_group": 0},
-        "tasks": [{"path": str(zoo.tasks["xx-math"])}],
-        "budget": 14,
-        "seed": 5,
-    } | extra
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "search.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+_search = functools.partial(zoo_search, budget=14)
 
 
 def _trials(run_dir: Path) -> list[tuple[dict, float | None, str]]:

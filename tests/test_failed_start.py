@@ -3,13 +3,13 @@ a search left before storing any trial (killed, or made by an older shoal) is ta
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from conftest import one_error_line
+from conftest import one_error_line, zoo_search
 
 from shoal.folder_lock import lock_file
 from shoal.search import run_folder
@@ -20,12 +20,7 @@ from shoal.search.trials import open_study
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _search(zoo, folder: Path, name: str = "search.yaml", **extra: object) -> Path:
-    spec = {"base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
-            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 2,
-            "seed": 5} | extra
-    (folder / name).write_text(yaml.safe_dump(spec, sort_keys=False))
-    return folder / name
+_search = functools.partial(zoo_search, budget=2)
 
 
 def _trials(run: Path) -> int:

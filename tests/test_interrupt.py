@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from conftest import SLOW_MERGE, finished_trials, wait_for, write_recipe
+from conftest import SLOW_MERGE, finished_trials, wait_for, write_recipe, zoo_search
 
 
 def _default_sigint() -> None:
@@ -49,11 +48,7 @@ def test_ctrl_c_during_merge_exits_130_and_leaves_nothing_half_written(parents, 
 
 
 def test_ctrl_c_during_evolve_exits_130_and_says_how_many_trials_are_kept(zoo, tmp_path) -> None:
-    search = tmp_path / "search.yaml"
-    search.write_text(yaml.safe_dump({
-        "base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
-        "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 400,
-        "seed": 5}))
+    search = zoo_search(zoo, tmp_path, budget=400)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

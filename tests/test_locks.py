@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import SLOW_MERGE, finished_trials, one_error_line, wait_for, write_recipe
+from conftest import SLOW_MERGE, finished_trials, one_error_line, wait_for, write_recipe, zoo_search
 
 from shoal.errors import ShoalError
 from shoal.folder_lock import folder_lock, lock_file
@@ -53,11 +53,7 @@ def test_a_second_merge_into_the_same_folder_is_refused_while_the_first_writes(r
 
 
 def test_a_second_evolve_on_the_same_run_folder_is_refused_and_kill_9_frees_it(zoo, run_cli, tmp_path) -> None:
-    search = tmp_path / "search.yaml"
-    search.write_text(yaml.safe_dump({
-        "base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
-        "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 5000,
-        "seed": 5}))
+    search = zoo_search(zoo, tmp_path, budget=5000)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -10,8 +10,10 @@ import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
+from conftest import zoo_search
 
 import shoal.cli.report  # noqa: F401  (registers `shoal report`)
+
 from shoal.report import (
     PathBox,
     best_so_far,
@@ -226,12 +228,7 @@ def test_report_counts_and_numbers_trials_as_the_search_does(tmp_path):
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_report_of_a_run_shoal_evolve_made_agrees_with_its_summary(zoo, run_cli, tmp_path):
-    import yaml
-
-    search = {"base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
-              "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 4}
-    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
-    code, _, err = run_cli("evolve", tmp_path / "search.yaml", tmp_path / "run", "--threads", "1")
+    code, _, err = run_cli("evolve", zoo_search(zoo, tmp_path, budget=4, seed=0), tmp_path / "run", "--threads", "1")
     assert code == 0, err
     run = tmp_path / "run"
     summary = read_summary(run)

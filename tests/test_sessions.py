@@ -11,8 +11,7 @@ import sys
 
 import optuna
 import pytest
-import yaml
-from conftest import finished_trials, wait_for
+from conftest import finished_trials, wait_for, zoo_search
 
 from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
@@ -22,11 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_sessions_ended_by_kill_9_are_counted_with_their_time(zoo, tmp_path) -> None:
-    search = tmp_path / "search.yaml"
-    search.write_text(yaml.safe_dump({
-        "base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
-        "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 36,
-        "seed": 5}))
+    search = zoo_search(zoo, tmp_path, budget=36)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
     bounds = [0]

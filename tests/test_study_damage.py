@@ -10,8 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
-from conftest import one_error_line
+from conftest import one_error_line, zoo_search
 
 from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
@@ -26,11 +25,7 @@ BUDGET = 6
 def finished(zoo, tmp_path_factory) -> Path:
     """A finished run of BUDGET trials: study.log holds the study (line 1), its search hash (2), a trial a line."""
     folder = tmp_path_factory.mktemp("finished")
-    (folder / "search.yaml").write_text(yaml.safe_dump({
-        "base": str(zoo.base), "parents": {n: str(p) for n, p in zoo.parents.items()}, "method": "dare_ties",
-        "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": BUDGET,
-        "seed": 5}))
-    evolve(load_search(folder / "search.yaml"), folder / "run")
+    evolve(load_search(zoo_search(zoo, folder, budget=BUDGET)), folder / "run")
     return folder
 
 

@@ -7,7 +7,8 @@ import signal
 
 import optuna
 import pytest
-import yaml
+
+from conftest import zoo_search
 
 from shoal.search.evolve import evolve
 from shoal.search.loop import SerialEvaluator, trial_seed
@@ -31,10 +32,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def search(zoo, tmp_path_factory):
     folder = tmp_path_factory.mktemp("search")
-    spec = {"base": str(zoo.base), "parents": {k: str(v) for k, v in zoo.parents.items()},
-            "genome": {"layers_per_group": 0}, "tasks": [{"path": str(zoo.tasks["xx-math"])}], "budget": 16, "seed": 3}
-    (folder / "search.yaml").write_text(yaml.safe_dump(spec))
-    return load_search(folder / "search.yaml")
+    return load_search(zoo_search(zoo, folder, budget=16, seed=3))
 
 
 
