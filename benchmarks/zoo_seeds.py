@@ -7,6 +7,8 @@ the evolved model is the best dev trial, scored once on test. Prints per-seed ro
 margins, and writes every number to a JSON file (`shoal demo` reads the margins' range from it).
 
     python benchmarks/zoo_seeds.py --seeds 0 1 2 3 4 --out runs/zoo-seeds --json benchmarks/results/zoo_seeds.json
+
+`--search-seed` runs another search over the same zoos (is an outcome the zoo's or the search's?).
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     models = {"base": zoo.base, **zoo.parents, "joint": zoo.joint}
     row: dict = {"seed": seed, "build_seconds": built, "steps": {"base": zoo_json["base_steps"], **{n: p["steps"] for n, p in zoo_json["parents"].items()}},
                  "models": {name: skills(path, zoo.tasks) for name, path in models.items()}}
-    summary = seed_record.search(args.out / f"seed{seed}", zoo.parents, zoo.base, zoo.target, args.budget, seed)
+    search_seed = seed if args.search_seed is None else args.search_seed
+    folder = args.out / (f"seed{seed}" if args.search_seed is None else f"seed{seed}-search{search_seed}")
+    summary = seed_record.search(folder, zoo.parents, zoo.base, zoo.target, args.budget, search_seed)
+    row["search_seed"] = search_seed
     joint = row["models"]["joint"]["xx-math"]
     row |= seed_record.outcome(summary)
     row |= {
@@ -57,12 +62,18 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
 
 
 
+def label(row: dict) -> str:
+    """The zoo's seed, and the search's where it is not the zoo's."""
+    search_seed = row.get("search_seed", row["seed"])
+    return str(row["seed"]) if search_seed == row["seed"] else f"{row['seed']} (search {search_seed})"
+
+
 def print_tables(rows: list[dict]) -> None:
     print("\n| seed | base | math | language | joint fine-tune | best untuned merge | evolved (dev) | vs best parent | vs best untuned | vs joint |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["models"]
-        print(f"| {r['seed']} | {m['base']['xx-math']:.1f} | {m['math']['xx-math']:.1f} ({m['math']['not_xx']:.0f}) | "
+        print(f"| {label(r)} | {m['base']['xx-math']:.1f} | {m['math']['xx-math']:.1f} ({m['math']['not_xx']:.0f}) | "
               f"{m['language']['xx-math']:.1f} | {r['joint_test']:.1f} | {r['best_untuned_test']:.1f} ({r['best_untuned']}) | "
               f"**{r['evolved_test']:.1f}** ({r['evolved_dev']:.1f}) | {r['margin_parent']:+.1f} | {r['margin_untuned']:+.1f} | "
               f"{r['margin_joint']:+.1f} |")
@@ -74,7 +85,7 @@ def print_tables(rows: list[dict]) -> None:
     print("\nskills (test): | seed | model | xx-math | en-math | xx-easy |")
     for r in rows:
         for name, s in r["models"].items():
-            print(f"| {r['seed']} | {name} | {s['xx-math']:.1f} | {s['en-math']:.1f} | {s['xx-easy']:.1f} |")
+            print(f"| {label(r)} | {name} | {s['xx-math']:.1f} | {s['en-math']:.1f} | {s['xx-easy']:.1f} |")
     print(f"\nsmallest margins: vs best parent {min(r['margin_parent'] for r in rows):+.1f}, vs best untuned "
           f"{min(r['margin_untuned'] for r in rows):+.1f}, vs joint {min(r['margin_joint'] for r in rows):+.1f}; "
           f"dev-test gap {seed_record.mean_std([r['dev_test_gap'] for r in rows])}")
@@ -83,7 +94,10 @@ def print_tables(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--budget", type=int, default=1000,
+                        help="trials; a larger budget over an earlier run's --out continues that search")
+    parser.add_argument("--search-seed", type=int, default=None,
+                        help="the search's seed, for every zoo seed (default: the zoo's seed, as `shoal demo`)")
     parser.add_argument("--zoo-cache", type=Path, default=Path("runs/zoo-cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/zoo-seeds"))
     parser.add_argument("--json", type=Path, default=None)
