@@ -2,7 +2,8 @@
 
 For each pre-registered seed: reuse (or build) the default zoo of that seed and its pool (one more useful parent,
 `equations`, and two distractors, `prose` and `scenes`, each fine-tuned from the base), run the search `shoal demo
---pool` runs (PS, DARE-TIES, a weight and a density per parent and layer, CMA-ES; fitness = the target's dev split)
+--pool` runs (PS, DARE-TIES, a weight and a density per parent and layer and a keep gene per parent, CMA-ES;
+fitness = the target's dev split)
 over all five parents, and compare its model on the target's test split with the best of the five parents, the
 best untuned merge of all five and, when given (`--two-parent`, the JSON of benchmarks/zoo_seeds.py on the same
 zoos), the two-parent search's model. Also prints the weight mass the evolved recipe puts on each parent (the mean
@@ -33,10 +34,12 @@ def run_seed(seed: int, args: argparse.Namespace, two_parent: dict[int, float]) 
     zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
     pool = build_pool(zoo, threads=1)
     built = time.perf_counter() - start
-    summary = seed_record.search(args.out / f"seed{seed}", pool.parents, pool.base, pool.target, args.budget, seed)
+    summary = seed_record.search(args.out / f"seed{seed}", pool.parents, pool.base, pool.target, args.budget, seed,
+                                 choose_parents=args.choose_parents)
     mass = weight_mass(summary)
     row = {
         "seed": seed,
+        "choose_parents": args.choose_parents,
         "build_seconds": built,
         "roles": pool.roles,
         "parents": {name: 100 * score for name, score in summary.parents.items()},
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/pool-seeds"))
     parser.add_argument("--two-parent", type=Path, nargs="*", default=[],
                         help="JSON files of benchmarks/zoo_seeds.py on the same zoos (the two-parent search to compare with)")
+    parser.add_argument("--choose-parents", action=argparse.BooleanOptionalAction, default=True,
+                        help="a keep gene per parent, as `shoal demo --pool` (--no-choose-parents: weights alone)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="JSON files of other runs of this script to add")
     args = parser.parse_args()

@@ -20,11 +20,14 @@ from shoal.search.summary import Summary
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "optuna", "cmaes", "numpy", "pillow")
 
 
-def search(folder: Path, parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int) -> Summary:
+def search(
+    folder: Path, parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, choose_parents: bool = False,
+) -> Summary:
     """`shoal demo`'s PS search over these parents, written to folder/search.yaml and run into folder/run."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "search.yaml"
-    path.write_text(yaml.safe_dump(demo_search(parents, base, target, budget, seed, "ps"), sort_keys=False))
+    spec = demo_search(parents, base, target, budget, seed, "ps", choose_parents=choose_parents)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return evolve(load_search(path), folder / "run")
 
 

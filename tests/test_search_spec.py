@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from shoal.errors import ShoalError
 from shoal.recipe import Recipe, resolve
@@ -111,6 +112,51 @@ def test_breadcrumbs_ties_searches_the_outlier_fraction_too() -> None:
     assert genome.values([1.0] * len(genome))["lang.gamma.layer0"] == 0.1
 
 
+def test_keep_genes_leave_a_parent_out_by_zeroing_its_weights() -> None:
+    spec = SearchSpec.model_validate(BASE | {"parents": {"math": "m", "lang": "l", "prose": "p"},
+                                             "genome": {"choose_parents": True}})
+    genome = Genome(spec, 2, OUTER)
+    assert genome.names[-3:] == ["math.keep", "lang.keep", "prose.keep"] and len(genome) == 3 * 2 * 3 + 3
+    values = {name: 0.1 + i / 100 for i, name in enumerate(genome.names)} | {"math.keep": 0.5, "lang.keep": 0.9,
+                                                                          "prose.keep": 0.49}
+    assert genome.kept(values) == ["math", "lang"]
+    recipe = genome.recipe(values, 0)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert _value(recipe, 2, "weight", name, 1, 2) == 0.0 and _value(recipe, 2, "weight", "lm_head.weight", 0, 2) == 0.0
+    assert _value(recipe, 2, "density", name, 1, 2) == pytest.approx(values["prose.density.layer1"])
+    assert _value(recipe, 0, "weight", name, 1, 2) == pytest.approx(values["math.weight.layer1"])
+    table = genome.table(values)
+    assert table["layers"]["weight"]["prose"] == [0.0, 0.0] and table["embeddings"]["weight"]["prose"] == 0.0
+    assert table["layers"]["weight"]["lang"] == pytest.approx([values["lang.weight.layer0"], values["lang.weight.layer1"]])
+    # no keep gene reaches 0.5: the parent with the highest one stays (the first of equals)
+    assert genome.kept(values | {"math.keep": 0.2, "lang.keep": 0.4, "prose.keep": 0.4}) == ["lang"]
+
+
+def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> None:
+    import yaml
+
+    from conftest import read_tensors
+    from shoal.merge.engine import run_merge
+    from shoal.recipe import parse_recipe
+
+    named = {name: str(parents[name]) for name in ("a", "b", "c")}
+    spec = SearchSpec.model_validate({"base": str(parents["base"]), "parents": named, "tasks": [{"path": "t"}],
+                                      "method": "ties", "genome": {"choose_parents": True}})
+    genome = Genome(spec, 4, OUTER)
+    values = genome.values([0.3 + 0.4 * (i % 3) / 2 for i in range(len(genome))]) | {"a.keep": 0.8, "b.keep": 0.1,
+                                                                                   "c.keep": 0.6}
+    both = genome.recipe(values, 0)
+    without_b = both | {"models": [m for m in both["models"] if m["model"] != named["b"]]}
+    for recipe, out in [(both, tmp_path / "kept"), (without_b, tmp_path / "two")]:
+        run_merge(parse_recipe(yaml.safe_dump(recipe)), out)
+    kept, two = read_tensors(tmp_path / "kept"), read_tensors(tmp_path / "two")
+    base = read_tensors(parents["base"])
+    assert kept.keys() == two.keys()
+    for name in kept:
+        assert torch.equal(kept[name], two[name]), name
+    assert any(not torch.equal(kept[name], base[name]) for name in kept)
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -124,6 +170,7 @@ def test_breadcrumbs_ties_searches_the_outlier_fraction_too() -> None:
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbounds: {epsilon: [0.1, 1.0]}\n", "epsilon must lie in [0, 1)"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbounds: {lambda: [0, 2]}\n", "known: weight, density, gamma"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: sce\ngenome: {embeddings: base}\n", "sce has none"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: sce\ngenome: {choose_parents: true}\n", "(sce has no"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ndfs: {parents: [q]}\n", "'q' is not one of the parents"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),

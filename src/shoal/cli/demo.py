@@ -24,16 +24,19 @@ if TYPE_CHECKING:
 VLM_BUDGET = 300  # trials of `shoal demo --vlm` (see docs/zoo-vlm.md)
 
 
-def demo_search(parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, space: str) -> dict:
+def demo_search(
+    parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, space: str, choose_parents: bool = False,
+) -> dict:
     """The paper's settings on the zoo. PS: DARE-TIES, a weight and a density per parent and layer (and the
-    embeddings). DFS: a path through 3 repeats of the language then the math parent's layers, full W scaling.
-    Hybrid: PS, then DFS with the PS result as A and the math parent as B."""
+    embeddings), and with choose_parents a keep gene per parent (the pool's search). DFS: a path through 3 repeats
+    of the language then the math parent's layers, full W scaling. Hybrid: PS, then DFS with the PS result as A and
+    the math parent as B."""
     search: dict = {
         "base": str(base),
         "parents": {name: str(path) for name, path in parents.items()},
         "space": space,
         "method": "dare_ties",
-        "genome": {"layers_per_group": 1, "embeddings": "search"},
+        "genome": {"layers_per_group": 1, "embeddings": "search"} | ({"choose_parents": True} if choose_parents else {}),
         "tasks": [{"path": str(target), "weight": 1.0}],
         "budget": budget,
         "seed": seed,
@@ -153,7 +156,7 @@ def demo(
         parents, target, baseline = built.parents, built.target, built.joint
     out.mkdir(parents=True, exist_ok=True)
     search = out / "search.yaml"
-    spec = demo_search(parents, built.base, target, budget, seed, space)
+    spec = demo_search(parents, built.base, target, budget, seed, space, choose_parents=pool)
     search.write_text(yaml.safe_dump(spec, sort_keys=False))
     console.print(f"[bold]2/3[/] evolving ({escape(str(search))}) into {escape(str(out / 'run'))}; run again to continue after an interruption")
     summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)

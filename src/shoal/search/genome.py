@@ -64,6 +64,9 @@ class GeneSpace:
         return np.full(len(self.genes), 0.5)
 
 
+KEEP, KEPT_FROM = "keep", 0.5
+"""A parent's keep gene (genome.choose_parents), and the value from which the parent is in the merge."""
+
 ALL_PARENTS = "all parents"
 """How the genome's table names the row of a gene all parents share."""
 
@@ -90,6 +93,8 @@ class Genome(GeneSpace):
             for parent, param in owned + [(None, param) for param in self.shared]
             for group in self.groups
         ]
+        if spec.genome.choose_parents:
+            self.genes += [Gene(f"{parent}.{KEEP}", parent, KEEP, "parent", 0.0, 1.0) for parent in spec.parents]
 
     def _groups(self) -> list[Group]:
         n = self.num_layers
@@ -131,14 +136,27 @@ class Genome(GeneSpace):
             layers = gradient(self._per_layer(values, parent, param, None))
         return entries + [{"value": layers}] if entries else layers
 
+    def kept(self, values: dict[str, float]) -> list[str]:
+        """The parents in the merge: all, or with genome.choose_parents those whose keep gene is at least KEPT_FROM
+        (at least the one with the highest keep gene, the first of equals)."""
+        parents = list(self.spec.parents)
+        if not self.spec.genome.choose_parents:
+            return parents
+        keep = {parent: values[f"{parent}.{KEEP}"] for parent in parents}
+        return [p for p in parents if keep[p] >= KEPT_FROM] or [max(parents, key=keep.__getitem__)]
+
     def _recipe_values(self, values: dict[str, float]) -> dict[str, float]:
         """Gene values as the recipe's: an epsilon gene is the fraction of the room its density leaves,
-        epsilon = gene · min(density, 1 - density) (so density ± epsilon stays inside (0, 1))."""
+        epsilon = gene · min(density, 1 - density) (so density ± epsilon stays inside (0, 1)); a parent left out
+        by its keep gene has weight 0."""
         out = dict(values)
+        kept = self.kept(values)
         for g in self.genes:
             if g.param == "epsilon":
                 density = values[_gene_name(g.parent, "density", g.group)]
                 out[g.name] = values[g.name] * min(density, 1 - density)
+            elif g.param == "weight" and g.parent not in kept:
+                out[g.name] = 0.0
         return out
 
     def recipe(self, values: dict[str, float], seed: int) -> dict[str, Any]:

@@ -71,6 +71,11 @@ class GenomeSpec(Strict):
     """The tensors outside the layers (embeddings, final norm, head): genes of their own, or the base's values."""
     split_attention_mlp: bool = False
     """Separate genes for attention and MLP tensors (layer norms follow the attention genes)."""
+    choose_parents: bool = False
+    """One more gene per parent, `<parent>.keep`: the parent is in the merge when its gene is at least 0.5 (and the
+    parent with the highest keep gene always is); a parent left out gets weight 0 everywhere. From the start at the
+    middle every subset of parents is as likely, so a search over a pool can find the few that matter, where
+    per-layer weights alone would have to bring every distractor near 0 at once."""
 
 
 class DataFlowSpec(Strict):
@@ -248,6 +253,9 @@ class SearchSpec(Strict):
             raise ValueError("genome.embeddings: base needs a method with a base model (linear has none)")
         if "weight" not in self.params and self.genome.embeddings == "base":
             raise ValueError(f"genome.embeddings: base needs a method with weights to set to 0 ({self.method} has none)")
+        if self.genome.choose_parents and "weight" not in self.params:
+            raise ValueError(f"genome.choose_parents leaves a parent out by setting its weights to 0 ({self.method} has "
+                             "no weights)")
         if self.engine == "vllm" and self.space != "ps":
             raise ValueError("engine: vllm scores parameter-space candidates only (a data-flow path changes the "
                              "layers of the model the engine was built with)")
