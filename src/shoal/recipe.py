@@ -129,6 +129,26 @@ class Recipe(BaseModel):
             return self.tokenizer
         return TokenizerSection(source=self.tokenizer_source) if self.tokenizer_source is not None else None
 
+    def model_places(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Every model string of the recipe with its place (a key path): base_model, models, slices, and the
+        tokenizer's source and tokens' sources where they name a model (not union or base)."""
+        places: list[tuple[tuple[str | int, ...], object]] = [(("base_model",), self.base_model)]
+        places += [(("models", i, "model"), entry.model) for i, entry in enumerate(self.models or [])]
+        for i, piece in enumerate(self.slices or []):
+            places.append((("slices", i, "base_model"), piece.base_model))
+            places += [(("slices", i, "sources", j, "model"), src.model) for j, src in enumerate(piece.sources)]
+        if self.tokenizer_source not in ("union", "base"):
+            places.append((("tokenizer_source",), self.tokenizer_source))
+        if self.tokenizer is not None:
+            if self.tokenizer.source not in ("union", "base"):
+                places.append((("tokenizer", "source"), self.tokenizer.source))
+            for token, setting in (self.tokenizer.tokens or {}).items():
+                if isinstance(setting.source, ModelToken):
+                    places.append((("tokenizer", "tokens", token, "source", "model"), setting.source.model))
+                else:
+                    places.append((("tokenizer", "tokens", token, "source"), setting.source))
+        return [(loc, ref) for loc, ref in places if isinstance(ref, str)]
+
     def parents(self) -> list[str]:
         """Every model the recipe reads, base first, each once."""
         refs = [self.base_model] if self.base_model else []
@@ -143,8 +163,13 @@ class Recipe(BaseModel):
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate a recipe; every problem is a ShoalError naming the file and line."""
-    recipe, node = yamlfile.validated(
-        Recipe, text, source, "a recipe is a YAML mapping with at least merge_method and models or slices"
+    return validate_recipe(*yamlfile.parse(text, source), source)
+
+
+def validate_recipe(data: Any, node: yaml.Node | None, source: str) -> Recipe:
+    """Validate one parsed YAML document as a recipe; every problem is a ShoalError naming the file and line."""
+    recipe = yamlfile.validate(
+        Recipe, data, node, source, "a recipe is a YAML mapping with at least merge_method and models or slices"
     )
     _check(recipe, node, source)
     return recipe
@@ -191,15 +216,9 @@ def _value_error(method: MergeMethod, name: str, setting: Setting) -> str | None
 
 def _check_references(recipe: Recipe, node: yaml.Node, source: str) -> None:
     """Every model string is of mergekit's form MODEL[@REVISION][+ADAPTER[@REVISION]]."""
-    places: list[tuple[tuple[Any, ...], str | None]] = [(("base_model",), recipe.base_model)]
-    places += [(("models", i, "model"), entry.model) for i, entry in enumerate(recipe.models or [])]
-    for i, piece in enumerate(recipe.slices or []):
-        places.append((("slices", i, "base_model"), piece.base_model))
-        places += [(("slices", i, "sources", j, "model"), src.model) for j, src in enumerate(piece.sources)]
-    for loc, ref in places:
+    for loc, ref in recipe.model_places():
         try:
-            if ref is not None:
-                parse_reference(ref)
+            parse_reference(ref)
         except ShoalError as exc:
             raise ShoalError(f"{source}:{yamlfile.line_of(node, loc)}: {exc}") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,18 +28,35 @@ def read_text(path: Path) -> str:
                          "save the file as UTF-8") from None
 
 
-def parse(text: str, source: str) -> tuple[Any, yaml.Node | None]:
-    """The document's data and its node tree; malformed YAML is a ShoalError naming the file and line."""
+@contextmanager
+def _readable(source: str) -> Iterator[None]:
+    """Turn malformed YAML into a ShoalError naming the file and line, and absurd nesting into one naming the file."""
     try:
-        node = yaml.compose(text)
-        _check_depth(node, source)
-        return yaml.safe_load(text), node
+        yield
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ShoalError(f"{where}: malformed YAML ({getattr(exc, 'problem', None) or exc})") from exc
     except RecursionError:
         raise ShoalError(f"{source}: nested too deeply (more than {MAX_DEPTH} levels)") from None
+
+
+def parse(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """The document's data and its node tree; malformed YAML is a ShoalError naming the file and line."""
+    with _readable(source):
+        node = yaml.compose(text)
+        _check_depth(node, source)
+        return yaml.safe_load(text), node
+
+
+def parse_documents(text: str, source: str) -> list[tuple[Any, yaml.Node]]:
+    """Every document of a `---`-separated stream, as (data, node tree), their lines counted from the file's
+    start; malformed YAML is a ShoalError naming the file and line."""
+    with _readable(source):
+        nodes = list(yaml.compose_all(text))
+        for node in nodes:
+            _check_depth(node, source)
+        return list(zip(yaml.safe_load_all(text), nodes))
 
 
 def _check_depth(node: yaml.Node | None, source: str) -> None:
@@ -68,10 +87,15 @@ def validated(model: type[Model], text: str, source: str, what: str) -> tuple[Mo
     what: how the document is described when it is not a mapping at all (e.g. "a recipe is a YAML mapping ...").
     """
     data, node = parse(text, source)
+    return validate(model, data, node, source, what), node
+
+
+def validate(model: type[Model], data: Any, node: yaml.Node | None, source: str, what: str) -> Model:
+    """A parsed document's data as `model`; any problem is a ShoalError `source:line: key.path: message`."""
     if not isinstance(data, dict):
         raise ShoalError(f"{source}: {what}")
     try:
-        return model.model_validate(data), node
+        return model.model_validate(data)
     except RecursionError:
         raise ShoalError(f"{source}: nested too deeply") from None
     except ValidationError as exc:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import TaskID
 
 from shoal import yamlfile
 from shoal.cli.app import app
@@ -70,38 +72,49 @@ def merge(
         help="Accepted for mergekit's command lines, and changes nothing: mergekit needs it to mix architectures; "
              "shoal mixes only where that is safe (a vision-language model with LLMs of its language model's "
              "architecture) and refuses other mixes either way.")] = False,
+    intermediate_dir: Annotated[Path | None, typer.Option(
+        "--intermediate-dir", "-I",
+        help="Where a recipe of several documents writes the merges of its named documents (NAME/ in it), which "
+             "a rerun reuses while intact.", show_default="OUT_DIR.intermediate beside OUT_DIR")] = None,
 ) -> None:
-    """Merge the parents named in RECIPE into a new model folder OUT_DIR."""
-    from shoal.merge.engine import run_merge
-    from shoal.recipe import load_recipe
+    """Merge the parents named in RECIPE into a new model folder OUT_DIR (a recipe file of several `---`-separated
+    documents, as mergekit-multi takes, merges each in turn; its output is the document without `name:`)."""
+    from shoal.merge.multi import merge_documents
+    from shoal.recipe_documents import load_documents
 
     del allow_crimes  # a no-op, documented in its help
     max_shard_bytes = _shard_bytes(shard_size, out_shard_size)
     device = _merge_device(device, cuda)
-    parsed = load_recipe(recipe)
+    documents = load_documents(recipe)
     if seed is not None:
-        parsed = parsed.model_copy(update={"seed": seed})
+        documents = [replace(d, recipe=d.recipe.model_copy(update={"seed": seed})) for d in documents]
+    intermediate_dir = intermediate_dir or out_dir.parent / f"{out_dir.name}.intermediate"
     progress = bar()
-    task = progress.add_task("merging tensors", total=None)
+    tasks: dict[str, TaskID] = {}
 
-    def show(done: int, total: int) -> None:
-        if done == 0:
+    def show(label: str, done: int, total: int) -> None:
+        if label not in tasks:
             progress.start()  # only once the recipe and parents have been checked
-        progress.update(task, completed=done, total=total)
+            tasks[label] = progress.add_task(f"merging {label}" if len(documents) > 1 else "merging tensors")
+        progress.update(tasks[label], completed=done, total=total)
 
     try:
-        run_merge(
-            parsed,
+        merge_documents(
+            documents,
             out_dir,
+            intermediate_dir,
             recipe_text=yamlfile.read_text(recipe) if seed is None else None,
+            notice=lambda message: progress.console.print(escape(message), highlight=False, soft_wrap=True),
+            on_tensor=show,
             device=device,
             overwrite=overwrite,
             max_shard_bytes=max_shard_bytes,
             copy_tokenizer=copy_tokenizer,
-            on_tensor=show,
         )
     except KeyboardInterrupt:
         kept = "the earlier OUT_DIR is unchanged" if overwrite and out_dir.exists() else "nothing was written"
+        if len(documents) > 1:
+            kept += f"; the intermediate merges finished are kept in {intermediate_dir} and reused"
         raise Interrupted(f"{out_dir}: {kept} (no half-written model is left); run the command again to merge") from None
     finally:
         progress.stop()
