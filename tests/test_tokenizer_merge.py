@@ -164,6 +164,37 @@ def test_different_vocabularies_without_tokenizer_settings_name_the_fix(family, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def swapped(family, tmp_path_factory) -> Path:
+    """A copy of `same` whose tokenizer gives w4 and w5 each other's ids (as many rows as the base)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("swapped") / "swapped"
+    shutil.copytree(family["same"], folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["w4"], vocab["w5"] = vocab["w5"], vocab["w4"]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_same_rows_but_other_ids_are_refused_and_tokenizer_source_aligns_them(family, swapped, tmp_path, run_cli) -> None:
+    recipe = ta_recipe(family) | {"models": [{"model": str(swapped), "parameters": {"weight": 0.5}}]}
+    code, _, err = run_cli("merge", write_recipe(tmp_path, recipe), tmp_path / "out")
+    one_error_line(code, err, "vocabularies differ though their embeddings have as many rows",
+                   f"token 'w4' is id 4 in {family['base']} but id 5 in {swapped}", "2 tokens differ", "tokenizer_source")
+    assert not (tmp_path / "out").exists()
+    merged, vocab = merge(recipe | {"tokenizer_source": "base"}, tmp_path / "aligned")
+    base, other = rows(family["base"]), rows(swapped)
+    assert vocab["w4"] == 4 and vocab["w5"] == 5
+    for token, own_row in [("w4", 5), ("w5", 4), ("w6", 6)]:
+        expected = base[EMBED][vocab[token]] + 0.5 * (other[EMBED][own_row] - base[EMBED][vocab[token]])
+        assert torch.allclose(merged[EMBED][vocab[token]], expected, atol=1e-6), token
+    merged, _ = merge(ta_recipe(family) | {"models": [{"model": str(family["same"]), "parameters": {"weight": 0.5}}]},
+                      tmp_path / "same")  # one vocabulary: merged as before, no tokenizer settings needed
+    assert merged[EMBED].shape == base[EMBED].shape
+
+
 @pytest.mark.parametrize("template, expected", [
     ("chatml", built_in("chatml")),
     ("auto", CHATML),  # chat and extra have it, the base has none

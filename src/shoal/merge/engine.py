@@ -17,7 +17,7 @@ from shoal.errors import ShoalError
 from shoal.merge import chat_template
 from shoal.merge.plan import MergePlan, TensorJob, build_plan
 from shoal.merge.registry import METHODS, MergeCall
-from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates
+from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates, check_shared_vocabulary
 from shoal.merge.vocab import align_rows
 from shoal.recipe import Recipe
 
@@ -141,8 +141,12 @@ def open_parents(recipe: Recipe) -> dict[str, Checkpoint]:
 
 def output_tokenizer(recipe: Recipe, parents: dict[str, Checkpoint]) -> OutputTokenizer | None:
     """The tokenizer the recipe's tokenizer settings build, with the vocabulary the embeddings and head are aligned
-    to; None without settings, or with a vision-language parent (whose own tokenizer the output keeps)."""
-    if recipe.vocabulary is None or any(ck.is_vlm for ck in parents.values()):
+    to; None with a vision-language parent (whose own tokenizer the output keeps), or without settings, where the
+    parents must share one vocabulary (check_shared_vocabulary)."""
+    if any(ck.is_vlm for ck in parents.values()):
+        return None
+    if recipe.vocabulary is None:
+        check_shared_vocabulary(parents)
         return None
     return build_output_tokenizer(recipe, parents)
 

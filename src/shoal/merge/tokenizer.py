@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shoal import layout
@@ -52,6 +53,28 @@ def vocabulary_rows(parent: Checkpoint) -> int:
         if layout.is_vocabulary(name):
             return parent.shape(parent.lm.own(name))[0]
     raise ShoalError(f"{parent.path}: no token embedding tensor (embed_tokens, wte, ...) to align to a tokenizer")
+
+
+def check_shared_vocabulary(parents: dict[str, Checkpoint]) -> None:
+    """Refuse parents whose embeddings have as many rows but whose tokenizers (tokenizer.json, where a parent has
+    one) give some token another id: merged row by row, their embeddings would mix different tokens. (Parents
+    whose rows differ in number are refused by the merge plan, with their counts.)"""
+    vocabs = {name: Tokenizer.from_file(str(ck.path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+              for name, ck in parents.items() if (ck.path / "tokenizer.json").is_file()}
+    if len(vocabs) < 2 or len({vocabulary_rows(parents[name]) for name in vocabs}) > 1:
+        return
+    (first, ids), *others = vocabs.items()
+    for name, other in others:
+        if other != ids:
+            differ = sorted(t for t in ids.keys() | other.keys() if ids.get(t) != other.get(t))
+            token = min(differ, key=lambda t: min(i for i in (ids.get(t), other.get(t)) if i is not None))
+            shown = lambda vocab: "absent" if vocab.get(token) is None else f"id {vocab[token]}"  # noqa: E731
+            raise ShoalError(
+                f"the parents' vocabularies differ though their embeddings have as many rows: token {token!r} is "
+                f"{shown(ids)} in {first} but {shown(other)} in {name} ({len(differ)} tokens differ); set "
+                "tokenizer_source (union, base or a model; in a search file: union, base or a parent's name) to "
+                "align their rows by token"
+            )
 
 
 def _union(base: Path, tokenizers: dict[str, PreTrainedTokenizerBase], rows: dict[str, int]
