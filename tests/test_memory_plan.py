@@ -157,6 +157,25 @@ def test_shoal_evolve_memory_limit_is_refused_like_other_errors(run_cli, bf16_pa
     one_error_line(code, err, "memory limit 'lots'")
 
 
+def test_a_search_over_workers_prints_each_workers_plan_and_refuses_it_before_ray_starts(
+    run_cli, bf16_parents, tmp_path, no_tensor_reads, monkeypatch
+) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray started before the memory plan was checked"))
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({"base": str(bf16_parents["base"]), "method": "ties",
+                                      "parents": {"a": str(bf16_parents["a"]), "b": str(bf16_parents["b"])},
+                                      "tasks": [{"path": str(write_two_split_task(tmp_path / "t"))}]}))
+    recipe = _recipe(bf16_parents, "ties")
+    need = _need(recipe, MemoryPlan(), slots=1, on_cpu=True)  # one live model each: workers do not merge ahead
+    code, _, err = run_cli("evolve", search, tmp_path / "run", "--workers", "2", "--memory-limit", "1MB")
+    one_error_line(code, err, f"needs {format_bytes(need.device)} on cpu, more than 1 MB")
+    printed = " ".join(err.split())  # the console wraps long lines
+    assert f"each worker's memory plan: inputs on device, keep deltas, ranks stored: {format_bytes(need.device)} on cpu" in printed
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_sizes_read_as_users_write_them() -> None:
     assert [parse_bytes(s) for s in ("24GB", "24 GiB", "512mb", "1.5e9", "100")] == \
         [24 * 10**9, 24 * 2**30, 512 * 10**6, 1_500_000_000, 100]

@@ -27,7 +27,10 @@ from shoal.merge import methods
 from shoal.merge.engine import (
     Scratch, aligned, check_tokenizer_settings, merged_values, open_parents, output_tokenizer, prefetched,
 )
-from shoal.merge.memory import MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes
+from shoal.merge.tokenizer import OutputTokenizer
+from shoal.merge.memory import (
+    MemoryNeed, MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes,
+)
 from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, TensorJob, build_plan
 from shoal.merge.vocab import Vocabulary
 from shoal.recipe import Recipe
@@ -48,6 +51,27 @@ class _Inputs:
                        listed(self.deltas), listed(self.ranks))
 
 
+@dataclass
+class ResidentPlan:
+    """What a resident merger of a recipe holds, known from the parents' headers before any tensor is read."""
+
+    parents: dict[str, Checkpoint]
+    built: OutputTokenizer | None
+    plan: MergePlan
+    need: MemoryNeed
+
+
+def plan_resident(recipe: Recipe, device: str, slots: int, memory: MemoryPlan) -> ResidentPlan:
+    """The parents, output tokenizer, merge plan and memory need of a resident merger of recipe (the recipe and its
+    tokenizer settings checked as `shoal merge` checks them); no tensor is read."""
+    parents = open_parents(recipe)
+    built = output_tokenizer(recipe, parents)
+    plan = build_plan(recipe, parents, built.vocab if built else None)
+    check_tokenizer_settings(recipe, parents, plan.reference)
+    need = memory_need(tensor_sizes(plan, parents, recipe.method), memory, slots=slots, on_cpu=device == "cpu")
+    return ResidentPlan(parents, built, plan, need)
+
+
 class ResidentMerger:
     """Holds the parents' tensors and `slots` copies of the model; `apply(recipe, slot)` writes the recipe's
     merge into one of them (two slots let the next candidate be merged while this one is scored).
@@ -65,13 +89,10 @@ class ResidentMerger:
         self.device = device
         self.method = recipe.method
         self.memory = memory or MemoryPlan()
-        self.parents: dict[str, Checkpoint] = open_parents(recipe)
+        planned = plan_resident(recipe, device, slots, self.memory)
+        self.parents, self._built, self.need = planned.parents, planned.built, planned.need
+        plan = planned.plan
         self._vocabulary = recipe.vocabulary
-        self._built = output_tokenizer(recipe, self.parents)
-        plan = build_plan(recipe, self.parents, self._vocab)
-        check_tokenizer_settings(recipe, self.parents, plan.reference)
-        self.need = memory_need(tensor_sizes(plan, self.parents, self.method), self.memory, slots=slots,
-                                on_cpu=device == "cpu")
         if report is not None:
             report(describe_need(self.need, self.memory, device, slots))
         check_fits(self.need, self.memory, device, slots)

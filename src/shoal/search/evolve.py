@@ -23,7 +23,7 @@ from shoal.search.genome import GeneSpace
 from shoal.search.loop import Evaluator, Progress, SerialEvaluator, attempt, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.select import Selection, select, stored_score
-from shoal.search.spaces import Space, genome_of, make_space
+from shoal.search.spaces import Space, genome_of, make_space, check_worker_memory
 from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
@@ -84,6 +84,8 @@ def evolve(
         parallel = workers > 1 or ray_address is not None
         # workers hold their own; this process needs one at the end
         space = None if parallel else make_space(spec, on_step)
+        if parallel and spec.space == "ps":
+            check_worker_memory(spec, on_step)
         genome = space.genome if space is not None else genome_of(spec)
         fitness = None if space is None else search_fitness(spec, space, tasks)
         # nothing is recorded before here, so a search refused so far leaves the folder as it was

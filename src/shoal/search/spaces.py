@@ -21,7 +21,8 @@ from shoal.flow.export import check_exportable, export_path
 from shoal.flow.model import PathModel
 from shoal.flow.path import Layout
 from shoal.merge.engine import run_merge
-from shoal.merge.resident import ResidentMerger
+from shoal.merge.memory import check_fits, describe_need
+from shoal.merge.resident import ResidentMerger, plan_resident
 from shoal.recipe import Recipe
 from shoal.search.genome import GeneSpace, Genome
 from shoal.search.path_genome import PathGenome
@@ -66,6 +67,18 @@ def genome_of(spec: SearchSpec) -> GeneSpace:
     if spec.space == "dfs":
         return flow_genome(spec)
     raise ShoalError(f"space {spec.space!r} is run in stages (see search.run.evolve), not as one space")
+
+
+def check_worker_memory(spec: SearchSpec, report: Callable[[str], None]) -> None:
+    """Tell report a parameter-space search's memory plan line for each of its workers (one live model each, no
+    merge-ahead), from the parents' headers; then refuse it when it exceeds the plan's explicit limit (each worker
+    also checks its own device's free memory as it loads)."""
+    genome = ps_genome(spec)
+    recipe = Recipe.model_validate(genome.recipe(genome.values(genome.start()), spec.seed))
+    need = plan_resident(recipe, spec.device, 1, spec.memory).need
+    report(f"each worker's {describe_need(need, spec.memory, spec.device, 1)}")
+    if spec.memory.limit is not None:
+        check_fits(need, spec.memory, spec.device, 1)
 
 
 class ParameterSpace:
