@@ -1,7 +1,8 @@
 """mergekit's `modules:` recipes: each module of a VLM (text_decoder, vision_tower, multi_modal_projector) or of a
 text-only LLM (default) merged from its own models or slices with its own parameters, equal to mergekit 0.1.5
 where it can merge the recipe (Qwen2.5-VL whole, Qwen2-VL's vision modules, text-only LLMs) and to the formula
-elsewhere (LLaVA, which mergekit 0.1.5 does not define); bad module recipes refused in one line."""
+elsewhere (LLaVA, which mergekit 0.1.5 does not define); bad module recipes refused in one line; and a slice's
+residual_weight, which mergekit accepts and reads nowhere, ignored with a warning."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from vlm_models import make_llava, make_qwen2_vl, qwen2_config
 
 from shoal.checkpoint.reader import open_checkpoint
+from shoal.errors import ShoalWarning
 from shoal.merge.engine import run_merge
 from shoal.recipe import parse_recipe
 from shoal.synthetic import make_parents
@@ -228,6 +230,29 @@ def test_the_output_takes_the_base_vlms_names_whatever_its_parents_layouts(llms,
     assert len(live) == len(checkpoint)
     for name, tensor in live.items():
         assert torch.equal(tensor, checkpoint[checkpoint_name(name)]), name
+
+
+def _slices(*models: Path, residual_weight: float | None = None) -> dict:
+    piece = {"sources": [{"model": str(m), "layer_range": [0, 4]} for m in models],
+             "parameters": {"weight": [0.2, 0.7]}}
+    if residual_weight is not None:
+        piece["residual_weight"] = residual_weight
+    return {"merge_method": "linear", "slices": [piece]}
+
+
+def test_residual_weight_changes_nothing_and_a_warning_says_so(run_cli, parents, tmp_path) -> None:
+    """mergekit 0.1.5 accepts residual_weight on an output slice and reads it nowhere."""
+    with pytest.warns(ShoalWarning, match=r"^<recipe>:\d+: residual_weight changes nothing"):
+        with_it = shoal(_slices(parents["a"], parents["b"], residual_weight=0.3), tmp_path / "with")
+    without = shoal(_slices(parents["a"], parents["b"]), tmp_path / "without")
+    assert set(with_it) == set(without) and all(torch.equal(with_it[n], without[n]) for n in without)
+    path = write_recipe(tmp_path, _slices(parents["a"], parents["b"], residual_weight=0.3))
+    code, _, err = run_cli("merge", path, tmp_path / "cli")
+    assert code == 0, err
+    warning = [row for row in err.splitlines() if row.startswith("warning:")]
+    line = next(i for i, row in enumerate(path.read_text().splitlines(), 1) if "residual_weight" in row)
+    assert len(warning) == 1 and f"recipe.yaml:{line}: residual_weight changes nothing" in warning[0], err
+    assert all(torch.equal(t, without[n]) for n, t in read_tensors(tmp_path / "cli").items())
 
 
 def test_a_multi_document_recipe_resolves_document_names_inside_modules(run_cli, parents, tmp_path) -> None:

@@ -57,6 +57,8 @@ class Slice(BaseModel):
     sources: list[SliceSource]
     base_model: str | None = None
     parameters: Parameters | None = None
+    residual_weight: float | None = None
+    """Accepted as mergekit 0.1.5 accepts it, which reads it nowhere: it changes nothing (a warning says so)."""
 
 
 class Module(BaseModel):
@@ -282,6 +284,10 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
             groups.append(((*at, "slices", i, "parameters"), piece.parameters))
             for j, src in enumerate(piece.sources):
                 groups.append(((*at, "slices", i, "sources", j, "parameters"), src.parameters))
+            if piece.residual_weight is not None:
+                where = f"{source}:{yamlfile.line_of(node, (*at, 'slices', i, 'residual_weight'))}"
+                warnings.warn(f"{where}: residual_weight changes nothing: mergekit 0.1.5 accepts it but reads it "
+                              "nowhere; ignored, so the output is the same without it", ShoalWarning, stacklevel=3)
     for loc, params in groups:
         for name, setting in (params or {}).items():
             where = f"{source}:{yamlfile.line_of(node, loc + (name,))}"
