@@ -57,6 +57,25 @@ class Slice(BaseModel):
     sources: list[SliceSource]
     base_model: str | None = None
     parameters: Parameters | None = None
+    residual_weight: float | None = None
+    """Accepted as mergekit 0.1.5 accepts it, which reads it nowhere: it changes nothing (a warning says so)."""
+
+
+class Module(BaseModel):
+    """One entry of a recipe's `modules:` (mergekit's OutputModuleDefinition): the models or slices that one part of
+    the model (e.g. a VLM's text_decoder or vision_tower) is merged from, and parameters that rank between a
+    slice's and the recipe's."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "Module":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of models or slices (as mergekit requires of a module)")
+        return self
 
 
 class ModelToken(BaseModel):
@@ -106,6 +125,9 @@ class Recipe(BaseModel):
     merge_method: str
     models: list[ModelEntry] | None = None
     slices: list[Slice] | None = None
+    modules: dict[str, Module] | None = None
+    """Instead of models or slices: per module of the architecture (shoal.layout.module_names), its own models or
+    slices and parameters; one merge_method and base_model for all."""
     base_model: str | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
@@ -129,14 +151,23 @@ class Recipe(BaseModel):
             return self.tokenizer
         return TokenizerSection(source=self.tokenizer_source) if self.tokenizer_source is not None else None
 
+    def inputs(self) -> list[tuple[tuple[str, ...], list[ModelEntry] | None, list[Slice] | None]]:
+        """Where the recipe lists its inputs, with its models or slices: the recipe itself at key path (), or each
+        module at ("modules", NAME)."""
+        if self.modules is not None:
+            return [(("modules", name), m.models, m.slices) for name, m in self.modules.items()]
+        return [((), self.models, self.slices)]
+
     def model_places(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """Every model string of the recipe with its place (a key path): base_model, models, slices, and the
-        tokenizer's source and tokens' sources where they name a model (not union or base)."""
+        """Every model string of the recipe with its place (a key path): base_model, models, slices (the recipe's or
+        its modules'), and the tokenizer's source and tokens' sources where they name a model (not union or base)."""
         places: list[tuple[tuple[str | int, ...], object]] = [(("base_model",), self.base_model)]
-        places += [(("models", i, "model"), entry.model) for i, entry in enumerate(self.models or [])]
-        for i, piece in enumerate(self.slices or []):
-            places.append((("slices", i, "base_model"), piece.base_model))
-            places += [(("slices", i, "sources", j, "model"), src.model) for j, src in enumerate(piece.sources)]
+        for at, models, slices in self.inputs():
+            places += [((*at, "models", i, "model"), entry.model) for i, entry in enumerate(models or [])]
+            for i, piece in enumerate(slices or []):
+                places.append(((*at, "slices", i, "base_model"), piece.base_model))
+                places += [((*at, "slices", i, "sources", j, "model"), src.model)
+                           for j, src in enumerate(piece.sources)]
         if self.tokenizer_source not in ("union", "base"):
             places.append((("tokenizer_source",), self.tokenizer_source))
         if self.tokenizer is not None:
@@ -152,12 +183,12 @@ class Recipe(BaseModel):
     def parents(self) -> list[str]:
         """Every model the recipe reads, base first, each once."""
         refs = [self.base_model] if self.base_model else []
-        for entry in self.models or []:
-            refs.append(entry.model)
-        for piece in self.slices or []:
-            refs.extend(s.model for s in piece.sources)
-            if piece.base_model:
-                refs.append(piece.base_model)
+        for _, models, slices in self.inputs():
+            refs.extend(entry.model for entry in models or [])
+            for piece in slices or []:
+                refs.extend(s.model for s in piece.sources)
+                if piece.base_model:
+                    refs.append(piece.base_model)
         return list(dict.fromkeys(refs))
 
 
@@ -169,7 +200,8 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
 def validate_recipe(data: Any, node: yaml.Node | None, source: str) -> Recipe:
     """Validate one parsed YAML document as a recipe; every problem is a ShoalError naming the file and line."""
     recipe = yamlfile.validate(
-        Recipe, data, node, source, "a recipe is a YAML mapping with at least merge_method and models or slices"
+        Recipe, data, node, source,
+        "a recipe is a YAML mapping with at least merge_method and models, slices or modules"
     )
     _check(recipe, node, source)
     return recipe
@@ -228,8 +260,9 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
         known = ", ".join(sorted(METHODS))
         where = f"{source}:{yamlfile.line_of(node, ('merge_method',))}"
         raise ShoalError(f"{where}: unknown merge_method {recipe.merge_method!r} (known: {known})")
-    if bool(recipe.models) == bool(recipe.slices):
-        raise ShoalError(f"{source}: give exactly one of `models` or `slices`")
+    if [bool(recipe.models), bool(recipe.slices), bool(recipe.modules)].count(True) != 1:
+        raise ShoalError(f"{source}: give exactly one of `models`, `slices` or `modules` (a non-empty list or "
+                         "mapping)")
     if recipe.tokenizer_source is not None and recipe.tokenizer is not None:
         where = f"{source}:{yamlfile.line_of(node, ('tokenizer',))}"
         raise ShoalError(f"{where}: give tokenizer_source or a tokenizer section, not both")
@@ -239,16 +272,22 @@ def _check(recipe: Recipe, node: yaml.Node, source: str) -> None:
             raise ShoalError(f"{source}:{yamlfile.line_of(node, ('chat_template',))}: chat_template: {problem}")
     _check_references(recipe, node, source)
     method = recipe.method
-    slices_have_bases = bool(recipe.slices) and all(s.base_model for s in recipe.slices or [])
+    slices_have_bases = all(slices and all(s.base_model for s in slices) for _, _, slices in recipe.inputs())
     if method.base == "required" and not recipe.base_model and not slices_have_bases:
         raise ShoalError(f"{source}: merge_method {method.name} needs base_model")
     groups: list[tuple[tuple[Any, ...], Parameters | None]] = [(("parameters",), recipe.parameters)]
-    for i, entry in enumerate(recipe.models or []):
-        groups.append((("models", i, "parameters"), entry.parameters))
-    for i, piece in enumerate(recipe.slices or []):
-        groups.append((("slices", i, "parameters"), piece.parameters))
-        for j, src in enumerate(piece.sources):
-            groups.append((("slices", i, "sources", j, "parameters"), src.parameters))
+    groups += [(("modules", name, "parameters"), m.parameters) for name, m in (recipe.modules or {}).items()]
+    for at, models, slices in recipe.inputs():
+        for i, entry in enumerate(models or []):
+            groups.append(((*at, "models", i, "parameters"), entry.parameters))
+        for i, piece in enumerate(slices or []):
+            groups.append(((*at, "slices", i, "parameters"), piece.parameters))
+            for j, src in enumerate(piece.sources):
+                groups.append(((*at, "slices", i, "sources", j, "parameters"), src.parameters))
+            if piece.residual_weight is not None:
+                where = f"{source}:{yamlfile.line_of(node, (*at, 'slices', i, 'residual_weight'))}"
+                warnings.warn(f"{where}: residual_weight changes nothing: mergekit 0.1.5 accepts it but reads it "
+                              "nowhere; ignored, so the output is the same without it", ShoalWarning, stacklevel=3)
     for loc, params in groups:
         for name, setting in (params or {}).items():
             where = f"{source}:{yamlfile.line_of(node, loc + (name,))}"

@@ -118,6 +118,14 @@ class Checkpoint:
         """The canonical names of the language model's tensors, in file order (all tensors of a text-only LLM)."""
         return [c for c in map(self.lm.canonical, self.names) if c is not None]
 
+    def module_names(self, module: str) -> list[str]:
+        """The canonical names of one module's tensors (a name in self.lm.modules: e.g. text_decoder, the same as
+        lm_names, or vision_tower), in file order."""
+        if layout.is_language_model(module):
+            return self.lm_names
+        names = self.lm.of_module(module)
+        return [c for c in map(names.canonical, self.names) if c is not None]
+
     @cached_property
     def extra_names(self) -> list[str]:
         """This checkpoint's names of the tensors outside the language model (a VLM's vision tower, projector...)."""

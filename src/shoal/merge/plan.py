@@ -2,7 +2,8 @@
 
 Parents are matched by their language models' canonical tensor names (`layout.Names`), so a vision-language
 parent merges with text-only LLMs of its language model's architecture; the output then takes the VLM's names,
-config and tensors outside the language model (vision tower, projector), those copied unchanged.
+config and tensors outside the language model (vision tower, projector), those copied unchanged, unless the
+recipe gives each module (mergekit's `modules:`) its own models or slices.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from shoal.checkpoint.reader import Checkpoint
 from shoal.checkpoint.writer import DTYPE_TAGS, TensorSpec
 from shoal.errors import ShoalError
 from shoal.merge.vocab import RowAlignment, Vocabulary, missing_source
-from shoal.recipe import ModelEntry, Parameters, Recipe, Slice, SliceSource, resolve
+from shoal.recipe import ModelEntry, Module, Parameters, Recipe, Slice, SliceSource, resolve
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -74,19 +75,98 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _as_slices(recipe: Recipe, parents: dict[str, Checkpoint]) -> list[Slice]:
-    if recipe.slices:
-        return recipe.slices
-    assert recipe.models is not None
-    reference = recipe.base_model or recipe.models[0].model
-    n = parents[reference].num_layers
-    if n is None:
-        raise ShoalError(f"{reference}: config.json does not say how many layers the model has")
-    models = list(recipe.models)
+@dataclass(frozen=True)
+class _Part:
+    """What one module of the output is merged from: the models or slices of a plain recipe (its one module, the
+    language model) or of one entry of its `modules:`."""
+
+    module: str
+    """mergekit's name: text_decoder (a VLM's language model), default (a text-only LLM), vision_tower, ..."""
+    slices: list[Slice]
+    parameters: Parameters | None
+    """The module's parameters, between a slice's and the recipe's (None for a plain recipe)."""
+    whole: bool
+    """Merged from whole models (`models:`), not slices."""
+    where: str
+    """How errors name it: "" for a plain recipe, else "modules.NAME: "."""
+    refs: tuple[str, ...] = ()
+    """The models a module of a `modules:` recipe reads (see _module_refs); unused for a plain recipe."""
+
+
+def _depth(ck: Checkpoint, module: str, ref: str) -> int:
+    """How many layers one module of a parent has: the language model's from its config, a vision tower's from its
+    tensor names (0: a projector)."""
+    if layout.is_language_model(module):
+        if ck.num_layers is None:
+            raise ShoalError(f"{ref}: config.json does not say how many layers the model has")
+        return ck.num_layers
+    indices = [layout.layer_index(n) for n in ck.module_names(module)]
+    return 1 + max((i for i in indices if i is not None), default=-1)
+
+
+def _as_slices(recipe: Recipe, models: list[ModelEntry] | None, slices: list[Slice] | None,
+               parents: dict[str, Checkpoint], module: str) -> list[Slice]:
+    """A module's inputs as slices: its own, or one slice over the whole depth of each model (and of the base,
+    for a method that merges it like the others)."""
+    if slices:
+        return slices
+    assert models is not None
+    text = layout.is_language_model(module)
+    reference = (recipe.base_model if text else None) or models[0].model
+    n = _depth(parents[reference], module, reference)
+    models = list(models)
     if recipe.method.base == "included" and recipe.base_model and all(m.model != recipe.base_model for m in models):
         models.append(ModelEntry(model=recipe.base_model))
-    sources = [SliceSource(model=m.model, layer_range=(0, n), parameters=m.parameters) for m in models]
+    # model_construct: a projector has no layers, a range (0, 0) that a recipe may not write
+    sources = [SliceSource.model_construct(model=m.model, layer_range=(0, n), parameters=m.parameters) for m in models]
     return [Slice(sources=sources)]
+
+
+def _parts(recipe: Recipe, parents: dict[str, Checkpoint]) -> list[_Part]:
+    """The recipe's modules, each with the slices it is merged from; a plain recipe is one module, the language
+    model. A `modules:` recipe must name every module of the parents' architecture, and no other; a module outside
+    the language model merges VLMs only."""
+    vlm = next((ck.lm for ck in parents.values() if ck.is_vlm), None)
+    names = vlm or layout.Names(None)
+    if recipe.modules is None:
+        slices = _as_slices(recipe, recipe.models, recipe.slices, parents, names.text_module)
+        return [_Part(names.text_module, slices, None, bool(recipe.models), "")]
+    what = f"a {vlm.family} model" if vlm else "a text-only model"
+    known = ", ".join(names.modules)
+    unknown = [m for m in recipe.modules if m not in names.modules]
+    if unknown:
+        raise ShoalError(f"modules: {unknown[0]!r} is not a module of {what} (its modules: {known})")
+    missing = [m for m in names.modules if m not in recipe.modules]
+    if missing:
+        raise ShoalError(
+            f"modules: the recipe leaves out {', '.join(missing)} of {what} (its modules: {known}); mergekit 0.1.5 "
+            "would write the merge without those tensors, a model that does not load: give every module its models "
+            "or slices (or merge with models: to merge the language model and keep the rest of the VLM)"
+        )
+    parts = []
+    for module in names.modules:
+        entry = recipe.modules[module]
+        where = f"modules.{module}: "
+        refs = tuple(_module_refs(recipe, entry))
+        if module != names.text_module:
+            for ref in refs:
+                if not parents[ref].is_vlm:
+                    base = " (the recipe's base_model, every module's base unless a slice gives its own)" \
+                        if ref == recipe.base_model else ""
+                    raise ShoalError(f"{where}{ref}{base} is a text-only model ({parents[ref].architecture}), which "
+                                     f"has no {module}; this module merges {vlm.family} models only")
+        slices = _as_slices(recipe, entry.models, entry.slices, parents, module)
+        parts.append(_Part(module, slices, entry.parameters, bool(entry.models), where, refs))
+    return parts
+
+
+def _module_refs(recipe: Recipe, entry: Module) -> list[str]:
+    """The models one module of a recipe reads: its models or slices' sources, and the base if the method uses one."""
+    refs = [e.model for e in entry.models or []] + [s.model for piece in entry.slices or [] for s in piece.sources]
+    if recipe.method.base != "ignored":
+        refs += [piece.base_model or recipe.base_model for piece in entry.slices] if entry.slices else \
+            [recipe.base_model]
+    return [ref for ref in dict.fromkeys(refs) if ref is not None]
 
 
 def _check_architectures(parents: dict[str, Checkpoint]) -> None:
@@ -127,18 +207,19 @@ def _check_sizes(parents: dict[str, Checkpoint], whole_models: bool) -> None:
                 )
 
 
-def _check_same_tensors(parents: dict[str, Checkpoint], reference: str) -> None:
-    ref_names = set(parents[reference].lm_names)
+def _check_same_tensors(parents: dict[str, Checkpoint], reference: str, module: str, where: str = "") -> None:
+    """The parents have the same tensors in one module (the language model of a plain recipe)."""
+    ref_names = set(parents[reference].module_names(module))
     for ref, ck in parents.items():
-        names = set(ck.lm_names)
+        names = set(ck.module_names(module))
         missing = sorted(ref_names - names)
         extra = sorted(names - ref_names)
         if missing:
-            raise ShoalError(f"tensor {ck.lm.own(missing[0])} is missing in parent {ref} (present in {reference})")
+            raise ShoalError(f"{where}tensor {ck.lm.of_module(module).own(missing[0])} is missing in parent {ref} "
+                             f"(present in {reference})")
         if extra:
-            raise ShoalError(
-                f"tensor {parents[reference].lm.own(extra[0])} is missing in parent {reference} (present in {ref})"
-            )
+            raise ShoalError(f"{where}tensor {parents[reference].lm.of_module(module).own(extra[0])} is missing in "
+                             f"parent {reference} (present in {ref})")
 
 
 def _output_parent(recipe: Recipe, parents: dict[str, Checkpoint], first_ref: str) -> str:
@@ -157,6 +238,7 @@ def _seed(seed: int, name: str, i: int) -> int:
 def _job(
     recipe: Recipe,
     parents: dict[str, Checkpoint],
+    part: _Part,
     piece: Slice,
     out_name: str,
     src_names: list[str],
@@ -166,8 +248,10 @@ def _job(
     out_names: layout.Names,
     vocab: Vocabulary | None,
 ) -> TensorJob:
-    """The job of one language-model tensor; out_name and src_names are canonical names (filters, gradients and
-    DARE seeds see those), turned into each parent's own names and the output's."""
+    """The job of one tensor of a module (the language model of a plain recipe); out_name and src_names are
+    canonical names (filters, gradients and DARE seeds see those), turned into each parent's own names and the
+    output's."""
+    own = lambda ref, name: parents[ref].lm.of_module(part.module).own(name)
     method = recipe.method
     base_ref = piece.base_model or recipe.base_model
     entries = list(zip(piece.sources, src_names))
@@ -175,14 +259,14 @@ def _job(
     if method.base == "required" or (method.base == "optional" and base_ref is not None):
         assert base_ref is not None
         base_name = next((n for s, n in entries if s.model == base_ref), src_names[0])
-        base = TensorInput(base_ref, parents[base_ref].lm.own(base_name))
+        base = TensorInput(base_ref, own(base_ref, base_name))
         entries = [(s, n) for s, n in entries if s.model != base_ref]
     if not method.min_inputs <= len(entries) <= (method.max_inputs or len(entries)):
         most = method.max_inputs if method.max_inputs is not None else "any"
         raise ShoalError(
-            f"{method.name} takes {method.min_inputs} to {most} models besides the base, got {len(entries)}"
+            f"{part.where}{method.name} takes {method.min_inputs} to {most} models besides the base, got {len(entries)}"
         )
-    inputs = [TensorInput(s.model, parents[s.model].lm.own(n)) for s, n in entries]
+    inputs = [TensorInput(s.model, own(s.model, n)) for s, n in entries]
     for tin in inputs + ([base] if base else []):
         if tin.name not in parents[tin.parent].tensors:
             raise ShoalError(f"tensor {tin.name} is missing in parent {tin.parent}")
@@ -209,11 +293,11 @@ def _job(
     src_dtype = DTYPE_OF_TAG[parents[first.parent].dtype(first.name)]
     floating = src_dtype.is_floating_point
     dtype = out_dtype if out_dtype is not None and floating else src_dtype
-    sources_of = lambda src: [src.parameters, piece.parameters, recipe.parameters]
+    sources_of = lambda src: [src.parameters, piece.parameters, part.parameters, recipe.parameters]
     per_model: list[dict[str, Any]] = [
         {p: resolve(p, sources_of(s), out_name, t, d) for p, d in method.per_model.items()} for s, _ in entries
     ]
-    shared_sources: list[Parameters | None] = [piece.parameters, recipe.parameters]
+    shared_sources: list[Parameters | None] = [piece.parameters, part.parameters, recipe.parameters]
     shared = {p: resolve(p, shared_sources, out_name, t, d) for p, d in method.shared.items()}
     for params in per_model:
         if "density" in params and not 0 < params["density"] <= 1:
@@ -297,50 +381,116 @@ def output_config(
 
 def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], vocab: Vocabulary | None = None) -> MergePlan:
     """Every output tensor's job, in file order (embeddings, layers, head, then a VLM's tensors outside the
-    language model), checked for names and shapes; with vocab (the output tokenizer's, when the recipe names
-    one) the embeddings and head have its rows."""
+    language model: copied, or merged module by module by a `modules:` recipe), checked for names and shapes; with
+    vocab (the output tokenizer's, when the recipe names one) the embeddings and head have its rows."""
     work_dtype = parse_dtype(recipe.dtype)
     out_dtype = parse_dtype(recipe.out_dtype) or work_dtype
     _check_architectures(parents)
-    _check_sizes(parents, whole_models=bool(recipe.models))
-    slices = _as_slices(recipe, parents)
-    first_ref = recipe.base_model if recipe.models and recipe.base_model else slices[0].sources[0].model
-    if recipe.models:
-        _check_same_tensors(parents, first_ref)
+    parts = _parts(recipe, parents)
+    text = parts[0]
+    first_ref = recipe.base_model if text.whole and recipe.base_model else text.slices[0].sources[0].model
     out_ref = _output_parent(recipe, parents, first_ref)
-    out_names = parents[out_ref].lm
+    reference = parents[out_ref]
+    text_parents = {ref: parents[ref] for ref in dict.fromkeys([out_ref, *text.refs])}
+    _check_sizes(text_parents if recipe.modules else parents, whole_models=text.whole)
+    if recipe.modules is not None:
+        stray = next((n for n in reference.names if reference.lm.module_of(n) is None), None)
+        if stray is not None:
+            raise ShoalError(f"modules: tensor {stray} of {out_ref} is in none of the modules shoal knows for its "
+                             f"architecture ({', '.join(reference.lm.modules)}), so a modules: recipe cannot place it")
     jobs: list[TensorJob] = []
-    job = lambda piece, out, src, t: _job(recipe, parents, piece, out, src, t, out_dtype, work_dtype, out_names, vocab)
+    layer_sources: list[int] = []
+    for part in parts:
+        if part.whole and recipe.modules is None:
+            _check_same_tensors(parents, first_ref, part.module)
+        elif part.whole:
+            group = {ref: parents[ref] for ref in part.refs}
+            first = recipe.base_model if recipe.base_model in group else part.slices[0].sources[0].model
+            _check_same_tensors(group, first, part.module, part.where)
+        if part is not text:
+            _check_depth(part, reference, out_ref)
+        module_jobs, sources = _module_jobs(recipe, parents, part, out_ref, out_dtype, work_dtype,
+                                            vocab if part is text else None)
+        if part is text:
+            layer_sources = sources
+        else:
+            _check_fits(part, module_jobs, reference, out_ref)
+        jobs += module_jobs
+    if recipe.modules is None:
+        jobs += [_copy_job(out_ref, reference, name, out_dtype) for name in reference.extra_names]
+    config = output_config(reference, layer_sources, out_dtype, vocab.size if vocab else None)
+    return MergePlan(jobs=jobs, config=config, reference=out_ref)
+
+
+def _module_jobs(
+    recipe: Recipe,
+    parents: dict[str, Checkpoint],
+    part: _Part,
+    out_ref: str,
+    out_dtype: torch.dtype | None,
+    work_dtype: torch.dtype | None,
+    vocab: Vocabulary | None,
+) -> tuple[list[TensorJob], list[int]]:
+    """The jobs of one module's tensors (those before its layers, the layers slice by slice, those after), and the
+    source layer of each output layer."""
+    out_names = parents[out_ref].lm.of_module(part.module)
+    language_model = layout.is_language_model(part.module)
+    jobs: list[TensorJob] = []
+
+    def job(piece: Slice, out: str, src: list[str], t: float) -> TensorJob:
+        return _job(recipe, parents, part, piece, out, src, t, out_dtype, work_dtype, out_names, vocab)
 
     def outer(piece: Slice, wanted: str) -> None:
-        ref = parents[piece.sources[0].model]
-        for name in ref.lm_names:
-            if layout.part(name) == wanted:
+        for name in parents[piece.sources[0].model].module_names(part.module):
+            if layout.part(name, language_model) == wanted:
                 jobs.append(job(piece, name, [name] * len(piece.sources), 0.0))
 
-    outer(slices[0], "pre")
+    outer(part.slices[0], "pre")
     out_layer = 0
     layer_sources: list[int] = []
-    for piece in slices:
+    for piece in part.slices:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in piece.sources}
         if len(lengths) != 1:
-            raise ShoalError("all sources of a slice must span the same number of layers")
+            raise ShoalError(f"{part.where}all sources of a slice must span the same number of layers")
         length = lengths.pop()
         for src in piece.sources:
-            n = parents[src.model].num_layers
+            ck = parents[src.model]
+            n = ck.num_layers if language_model else _depth(ck, part.module, src.model)
             if n is not None and src.layer_range[1] > n:
-                raise ShoalError(f"layer_range {list(src.layer_range)} is beyond the {n} layers of {src.model}")
-        ref = parents[piece.sources[0].model]
+                raise ShoalError(f"{part.where}layer_range {list(src.layer_range)} is beyond the {n} layers of "
+                                 f"{src.model}" + ("" if language_model else f"'s {part.module}"))
+        names = parents[piece.sources[0].model].module_names(part.module)
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
             first = piece.sources[0].layer_range[0] + offset
-            for name in layout.layer_names(ref.lm_names, first):
+            for name in layout.layer_names(names, first):
                 src_names = [layout.with_layer(name, s.layer_range[0] + offset) for s in piece.sources]
                 jobs.append(job(piece, layout.with_layer(name, out_layer), src_names, t))
             layer_sources.append(first)
             out_layer += 1
-    outer(slices[-1], "post")
-    reference = parents[out_ref]
-    jobs += [_copy_job(out_ref, reference, name, out_dtype) for name in reference.extra_names]
-    config = output_config(reference, layer_sources, out_dtype, vocab.size if vocab else None)
-    return MergePlan(jobs=jobs, config=config, reference=out_ref)
+    outer(part.slices[-1], "post")
+    return jobs, layer_sources
+
+
+def _check_depth(part: _Part, reference: Checkpoint, ref: str) -> None:
+    """A module outside the language model keeps the depth it has in reference, whose config the output takes."""
+    depth = _depth(reference, part.module, ref)
+    layers = sum(piece.sources[0].layer_range[1] - piece.sources[0].layer_range[0] for piece in part.slices)
+    if layers != depth:
+        made = f"{layers} layer" + ("" if layers == 1 else "s")
+        raise ShoalError(f"{part.where}the slices make {made}, but the output takes {ref}'s config, whose "
+                         f"{part.module} has {depth}; shoal keeps a {part.module}'s depth (its config would change)")
+
+
+def _check_fits(part: _Part, jobs: list[TensorJob], reference: Checkpoint, ref: str) -> None:
+    """A merged module outside the language model fits the output's config, which is reference's: the same tensors
+    and shapes (shoal changes no vision config)."""
+    wanted = {name: reference.shape(name) for name in reference.names if reference.lm.module_of(name) == part.module}
+    made = {job.spec.name: job.spec.shape for job in jobs}
+    for name in sorted(wanted.keys() ^ made.keys()):
+        where = "the merge lacks it" if name in wanted else f"{ref} lacks it"
+        raise ShoalError(f"{part.where}tensor {name}: {where}, and the output takes {ref}'s config and tensor names")
+    for name, shape in made.items():
+        if tuple(shape) != tuple(wanted[name]):
+            raise ShoalError(f"{part.where}tensor {name} merges to shape {tuple(shape)}, but {ref}, whose config the "
+                             f"output takes, has {tuple(wanted[name])}")
