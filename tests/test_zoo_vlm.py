@@ -177,6 +177,24 @@ def test_training_changes_every_part_of_the_vlm(vlm_zoo: VlmZoo) -> None:
         assert names and any(not torch.equal(trained[k], start[k]) for k in names), part
 
 
+@pytest.mark.parametrize("part", ["vision", "language"])
+def test_each_stage_trains_its_part_and_leaves_the_other_bit_equal(zoo: Zoo, part: str) -> None:
+    from shoal.zoo.train import Schedule
+    from shoal.zoo.vlm import train_vlm
+
+    model, processor = from_base(zoo.base, SMOKE.vision, seed=0)
+    pictures = [r.image for r in held_out(4, SMOKE.vision.side)["dev"]]
+    data = examples(processor, pictures, [PROMPTS["en"]] * 4, ["a red circle on the left ."] * 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train_vlm(model, data, Schedule(steps=3, batch_size=2, lr=1e-2, warmup=1), 0, part, 0.5)
+    assert len(losses) == 3 and all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
+    language = lambda k: k.startswith("model.language_model.") or k.startswith("lm_head.")  # noqa: E731
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(language(k) == (part == "language") for k in changed)
+    assert any(k.startswith("model.vision_tower.") for k in changed) == (part == "vision")
+
+
 def test_second_call_reuses_the_vlm_without_training(vlm_zoo: VlmZoo, zoo: Zoo) -> None:
     stamp = (vlm_zoo.vlm / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
