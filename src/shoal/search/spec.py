@@ -265,6 +265,10 @@ class SearchSpec(Strict):
         if self.tokenizer_source not in (None, "union", "base", *self.parents):
             raise ValueError(f"tokenizer_source: {self.tokenizer_source!r} is not union, base or one of the parents "
                              f"({', '.join(self.parents)})")
+        if self.engine == "vllm" and self.tokenizer_source not in (None, "base"):
+            raise ValueError(f"tokenizer_source: {self.tokenizer_source} with engine: vllm: the engine is built once "
+                             "from the base's folder and keeps its vocabulary, which this tokenizer_source changes "
+                             "(use engine: hf, or tokenizer_source: base)")
         if self.tokenizer_source is not None and self.space == "dfs":
             raise ValueError("tokenizer_source is a parameter-space setting: a data-flow path keeps its first parent's "
                              "vocabulary")
