@@ -216,3 +216,29 @@ def test_equal_to_mergekit_with_the_same_adapter(parents, adapter, tmp_path):
                                 lora_merge_cache=str(tmp_path / "mergekit-lora")))
     assert len(list((tmp_path / "mergekit-lora").iterdir())) == 1  # mergekit applied the adapter (with PEFT)
     assert max(max_differences(tensors(tmp_path / "shoal"), tensors(tmp_path / "mergekit")).values()) < 1e-5
+
+
+def test_a_search_over_a_model_plus_adapter_parent_merges_in_memory_as_shoal_merge_does(parents, adapter, tmp_path):
+    from conftest import read_tensors, write_two_split_task
+    from shoal.merge.resident import ResidentMerger
+    from shoal.search.evolve import evolve
+    from shoal.search.spec import load_search
+
+    tuned = f"{parents['base']}+{adapter}"
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({"base": str(parents["base"]), "parents": {"tuned": tuned, "a": str(parents["a"])},
+                                      "method": "ties", "tasks": [{"path": str(write_two_split_task(tmp_path / "t"))}],
+                                      "budget": 4, "population": 4, "seed": 3}))
+    summary = evolve(load_search(search), tmp_path / "run")
+    assert summary.trials == 4 and tuned in [m["model"] for m in summary.best.recipe["models"]]
+    recipe = parse_recipe(yaml.safe_dump(summary.best.recipe))
+    merger = ResidentMerger(recipe)
+    merger.apply(recipe)
+    live = dict(merger.model.named_parameters())
+    on_disk = read_tensors(tmp_path / "run" / "best")
+    for name, tensor in on_disk.items():
+        assert torch.equal(live[name].detach(), tensor), name
+    plain = summary.best.recipe | {"models": [m | {"model": str(tmp_path / "unloaded")} if m["model"] == tuned else m
+                                              for m in summary.best.recipe["models"]]}
+    run_merge(parse_recipe(yaml.safe_dump(plain)), tmp_path / "via-folder")
+    assert max(max_differences(on_disk, tensors(tmp_path / "via-folder")).values()) < 1e-6  # the adapter was applied
