@@ -152,7 +152,7 @@ def test_a_rerun_reuses_an_intact_intermediate_and_merges_a_damaged_one_again(ru
 
     code, _, err = run_cli("merge", recipe, out, "--overwrite")
     assert code == 0, err
-    assert f"reused ab: {shard.parent} was merged from the same document and is intact" in err
+    assert f"reused ab: {shard.parent} was merged from the same document and parents and is intact" in err
     after = os.stat(shard)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
@@ -192,6 +192,72 @@ def test_intermediates_inside_the_output_are_refused(run_cli, parents, tmp_path)
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-I", tmp_path / "out" / "parts")
     one_error_line(code, err, "is inside OUT_DIR", "give a folder outside it")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_intermediate_whose_parent_changed_is_merged_again(run_cli, parents, tmp_path):
+    import shutil
+
+    own = {name: tmp_path / name for name in ("base", "a", "b", "c")}
+    for name, folder in own.items():
+        shutil.copytree(parents[name], folder)
+    recipe, out = write_recipe(tmp_path, two_stage(own)), tmp_path / "out"
+    assert run_cli("merge", recipe, out)[0] == 0
+    shutil.rmtree(own["b"])
+    shutil.copytree(parents["c"], own["b"])  # the same path, other weights
+    code, _, err = run_cli("merge", recipe, out, "--overwrite")
+    assert code == 0, err
+    assert "merging ab again: " in err and "reused" not in err
+    by_hand = tmp_path / "by-hand"
+    assert run_cli("merge", write_recipe(tmp_path, slerp_ab(own), "one.yaml"), by_hand)[0] == 0
+    assert_equal_tensors(tmp_path / "out.intermediate" / "ab", by_hand)
+
+
+def test_a_folder_shoal_did_not_merge_is_replaced_only_with_overwrite(run_cli, parents, tmp_path):
+    import shutil
+
+    recipe = write_recipe(tmp_path, two_stage(parents))
+    theirs = tmp_path / "mine" / "ab"
+    shutil.copytree(parents["c"], theirs)
+    (theirs / "notes.txt").write_text("mine")
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "-I", tmp_path / "mine")
+    one_error_line(code, err, "('ab'): ", "holds no record", "move it away, or pass --overwrite")
+    assert (theirs / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "-I", tmp_path / "mine", "--overwrite")
+    assert code == 0, err
+    assert not (theirs / "notes.txt").exists() and "merging ab again" in err
+
+
+def test_a_merge_of_a_merge_draws_other_random_drops_and_seed_reaches_every_document(run_cli, parents, tmp_path):
+    dare = lambda model: {"merge_method": "dare_linear", "base_model": str(parents["base"]), "dtype": "float32",  # noqa: E731
+                          "models": [{"model": model, "parameters": {"weight": 1.0, "density": 0.5}}]}
+    recipe = write_recipe(tmp_path, documents({"name": "once", **dare(str(parents["a"]))}, dare("once")))
+    base = read_tensors(parents["base"])
+    name = "model.layers.1.mlp.up_proj.weight"
+    for args, folder in [((), "out"), (("--seed", "7"), "seeded")]:
+        code, _, err = run_cli("merge", recipe, tmp_path / folder, "-I", tmp_path / f"{folder}-parts", *args)
+        assert code == 0, err
+        once = read_tensors(tmp_path / f"{folder}-parts" / "once")[name] - base[name]
+        twice = read_tensors(tmp_path / folder)[name] - base[name]
+        kept_once, kept_twice = (once != 0).float().mean().item(), (twice != 0).float().mean().item()
+        assert 0.4 < kept_once < 0.6 and 0.15 < kept_twice < 0.35  # independent drops: about a quarter survives
+    written = list(yaml.safe_load_all((tmp_path / "seeded" / "recipe.yaml").read_text()))
+    assert [d.get("name") for d in written] == ["once", None] and written[1]["seed"] == 7 and written[0]["seed"] != 7
+    unseeded = read_tensors(tmp_path / "out")[name]
+    assert not torch.equal(unseeded, read_tensors(tmp_path / "seeded")[name])
+
+
+def test_an_output_inside_the_intermediate_folder_is_refused(run_cli, parents, tmp_path):
+    recipe = write_recipe(tmp_path, two_stage(parents))
+    code, _, err = run_cli("merge", recipe, tmp_path / "parts" / "ab", "-I", tmp_path / "parts")
+    one_error_line(code, err, "is inside --intermediate-dir", "give a folder outside it")
+
+
+def test_an_error_in_a_named_document_names_it(run_cli, parents, tmp_path):
+    bad = slerp_ab(parents) | {"models": [{"model": str(parents["a"])}, {"model": str(parents["b"])},
+                                          {"model": str(parents["c"])}]}
+    recipe = write_recipe(tmp_path, documents({"name": "ab", **bad}, ties_with_c(parents, "ab")))
+    code, _, err = run_cli("merge", recipe, tmp_path / "out")
+    one_error_line(code, err, "document 1 ('ab'): ", "slerp takes")
 
 
 def test_every_model_string_naming_a_document_names_its_folder(tmp_path):

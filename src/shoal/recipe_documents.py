@@ -4,7 +4,8 @@ after the documents whose outputs it reads."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,34 @@ def load_documents(path: str | Path) -> list[Document]:
     documents = []
     for index, ((data, node), name) in enumerate(zip(parsed, names), start=1):
         recipe = validate_recipe({k: v for k, v in data.items() if k != "name"}, node, source)
+        if name is not None and "seed" not in data:
+            recipe = recipe.model_copy(update={"seed": stage_seed(recipe.seed, name)})
         reads = _reads(recipe, node, {n for n in names if n is not None}, source, f"document {index}")
         documents.append(Document(index, node.start_mark.line + 1, name, recipe, reads))
     ordered = _merge_order(documents, source)
     output = _output(documents, source)
     return [d for d in ordered if d is not output] + [output]
+
+
+def stage_seed(seed: int, name: str) -> int:
+    """The seed of a named document's random drops (DARE, DELLA) when it sets none: the file's seed mixed with the
+    name, so that a merge of a merge draws other masks than the merge it reads (as mergekit-multi's, drawn in
+    sequence from one generator, do)."""
+    return zlib.crc32(f"{seed}/{name}".encode())
+
+
+def with_seed(documents: list[Document], seed: int) -> list[Document]:
+    """The documents with every seed set from seed (`shoal merge --seed`): the output's is seed, a named
+    document's stage_seed(seed, name)."""
+    return [replace(d, recipe=d.recipe.model_copy(update={"seed": seed if d.name is None else stage_seed(seed, d.name)}))
+            for d in documents]
+
+
+def as_text(documents: list[Document]) -> str:
+    """The documents as one recipe file (each named, with its seed), in merge order."""
+    dumped = [({"name": d.name} if d.name is not None else {}) | d.recipe.model_dump(exclude_none=True)
+              for d in documents]
+    return yaml.safe_dump_all(dumped, sort_keys=False)
 
 
 def with_folders(recipe: Recipe, folders: Mapping[str, Path]) -> Recipe:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -80,14 +79,14 @@ def merge(
     """Merge the parents named in RECIPE into a new model folder OUT_DIR (a recipe file of several `---`-separated
     documents, as mergekit-multi takes, merges each in turn; its output is the document without `name:`)."""
     from shoal.merge.multi import merge_documents
-    from shoal.recipe_documents import load_documents
+    from shoal.recipe_documents import as_text, load_documents, with_seed
 
     del allow_crimes  # a no-op, documented in its help
     max_shard_bytes = _shard_bytes(shard_size, out_shard_size)
     device = _merge_device(device, cuda)
     documents = load_documents(recipe)
     if seed is not None:
-        documents = [replace(d, recipe=d.recipe.model_copy(update={"seed": seed})) for d in documents]
+        documents = with_seed(documents, seed)
     intermediate_dir = intermediate_dir or out_dir.parent / f"{out_dir.name}.intermediate"
     progress = bar()
     tasks: dict[str, TaskID] = {}
@@ -103,7 +102,7 @@ def merge(
             documents,
             out_dir,
             intermediate_dir,
-            recipe_text=yamlfile.read_text(recipe) if seed is None else None,
+            recipe_text=yamlfile.read_text(recipe) if seed is None else as_text(documents),
             notice=lambda message: progress.console.print(escape(message), highlight=False, soft_wrap=True),
             on_tensor=show,
             device=device,

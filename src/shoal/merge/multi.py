@@ -8,14 +8,16 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from shoal.checkpoint.digest import file_digest
+from shoal.checkpoint.digest import file_digest, files_digest
+from shoal.checkpoint.reader import resolve_model
+from shoal.checkpoint.reference import parse_reference
 from shoal.errors import ShoalError
 from shoal.merge import engine
 from shoal.recipe_documents import Document, with_folders
 
 RECORD = ".shoal-merged-from.json"
 """Written into an intermediate merge's folder once it is complete: what it was merged from, and its files' digests."""
-FORMAT = 1
+FORMAT = 2
 """The version of how an intermediate is keyed: bump it when the same document would merge differently."""
 
 
@@ -45,11 +47,16 @@ def merge_documents(
 
     def merge(document: Document, folder: Path, text: str | None, replace: bool) -> Path:
         label = document.name or out_dir.name
-        return engine.run_merge(
-            with_folders(document.recipe, folders), folder, recipe_text=text, device=device, overwrite=replace,
-            max_shard_bytes=max_shard_bytes, copy_tokenizer=copy_tokenizer,
-            on_tensor=(lambda done, total: on_tensor(label, done, total)) if on_tensor else None,
-        )
+        try:
+            return engine.run_merge(
+                with_folders(document.recipe, folders), folder, recipe_text=text, device=device, overwrite=replace,
+                max_shard_bytes=max_shard_bytes, copy_tokenizer=copy_tokenizer,
+                on_tensor=(lambda done, total: on_tensor(label, done, total)) if on_tensor else None,
+            )
+        except ShoalError as exc:
+            if not inputs:
+                raise
+            raise ShoalError(f"{document}: {exc}") from None
 
     for document in inputs:
         assert document.name is not None  # only the output may be unnamed
@@ -57,8 +64,11 @@ def merge_documents(
         key = _key(document, digests, copy_tokenizer)
         files, why = _reusable(folder, key)
         if files is not None:
-            notice(f"reused {document.name}: {folder} was merged from the same document and is intact")
+            notice(f"reused {document.name}: {folder} was merged from the same document and parents and is intact")
         else:
+            if why is not None and not (folder / RECORD).is_file() and not overwrite:
+                raise ShoalError(f"{document}: {why}; shoal replaces only the intermediate merges it made: move it "
+                                 "away, or pass --overwrite to replace it")
             if why is not None:
                 notice(f"merging {document.name} again: {why}")
             merge(document, folder, None, replace=True)
@@ -75,15 +85,25 @@ def _check_folders(out_dir: Path, intermediate_dir: Path, overwrite: bool) -> No
     if intermediate.is_relative_to(out):
         raise ShoalError(f"--intermediate-dir {intermediate_dir} is inside OUT_DIR {out_dir}, which is replaced "
                          "whole; give a folder outside it")
+    if out.is_relative_to(intermediate):
+        raise ShoalError(f"OUT_DIR {out_dir} is inside --intermediate-dir {intermediate_dir}, where the intermediate "
+                         "merges are written; give a folder outside it")
     if out.exists() and not overwrite:
         raise ShoalError(f"{out} already exists; pass --overwrite to replace it")
 
 
 def _key(document: Document, digests: Mapping[str, str], copy_tokenizer: bool) -> str:
-    """What an intermediate is merged from: its document as written, the contents of the merges it reads, and
-    whether tokenizer files are copied (where the files are does not count: a moved folder is reused)."""
+    """What an intermediate is merged from: its document as written, the contents of the merges it reads and of the
+    models it reads (every file of each one's folder: a Hub file by its blob's name, free; a local one by its
+    bytes, read once per process), and whether tokenizer files are copied (where the files are does not count: a
+    moved folder is reused)."""
+    models = {}
+    for _, ref in document.recipe.model_places():
+        if parse_reference(ref).model.path not in document.reads and ref not in models:
+            folder = resolve_model(ref)
+            models[ref] = files_digest(folder, [p.name for p in folder.iterdir() if p.is_file()])
     made_of = {"format": FORMAT, "recipe": document.recipe.model_dump(mode="json"), "copy_tokenizer": copy_tokenizer,
-               "reads": {name: digests[name] for name in document.reads}}
+               "reads": {name: digests[name] for name in document.reads}, "models": models}
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
 
 
