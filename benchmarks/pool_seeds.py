@@ -34,7 +34,8 @@ def run_seed(seed: int, args: argparse.Namespace, two_parent: dict[int, float]) 
     zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
     pool = build_pool(zoo, threads=1)
     built = time.perf_counter() - start
-    summary = seed_record.search(args.out / f"seed{seed}", pool.parents, pool.base, pool.target, args.budget, seed,
+    folder = args.out / (f"seed{seed}" if args.choose_parents else f"seed{seed}-weights-only")
+    summary = seed_record.search(folder, pool.parents, pool.base, pool.target, args.budget, seed,
                                  choose_parents=args.choose_parents)
     mass = weight_mass(summary)
     row = {
@@ -91,7 +92,8 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="JSON files of other runs of this script to add")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    two_parent = {r["seed"]: r["evolved_test"] for path in args.two_parent for r in json.loads(path.read_text())["rows"]}
+    two_parent = {r["seed"]: r["evolved_test"] for path in args.two_parent for r in json.loads(path.read_text())["rows"]
+                  if r.get("search_seed", r["seed"]) == r["seed"]}  # `shoal demo`'s search, not another seed's
     rows = [run_seed(seed, args, two_parent) for seed in args.seeds]
     rows = seed_record.gathered(rows, args.merge)
     print_tables(rows)

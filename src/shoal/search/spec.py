@@ -75,7 +75,9 @@ class GenomeSpec(Strict):
     """One more gene per parent, `<parent>.keep`: the parent is in the merge when its gene is at least 0.5 (and the
     parent with the highest keep gene always is); a parent left out gets weight 0 everywhere. From the start at the
     middle every subset of parents is as likely, so a search over a pool can find the few that matter, where
-    per-layer weights alone would have to bring every distractor near 0 at once."""
+    per-layer weights alone would have to bring every distractor near 0 at once. (The recipe still lists a left-out
+    parent: DARE's and DELLA's random drops are drawn per position in the list, so the same recipe without it
+    draws other masks for the parents after it.)"""
 
 
 class DataFlowSpec(Strict):
