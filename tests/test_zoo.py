@@ -288,11 +288,19 @@ def test_demo_pool_searches_every_parent_and_prints_the_weight_each_gets(zoo: Zo
     assert code == 0, err
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
     assert set(summary["parents"]) == {"base", "math", "language", "equations", "prose", "scenes"}
-    assert summary["genes"] == 5 * 2 * 3  # 5 parents x (weight, density) x (2 layers + embeddings)
+    assert summary["genes"] == 5 * 2 * 3 + 5  # 5 parents x (weight, density) x (2 layers + embeddings), keep genes
     assert "weight per parent" in out and "distractor" in out
     from shoal.cli.demo import weight_mass
     from shoal.search.run_folder import read_summary
 
     mass = weight_mass(read_summary(tmp_path / "demo" / "run"))
-    layers = summary["best"]["layers"]["weight"]["prose"] + [summary["best"]["embeddings"]["weight"]["prose"]]
-    assert mass["prose"] == pytest.approx(sum(layers) / len(layers)) and f"{mass['prose']:.2f}" in out
+    kept = summary["best"]["kept"]
+    assert kept and set(kept) <= set(mass)
+    for parent in mass:
+        layers = summary["best"]["layers"]["weight"][parent] + [summary["best"]["embeddings"]["weight"][parent]]
+        assert mass[parent] == pytest.approx(sum(layers) / len(layers))
+        assert (mass[parent] == 0) if parent not in kept else True
+    left_out = [p for p in mass if p not in kept]
+    assert ("left out" in out) == bool(left_out)
+    report = (tmp_path / "demo" / "run" / "report" / "report.md").read_text()
+    assert f"parents in the merge (keep genes): {', '.join(kept)}" in report

@@ -88,8 +88,10 @@ def weights_table(summary: Summary, roles: dict[str, str]) -> Table:
     table.add_column("parent")
     table.add_column("role")
     table.add_column("weight", justify="right")
+    kept = summary.best.kept
     for parent, weight in sorted(weight_mass(summary).items(), key=lambda kv: -kv[1]):
-        table.add_row(escape(parent), roles.get(parent, ""), f"{weight:.2f}")
+        shown = f"{weight:.2f}" if kept is None or parent in kept else "left out"
+        table.add_row(escape(parent), roles.get(parent, ""), shown)
     return table
 
 

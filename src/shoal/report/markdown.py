@@ -87,6 +87,10 @@ def _finished(s: Summary) -> list[str]:
             continue
         name, value = best
         lines.append(f"- evolved over {what} ({name}, {score(value)}): **{margin(s.best.test - value)}** on test")
+    if s.best.kept is not None:
+        left_out = [name for name in (s.best.layers or {}).get("weight", {}) if name not in s.best.kept]
+        lines.append(f"- parents in the merge (keep genes): {', '.join(map(_cell, s.best.kept))}"
+                     + (f"; left out (weight 0): {', '.join(map(_cell, left_out))}" if left_out else ""))
     lines.append("")
     if s.best.path is not None:
         lines += _best_path(s.best)

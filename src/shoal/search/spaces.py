@@ -107,7 +107,8 @@ class ParameterSpace:
         run_merge(Recipe.model_validate(recipe), out_dir, recipe_text=text, device=self.device, overwrite=True)
 
     def describe(self, values: dict[str, float], seed: int) -> dict[str, Any]:
-        return {"recipe": self.genome.recipe(values, seed), **self.genome.table(values)}
+        kept = {"kept": self.genome.kept(values)} if self.genome.spec.genome.choose_parents else {}
+        return {"recipe": self.genome.recipe(values, seed), **self.genome.table(values), **kept}
 
 
 class FlowSpace:

@@ -37,6 +37,8 @@ class Best(_Record):
     """PS: parameter (e.g. "weight", "density (mlp)") -> parent -> its value at each layer."""
     embeddings: dict[str, dict[str, float]] | None = None
     """PS: parameter -> parent -> its value for the tensors outside the layers; None when they are the base's."""
+    kept: list[str] | None = None
+    """PS with genome.choose_parents: the parents its keep genes put in the merge (the others have weight 0)."""
     path: list[PathStep] | None = None
     """DFS: the layers a token goes through, in order."""
     parents_order: list[str] | None = None
