@@ -167,3 +167,42 @@ def test_reader_lists_shapes_without_loading(parents):
     assert ck.shape("model.embed_tokens.weight") == (256, 64)
     assert ck.dtype("model.embed_tokens.weight") == "F32"
     assert ck.num_layers == 4
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_an_elementwise_merge_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method, dtype):
+    from shoal.merge import engine
+    from shoal.merge.resident import ResidentMerger
+
+    recipe = parse_recipe(yaml.safe_dump({
+        "merge_method": method, "dtype": dtype, "base_model": str(parents["base"]),
+        "models": [{"model": str(parents[n]), "parameters": {"weight": w}} for n, w in (("a", 0.3), ("b", 0.9), ("c", -0.4))],
+    }))
+    run_merge(recipe, tmp_path / "whole")
+    calls = []
+    merged_values = engine.merged_values
+    monkeypatch.setattr(engine, "merged_values", lambda *a, **k: calls.append(1) or merged_values(*a, **k))
+    monkeypatch.setattr(engine, "CHUNK", 1000)  # the 64 x 128 MLP matrices: 9 chunks, the last of 192 elements
+    run_merge(recipe, tmp_path / "chunked")
+    whole, chunked = tensors(tmp_path / "whole"), tensors(tmp_path / "chunked")
+    assert len(calls) > 2 * len(whole)  # most tensors went in several chunks
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+    merger = ResidentMerger(recipe)
+    merger.apply(recipe)
+    live = dict(merger.model.named_parameters())
+    for name in whole:
+        assert torch.equal(live[name].detach(), whole[name]), name
+
+
+def test_a_chunk_with_nan_is_refused_with_the_tensor_named(parents, tmp_path, monkeypatch):
+    from shoal.errors import ShoalError
+    from shoal.merge import engine
+
+    monkeypatch.setattr(engine, "CHUNK", 1000)
+    recipe = parse_recipe(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(parents["a"]), "parameters": {"weight": 1.0}}, {"model": str(parents["b"]), "parameters": {"weight": -1.0}}]}))
+    with pytest.raises(ShoalError, match="NaN or inf in tensor .* weights summing to 0"):
+        run_merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -96,6 +96,42 @@ def merged_values(
     return result
 
 
+CHUNK = 1 << 18
+"""Elements per chunk of an elementwise merge: its float32 values (1 MiB) stay in cache through every step of the
+formula, so the merge reads each input and writes the output once, instead of once per step."""
+
+
+def merge_into(
+    job: TensorJob,
+    method_name: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    out: torch.Tensor,
+    scratch: Scratch | None = None,
+    *,
+    deltas: list[torch.Tensor] | None = None,
+    ranks: list[torch.Tensor] | None = None,
+) -> None:
+    """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
+    wider than the output's dtype, as a live model's parameter may be). An elementwise method (linear, task
+    arithmetic) runs CHUNK elements at a time, with the same values bit for bit."""
+    method = METHODS[method_name]
+    first = base if base is not None else (tensors[0] if tensors else deltas[0])
+    if not (method.elementwise and first.is_floating_point() and out.numel() > CHUNK):
+        out.copy_(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks).to(job.spec.dtype))
+        return
+    flat = lambda ts: None if ts is None else [t.reshape(-1) for t in ts]  # noqa: E731
+    whole_base, whole_tensors, whole_deltas, whole_out = flat([base])[0] if base is not None else None, \
+        flat(tensors), flat(deltas), out.view(-1)
+    for start in range(0, whole_out.numel(), CHUNK):
+        piece = slice(start, start + CHUNK)
+        values = merged_values(
+            job, method_name, whole_base[piece] if whole_base is not None else None, [t[piece] for t in whole_tensors],
+            scratch, deltas=None if whole_deltas is None else [d[piece] for d in whole_deltas],
+        )
+        whole_out[piece].copy_(values.to(job.spec.dtype))
+
+
 def merge_tensor(
     job: TensorJob,
     method_name: str,
@@ -107,7 +143,9 @@ def merge_tensor(
     input unchanged."""
     if job.verbatim:
         return tensors[0].to(job.spec.dtype)
-    return merged_values(job, method_name, base, tensors, scratch).to(job.spec.dtype, copy=True)
+    out = torch.empty(tuple(job.spec.shape), dtype=job.spec.dtype, device=(base if base is not None else tensors[0]).device)
+    merge_into(job, method_name, base, tensors, out, scratch)
+    return out
 
 
 def aligned(job: TensorJob, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> Loaded:

@@ -67,6 +67,8 @@ class MergeMethod:
     sparsify: Sparsify = None
     task_vectors: bool = False
     """The method works on task vectors tensor_i - base (MergeCall.deltas may supply them)."""
+    elementwise: bool = False
+    """Each output element depends only on the inputs' same element, so the merge may run chunk by chunk."""
 
     @property
     def parameters(self) -> set[str]:
@@ -145,6 +147,7 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         random=sparsify in ("random", "magprune"),
         sparsify=sparsify,
         task_vectors=True,
+        elementwise=sparsify is None and not consensus,
     )
 
 
@@ -225,7 +228,7 @@ def _passthrough(call: MergeCall) -> torch.Tensor:
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
-        MergeMethod("linear", _linear, {"weight": REQUIRED}, {"normalize": True}, base="ignored"),
+        MergeMethod("linear", _linear, {"weight": REQUIRED}, {"normalize": True}, base="ignored", elementwise=True),
         _task_vector_method("task_arithmetic", None, False, normalize=False, rescale=False),
         _task_vector_method("ties", "magnitude", True, normalize=True, rescale=False),
         _task_vector_method("dare_ties", "random", True, normalize=False, rescale=True),

@@ -25,7 +25,7 @@ from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge import methods
 from shoal.merge.engine import (
-    Scratch, aligned, check_tokenizer_settings, merged_values, open_parents, output_tokenizer, prefetched,
+    Scratch, aligned, check_tokenizer_settings, merge_into, open_parents, output_tokenizer, prefetched,
 )
 from shoal.merge.tokenizer import OutputTokenizer
 from shoal.merge.memory import (
@@ -179,13 +179,10 @@ class ResidentMerger:
         plan = build_plan(recipe, self.parents, self._vocab)
         with torch.no_grad():
             for job, inputs in self._job_inputs([job for job in plan.jobs if not job.verbatim]):
-                merged = merged_values(
-                    job, recipe.merge_method, inputs.base, inputs.tensors, self._scratch[slot],
-                    deltas=inputs.deltas, ranks=inputs.ranks,
-                )
                 # rounded to the output's dtype first: a live model kept wider than the merge writes (a VLM whose
                 # vision tower is float32 and language model bfloat16 stays float32) holds what `shoal merge` writes
-                self._targets[slot][job.spec.name].copy_(merged.to(job.spec.dtype))
+                merge_into(job, recipe.merge_method, inputs.base, inputs.tensors, self._targets[slot][job.spec.name],
+                           self._scratch[slot], deltas=inputs.deltas, ranks=inputs.ranks)
 
     def _job_inputs(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, _Inputs]]:
         """Each job with its inputs on the device: as kept, moved from the host, or read from the parent files.
