@@ -1,9 +1,10 @@
-"""What running elementwise merges in cache-sized chunks buys: `shoal merge`'s engine in this process, on the
-merge benchmark's three ~0.5B bf16 random parents, with engine.CHUNK at its value and at infinity (one pass over
+"""What running the elementwise steps of merges in cache-sized chunks buys (all of linear and task arithmetic;
+TIES' and DARE's vote and sum after their whole-tensor masks): `shoal merge`'s engine in this process, on the
+merge benchmark's three ~0.5B bf16 random parents, with methods.CHUNK at its value and at infinity (one pass over
 memory per step of the formula, as before chunking), alternating, after one warm-up merge that puts the parents in
 the page cache. Prints each time and the ratio of the medians.
 
-    python benchmarks/merge_chunks.py [--size 0.5b|small] [--repeats 3] [--work /tmp/shoal-bench]
+    python benchmarks/merge_chunks.py [--size 0.5b|small] [--repeats 3] [--work /tmp/shoal-bench] [--methods ...]
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import torch
 import yaml
 from merge_speed import SIZES, build_parents
 
-from shoal.merge import engine
+from shoal.merge import engine, methods
 from shoal.recipe import parse_recipe
 
 WEIGHTS = (("a", 0.5), ("b", 0.3), ("c", 0.2))
 
 
 def recipe(method: str, parents: dict[str, Path]) -> dict:
-    base = {"base_model": str(parents["base"])} if method == "task_arithmetic" else {}
+    base = {} if method == "linear" else {"base_model": str(parents["base"])}
+    density = {} if method in ("linear", "task_arithmetic") else {"density": 0.5}
     return {"merge_method": method, "dtype": "bfloat16", **base,
-            "models": [{"model": str(parents[n]), "parameters": {"weight": w}} for n, w in WEIGHTS]}
+            "models": [{"model": str(parents[n]), "parameters": {"weight": w, **density}} for n, w in WEIGHTS]}
 
 
 def main() -> None:
@@ -34,22 +36,23 @@ def main() -> None:
     ap.add_argument("--size", default="0.5b", choices=SIZES)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/shoal-bench"))
+    ap.add_argument("--methods", default="linear,task_arithmetic,ties,dare_ties")
     args = ap.parse_args()
     torch.set_num_threads(1)
     parents = build_parents(args.work, args.size)
     out = args.work / "chunks-out"
-    chunk = engine.CHUNK
-    for method in ("linear", "task_arithmetic"):
+    chunk = methods.CHUNK
+    for method in args.methods.split(","):
         parsed = parse_recipe(yaml.safe_dump(recipe(method, parents)))
         engine.run_merge(parsed, out, overwrite=True)  # warm-up: the parents in the page cache
         times: dict[str, list[float]] = {"one pass per step": [], f"chunks of {chunk}": []}
         for _ in range(args.repeats):
             for label, size in zip(times, (1 << 62, chunk)):
-                engine.CHUNK = size
+                methods.CHUNK = size
                 start = time.perf_counter()
                 engine.run_merge(parsed, out, overwrite=True)
                 times[label].append(time.perf_counter() - start)
-        engine.CHUNK = chunk
+        methods.CHUNK = chunk
         medians = [statistics.median(v) for v in times.values()]
         cells = ", ".join(f"{label} {' / '.join(f'{t:.2f}' for t in v)} s" for label, v in times.items())
         print(f"{method}: {cells}; chunked {medians[0] / medians[1]:.2f}x faster (medians)", flush=True)

@@ -172,7 +172,7 @@ def test_reader_lists_shapes_without_loading(parents):
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_an_elementwise_merge_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method, dtype):
-    from shoal.merge import engine
+    from shoal.merge import engine, methods
     from shoal.merge.resident import ResidentMerger
 
     recipe = parse_recipe(yaml.safe_dump({
@@ -183,7 +183,7 @@ def test_an_elementwise_merge_in_chunks_is_bit_equal_to_one_pass(parents, tmp_pa
     calls = []
     merged_values = engine.merged_values
     monkeypatch.setattr(engine, "merged_values", lambda *a, **k: calls.append(1) or merged_values(*a, **k))
-    monkeypatch.setattr(engine, "CHUNK", 1000)  # the 64 x 128 MLP matrices: 9 chunks, the last of 192 elements
+    monkeypatch.setattr(methods, "CHUNK", 1000)  # the 64 x 128 MLP matrices: 9 chunks, the last of 192 elements
     run_merge(recipe, tmp_path / "chunked")
     whole, chunked = tensors(tmp_path / "whole"), tensors(tmp_path / "chunked")
     assert len(calls) > 2 * len(whole)  # most tensors went in several chunks
@@ -198,11 +198,38 @@ def test_an_elementwise_merge_in_chunks_is_bit_equal_to_one_pass(parents, tmp_pa
 
 def test_a_chunk_with_nan_is_refused_with_the_tensor_named(parents, tmp_path, monkeypatch):
     from shoal.errors import ShoalError
-    from shoal.merge import engine
+    from shoal.merge import methods
 
-    monkeypatch.setattr(engine, "CHUNK", 1000)
+    monkeypatch.setattr(methods, "CHUNK", 1000)
     recipe = parse_recipe(yaml.safe_dump({"merge_method": "linear", "models": [
         {"model": str(parents["a"]), "parameters": {"weight": 1.0}}, {"model": str(parents["b"]), "parameters": {"weight": -1.0}}]}))
     with pytest.raises(ShoalError, match="NaN or inf in tensor .* weights summing to 0"):
         run_merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_a_ties_vote_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method):
+    from shoal.merge import methods
+    from shoal.merge.resident import ResidentMerger
+
+    recipe = parse_recipe(yaml.safe_dump({
+        "merge_method": method, "dtype": "bfloat16", "base_model": str(parents["base"]), "seed": 4,
+        "models": [{"model": str(parents[n]), "parameters": {"weight": w, "density": d}}
+                   for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 0.7), ("c", 0.4, 0.3))],
+    }))
+    run_merge(recipe, tmp_path / "whole")
+    calls = []
+    combine = methods._combine
+    monkeypatch.setattr(methods, "_combine", lambda *a, **k: calls.append(1) or combine(*a, **k))
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    run_merge(recipe, tmp_path / "chunked")
+    whole, chunked = tensors(tmp_path / "whole"), tensors(tmp_path / "chunked")
+    assert len(calls) > 2 * len(whole)
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+    merger = ResidentMerger(recipe)
+    merger.apply(recipe)
+    live = dict(merger.model.named_parameters())
+    for name in whole:
+        assert torch.equal(live[name].detach(), whole[name]), name

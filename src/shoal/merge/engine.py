@@ -14,7 +14,7 @@ from shoal.checkpoint.reader import Checkpoint, open_checkpoint
 from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
 from shoal.errors import ShoalError
-from shoal.merge import chat_template
+from shoal.merge import chat_template, methods
 from shoal.merge.plan import MergePlan, TensorJob, build_plan
 from shoal.merge.registry import METHODS, MergeCall
 from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates, check_shared_vocabulary
@@ -96,11 +96,6 @@ def merged_values(
     return result
 
 
-CHUNK = 1 << 18
-"""Elements per chunk of an elementwise merge: its float32 values (1 MiB) stay in cache through every step of the
-formula, so the merge reads each input and writes the output once, instead of once per step."""
-
-
 def merge_into(
     job: TensorJob,
     method_name: str,
@@ -114,17 +109,17 @@ def merge_into(
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
     wider than the output's dtype, as a live model's parameter may be). An elementwise method (linear, task
-    arithmetic) runs CHUNK elements at a time, with the same values bit for bit."""
+    arithmetic) runs methods.CHUNK elements at a time, with the same values bit for bit."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
-    if not (method.elementwise and first.is_floating_point() and out.numel() > CHUNK):
+    if not (method.elementwise and first.is_floating_point() and out.numel() > methods.CHUNK):
         out.copy_(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks).to(job.spec.dtype))
         return
     flat = lambda ts: None if ts is None else [t.reshape(-1) for t in ts]  # noqa: E731
     whole_base, whole_tensors, whole_deltas, whole_out = flat([base])[0] if base is not None else None, \
         flat(tensors), flat(deltas), out.view(-1)
-    for start in range(0, whole_out.numel(), CHUNK):
-        piece = slice(start, start + CHUNK)
+    for start in range(0, whole_out.numel(), methods.CHUNK):
+        piece = slice(start, start + methods.CHUNK)
         values = merged_values(
             job, method_name, whole_base[piece] if whole_base is not None else None, [t[piece] for t in whole_tensors],
             scratch, deltas=None if whole_deltas is None else [d[piece] for d in whole_deltas],
