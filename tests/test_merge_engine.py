@@ -169,21 +169,17 @@ def test_reader_lists_shapes_without_loading(parents):
     assert ck.num_layers == 4
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_an_elementwise_merge_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method, dtype):
-    from shoal.merge import engine, methods
+def assert_chunks_equal_one_pass(recipe, tmp_path, monkeypatch, module, counted: str) -> None:
+    """recipe merged with chunks of 1,000 entries (the 64 x 128 MLP matrices: 9 chunks, the last of 192) is bit-equal
+    to the one-pass merge, on disk and in the resident merger; module.counted must run once per chunk."""
+    from shoal.merge import methods
     from shoal.merge.resident import ResidentMerger
 
-    recipe = parse_recipe(yaml.safe_dump({
-        "merge_method": method, "dtype": dtype, "base_model": str(parents["base"]),
-        "models": [{"model": str(parents[n]), "parameters": {"weight": w}} for n, w in (("a", 0.3), ("b", 0.9), ("c", -0.4))],
-    }))
     run_merge(recipe, tmp_path / "whole")
     calls = []
-    merged_values = engine.merged_values
-    monkeypatch.setattr(engine, "merged_values", lambda *a, **k: calls.append(1) or merged_values(*a, **k))
-    monkeypatch.setattr(methods, "CHUNK", 1000)  # the 64 x 128 MLP matrices: 9 chunks, the last of 192 elements
+    original = getattr(module, counted)
+    monkeypatch.setattr(module, counted, lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(methods, "CHUNK", 1000)
     run_merge(recipe, tmp_path / "chunked")
     whole, chunked = tensors(tmp_path / "whole"), tensors(tmp_path / "chunked")
     assert len(calls) > 2 * len(whole)  # most tensors went in several chunks
@@ -194,6 +190,18 @@ def test_an_elementwise_merge_in_chunks_is_bit_equal_to_one_pass(parents, tmp_pa
     live = dict(merger.model.named_parameters())
     for name in whole:
         assert torch.equal(live[name].detach(), whole[name]), name
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_an_elementwise_merge_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method, dtype):
+    from shoal.merge import engine
+
+    recipe = parse_recipe(yaml.safe_dump({
+        "merge_method": method, "dtype": dtype, "base_model": str(parents["base"]),
+        "models": [{"model": str(parents[n]), "parameters": {"weight": w}} for n, w in (("a", 0.3), ("b", 0.9), ("c", -0.4))],
+    }))
+    assert_chunks_equal_one_pass(recipe, tmp_path, monkeypatch, engine, "merged_values")
 
 
 def test_a_chunk_with_nan_is_refused_with_the_tensor_named(parents, tmp_path, monkeypatch):
@@ -211,25 +219,10 @@ def test_a_chunk_with_nan_is_refused_with_the_tensor_named(parents, tmp_path, mo
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_a_ties_vote_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method):
     from shoal.merge import methods
-    from shoal.merge.resident import ResidentMerger
 
     recipe = parse_recipe(yaml.safe_dump({
         "merge_method": method, "dtype": "bfloat16", "base_model": str(parents["base"]), "seed": 4,
         "models": [{"model": str(parents[n]), "parameters": {"weight": w, "density": d}}
                    for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 0.7), ("c", 0.4, 0.3))],
     }))
-    run_merge(recipe, tmp_path / "whole")
-    calls = []
-    combine = methods._combine
-    monkeypatch.setattr(methods, "_combine", lambda *a, **k: calls.append(1) or combine(*a, **k))
-    monkeypatch.setattr(methods, "CHUNK", 1000)
-    run_merge(recipe, tmp_path / "chunked")
-    whole, chunked = tensors(tmp_path / "whole"), tensors(tmp_path / "chunked")
-    assert len(calls) > 2 * len(whole)
-    for name in whole:
-        assert torch.equal(whole[name], chunked[name]), name
-    merger = ResidentMerger(recipe)
-    merger.apply(recipe)
-    live = dict(merger.model.named_parameters())
-    for name in whole:
-        assert torch.equal(live[name].detach(), whole[name]), name
+    assert_chunks_equal_one_pass(recipe, tmp_path, monkeypatch, methods, "_combine")

@@ -115,16 +115,16 @@ def merge_into(
     if not (method.elementwise and first.is_floating_point() and out.numel() > methods.CHUNK):
         out.copy_(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks).to(job.spec.dtype))
         return
-    flat = lambda ts: None if ts is None else [t.reshape(-1) for t in ts]  # noqa: E731
-    whole_base, whole_tensors, whole_deltas, whole_out = flat([base])[0] if base is not None else None, \
-        flat(tensors), flat(deltas), out.view(-1)
-    for start in range(0, whole_out.numel(), methods.CHUNK):
-        piece = slice(start, start + methods.CHUNK)
+    flat_base = base.reshape(-1) if base is not None else None
+    flat_tensors = [t.reshape(-1) for t in tensors]
+    flat_deltas = None if deltas is None else [d.reshape(-1) for d in deltas]
+    flat_out = out.view(-1)
+    for piece in methods.chunks(flat_out.numel()):
         values = merged_values(
-            job, method_name, whole_base[piece] if whole_base is not None else None, [t[piece] for t in whole_tensors],
-            scratch, deltas=None if whole_deltas is None else [d[piece] for d in whole_deltas],
+            job, method_name, None if flat_base is None else flat_base[piece], [t[piece] for t in flat_tensors],
+            scratch, deltas=None if flat_deltas is None else [d[piece] for d in flat_deltas],
         )
-        whole_out[piece].copy_(values.to(job.spec.dtype))
+        flat_out[piece].copy_(values.to(job.spec.dtype))
 
 
 def merge_tensor(

@@ -28,7 +28,7 @@ Each function follows its paper and mergekit's conventions, so a mergekit recipe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -218,6 +218,11 @@ CHUNK = 1 << 18
 so each input is read and the output written once, instead of once per step."""
 
 
+def chunks(numel: int) -> Iterator[slice]:
+    """The CHUNK-sized pieces of a flattened tensor of numel entries, in order (the last may be shorter)."""
+    return (slice(start, start + CHUNK) for start in range(0, numel, CHUNK))
+
+
 def combine_task_vectors(
     base: Tensor,
     deltas: Sequence[Tensor],
@@ -241,8 +246,7 @@ def combine_task_vectors(
         return _combine(base, deltas, weights, **settings)
     out = torch.empty_like(base)
     flat_out, flat_base, flat_deltas = out.view(-1), base.reshape(-1), [d.reshape(-1) for d in deltas]
-    for start in range(0, flat_out.numel(), CHUNK):
-        piece = slice(start, start + CHUNK)
+    for piece in chunks(flat_out.numel()):
         flat_out[piece] = _combine(flat_base[piece], [d[piece] for d in flat_deltas], weights, **settings)
     return out
 
