@@ -6,6 +6,10 @@ import sys
 import warnings
 from typing import NoReturn
 
+from shoal.allocator import tune_for_merging
+
+tune_for_merging()  # first: torch reads its allocator switch when it loads, which the imports below do
+
 from rich.console import Console
 from rich.text import Text
 from typer.exceptions import TyperException

@@ -197,7 +197,7 @@ def _nuslerp(call: MergeCall) -> torch.Tensor:
     options = {"flatten": call.shared["nuslerp_flatten"], "row_wise": call.shared["nuslerp_row_wise"]}
     if base is None:
         return spherical.nuslerp(t, v0, v1, **options)
-    return base + spherical.nuslerp(t, v0 - base, v1 - base, **options)
+    return spherical.nuslerp(t, v0 - base, v1 - base, **options).add_(base)
 
 
 def _multislerp(call: MergeCall) -> torch.Tensor:

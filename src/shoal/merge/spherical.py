@@ -34,12 +34,20 @@ def nuslerp(
         a, b = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
         a, b = v0, v1
-    unit = lambda x: x / x.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = (unit(a) * unit(b)).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    # The angle and the two coefficients per vector first (reductions, no tensor-sized temporaries), then one
+    # product and one fused multiply-add over the data: the arc and its linear fallback are the same sum.
+    norms = a.norm(dim=-1, keepdim=True).clamp(min=1e-7) * b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    dot = torch.dot(a, b).reshape(1) if flatten else torch.einsum("...d,...d->...", a, b).unsqueeze(-1)
+    cos = (dot / norms).clamp(-1, 1)
     parallel = 1 - cos.square() <= eps**2
     theta = torch.acos(torch.where(parallel, 0.0, cos))
-    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-    result = torch.where(parallel, (1 - t) * a + t * b, spherical)
+    sin_theta = torch.where(parallel, 1.0, torch.sin(theta))
+    c0 = torch.where(parallel, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    c1 = torch.where(parallel, t, torch.sin(t * theta) / sin_theta)
+    if flatten:
+        result = torch.mul(a, c0.item()).add_(b, alpha=c1.item())
+    else:
+        result = torch.mul(a, c0).addcmul_(b, c1)
     if row_wise and not flatten:
         result = result.transpose(0, -1)
     return result.reshape(shape)
