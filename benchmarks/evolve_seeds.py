@@ -26,7 +26,7 @@ from shoal.zoo import build_zoo
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
-    zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size="default", threads=1)
+    zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
     folder = args.out / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     search = {
@@ -87,6 +87,7 @@ def main() -> None:
                         help="for --space dfs: the parents in layout order (the first, A, gives embeddings and head)")
     parser.add_argument("--reuse-ps", type=Path, help="for --space hybrid: a PS run of this script (same seeds, budget)")
     parser.add_argument("--layers-per-group", type=int, default=1)
+    parser.add_argument("--size", default="default", help="zoo size: default, deep (8 narrower layers) or smoke")
     parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
     parser.add_argument("--out", type=Path, default=Path("runs/evolve-seeds"))
     parser.add_argument("--threads", type=int, default=1)

@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import write_recipe
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
 from shoal.errors import ShoalError
 from shoal.zoo import Zoo, build_zoo, load_zoo
-from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, joint_mix, joint_schedule
+from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, default_zoo_dir, joint_mix, joint_schedule
+from shoal.zoo.train import llama_config
 from shoal.zoo.language import mixture, split_operands
 
 
@@ -226,6 +228,25 @@ def test_cli_build_reports_reuse(zoo: Zoo, run_cli) -> None:
 def test_unknown_size_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ShoalError, match="unknown zoo size"):
         build_zoo(tmp_path, size="huge")
+
+
+def test_the_deep_size_has_twice_the_layers_narrower_at_about_the_defaults_parameters_and_schedules() -> None:
+    def layer_parameters(size: str) -> int:
+        config = llama_config(SIZES[size].shape, vocab_size=600, pad_id=0, bos_id=1, eos_id=2)
+        return sum(p.numel() for p in LlamaForCausalLM(config).model.layers.parameters())
+
+    deep, default = SIZES["deep"], SIZES["default"]
+    assert deep.shape.layers == 2 * default.shape.layers and deep.shape.hidden < default.shape.hidden
+    assert 1.0 <= layer_parameters("deep") / layer_parameters("default") <= 1.15  # 1,992,960 vs 1,771,008
+    assert (deep.base, deep.parents, deep.stops, deep.held_out) == (
+        default.base, default.parents, default.stops, default.held_out)
+
+
+def test_zoos_of_each_seed_and_size_get_their_own_default_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folders = [default_zoo_dir(seed, size) for seed in (0, 3) for size in ("default", "deep")]
+    assert [f.name for f in folders] == ["zoo", "zoo-deep", "zoo-seed3", "zoo-deep-seed3"]
+    assert {f.parent for f in folders} == {tmp_path / "shoal"}
 
 
 def test_a_stage_stops_at_the_first_check_that_meets_every_need(tmp_path: Path) -> None:

@@ -120,8 +120,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the search file, the run and its report.")] = Path("demo"),
     budget: Annotated[int | None, typer.Option(min=1, help="Trials of the search (default 1000; --vlm 300).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the zoo and of the search.")] = 0,
-    zoo: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo[-seedN]).")] = None,
-    zoo_size: Annotated[str, typer.Option(help="default, or smoke (seconds; for trying the pipeline).")] = "default",
+    zoo: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo[-SIZE][-seedN]).")] = None,
+    zoo_size: Annotated[str, typer.Option(help="default, deep (8 narrower layers: room for --space dfs and hybrid), or "
+                                          "smoke (seconds; for trying the pipeline).")] = "default",
     space: Annotated[str, typer.Option(help="ps (merge weights), dfs (layer paths) or hybrid (PS then DFS).")] = "ps",
     vlm: Annotated[bool, typer.Option("--vlm", help="EvoVLM: merge the zoo's English captioning VLM with its language "
                                       "parent to caption pictures in XX.")] = False,
@@ -143,8 +144,7 @@ def demo(
         raise ShoalError(f"--vlm searches merge weights (--space ps); a layer path through a VLM (--space {space}) "
                          "is not supported")
     budget = budget or (VLM_BUDGET if vlm else 1000)
-    if zoo is None:
-        zoo = default_zoo_dir() if seed == 0 else default_zoo_dir().with_name(f"zoo-seed{seed}")
+    zoo = zoo or default_zoo_dir(seed, zoo_size)
     console.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}{', with its VLM part' if vlm else ', with its pool' if pool else ''}) "
                   f"in {escape(str(zoo))}")
     built, _, _ = build_with_progress(zoo, seed, zoo_size)

@@ -65,9 +65,10 @@ def _with_progress(build: Callable[[Callable, Callable], T]) -> tuple[T, float, 
 
 @zoo_app.command()
 def build(
-    out: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder of the zoo (default: ~/.cache/shoal/zoo[-SIZE][-seedN]).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
-    size: Annotated[str, typer.Option(help="default (the demo) or smoke (tiny, for tests).")] = "default",
+    size: Annotated[str, typer.Option(help="default (the demo), deep (8 narrower layers, for layer paths) or smoke "
+                                      "(tiny, for tests).")] = "default",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for training (more than 1 pays only on an idle machine).")] = 1,
     vlm: Annotated[bool, typer.Option("--vlm", help="Also the VLM part: a LLaVA captioner on the base, caption tasks.")] = False,
     pool: Annotated[bool, typer.Option("--pool", help="Also the pool: one more useful parent and two distractors.")] = False,
@@ -77,7 +78,7 @@ def build(
     checking every file against the sizes and hashes zoo.json, vlm.json and pool.json recorded)."""
     from shoal.zoo.build import default_zoo_dir  # torch and transformers load only when needed
 
-    zoo, seconds, trained = build_with_progress(out or default_zoo_dir(), seed, size, threads)
+    zoo, seconds, trained = build_with_progress(out or default_zoo_dir(seed, size), seed, size, threads)
     part = None
     if vlm:
         part, vlm_seconds, vlm_trained = build_vlm_with_progress(zoo, threads)

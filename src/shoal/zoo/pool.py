@@ -38,7 +38,7 @@ POOL = {
     "scenes": PoolParent(ParentSpec("scene-talk", {"en-look": 0.4, "xx-look": 0.4, "scene-pairs": 0.2}), "distractor"),
 }
 
-SCHEDULES = {"default": Schedule(300, 64, 2e-3, 30), "smoke": Schedule(10, 16, 1e-3, 3)}
+SCHEDULES = {size: Schedule(300, 64, 2e-3, 30) for size in ("default", "deep")} | {"smoke": Schedule(10, 16, 1e-3, 3)}
 
 
 @dataclass(frozen=True)
