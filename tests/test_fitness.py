@@ -13,8 +13,10 @@ import yaml
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
+from shoal.report import write_report
 from shoal.search.evolve import evolve
 from shoal.search.fitness import GenerationSubset
+from shoal.search.optimizer import CmaEs
 from shoal.search.run_folder import read_summary
 from shoal.search.select import select
 from shoal.search.spaces import ParameterSpace
@@ -164,6 +166,34 @@ def test_subset_search_resumed_mid_generation_stores_the_uninterrupted_trials(zo
     assert len(once) == 24 and _kept(twice) == _kept(once)
     assert len({tuple(sorted(t.dev_scores.items())) for t in once}) > 1  # scores that can tell candidates apart
     assert summary == read_summary(tmp_path / "twice") and summary.sessions == 2
+
+
+def test_a_compute_budget_ends_with_the_generation_that_spends_it_and_a_larger_one_continues_alike(
+        zoo, tmp_path, task, run_cli) -> None:
+    spec = load_search(_search(zoo, tmp_path, task, budget=100, fitness={"mode": "subset", "items": 5},
+                               select={"top": 2}))
+    assert spec.search_hash() == spec.model_copy(update={"budget_items": 7}).search_hash()  # a budget, not a setting
+    within = lambda items: spec.model_copy(update={"budget_items": items})
+    population = CmaEs(len(ParameterSpace(spec).genome), sigma=spec.sigma, seed=spec.seed).population
+    generation = 5 * population  # dev items a generation scores
+    summary = evolve(within(generation + 1), tmp_path / "run")  # one more item than a generation: a second one
+    assert (summary.trials, summary.budget_items, summary.population) == (2 * population, generation + 1, population)
+    assert summary.compute is not None and summary.compute.items == 2 * generation
+    more = evolve(within(3 * generation), tmp_path / "run")
+    evolve(within(3 * generation), tmp_path / "once")
+    once = _trials(tmp_path / "once")
+    assert more.trials == len(once) == 3 * population and _kept(_trials(tmp_path / "run")) == _kept(once)
+    fewer = evolve(within(generation), tmp_path / "run")  # the stored trials past a smaller budget are not this run's
+    assert fewer.trials == population and fewer.compute is not None and fewer.compute.items == generation
+    assert fewer.best.trial < population
+    first_generation = sum(t.tokens for t in once[:population])
+    by_tokens = evolve(spec.model_copy(update={"budget_tokens": first_generation + 1}), tmp_path / "once")
+    assert by_tokens.trials == 2 * population and by_tokens.budget_tokens == first_generation + 1
+    code, _, err = run_cli("evolve", tmp_path / "search.yaml", tmp_path / "run", "--budget-items", generation + 1)
+    assert code == 0, err
+    assert read_summary(tmp_path / "run").trials == 2 * population
+    report = write_report(tmp_path / "run")[0].read_text()
+    assert f"budget 100 trials or {generation + 1:,} dev items, whichever came first" in report
 
 
 def test_a_task_whose_dev_items_are_test_items_is_refused(zoo, tmp_path, task) -> None:

@@ -35,7 +35,8 @@ def trial_bar() -> Progress:
 
 def run_evolve(
     search: Path, run_dir: Path, storage: str | None, budget: int | None, threads: int | None, workers: int = 1,
-    ray_address: str | None = None, memory_limit: str | None = None,
+    ray_address: str | None = None, memory_limit: str | None = None, budget_items: int | None = None,
+    budget_tokens: int | None = None,
 ) -> Summary:
     """Load the search file and run it with a live display; returns the summary."""
     import torch
@@ -49,8 +50,8 @@ def run_evolve(
     transformers_logging.disable_progress_bar()
 
     spec = load_search(search)
-    if budget is not None:
-        spec = spec.model_copy(update={"budget": budget})
+    overrides = {"budget": budget, "budget_items": budget_items, "budget_tokens": budget_tokens}
+    spec = spec.model_copy(update={key: value for key, value in overrides.items() if value is not None})
     if memory_limit is not None:
         parse_bytes(memory_limit)  # a ShoalError naming the bad size
         spec = spec.model_copy(update={"memory": spec.memory.model_copy(update={"limit": memory_limit})})
@@ -70,7 +71,8 @@ def run_evolve(
             minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
             rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
             best = f"{p.best:.4f}" if p.best is not None else "-"
-            progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=f"{p.items:,}")
+            items = f"{p.items:,}" + (f" of {spec.budget_items:,}" if spec.budget_items else "")
+            progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=items)
             shown["done"] = p.done
 
         try:
@@ -104,6 +106,9 @@ def evolve(
     run_dir: Annotated[Path, typer.Argument(help="Run folder; run again on the same folder to continue.")],
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL or journal file (default: RUN_DIR/study.log).")] = None,
     budget: Annotated[int | None, typer.Option(min=1, help="Trials in all (overrides the search file's).")] = None,
+    budget_items: Annotated[int | None, typer.Option(min=1, help="Also end with the first generation by which the "
+                                                     "trials have scored this many dev items (overrides the search file's).")] = None,
+    budget_tokens: Annotated[int | None, typer.Option(min=1, help="The same in generated tokens.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (1 suits tiny models).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
@@ -112,7 +117,8 @@ def evolve(
              "search file's memory.limit; default on CUDA: the GPU's free memory).")] = None,
 ) -> None:
     """Evolve a merge (ps), a layer path (dfs) or both (hybrid) with CMA-ES into RUN_DIR (best/, summary.json)."""
-    summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address, memory_limit)
+    summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address, memory_limit, budget_items,
+                         budget_tokens)
     best = summary.best
     Console(stderr=True).print(
         f"best trial #{best.trial}: dev {best.dev:.4f}, test {best.test:.4f}; "

@@ -95,7 +95,7 @@ def _finished(s: Summary) -> list[str]:
     if s.best.path is not None:
         lines += _best_path(s.best)
     lines += ["## Search", ""]
-    lines.append(f"- trials: {s.trials} done ({s.failed_trials} failed), budget {s.budget}")
+    lines.append(f"- trials: {s.trials} done ({s.failed_trials} failed), budget {_budget(s)}")
     lines.append(f"- wall time: {_duration(s.wall_seconds)}")
     per = s.seconds_per_trial
     parts = [f"{name} {v:.3g} s" for name, v in (("merge", per.merge), ("eval", per.eval), ("total", per.total))]
@@ -263,6 +263,12 @@ def _stage_table(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) ->
     return lines + [""]
 
 
+def _budget(s: Summary) -> str:
+    """The budget as given: trials, and the compute that ends the search first if it comes first."""
+    compute = [f"{n:,} {unit}" for n, unit in ((s.budget_items, "dev items"), (s.budget_tokens, "tokens")) if n]
+    return " or ".join([f"{s.budget} trials", *compute]) + (", whichever came first" if compute else "")
+
+
 def _hybrid_search(s: Summary) -> list[str]:
-    return ["## Search", "", f"- trials over all stages: {s.trials} done ({s.failed_trials} failed), budget {s.budget}",
+    return ["## Search", "", f"- trials over all stages: {s.trials} done ({s.failed_trials} failed), budget {_budget(s)}",
             f"- wall time: {_duration(s.wall_seconds)}", ""]

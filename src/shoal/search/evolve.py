@@ -20,7 +20,7 @@ from shoal.search import journal, run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
 from shoal.search.fitness import DevFitness, WeightedTask, load_tasks, search_fitness, weighted
 from shoal.search.genome import GeneSpace
-from shoal.search.loop import Evaluator, Progress, SerialEvaluator, attempt, run_trials
+from shoal.search.loop import Compute, Evaluator, Progress, SerialEvaluator, attempt, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.select import Selection, select, stored_score
 from shoal.search.spaces import Space, genome_of, make_space, check_worker_memory
@@ -130,7 +130,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
 
     shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
     try:
-        run_trials(
+        within_budget = run_trials(
             study,
             genome,
             optimizer,
@@ -138,6 +138,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
             budget=spec.budget,
             seed=spec.seed,
             failure_fitness=sum(min(t.weight, 0.0) for t in tasks),
+            compute=Compute(spec.budget_items, spec.budget_tokens),
             on_trial=stored,
             shared=shared,
         )
@@ -146,7 +147,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
             shared.close()
         evaluator.close()
         run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
-    trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[: spec.budget]
+    trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[:within_budget]
     space = space or make_space(spec)
     selection = _select(spec, space, tasks, trials, fitness, on_step)
     best = selection.pick.trial
@@ -201,6 +202,8 @@ def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: 
         trials=len(trials),
         failed_trials=len(trials) - len(complete),
         budget=spec.budget,
+        budget_items=spec.budget_items,
+        budget_tokens=spec.budget_tokens,
         genes=len(space.genome),
         population=population,
         seconds_per_trial=SecondsPerTrial(merge=merge, merge_compute=mean(lambda t: t.merge_compute_seconds),
@@ -216,6 +219,10 @@ def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: 
                       tokens=sum(r.evaluation.tokens for r in selection.rescored)),
         ),
     )
+
+
+def _both(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
 
 
 def _added(a: Cost | None, b: Cost | None) -> Cost | None:
@@ -256,6 +263,8 @@ def _evolve_hybrid(
         "trials": ps.trials + dfs.trials,
         "failed_trials": ps.failed_trials + dfs.failed_trials,
         "budget": ps.budget + dfs.budget,
+        "budget_items": _both(ps.budget_items, dfs.budget_items),
+        "budget_tokens": _both(ps.budget_tokens, dfs.budget_tokens),
         "wall_seconds": ps.wall_seconds + dfs.wall_seconds,
         "compute": _added(ps.compute, dfs.compute),
     })

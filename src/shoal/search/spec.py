@@ -175,6 +175,12 @@ class SearchSpec(Strict):
     bounds: dict[str, tuple[float, float]] = {"weight": (0.0, 1.0), "density": (0.1, 1.0)}
     tasks: list[TaskWeight]
     budget: int = Field(1000, ge=1)
+    """Trials, at most (each stage of a hybrid search)."""
+    budget_items: int | None = Field(None, ge=1)
+    """A budget in compute: the search also ends with the first CMA-ES generation by which its trials have scored
+    this many dev items (the final selection's re-scoring is not counted; each stage of a hybrid search)."""
+    budget_tokens: int | None = Field(None, ge=1)
+    """The same in generated tokens."""
     population: int | None = Field(None, ge=2)
     """CMA-ES population; default 4 + floor(3 ln n) for n genes."""
     sigma: float = Field(1 / 6, gt=0)
@@ -306,11 +312,11 @@ class SearchSpec(Strict):
 
     def search_hash(self) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not
-        part of it (so a later shoal with new optional settings still opens the run), nor are the budget, storage,
+        part of it (so a later shoal with new optional settings still opens the run), nor are the budgets, storage,
         batch size, device, overlap, memory plan, engine or final selection, nor the data-flow settings of a parameter-space
         search. Local paths count as the search file wrote them, so machines that keep the same files in other
         folders share a study."""
-        excluded: dict[str, object] = {"budget": True, "storage": True, "batch_size": True, "device": True,
+        excluded: dict[str, object] = {"budget": True, "budget_items": True, "budget_tokens": True, "storage": True, "batch_size": True, "device": True,
                                        "overlap": True, "memory": True, "engine": True, "vllm": True,
                                        "select": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}

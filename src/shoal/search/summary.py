@@ -105,6 +105,11 @@ class Summary(_Record):
     trials: int
     failed_trials: int
     budget: int
+    """Trials, at most (a hybrid run: both stages')."""
+    budget_items: int | None = None
+    """The budget in dev items scored, if one was given (a hybrid run: both stages')."""
+    budget_tokens: int | None = None
+    """The budget in tokens generated, if one was given (a hybrid run: both stages')."""
     genes: int
     population: int
     seconds_per_trial: SecondsPerTrial
