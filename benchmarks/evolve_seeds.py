@@ -26,7 +26,8 @@ from shoal.zoo import build_zoo
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
-    zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
+    cache = args.zoo_cache or Path.home() / ".cache/shoal/zoo-bench" / args.size  # one folder per size: never rebuilt over
+    zoo = build_zoo(cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
     folder = args.out / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     search = {
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--reuse-ps", type=Path, help="for --space hybrid: a PS run of this script (same seeds, budget)")
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--size", default="default", help="zoo size: default, deep (8 narrower layers) or smoke")
-    parser.add_argument("--zoo-cache", type=Path, default=Path.home() / ".cache/shoal/zoo-bench/default")
+    parser.add_argument("--zoo-cache", type=Path, help="default: ~/.cache/shoal/zoo-bench/SIZE")
     parser.add_argument("--out", type=Path, default=Path("runs/evolve-seeds"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path)

@@ -199,3 +199,14 @@ def test_outlier_mask_equals_a_stable_ascending_sort_even_with_ties(dtype):
     expected = torch.zeros(n, dtype=torch.bool)
     expected[order[bottom : bottom + keep]] = True
     assert torch.equal(methods.outlier_mask(delta, 0.4, 0.1), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_magnitude_keys_sort_in_the_magnitudes_order_ties_and_nan_included(dtype) -> None:
+    torch.manual_seed(0)
+    delta = torch.randn(64, 300).to(dtype)
+    delta[0, :10] = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"), 2.0, -2.0, 1.0])
+    for descending in (False, True):
+        by_keys = torch.sort(methods.magnitude_keys(delta), dim=1, descending=descending, stable=True).indices
+        by_floats = torch.sort(delta.abs(), dim=1, descending=descending, stable=True).indices
+        assert torch.equal(by_keys, by_floats)

@@ -40,6 +40,13 @@ def test_nuslerp_by_rows_by_columns_or_whole():
     assert torch.allclose(whole, k * torch.tensor([[1.0, 1.0], [1.0, 2.0]]), atol=1e-6)
 
 
+def test_nuslerp_of_scalars_is_linear_whether_or_not_flattened():
+    # a scalar is a vector of one: two scalars of one sign are parallel, so interpolated linearly (mergekit: 2.3)
+    for flatten in (True, False):
+        merged = spherical.nuslerp(0.3, torch.tensor(2.0), torch.tensor(3.0), flatten=flatten)
+        assert merged.shape == () and torch.allclose(merged, torch.tensor(2.3))
+
+
 def test_multislerp_is_the_weighted_mean_direction_scaled_by_the_weighted_mean_norm():
     # weights 3, 1 -> 0.75, 0.25; directions (1,0), (0,1): mean (0.75, 0.25) -> (3, 1) / sqrt(10); the tangent
     # vectors at that point average to zero; scale 0.75 · 2 + 0.25 · 4 = 2.5

@@ -19,7 +19,9 @@ from transformers import LlamaForCausalLM
 from shoal.errors import ShoalError
 from shoal.zoo import Zoo, build_zoo, load_zoo
 from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, default_zoo_dir, joint_mix, joint_schedule
+from shoal.zoo.pool import SCHEDULES as POOL_SCHEDULES
 from shoal.zoo.train import llama_config
+from shoal.zoo.vlmzoo import VLM_SIZES
 from shoal.zoo.language import mixture, split_operands
 
 
@@ -240,6 +242,10 @@ def test_the_deep_size_has_twice_the_layers_narrower_at_about_the_defaults_param
     assert 1.0 <= layer_parameters("deep") / layer_parameters("default") <= 1.15  # 1,992,960 vs 1,771,008
     assert (deep.base, deep.parents, deep.stops, deep.held_out) == (
         default.base, default.parents, default.stops, default.held_out)
+
+
+def test_every_zoo_size_has_its_vlm_part_and_pool_so_no_build_fails_after_training_the_text_zoo() -> None:
+    assert set(SIZES) == set(VLM_SIZES) == set(POOL_SCHEDULES)
 
 
 def test_zoos_of_each_seed_and_size_get_their_own_default_folder(tmp_path: Path, monkeypatch) -> None:

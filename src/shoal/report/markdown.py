@@ -263,12 +263,13 @@ def _stage_table(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) ->
     return lines + [""]
 
 
-def _budget(s: Summary) -> str:
-    """The budget as given: trials, and the compute that ends the search first if it comes first."""
-    compute = [f"{n:,} {unit}" for n, unit in ((s.budget_items, "dev items"), (s.budget_tokens, "tokens")) if n]
+def _budget(s: Summary, stage: str = "") -> str:
+    """The budget as given: trials, and the compute that ends the search (each stage of a hybrid run) first if it
+    comes first."""
+    compute = [f"{n:,} {unit}{stage}" for n, unit in ((s.budget_items, "dev items"), (s.budget_tokens, "tokens")) if n]
     return " or ".join([f"{s.budget} trials", *compute]) + (", whichever came first" if compute else "")
 
 
 def _hybrid_search(s: Summary) -> list[str]:
-    return ["## Search", "", f"- trials over all stages: {s.trials} done ({s.failed_trials} failed), budget {_budget(s)}",
+    return ["## Search", "", f"- trials over all stages: {s.trials} done ({s.failed_trials} failed), budget {_budget(s, ' a stage')}",
             f"- wall time: {_duration(s.wall_seconds)}", ""]

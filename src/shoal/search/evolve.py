@@ -221,10 +221,6 @@ def _summary(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: 
     )
 
 
-def _both(a: int | None, b: int | None) -> int | None:
-    return None if a is None or b is None else a + b
-
-
 def _added(a: Cost | None, b: Cost | None) -> Cost | None:
     return None if a is None or b is None else Cost(items=a.items + b.items, tokens=a.tokens + b.tokens)
 
@@ -263,8 +259,6 @@ def _evolve_hybrid(
         "trials": ps.trials + dfs.trials,
         "failed_trials": ps.failed_trials + dfs.failed_trials,
         "budget": ps.budget + dfs.budget,
-        "budget_items": _both(ps.budget_items, dfs.budget_items),
-        "budget_tokens": _both(ps.budget_tokens, dfs.budget_tokens),
         "wall_seconds": ps.wall_seconds + dfs.wall_seconds,
         "compute": _added(ps.compute, dfs.compute),
     })

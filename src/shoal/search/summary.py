@@ -107,9 +107,9 @@ class Summary(_Record):
     budget: int
     """Trials, at most (a hybrid run: both stages')."""
     budget_items: int | None = None
-    """The budget in dev items scored, if one was given (a hybrid run: both stages')."""
+    """The budget in dev items scored, if one was given (a hybrid run: each stage's)."""
     budget_tokens: int | None = None
-    """The budget in tokens generated, if one was given (a hybrid run: both stages')."""
+    """The budget in tokens generated, if one was given (a hybrid run: each stage's)."""
     genes: int
     population: int
     seconds_per_trial: SecondsPerTrial

@@ -34,15 +34,18 @@ class VlmSize:
     held_out: int  # renders per split (dev, test)
 
 
+DEFAULT_VLM_SIZE = VlmSize(
+    VisionShape(side=32, patch=4, hidden=64, layers=2, heads=2, intermediate=128),
+    Schedule(steps=3000, batch_size=32, lr=3e-3, warmup=50),
+    Schedule(steps=1000, batch_size=32, lr=3e-3, warmup=50),
+    lm_lr_ratio=0.3,
+    train_pictures=8192,
+    held_out=128,
+)
+
 VLM_SIZES = {
-    "default": VlmSize(
-        VisionShape(side=32, patch=4, hidden=64, layers=2, heads=2, intermediate=128),
-        Schedule(steps=3000, batch_size=32, lr=3e-3, warmup=50),
-        Schedule(steps=1000, batch_size=32, lr=3e-3, warmup=50),
-        lm_lr_ratio=0.3,
-        train_pictures=8192,
-        held_out=128,
-    ),
+    "default": DEFAULT_VLM_SIZE,
+    "deep": DEFAULT_VLM_SIZE,  # the tower and its training do not depend on the language model's shape
     "smoke": VlmSize(
         VisionShape(side=16, patch=8, hidden=16, layers=1, heads=2, intermediate=32),
         Schedule(steps=4, batch_size=8, lr=2e-3, warmup=1),
