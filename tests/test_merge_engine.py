@@ -41,6 +41,22 @@ def test_linear_with_a_layer_gradient_matches_the_formula_per_layer(parents, tmp
     assert torch.allclose(out["lm_head.weight"], b["lm_head.weight"])
 
 
+def test_a_merge_in_bfloat16_written_as_float32_holds_the_bfloat16_result(parents, tmp_path):
+    """dtype is the merge's precision, out_dtype the file's: mergekit rounds to the first, then casts (0.1.5)."""
+    recipe = {
+        "merge_method": "linear", "dtype": "bfloat16", "out_dtype": "float32",
+        "models": [{"model": str(parents[n]), "parameters": {"weight": w}} for n, w in (("a", 0.3), ("b", 0.7))],
+    }
+    out = merge(recipe, tmp_path / "m")
+    a, b = tensors(parents["a"]), tensors(parents["b"])
+    name = "model.layers.1.mlp.down_proj.weight"
+    bf = lambda x: x.to(torch.bfloat16).to(torch.float32)  # noqa: E731
+    exact = 0.3 * bf(a[name]) + 0.7 * bf(b[name])  # the formula on the bf16-rounded inputs, in float32
+    assert out[name].dtype == torch.float32
+    assert torch.equal(out[name], bf(out[name]))  # every value is a bfloat16 value...
+    assert torch.allclose(out[name], exact, rtol=2**-8, atol=1e-6) and not torch.equal(out[name], exact)  # ...the nearest
+
+
 def test_ties_with_filtered_parameters_matches_the_formula(parents, tmp_path):
     recipe = {
         "merge_method": "ties",

@@ -113,7 +113,7 @@ def merge_into(
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
     if not (method.elementwise and first.is_floating_point() and out.numel() > methods.CHUNK):
-        out.copy_(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks).to(job.spec.dtype))
+        out.copy_(_rounded(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks), job))
         return
     flat_base = base.reshape(-1) if base is not None else None
     flat_tensors = [t.reshape(-1) for t in tensors]
@@ -124,7 +124,15 @@ def merge_into(
             job, method_name, None if flat_base is None else flat_base[piece], [t[piece] for t in flat_tensors],
             scratch, deltas=None if flat_deltas is None else [d[piece] for d in flat_deltas],
         )
-        flat_out[piece].copy_(values.to(job.spec.dtype))
+        flat_out[piece].copy_(_rounded(values, job))
+
+
+def _rounded(values: torch.Tensor, job: TensorJob) -> torch.Tensor:
+    """Merged values as written: rounded to the recipe's dtype first, then cast to the output's (mergekit's order:
+    a merge in bfloat16 written as float32 holds bfloat16 values)."""
+    if values.is_floating_point() and job.work_dtype.is_floating_point:
+        values = values.to(job.work_dtype)
+    return values.to(job.spec.dtype)
 
 
 def merge_tensor(
