@@ -67,7 +67,7 @@ def row(seed: int, summary: dict) -> dict:
         "margin_untuned": 100 * (evolved - summary["untuned"][best_untuned]),
         "parents": {k: 100 * v for k, v in summary["parents"].items()},
         "untuned": {k: 100 * v for k, v in summary["untuned"].items()},
-        "stages": {k: 100 * v["test"] for k, v in summary.get("stages", {}).items()},
+        "stages": {k: 100 * v["test"] for k, v in (summary["stages"] or {}).items()},
         "trials": summary["trials"],
         "seconds_per_trial": summary["seconds_per_trial"],
         "wall_seconds": summary["wall_seconds"],
@@ -98,7 +98,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         summary = run_seed(seed, args)
-        rows.append(row(seed, summary))
+        rows.append(row(seed, summary.model_dump()))
         r = rows[-1]
         print(
             f"seed {seed}: evolved dev {r['evolved_dev']:.1f} test {r['evolved_test']:.1f} | best parent "
