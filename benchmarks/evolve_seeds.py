@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from seed_record import mean_std
+from seed_record import mean_std, outcome
 
 from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
+from shoal.search.summary import Summary
 from shoal.zoo import build_zoo
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> dict:
+def run_seed(seed: int, args: argparse.Namespace) -> Summary:
     cache = args.zoo_cache or Path.home() / ".cache/shoal/zoo-bench" / args.size  # one folder per size: never rebuilt over
     zoo = build_zoo(cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
     folder = args.out / f"seed{seed}"
@@ -51,28 +52,17 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     return evolve(load_search(path), folder / "run")
 
 
-def row(seed: int, summary: dict) -> dict:
-    best_parent = max(summary["parents"], key=summary["parents"].get)
-    best_untuned = max(summary["untuned"], key=summary["untuned"].get)
-    evolved = summary["best"]["test"]
+def row(seed: int, summary: Summary) -> dict:
+    """seed_record.outcome (the evolved model against the best parent and untuned merge), with every parent's test
+    score, a hybrid's stage scores and the search's timings."""
     return {
         "seed": seed,
-        "evolved_dev": 100 * summary["best"]["dev"],
-        "evolved_test": 100 * evolved,
-        "best_parent": best_parent,
-        "best_parent_test": 100 * summary["parents"][best_parent],
-        "best_untuned": best_untuned,
-        "best_untuned_test": 100 * summary["untuned"][best_untuned],
-        "margin_parent": 100 * (evolved - summary["parents"][best_parent]),
-        "margin_untuned": 100 * (evolved - summary["untuned"][best_untuned]),
-        "parents": {k: 100 * v for k, v in summary["parents"].items()},
-        "untuned": {k: 100 * v for k, v in summary["untuned"].items()},
-        "stages": {k: 100 * v["test"] for k, v in (summary["stages"] or {}).items()},
-        "trials": summary["trials"],
-        "seconds_per_trial": summary["seconds_per_trial"],
-        "wall_seconds": summary["wall_seconds"],
+        **outcome(summary),
+        "parents": {k: 100 * v for k, v in summary.parents.items()},
+        "stages": {k: 100 * v.test for k, v in (summary.stages or {}).items()},
+        "seconds_per_trial": summary.seconds_per_trial.model_dump(),
+        "wall_seconds": summary.wall_seconds,
     }
-
 
 
 def main() -> None:
@@ -98,7 +88,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         summary = run_seed(seed, args)
-        rows.append(row(seed, summary.model_dump()))
+        rows.append(row(seed, summary))
         r = rows[-1]
         print(
             f"seed {seed}: evolved dev {r['evolved_dev']:.1f} test {r['evolved_test']:.1f} | best parent "

@@ -19,10 +19,10 @@ from transformers import LlamaForCausalLM
 from shoal.errors import ShoalError
 from shoal.zoo import Zoo, build_zoo, load_zoo
 from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, default_zoo_dir, joint_mix, joint_schedule
+from shoal.zoo.language import mixture, split_operands
 from shoal.zoo.pool import SCHEDULES as POOL_SCHEDULES
 from shoal.zoo.train import llama_config
 from shoal.zoo.vlmzoo import VLM_SIZES
-from shoal.zoo.language import mixture, split_operands
 
 
 @pytest.fixture(scope="module")

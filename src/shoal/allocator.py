@@ -22,10 +22,11 @@ def tune_for_merging() -> None:
     """Huge pages for torch's large CPU tensors, and reuse of freed blocks, unless the user set either.
 
     - THP_MEM_ALLOC_ENABLE=1 (torch's own switch, read when torch first allocates): tensors of 2 MB and more are
-      2 MB-aligned and advised as transparent huge pages, so a fresh tensor faults in 512x fewer pages.
+      advised as transparent huge pages, so a fresh tensor faults in far fewer pages (torch 2.13 keeps their
+      alignment at the page size).
     - glibc's mallopt: blocks up to 32 MB come from the heap and freed ones stay there for the next parameter
-      (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc tunables in the environment, if set, win). Nothing where the C
-      library has no mallopt (musl, macOS).
+      (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or glibc.malloc tunables in the environment, if set, win).
+      Nothing where the C library has no mallopt (musl, macOS).
     Measured on `shoal merge` (nuslerp, three 0.55B bf16 parents, BENCHMARKS.md): 0.87x the wall time with huge
     pages, 0.86x of that again with reuse, at 1.1x the peak RSS.
     """

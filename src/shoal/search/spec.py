@@ -316,8 +316,8 @@ class SearchSpec(Strict):
         batch size, device, overlap, memory plan, engine or final selection, nor the data-flow settings of a parameter-space
         search. Local paths count as the search file wrote them, so machines that keep the same files in other
         folders share a study."""
-        excluded: dict[str, object] = {"budget": True, "budget_items": True, "budget_tokens": True, "storage": True, "batch_size": True, "device": True,
-                                       "overlap": True, "memory": True, "engine": True, "vllm": True,
+        excluded: dict[str, object] = {"budget": True, "budget_items": True, "budget_tokens": True, "storage": True,
+                                       "batch_size": True, "device": True, "overlap": True, "memory": True, "engine": True, "vllm": True,
                                        "select": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
         kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
