@@ -1,60 +1,54 @@
-"""Does a tournament over pairs find the pair of a pool that matters? Successive halving over every pair of parents.
+"""Does a tournament over pairs find the pair of a pool that matters? `shoal evolve`'s pool tournament (spec.pool,
+search/tournament.py) on the zoo's pool, seed by seed.
 
 For each pre-registered seed: reuse the zoo of that seed and its pool (built by benchmarks/pool_seeds.py: math,
-language, equations and the distractors prose and scenes), then run `shoal demo`'s PS search over each pair of
-the five parents, in three rounds that together spend one search's budget B: every pair to B / (2 x pairs) trials
-(half of B); the three best by dev (the best trial re-scored on the whole dev split, as every run picks) continue
-to 3/10 of B more between them; the best of those takes the rest. Each round resumes the same run folders (a
-raised budget continues a search). The winner's model is scored once on test and compared, in the same table,
-with the keep-gene pool search (`--against`, pool_seeds.py's JSON on the same zoos: its parents, untuned merges and
-two-parent search).
+language, equations and the distractors prose and scenes), then run `shoal demo --pool`'s search: `shoal demo`'s
+PS search over each pair of the five parents, in three rounds that together spend the budget B: every pair to
+B / (2 x pairs) trials (half of B); the three best by dev (the best trial re-scored on the whole dev split, as every
+run picks) continue to 3/10 of B more between them; the best of those takes the rest. The winner's model is scored
+once on test and compared, in the same table, with the keep-gene pool search (`--against`, pool_seeds.py's JSON on
+the same zoos: its parents, untuned merges and two-parent search).
 
     python benchmarks/pool_tournament.py --seeds 1 2 4 12 13 --zoo-cache runs/zoo-cache --against \
         benchmarks/results/pool_seeds_keep.json --json benchmarks/results/pool_tournament.json
+
+(results/pool_tournament.json was measured with this script's first form, which ran the rounds itself over one
+folder per pair; the library's tournament was checked to run the same trials, parameters and scores, trial for
+trial, on seed 1's zoo.)
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
 import seed_record
 import torch
+import yaml
 
+from shoal.cli.demo import demo_search
+from shoal.search.evolve import evolve
+from shoal.search.spec import load_search
 from shoal.zoo import build_zoo
 from shoal.zoo.pool import build_pool
-
-
-def rounds(budget: int, pairs: int) -> list[tuple[int, int]]:
-    """(trials per pair by the end of the round, pairs that go on) for each round: half of the budget over every
-    pair, 3/10 over the best three, the rest on the best one."""
-    first = budget // (2 * pairs)
-    second = first + (3 * budget // 10) // 3
-    third = second + budget - pairs * first - 3 * (second - first)
-    return [(first, 3), (second, 1), (third, 1)]
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     zoo = build_zoo(args.zoo_cache / f"seed{seed}", seed=seed, size=args.size, threads=1)
     pool = build_pool(zoo, threads=1)
-    alive = list(itertools.combinations(pool.parents, 2))
-    history = []
-    for trials, goes_on in rounds(args.budget, len(alive)):
-        results = {}
-        for pair in alive:
-            folder = args.out / f"seed{seed}" / "+".join(pair)
-            results[pair] = seed_record.search(folder, {p: pool.parents[p] for p in pair}, pool.base, pool.target,
-                                               trials, seed)
-        alive = sorted(alive, key=lambda p: -results[p].best.dev)
-        history.append({"trials": trials, "dev": {"+".join(p): 100 * results[p].best.dev for p in alive}})
-        print(f"seed {seed}, {trials} trials a pair:", ", ".join(f"{k} {v:.1f}" for k, v in history[-1]["dev"].items()),
-              flush=True)
-        alive = alive[:goes_on]
-    winner = results[alive[0]]
-    return {"seed": seed, "winner": "+".join(alive[0]), "rounds": history,
-            "evolved_dev": 100 * winner.best.dev, "evolved_test": 100 * winner.best.test}
+    folder = args.out / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    search = folder / "search.yaml"
+    search.write_text(yaml.safe_dump(demo_search(pool.parents, pool.base, pool.target, args.budget, seed, "ps",
+                                                 tournament=True), sort_keys=False))
+    summary = evolve(load_search(search), folder / "run",
+                     on_step=lambda step: print(f"seed {seed}: {step}", flush=True))
+    assert summary.pool is not None
+    history = [{"trials": r.trials, "dev": {name: 100 * score for name, score in r.dev.items()}}
+               for r in summary.pool.rounds]
+    return {"seed": seed, "winner": "+".join(summary.pool.winner), "rounds": history,
+            "evolved_dev": 100 * summary.best.dev, "evolved_test": 100 * summary.best.test}
 
 
 def main() -> None:

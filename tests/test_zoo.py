@@ -307,27 +307,29 @@ def test_the_pool_adds_a_useful_parent_and_two_distractors_from_the_base_and_is_
     assert build_pool(built, notice=notices.append) == pool and "rebuilding it" in notices[0]
 
 
-def test_demo_pool_searches_every_parent_and_prints_the_weight_each_gets(zoo: Zoo, tmp_path: Path, run_cli) -> None:
+def test_demo_pool_runs_a_tournament_over_the_pairs_and_prints_the_weight_each_parent_gets(zoo: Zoo, tmp_path: Path,
+                                                                                          run_cli) -> None:
     root = tmp_path / "z"
     shutil.copytree(zoo.root, root)
-    code, out, err = run_cli("demo", "--pool", "--out", tmp_path / "demo", "--budget", 3, "--zoo", root,
+    code, out, err = run_cli("demo", "--pool", "--out", tmp_path / "demo", "--budget", 20, "--zoo", root,
                              "--zoo-size", "smoke")
     assert code == 0, err
     summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
     assert set(summary["parents"]) == {"base", "math", "language", "equations", "prose", "scenes"}
-    assert summary["genes"] == 5 * 2 * 3 + 5  # 5 parents x (weight, density) x (2 layers + embeddings), keep genes
+    # 10 pairs of 5 parents: each to 1 trial, the best three to 3, the best one to 7 (20 trials in all)
+    assert [r["trials"] for r in summary["pool"]["rounds"]] == [1, 3, 7] and summary["trials"] == 20
+    assert [len(r["dev"]) for r in summary["pool"]["rounds"]] == [10, 3, 1]
+    winner = summary["pool"]["winner"]
+    assert summary["genes"] == 2 * 2 * 3  # 2 parents x (weight, density) x (2 layers + embeddings)
     assert "weight per parent" in out and "distractor" in out
     from shoal.cli.demo import weight_mass
     from shoal.search.run_folder import read_summary
 
     mass = weight_mass(read_summary(tmp_path / "demo" / "run"))
-    kept = summary["best"]["kept"]
-    assert kept and set(kept) <= set(mass)
+    assert set(mass) == set(winner)
     for parent in mass:
         layers = summary["best"]["layers"]["weight"][parent] + [summary["best"]["embeddings"]["weight"][parent]]
         assert mass[parent] == pytest.approx(sum(layers) / len(layers))
-        assert (mass[parent] == 0) if parent not in kept else True
-    left_out = [p for p in mass if p not in kept]
-    assert ("left out" in out) == bool(left_out)
+    assert out.count("left out") == 3  # the three parents outside the winning pair
     report = (tmp_path / "demo" / "run" / "report" / "report.md").read_text()
-    assert f"parents in the merge (keep genes): {', '.join(kept)}" in report
+    assert f"**{'+'.join(winner)}** won" in report

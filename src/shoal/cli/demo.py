@@ -25,22 +25,24 @@ VLM_BUDGET = 300  # trials of `shoal demo --vlm` (see docs/zoo-vlm.md)
 
 
 def demo_search(
-    parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, space: str, choose_parents: bool = False,
+    parents: dict[str, Path], base: Path, target: Path, budget: int, seed: int, space: str, *,
+    choose_parents: bool = False, tournament: bool = False,
 ) -> dict:
     """The paper's settings on the zoo. PS: DARE-TIES, a weight and a density per parent and layer (and the
-    embeddings), and with choose_parents a keep gene per parent (the pool's search). DFS: a path through 3 repeats
-    of the language then the math parent's layers, full W scaling. Hybrid: PS, then DFS with the PS result as A and
-    the math parent as B."""
+    embeddings); with tournament, a tournament over the pairs of parents (the pool's search), or with choose_parents
+    a keep gene per parent (measured to do worse). DFS: a path through 3 repeats of the language then the math
+    parent's layers, full W scaling. Hybrid: PS, then DFS with the PS result as A and the math parent as B."""
     search: dict = {
         "base": str(base),
         "parents": {name: str(path) for name, path in parents.items()},
         "space": space,
         "method": "dare_ties",
-        "genome": {"layers_per_group": 1, "embeddings": "search"} | ({"choose_parents": True} if choose_parents else {}),
+        "genome": {"layers_per_group": 1, "embeddings": "search"} | ({"choose_parents": True} if choose_parents
+                                                                     else {}),
         "tasks": [{"path": str(target), "weight": 1.0}],
         "budget": budget,
         "seed": seed,
-    }
+    } | ({"pool": {"subset": 2}} if tournament else {})
     if space == "dfs":
         search["dfs"] = {"parents": ["language", "math"], "repeats": 3, "scaling": "full"}
     elif space == "hybrid":
@@ -88,9 +90,10 @@ def weights_table(summary: Summary, roles: dict[str, str]) -> Table:
     table.add_column("parent")
     table.add_column("role")
     table.add_column("weight", justify="right")
-    kept = summary.best.kept
-    for parent, weight in sorted(weight_mass(summary).items(), key=lambda kv: -kv[1]):
-        shown = f"{weight:.2f}" if kept is None or parent in kept else "left out"
+    kept = summary.pool.winner if summary.pool is not None else summary.best.kept
+    mass = weight_mass(summary)
+    for parent in sorted(roles, key=lambda p: -mass[p] if p in mass and (kept is None or p in kept) else 1):
+        shown = f"{mass[parent]:.2f}" if parent in mass and (kept is None or parent in kept) else "left out"
         table.add_row(escape(parent), roles.get(parent, ""), shown)
     return table
 
@@ -126,8 +129,8 @@ def demo(
     space: Annotated[str, typer.Option(help="ps (merge weights), dfs (layer paths) or hybrid (PS then DFS).")] = "ps",
     vlm: Annotated[bool, typer.Option("--vlm", help="EvoVLM: merge the zoo's English captioning VLM with its language "
                                       "parent to caption pictures in XX.")] = False,
-    pool: Annotated[bool, typer.Option("--pool", help="Search over the whole pool: the math and language parents, one "
-                                       "more useful parent and two distractors.")] = False,
+    pool: Annotated[bool, typer.Option("--pool", help="Search the whole pool (the math and language parents, one more "
+                                       "useful parent and two distractors) as a tournament over its pairs.")] = False,
 ) -> None:
     """Build the demo zoo, evolve a merge of its math and language parents for XX math (with --pool: of every parent
     of its pool; with --vlm: of its VLM and language parent for XX captions), and report on test."""
@@ -140,6 +143,9 @@ def demo(
         raise ShoalError(f"--space {space}: choose ps, dfs or hybrid")
     if vlm and pool:
         raise ShoalError("--vlm and --pool are separate demos; choose one")
+    if pool and space == "dfs":
+        raise ShoalError("--pool is a tournament of merges (--space ps, or hybrid for its PS stage); a layer path "
+                         "over the whole pool (--space dfs) is not supported")
     if vlm and space != "ps":
         raise ShoalError(f"--vlm searches merge weights (--space ps); a layer path through a VLM (--space {space}) "
                          "is not supported")
@@ -158,7 +164,7 @@ def demo(
         parents, target, baseline = built.parents, built.target, built.joint
     out.mkdir(parents=True, exist_ok=True)
     search = out / "search.yaml"
-    spec = demo_search(parents, built.base, target, budget, seed, space, choose_parents=pool)
+    spec = demo_search(parents, built.base, target, budget, seed, space, tournament=pool)
     search.write_text(yaml.safe_dump(spec, sort_keys=False))
     console.print(f"[bold]2/3[/] evolving ({escape(str(search))}) into {escape(str(out / 'run'))}; run again to continue after an interruption")
     summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)

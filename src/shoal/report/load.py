@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.errors import ShoalError
-from shoal.search.run_folder import RUN_FILE, SUMMARY_FILE, RunRecord, read_run, read_summary
+from shoal.search.run_folder import RUN_FILE, SUBSETS_DIR, SUMMARY_FILE, RunRecord, read_run, read_summary
 from shoal.search.summary import Summary
 from shoal.search.trials import Trial, running_trials, stored_trials
 
@@ -60,6 +60,8 @@ def load_run(folder: Path, storage: str | None = None) -> Run:
     record = _read_record(folder)
     if record.space == "hybrid":
         raise ShoalError(f"{folder} is a hybrid run (no study of its own); load its stages with load_hybrid")
+    if record.rounds is not None:
+        return _load_pool(folder, record, storage)
     url = storage or record.storage
     name = record.study
     if not url:
@@ -74,6 +76,19 @@ def load_run(folder: Path, storage: str | None = None) -> Run:
         raise NoTrialsYet(f"study {name!r} at {url} has no trials yet{more}; wait for `shoal evolve` to finish one")
     target, method = (summary.target, summary.method) if summary else (record.target, record.method)
     return Run(folder, url, name, trials, running, summary, target, method, record.space)
+
+
+def _load_pool(folder: Path, record: RunRecord, storage: str | None) -> Run:
+    """A finished pool tournament: the winning subset's trials with the pool's summary (which records the rounds)."""
+    summary = _read_summary(folder, record.space)
+    if summary is None or summary.pool is None:
+        done = len(record.rounds or [])
+        subsets = ", ".join(f"{folder}/{s}" for s in record.stages or [])
+        raise ShoalError(f"{folder} is a pool tournament that has not finished ({done} round(s) begun); report one "
+                         f"subset's search instead: {subsets}")
+    winner = load_run(folder / SUBSETS_DIR / "+".join(summary.pool.winner), storage)
+    return Run(folder, winner.storage, winner.study, winner.trials, winner.running, summary, summary.target,
+               summary.method, record.space)
 
 
 def load_hybrid(folder: Path) -> HybridRun:

@@ -92,6 +92,8 @@ def _finished(s: Summary) -> list[str]:
         lines.append(f"- parents in the merge (keep genes): {', '.join(map(_cell, s.best.kept))}"
                      + (f"; left out (weight 0): {', '.join(map(_cell, left_out))}" if left_out else ""))
     lines.append("")
+    if s.pool is not None:
+        lines += _tournament(s)
     if s.best.path is not None:
         lines += _best_path(s.best)
     lines += ["## Search", ""]
@@ -123,6 +125,22 @@ def _fitness(s: Summary) -> list[str]:
             lines += ["", f"- picked trial #{s.best.trial}: search fitness {score(s.best.search)}, whole dev "
                           f"{score(s.best.dev)}, test {score(s.best.test)}"]
     return lines
+
+
+def _tournament(s: Summary) -> list[str]:
+    """A pool's rounds: each subset's picked trial on the whole dev split, by round; the winner in bold."""
+    assert s.pool is not None
+    winner = "+".join(s.pool.winner)
+    lines = ["## Pool tournament", "",
+             f"Every subset of {s.pool.subset} parents searched on its own; after each round the best by whole-dev "
+             f"score went on with more trials. **{_cell(winner)}** won; only its model was scored on test.", ""]
+    header = [f"round {i} ({r.trials} trials)" for i, r in enumerate(s.pool.rounds, 1)]
+    lines += ["| subset | " + " | ".join(header) + " |", "|:--|" + "--:|" * len(header)]
+    for name in s.pool.rounds[0].dev:
+        cells = [score(r.dev[name]) if name in r.dev else "" for r in s.pool.rounds]
+        label = f"**{_cell(name)}**" if name == winner else _cell(name)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _best_path(best: Best) -> list[str]:

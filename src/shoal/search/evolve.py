@@ -10,7 +10,9 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -65,39 +67,86 @@ def evolve(
     if spec.space == "hybrid":
         with folder_lock(run_dir) if storage is None and spec.storage is None else nullcontext():
             return _evolve_hybrid(spec, run_dir, storage, on_step, on_trial, notice, workers, ray_address)
+    options = SearchOptions(storage, on_step, on_trial, notice, study, workers, ray_address)
+    if spec.pool is not None:
+        from shoal.search.tournament import evolve_pool
+
+        return evolve_pool(spec, run_dir, options)
+
+    def finish(searched: Searched) -> Summary:
+        summary = finished(searched, spec, run_dir, on_step)
+        run_folder.write_summary(run_dir, summary)
+        return summary
+
+    return search_once(spec, run_dir, options, finish)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a search is run, beside its spec: evolve()'s keyword arguments."""
+
+    storage: str | None = None
+    on_step: OnStep = _quiet
+    on_trial: OnTrial = _quiet
+    notice: Notice = _quiet
+    study: str = STUDY_NAME
+    workers: int = 1
+    ray_address: str | None = None
+
+
+@dataclass
+class Searched:
+    """A one-space search's trials within its budget and its picked trial, with what scoring the pick needs."""
+
+    spec: SearchSpec
+    run_dir: Path
+    record: run_folder.RunRecord
+    space: Space
+    tasks: list[WeightedTask]
+    trials: list[Trial]
+    selection: Selection
+    population: int
+    start: float
+    """time.perf_counter() when the session started."""
+
+
+Done = TypeVar("Done")
+
+
+def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish: Callable[[Searched], Done]) -> Done:
+    """Run (or continue) the one-space search of `spec` in run_dir to its budget and pick its best trial; return what
+    `finish` makes of that, while the folder is still locked."""
     start = time.perf_counter()
     tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
-    own = run_folder.own_journal(spec, run_dir, storage)
+    own = run_folder.own_journal(spec, run_dir, options.storage)
+    parallel = options.workers > 1 or options.ray_address is not None
     if spec.fitness.mode == "race":
         from shoal.search.racing import check_raceable
 
         check_raceable(tasks)
-        if workers > 1 or ray_address is not None or not own:
+        if parallel or not own:
             raise ShoalError("fitness: race scores a generation's candidates together in this process; it cannot be "
                              "split over --workers or a shared storage (use mode full or subset there)")
     with folder_lock(run_dir) if own else nullcontext():
         earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
         if mended:
-            notice(mended)
-        on_step("loading parents")
-        parallel = workers > 1 or ray_address is not None
+            options.notice(mended)
+        options.on_step("loading parents")
         # workers hold their own; this process needs one at the end
-        space = None if parallel else make_space(spec, on_step)
+        space = None if parallel else make_space(spec, options.on_step)
         if parallel and spec.space == "ps":
-            check_worker_memory(spec, on_step)
+            check_worker_memory(spec, options.on_step)
         genome = space.genome if space is not None else genome_of(spec)
         fitness = None if space is None else search_fitness(spec, space, tasks)
         # nothing is recorded before here, so a search refused so far leaves the folder as it was
-        record = run_folder.open_run(spec, run_dir, earlier, storage, study, notice)
-        return _search(spec, run_dir, record, space, genome, fitness, tasks, start, on_step, on_trial, workers,
-                       ray_address)
+        record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice)
+        return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
 
 
 def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space: Space | None, genome: GeneSpace,
-            fitness: DevFitness | None, tasks: list[WeightedTask], start: float, on_step: OnStep, on_trial: OnTrial,
-            workers: int, ray_address: str | None) -> Summary:
-    """The trials (each noted in run.json's session as it is stored), the pick, best/ and summary.json."""
+            fitness: DevFitness | None, tasks: list[WeightedTask], start: float, options: SearchOptions) -> Searched:
+    """The trials (each noted in run.json's session as it is stored) and the pick."""
     assert record.storage is not None and record.study is not None
     shared_storage = not record.default_storage  # a storage the user named may be shared with other processes
     if shared_storage:
@@ -116,7 +165,8 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
     elif fitness is None:
         from shoal.search.workers import RayEvaluator
 
-        evaluator = RayEvaluator(spec, workers, address=ray_address, threads=max(1, torch.get_num_threads() // workers))
+        evaluator = RayEvaluator(spec, options.workers, address=options.ray_address,
+                                 threads=max(1, torch.get_num_threads() // options.workers))
     else:
         evaluator = SerialEvaluator(fitness)
     evaluated = 0
@@ -126,7 +176,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
         if progress.evaluated > evaluated:  # a trial of this session: its time so far, in case it is killed
             evaluated = progress.evaluated
             run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
-        on_trial(progress)
+        options.on_trial(progress)
 
     shared = SharedTrials(record.storage, record.study, genome) if shared_storage else None
     try:
@@ -149,16 +199,21 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
         run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
     trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[:within_budget]
     space = space or make_space(spec)
-    selection = _select(spec, space, tasks, trials, fitness, on_step)
-    best = selection.pick.trial
+    selection = _select(spec, space, tasks, trials, fitness, options.on_step)
+    return Searched(spec, run_dir, record, space, tasks, trials, selection, optimizer.population, start)
+
+
+def finished(searched: Searched, compared: SearchSpec, out_dir: Path, on_step: OnStep) -> Summary:
+    """The picked trial's model written to out_dir/best and scored on test beside the base, the parents and the
+    untuned merges of `compared` (the search's spec, or a pool's); the session noted as finished; the summary."""
+    s = searched
+    best = s.selection.pick.trial
     on_step("writing the best model")
-    space.export(best.params, best.seed, run_dir / run_folder.BEST_DIR)
+    s.space.export(best.params, best.seed, out_dir / run_folder.BEST_DIR)
     on_step("scoring on the test split")
-    test = score_on_test(spec, space, tasks, run_dir / run_folder.BEST_DIR)
-    wall = run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=True)
-    summary = _summary(spec, space, tasks, trials, selection, test, optimizer.population, wall, len(record.sessions))
-    run_folder.write_summary(run_dir, summary)
-    return summary
+    test = score_on_test(compared, s.space, s.tasks, out_dir / run_folder.BEST_DIR)
+    wall = run_folder.note_session(s.run_dir, s.record, time.perf_counter() - s.start, finished=True)
+    return _summary(s.spec, s.space, s.tasks, s.trials, s.selection, test, s.population, wall, len(s.record.sessions))
 
 
 def _select(spec: SearchSpec, space: Space, tasks: list[WeightedTask], trials: list[Trial],
@@ -225,6 +280,11 @@ def _added(a: Cost | None, b: Cost | None) -> Cost | None:
     return None if a is None or b is None else Cost(items=a.items + b.items, tokens=a.tokens + b.tokens)
 
 
+def _of_subset(ps: Summary) -> str:
+    """A pool's PS stage: which subset's trial it is (trial numbers repeat across the subsets' searches)."""
+    return f" of {'+'.join(ps.pool.winner)}" if ps.pool is not None else ""
+
+
 def _evolve_hybrid(
     spec: SearchSpec, run_dir: Path, storage: str | None, on_step: OnStep, on_trial: OnTrial, notice: Notice,
     workers: int, ray_address: str | None,
@@ -243,7 +303,8 @@ def _evolve_hybrid(
         "parents": flow_parents,
         "dfs": spec.dfs.model_copy(update={"parents": list(flow_parents)}),
         "budget": spec.dfs.budget or spec.budget,
-    }).naming(ps_best, f"trial {ps.best.trial} of the PS stage {ps_spec.search_hash()}")
+        "pool": None,
+    }).naming(ps_best, f"trial {ps.best.trial}{_of_subset(ps)} of the PS stage {ps_spec.search_hash()}")
     run_folder.pin_ps_trial(record, run_dir, ps.best.trial)
     on_step("hybrid stage 2/2: data-flow space over the PS result")
     dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
@@ -261,6 +322,6 @@ def _evolve_hybrid(
         "budget": ps.budget + dfs.budget,
         "wall_seconds": ps.wall_seconds + dfs.wall_seconds,
         "compute": _added(ps.compute, dfs.compute),
-    })
+    } | ({"pool": ps.pool} if ps.pool is not None else {}))
     run_folder.write_summary(run_dir, summary)
     return summary

@@ -2,7 +2,8 @@
 
 run.json (RunRecord) says which search made the folder, where its study lives and its sessions; summary.json
 (search.summary.Summary) is written once the run has finished, with best/. A hybrid run holds one such folder per
-stage (RUN_DIR/ps, RUN_DIR/dfs) and a run.json that names them.
+stage (RUN_DIR/ps, RUN_DIR/dfs) and a run.json that names them; a pool's tournament one per subset of parents
+(RUN_DIR/subsets/math+language, ...).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from shoal.errors import ShoalError
 from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage, open_storage
-from shoal.search.summary import Summary
+from shoal.search.summary import PoolRound, Summary
 
-RUN_FILE, SUMMARY_FILE, BEST_DIR = "run.json", "summary.json", "best"
+RUN_FILE, SUMMARY_FILE, BEST_DIR, SUBSETS_DIR = "run.json", "summary.json", "best", "subsets"
 
 Notice = Callable[[str], None]
 """Told, in one line, what was done to the folder that the user did not ask for (a take-over)."""
@@ -36,8 +37,8 @@ class Session(BaseModel):
 
 
 class RunRecord(BaseModel):
-    """run.json: the search that made the folder and, for one space, where its study lives; for a hybrid run, the
-    stage folders it runs in turn."""
+    """run.json: the search that made the folder and, for one space, where its study lives; for a hybrid run or a
+    pool's tournament, the folders of the searches it runs."""
 
     model_config = ConfigDict(extra="forbid")
     space: Literal["ps", "dfs", "hybrid"]
@@ -53,9 +54,12 @@ class RunRecord(BaseModel):
     """One space: the search as run."""
     sessions: list[Session] = []
     stages: list[str] | None = None
-    """Hybrid: the stage folders, in the order they run."""
+    """Hybrid: the stage folders, in the order they run; pool: every subset's folder."""
     ps_best_trial: int | None = None
     """Hybrid: the PS trial whose model is parent A of the DFS stage's trials."""
+    rounds: list[PoolRound] | None = None
+    """Pool: the tournament's rounds so far, each subset's score written as its search ends (a resumed tournament
+    reads a score here rather than load that subset's parents again)."""
 
     def write(self, run_dir: Path) -> None:
         write_json(run_dir / RUN_FILE, self.model_dump(mode="json", exclude_none=True))
@@ -178,6 +182,19 @@ def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str], notice: Noti
     earlier = _take_over(run_dir, earlier_run(spec, run_dir), spec, notice)
     record = RunRecord(space="hybrid", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
                        stages=stages, ps_best_trial=earlier.ps_best_trial if earlier else None)
+    record.write(run_dir)
+    return record
+
+
+def open_pool(spec: SearchSpec, run_dir: Path, subsets: list[str], notice: Notice) -> RunRecord:
+    """run.json of a pool's tournament, made or taken over (keeping the rounds recorded so far), with a new session
+    started."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    earlier = _take_over(run_dir, earlier_run(spec, run_dir), spec, notice)
+    record = RunRecord(space="ps", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
+                       search=spec.model_dump(), stages=subsets,
+                       sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
+                       rounds=earlier.rounds if earlier and earlier.rounds else [])
     record.write(run_dir)
     return record
 

@@ -127,6 +127,33 @@ class FitnessSpec(Strict):
         return self
 
 
+class PoolSpec(Strict):
+    """A tournament over the parents (successive halving): every subset of `subset` parents gets a search of its
+    own (RUN_DIR/subsets/<a>+<b>), and in rounds the subsets whose picked trial scores best on the whole dev split
+    go on with more trials, until the best subset of the last round wins. Round r spends shares[r] of the budget,
+    split evenly over the subsets still in it; after round r the best survivors[r] go on. The keep genes of
+    genome.choose_parents search all parents at once instead, and were measured to do worse on the zoo's pool."""
+
+    subset: int = Field(2, ge=1)
+    """Parents in each subset (each search merges that many parents)."""
+    survivors: list[int] = [3, 1]
+    """Subsets that go on after each round but the last (at most as many as there are)."""
+    shares: list[float] = [0.5, 0.3, 0.2]
+    """The share of the budget each round spends; one more than survivors, summing to 1."""
+
+    @model_validator(mode="after")
+    def _schedule(self) -> PoolSpec:
+        if len(self.shares) != len(self.survivors) + 1:
+            raise ValueError(f"pool: give one share per round, one more than survivors ({len(self.survivors) + 1}), "
+                             f"got {len(self.shares)}")
+        if any(share <= 0 for share in self.shares) or abs(sum(self.shares) - 1) > 1e-6:
+            raise ValueError(f"pool: shares must be positive and sum to 1, got {self.shares}")
+        if any(n < 1 for n in self.survivors) or any(b > a for a, b in zip(self.survivors, self.survivors[1:])):
+            raise ValueError(f"pool: survivors must be at least 1 and never grow from round to round, got "
+                             f"{self.survivors}")
+        return self
+
+
 class SelectSpec(Strict):
     """How the final model is picked: the `top` trials by search fitness are scored again on the whole dev split
     (with the DARE seed each trial stored) and the best of those scores wins."""
@@ -193,6 +220,8 @@ class SearchSpec(Strict):
     RUN_DIR/study.log."""
     fitness: FitnessSpec = FitnessSpec()
     select: SelectSpec = SelectSpec()
+    pool: PoolSpec | None = None
+    """A tournament over subsets of the parents instead of one search over all of them (parameter space)."""
     batch_size: int = Field(256, ge=1)
     device: str = "cpu"
     overlap: bool = True
@@ -280,10 +309,27 @@ class SearchSpec(Strict):
         if self.tokenizer_source is not None and self.space == "dfs":
             raise ValueError("tokenizer_source is a parameter-space setting: a data-flow path keeps its first parent's "
                              "vocabulary")
+        if self.pool is not None:
+            self._check_pool(self.pool)
         unknown = [name for name in self.dfs.parents or [] if name not in self.parents]
         if unknown:
             raise ValueError(f"dfs.parents: {unknown[0]!r} is not one of the parents ({', '.join(self.parents)})")
         return self
+
+    def _check_pool(self, pool: PoolSpec) -> None:
+        if self.space == "dfs":
+            raise ValueError("pool: a tournament of parameter-space searches (space ps, or hybrid for its PS stage)")
+        if self.space == "hybrid" and self.dfs.parents is None:
+            raise ValueError("pool with space hybrid: name dfs.parents, the parents whose layers the data-flow stage "
+                             "arranges after the PS result (by default it would take every parent of the pool)")
+        if self.genome.choose_parents:
+            raise ValueError("pool and genome.choose_parents are two ways to search a pool; choose one")
+        if not pool.subset < len(self.parents):
+            raise ValueError(f"pool: subset ({pool.subset}) must be smaller than the number of parents "
+                             f"({len(self.parents)}); with all of them, leave pool out")
+        if self.tokenizer_source in self.parents:
+            raise ValueError("pool: tokenizer_source cannot name a parent (a subset may leave it out); use union or "
+                             "base")
 
     @property
     def tokenizer_ref(self) -> str | None:

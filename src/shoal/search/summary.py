@@ -90,6 +90,23 @@ class StageResult(_Record):
     best_trial: int
 
 
+class PoolRound(_Record):
+    """One round of a pool's tournament: the trials each of its subsets had by its end, and each subset's score
+    (its picked trial on the whole dev split), best first."""
+
+    trials: int
+    dev: dict[str, float]
+    """Subset ("math+language") -> score; while the round runs, the subsets done so far."""
+
+
+class PoolResult(_Record):
+    """A pool run's tournament: its subsets' size, the subset that won, and every round."""
+
+    subset: int
+    winner: list[str]
+    rounds: list[PoolRound]
+
+
 class Summary(_Record):
     """A finished run: its best trial, the test scores it is compared with, and what the search cost."""
 
@@ -125,3 +142,7 @@ class Summary(_Record):
     """What the search's trials cost in all (not the selection's re-scoring, nor the test scores)."""
     selection: Selection | None = None
     """How the best trial was picked (a hybrid run: in its last stage)."""
+    pool: PoolResult | None = None
+    """A tournament over subsets of the parents (a hybrid run: its PS stage's); `parents` and `untuned` then score
+    every parent of the pool and merges of all of them, and `trials`, `compute` and `wall_seconds` count every
+    subset's search."""

@@ -1,0 +1,183 @@
+"""A search over a pool of parents as a tournament of smaller searches (spec.pool: successive halving).
+
+Every subset of `pool.subset` parents gets a parameter-space search of its own in RUN_DIR/subsets/<a>+<b> (a
+complete run folder, resumed like any other). Round 1 gives each subset an even part of `shares[0]` of the budget;
+the subsets whose picked trial scores best on the whole dev split go on, and each later round raises the survivors'
+budgets by an even part of its share (their searches continue where they stopped: a raised budget is a
+continuation). The best subset of the last round wins: its pick is written to RUN_DIR/best and scored on test
+beside every parent of the pool and the untuned merges of all of them. Only the winner is scored on test.
+
+Measured on the demo zoo's pool (benchmarks/pool_tournament.py, docs/zoo.md): 52.9 ± 15.6 on test over five named
+seeds, where keep genes over all five parents (genome.choose_parents) reached 44.0 ± 20.8 on the same zoos.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.errors import ShoalError
+from shoal.folder_lock import folder_lock
+from shoal.search import run_folder
+from shoal.search.evolve import Done, Searched, SearchOptions, finished, search_once
+from shoal.search.loop import Progress
+from shoal.search.spec import PoolSpec, SearchSpec
+from shoal.search.summary import Cost, PoolResult, PoolRound, Summary
+from shoal.search.trials import open_study, stored_trials
+
+@dataclass(frozen=True)
+class Round:
+    trials: int
+    """Trials each subset in the round has by its end."""
+    subsets: int
+    """Subsets in the round."""
+
+
+def schedule(budget: int, subsets: int, pool: PoolSpec) -> list[Round]:
+    """The rounds of a tournament of `subsets` searches that together spend at most `budget` trials: round r adds
+    floor(shares[r] x budget / its subsets) trials to each (the last round: what is left), then the best
+    survivors[r] go on. Refused when a round would add no trial."""
+    rounds, alive, reached, spent = [], subsets, 0, 0
+    for index, share in enumerate(pool.shares):
+        last = index == len(pool.shares) - 1
+        more = (budget - spent) // alive if last else int(share * budget + 1e-9) // alive
+        if more < 1:
+            raise ShoalError(f"pool: a budget of {budget} trials gives round {index + 1} less than one trial for each "
+                             f"of its {alive} subsets; raise the budget (or that round's share)")
+        reached += more
+        spent += more * alive
+        rounds.append(Round(reached, alive))
+        if not last:
+            alive = min(alive, pool.survivors[index])
+    return rounds
+
+
+def subsets(spec: SearchSpec) -> list[tuple[str, ...]]:
+    assert spec.pool is not None
+    return list(itertools.combinations(spec.parents, spec.pool.subset))
+
+
+def name(subset: tuple[str, ...]) -> str:
+    return "+".join(subset)
+
+
+def subset_spec(spec: SearchSpec, subset: tuple[str, ...], trials: int) -> SearchSpec:
+    """The search of one subset: the pool's settings over its parents, to `trials` trials."""
+    return spec.model_copy(update={"parents": {n: spec.parents[n] for n in subset}, "pool": None, "budget": trials})
+
+
+def evolve_pool(spec: SearchSpec, run_dir: Path, options: SearchOptions) -> Summary:
+    """Run (or continue) the tournament of `spec` in run_dir; return the summary also written to run_dir."""
+    assert spec.pool is not None
+    if spec.budget_items is not None or spec.budget_tokens is not None:
+        raise ShoalError("pool: a compute budget (budget_items, budget_tokens) is not split over a tournament's "
+                         "rounds; give its budget in trials")
+    start = time.perf_counter()
+    candidates = subsets(spec)
+    rounds = schedule(spec.budget, len(candidates), spec.pool)
+    own = options.storage is None and spec.storage is None
+    with folder_lock(run_dir) if own else nullcontext():
+        record = run_folder.open_pool(spec, run_dir, [f"{run_folder.SUBSETS_DIR}/{name(c)}" for c in candidates],
+                                      options.notice)
+        tournament = _Tournament(spec, run_dir, options, record, start, {name(c): 0 for c in candidates})
+        alive = candidates
+        for index, round_ in enumerate(rounds):
+            scores = tournament.play(index, len(rounds), round_.trials, alive)
+            ranked = sorted(alive, key=lambda c: -scores[name(c)])  # a tie keeps the pool's order
+            alive = ranked[:spec.pool.survivors[index] if index < len(rounds) - 1 else 1]
+        return tournament.finish(alive[0], rounds[-1].trials)
+
+
+@dataclass
+class _Tournament:
+    spec: SearchSpec
+    run_dir: Path
+    options: SearchOptions
+    record: run_folder.RunRecord
+    start: float
+    reached: dict[str, int]
+    """Trials each subset's search holds so far (for the overall progress shown)."""
+
+    def play(self, index: int, count: int, trials: int, alive: list[tuple[str, ...]]) -> dict[str, float]:
+        """Each subset of the round searched to `trials` trials (or its score read from run.json); its scores."""
+        assert self.record.rounds is not None
+        if index == len(self.record.rounds):
+            self.record.rounds.append(PoolRound(trials=trials, dev={}))
+        round_ = self.record.rounds[index]
+        if round_.trials != trials:  # the budget changed since: this round's scores are measured again
+            self.record.rounds[index:] = [PoolRound(trials=trials, dev={})]
+            round_ = self.record.rounds[index]
+        for number, subset in enumerate(alive, 1):
+            label = name(subset)
+            if label not in round_.dev:
+                self.options.on_step(f"pool round {index + 1}/{count}: {label} ({number}/{len(alive)}), "
+                                     f"to {trials} trials")
+                round_.dev[label] = self._search(subset, trials, _pick)
+                run_folder.note_session(self.run_dir, self.record, time.perf_counter() - self.start, finished=False)
+            self.reached[label] = trials
+        round_.dev = dict(sorted(round_.dev.items(), key=lambda item: -item[1]))
+        self.record.write(self.run_dir)
+        return round_.dev
+
+    def finish(self, winner: tuple[str, ...], trials: int) -> Summary:
+        """The winner's pick written to RUN_DIR/best and scored on test beside the whole pool; summary.json."""
+        spec, on_step = self.spec, self.options.on_step
+        on_step(f"pool: {name(winner)} wins; its best trial is scored on test beside every parent of the pool")
+        summary = self._search(winner, trials, lambda searched: finished(searched, spec, self.run_dir, on_step))
+        wall = run_folder.note_session(self.run_dir, self.record, time.perf_counter() - self.start, finished=True)
+        counted = [self._stored(subset, self.reached[name(subset)]) for subset in subsets(spec)]
+        assert spec.pool is not None and self.record.rounds is not None
+        summary = summary.model_copy(update={
+            "pool": PoolResult(subset=spec.pool.subset, winner=list(winner), rounds=self.record.rounds),
+            "trials": sum(c.trials for c in counted),
+            "failed_trials": sum(c.failed for c in counted),
+            "budget": spec.budget,
+            "wall_seconds": wall,
+            "sessions": len(self.record.sessions),
+            "compute": Cost(items=sum(c.items for c in counted), tokens=sum(c.tokens for c in counted)),
+        })
+        run_folder.write_summary(self.run_dir, summary)
+        return summary
+
+    def _search(self, subset: tuple[str, ...], trials: int, finish: Callable[[Searched], Done]) -> Done:
+        """One subset's search run (or continued) to `trials` trials, its picked trial handed to `finish`."""
+        label = name(subset)
+        offset = sum(n for other, n in self.reached.items() if other != label)
+        on_trial = self.options.on_trial
+
+        def overall(p: Progress) -> None:  # the tournament's progress: every subset's trials against its budget
+            on_trial(Progress(done=offset + p.done, budget=self.spec.budget, best=p.best, evaluated=p.evaluated,
+                              items=p.items, tokens=p.tokens))
+
+        options = SearchOptions(self.options.storage, self.options.on_step, overall, self.options.notice,
+                                f"{self.options.study}-{label}", self.options.workers, self.options.ray_address)
+        folder = self.run_dir / run_folder.SUBSETS_DIR / label
+        return search_once(subset_spec(self.spec, subset, trials), folder, options, finish)
+
+    def _stored(self, subset: tuple[str, ...], trials: int) -> _Count:
+        """What a subset's search spent: its first `trials` stored trials."""
+        folder = self.run_dir / run_folder.SUBSETS_DIR / name(subset)
+        record = run_folder.read_run(folder)
+        assert record.storage is not None and record.study is not None
+        spec = subset_spec(self.spec, subset, trials)
+        stored = sorted(stored_trials(open_study(record.storage, spec.search_hash(), record.study)).values(),
+                        key=lambda t: t.index)[:trials]
+        return _Count(len(stored), sum(t.failed for t in stored), sum(t.items for t in stored),
+                      sum(t.tokens for t in stored))
+
+
+@dataclass(frozen=True)
+class _Count:
+    trials: int
+    failed: int
+    items: int
+    tokens: int
+
+
+def _pick(searched: Searched) -> float:
+    """A round's result for one subset: its picked trial's score on the whole dev split."""
+    return searched.selection.pick.evaluation.fitness
