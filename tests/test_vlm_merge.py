@@ -361,3 +361,95 @@ def test_other_families_embedding_names_are_vocabulary_tensors() -> None:
                  "transformer.wte.weight", "model.tok_embeddings.weight"):
         assert layout.is_vocabulary(name), name
     assert not layout.is_vocabulary("model.layers.0.mlp.up_proj.weight")
+
+
+@pytest.fixture(scope="module")
+def vlm_family(llms, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Per family, three VLMs over the LLM base, a and b, each with its own vision tower and projector (seeds)."""
+    root = tmp_path_factory.mktemp("vlm_family")
+    made = {}
+    for family, make, llm in (("llava", make_llava, "llama"), ("qwen2_vl", make_qwen2_vl, "qwen2")):
+        made[family] = {name: make(root / family / name, llms[llm][name], noise=0.0, seed=seed)
+                        for seed, name in enumerate(("base", "a", "b"))}
+    return made
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_models_recipe_of_vlms_only_merges_every_module_as_mergekit_reads_it(family, vlm_family, tmp_path) -> None:
+    """mergekit 0.1.5 reads `models:` as every module merged from those models; with VLMs only shoal does the same:
+    the output equals the `modules:` recipe that says so, bit for bit, and a vision tensor follows the formula with
+    the gradient over the vision tower's own layers."""
+    vlm = vlm_family[family]
+    plain = _recipe("task_arithmetic", vlm["base"], vlm["a"], vlm["b"])
+    out = _merge(plain, tmp_path / "plain")
+    names = open_checkpoint(vlm["base"]).lm
+    modules = {key: value for key, value in plain.items() if key != "models"}
+    modules["modules"] = {module: {"models": plain["models"]} for module in names.modules}
+    explicit = tensors(_merge(modules, tmp_path / "modules"))
+    merged = tensors(out)
+    assert set(merged) == set(explicit) and all(torch.equal(merged[n], explicit[n]) for n in merged)
+    base, a, b = (tensors(vlm[n]) for n in ("base", "a", "b"))
+    tower = "vision_tower.encoder.layers.{}.mlp.fc1.weight" if family == "llava" else "visual.blocks.{}.mlp.fc1.weight"
+    checked = 0
+    for layer in range(2):  # two blocks: the gradient [0.3, 0.9] gives 0.3, then 0.9
+        name = next(n for n in merged if n.endswith(tower.format(layer)))
+        wa = 0.3 + 0.6 * layer
+        wb = 0.6 if "mlp" in name else 0.8
+        expected = base[name] + wa * (a[name] - base[name]) + wb * (b[name] - base[name])
+        assert not torch.equal(a[name], base[name])
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+        checked += 1
+    assert checked == 2
+    card = (out / "README.md").read_text()
+    assert "every module (language model, vision tower, projector) is merged" in card and "unchanged" not in card
+
+
+def test_with_a_text_llm_among_vlms_only_the_language_model_is_merged(llms, vlm_family, tmp_path) -> None:
+    vlm = vlm_family["llava"]
+    out = _merge(_recipe("task_arithmetic", llms["llama"]["base"], vlm["a"], vlm["b"]), tmp_path / "m")
+    merged, first = tensors(out), open_checkpoint(vlm["a"])
+    for name in first.extra_names:  # the vision parts are the first VLM listed's, unchanged
+        assert torch.equal(merged[name], first.tensor(name)), name
+    assert "are `" in (out / "README.md").read_text() and "unchanged" in (out / "README.md").read_text()
+
+
+def test_the_resident_merger_of_vlms_only_matches_shoal_merge(vlm_family, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    vlm = vlm_family["llava"]
+    recipes = [_recipe("dare_ties", vlm["base"], vlm["a"], vlm["b"]), _recipe("dare_ties", vlm["base"], vlm["a"],
+                                                                              vlm["b"], seed=9)]
+    recipes[1]["models"][0]["parameters"] = {"weight": 0.1, "density": 0.8}
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipes[0])))
+    for i, recipe in enumerate(recipes):
+        merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+        loaded = AutoModelForImageTextToText.from_pretrained(_merge(recipe, tmp_path / f"out{i}")).state_dict()
+        live = merger.model.state_dict()
+        assert set(loaded) == set(live)
+        for name, tensor in loaded.items():
+            assert torch.equal(live[name], tensor), name
+    fc1 = next(n for n in live if "vision_tower" in n and n.endswith("layers.0.mlp.fc1.weight"))
+    assert not torch.equal(live[fc1], AutoModelForImageTextToText.from_pretrained(vlm["a"]).state_dict()[fc1])
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_on_llavas_only_the_vision_tensors_equal_what_mergekit_0_1_5_writes(method, vlm_family, tmp_path) -> None:
+    """The tensors mergekit 0.1.5 does write for a recipe of LLaVAs only (the vision tower and projector; it loses
+    the language model under transformers 5) are shoal's, within float32 rounding."""
+    pytest.importorskip("mergekit", reason="mergekit is a test-only dependency")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions
+    from mergekit.merge import run_merge as mergekit_merge
+
+    vlm = vlm_family["llava"]
+    recipe = _recipe(method, vlm["base"], vlm["a"], vlm["b"])
+    options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+    mergekit_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mk"), options)
+    ours = tensors(_merge(recipe, tmp_path / "shoal"))
+    # mergekit names them as transformers 5 holds them live (model.vision_tower.*), shoal as the checkpoint did
+    theirs = {n.removeprefix("model."): t for n, t in tensors(tmp_path / "mk").items()}
+    vision = [n for n in theirs if n.startswith(("vision_tower.", "multi_modal_projector."))]
+    assert len(vision) == len(open_checkpoint(vlm["a"]).extra_names) > 20
+    for name in vision:
+        assert torch.allclose(ours[name], theirs[name], atol=1e-5, rtol=0), name
+    assert any(not torch.equal(ours[n], open_checkpoint(vlm["a"]).tensor(n)) for n in vision)

@@ -60,6 +60,7 @@ def write_model_card(
     recipe_text: str,
     remake: str | None = None,
     vision: str | None = None,
+    vision_merged: bool = False,
 ) -> None:
     """README.md: front matter whose base_model lists the parents named by Hub id and their LoRA adapters, without
     revisions (the Hub takes nothing else there; local folders are named in the body), then the method with its
@@ -78,7 +79,10 @@ def write_model_card(
              f"A merge of pre-trained language models made by shoal with the {_method_md(method)} merge method{using}.",
              "", "## Models merged", ""]
     lines += [f"- `{p}`" for p in parents if p != base]
-    if vision:
+    if vision and vision_merged:
+        lines += ["", f"A vision-language model: every module (language model, vision tower, projector) is merged "
+                  f"by the recipe; the processor is `{vision}`'s."]
+    elif vision:
         lines += ["", f"A vision-language model: its language model is the merge; the vision tower, projector and "
                   f"processor are `{vision}`'s, unchanged."]
     lines += ["", "## Recipe", "",

@@ -303,6 +303,6 @@ def run_merge(
         card.write_model_card(
             tmp, name=out_dir.name, method=recipe.merge_method, parents=recipe.parents(), base=recipe.base_model,
             recipe_file=RECIPE_FILE, recipe_text=text,
-            vision=plan.reference if parents[plan.reference].is_vlm else None,
+            vision=plan.reference if parents[plan.reference].is_vlm else None, vision_merged=plan.copied_from is None,
         )
     return out_dir

@@ -3,7 +3,8 @@
 Parents are matched by their language models' canonical tensor names (`layout.Names`), so a vision-language
 parent merges with text-only LLMs of its language model's architecture; the output then takes the VLM's names,
 config and tensors outside the language model (vision tower, projector), those copied unchanged, unless the
-recipe gives each module (mergekit's `modules:`) its own models or slices.
+recipe gives each module (mergekit's `modules:`) its own models or slices. A `models:` recipe that reads VLMs only
+merges every module from those models, as mergekit 0.1.5 reads it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class MergePlan:
     config: dict[str, Any]
     reference: str
     """The parent whose config, tensor names and tokenizer the output takes: the VLM when a parent is one."""
+    copied_from: str | None = None
+    """The VLM whose tensors outside the language model the output copies unchanged (None: there are none, or
+    every module is merged)."""
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -386,6 +390,7 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], vocab: Vocabulary
     work_dtype = parse_dtype(recipe.dtype)
     out_dtype = parse_dtype(recipe.out_dtype) or work_dtype
     _check_architectures(parents)
+    recipe = _every_module(recipe, parents)
     parts = _parts(recipe, parents)
     text = parts[0]
     first_ref = recipe.base_model if text.whole and recipe.base_model else text.slices[0].sources[0].model
@@ -396,8 +401,8 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], vocab: Vocabulary
     if recipe.modules is not None:
         stray = next((n for n in reference.names if reference.lm.module_of(n) is None), None)
         if stray is not None:
-            raise ShoalError(f"modules: tensor {stray} of {out_ref} is in none of the modules shoal knows for its "
-                             f"architecture ({', '.join(reference.lm.modules)}), so a modules: recipe cannot place it")
+            raise ShoalError(f"tensor {stray} of {out_ref} is in none of the modules shoal knows for its architecture "
+                             f"({', '.join(reference.lm.modules)}), so merging module by module cannot place it")
     jobs: list[TensorJob] = []
     layer_sources: list[int] = []
     for part in parts:
@@ -416,10 +421,27 @@ def build_plan(recipe: Recipe, parents: dict[str, Checkpoint], vocab: Vocabulary
         else:
             _check_fits(part, module_jobs, reference, out_ref)
         jobs += module_jobs
-    if recipe.modules is None:
+    copied = recipe.modules is None and bool(reference.extra_names)
+    if copied:
         jobs += [_copy_job(out_ref, reference, name, out_dtype) for name in reference.extra_names]
     config = output_config(reference, layer_sources, out_dtype, vocab.size if vocab else None)
-    return MergePlan(jobs=jobs, config=config, reference=out_ref)
+    return MergePlan(jobs=jobs, config=config, reference=out_ref, copied_from=out_ref if copied else None)
+
+
+def _every_module(recipe: Recipe, parents: dict[str, Checkpoint]) -> Recipe:
+    """A `models:` recipe whose models (and base, if its method uses one) are all VLMs, as the `modules:` recipe that
+    merges each module of theirs from those models (mergekit 0.1.5 reads it so); any other recipe as it is. With a
+    text-only LLM among the models, only the language model can be merged, and the rest is a VLM's, unchanged."""
+    if recipe.modules is not None or not recipe.models:
+        return recipe
+    refs = [entry.model for entry in recipe.models]
+    if recipe.method.base != "ignored" and recipe.base_model:
+        refs.append(recipe.base_model)
+    vlms = [parents[ref].lm for ref in refs if parents[ref].is_vlm]
+    if len(vlms) < len(refs) or len(vlms[0].modules) < 2:
+        return recipe
+    modules = {module: Module(models=recipe.models) for module in vlms[0].modules}
+    return recipe.model_copy(update={"models": None, "modules": modules})
 
 
 def _module_jobs(

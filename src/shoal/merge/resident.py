@@ -162,6 +162,10 @@ class ResidentMerger:
                 continue
             canonical = saved.canonical(job.spec.name)
             name = job.spec.name if job.spec.name in state or canonical is None else live.own(canonical)
+            if name not in state:  # a tensor outside the language model, which transformers may load under a prefix
+                # (a LLaVA checkpoint's vision_tower.* is the live model's model.vision_tower.*)
+                under = [key for key in state if key.endswith(f".{name}")]
+                name = under[0] if len(under) == 1 else name
             if name not in state:
                 raise ShoalError(f"the model built from {plan.reference} has no parameter {name}")
             targets[job.spec.name] = state[name]
