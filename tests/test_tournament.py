@@ -18,8 +18,7 @@ from shoal.search.tournament import Round, schedule
 
 def test_the_schedule_spends_each_rounds_share_evenly_and_the_whole_budget() -> None:
     # the benchmark's tournament: 10 pairs of 5 parents, 1000 trials
-    assert schedule(1000, 10, PoolSpec()) == [Round(50, 10), Round(150, 3), Round(350, 1)]
-    assert 10 * 50 + 3 * 100 + 200 == 1000
+    assert schedule(1000, 10, PoolSpec()) == [Round(50, 10), Round(150, 3), Round(350, 1)]  # 500 + 300 + 200
     # floors: round 1 int(0.5 x 13) // 3 = 2 each (6), round 2 int(3.9) // 2 = 1 each (2), round 3 the other 5
     assert schedule(13, 3, PoolSpec(survivors=[2, 1])) == [Round(2, 3), Round(3, 2), Round(8, 1)]
     # survivors above the subsets left keep them all
@@ -28,7 +27,7 @@ def test_the_schedule_spends_each_rounds_share_evenly_and_the_whole_budget() -> 
 
 
 def test_a_budget_too_small_for_a_round_is_refused_with_the_numbers() -> None:
-    with pytest.raises(ShoalError, match="budget of 19 trials gives round 1 less than one trial for each of its 10 sub"):
+    with pytest.raises(ShoalError, match="budget of 19 trials gives round 1 less than one trial for each of its 10"):
         schedule(19, 10, PoolSpec())
     with pytest.raises(ShoalError, match="round 2 less than one trial for each of its 3 subsets"):
         schedule(100, 50, PoolSpec(shares=[0.98, 0.01, 0.01]))
@@ -50,14 +49,14 @@ def test_a_pool_the_tournament_cannot_run_is_refused_on_loading(zoo, tmp_path, p
         load_search(zoo_search(zoo, tmp_path, parents=parents, pool=pool, **extra))
 
 
-def _pool_search(zoo, folder: Path, budget: int) -> Path:
+def _pool_search(zoo, folder: Path, budget: int, **extra: object) -> Path:
     """Three parents (the zoo's two and a copy of the base: a parent with nothing to give), pairs of them, scored on
     the language parent's own outputs so that the subsets with it score higher."""
     (folder / "own").mkdir(parents=True)
     task = own_output_task(zoo, folder / "own", every=1)
     parents = {"math": str(zoo.parents["math"]), "language": str(zoo.parents["language"]), "plain": str(zoo.base)}
     return zoo_search(zoo, folder, parents=parents, tasks=[{"path": str(task)}], budget=budget,
-                      pool={"subset": 2, "survivors": [2, 1]})
+                      pool={"subset": 2, "survivors": [2, 1]}, **extra)
 
 
 def _stored(folder: Path, study: str) -> int:
@@ -158,3 +157,91 @@ def test_a_hybrid_search_runs_the_tournament_as_its_ps_stage_then_dfs_over_the_w
     dfs = json.loads((tmp_path / "run" / "dfs" / "run.json").read_text())
     assert list(dfs["search"]["parents"]) == ["ps", "math"] and dfs["search"]["pool"] is None
     assert dfs["search"]["parents"]["ps"] == str((tmp_path / "run" / "ps" / "best").resolve())
+
+
+def test_a_kill_inside_a_subsets_search_keeps_that_sessions_time_and_the_progress_never_goes_back(zoo,
+                                                                                                tmp_path) -> None:
+    spec = load_search(_pool_search(zoo, tmp_path, budget=13))
+    run = tmp_path / "run"
+
+    def kill_after_two(p) -> None:
+        if p.done == 2:  # the first subset's second trial is stored
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve(spec, run, on_trial=kill_after_two)
+    first = json.loads((run / "subsets" / "math+language" / "run.json").read_text())["sessions"][-1]["seconds"]
+    pool = json.loads((run / "run.json").read_text())["sessions"][-1]["seconds"]
+    assert 0 < first <= pool
+    done: list[int] = []
+    summary = evolve(spec, run, on_trial=lambda p: done.append(p.done))  # continued subsets replay their trials
+    assert done == sorted(done) and done[-1] == 13 and summary.trials == 13
+    assert summary.wall_seconds >= first and summary.sessions == 2
+
+
+def test_a_refused_search_leaves_no_pool_folder_behind(zoo, tmp_path) -> None:
+    spec = load_search(_pool_search(zoo, tmp_path, budget=13, fitness={"mode": "race"}))
+    with pytest.raises(ShoalError, match="race scores a generation"):
+        evolve(spec, tmp_path / "run", workers=2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_changed_selection_measures_the_rounds_again_as_a_fresh_run_does(zoo, tmp_path) -> None:
+    """select is outside the search hash (a rerun picks again with new settings), so the scores run.json keeps
+    are measured again when it changes."""
+    spec = load_search(_pool_search(zoo, tmp_path, budget=13, fitness={"mode": "subset", "items": 2},
+                                    select={"top": 1}))
+    first = evolve(spec, tmp_path / "run")
+    top5 = spec.model_copy(update={"select": spec.select.model_copy(update={"top": 5})})
+    rerun, fresh = evolve(top5, tmp_path / "run"), evolve(top5, tmp_path / "fresh")
+    assert rerun.pool == fresh.pool and rerun.best.test == fresh.best.test and rerun.trials == 13
+    assert first.pool != fresh.pool  # top 1 of a 2-item subset fitness picks otherwise: the check can fail
+
+
+def test_a_subset_whose_every_trial_fails_ranks_last_and_the_tournament_goes_on(zoo, tmp_path, monkeypatch) -> None:
+    import shoal.search.evolve as evolve_module
+
+    real = evolve_module.search_fitness
+
+    def failing_with_plain(spec, space, tasks):  # every candidate with the copy of the base fails
+        fitness = real(spec, space, tasks)
+        if "plain" not in spec.parents:
+            return fitness
+
+        def fail(values, seed, upcoming=None, generation=None):
+            raise ShoalError("NaN or inf in tensor model.norm.weight")
+        return fail
+
+    monkeypatch.setattr(evolve_module, "search_fitness", failing_with_plain)
+    notices: list[str] = []
+    summary = evolve(load_search(_pool_search(zoo, tmp_path, budget=13)), tmp_path / "run", notice=notices.append)
+    first = summary.pool.rounds[0].dev
+    assert list(first)[0] == "math+language" and first["math+plain"] is None and first["language+plain"] is None
+    # the two pairs tie last (the pool's order decides), so math+plain goes on to round 2 and fails again
+    assert summary.pool.rounds[1].dev == {"math+language": summary.pool.rounds[1].dev["math+language"],
+                                          "math+plain": None}
+    assert summary.pool.winner == ["math", "language"] and summary.failed_trials == 3 + 2
+    assert sum("every trial" in n and "failed" in n and "ranks last" in n for n in notices) == 3
+    from shoal.report import write_report
+
+    assert "| math+plain | – |" in write_report(tmp_path / "run")[0].read_text()
+
+
+def test_an_unfinished_tournament_and_a_hybrid_in_its_pool_stage_are_reported(zoo, tmp_path) -> None:
+    from shoal.report import write_report
+
+    path = _pool_search(zoo, tmp_path, budget=13)
+    raw = yaml.safe_load(path.read_text()) | {"space": "hybrid", "dfs": {"parents": ["math"], "budget": 4}}
+    path.write_text(yaml.safe_dump(raw))
+
+    def stop_in_round_2(step: str) -> None:
+        if step.startswith("pool round 2/3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve(load_search(path), tmp_path / "run", on_step=stop_in_round_2)
+    hybrid = write_report(tmp_path / "run")[-1].read_text()
+    assert "ps" in hybrid and "not started" in hybrid
+    stage = write_report(tmp_path / "run" / "ps")[0].read_text()
+    leader = next(iter(json.loads((tmp_path / "run" / "ps" / "run.json").read_text())["rounds"][0]["dev"]))
+    assert "**The run has not finished**" in stage and f"`shoal-ps-{leader}`" in stage  # round 1's best so far

@@ -333,3 +333,23 @@ def test_demo_pool_runs_a_tournament_over_the_pairs_and_prints_the_weight_each_p
     assert out.count("left out") == 3  # the three parents outside the winning pair
     report = (tmp_path / "demo" / "run" / "report" / "report.md").read_text()
     assert f"**{'+'.join(winner)}** won" in report
+
+
+def test_demo_pool_hybrid_prints_the_weights_of_its_ps_stage(zoo: Zoo, tmp_path: Path, run_cli) -> None:
+    root = tmp_path / "z"
+    shutil.copytree(zoo.root, root)
+    code, out, err = run_cli("demo", "--pool", "--space", "hybrid", "--out", tmp_path / "demo", "--budget", 20,
+                             "--zoo", root, "--zoo-size", "smoke")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "demo" / "run" / "summary.json").read_text())
+    assert summary["space"] == "hybrid" and summary["trials"] == 20 + 20
+    assert out.count("left out") == 3  # the winning pair's weights are shown (the DFS stage's best has none)
+    from shoal.cli.demo import weight_mass
+    from shoal.search.run_folder import read_summary
+
+    mass = weight_mass(read_summary(tmp_path / "demo" / "run" / "ps"))
+    assert set(mass) == set(summary["pool"]["winner"])
+    assert all(f"{mass[p]:.2f}" in out for p in mass)
+    code, _, err = run_cli("demo", "--pool", "--space", "dfs", "--out", tmp_path / "dfs", "--zoo", root,
+                           "--zoo-size", "smoke")
+    assert code == 2 and "--pool is a tournament of merges" in err

@@ -6,6 +6,11 @@ class ShoalError(Exception):
     """A problem the user can act on: say what was wrong, where, and how to fix it."""
 
 
+class EveryTrialFailed(ShoalError):
+    """A search stopped, or has nothing to pick, because its trials failed: a whole generation the same way, or
+    every trial."""
+
+
 class ShoalWarning(UserWarning):
     """Something shoal did differently from what the input literally says (e.g. a parameter it ignored); the CLI
     prints it as one line."""

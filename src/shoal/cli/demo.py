@@ -172,8 +172,11 @@ def demo(
     written = write_report(out / "run")
     joint = evaluate(baseline, load_task(target), split="test").score if baseline else None
     Console().print(results_table(summary, joint))
-    if pool:
-        Console().print(weights_table(summary, every.roles))
+    if pool:  # a hybrid's weights are its PS stage's (its best is a layer path)
+        from shoal.search.run_folder import read_summary
+
+        weighted = read_summary(out / "run" / "ps") if space == "hybrid" else summary
+        Console().print(weights_table(weighted, every.roles))
     if vlm:
         console.print("the base and the language parent are text models: each is scored with its language model inside "
                       "the VLM's vision tower and projector", markup=False)

@@ -79,16 +79,23 @@ def load_run(folder: Path, storage: str | None = None) -> Run:
 
 
 def _load_pool(folder: Path, record: RunRecord, storage: str | None) -> Run:
-    """A finished pool tournament: the winning subset's trials with the pool's summary (which records the rounds)."""
+    """A pool tournament: the winning subset's trials with the pool's summary (which records the rounds); while it
+    runs, the trials so far of the subset leading the latest round scored (else of the first subset started; its
+    study is named after it)."""
     summary = _read_summary(folder, record.space)
-    if summary is None or summary.pool is None:
-        done = len(record.rounds or [])
-        subsets = ", ".join(f"{folder}/{s}" for s in record.stages or [])
-        raise ShoalError(f"{folder} is a pool tournament that has not finished ({done} round(s) begun); report one "
-                         f"subset's search instead: {subsets}")
-    winner = load_run(folder / SUBSETS_DIR / "+".join(summary.pool.winner), storage)
-    return Run(folder, winner.storage, winner.study, winner.trials, winner.running, summary, summary.target,
-               summary.method, record.space)
+    if summary is not None and summary.pool is not None:
+        shown = folder / SUBSETS_DIR / "+".join(summary.pool.winner)
+    else:
+        scored = [r.dev for r in record.rounds or [] if any(v is not None for v in r.dev.values())]
+        latest = scored[-1] if scored else {}
+        leader = max(latest, key=lambda s: float("-inf") if latest[s] is None else latest[s]) if latest else None
+        started = [folder / s for s in record.stages or [] if (folder / s / RUN_FILE).is_file()]
+        if leader is None and not started:
+            raise NoTrialsYet(f"pool tournament {folder} has not finished a trial yet; wait for `shoal evolve`")
+        shown = folder / SUBSETS_DIR / leader if leader is not None else started[0]
+    run = load_run(shown, storage)
+    target, method = (summary.target, summary.method) if summary else (record.target, record.method)
+    return Run(folder, run.storage, run.study, run.trials, run.running, summary, target, method, record.space)
 
 
 def load_hybrid(folder: Path) -> HybridRun:

@@ -117,16 +117,9 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
     """Run (or continue) the one-space search of `spec` in run_dir to its budget and pick its best trial; return what
     `finish` makes of that, while the folder is still locked."""
     start = time.perf_counter()
-    tasks = load_tasks(spec)  # before anything is written: a task refused leaves no run folder behind
     own = run_folder.own_journal(spec, run_dir, options.storage)
+    tasks = refusals(spec, options, own)
     parallel = options.workers > 1 or options.ray_address is not None
-    if spec.fitness.mode == "race":
-        from shoal.search.racing import check_raceable
-
-        check_raceable(tasks)
-        if parallel or not own:
-            raise ShoalError("fitness: race scores a generation's candidates together in this process; it cannot be "
-                             "split over --workers or a shared storage (use mode full or subset there)")
     with folder_lock(run_dir) if own else nullcontext():
         earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
@@ -142,6 +135,20 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         # nothing is recorded before here, so a search refused so far leaves the folder as it was
         record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice)
         return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
+
+
+def refusals(spec: SearchSpec, options: SearchOptions, own: bool) -> list[WeightedTask]:
+    """The search's tasks, once what refuses it before anything is written has been checked (a task; race where it
+    cannot run). own: whether the study is the run folder's own journal."""
+    tasks = load_tasks(spec)
+    if spec.fitness.mode == "race":
+        from shoal.search.racing import check_raceable
+
+        check_raceable(tasks)
+        if options.workers > 1 or options.ray_address is not None or not own:
+            raise ShoalError("fitness: race scores a generation's candidates together in this process; it cannot be "
+                             "split over --workers or a shared storage (use mode full or subset there)")
+    return tasks
 
 
 def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space: Space | None, genome: GeneSpace,

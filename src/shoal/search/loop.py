@@ -17,7 +17,7 @@ from typing import Protocol
 import optuna
 from optuna.distributions import FloatDistribution
 
-from shoal.errors import ShoalError
+from shoal.errors import EveryTrialFailed, ShoalError
 from shoal.search.genome import GeneSpace
 from shoal.search.optimizer import Optimizer
 from shoal.search.trials import Evaluation, Job, Outcome, Trial, finished_trial, stored_trials
@@ -232,7 +232,7 @@ def run_trials(
         fresh = [stored[job.index] for job in todo] if shared is None else []
         errors = {t.error for t in fresh}
         if len(fresh) == len(jobs) > 1 and all(t.failed for t in fresh) and len(errors) == 1:
-            raise ShoalError(f"every trial of generation {generation} failed the same way, so the search stops: "
+            raise EveryTrialFailed(f"every trial of generation {generation} failed the same way, so the search stops: "
                              f"{errors.pop()}")
         scored = [t.value for t in (stored[job.index] for job in jobs) if t.value is not None]
         worst = min([worst, *scored])

@@ -60,6 +60,9 @@ class RunRecord(BaseModel):
     rounds: list[PoolRound] | None = None
     """Pool: the tournament's rounds so far, each subset's score written as its search ends (a resumed tournament
     reads a score here rather than load that subset's parents again)."""
+    select: dict[str, Any] | None = None
+    """Pool: the final selection (outside the search hash) the rounds' scores were measured with; another one
+    measures them again."""
 
     def write(self, run_dir: Path) -> None:
         write_json(run_dir / RUN_FILE, self.model_dump(mode="json", exclude_none=True))
@@ -194,7 +197,9 @@ def open_pool(spec: SearchSpec, run_dir: Path, subsets: list[str], notice: Notic
     record = RunRecord(space="ps", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
                        search=spec.model_dump(), stages=subsets,
                        sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
-                       rounds=earlier.rounds if earlier and earlier.rounds else [])
+                       rounds=earlier.rounds if earlier and earlier.rounds and
+                       earlier.select == spec.select.model_dump() else [],
+                       select=spec.select.model_dump())
     record.write(run_dir)
     return record
 

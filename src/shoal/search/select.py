@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shoal.errors import ShoalError
+from shoal.errors import EveryTrialFailed, ShoalError
 from shoal.search.trials import Evaluation, Outcome, Trial
 
 
@@ -30,7 +30,7 @@ def top_trials(trials: list[Trial], top: int) -> list[Trial]:
     """The `top` trials with the highest search fitness, best first (the earliest of equals first)."""
     complete = [t for t in trials if t.value is not None]
     if not complete:
-        raise ShoalError(f"every trial failed; the first (trial {trials[0].index}): {trials[0].error}")
+        raise EveryTrialFailed(f"every trial failed; the first (trial {trials[0].index}): {trials[0].error}")
     return sorted(complete, key=lambda t: (-t.value, t.index))[:top]  # type: ignore[operator]
 
 

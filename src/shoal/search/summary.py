@@ -95,8 +95,9 @@ class PoolRound(_Record):
     (its picked trial on the whole dev split), best first."""
 
     trials: int
-    dev: dict[str, float]
-    """Subset ("math+language") -> score; while the round runs, the subsets done so far."""
+    dev: dict[str, float | None]
+    """Subset ("math+language") -> score (None: every trial of its search failed, so it ranks last); while the
+    round runs, the subsets done so far."""
 
 
 class PoolResult(_Record):

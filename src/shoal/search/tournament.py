@@ -20,10 +20,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.errors import ShoalError
+from shoal.errors import EveryTrialFailed, ShoalError
 from shoal.folder_lock import folder_lock
 from shoal.search import run_folder
-from shoal.search.evolve import Done, Searched, SearchOptions, finished, search_once
+from shoal.search.evolve import Done, Searched, SearchOptions, finished, refusals, search_once
 from shoal.search.loop import Progress
 from shoal.search.spec import PoolSpec, SearchSpec
 from shoal.search.summary import Cost, PoolResult, PoolRound, Summary
@@ -80,14 +80,15 @@ def evolve_pool(spec: SearchSpec, run_dir: Path, options: SearchOptions) -> Summ
     candidates = subsets(spec)
     rounds = schedule(spec.budget, len(candidates), spec.pool)
     own = options.storage is None and spec.storage is None
+    refusals(spec, options, own)  # before the pool's run.json is written, as for one search
     with folder_lock(run_dir) if own else nullcontext():
         record = run_folder.open_pool(spec, run_dir, [f"{run_folder.SUBSETS_DIR}/{name(c)}" for c in candidates],
                                       options.notice)
         tournament = _Tournament(spec, run_dir, options, record, start, {name(c): 0 for c in candidates})
         alive = candidates
         for index, round_ in enumerate(rounds):
-            scores = tournament.play(index, len(rounds), round_.trials, alive)
-            ranked = sorted(alive, key=lambda c: -scores[name(c)])  # a tie keeps the pool's order
+            ranks = tournament.play(index, len(rounds), round_.trials, alive)
+            ranked = sorted(alive, key=lambda c: ranks[name(c)])  # a tie keeps the pool's order
             alive = ranked[:spec.pool.survivors[index] if index < len(rounds) - 1 else 1]
         return tournament.finish(alive[0], rounds[-1].trials)
 
@@ -103,7 +104,8 @@ class _Tournament:
     """Trials each subset's search holds so far (for the overall progress shown)."""
 
     def play(self, index: int, count: int, trials: int, alive: list[tuple[str, ...]]) -> dict[str, float]:
-        """Each subset of the round searched to `trials` trials (or its score read from run.json); its scores."""
+        """Each subset of the round searched to `trials` trials (or its score read from run.json); each one's rank
+        key (lowest best)."""
         assert self.record.rounds is not None
         if index == len(self.record.rounds):
             self.record.rounds.append(PoolRound(trials=trials, dev={}))
@@ -116,12 +118,16 @@ class _Tournament:
             if label not in round_.dev:
                 self.options.on_step(f"pool round {index + 1}/{count}: {label} ({number}/{len(alive)}), "
                                      f"to {trials} trials")
-                round_.dev[label] = self._search(subset, trials, _pick)
-                run_folder.note_session(self.run_dir, self.record, time.perf_counter() - self.start, finished=False)
+                try:
+                    round_.dev[label] = self._search(subset, trials, _pick)
+                except EveryTrialFailed as failed:
+                    self.options.notice(f"pool round {index + 1}: {label}: {failed}; it ranks last")
+                    round_.dev[label] = None
+                self.record.write(self.run_dir)
             self.reached[label] = trials
-        round_.dev = dict(sorted(round_.dev.items(), key=lambda item: -item[1]))
+        round_.dev = dict(sorted(round_.dev.items(), key=lambda item: _rank(item[1])))
         self.record.write(self.run_dir)
-        return round_.dev
+        return {label: _rank(score) for label, score in round_.dev.items()}
 
     def finish(self, winner: tuple[str, ...], trials: int) -> Summary:
         """The winner's pick written to RUN_DIR/best and scored on test beside the whole pool; summary.json."""
@@ -147,16 +153,25 @@ class _Tournament:
         """One subset's search run (or continued) to `trials` trials, its picked trial handed to `finish`."""
         label = name(subset)
         offset = sum(n for other, n in self.reached.items() if other != label)
+        held = self.reached[label]  # its trials replayed up to there are counted already
         on_trial = self.options.on_trial
+        evaluated = 0
 
         def overall(p: Progress) -> None:  # the tournament's progress: every subset's trials against its budget
-            on_trial(Progress(done=offset + p.done, budget=self.spec.budget, best=p.best, evaluated=p.evaluated,
-                              items=p.items, tokens=p.tokens))
+            nonlocal evaluated
+            if p.evaluated > evaluated:  # a trial of this session: the pool's time so far, in case it is killed
+                evaluated = p.evaluated
+                run_folder.note_session(self.run_dir, self.record, time.perf_counter() - self.start, finished=False)
+            on_trial(Progress(done=offset + max(p.done, held), budget=self.spec.budget, best=p.best,
+                              evaluated=p.evaluated, items=p.items, tokens=p.tokens))
 
         options = SearchOptions(self.options.storage, self.options.on_step, overall, self.options.notice,
                                 f"{self.options.study}-{label}", self.options.workers, self.options.ray_address)
         folder = self.run_dir / run_folder.SUBSETS_DIR / label
-        return search_once(subset_spec(self.spec, subset, trials), folder, options, finish)
+        try:
+            return search_once(subset_spec(self.spec, subset, trials), folder, options, finish)
+        finally:  # the pool's session keeps the time of a search that is stopped, as that search's own does
+            run_folder.note_session(self.run_dir, self.record, time.perf_counter() - self.start, finished=False)
 
     def _stored(self, subset: tuple[str, ...], trials: int) -> _Count:
         """What a subset's search spent: its first `trials` stored trials."""
@@ -176,6 +191,11 @@ class _Count:
     failed: int
     items: int
     tokens: int
+
+
+def _rank(score: float | None) -> float:
+    """Sorting key, best first; a subset whose every trial failed last."""
+    return float("inf") if score is None else -score
 
 
 def _pick(searched: Searched) -> float:
