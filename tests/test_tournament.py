@@ -102,6 +102,8 @@ def test_a_tournament_runs_its_rounds_and_scores_only_the_winner_on_test(zoo, tm
                                                                             "language+plain"], 1)
     ] + [f"pool round 2/3: {n} ({i}/2), to 3 trials" for i, n in enumerate(first[:2], 1)] + [
         f"pool round 3/3: {third[0]} (1/1), to 8 trials"]
+    # each search of a round loads its parents once; the last round's one subset is scored on test in the same go
+    assert steps.count("loading parents") == 3 + 2 + 1 and steps[-1] == "scoring on the test split"
     # the report shows the rounds and the winner's trials
     from shoal.report import write_report
 

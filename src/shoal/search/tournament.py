@@ -102,6 +102,9 @@ class _Tournament:
     start: float
     reached: dict[str, int]
     """Trials each subset's search holds so far (for the overall progress shown)."""
+    scored: tuple[str, Summary] | None = None
+    """The winner's summary, when a last round of one subset wrote its pick and scored it on test at once (its
+    search is not opened again, nor its parents loaded a second time)."""
 
     def play(self, index: int, count: int, trials: int, alive: list[tuple[str, ...]]) -> dict[str, float]:
         """Each subset of the round searched to `trials` trials (or its score read from run.json); each one's rank
@@ -118,8 +121,9 @@ class _Tournament:
             if label not in round_.dev:
                 self.options.on_step(f"pool round {index + 1}/{count}: {label} ({number}/{len(alive)}), "
                                      f"to {trials} trials")
+                last = index == count - 1 and len(alive) == 1
                 try:
-                    round_.dev[label] = self._search(subset, trials, _pick)
+                    round_.dev[label] = self._search(subset, trials, self._pick_and_finish if last else _pick)
                 except EveryTrialFailed as failed:
                     self.options.notice(f"pool round {index + 1}: {label}: {failed}; it ranks last")
                     round_.dev[label] = None
@@ -129,11 +133,23 @@ class _Tournament:
         self.record.write(self.run_dir)
         return {label: _rank(score) for label, score in round_.dev.items()}
 
+    def _pick_and_finish(self, searched: Searched) -> float:
+        """The last round's one subset: its pick, written and scored on test at once (see finish)."""
+        label = name(tuple(searched.spec.parents))
+        self.scored = label, self._finished(searched, label)
+        return _pick(searched)
+
+    def _finished(self, searched: Searched, label: str) -> Summary:
+        self.options.on_step(f"pool: {label} wins; its best trial is scored on test beside every parent of the pool")
+        return finished(searched, self.spec, self.run_dir, self.options.on_step)
+
     def finish(self, winner: tuple[str, ...], trials: int) -> Summary:
         """The winner's pick written to RUN_DIR/best and scored on test beside the whole pool; summary.json."""
-        spec, on_step = self.spec, self.options.on_step
-        on_step(f"pool: {name(winner)} wins; its best trial is scored on test beside every parent of the pool")
-        summary = self._search(winner, trials, lambda searched: finished(searched, spec, self.run_dir, on_step))
+        spec = self.spec
+        if self.scored is not None and self.scored[0] == name(winner):
+            summary = self.scored[1]
+        else:  # the last round kept several subsets, or its scores were read from run.json
+            summary = self._search(winner, trials, lambda searched: self._finished(searched, name(winner)))
         wall = run_folder.note_session(self.run_dir, self.record, time.perf_counter() - self.start, finished=True)
         counted = [self._stored(subset, self.reached[name(subset)]) for subset in subsets(spec)]
         assert spec.pool is not None and self.record.rounds is not None
