@@ -453,3 +453,98 @@ def test_on_llavas_only_the_vision_tensors_equal_what_mergekit_0_1_5_writes(meth
     for name in vision:
         assert torch.allclose(ours[name], theirs[name], atol=1e-5, rtol=0), name
     assert any(not torch.equal(ours[n], open_checkpoint(vlm["a"]).tensor(n)) for n in vision)
+
+
+def test_a_linear_merge_of_vlms_takes_their_depth_not_that_of_the_base_it_ignores(llms, vlm_family, tmp_path) -> None:
+    short = make_parents(tmp_path / "short", ("base",), config=tiny_config(num_hidden_layers=2), seed=5)["base"]
+    vlm = vlm_family["llava"]
+    recipe = {"merge_method": "linear", "base_model": str(short), "models": [
+        {"model": str(vlm["a"]), "parameters": {"weight": 0.5}}, {"model": str(vlm["b"]), "parameters": {"weight": 0.5}}]}
+    out = _merge(recipe, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
+    a, b, merged = tensors(vlm["a"]), tensors(vlm["b"]), tensors(out)
+    name = "language_model.model.layers.3.mlp.up_proj.weight"
+    assert torch.allclose(merged[name], 0.5 * a[name] + 0.5 * b[name], atol=1e-6)
+
+
+def test_a_multi_document_rerun_merges_again_an_intermediate_keyed_before_vlms_merged_every_module(
+        vlm_family, tmp_path, monkeypatch) -> None:
+    """multi.FORMAT keys intermediates by how a document merges; one made before VLM-only documents merged every
+    module (format 2, which copied the vision parts) is merged again, not reused."""
+    from shoal.merge import multi
+    from shoal.merge.multi import merge_documents
+    from shoal.recipe_documents import load_documents
+
+    vlm = vlm_family["llava"]
+    inner = {"name": "ab", "merge_method": "task_arithmetic", "base_model": str(vlm["base"]), "models": [
+        {"model": str(vlm["a"]), "parameters": {"weight": 0.7}}, {"model": str(vlm["b"]), "parameters": {"weight": 0.4}}]}
+    outer = {"merge_method": "linear", "models": [{"model": "ab", "parameters": {"weight": 1.0}}]}
+    text = yaml.safe_dump_all([outer, inner], sort_keys=False)
+    docs = load_documents(write_recipe(tmp_path, text))
+    with monkeypatch.context() as old:
+        old.setattr(multi, "FORMAT", 2)
+        merge_documents(docs, tmp_path / "first", tmp_path / "parts", recipe_text=text, notice=print)
+    notices: list[str] = []
+    merge_documents(docs, tmp_path / "again", tmp_path / "parts", recipe_text=text, notice=notices.append)
+    assert any("merged from another version" in n for n in notices), notices
+    assert not any("reused" in n for n in notices), notices
+
+
+def test_vlms_of_other_vision_shapes_are_refused_with_the_way_to_keep_one_vlms_vision_parts(llms, vlm_family,
+                                                                                          tmp_path, monkeypatch) -> None:
+    import vlm_models
+
+    clip = vlm_models.CLIPVisionConfig
+    monkeypatch.setattr(vlm_models, "CLIPVisionConfig", lambda **kw: clip(**(kw | {"hidden_size": 48})))
+    wide = make_llava(tmp_path / "wide", llms["llama"]["b"], noise=0.0, seed=7)
+    vlm = vlm_family["llava"]
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(vlm["base"]), "models": [
+        {"model": str(vlm["a"]), "parameters": {"weight": 0.5}}, {"model": str(wide), "parameters": {"weight": 0.5}}]}
+    with pytest.raises(ShoalError, match="VLMs of other vision shapes .* slices of that VLM alone"):
+        _merge(recipe, tmp_path / "out")
+
+
+def test_evolve_over_vlms_only_exports_the_model_it_scored(vlm_family, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from shoal.search.spaces import ParameterSpace
+
+    vlm = vlm_family["llava"]
+    spec = {"base": str(vlm["base"]), "parents": {"a": str(vlm["a"]), "b": str(vlm["b"])}, "method": "dare_ties",
+            "genome": {"layers_per_group": 2}, "tasks": [{"path": str(_text_task(tmp_path / "task"))}],
+            "budget": 4, "seed": 2, "population": 4}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(spec))
+    search = load_search(tmp_path / "search.yaml")
+    evolve(search, tmp_path / "run")
+    best = tmp_path / "run" / "best"
+    space = ParameterSpace(search)
+    space.merger.apply(parse_recipe((best / "recipe.yaml").read_text()))
+    live = space.merger.model.state_dict()
+    written = AutoModelForImageTextToText.from_pretrained(best).state_dict()
+    assert set(written) == set(live) and all(torch.equal(live[n], t) for n, t in written.items())
+    tower = next(n for n in written if "vision_tower" in n and n.endswith("layers.0.mlp.fc1.weight"))
+    assert not torch.equal(written[tower], AutoModelForImageTextToText.from_pretrained(vlm["base"]).state_dict()[tower])
+    assert "every module" in (best / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava-live", "qwen2_vl-live", "qwen2_5_vl"])
+def test_the_resident_merger_of_vlms_only_matches_shoal_merge_in_every_layout(family, llms, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    qwen = family.startswith("qwen")
+    llm = llms["qwen2" if qwen else "llama"]
+    layout = "live" if family.endswith("-live") else "checkpoint"
+    make = (lambda f, lm, s: make_qwen2_vl(f, lm, noise=0.0, seed=s, layout=layout, v2_5=family == "qwen2_5_vl")) \
+        if qwen else (lambda f, lm, s: make_llava(f, lm, noise=0.0, seed=s, layout=layout, next_=family == "llava_next"))
+    vlm = {n: make(tmp_path / n, llm[n], s) for s, n in enumerate(("base", "a", "b"))}
+    recipe = {"merge_method": "ties", "base_model": str(vlm["base"]), "seed": 3, "models": [
+        {"model": str(vlm["a"]), "parameters": {"weight": [0.3, 0.9], "density": 0.5}},
+        {"model": str(vlm["b"]), "parameters": {"weight": 0.6, "density": 0.7}}]}
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)))
+    merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+    loaded = AutoModelForImageTextToText.from_pretrained(_merge(recipe, tmp_path / "out")).state_dict()
+    live = merger.model.state_dict()
+    assert set(loaded) == set(live) and all(torch.equal(live[n], t) for n, t in loaded.items())
+    base = AutoModelForImageTextToText.from_pretrained(vlm["base"]).state_dict()
+    vision = [n for n in live if "visual" in n or "vision_tower" in n or "projector" in n or "image_newline" in n]
+    assert any(not torch.equal(live[n], base[n]) for n in vision)

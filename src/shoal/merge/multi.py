@@ -17,7 +17,7 @@ from shoal.recipe_documents import Document, with_folders
 
 RECORD = ".shoal-merged-from.json"
 """Written into an intermediate merge's folder once it is complete: what it was merged from, and its files' digests."""
-FORMAT = 2
+FORMAT = 3
 """The version of how an intermediate is keyed: bump it when the same document would merge differently."""
 
 

@@ -116,7 +116,8 @@ def _as_slices(recipe: Recipe, models: list[ModelEntry] | None, slices: list[Sli
         return slices
     assert models is not None
     text = layout.is_language_model(module)
-    reference = (recipe.base_model if text else None) or models[0].model
+    uses_base = recipe.method.base != "ignored"  # a base the method ignores (linear) says nothing of the depth
+    reference = (recipe.base_model if text and uses_base else None) or models[0].model
     n = _depth(parents[reference], module, reference)
     models = list(models)
     if recipe.method.base == "included" and recipe.base_model and all(m.model != recipe.base_model for m in models):
@@ -145,7 +146,8 @@ def _parts(recipe: Recipe, parents: dict[str, Checkpoint]) -> list[_Part]:
         raise ShoalError(
             f"modules: the recipe leaves out {', '.join(missing)} of {what} (its modules: {known}); mergekit 0.1.5 "
             "would write the merge without those tensors, a model that does not load: give every module its models "
-            "or slices (or merge with models: to merge the language model and keep the rest of the VLM)"
+            "or slices (a models: recipe with a text LLM among its models merges the language model and keeps the rest "
+            "of the VLM; one of VLMs only merges every module)"
         )
     parts = []
     for module in names.modules:
@@ -437,10 +439,20 @@ def _every_module(recipe: Recipe, parents: dict[str, Checkpoint]) -> Recipe:
     refs = [entry.model for entry in recipe.models]
     if recipe.method.base != "ignored" and recipe.base_model:
         refs.append(recipe.base_model)
-    vlms = [parents[ref].lm for ref in refs if parents[ref].is_vlm]
-    if len(vlms) < len(refs) or len(vlms[0].modules) < 2:
+    vlms = [parents[ref] for ref in dict.fromkeys(refs) if parents[ref].is_vlm]
+    if len(vlms) < len(dict.fromkeys(refs)) or len(vlms[0].lm.modules) < 2:
         return recipe
-    modules = {module: Module(models=recipe.models) for module in vlms[0].modules}
+    first = vlms[0]
+    for other in vlms[1:]:
+        differ = next((n for n in first.extra_names if n in other.names and first.shape(n) != other.shape(n)), None)
+        if differ is not None:
+            raise ShoalError(
+                f"{first.path.name} and {other.path.name} are VLMs of other vision shapes ({differ}: "
+                f"{tuple(first.shape(differ))} and {tuple(other.shape(differ))}); a models: recipe of VLMs only merges "
+                "every module, as mergekit does. To merge their language models and keep one VLM's vision parts, give "
+                "a modules: recipe whose vision_tower and multi_modal_projector are slices of that VLM alone (with it "
+                "as their base_model if the method uses one)")
+    modules = {module: Module(models=recipe.models) for module in first.lm.modules}
     return recipe.model_copy(update={"models": None, "modules": modules})
 
 
