@@ -459,7 +459,8 @@ def test_a_linear_merge_of_vlms_takes_their_depth_not_that_of_the_base_it_ignore
     short = make_parents(tmp_path / "short", ("base",), config=tiny_config(num_hidden_layers=2), seed=5)["base"]
     vlm = vlm_family["llava"]
     recipe = {"merge_method": "linear", "base_model": str(short), "models": [
-        {"model": str(vlm["a"]), "parameters": {"weight": 0.5}}, {"model": str(vlm["b"]), "parameters": {"weight": 0.5}}]}
+        {"model": str(vlm["a"]), "parameters": {"weight": 0.5}},
+        {"model": str(vlm["b"]), "parameters": {"weight": 0.5}}]}
     out = _merge(recipe, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["text_config"]["num_hidden_layers"] == 4
     a, b, merged = tensors(vlm["a"]), tensors(vlm["b"]), tensors(out)
@@ -477,7 +478,8 @@ def test_a_multi_document_rerun_merges_again_an_intermediate_keyed_before_vlms_m
 
     vlm = vlm_family["llava"]
     inner = {"name": "ab", "merge_method": "task_arithmetic", "base_model": str(vlm["base"]), "models": [
-        {"model": str(vlm["a"]), "parameters": {"weight": 0.7}}, {"model": str(vlm["b"]), "parameters": {"weight": 0.4}}]}
+        {"model": str(vlm["a"]), "parameters": {"weight": 0.7}},
+        {"model": str(vlm["b"]), "parameters": {"weight": 0.4}}]}
     outer = {"merge_method": "linear", "models": [{"model": "ab", "parameters": {"weight": 1.0}}]}
     text = yaml.safe_dump_all([outer, inner], sort_keys=False)
     docs = load_documents(write_recipe(tmp_path, text))
@@ -490,8 +492,8 @@ def test_a_multi_document_rerun_merges_again_an_intermediate_keyed_before_vlms_m
     assert not any("reused" in n for n in notices), notices
 
 
-def test_vlms_of_other_vision_shapes_are_refused_with_the_way_to_keep_one_vlms_vision_parts(llms, vlm_family,
-                                                                                          tmp_path, monkeypatch) -> None:
+def test_vlms_of_other_vision_shapes_are_refused_with_the_way_to_keep_one_vlms_vision_parts(
+        llms, vlm_family, tmp_path, monkeypatch) -> None:
     import vlm_models
 
     clip = vlm_models.CLIPVisionConfig
@@ -535,7 +537,8 @@ def test_the_resident_merger_of_vlms_only_matches_shoal_merge_in_every_layout(fa
     llm = llms["qwen2" if qwen else "llama"]
     layout = "live" if family.endswith("-live") else "checkpoint"
     make = (lambda f, lm, s: make_qwen2_vl(f, lm, noise=0.0, seed=s, layout=layout, v2_5=family == "qwen2_5_vl")) \
-        if qwen else (lambda f, lm, s: make_llava(f, lm, noise=0.0, seed=s, layout=layout, next_=family == "llava_next"))
+        if qwen else (lambda f, lm, s: make_llava(f, lm, noise=0.0, seed=s, layout=layout,
+                                                  next_=family == "llava_next"))
     vlm = {n: make(tmp_path / n, llm[n], s) for s, n in enumerate(("base", "a", "b"))}
     recipe = {"merge_method": "ties", "base_model": str(vlm["base"]), "seed": 3, "models": [
         {"model": str(vlm["a"]), "parameters": {"weight": [0.3, 0.9], "density": 0.5}},
