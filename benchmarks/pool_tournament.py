@@ -40,8 +40,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     folder = args.out / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     search = folder / "search.yaml"
-    search.write_text(yaml.safe_dump(demo_search(pool.parents, pool.base, pool.target, args.budget, seed, "ps",
-                                                 tournament=True), sort_keys=False))
+    spec = demo_search(pool.parents, pool.base, pool.target, args.budget, seed, "ps", tournament=True)
+    spec["pool"]["subset"] = args.subset
+    search.write_text(yaml.safe_dump(spec, sort_keys=False))
     summary = evolve(load_search(search), folder / "run",
                      on_step=lambda step: print(f"seed {seed}: {step}", flush=True))
     assert summary.pool is not None
@@ -55,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 4, 12, 13])
     parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--subset", type=int, default=2, help="parents in each subset (2: pairs, 3: triples)")
     parser.add_argument("--size", default="default", help="zoo size (smoke: a check of this script in seconds)")
     parser.add_argument("--zoo-cache", type=Path, default=Path("runs/zoo-cache"))
     parser.add_argument("--out", type=Path, default=Path("runs/pool-tournament"))
@@ -66,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(1)
     keep = {r["seed"]: r for path in args.against for r in json.loads(path.read_text())["rows"]}
     rows = seed_record.gathered([run_seed(seed, args) for seed in args.seeds], args.merge)
-    print("\n| seed | winner (pair) | tournament (dev) | best parent of five | best untuned of five | keep genes | "
+    print("\n| seed | winner | tournament (dev) | best parent of five | best untuned of five | keep genes | "
           "two-parent | vs best parent | vs best untuned | vs keep genes | vs two-parent |")
     print("|---" * 11 + "|")
     for r in rows:
