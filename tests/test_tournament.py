@@ -158,6 +158,10 @@ def test_a_hybrid_search_runs_the_tournament_as_its_ps_stage_then_dfs_over_the_w
     assert set(summary.parents) == {"base", "math", "language", "plain"}
     dfs = json.loads((tmp_path / "run" / "dfs" / "run.json").read_text())
     assert list(dfs["search"]["parents"]) == ["ps", "math"] and dfs["search"]["pool"] is None
+    from shoal.report import write_report
+
+    combined = write_report(tmp_path / "run")[-1].read_text()
+    assert "## Pool tournament" in combined and f"**{'+'.join(summary.pool.winner)}** won" in combined
     assert dfs["search"]["parents"]["ps"] == str((tmp_path / "run" / "ps" / "best").resolve())
 
 

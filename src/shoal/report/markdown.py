@@ -190,6 +190,8 @@ def render_hybrid_markdown(hybrid: HybridRun, stage_files: Mapping[str, Sequence
         lines += [f"**The hybrid run has not finished** (no summary.json yet): {hybrid_progress(hybrid.stages)}.", ""]
     else:
         lines += _hybrid_test_table(hybrid, s)
+        if s.pool is not None:  # the PS stage was a pool's tournament
+            lines += _tournament(s)
     lines += _stage_table(hybrid, stage_files)
     if s is not None:
         if s.best.path is not None:
