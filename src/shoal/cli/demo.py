@@ -179,7 +179,9 @@ def demo(
         Console().print(weights_table(weighted, every.roles))
     if vlm:
         console.print("the base and the language parent are text models: each is scored with its language model inside "
-                      "the VLM's vision tower and projector", markup=False)
+                      "the VLM's vision tower and projector. Measured on seeds 0-2, the evolved VLM is within a few "
+                      "pictures of its parents here: the zoo's tiny base does not share what it sees across its two "
+                      "languages (a negative result, docs/zoo-vlm.md)", markup=False)
     elif not pool and zoo_size == "default" and space == "ps" and budget == 1000:
         console.print(against_measured(summary, seed), markup=False)
     console.print(f"best model: [bold]{escape(str(out / 'run' / 'best'))}[/]; report: {escape(str(written[0]))}")
