@@ -7,8 +7,10 @@ trial's trim is a comparison (its keep-probabilities a multiply-add). What the p
 again each trial. Each tensor then goes through the same formula as `shoal merge` (`engine.merged_values`), so a
 recipe gives the same weights either way and under every plan, bit for bit.
 
-With a vision-language parent the live model is that VLM (its vision tower and projector as loaded, never
-rewritten); the plan's tensor names are the VLM checkpoint's, mapped to the live model's by `layout.Names`.
+With a vision-language parent the live model is that VLM: its vision tower and projector as loaded and never
+rewritten when a text LLM is among the parents, merged like the rest when every parent is a VLM (the plan says
+which); the plan's tensor names are the VLM checkpoint's, mapped to the live model's by `layout.Names` (and a
+tensor outside the language model by its name under transformers' prefix).
 """
 
 from __future__ import annotations
