@@ -297,7 +297,9 @@ def test_a_module_left_out_is_refused_rather_than_written_without_its_tensors(ru
     recipe = _modules(vlms["qwen2_5_vl"])
     del recipe["modules"]["multi_modal_projector"]
     _refused(run_cli, tmp_path, recipe, "leaves out multi_modal_projector of a qwen2_5_vl model",
-             "mergekit 0.1.5 would write the merge without those tensors")
+             "mergekit 0.1.5 would write the merge without those tensors",
+             "with a text LLM among its models merges the language model and keeps the rest",
+             "one of VLMs only merges every module")
 
 
 def test_a_text_only_model_in_a_vision_module_is_refused(run_cli, llms, vlms, tmp_path) -> None:
