@@ -17,7 +17,7 @@ import itertools
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shoal.errors import EveryTrialFailed, ShoalError
@@ -181,8 +181,7 @@ class _Tournament:
             on_trial(Progress(done=offset + max(p.done, held), budget=self.spec.budget, best=p.best,
                               evaluated=p.evaluated, items=p.items, tokens=p.tokens))
 
-        options = SearchOptions(self.options.storage, self.options.on_step, overall, self.options.notice,
-                                f"{self.options.study}-{label}", self.options.workers, self.options.ray_address)
+        options = replace(self.options, on_trial=overall, study=f"{self.options.study}-{label}")
         folder = self.run_dir / run_folder.SUBSETS_DIR / label
         try:
             return search_once(subset_spec(self.spec, subset, trials), folder, options, finish)
