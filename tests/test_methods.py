@@ -63,6 +63,30 @@ def test_dare_mask_is_bernoulli_with_the_given_keep_rate_and_reproducible():
     assert abs(m1.float().mean().item() - 0.3) < 0.005
 
 
+def test_dare_mask_in_chunks_is_one_draw_of_the_whole_tensor(monkeypatch):
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    delta = torch.ones(37, 101)  # 3,737 entries: three chunks and a short one
+    mask = methods.random_mask(delta, 0.4, torch.Generator().manual_seed(5))
+    assert torch.equal(mask, torch.rand(37, 101, generator=torch.Generator().manual_seed(5)) < 0.4)
+
+
+def test_only_a_cpu_tensor_beyond_one_chunk_is_merged_in_chunks():
+    assert methods.in_chunks(torch.empty(methods.CHUNK + 1))
+    assert not methods.in_chunks(torch.empty(methods.CHUNK))
+    assert not methods.in_chunks(torch.empty(methods.CHUNK + 1, device="meta"))  # any other device: whole steps
+
+
+def test_a_dropped_vector_formed_in_pieces_is_the_rescaled_product():
+    delta = torch.randn(3000, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(3000, generator=torch.Generator().manual_seed(2)) < 0.3
+    dropped = methods.drop(delta, mask, rescale=True)
+    whole = delta * mask
+    assert torch.equal(dropped.part(), whole * (delta.abs().sum() / whole.abs().sum()))
+    assert torch.equal(torch.cat([dropped.part(slice(s, s + 1000)) for s in (0, 1000, 2000)]), dropped.part())
+    assert methods.drop(delta, mask, rescale=False).scale is None
+    assert methods.drop(torch.zeros(4), torch.ones(4, dtype=torch.bool), rescale=True).scale is None  # |τ| < 1e-7
+
+
 def test_rescale_keeps_the_l1_norm():
     delta = t(1.0, -2.0, 3.0, -4.0)
     mask = torch.tensor([True, False, True, False])

@@ -109,10 +109,10 @@ def merge_into(
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
     wider than the output's dtype, as a live model's parameter may be). An elementwise method (linear, task
-    arithmetic) runs methods.CHUNK elements at a time, with the same values bit for bit."""
+    arithmetic) runs methods.CHUNK elements at a time on a CPU (methods.in_chunks), with the same values bit for bit."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
-    if not (method.elementwise and first.is_floating_point() and out.numel() > methods.CHUNK):
+    if not (method.elementwise and first.is_floating_point() and methods.in_chunks(first)):
         out.copy_(_rounded(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks), job))
         return
     flat_base = base.reshape(-1) if base is not None else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -140,11 +141,19 @@ def mask_from_ranks(ranks: Tensor, density: float) -> Tensor:
 
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """Boolean Bernoulli(density) mask drawn from a seeded generator (DARE's drop step)."""
+    """Boolean Bernoulli(density) mask drawn from a seeded generator (DARE's drop step): uniform float32 draws below
+    density. On a CPU they are drawn CHUNK at a time (torch draws them in order, so the values are those of one
+    draw of the whole tensor) and no float32 tensor of delta's size is made."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
-    noise = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    return noise < density
+    if not in_chunks(delta):
+        return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
+    mask = torch.empty(delta.shape, dtype=torch.bool)
+    flat = mask.view(-1)
+    for piece in chunks(flat.numel()):
+        part = flat[piece]
+        part.copy_(torch.rand(part.numel(), generator=generator, dtype=torch.float32) < density)
+    return mask
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -207,16 +216,41 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return (largest_beyond(bottom) & ~largest_beyond(bottom + keep)).reshape(delta.shape)
 
 
-def apply_mask(delta: Tensor, mask: Tensor, *, rescale: bool) -> Tensor:
-    """Zero the dropped entries; with rescale, scale the rest so the L1 norm is unchanged (mergekit's rule)."""
-    masked = delta * mask
+@dataclass(frozen=True)
+class Dropped:
+    """A task vector after a drop step, kept as the vector, its keep mask and its rescale factor: the dropped vector
+    (delta · mask · scale) is formed where it is used, a CHUNK of entries at a time, never written out whole."""
+
+    delta: Tensor
+    mask: Tensor
+    scale: Tensor | None = None
+    """The L1 rescale's |delta|_1 / |delta · mask|_1 (a 0-dim tensor); None: not rescaled."""
+
+    def part(self, piece: slice | None = None) -> Tensor:
+        """The dropped vector, or the piece of its flattened entries."""
+        delta, mask = (self.delta, self.mask) if piece is None else \
+            (self.delta.reshape(-1)[piece], self.mask.reshape(-1)[piece])
+        dropped = delta * mask
+        return dropped if self.scale is None else dropped.mul_(self.scale)
+
+
+def drop(delta: Tensor, mask: Tensor, *, rescale: bool) -> Dropped:
+    """Zero the dropped entries; with rescale, scale the rest so the L1 norm is unchanged (mergekit's rule: not
+    when either norm is below 1e-7). |delta| · mask has the values of |delta · mask|, so one temporary serves
+    both norms."""
     if not rescale:
-        return masked
-    before = delta.abs().sum()
-    after = masked.abs().sum()
+        return Dropped(delta, mask)
+    magnitude = delta.abs()
+    before = magnitude.sum()
+    after = magnitude.mul_(mask).sum()
     if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked.mul_(before / after)
+        return Dropped(delta, mask)
+    return Dropped(delta, mask, before / after)
+
+
+def apply_mask(delta: Tensor, mask: Tensor, *, rescale: bool) -> Tensor:
+    """The dropped vector of drop(), whole."""
+    return drop(delta, mask, rescale=rescale).part()
 
 
 def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tensor:
@@ -227,8 +261,15 @@ def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tens
 
 
 CHUNK = 1 << 18
-"""Entries per chunk of an elementwise computation: its float32 values (1 MiB) stay in cache through every step,
-so each input is read and the output written once, instead of once per step."""
+"""Entries per chunk of an elementwise computation on a CPU: its float32 values (1 MiB) stay in cache through every
+step, so each input is read and the output written once, instead of once per step."""
+
+
+def in_chunks(tensor: Tensor) -> bool:
+    """Whether an elementwise computation over tensor runs CHUNK entries at a time: on a CPU, beyond one chunk. A GPU
+    takes each step over the whole tensor: it has no cache a chunk would stay in, and a chunk's every step would
+    be a kernel launch (tens of thousands per 7B merge)."""
+    return tensor.device.type == "cpu" and tensor.numel() > CHUNK
 
 
 def chunks(numel: int) -> Iterator[slice]:
@@ -236,9 +277,15 @@ def chunks(numel: int) -> Iterator[slice]:
     return (slice(start, start + CHUNK) for start in range(0, numel, CHUNK))
 
 
+def _part(delta: Tensor | Dropped, piece: slice | None) -> Tensor:
+    if isinstance(delta, Dropped):
+        return delta.part(piece)
+    return delta if piece is None else delta.reshape(-1)[piece]
+
+
 def combine_task_vectors(
     base: Tensor,
-    deltas: Sequence[Tensor],
+    deltas: Sequence[Tensor | Dropped],
     weights: Sequence[float],
     *,
     consensus: bool,
@@ -252,15 +299,16 @@ def combine_task_vectors(
     With normalize the sum is divided by the sum of the weights that contributed (per entry under consensus).
     elect_dtype, if given, is the precision of the sign election (mergekit elects in the recipe's dtype;
     in bfloat16 that decides the sign of entries whose weighted sum is near zero).
-    Every step is elementwise, so it runs CHUNK entries at a time (the same values, bit for bit).
+    Every step is elementwise, so on a CPU it runs CHUNK entries at a time (the same values, bit for bit), a Dropped
+    task vector formed chunk by chunk.
     """
     settings = dict(consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect_dtype)
-    if base.numel() <= CHUNK:
-        return _combine(base, deltas, weights, **settings)
+    if not in_chunks(base):
+        return _combine(base, [_part(d, None) for d in deltas], weights, **settings)
     out = torch.empty_like(base)
-    flat_out, flat_base, flat_deltas = out.view(-1), base.reshape(-1), [d.reshape(-1) for d in deltas]
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
     for piece in chunks(flat_out.numel()):
-        flat_out[piece] = _combine(flat_base[piece], [d[piece] for d in flat_deltas], weights, **settings)
+        flat_out[piece] = _combine(flat_base[piece], [_part(d, piece) for d in deltas], weights, **settings)
     return out
 
 

@@ -114,7 +114,7 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
                 mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
             else:
                 mask = None
-            deltas.append(delta if mask is None else methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
+            deltas.append(delta if mask is None else methods.drop(delta, mask, rescale=call.shared["rescale"]))
         return methods.combine_task_vectors(
             base,
             deltas,
