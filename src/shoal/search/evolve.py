@@ -30,7 +30,7 @@ from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
-from shoal.search.trials import STUDY_NAME, Trial, open_study, stored_trials
+from shoal.search.trials import STUDY_NAME, Trial, first_trials, open_study
 
 
 OnStep = Callable[[str], None]
@@ -204,7 +204,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
             shared.close()
         evaluator.close()
         run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
-    trials = sorted(stored_trials(study).values(), key=lambda t: t.index)[:within_budget]
+    trials = first_trials(study, within_budget)
     space = space or make_space(spec)
     selection = _select(spec, space, tasks, trials, fitness, options.on_step)
     return Searched(spec, run_dir, record, space, tasks, trials, selection, optimizer.population, start)

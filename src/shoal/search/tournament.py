@@ -27,7 +27,7 @@ from shoal.search.evolve import Done, Searched, SearchOptions, finished, refusal
 from shoal.search.loop import Progress
 from shoal.search.spec import PoolSpec, SearchSpec
 from shoal.search.summary import Cost, PoolResult, PoolRound, Summary
-from shoal.search.trials import open_study, stored_trials
+from shoal.search.trials import first_trials, open_study
 
 @dataclass(frozen=True)
 class Round:
@@ -194,8 +194,7 @@ class _Tournament:
         record = run_folder.read_run(folder)
         assert record.storage is not None and record.study is not None
         spec = subset_spec(self.spec, subset, trials)
-        stored = sorted(stored_trials(open_study(record.storage, spec.search_hash(), record.study)).values(),
-                        key=lambda t: t.index)[:trials]
+        stored = first_trials(open_study(record.storage, spec.search_hash(), record.study), trials)
         return _Count(len(stored), sum(t.failed for t in stored), sum(t.items for t in stored),
                       sum(t.tokens for t in stored))
 

@@ -143,6 +143,11 @@ def stored_trials(study: optuna.Study) -> dict[int, Trial]:
     return finished_trials(study.get_trials(deepcopy=False))
 
 
+def first_trials(study: optuna.Study, count: int) -> list[Trial]:
+    """The study's finished trials in the search's order, the first `count` (those within its budget)."""
+    return sorted(stored_trials(study).values(), key=lambda t: t.index)[:count]
+
+
 def running_trials(study: optuna.Study) -> int:
     """Trials claimed or started and not finished yet."""
     going = (TrialState.RUNNING, TrialState.WAITING)
