@@ -1,6 +1,6 @@
 """Wall time and peak RSS of `shoal merge` vs `mergekit-yaml` on three ~0.5B random parents, plus the I/O floor.
 
-    python benchmarks/merge_speed.py [--size 0.5b|small] [--repeats 3] [--work /tmp/shoal-bench]
+    python benchmarks/merge_speed.py [--size 0.5b|50m|small] [--repeats 3] [--work /tmp/shoal-bench]
 
 Each command runs as its own process (so start-up counts for every tool alike), alternating tools on each
 repeat after one warm-up read that puts the parents in the page cache. The floor is a process that reads
@@ -25,6 +25,8 @@ import yaml
 SIZES = {
     # ~0.55B parameters: 16 layers of hidden 1536 / MLP 4096, vocabulary 32000, untied head; bf16 = 1.1 GB
     "0.5b": dict(vocab_size=32000, hidden_size=1536, num_hidden_layers=16, intermediate_size=4096),
+    # ~53M parameters: 6 layers of hidden 512 / MLP 1536, vocabulary 32000, untied head; bf16 = 106 MB
+    "50m": dict(vocab_size=32000, hidden_size=512, num_hidden_layers=6, intermediate_size=1536),
     "small": dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, intermediate_size=512),
 }
 METHODS = {
