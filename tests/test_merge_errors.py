@@ -119,6 +119,18 @@ def test_the_command_starts_without_loading_torch_or_transformers():
     assert proc.stdout.strip() == "[]"
 
 
+def test_a_merge_without_tokenizer_settings_never_loads_transformers(parents, tmp_path):
+    # transformers takes most of a second to import (BENCHMARKS.md: a linear merge of 0.55B parents, with and without)
+    path = write_recipe(tmp_path, linear(parents["a"], parents["b"]))
+    code = ("import sys; from shoal.cli import main; sys.argv = ['shoal', 'merge', sys.argv[1], sys.argv[2]]\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+            "print('transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert (tmp_path / "out" / "config.json").exists()
+
+
 def test_a_corrupt_safetensors_file(run_cli, parents, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(parents["b"], broken)

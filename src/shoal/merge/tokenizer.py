@@ -5,16 +5,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from shoal import layout
 from shoal.checkpoint.reader import Checkpoint, resolve_model
 from shoal.errors import ShoalError
 from shoal.merge.vocab import TokenSource, Vocabulary
 from shoal.recipe import ModelToken, Recipe, TokenizerSection, ZeroToken
+
+if TYPE_CHECKING:  # transformers takes most of a second to import: only a recipe with tokenizer settings needs it
+    from transformers import PreTrainedTokenizerBase
+
+
+def _auto_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 @dataclass
@@ -27,7 +36,7 @@ class OutputTokenizer:
 
 def load_tokenizer(path: Path, what: str) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return _auto_tokenizer(path)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ShoalError(f"{what}: no tokenizer could be loaded from {path} ({first}); tokenizer_source needs "
@@ -40,7 +49,7 @@ def chat_templates(parents: dict[str, Checkpoint]) -> list[str | None]:
     found: list[str | None] = []
     for parent in parents.values():
         try:
-            template = AutoTokenizer.from_pretrained(str(parent.path)).chat_template
+            template = _auto_tokenizer(parent.path).chat_template
         except (OSError, ValueError, TypeError, KeyError):
             template = None
         found.append(template.get("default") if isinstance(template, dict) else template)
@@ -82,7 +91,7 @@ def _union(base: Path, tokenizers: dict[str, PreTrainedTokenizerBase], rows: dic
     """The base's tokenizer plus every token a parent has within its rows: its plain tokens first, then its added
     (special) tokens with their settings (the first parent's where two differ), each group in recipe order and by
     id. mergekit adds the plain ones in hash order; this order is the same every run."""
-    out = AutoTokenizer.from_pretrained(str(base))
+    out = _auto_tokenizer(base)
     known = set(out.get_vocab())
     plain: list[str] = []
     added = {}
