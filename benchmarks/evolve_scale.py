@@ -1,6 +1,6 @@
 """`shoal evolve`'s trial at real sizes: merge / wait / eval seconds and peak RSS under each memory plan, against
-merging each candidate to disk with mergekit and reloading it; then device memory and merge time projected to 7B
-and 8B parents.
+merging each candidate to disk with mergekit and reloading it; then device memory and the merge's least time
+projected to 7B and 8B parents.
 
     python benchmarks/evolve_scale.py [--size 0.5b|50m|small] [--trials 4] [--methods dare_ties,ties]
                                       [--work /tmp/shoal-bench]
@@ -11,17 +11,20 @@ peak RSS is its own: the PS search's ParameterSpace loads the parents as the pla
 scores the first `--trials` candidates of a CMA-ES generation, the next merged into the second live model while
 this one is scored (overlap, the search's default; 1 torch thread each). Per trial: the merge's own seconds, the
 seconds the trial waited for it (a generation's first trial waits for all of its merge; the median is over the
-others), the evaluation's. A plan needing more bytes (merge/memory.py, from the headers) than the memory
-available now is skipped, and says so; `host` is not measured (on a CPU it is the device plan). The peer, in its own process: mergekit 0.1.5's run_merge of the same
+others; "trial" is the median of wait + eval over those), the evaluation's. A plan needing more bytes
+(merge/memory.py, from the headers) than 90 % of the memory available now is skipped, and says so; `host` is not
+measured (on a CPU it is the device plan). The peer, in its own process: mergekit 0.1.5's run_merge of the same
 candidates into a temporary folder, from_pretrained, the same evaluation (evolve_speed.mergekit_trial), with
---peer-threads torch threads (default 2: every core, as shoal's overlap uses both).
+--peer-threads torch threads (default 2: every core, as shoal's overlap uses both); its merge and reload are
+printed apart too.
 
 The floor of a trial's merge is the bytes it must move at least (its inputs as the plan keeps them read once, its
 output written once), over this CPU's one-thread copy bandwidth measured in the same run; the measured merge over
 that floor says how far the code is from moving bytes alone here. The projection to three and two 7B (Llama-2) and
 8B (Llama-3) bf16 parents takes each plan's bytes from shapes alone: device memory, and the merge's floor on a
-24 GB-class GPU (--gpu-bandwidth, default 1008 GB/s: an RTX 4090; inputs kept on the host or streamed cross
---link-bandwidth, default 25 GB/s: PCIe 4.0 x16). No GPU was measured: the floor is a lower bound.
+24 GB-class GPU: the larger of its device bytes at --gpu-bandwidth (default 1008 GB/s: an RTX 4090) and what
+crosses to the device at --link-bandwidth (default 25 GB/s: PCIe 4.0 x16 in practice), which overlap (the next
+tensor is moved while this one merges). No GPU was measured: a lower bound at those rates.
 """
 
 from __future__ import annotations
@@ -231,6 +234,10 @@ def main() -> None:
     parser.add_argument("--project-only", action="store_true", help="print the projection alone (no measurement)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args()
+    if args.trials < 2:
+        parser.error("--trials must be at least 2 (the first trial of a generation waits for all of its merge)")
+    if not set(args.methods.split(",")) <= {"dare_ties", "ties"}:
+        parser.error("--methods: dare_ties and ties (the projection models no other method's ranks)")
     if args.child:
         kind, task = args.child[0], json.loads(args.child[1])
         if kind == "shoal":
@@ -278,18 +285,21 @@ def measure(args: argparse.Namespace, methods: list[str]) -> None:
             merge = statistics.median(x["merge"] for x in rows)
             wait = statistics.median(x["wait"] for x in rows[1:])
             evaluation = statistics.median(x["eval"] for x in rows)
+            trial = statistics.median(x["wait"] + x["eval"] for x in rows[1:])
             floor = trial_traffic(sizes, plan, on_cpu=True).device / bandwidth
             merges[name] = merge
             print(f"{method:<10} {'shoal, ' + name:<36} {r['load']:6.1f} {merge:7.2f} {wait:6.2f} {evaluation:6.2f} "
-                  f"{wait + evaluation:7.2f} {format_bytes(r['rss']):>9} {r['rss'] / parent_bytes:8.1f} "
+                  f"{trial:7.2f} {format_bytes(r['rss']):>9} {r['rss'] / parent_bytes:8.1f} "
                   f"{floor:7.2f} {merge / floor:11.1f}", flush=True)
         r = run_child("mergekit", {"parents": parents, "task": task, "method": method, "trials": args.trials,
                                    "threads": args.peer_threads})
         rows = r["rows"]
         merge = statistics.median(x["merge"] + x["load"] for x in rows)
         evaluation = statistics.median(x["eval"] for x in rows)
+        written, reloaded = (statistics.median(x[k] for x in rows) for k in ("merge", "load"))
         print(f"{method:<10} {'mergekit to disk + reload':<36} {'':>6} {merge:7.2f} {merge:6.2f} {evaluation:6.2f} "
               f"{merge + evaluation:7.2f} {format_bytes(r['rss']):>9} {r['rss'] / parent_bytes:8.1f}", flush=True)
+        print(f"{method:<10}   mergekit's merge to disk {written:.2f} s, reload {reloaded:.2f} s (medians)")
         for name, seconds in merges.items():
             print(f"{method:<10}   merge + reload / shoal's merge ({name}): {merge / seconds:.1f}x")
 
@@ -307,7 +317,7 @@ def project(methods: list[str], gpu_bandwidth: float, link_bandwidth: float) -> 
                 for name, plan in PLANS.items():
                     one, two = (memory_need(sizes, MemoryPlan(**plan), slots=s, on_cpu=False) for s in (1, 2))
                     traffic = trial_traffic(sizes, plan, on_cpu=False)
-                    floor = traffic.device / gpu_bandwidth + traffic.link / link_bandwidth
+                    floor = max(traffic.device / gpu_bandwidth, traffic.link / link_bandwidth)
                     host = f" (+{format_bytes(one.host)} host)" if one.host else ""
                     print(f"{count} x {shape} {method:<10} {name:<28} {format_bytes(one.device):>8} | "
                           f"{format_bytes(two.device):>8}{host:<16} merge floor {floor:6.2f} s "

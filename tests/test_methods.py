@@ -70,10 +70,12 @@ def test_dare_mask_in_chunks_is_one_draw_of_the_whole_tensor(monkeypatch):
     assert torch.equal(mask, torch.rand(37, 101, generator=torch.Generator().manual_seed(5)) < 0.4)
 
 
-def test_only_a_cpu_tensor_beyond_one_chunk_is_merged_in_chunks():
+def test_a_tensor_beyond_one_chunk_of_its_device_is_merged_in_chunks():
     assert methods.in_chunks(torch.empty(methods.CHUNK + 1))
     assert not methods.in_chunks(torch.empty(methods.CHUNK))
-    assert not methods.in_chunks(torch.empty(methods.CHUNK + 1, device="meta"))  # any other device: whole steps
+    assert methods.chunk_size(torch.empty(1, device="meta")) == methods.DEVICE_CHUNK > methods.CHUNK  # not a CPU
+    assert not methods.in_chunks(torch.empty(methods.CHUNK + 1, device="meta"))
+    assert methods.in_chunks(torch.empty(methods.DEVICE_CHUNK + 1, device="meta"))
 
 
 def test_a_dropped_vector_formed_in_pieces_is_the_rescaled_product():

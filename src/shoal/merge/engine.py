@@ -109,7 +109,7 @@ def merge_into(
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
     wider than the output's dtype, as a live model's parameter may be). An elementwise method (linear, task
-    arithmetic) runs methods.CHUNK elements at a time on a CPU (methods.in_chunks), with the same values bit for bit."""
+    arithmetic) runs a chunk at a time (methods.chunk_size), with the same values bit for bit."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
     if not (method.elementwise and first.is_floating_point() and methods.in_chunks(first)):
@@ -119,7 +119,7 @@ def merge_into(
     flat_tensors = [t.reshape(-1) for t in tensors]
     flat_deltas = None if deltas is None else [d.reshape(-1) for d in deltas]
     flat_out = out.view(-1)
-    for piece in methods.chunks(flat_out.numel()):
+    for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first)):
         values = merged_values(
             job, method_name, None if flat_base is None else flat_base[piece], [t[piece] for t in flat_tensors],
             scratch, deltas=None if flat_deltas is None else [d[piece] for d in flat_deltas],

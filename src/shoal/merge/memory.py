@@ -23,9 +23,13 @@ from shoal.merge.registry import MergeMethod
 Placement = Literal["device", "host", "stream"]
 
 ARITHMETIC_COPIES_TASK_VECTORS = (2, 6)
-"""A task-vector merge of one tensor holds about 2 n + 6 compute-dtype temporaries of its size at once (n task
-vectors as formed and as masked; the sum, the sign votes, the elected signs, the divisor, a weighted vector and its
-agreement mask): an upper estimate, from the code of registry._task_vector_merge and methods.combine_task_vectors."""
+"""A task-vector merge of a tensor taken in chunks (methods.in_chunks) holds at most about 2 n + 6 compute-dtype
+temporaries of its size at once (n task vectors as formed, their masks, the rescale's magnitudes): an upper
+estimate, from the code of registry._task_vector_merge and methods.combine_task_vectors, checked against peak
+resident memory (VmHWM) for TIES, DARE-TIES, DARE-linear, DELLA and breadcrumbs over 2-4 parents: 5.4-12.4."""
+ARITHMETIC_COPIES_TASK_VECTORS_WHOLE = (3, 8)
+"""The same for a tensor taken in one piece, where the dropped vectors, the sum, the sign votes, the elected signs,
+the divisor, a weighted vector and its agreement mask are whole too: 3 n + 8 (measured 5.3-16.4 over the same)."""
 ARITHMETIC_COPIES_OTHER = (1, 2)
 """Any other method: about n + 2 (its inputs widened, the result and one temporary)."""
 
@@ -155,7 +159,9 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             tensor_ranks = t.numel * t.rank * len(t.inputs) if plan.ranks == "stored" else 0
         kept += tensor_kept
         ranks += tensor_ranks
-        per, extra = ARITHMETIC_COPIES_TASK_VECTORS if t.task_vectors else ARITHMETIC_COPIES_OTHER
+        whole = t.numel <= (methods.CHUNK if on_cpu else methods.DEVICE_CHUNK)  # methods.in_chunks
+        per, extra = ARITHMETIC_COPIES_OTHER if not t.task_vectors else \
+            ARITHMETIC_COPIES_TASK_VECTORS_WHOLE if whole else ARITHMETIC_COPIES_TASK_VECTORS
         arithmetic = t.numel * t.compute * (per * len(t.inputs) + extra)
         if plan.inputs == "stream":  # the next tensor is read while this one is merged
             moved = 2 * parents

@@ -142,17 +142,18 @@ def mask_from_ranks(ranks: Tensor, density: float) -> Tensor:
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
     """Boolean Bernoulli(density) mask drawn from a seeded generator (DARE's drop step): uniform float32 draws below
-    density. On a CPU they are drawn CHUNK at a time (torch draws them in order, so the values are those of one
-    draw of the whole tensor) and no float32 tensor of delta's size is made."""
+    density, a chunk at a time (chunk_size), so no float32 tensor of delta's size is made. On a CPU torch draws
+    them in order: the values are those of one draw of the whole tensor."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     if not in_chunks(delta):
         return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
-    mask = torch.empty(delta.shape, dtype=torch.bool)
+    mask = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
     flat = mask.view(-1)
-    for piece in chunks(flat.numel()):
+    for piece in chunks(flat.numel(), chunk_size(delta)):
         part = flat[piece]
-        part.copy_(torch.rand(part.numel(), generator=generator, dtype=torch.float32) < density)
+        torch.lt(torch.rand(part.numel(), generator=generator, device=delta.device, dtype=torch.float32), density,
+                 out=part)
     return mask
 
 
@@ -263,18 +264,25 @@ def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tens
 CHUNK = 1 << 18
 """Entries per chunk of an elementwise computation on a CPU: its float32 values (1 MiB) stay in cache through every
 step, so each input is read and the output written once, instead of once per step."""
+DEVICE_CHUNK = 1 << 24
+"""Entries per chunk on a GPU: no cache holds a chunk there, but chunks bound the temporaries of a large tensor (a
+128k-token embedding has 525M entries) at a few hundred kernel launches per 7B merge, where CHUNK would take tens
+of thousands."""
+
+
+def chunk_size(tensor: Tensor) -> int:
+    """Entries per chunk of an elementwise computation over tensor, on its device."""
+    return CHUNK if tensor.device.type == "cpu" else DEVICE_CHUNK
 
 
 def in_chunks(tensor: Tensor) -> bool:
-    """Whether an elementwise computation over tensor runs CHUNK entries at a time: on a CPU, beyond one chunk. A GPU
-    takes each step over the whole tensor: it has no cache a chunk would stay in, and a chunk's every step would
-    be a kernel launch (tens of thousands per 7B merge)."""
-    return tensor.device.type == "cpu" and tensor.numel() > CHUNK
+    """Whether an elementwise computation over tensor runs in chunks: when it has more than one chunk's entries."""
+    return tensor.numel() > chunk_size(tensor)
 
 
-def chunks(numel: int) -> Iterator[slice]:
-    """The CHUNK-sized pieces of a flattened tensor of numel entries, in order (the last may be shorter)."""
-    return (slice(start, start + CHUNK) for start in range(0, numel, CHUNK))
+def chunks(numel: int, size: int = CHUNK) -> Iterator[slice]:
+    """The pieces of `size` entries of a flattened tensor of numel entries, in order (the last may be shorter)."""
+    return (slice(start, start + size) for start in range(0, numel, size))
 
 
 def _part(delta: Tensor | Dropped, piece: slice | None) -> Tensor:
@@ -299,7 +307,7 @@ def combine_task_vectors(
     With normalize the sum is divided by the sum of the weights that contributed (per entry under consensus).
     elect_dtype, if given, is the precision of the sign election (mergekit elects in the recipe's dtype;
     in bfloat16 that decides the sign of entries whose weighted sum is near zero).
-    Every step is elementwise, so on a CPU it runs CHUNK entries at a time (the same values, bit for bit), a Dropped
+    Every step is elementwise, so it runs a chunk at a time (chunk_size; the same values, bit for bit), a Dropped
     task vector formed chunk by chunk.
     """
     settings = dict(consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect_dtype)
@@ -307,7 +315,7 @@ def combine_task_vectors(
         return _combine(base, [_part(d, None) for d in deltas], weights, **settings)
     out = torch.empty_like(base)
     flat_out, flat_base = out.view(-1), base.reshape(-1)
-    for piece in chunks(flat_out.numel()):
+    for piece in chunks(flat_out.numel(), chunk_size(base)):
         flat_out[piece] = _combine(flat_base[piece], [_part(d, piece) for d in deltas], weights, **settings)
     return out
 

@@ -114,7 +114,12 @@ def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCa
                 mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
             else:
                 mask = None
-            deltas.append(delta if mask is None else methods.drop(delta, mask, rescale=call.shared["rescale"]))
+            if mask is None:
+                deltas.append(delta)
+            elif methods.in_chunks(base):  # formed a chunk at a time where combined
+                deltas.append(methods.drop(delta, mask, rescale=call.shared["rescale"]))
+            else:  # one piece: the dropped vector alone is kept, so a task vector formed here is freed
+                deltas.append(methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
         return methods.combine_task_vectors(
             base,
             deltas,
