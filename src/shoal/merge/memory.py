@@ -26,7 +26,8 @@ ARITHMETIC_COPIES_TASK_VECTORS = (2, 6)
 """A task-vector merge of a tensor taken in chunks (methods.in_chunks) holds at most about 2 n + 6 compute-dtype
 temporaries of its size at once (n task vectors as formed, their masks, the rescale's magnitudes): an upper
 estimate, from the code of registry._task_vector_merge and methods.combine_task_vectors, checked against peak
-resident memory (VmHWM) for TIES, DARE-TIES, DARE-linear, DELLA and breadcrumbs over 2-4 parents: 5.4-12.4."""
+resident memory for TIES, DARE-TIES, DARE-linear, DELLA and breadcrumbs over 2-4 parents (benchmarks/merge_peak.py:
+5.4-12.4)."""
 ARITHMETIC_COPIES_TASK_VECTORS_WHOLE = (3, 8)
 """The same for a tensor taken in one piece, where the dropped vectors, the sum, the sign votes, the elected signs,
 the divisor, a weighted vector and its agreement mask are whole too: 3 n + 8 (measured 5.3-16.4 over the same)."""

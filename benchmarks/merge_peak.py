@@ -1,0 +1,80 @@
+"""Peak memory of one task-vector merge against what merge/memory.py counts for it.
+
+    python benchmarks/merge_peak.py [--entries 10000000] [--parents 2,3,4]
+
+For each method and parent count, one merge of a tensor of --entries bf16 entries (a base and parents = base +
+noise), run in its own process twice: in chunks, as a CPU merges a tensor this large, and in one piece (chunking
+switched off, as a tensor within one chunk of its device is merged). Prints the rise of the process's peak resident
+set (VmHWM, after resetting it) over its resident set before the merge, in float32 tensors of the merge's size,
+beside memory.py's count of temporaries for the same case (ARITHMETIC_COPIES_TASK_VECTORS in chunks,
+..._WHOLE in one piece).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+METHODS = ("ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties")
+
+
+def status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def one(method: str, count: int, whole: bool, entries: int) -> float:
+    """In this process: the peak's rise during one merge, in float32 tensors of `entries`."""
+    import torch
+
+    from shoal.merge import methods
+    from shoal.merge.registry import METHODS as REGISTRY, MergeCall
+
+    torch.set_num_threads(1)
+    if whole:
+        methods.in_chunks = lambda tensor: False
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(entries, generator=g).to(torch.bfloat16)
+    tensors = [(base.float() + 0.01 * torch.randn(entries, generator=g)).to(torch.bfloat16) for _ in range(count)]
+    method = REGISTRY[method]
+    per = [{"weight": 0.3 + 0.2 * i, "density": 0.5, "epsilon": 0.1, "gamma": 0.01} for i in range(count)]
+    per = [{k: v for k, v in p.items() if k in method.per_model} for p in per]
+    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the resident set now
+    before = status("VmRSS")
+    method.merge(MergeCall(base=base, tensors=tensors, per_model=per, shared=dict(method.shared),
+                           work_dtype=torch.bfloat16, compute_dtype=torch.float32,
+                           generators=[torch.Generator().manual_seed(s) for s in range(count)]))
+    return (status("VmHWM") - before) / (4 * entries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entries", type=int, default=10_000_000)
+    parser.add_argument("--parents", default="2,3,4")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # internal: method, parents, whole
+    args = parser.parse_args()
+    if args.child:
+        method, count, whole = args.child
+        print(one(method, int(count), whole == "whole", args.entries))
+        return
+    from shoal.merge.memory import ARITHMETIC_COPIES_TASK_VECTORS, ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
+
+    print(f"one merge of {args.entries:,} bf16 entries; peak rise in float32 tensors of that size (counted by memory.py)")
+    print(f"{'method':<18} {'parents':>7} {'in chunks':>14} {'in one piece':>14}")
+    for method in METHODS:
+        for count in map(int, args.parents.split(",")):
+            cells = []
+            for mode, (per, extra) in (("chunks", ARITHMETIC_COPIES_TASK_VECTORS),
+                                       ("whole", ARITHMETIC_COPIES_TASK_VECTORS_WHOLE)):
+                out = subprocess.run([sys.executable, __file__, "--entries", str(args.entries), "--child", method,
+                                      str(count), mode], capture_output=True, text=True, check=True).stdout
+                cells.append(f"{float(out):5.1f} ({per * count + extra:2d})")
+            print(f"{method:<18} {count:7d} {cells[0]:>14} {cells[1]:>14}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
