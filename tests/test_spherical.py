@@ -77,3 +77,22 @@ def test_karcher_leaves_zero_tensors_out_of_the_direction_but_not_the_scale():
     # no step at all: the start, the normalised mean of the directions
     assert torch.allclose(spherical.karcher([t(1.0, 0.0), t(1.0, 0.0), t(0.0, 1.0)], max_iter=0),
                           t(2.0, 1.0) / math.sqrt(5), atol=1e-6)
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_of_whole_tensors_in_chunks_is_bit_equal_to_upcasting_first(monkeypatch, with_base):
+    from shoal.merge import methods
+
+    monkeypatch.setattr(methods, "CHUNK", 1000)  # 37 x 101 = 3,737 entries: three chunks and a short one
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(37, 101, generator=g).to(torch.bfloat16)
+    v0, v1 = ((base.float() + 0.1 * torch.randn(37, 101, generator=g)).to(torch.bfloat16) for _ in range(2))
+    wide = [x.to(torch.float32) for x in (base, v0, v1)]
+    if with_base:
+        expected = spherical.nuslerp(0.3, wide[1] - wide[0], wide[2] - wide[0]).add_(wide[0])
+    else:
+        expected = spherical.nuslerp(0.3, wide[1], wide[2])
+    got = spherical.nuslerp_flat(0.3, v0, v1, base if with_base else None, dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    parallel = spherical.nuslerp_flat(0.25, wide[1], 2 * wide[1], dtype=torch.float32)  # linear: 1.25 v0
+    assert torch.allclose(parallel, 1.25 * wide[1])

@@ -196,10 +196,12 @@ def _slerp(call: MergeCall) -> torch.Tensor:
 
 
 def _nuslerp(call: MergeCall) -> torch.Tensor:
-    base, (v0, v1) = call.upcast()
     w0, w1 = (p["weight"] for p in call.per_model)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-    options = {"flatten": call.shared["nuslerp_flatten"], "row_wise": call.shared["nuslerp_row_wise"]}
+    if call.shared["nuslerp_flatten"]:
+        return spherical.nuslerp_flat(t, *call.tensors, call.base, dtype=call.compute_dtype)
+    base, (v0, v1) = call.upcast()
+    options = {"flatten": False, "row_wise": call.shared["nuslerp_row_wise"]}
     if base is None:
         return spherical.nuslerp(t, v0, v1, **options)
     return spherical.nuslerp(t, v0 - base, v1 - base, **options).add_(base)
