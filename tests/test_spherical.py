@@ -80,19 +80,42 @@ def test_karcher_leaves_zero_tensors_out_of_the_direction_but_not_the_scale():
 
 
 @pytest.mark.parametrize("with_base", [True, False])
-def test_nuslerp_of_whole_tensors_in_chunks_is_bit_equal_to_upcasting_first(monkeypatch, with_base):
+@pytest.mark.parametrize("own,work", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                      (torch.float32, torch.float64)])
+@pytest.mark.parametrize("shape", [(37, 101), ()])  # 3,737 entries: three chunks of 1,000 and a short one; a scalar
+def test_nuslerp_of_whole_tensors_in_chunks_is_bit_equal_to_upcasting_first(monkeypatch, with_base, own, work, shape):
     from shoal.merge import methods
 
-    monkeypatch.setattr(methods, "CHUNK", 1000)  # 37 x 101 = 3,737 entries: three chunks and a short one
+    monkeypatch.setattr(methods, "CHUNK", 1000)
     g = torch.Generator().manual_seed(3)
-    base = torch.randn(37, 101, generator=g).to(torch.bfloat16)
-    v0, v1 = ((base.float() + 0.1 * torch.randn(37, 101, generator=g)).to(torch.bfloat16) for _ in range(2))
-    wide = [x.to(torch.float32) for x in (base, v0, v1)]
+    base = torch.randn(shape, generator=g).to(own)
+    v0, v1 = ((base.double() + 0.1 * torch.randn(shape, generator=g)).to(own) for _ in range(2))
+    wide = [x.to(work) for x in (base, v0, v1)]
+    before = v0.clone()
     if with_base:
         expected = spherical.nuslerp(0.3, wide[1] - wide[0], wide[2] - wide[0]).add_(wide[0])
     else:
         expected = spherical.nuslerp(0.3, wide[1], wide[2])
-    got = spherical.nuslerp_flat(0.3, v0, v1, base if with_base else None, dtype=torch.float32)
-    assert got.dtype == torch.float32 and torch.equal(got, expected)
-    parallel = spherical.nuslerp_flat(0.25, wide[1], 2 * wide[1], dtype=torch.float32)  # linear: 1.25 v0
-    assert torch.allclose(parallel, 1.25 * wide[1])
+    got = spherical.nuslerp_flat(0.3, v0, v1, base if with_base else None, dtype=work)
+    assert got.dtype == work and got.shape == shape and torch.equal(got, expected)
+    assert torch.equal(v0, before)  # the inputs are read, never written
+
+
+def test_nuslerp_of_parallel_whole_tensors_is_linear():
+    v = torch.randn(3000, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(spherical.nuslerp_flat(0.25, v, 2 * v, dtype=torch.float32), 1.25 * v)
+
+
+def test_the_nuslerp_method_takes_whole_tensors_unless_told_rows_or_columns():
+    from shoal.merge.registry import METHODS, MergeCall
+
+    g = torch.Generator().manual_seed(5)
+    base, v0, v1 = (torch.randn(64, 48, generator=g) for _ in range(3))
+    def merged(**shared) -> torch.Tensor:
+        call = MergeCall(base=base, tensors=[v0, v1], per_model=[{"weight": 1.0}, {"weight": 3.0}],
+                         shared={**METHODS["nuslerp"].shared, **shared}, work_dtype=torch.float32,
+                         compute_dtype=torch.float32)
+        return METHODS["nuslerp"].merge(call)
+    assert torch.equal(merged(), spherical.nuslerp(0.75, v0 - base, v1 - base).add_(base))
+    rows = spherical.nuslerp(0.75, v0 - base, v1 - base, flatten=False).add_(base)
+    assert torch.equal(merged(nuslerp_flatten=False), rows) and not torch.equal(rows, merged())

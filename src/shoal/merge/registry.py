@@ -199,7 +199,8 @@ def _nuslerp(call: MergeCall) -> torch.Tensor:
     w0, w1 = (p["weight"] for p in call.per_model)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     if call.shared["nuslerp_flatten"]:
-        return spherical.nuslerp_flat(t, *call.tensors, call.base, dtype=call.compute_dtype)
+        v0, v1 = call.tensors
+        return spherical.nuslerp_flat(t, v0, v1, base=call.base, dtype=call.compute_dtype)
     base, (v0, v1) = call.upcast()
     options = {"flatten": False, "row_wise": call.shared["nuslerp_row_wise"]}
     if base is None:

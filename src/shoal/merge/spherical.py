@@ -65,26 +65,36 @@ def nuslerp_flat(
     t: float, v0: Tensor, v1: Tensor, base: Tensor | None = None, *, dtype: torch.dtype, eps: float = 1e-8
 ) -> Tensor:
     """base + nuslerp(t, v0 - base, v1 - base) of whole tensors (flatten; without base, of v0 and v1), from the
-    inputs in their own dtype, computed in `dtype`: the two task vectors are formed a chunk at a time
-    (methods.chunk_size), their norms and dot product taken whole as nuslerp takes them, and the result written
-    over the first in place, a chunk at a time. The same values, bit for bit, as upcasting every input first, in
-    about half the passes over memory and a third of the temporaries."""
+    inputs in their own dtype, computed in `dtype`, with the same values, bit for bit, as upcasting every input
+    first. The task vectors are formed a chunk at a time (methods.chunk_size; an input already in `dtype` without a
+    base is read as it is), their norms and dot product taken whole as nuslerp takes them, and the result written a
+    chunk at a time over the first task vector formed here (else into a new tensor). For 16-bit parents and a base
+    that is two float32 temporaries where upcasting first made six."""
     n = v0.numel()
     size = chunk_size(v0)
     flat_base = None if base is None else base.reshape(-1)
-    a, b = (torch.empty(n, dtype=dtype, device=v0.device) for _ in range(2))
-    for formed, v in ((a, v0.reshape(-1)), (b, v1.reshape(-1))):
+
+    def formed(v: Tensor) -> tuple[Tensor, bool]:
+        flat = v.reshape(-1)
+        if flat_base is None and flat.dtype == dtype:
+            return flat, False
+        out = torch.empty(n, dtype=dtype, device=v.device)
         for piece in chunks(n, size):
             if flat_base is None:
-                formed[piece] = v[piece]
+                out[piece] = flat[piece]
             else:
-                torch.sub(v[piece].to(dtype), flat_base[piece].to(dtype), out=formed[piece])
+                torch.sub(flat[piece].to(dtype), flat_base[piece].to(dtype), out=out[piece])
+        return out, True
+
+    a, own = formed(v0)
+    b, _ = formed(v1)
     c0, c1 = (c.item() for c in _coefficients(t, a, b, flatten=True, eps=eps))
+    result = a if own else torch.empty_like(a)
     for piece in chunks(n, size):
-        part = a[piece].mul_(c0).add_(b[piece], alpha=c1)
+        part = torch.mul(a[piece], c0, out=result[piece]).add_(b[piece], alpha=c1)
         if flat_base is not None:
             part.add_(flat_base[piece].to(dtype))
-    return a.reshape(v0.shape)
+    return result.reshape(v0.shape)
 
 
 def multislerp(
