@@ -44,6 +44,7 @@ tune_for_merging()  # as the `shoal` command does, before torch loads: huge page
 
 import torch  # noqa: E402
 
+from merge_peak import proc_bytes  # noqa: E402
 from merge_speed import SIZES, build_parents  # noqa: E402
 
 PLANS = {
@@ -161,10 +162,7 @@ def peer_trials(parents: dict[str, str], task: str, method: str, trials: int, th
 def peak_rss() -> int:
     """This process's peak resident set since its exec (VmHWM: getrusage's ru_maxrss would count the parent's
     resident set at fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 def copy_bandwidth() -> float:
@@ -181,10 +179,7 @@ def copy_bandwidth() -> float:
 
 
 def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def measured_sizes(parents: dict[str, str], task: str, method: str, plan: dict):

@@ -20,11 +20,12 @@ from pathlib import Path
 METHODS = ("ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties")
 
 
-def status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
+def proc_bytes(path: str, key: str) -> int:
+    """A `key: N kB` line of a /proc file (/proc/self/status, /proc/meminfo), in bytes."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
+    raise RuntimeError(f"no {key} in {path}")
 
 
 def one(method: str, count: int, whole: bool, entries: int) -> float:
@@ -44,11 +45,11 @@ def one(method: str, count: int, whole: bool, entries: int) -> float:
     per = [{"weight": 0.3 + 0.2 * i, "density": 0.5, "epsilon": 0.1, "gamma": 0.01} for i in range(count)]
     per = [{k: v for k, v in p.items() if k in method.per_model} for p in per]
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the resident set now
-    before = status("VmRSS")
+    before = proc_bytes("/proc/self/status", "VmRSS")
     method.merge(MergeCall(base=base, tensors=tensors, per_model=per, shared=dict(method.shared),
                            work_dtype=torch.bfloat16, compute_dtype=torch.float32,
                            generators=[torch.Generator().manual_seed(s) for s in range(count)]))
-    return (status("VmHWM") - before) / (4 * entries)
+    return (proc_bytes("/proc/self/status", "VmHWM") - before) / (4 * entries)
 
 
 def main() -> None:

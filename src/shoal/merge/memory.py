@@ -160,7 +160,7 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             tensor_ranks = t.numel * t.rank * len(t.inputs) if plan.ranks == "stored" else 0
         kept += tensor_kept
         ranks += tensor_ranks
-        whole = t.numel <= (methods.CHUNK if on_cpu else methods.DEVICE_CHUNK)  # methods.in_chunks
+        whole = t.numel <= methods.chunk_entries(on_cpu)  # as methods.in_chunks decides
         per, extra = ARITHMETIC_COPIES_OTHER if not t.task_vectors else \
             ARITHMETIC_COPIES_TASK_VECTORS_WHOLE if whole else ARITHMETIC_COPIES_TASK_VECTORS
         arithmetic = t.numel * t.compute * (per * len(t.inputs) + extra)

@@ -270,9 +270,14 @@ DEVICE_CHUNK = 1 << 24
 of thousands."""
 
 
+def chunk_entries(on_cpu: bool) -> int:
+    """Entries per chunk of an elementwise computation on a CPU, or on any other device."""
+    return CHUNK if on_cpu else DEVICE_CHUNK
+
+
 def chunk_size(tensor: Tensor) -> int:
     """Entries per chunk of an elementwise computation over tensor, on its device."""
-    return CHUNK if tensor.device.type == "cpu" else DEVICE_CHUNK
+    return chunk_entries(tensor.device.type == "cpu")
 
 
 def in_chunks(tensor: Tensor) -> bool:

@@ -75,15 +75,13 @@ def nuslerp_flat(
     flat_base = None if base is None else base.reshape(-1)
 
     def formed(v: Tensor) -> tuple[Tensor, bool]:
+        """v's task vector in dtype, flat, and whether it is a new tensor (not v itself)."""
         flat = v.reshape(-1)
-        if flat_base is None and flat.dtype == dtype:
-            return flat, False
+        if flat_base is None:
+            return flat.to(dtype), flat.dtype != dtype
         out = torch.empty(n, dtype=dtype, device=v.device)
         for piece in chunks(n, size):
-            if flat_base is None:
-                out[piece] = flat[piece]
-            else:
-                torch.sub(flat[piece].to(dtype), flat_base[piece].to(dtype), out=out[piece])
+            torch.sub(flat[piece].to(dtype), flat_base[piece].to(dtype), out=out[piece])
         return out, True
 
     a, own = formed(v0)
