@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from conftest import zoo_search
+from conftest import finished_trials, wait_for, zoo_search
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
@@ -67,29 +66,24 @@ def test_rerunning_a_finished_run_scores_nothing_again(zoo, tmp_path) -> None:
 
 @pytest.mark.parametrize("space,population", [("ps", 10), ("dfs", 13)])
 def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path, space, population) -> None:
-    budget = 2 * population + 6
-    path = _search(zoo, tmp_path, budget=budget, space=space)
+    """Killed in its second generation or later: the killed session's budget is out of its reach, so the kill
+    lands inside the search however late it comes on a loaded machine. The budget is no part of the search's
+    identity; the resumed and the whole run are given one a generation beyond what the killed session stored."""
+    path = _search(zoo, tmp_path, budget=10_000, space=space)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = killed / "study.log"
-    deadline = time.time() + 120
-    stored = 0
-    while stored < population + 3 and time.time() < deadline:  # into the second generation
-        time.sleep(0.02)
-        if log.exists():
-            try:
-                stored = len(optuna.load_study(study_name="shoal", storage=open_storage(str(log))).trials)
-            except KeyError:  # the study is not made yet
-                pass
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_for(lambda: finished_trials(killed / "study.log") >= population + 3, seconds=600)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     before = _trials(killed)
-    assert population + 3 <= len(before) < budget, "the kill must land before the search ends"
     assert not (killed / "summary.json").exists()
-    resumed = subprocess.run(command, capture_output=True, text=True)
+    budget = len(before) + population
+    resumed = subprocess.run([*command, "--budget", str(budget)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    evolve(load_search(path), tmp_path / "whole")
+    evolve(load_search(_search(zoo, tmp_path, budget=budget, space=space)), tmp_path / "whole")
     after, whole = _trials(killed), _trials(tmp_path / "whole")
     assert after[: len(before)] == before  # nothing stored was lost or re-run
     assert after == whole and len(whole) == budget

@@ -19,6 +19,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import finished_trials, wait_for
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
@@ -177,8 +178,10 @@ def test_training_changes_every_part_of_the_vlm(vlm_zoo: VlmZoo) -> None:
         assert names and any(not torch.equal(trained[k], start[k]) for k in names), part
 
 
-@pytest.mark.parametrize("part", ["vision", "language"])
-def test_each_stage_trains_its_part_and_leaves_the_other_bit_equal(zoo: Zoo, part: str) -> None:
+@pytest.mark.parametrize("lm_lr_ratio", [0.0, 0.5])
+def test_alignment_stage_leaves_the_language_model_bit_equal_and_the_second_trains_both(
+    zoo: Zoo, lm_lr_ratio: float
+) -> None:
     from shoal.zoo.train import Schedule
     from shoal.zoo.vlm import train_vlm
 
@@ -186,13 +189,14 @@ def test_each_stage_trains_its_part_and_leaves_the_other_bit_equal(zoo: Zoo, par
     pictures = [r.image for r in held_out(4, SMOKE.vision.side)["dev"]]
     data = examples(processor, pictures, [PROMPTS["en"]] * 4, ["a red circle on the left ."] * 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = train_vlm(model, data, Schedule(steps=3, batch_size=2, lr=1e-2, warmup=1), 0, part, 0.5)
+    losses = train_vlm(model, data, Schedule(steps=3, batch_size=2, lr=1e-2, warmup=1), 0, lm_lr_ratio)
     assert len(losses) == 3 and all(p.requires_grad for p in model.parameters())  # unfrozen afterwards
     language = lambda k: k.startswith("model.language_model.") or k.startswith("lm_head.")  # noqa: E731
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(language(k) == (part == "language") for k in changed)
-    assert any(k.startswith("model.vision_tower.") for k in changed) == (part == "vision")
+    assert any(k.startswith("model.vision_tower.") for k in changed)
+    assert any(k.startswith("model.multi_modal_projector.") for k in changed)
+    assert any(language(k) for k in changed) == (lm_lr_ratio > 0)
 
 
 def test_second_call_reuses_the_vlm_without_training(vlm_zoo: VlmZoo, zoo: Zoo) -> None:
@@ -295,29 +299,28 @@ def _stored(run_dir: Path) -> list[tuple]:
 
 
 def test_a_killed_search_on_the_vlm_zoo_resumes_into_the_trials_of_a_whole_run(vlm_zoo: VlmZoo, tmp_path: Path) -> None:
-    """An image-task search with the VLM parent, killed (SIGKILL) in its second generation, resumed from the
-    command line, stores exactly the trials of a run that was never stopped."""
+    """An image-task search with the VLM parent, killed (SIGKILL) in its second generation or later, resumed from
+    the command line, stores exactly the trials of a run that was never stopped. The killed session's budget is
+    out of its reach, so the kill lands inside the search however late it comes on a loaded machine; the budget
+    is no part of the search's identity, and the resumed and the whole run are given one a generation beyond
+    what the killed session stored."""
     population = 10  # 2 parents x (weight, density) x (2 layers + embeddings) = 12 genes: 4 + floor(3 ln 12)
-    budget = 2 * population + 2
-    path = _vlm_search(vlm_zoo, tmp_path, budget)
+    path = _vlm_search(vlm_zoo, tmp_path, budget=10_000)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, stored = time.time() + 180, 0
-    while stored < population + 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-        if (killed / "study.log").exists():
-            try:
-                stored = len(_stored(killed))
-            except KeyError:  # the study is not made yet
-                pass
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_for(lambda: finished_trials(killed / "study.log") >= population + 3, seconds=600)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     before = _stored(killed)
-    assert population + 3 <= len(before) < budget, "the kill must land inside the search"
-    resumed = subprocess.run(command, capture_output=True, text=True)
+    budget = len(before) + population
+    resumed = subprocess.run([*command, "--budget", str(budget)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    evolve(load_search(path), tmp_path / "whole")
+    whole_search = tmp_path / "whole.yaml"
+    whole_search.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "budget": budget}))
+    evolve(load_search(whole_search), tmp_path / "whole")
     after, whole = _stored(killed), _stored(tmp_path / "whole")
     assert after[: len(before)] == before and after == whole and len(whole) == budget
     assert len({value for _, value, _ in whole}) > 1  # the fitness is not flat: the trials are really scored

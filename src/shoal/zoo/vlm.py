@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
 
 import torch
@@ -105,27 +104,28 @@ def examples(processor: LlavaProcessor, pictures: Sequence[Image.Image], prompts
 
 
 def train_vlm(
-    model: LlavaForConditionalGeneration, data: Examples, schedule: Schedule, seed: int,
-    part: Literal["vision", "language"], lr_scale: float = 1.0, on_step: Callable[[int], None] | None = None,
+    model: LlavaForConditionalGeneration, data: Examples, schedule: Schedule, seed: int, lm_lr_ratio: float = 1.0,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
-    """Train one part of model in place on batches drawn from data (the zoo's `fit`), the rest frozen: `vision`,
-    the tower and projector (LLaVA's first, alignment stage: they learn to feed the language model as it is); or
-    `language`, the language model and head (so a text model put in this VLM's shell reads the projector the base
-    was aligned to), at lr_scale times the schedule's rate. Returns each step's loss."""
+    """Train model in place on batches drawn from data (the zoo's `fit`): the vision tower and projector at the
+    schedule's rate, the language model at lm_lr_ratio times it (0: frozen, LLaVA's first, alignment stage).
+    Returns each step's loss."""
     language = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     chosen = {id(p) for p in language}
-    vision = [p for p in model.parameters() if id(p) not in chosen]
-    trained, frozen = (vision, language) if part == "vision" else (language, vision)
+    fresh = [p for p in model.parameters() if id(p) not in chosen]
+    groups = [{"params": fresh, "scale": 1.0}]
+    if lm_lr_ratio > 0:
+        groups.append({"params": language, "scale": lm_lr_ratio})
     n = data.input_ids.shape[0]
 
     def next_batch(rng: random.Random) -> Batch:
         batch = torch.tensor([rng.randrange(n) for _ in range(schedule.batch_size)])
         return {"input_ids": data.input_ids[batch], "pixel_values": data.pixel_values[batch], "labels": data.labels[batch]}
 
-    for p in frozen:
-        p.requires_grad_(False)
+    for p in language:
+        p.requires_grad_(lm_lr_ratio > 0)
     try:
-        return fit(model, next_batch, schedule, seed, on_step, groups=[{"params": trained, "scale": lr_scale}])
+        return fit(model, next_batch, schedule, seed, on_step, groups=groups)
     finally:
-        for p in frozen:
+        for p in language:
             p.requires_grad_(True)

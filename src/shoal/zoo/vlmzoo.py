@@ -20,7 +20,7 @@ from shoal.zoo.part import PartRecord
 from shoal.zoo.train import Schedule, save_model
 from shoal.zoo.vlm import VisionShape, examples, from_base, train_vlm
 
-VLM_VERSION = 3
+VLM_VERSION = 4
 VLM = "vlm"
 
 
@@ -28,15 +28,15 @@ VLM = "vlm"
 class VlmSize:
     vision: VisionShape
     align: Schedule  # LLaVA's first stage: the tower and projector learn to feed the frozen language model
-    schedule: Schedule  # then the language model only, at lm_lr_ratio times the rate (tower and projector frozen)
-    lm_lr_ratio: float  # the language model's learning rate over the schedule's
+    schedule: Schedule  # then every part, the language model at lm_lr_ratio times the rate
+    lm_lr_ratio: float  # the language model's learning rate over the (fresh) vision tower's and projector's
     train_pictures: int  # distinct training renders
     held_out: int  # renders per split (dev, test)
 
 
 DEFAULT_VLM_SIZE = VlmSize(
-    VisionShape(side=32, patch=4, hidden=64, layers=2, heads=2, intermediate=128),
-    Schedule(steps=3000, batch_size=32, lr=3e-3, warmup=50),
+    VisionShape(side=32, patch=8, hidden=64, layers=2, heads=2, intermediate=128),
+    Schedule(steps=800, batch_size=32, lr=3e-3, warmup=50),
     Schedule(steps=1000, batch_size=32, lr=3e-3, warmup=50),
     lm_lr_ratio=0.3,
     train_pictures=8192,
@@ -162,11 +162,10 @@ def build_vlm_zoo(
     try:
         model, processor = from_base(zoo.base, spec.vision, seed)
         data = examples(processor, [r.image for r in pool], [PROMPTS["en"]] * len(pool), [scene(r.scene, "en") for r in pool])
-        stages = (("vlm-align", spec.align, seed * 1000 + 6, "vision", 1.0),
-                  (VLM, spec.schedule, seed * 1000 + 7, "language", spec.lm_lr_ratio))
-        for stage, schedule, stage_seed, part, scale in stages:
+        for stage, schedule, stage_seed, ratio in (("vlm-align", spec.align, seed * 1000 + 6, 0.0),
+                                                   (VLM, spec.schedule, seed * 1000 + 7, spec.lm_lr_ratio)):
             report = (lambda step, st=stage, sc=schedule: progress(st, step, sc.steps)) if progress else None
-            train_vlm(model, data, schedule, stage_seed, part, scale, report)
+            train_vlm(model, data, schedule, stage_seed, ratio, report)
         save_model(model, processor, root / "models" / VLM)
     finally:
         torch.set_num_threads(previous_threads)
