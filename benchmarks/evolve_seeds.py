@@ -43,6 +43,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> Summary:
     }
     if args.space == "dfs":  # default A = the language parent: its layers read and write XX
         search["dfs"] = {"parents": args.dfs_parents, "scaling": args.scaling}
+        if "pretrained" in args.dfs_parents:  # the base's own layers as a source too
+            search["parents"]["pretrained"] = str(zoo.base)
     if args.space == "hybrid":  # the paper's hybrid: A = the PS result, B = the math parent
         search["dfs"] = {"parents": ["math"], "scaling": args.scaling}
         if args.reuse_ps and not (folder / "run" / "ps").exists():  # the PS stage is the PS search: reuse its trials
@@ -75,7 +77,8 @@ def main() -> None:
     parser.add_argument("--scaling", choices=["full", "seam", "none"], default="full",
                         help="DFS input scales: the paper's full M x M matrix, one per seam, or none")
     parser.add_argument("--dfs-parents", nargs="+", default=["language", "math"],
-                        help="for --space dfs: the parents in layout order (the first, A, gives embeddings and head)")
+                        help="for --space dfs: the parents in layout order (the first, A, gives embeddings and head); "
+                             "`pretrained` is the zoo's base, added as a parent")
     parser.add_argument("--reuse-ps", type=Path, help="for --space hybrid: a PS run of this script (same seeds, budget)")
     parser.add_argument("--layers-per-group", type=int, default=1)
     parser.add_argument("--size", default="default", help="zoo size: default, deep (8 narrower layers) or smoke")
