@@ -248,6 +248,18 @@ def test_report_of_a_run_shoal_evolve_made_agrees_with_its_summary(zoo, run_cli,
     assert max((t for t in trials if not t.failed), key=lambda t: (t.value, -t.index)).index == best.trial
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_moved_run_folder_reports_from_its_own_journal_where_it_is_now(zoo, run_cli, tmp_path):
+    code, _, err = run_cli("evolve", zoo_search(zoo, tmp_path, budget=3, seed=0), tmp_path / "run", "--threads", "1")
+    assert code == 0, err
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    code, _, err = run_cli("report", moved)
+    assert code == 0, err
+    assert [t.index for t in load_run(moved).trials] == [0, 1, 2]
+    assert not (tmp_path / "run").exists()  # nothing was made at the old place
+
+
 def test_storage_option_overrides_run_json(run_cli, tmp_path):
     run = make_run(tmp_path / "run")
     moved = tmp_path / "elsewhere.log"
