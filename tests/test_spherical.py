@@ -99,6 +99,17 @@ def test_nuslerp_of_whole_tensors_in_chunks_is_bit_equal_to_upcasting_first(monk
     got = spherical.nuslerp_flat(0.3, v0, v1, base if with_base else None, dtype=work)
     assert got.dtype == work and got.shape == shape and torch.equal(got, expected)
     assert torch.equal(v0, before)  # the inputs are read, never written
+    # the arc by hand, in float64: the chunks' sums of products give the whole tensors' angle
+    a, b = ((x.double() - base.double()) if with_base else x.double() for x in (v0, v1))
+    cos = (a.flatten() @ b.flatten() / (a.norm() * b.norm())).item()
+    if abs(cos) > 1 - 1e-12:  # a scalar is a vector of one: parallel or opposite, so linear
+        by_hand = 0.7 * a + 0.3 * b
+    else:
+        theta = math.acos(cos)
+        by_hand = (math.sin(0.7 * theta) * a + math.sin(0.3 * theta) * b) / math.sin(theta)
+    by_hand = by_hand + base.double() if with_base else by_hand
+    scale = by_hand.abs().max().item()
+    assert (got.double() - by_hand).abs().max().item() <= (1e-6 if work == torch.float32 else 1e-14) * scale
 
 
 def test_nuslerp_of_parallel_whole_tensors_is_linear():

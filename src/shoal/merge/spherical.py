@@ -24,35 +24,22 @@ def nuslerp(
 ) -> Tensor:
     """Spherical interpolation from v0 (t=0) to v1 (t=1), with the norms interpolated as the vectors are.
 
-    flatten: each tensor is one vector. Otherwise each vector runs along the last dim (a matrix's rows), or along
-    dim 0 with row_wise (its columns), each pair interpolated on its own. A pair at cos² within eps² of 1
-    (parallel or opposite) is interpolated linearly.
+    flatten: each tensor is one vector (nuslerp_flat, in the inputs' common dtype). Otherwise each vector runs
+    along the last dim (a matrix's rows), or along dim 0 with row_wise (its columns), each pair interpolated on its
+    own. A pair at cos² within eps² of 1 (parallel or opposite) is interpolated linearly.
     """
-    shape = v0.shape
-    flatten = flatten or v0.dim() == 0  # a scalar is a vector of one
-    if flatten:
-        a, b = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
-        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
-    else:
-        a, b = v0, v1
-    c0, c1 = _coefficients(t, a, b, flatten=flatten, eps=eps)
-    if flatten:
-        result = torch.mul(a, c0.item()).add_(b, alpha=c1.item())
-    else:
-        result = torch.mul(a, c0).addcmul_(b, c1)
-    if row_wise and not flatten:
-        result = result.transpose(0, -1)
-    return result.reshape(shape)
-
-
-def _coefficients(t: float, a: Tensor, b: Tensor, *, flatten: bool, eps: float) -> tuple[Tensor, Tensor]:
-    """The arc's two coefficients of each pair of vectors along the last dim (flat a and b: one pair), or 1 - t and
-    t where the pair is parallel or opposite: reductions only, no tensor-sized temporaries, so the arc and its
-    linear fallback are then the same product and fused multiply-add over the data."""
+    if flatten or v0.dim() == 0:  # a scalar is a vector of one
+        return nuslerp_flat(t, v0, v1, dtype=torch.promote_types(v0.dtype, v1.dtype), eps=eps)
+    a, b = (v0.transpose(0, -1), v1.transpose(0, -1)) if row_wise else (v0, v1)
     norms = a.norm(dim=-1, keepdim=True).clamp(min=1e-7) * b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    dot = torch.dot(a, b).reshape(1) if flatten else torch.einsum("...d,...d->...", a, b).unsqueeze(-1)
-    cos = (dot / norms).clamp(-1, 1)
+    c0, c1 = _arc(t, (torch.einsum("...d,...d->...", a, b).unsqueeze(-1) / norms).clamp(-1, 1), eps)
+    result = torch.mul(a, c0).addcmul_(b, c1)
+    return result.transpose(0, -1) if row_wise else result
+
+
+def _arc(t: float, cos: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The arc's two coefficients for pairs of vectors at cosine cos (any shape), or 1 - t and t where a pair is
+    parallel or opposite, so that the arc and its linear fallback are the same product over the data."""
     parallel = 1 - cos.square() <= eps**2
     theta = torch.acos(torch.where(parallel, 0.0, cos))
     sin_theta = torch.where(parallel, 1.0, torch.sin(theta))
@@ -64,34 +51,37 @@ def _coefficients(t: float, a: Tensor, b: Tensor, *, flatten: bool, eps: float) 
 def nuslerp_flat(
     t: float, v0: Tensor, v1: Tensor, base: Tensor | None = None, *, dtype: torch.dtype, eps: float = 1e-8
 ) -> Tensor:
-    """base + nuslerp(t, v0 - base, v1 - base) of whole tensors (flatten; without base, of v0 and v1), from the
-    inputs in their own dtype, computed in `dtype`, with the same values, bit for bit, as upcasting every input
-    first. The task vectors are formed a chunk at a time (methods.chunk_size; an input already in `dtype` without a
-    base is read as it is), their norms and dot product taken whole as nuslerp takes them, and the result written a
-    chunk at a time over the first task vector formed here (else into a new tensor). For 16-bit parents and a base
-    that is two float32 temporaries where upcasting first made six."""
+    """base + nuslerp of the whole tensors v0 - base and v1 - base (without base, of v0 and v1), from the inputs in
+    their own dtype, computed in `dtype`, in two passes a chunk at a time (methods.chunk_size): the first forms
+    each chunk of both task vectors and sums their dot product and squared norms (in float64, across chunks), the
+    second forms them again and writes the arc's mix. No temporary of the tensors' size but the result: the task
+    vectors are never held whole, and each input is read twice, where forming them whole read and wrote them
+    four times more."""
     n = v0.numel()
     size = chunk_size(v0)
+    flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
     flat_base = None if base is None else base.reshape(-1)
 
-    def formed(v: Tensor) -> tuple[Tensor, bool]:
-        """v's task vector in dtype, flat, and whether it is a new tensor (not v itself)."""
-        flat = v.reshape(-1)
+    def vectors(piece: slice) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The chunk of both task vectors in dtype, and of the base (None without one)."""
+        a, b = flat0[piece].to(dtype), flat1[piece].to(dtype)
         if flat_base is None:
-            return flat.to(dtype), flat.dtype != dtype
-        out = torch.empty(n, dtype=dtype, device=v.device)
-        for piece in chunks(n, size):
-            torch.sub(flat[piece].to(dtype), flat_base[piece].to(dtype), out=out[piece])
-        return out, True
+            return a, b, None
+        offset = flat_base[piece].to(dtype)
+        return a - offset, b - offset, offset
 
-    a, own = formed(v0)
-    b, _ = formed(v1)
-    c0, c1 = (c.item() for c in _coefficients(t, a, b, flatten=True, eps=eps))
-    result = a if own else torch.empty_like(a)
+    sums = torch.zeros(3, dtype=torch.float64, device=v0.device)  # a·b, |a|², |b|²
     for piece in chunks(n, size):
-        part = torch.mul(a[piece], c0, out=result[piece]).add_(b[piece], alpha=c1)
-        if flat_base is not None:
-            part.add_(flat_base[piece].to(dtype))
+        a, b, _ = vectors(piece)
+        sums += torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)]).double()
+    norms = sums[1].sqrt().clamp(min=1e-7) * sums[2].sqrt().clamp(min=1e-7)
+    c0, c1 = (c.item() for c in _arc(t, (sums[0] / norms).clamp(-1, 1), eps))
+    result = torch.empty(n, dtype=dtype, device=v0.device)
+    for piece in chunks(n, size):
+        a, b, offset = vectors(piece)
+        part = torch.mul(a, c0, out=result[piece]).add_(b, alpha=c1)
+        if offset is not None:
+            part.add_(offset)
     return result.reshape(v0.shape)
 
 
