@@ -111,11 +111,20 @@ def base_and_language_task(zoo, folder: Path) -> Path:
 
 
 def offline_hub(monkeypatch, root: Path, repos: dict[str, dict[str, Path]]) -> dict[str, dict[str, Path]]:
-    """An offline Hugging Face cache under root: per Hub id, per ref (a branch or tag) a snapshot copied from a
-    folder, at commits 000..., 111..., ... in order. Returns each snapshot's folder, by Hub id and ref."""
-    import shutil
-
+    """hub_mirror(root, repos) as huggingface_hub's own cache, offline. Returns each snapshot's folder, by Hub id
+    and ref."""
     from huggingface_hub import constants
+
+    snapshots = hub_mirror(root, repos)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return snapshots
+
+
+def hub_mirror(root: Path, repos: dict[str, dict[str, Path]]) -> dict[str, dict[str, Path]]:
+    """A Hugging Face cache folder at root: per Hub id, per ref (a branch or tag) a snapshot copied from a folder, at
+    commits 000..., 111..., ... in order. Returns each snapshot's folder, by Hub id and ref."""
+    import shutil
 
     snapshots: dict[str, dict[str, Path]] = {}
     for repo_id, refs in repos.items():
@@ -126,8 +135,6 @@ def offline_hub(monkeypatch, root: Path, repos: dict[str, dict[str, Path]]) -> d
             shutil.copytree(folder, repo / "snapshots" / commit)
             (repo / "refs" / ref).write_text(commit)
             snapshots.setdefault(repo_id, {})[ref] = repo / "snapshots" / commit
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return snapshots
 
 

@@ -13,6 +13,7 @@ import torch
 from conftest import one_error_line, write_recipe, read_tensors as _tensors
 
 from shoal.checkpoint.files import TOKENIZER_FILES
+from shoal.cli import MERGEKIT_OPTIONS
 
 
 def _recipe(parents, method: str = "ties", **extra) -> dict:
@@ -34,18 +35,23 @@ def merge_args(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize(("option", "hint"), [
-    ("--low-cpu-memory", "streams one tensor at a time"),
-    ("--lazy-loader", "reads tensors lazily"),
-    ("--trust-remote-code", "runs no code from model folders"),
-    ("--write-model-card", "always writes a model card"),
-    ("--clone-tensors", "never shared"),
-])
-def test_a_mergekit_option_gets_a_hint(run_cli, tmp_path, option, hint) -> None:
+@pytest.mark.parametrize(("option", "text"), sorted(MERGEKIT_OPTIONS.items()))
+def test_every_mergekit_option_shoal_does_not_take_says_what_shoal_does_instead(run_cli, tmp_path, option,
+                                                                              text) -> None:
     code, _, err = run_cli("merge", tmp_path / "r.yaml", tmp_path / "out", option)
     assert code == 2 and "Traceback" not in err
-    assert f"No such option: {option} (a mergekit option: " in err and hint in err
+    assert f"No such option: {option} (a mergekit option: {text})" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("args", "option"), [(["--write-threads", "4"], "--write-threads"),
+                                              (["--write-threads=4"], "--write-threads"), (["-vv"], "-v"),
+                                              (["-v", "-v"], "-v")])
+def test_a_mergekit_option_given_a_value_or_repeated_gets_its_text_and_no_guess(run_cli, tmp_path, args,
+                                                                                option) -> None:
+    code, _, err = run_cli("merge", tmp_path / "r.yaml", tmp_path / "out", *args)
+    assert code == 2 and f"No such option: {option} (a mergekit option: {MERGEKIT_OPTIONS[option]})" in err
+    assert "Possible options" not in err and "--num-threads" not in err  # no guess that --write-threads means -j
 
 
 @pytest.mark.parametrize(("option", "reason"), [
@@ -78,6 +84,17 @@ def test_mergekit_options_are_for_merge_only(run_cli, tmp_path, option) -> None:
     (["--device", "cuda:0"], "cuda:0"),
 ])
 def test_cuda_is_mergekits_name_for_device_cuda(run_cli, merge_args, parents, tmp_path, args, device) -> None:
+    code, _, err = run_cli("merge", write_recipe(tmp_path, _recipe(parents)), tmp_path / "out", *args)
+    assert code == 0, err
+    assert merge_args["device"] == device
+
+
+@pytest.mark.parametrize(("args", "device"), [
+    (["--device", "auto"], "cuda" if torch.cuda.is_available() else "cpu"),
+    (["--cuda", "--device", "auto"], "cuda"),
+])
+def test_device_auto_is_cuda_where_a_gpu_is_available_else_cpu(run_cli, merge_args, parents, tmp_path, args,
+                                                               device) -> None:
     code, _, err = run_cli("merge", write_recipe(tmp_path, _recipe(parents)), tmp_path / "out", *args)
     assert code == 0, err
     assert merge_args["device"] == device
@@ -195,3 +212,41 @@ def test_merge_help_says_what_allow_crimes_does_in_shoal(run_cli) -> None:
     assert code == 0
     text = " ".join(out.replace("│", " ").split())
     assert "--allow-crimes" in text and "changes nothing" in text
+
+
+@pytest.mark.parametrize("option", ["-j", "--num-threads"])
+def test_num_threads_sets_torchs_threads_while_merging_and_restores_them(run_cli, parents, tmp_path, monkeypatch,
+                                                                         option) -> None:
+    import shoal.merge.engine as engine
+
+    seen: dict[str, set[int]] = {"merging": set(), "reading": set()}
+    merge_tensor, load = engine.merge_tensor, engine._load
+    monkeypatch.setattr(engine, "merge_tensor", lambda *a, **k: seen["merging"].add(torch.get_num_threads())
+                        or merge_tensor(*a, **k))
+    monkeypatch.setattr(engine, "_load", lambda *a, **k: seen["reading"].add(torch.get_num_threads()) or load(*a, **k))
+    before = torch.get_num_threads()
+    threads = before + 1
+    code, _, err = run_cli("merge", write_recipe(tmp_path, _recipe(parents)), tmp_path / "out", option, threads)
+    assert code == 0, err
+    assert seen == {"merging": {threads}, "reading": {threads}}
+    assert torch.get_num_threads() == before
+
+
+def test_quiet_prints_no_progress_bar_but_still_warnings(run_cli, parents, tmp_path) -> None:
+    path = write_recipe(tmp_path, _recipe(parents))
+    code, _, err = run_cli("merge", path, tmp_path / "loud")
+    assert code == 0 and "merging tensors" in err and "wrote" in err
+    code, _, err = run_cli("merge", path, tmp_path / "quiet", "--quiet")
+    assert code == 0 and err == ""
+    assert _weight_bytes(tmp_path / "loud") == _weight_bytes(tmp_path / "quiet")
+    slerp = {"merge_method": "slerp", "base_model": str(parents["a"]), "parameters": {"t": 0.5},
+             "models": [{"model": str(parents["a"])}, {"model": str(parents["b"]), "parameters": {"weight": 0.7}}]}
+    code, _, err = run_cli("merge", write_recipe(tmp_path, slerp, "slerp.yaml"), tmp_path / "slerp", "--quiet")
+    assert code == 0 and err.startswith("warning: ") and len(err.strip().splitlines()) == 1
+    assert "slerp does not use parameter 'weight'" in err
+
+
+def test_quiet_still_prints_errors(run_cli, parents, tmp_path) -> None:
+    code, _, err = run_cli("merge", write_recipe(tmp_path, _recipe(parents)), tmp_path / "out", "--quiet",
+                           "--shard-size", "0")
+    assert one_error_line(code, err, "--shard-size 0") == err.strip()

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import offline_hub
+from conftest import hub_mirror, offline_hub, one_error_line, write_recipe
 from safetensors import safe_open
 
+from shoal.cache import Storage, stored_in
 from shoal.checkpoint.reader import resolve_model
 from shoal.errors import ShoalError
 from shoal.merge.engine import run_merge
@@ -98,3 +99,34 @@ def test_both_search_spaces_take_a_parent_given_by_hub_id(offline_cache, parents
     name = "model.layers.1.mlp.up_proj.weight"
     with safe_open(str(next(offline_cache.glob("*.safetensors"))), "pt") as f:
         assert not torch.equal(dict(merged.named_parameters())[name].detach(), f.get_tensor(name))
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch, parents) -> Path:
+    """A Hub cache folder holding `shoal-test/a` (parent a), offline, while huggingface_hub's own cache is an empty
+    folder elsewhere."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_mirror(tmp_path / "mirror", {"shoal-test/a": {"main": parents["a"]}})
+    return tmp_path / "mirror"
+
+
+def test_a_hub_id_resolves_from_the_storages_hub_cache(mirror):
+    with stored_in(Storage(hub_cache=mirror)):
+        assert resolve_model("shoal-test/a") == mirror / "models--shoal-test--a" / "snapshots" / ("0" * 40)
+    with pytest.raises(ShoalError, match="'shoal-test/a' not found: no such folder, and the Hub could not provide it "
+                                         r"\("):
+        resolve_model("shoal-test/a")  # outside the block: huggingface_hub's own (empty) cache again
+
+
+def test_transformers_cache_is_where_shoal_merge_finds_hub_ids(mirror, run_cli, parents, tmp_path):
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": "shoal-test/a", "parameters": {"weight": 1.0}},
+        {"model": str(parents["b"]), "parameters": {"weight": 1.0}}]})
+    code, _, err = run_cli("merge", recipe, tmp_path / "m", "--transformers-cache", mirror)
+    assert code == 0, err
+    assert torch.allclose(read(tmp_path / "m"), (read(parents["a"]) + read(parents["b"])) / 2)
+    code, _, err = run_cli("merge", recipe, tmp_path / "elsewhere", "--transformers-cache", tmp_path / "empty")
+    one_error_line(code, err, "'shoal-test/a' not found", f"could not provide it into the cache {tmp_path / 'empty'}")

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import offline_hub, read_tensors as tensors
+from conftest import offline_hub, write_recipe, read_tensors as tensors
 
+from shoal.cache import Storage, stored_in
 from shoal.checkpoint import lora
 from shoal.checkpoint.reader import resolve_model
 from shoal.errors import ShoalError
@@ -89,6 +90,24 @@ def test_in_bfloat16_the_sum_is_rounded_once(bf16_parents, tmp_path):
     assert (merged[name].double() - exact).abs().max() < (unloaded[name].double() - exact).abs().max()
 
 
+@pytest.mark.parametrize(("stored", "dtype"), [
+    ("float32", torch.bfloat16), ("float32", torch.float16), ("bfloat16", torch.float32)])
+def test_a_lora_dtype_stores_w_plus_ba_rounded_once_to_it(parents, bf16_parents, tmp_path, stored, dtype):
+    model = (parents if stored == "float32" else bf16_parents)["base"]
+    adapter = make_adapter(model, tmp_path)
+    with stored_in(Storage(lora_dtype=dtype)):
+        folder = resolve_model(f"{model}+{adapter}")
+    merged, weights, applied = tensors(folder), tensors(model), lora.read_adapter(adapter)
+    assert merged.keys() == weights.keys() and {t.dtype for t in merged.values()} == {dtype}
+    for name in ("model.layers.2.self_attn.v_proj.weight", "model.embed_tokens.weight"):  # linear, embedding
+        assert torch.equal(merged[name], (weights[name].float() + lora.lora_delta(applied.low_rank[name])).to(dtype))
+    assert torch.equal(merged["lm_head.weight"], applied.replaced["lm_head.weight"].to(dtype))  # modules_to_save
+    norm = "model.layers.0.input_layernorm.weight"  # not adapted: the model's, in dtype
+    assert torch.equal(merged[norm], weights[norm].to(dtype))
+    assert json.loads((folder / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    assert json.loads((model / "config.json").read_text())["dtype"] == stored
+
+
 def test_a_fan_in_fan_out_adapter_of_gpt2_equals_peft_merge_and_unload(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -135,6 +154,44 @@ def test_the_adapter_is_applied_once_into_the_cache_keyed_by_content(parents, ad
     assert len(list(lora_cache.iterdir())) == 2
     assert {p.name for p in first.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
                                                 "tokenizer_config.json"}
+
+
+def test_each_lora_dtype_is_its_own_cache_folder(parents, adapter, lora_cache):
+    ref = f"{parents['base']}+{adapter}"
+    folders = {}
+    for dtype in (None, torch.float32, torch.bfloat16):
+        with stored_in(Storage(lora_dtype=dtype)):
+            folders[dtype] = resolve_model(ref)
+    assert len(set(folders.values())) == 3 and {f.parent for f in folders.values()} == {lora_cache}
+    with stored_in(Storage(lora_dtype=torch.bfloat16)):
+        assert resolve_model(ref) == folders[torch.bfloat16]
+    assert tensors(folders[torch.bfloat16])["lm_head.weight"].dtype == torch.bfloat16
+    assert tensors(folders[None])["lm_head.weight"].dtype == torch.float32
+
+
+def test_the_storages_lora_cache_is_where_adapters_are_applied(parents, adapter, lora_cache, tmp_path):
+    with stored_in(Storage(lora_cache=tmp_path / "mine")):
+        folder = resolve_model(f"{parents['base']}+{adapter}")
+    assert folder.parent == tmp_path / "mine" and not lora_cache.exists()
+    assert max(max_differences(tensors(folder), tensors(tmp_path / "unloaded")).values()) < 1e-6
+
+
+def test_shoal_merge_takes_mergekits_lora_merge_cache_and_dtype(run_cli, parents, adapter, lora_cache, tmp_path):
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": f"{parents['base']}+{adapter}", "parameters": {"weight": 1.0}}]})
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "--lora-merge-cache", tmp_path / "mine",
+                           "--lora-merge-dtype", "bfloat16")
+    assert code == 0, err
+    [applied] = (tmp_path / "mine").iterdir()
+    assert not lora_cache.exists()
+    unloaded = tensors(tmp_path / "unloaded")
+    assert tensors(applied).keys() == unloaded.keys()
+    assert all(tensors(applied)[name].dtype == torch.bfloat16 for name in unloaded)
+    out = tensors(tmp_path / "out")  # the linear merge of one model is that model, in its (bfloat16) dtype
+    assert all(torch.equal(out[name], tensors(applied)[name]) for name in unloaded)
+    code, _, err = run_cli("merge", recipe, tmp_path / "bad", "--lora-merge-dtype", "int8")
+    assert code == 2 and err.strip() == ("error: --lora-merge-dtype int8: unknown dtype; give one of float32, "
+                                         "float16, bfloat16")
 
 
 def test_model_and_adapter_by_hub_id_and_revision(parents, tmp_path, monkeypatch):
@@ -216,6 +273,25 @@ def test_equal_to_mergekit_with_the_same_adapter(parents, adapter, tmp_path):
                                 lora_merge_cache=str(tmp_path / "mergekit-lora")))
     assert len(list((tmp_path / "mergekit-lora").iterdir())) == 1  # mergekit applied the adapter (with PEFT)
     assert max(max_differences(tensors(tmp_path / "shoal"), tensors(tmp_path / "mergekit")).values()) < 1e-5
+
+
+def test_lora_dtype_float32_equals_mergekits_applied_model(bf16_parents, tmp_path):
+    """mergekit loads the model in --lora-merge-dtype and applies the adapter with PEFT: from a bfloat16 model in
+    float32, both hold W + B A unrounded."""
+    pytest.importorskip("mergekit", reason="mergekit is a test-only dependency")
+    from mergekit.common import ModelReference
+
+    adapter = make_adapter(bf16_parents["base"], tmp_path)
+    ref = f"{bf16_parents['base']}+{adapter}"
+    theirs = ModelReference.model_validate(ref).merged(cache_dir=str(tmp_path / "mergekit-lora"),
+                                                       lora_merge_dtype="float32")
+    with stored_in(Storage(lora_dtype=torch.float32)):
+        mine = tensors(resolve_model(ref))
+    theirs = tensors(Path(theirs.model.path))
+    assert {t.dtype for t in mine.values()} == {t.dtype for t in theirs.values()} == {torch.float32}
+    assert max(max_differences(mine, theirs).values()) < 1e-5
+    weights = tensors(bf16_parents["base"])
+    assert max(max_differences(mine, {k: v.float() for k, v in weights.items()}).values()) > 1e-3  # applied
 
 
 def test_a_search_over_a_model_plus_adapter_parent_merges_in_memory_as_shoal_merge_does(parents, adapter, tmp_path):

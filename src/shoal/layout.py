@@ -127,6 +127,16 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return inner if isinstance(inner, dict) else config
 
 
+def set_dtype(config: dict[str, Any], name: str) -> None:
+    """Record the weights' dtype (torch's name: float32, bfloat16...) in config under the key it has (torch_dtype,
+    or dtype as newer transformers write it), and in a VLM's text_config where that has one."""
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
+    text = text_config(config)
+    for key in ("torch_dtype", "dtype"):
+        if text is not config and key in text:
+            text[key] = name
+
+
 @dataclass(frozen=True)
 class Names:
     """How one checkpoint (or live model) names its language model's tensors, against the canonical names.

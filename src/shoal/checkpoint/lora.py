@@ -3,6 +3,7 @@ content."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -14,9 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from shoal.cache import cache_dir
+from shoal import layout
+from shoal.cache import storage
 from shoal.checkpoint.digest import files_digest
-from shoal.checkpoint.files import PROCESSOR_FILES, TOKENIZER_FILES, copy_tokenizer
+from shoal.checkpoint.files import PROCESSOR_FILES, TOKENIZER_FILES, copy_tokenizer, write_config
 from shoal.checkpoint.reader import Checkpoint, open_checkpoint, pickle_hint
 from shoal.checkpoint.writer import INDEX_NAME, remove_stale_temporaries
 from shoal.errors import ShoalError
@@ -25,8 +27,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 """What PEFT puts before the model's own module names in an adapter's tensor names."""
-FORMAT = "1"
+FORMAT = "2"
 """The version of how an adapter is applied, part of every cache key: bump it when the result would change."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""The dtypes an adapter may be applied in (mergekit-yaml's --lora-merge-dtype), by name."""
 
 UNSUPPORTED = {
     "use_dora": "DoRA (it rescales every column of the weight by a learnt magnitude)",
@@ -69,13 +73,17 @@ def lora_delta(update: LowRank) -> torch.Tensor:
     return (delta.T if update.transpose else delta) * update.scale
 
 
-def apply_adapter(name: str, weight: torch.Tensor, adapter: Adapter) -> torch.Tensor:
-    """The model's tensor `name` with the adapter applied, in the weight's dtype (rounded once)."""
-    weight = adapter.replaced.get(name, weight).to(weight.dtype)
+def apply_adapter(name: str, weight: torch.Tensor, adapter: Adapter, dtype: torch.dtype | None = None
+                  ) -> torch.Tensor:
+    """The model's tensor `name` with the adapter applied, rounded once to dtype (None, or a tensor that is not
+    floating point: the weight's own): W (or the adapter's whole replacement of it) + scale · B A, summed in float32
+    at least."""
+    out = dtype if dtype is not None and weight.is_floating_point() else weight.dtype
+    weight = adapter.replaced.get(name, weight)
     update = adapter.low_rank.get(name)
     if update is None:
-        return weight
-    return (weight.to(torch.promote_types(weight.dtype, torch.float32)) + lora_delta(update)).to(weight.dtype)
+        return weight.to(out)
+    return (weight.to(torch.promote_types(weight.dtype, torch.float32)) + lora_delta(update)).to(out)
 
 
 def _config(folder: Path):  # type: ignore[no-untyped-def]  (a peft LoraConfig)
@@ -182,28 +190,36 @@ def _model_files(model: Checkpoint) -> list[str]:
         {info.file.name for info in model.tensors.values()})
 
 
-def _write(model: Checkpoint, adapter: Adapter, folder: Path) -> None:
-    """The merged model into folder: each of model's weight files with the adapter applied, its other files copied."""
+def _write(model: Checkpoint, adapter: Adapter, folder: Path, dtype: torch.dtype | None) -> None:
+    """The merged model into folder: each of model's weight files with the adapter applied (its floating-point
+    tensors in dtype, and config.json saying so, unless None), its other files copied."""
     for file in sorted({info.file for info in model.tensors.values()}):
         with safe_open(str(file), framework="pt") as handle:
-            state = {name: apply_adapter(name, handle.get_tensor(name), adapter) for name in handle.keys()}
+            state = {name: apply_adapter(name, handle.get_tensor(name), adapter, dtype) for name in handle.keys()}
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / file.name), metadata={"format": "pt"})
     for name in ("config.json", INDEX_NAME):
         if (model.path / name).is_file():
             shutil.copy2(model.path / name, folder / name)
+    if dtype is not None:
+        config = copy.deepcopy(model.config)
+        layout.set_dtype(config, str(dtype).removeprefix("torch."))
+        write_config(folder, config)
     copy_tokenizer(model.path, folder, processor=True)
 
 
 def merged_folder(model: Path, adapter: Path, where: str) -> Path:
-    """The model folder of model with adapter applied: $XDG_CACHE_HOME/shoal/lora/KEY (~/.cache/shoal/lora/KEY),
-    KEY a digest of both folders' contents, written once (atomically) and reused after."""
+    """The model folder of model with adapter applied, in storage()'s lora dtype: LORA/KEY, LORA storage()'s lora
+    folder ($XDG_CACHE_HOME/shoal/lora, ~/.cache/shoal/lora, by default) and KEY a digest of both folders' contents
+    and the dtype, written once (atomically) and reused after."""
     applied = read_adapter(adapter)
     base = open_checkpoint(model)
     check_fits(applied, base, where)
+    places = storage()
     key = hashlib.sha256("\n".join([
         FORMAT, files_digest(base.path, _model_files(base)), files_digest(adapter, [ADAPTER_CONFIG, ADAPTER_WEIGHTS]),
+        str(places.lora_dtype),
     ]).encode()).hexdigest()[:32]
-    final = cache_dir("lora") / key
+    final = places.lora_folder / key
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +228,7 @@ def merged_folder(model: Path, adapter: Path, where: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write(base, applied, tmp)
+        _write(base, applied, tmp, places.lora_dtype)
         os.rename(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from shoal import layout
+from shoal.cache import storage
 from shoal.checkpoint.reference import Location, parse_reference
 from shoal.errors import ShoalError
 
@@ -19,7 +20,8 @@ _HUB_FILES = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.ji
 
 
 def _folder(place: Location, ref: str) -> Path:
-    """The local folder of a folder path or a Hub id at a revision (downloaded once into the HF cache)."""
+    """The local folder of a folder path or a Hub id at a revision (downloaded once into the HF cache: storage()'s
+    hub_cache, or huggingface_hub's own)."""
     path = Path(place.path).expanduser()
     if path.is_dir():
         return path
@@ -31,17 +33,21 @@ def _folder(place: Location, ref: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    hub_cache = storage().hub_cache
     try:
-        return Path(snapshot_download(place.path, revision=place.revision, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(place.path, revision=place.revision, allow_patterns=_HUB_FILES,
+                                      cache_dir=hub_cache))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShoalError(f"{what} not found: no such folder, and the Hub could not provide it ({first})") from exc
+        into = f" into the cache {hub_cache}" if hub_cache is not None else ""
+        raise ShoalError(f"{what} not found: no such folder, and the Hub could not provide it{into} ({first})") \
+            from exc
 
 
 def resolve_model(ref: str | Path) -> Path:
     """The local folder of a model string: a folder path or a Hub id (`org/name`, `org/name@revision`), or either
     with `+ADAPTER` (a PEFT LoRA adapter's folder or Hub id): then the model with the adapter applied, made once
-    into shoal's cache (shoal.checkpoint.lora)."""
+    into storage()'s lora folder (shoal.checkpoint.lora)."""
     reference = parse_reference(ref)
     folder = _folder(reference.model, str(ref))
     if reference.lora is None:

@@ -29,6 +29,15 @@ MERGEKIT_OPTIONS = {
     "--trust-remote-code": "shoal has no equivalent: it runs no code from model folders",
     "--write-model-card": "shoal merge always writes a model card (README.md)",
     "--clone-tensors": "shoal merge has no equivalent (tensors are never shared between outputs)",
+    "--read-to-gpu": "with --device cuda shoal merge reads each tensor straight onto the GPU, always",
+    "--multi-gpu": "shoal merge runs on one device; --device cuda:N picks the GPU",
+    "--gpu-rich": "give --device cuda: shoal merge reads each tensor straight onto that one GPU and merges there",
+    "--async-write": "shoal merge always writes the previous tensor while it merges this one and reads the next",
+    "--write-threads": "shoal merge writes with one thread, overlapped with reading and merging",
+    "-v": "shoal merge has no log levels: it prints progress, notices, warnings and errors (--quiet: warnings and "
+          "errors only)",
+    "--unsafe-truncate-embeddings": "shoal never drops embedding rows; set tokenizer_source in the recipe to align "
+                                    "the parents' rows by token",
 }
 """mergekit-yaml's options that shoal merge does not take, and what shoal has (or does) instead."""
 
@@ -91,8 +100,9 @@ def main() -> None:
         if ctx is not None and ctx.command.name == "merge":
             if option in REFUSED_MERGEKIT_OPTIONS:
                 fail(f"{option}: refused, {REFUSED_MERGEKIT_OPTIONS[option]}")
-            if option in MERGEKIT_OPTIONS:
+            if option in MERGEKIT_OPTIONS:  # its text replaces click's guesses (--write-threads is no --num-threads)
                 exc.message = f"{exc.message} (a mergekit option: {MERGEKIT_OPTIONS[option]})"
+                exc.possibilities = None  # type: ignore[attr-defined]
         exc.show()  # type: ignore[attr-defined]
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
     except OSError as exc:  # the filesystem refused (full, read-only, name too long): nothing half-written is left

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,9 +15,13 @@ from rich.markup import escape
 from rich.progress import TaskID
 
 from shoal import yamlfile
+from shoal.cache import Storage, stored_in
 from shoal.cli.app import app
 from shoal.cli.progress import bar
 from shoal.errors import Interrupted, ShoalError
+
+if TYPE_CHECKING:
+    import torch
 
 _MERGEKIT_SIZE = re.compile(r"^(\d+)([KkMmBb]?)$")
 _MERGEKIT_UNITS = {"": 1, "k": 1000, "m": 1000**2, "b": 1000**3}
@@ -40,17 +46,47 @@ def _shard_bytes(shard_size: float | None, out_shard_size: str | None) -> int:
 
 
 def _merge_device(device: str | None, cuda: bool) -> str:
-    """--device, or cuda for mergekit's --cuda (a --device naming a CUDA GPU picks which)."""
+    """--device, or cuda for mergekit's --cuda (a --device naming a CUDA GPU picks which); --device auto is cuda
+    where a CUDA GPU is available (or --cuda asks for one), else cpu."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if cuda or torch.cuda.is_available() else "cpu"
     if cuda and device is not None and not device.startswith("cuda"):
         raise ShoalError(f"--cuda and --device {device} disagree; give one of them")
     return device or ("cuda" if cuda else "cpu")
+
+
+def _lora_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype --lora-merge-dtype names (None: not given)."""
+    from shoal.checkpoint.lora import DTYPES
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ShoalError(f"--lora-merge-dtype {name}: unknown dtype; give one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads for the block set to threads (unchanged if None), and restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe in mergekit's YAML format.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (written atomically).")],
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.", show_default="cpu")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda, cuda:N, or auto (cuda if a CUDA GPU is available, else cpu).", show_default="cpu")] = None,
     cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's name for --device cuda.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
     seed: Annotated[int | None, typer.Option(
@@ -75,6 +111,20 @@ def merge(
         "--intermediate-dir", "-I",
         help="Where a recipe of several documents writes the merges of its named documents (NAME/ in it), which "
              "a rerun reuses while intact.", show_default="OUT_DIR.intermediate beside OUT_DIR")] = None,
+    transformers_cache: Annotated[Path | None, typer.Option(
+        metavar="DIR", help="The Hugging Face Hub cache that parents given by Hub id are found in and downloaded "
+                            "into.", show_default="huggingface_hub's, HF_HUB_CACHE")] = None,
+    lora_merge_cache: Annotated[Path | None, typer.Option(
+        metavar="DIR", help="Where MODEL+ADAPTER parents are applied (a folder per model, adapter and dtype) and "
+                            "reused from.", show_default="$XDG_CACHE_HOME/shoal/lora")] = None,
+    lora_merge_dtype: Annotated[str | None, typer.Option(
+        metavar="DTYPE", help="float32, float16 or bfloat16: the dtype MODEL+ADAPTER parents are applied in (W + "
+                              "B A summed in float32, rounded once).", show_default="the model's own")] = None,
+    num_threads: Annotated[int | None, typer.Option(
+        "--num-threads", "-j", min=1, help="CPU threads for torch during the merge.",
+        show_default="torch's")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", help="No progress bar or notices; warnings and errors are still printed.")] = False,
 ) -> None:
     """Merge the parents named in RECIPE into a new model folder OUT_DIR (a recipe file of several `---`-separated
     documents, as mergekit-multi takes, merges each in turn; its output is the document without `name:`)."""
@@ -84,11 +134,13 @@ def merge(
     del allow_crimes  # a no-op, documented in its help
     max_shard_bytes = _shard_bytes(shard_size, out_shard_size)
     device = _merge_device(device, cuda)
+    places = Storage(hub_cache=transformers_cache, lora_cache=lora_merge_cache,
+                     lora_dtype=_lora_dtype(lora_merge_dtype))
     documents = load_documents(recipe)
     if seed is not None:
         documents = with_seed(documents, seed)
     intermediate_dir = intermediate_dir or out_dir.parent / f"{out_dir.name}.intermediate"
-    progress = bar()
+    progress = bar(disable=quiet)
     tasks: dict[str, TaskID] = {}
 
     def show(label: str, done: int, total: int) -> None:
@@ -97,19 +149,24 @@ def merge(
             tasks[label] = progress.add_task(f"merging {label}" if len(documents) > 1 else "merging tensors")
         progress.update(tasks[label], completed=done, total=total)
 
+    def notice(message: str) -> None:
+        if not quiet:
+            progress.console.print(escape(message), highlight=False, soft_wrap=True)
+
     try:
-        merge_documents(
-            documents,
-            out_dir,
-            intermediate_dir,
-            recipe_text=yamlfile.read_text(recipe) if seed is None else as_text(documents),
-            notice=lambda message: progress.console.print(escape(message), highlight=False, soft_wrap=True),
-            on_tensor=show,
-            device=device,
-            overwrite=overwrite,
-            max_shard_bytes=max_shard_bytes,
-            copy_tokenizer=copy_tokenizer,
-        )
+        with stored_in(places), _torch_threads(num_threads):
+            merge_documents(
+                documents,
+                out_dir,
+                intermediate_dir,
+                recipe_text=yamlfile.read_text(recipe) if seed is None else as_text(documents),
+                notice=notice,
+                on_tensor=show,
+                device=device,
+                overwrite=overwrite,
+                max_shard_bytes=max_shard_bytes,
+                copy_tokenizer=copy_tokenizer,
+            )
     except KeyboardInterrupt:
         kept = "the earlier OUT_DIR is unchanged" if overwrite and out_dir.exists() else "nothing was written"
         if len(documents) > 1:
@@ -117,4 +174,5 @@ def merge(
         raise Interrupted(f"{out_dir}: {kept} (no half-written model is left); run the command again to merge") from None
     finally:
         progress.stop()
-    Console(stderr=True).print(f"wrote [bold]{escape(str(out_dir))}[/]")
+    if not quiet:
+        Console(stderr=True).print(f"wrote [bold]{escape(str(out_dir))}[/]")

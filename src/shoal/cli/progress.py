@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def bar() -> Progress:
+def bar(disable: bool = False) -> Progress:
+    """A progress bar on stderr (nothing at all with disable)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -15,4 +16,5 @@ def bar() -> Progress:
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=False,
+        disable=disable,
     )

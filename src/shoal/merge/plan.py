@@ -377,11 +377,7 @@ def output_config(
             if key in text:
                 text[key] = len(layer_sources)
     if dtype is not None:
-        name = str(dtype).removeprefix("torch.")
-        config["torch_dtype" if "torch_dtype" in config else "dtype"] = name
-        for key in ("torch_dtype", "dtype"):
-            if text is not config and key in text:
-                text[key] = name
+        layout.set_dtype(config, str(dtype).removeprefix("torch."))
     return config
 
 
