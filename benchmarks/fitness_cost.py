@@ -14,6 +14,7 @@ score, and the gap between the search fitness and test (how much the winner over
     python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 8 16 --race --out runs/fitness-cost --json fitness_cost.json
     python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 100 --fraction 0.2 --json fitness_fifth.json
     python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset --fixed 100 --fraction 0.2 --json fitness_fixed.json
+    python benchmarks/fitness_cost.py --seeds 0 1 2 --budget 300 --subset 100 --fraction 0.18 --json fitness_018.json
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def run(seed: int, mode: str, n: int | None, fraction: float, args: argparse.Nam
     label = f"fixed, first {n} dev items" if mode == "fixed" else s.fitness
     return {
         "seed": seed, "mode": label + (f", {fraction:g} of full's compute" if fraction != 1 else ""), "trials": s.trials, "items": s.compute.items, "tokens": s.compute.tokens,
-        "select_items": s.selection.cost.items, "search": 100 * s.best.search, "dev": 100 * whole_dev,
+        "select_items": s.selection.cost.items, "select_tokens": s.selection.cost.tokens, "search": 100 * s.best.search, "dev": 100 * whole_dev,
         "test": 100 * s.best.test, "overstated": 100 * (s.best.search - s.best.test),
         "top_by_search_dev": 100 * s.selection.rescored[0].dev, "wall_seconds": s.wall_seconds,
     }

@@ -260,6 +260,18 @@ def test_a_moved_run_folder_reports_from_its_own_journal_where_it_is_now(zoo, ru
     assert not (tmp_path / "run").exists()  # nothing was made at the old place
 
 
+def test_a_moved_run_folder_with_a_named_storage_reads_that_storage(run_cli, tmp_path):
+    run = make_run(tmp_path / "run")
+    named = tmp_path / "shared.log"
+    (run / "study.log").rename(named)  # the trials live in a storage the user named, outside the folder
+    edit_run_json(run, storage=str(named), default_storage=False)
+    run.rename(tmp_path / "moved")
+    trials = load_run(tmp_path / "moved").trials
+    assert len(trials) == len(TRIALS) and trials == load_run(tmp_path / "moved", str(named)).trials
+    code, _, err = run_cli("report", tmp_path / "moved")
+    assert code == 0, err
+
+
 def test_storage_option_overrides_run_json(run_cli, tmp_path):
     run = make_run(tmp_path / "run")
     moved = tmp_path / "elsewhere.log"

@@ -112,6 +112,17 @@ def test_nuslerp_of_whole_tensors_in_chunks_is_bit_equal_to_upcasting_first(monk
     assert (got.double() - by_hand).abs().max().item() <= (1e-6 if work == torch.float32 else 1e-14) * scale
 
 
+def test_nuslerp_of_float16_tensors_past_norm_256_takes_their_angle_in_float32():
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(10_000, generator=g)
+    b = 0.5 * a + math.sqrt(0.75) * torch.randn(10_000, generator=g)
+    a, b = (300 * x / x.norm() for x in (a, b))  # |a|² = 90,000 overflows float16 (max 65,504)
+    merged = spherical.nuslerp(0.5, a.half(), b.half())
+    by_hand = spherical.nuslerp(0.5, a.half().double(), b.half().double())
+    assert merged.dtype == torch.float16  # within float16's own rounding of the arc taken in float64
+    assert (merged.double() - by_hand).abs().max() <= 2e-3 * by_hand.abs().max()
+
+
 def test_nuslerp_of_parallel_whole_tensors_is_linear():
     v = torch.randn(3000, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(spherical.nuslerp_flat(0.25, v, 2 * v, dtype=torch.float32), 1.25 * v)

@@ -185,6 +185,22 @@ def test_a_kill_inside_a_subsets_search_keeps_that_sessions_time_and_the_progres
     assert summary.wall_seconds >= first and summary.sessions == 2
 
 
+def test_a_pool_run_moved_after_a_kill_resumes_from_its_subsets_own_journals(zoo, tmp_path) -> None:
+    """Each subset's run.json keeps where its journal was written; a moved pool reads them where they are now."""
+    spec = load_search(_pool_search(zoo, tmp_path, budget=13))
+
+    def kill_after_five(p) -> None:
+        if p.done == 5:  # subsets finished in this session, and one inside its search
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve(spec, tmp_path / "run", on_trial=kill_after_five)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    resumed, fresh = evolve(spec, tmp_path / "moved"), evolve(spec, tmp_path / "fresh")
+    assert resumed.pool == fresh.pool and resumed.trials == fresh.trials == 13
+    assert resumed.best.test == fresh.best.test and not (tmp_path / "run").exists()
+
+
 def test_a_refused_search_leaves_no_pool_folder_behind(zoo, tmp_path) -> None:
     spec = load_search(_pool_search(zoo, tmp_path, budget=13, fitness={"mode": "race"}))
     with pytest.raises(ShoalError, match="race scores a generation"):

@@ -310,11 +310,13 @@ def test_a_killed_search_on_the_vlm_zoo_resumes_into_the_trials_of_a_whole_run(v
     command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: finished_trials(killed / "study.log") >= population + 3, seconds=600)
+        wait_for(lambda: proc.poll() is not None or finished_trials(killed / "study.log") >= population + 3, 600)
+        assert proc.poll() is None, "the search stopped before it was killed"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     before = _stored(killed)
+    assert len(before) >= population + 3  # killed in its second generation or later
     budget = len(before) + population
     resumed = subprocess.run([*command, "--budget", str(budget)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

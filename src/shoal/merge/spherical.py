@@ -71,8 +71,10 @@ def nuslerp_flat(
         return a - offset, b - offset, offset
 
     sums = torch.zeros(3, dtype=torch.float64, device=v0.device)  # a·b, |a|², |b|²
+    wide = torch.promote_types(dtype, torch.float32)  # a 16-bit chunk's dot products would overflow past norm 256
     for piece in chunks(n, size):
         a, b, _ = vectors(piece)
+        a, b = a.to(wide), b.to(wide)
         sums += torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)]).double()
     norms = sums[1].sqrt().clamp(min=1e-7) * sums[2].sqrt().clamp(min=1e-7)
     c0, c1 = (c.item() for c in _arc(t, (sums[0] / norms).clamp(-1, 1), eps))

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.errors import ShoalError
-from shoal.search.run_folder import RUN_FILE, SUBSETS_DIR, SUMMARY_FILE, RunRecord, read_run, read_summary
-from shoal.search.storage import default_storage
+from shoal.search.run_folder import (
+    RUN_FILE, SUBSETS_DIR, SUMMARY_FILE, RunRecord, read_run, read_summary, study_storage,
+)
 from shoal.search.summary import Summary
 from shoal.search.trials import Trial, running_trials, stored_trials
 
@@ -63,8 +64,7 @@ def load_run(folder: Path, storage: str | None = None) -> Run:
         raise ShoalError(f"{folder} is a hybrid run (no study of its own); load its stages with load_hybrid")
     if record.rounds is not None:
         return _load_pool(folder, record, storage)
-    # the folder's own journal is read where the folder is now (run.json keeps where it was written)
-    url = storage or (default_storage(folder) if record.default_storage else record.storage)
+    url = storage or study_storage(folder, record)
     name = record.study
     if not url:
         raise ShoalError(f"{folder / RUN_FILE} has no \"storage\" URL; pass --storage URL")

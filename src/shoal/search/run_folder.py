@@ -92,6 +92,12 @@ def read_run(run_dir: Path) -> RunRecord:
     return read_record(RunRecord, run_dir / RUN_FILE, "run record")
 
 
+def study_storage(run_dir: Path, record: RunRecord) -> str | None:
+    """Where a one-space run's study is: the folder's own journal where the folder is now (run.json keeps where it
+    was written, and the folder may have been moved since), else the storage the user named."""
+    return default_storage(run_dir) if record.default_storage else record.storage
+
+
 def read_summary(run_dir: Path) -> Summary:
     return read_record(Summary, run_dir / SUMMARY_FILE, "run summary")
 

@@ -192,9 +192,10 @@ class _Tournament:
         """What a subset's search spent: its first `trials` stored trials."""
         folder = self.run_dir / run_folder.SUBSETS_DIR / name(subset)
         record = run_folder.read_run(folder)
-        assert record.storage is not None and record.study is not None
+        storage = run_folder.study_storage(folder, record)
+        assert storage is not None and record.study is not None
         spec = subset_spec(self.spec, subset, trials)
-        stored = first_trials(open_study(record.storage, spec.search_hash(), record.study), trials)
+        stored = first_trials(open_study(storage, spec.search_hash(), record.study), trials)
         return _Count(len(stored), sum(t.failed for t in stored), sum(t.items for t in stored),
                       sum(t.tokens for t in stored))
 
