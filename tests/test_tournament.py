@@ -201,6 +201,18 @@ def test_a_pool_run_moved_after_a_kill_resumes_from_its_subsets_own_journals(zoo
     assert resumed.best.test == fresh.best.test and not (tmp_path / "run").exists()
 
 
+def test_a_pool_with_ray_workers_starts_ray_once_for_every_subsets_search(zoo, tmp_path, monkeypatch) -> None:
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    starts: list[object] = []
+    real = ray.init
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: starts.append(kwargs) or real(*args, **kwargs, num_cpus=2))
+    spec = load_search(_pool_search(zoo, tmp_path, budget=13))
+    parallel, serial = evolve(spec, tmp_path / "parallel", workers=2), evolve(spec, tmp_path / "serial")
+    assert len(starts) == 1 and not ray.is_initialized()  # one Ray for every subset search, shut down after
+    assert parallel.pool == serial.pool and parallel.best.test == serial.best.test
+
+
 def test_a_refused_search_leaves_no_pool_folder_behind(zoo, tmp_path) -> None:
     spec = load_search(_pool_search(zoo, tmp_path, budget=13, fitness={"mode": "race"}))
     with pytest.raises(ShoalError, match="race scores a generation"):

@@ -28,6 +28,7 @@ from shoal.search.loop import Progress
 from shoal.search.spec import PoolSpec, SearchSpec
 from shoal.search.summary import Cost, PoolResult, PoolRound, Summary
 from shoal.search.trials import first_trials, open_study
+from shoal.search.workers import ray_session
 
 @dataclass(frozen=True)
 class Round:
@@ -81,7 +82,7 @@ def evolve_pool(spec: SearchSpec, run_dir: Path, options: SearchOptions) -> Summ
     rounds = schedule(spec.budget, len(candidates), spec.pool)
     own = options.storage is None and spec.storage is None
     refusals(spec, options, own)  # before the pool's run.json is written, as for one search
-    with folder_lock(run_dir) if own else nullcontext():
+    with folder_lock(run_dir) if own else nullcontext(), ray_session(options.workers, options.ray_address):
         record = run_folder.open_pool(spec, run_dir, [f"{run_folder.SUBSETS_DIR}/{name(c)}" for c in candidates],
                                       options.notice)
         tournament = _Tournament(spec, run_dir, options, record, start, {name(c): 0 for c in candidates})

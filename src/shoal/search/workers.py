@@ -11,11 +11,35 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from shoal.errors import ShoalError
 from shoal.search.loop import Job, Outcome
 from shoal.search.spec import SearchSpec
+
+
+def _init(ray: Any, address: str | None) -> None:
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+@contextmanager
+def ray_session(workers: int, address: str | None) -> Iterator[None]:
+    """Ray started once for several searches that use workers (a pool's subsets) and shut down after them, so that
+    each search's RayEvaluator joins it instead of starting and stopping Ray of its own; nothing where one worker
+    is asked for, Ray is not installed (the evaluator says so) or Ray already runs."""
+    try:
+        import ray
+    except ImportError:
+        ray = None
+    if workers <= 1 or ray is None or ray.is_initialized():
+        yield
+        return
+    _init(ray, address)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class _Worker:
@@ -55,7 +79,7 @@ class RayEvaluator:
         self._ray = ray
         self._own = not ray.is_initialized()
         if self._own:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            _init(ray, address)
         gpus = 1 if spec.device.startswith("cuda") else 0
         kind = "GPU" if gpus else "CPU"
         have = ray.cluster_resources().get(kind, 0)
