@@ -190,8 +190,8 @@ def test_shoal_merge_takes_mergekits_lora_merge_cache_and_dtype(run_cli, parents
     out = tensors(tmp_path / "out")  # the linear merge of one model is that model, in its (bfloat16) dtype
     assert all(torch.equal(out[name], tensors(applied)[name]) for name in unloaded)
     code, _, err = run_cli("merge", recipe, tmp_path / "bad", "--lora-merge-dtype", "int8")
-    assert code == 2 and err.strip() == ("error: --lora-merge-dtype int8: unknown dtype; give one of float32, "
-                                         "float16, bfloat16")
+    assert code == 2 and err.strip() == ("error: unknown --lora-merge-dtype 'int8' (known: float32, fp32, float16, "
+                                         "fp16, bfloat16, bf16, float64)")
 
 
 def test_model_and_adapter_by_hub_id_and_revision(parents, tmp_path, monkeypatch):

@@ -29,9 +29,6 @@ PREFIX = "base_model.model."
 """What PEFT puts before the model's own module names in an adapter's tensor names."""
 FORMAT = "2"
 """The version of how an adapter is applied, part of every cache key: bump it when the result would change."""
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-"""The dtypes an adapter may be applied in (mergekit-yaml's --lora-merge-dtype), by name."""
-
 UNSUPPORTED = {
     "use_dora": "DoRA (it rescales every column of the weight by a learnt magnitude)",
     "lora_bias": "lora_bias (its lora_B layers have a bias)",

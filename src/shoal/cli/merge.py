@@ -57,17 +57,6 @@ def _merge_device(device: str | None, cuda: bool) -> str:
     return device or ("cuda" if cuda else "cpu")
 
 
-def _lora_dtype(name: str | None) -> torch.dtype | None:
-    """The dtype --lora-merge-dtype names (None: not given)."""
-    from shoal.checkpoint.lora import DTYPES
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise ShoalError(f"--lora-merge-dtype {name}: unknown dtype; give one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 @contextmanager
 def _torch_threads(threads: int | None) -> Iterator[None]:
     """torch's CPU threads for the block set to threads (unchanged if None), and restored after it."""
@@ -118,8 +107,9 @@ def merge(
         metavar="DIR", help="Where MODEL+ADAPTER parents are applied (a folder per model, adapter and dtype) and "
                             "reused from.", show_default="$XDG_CACHE_HOME/shoal/lora")] = None,
     lora_merge_dtype: Annotated[str | None, typer.Option(
-        metavar="DTYPE", help="float32, float16 or bfloat16: the dtype MODEL+ADAPTER parents are applied in (W + "
-                              "B A summed in float32, rounded once).", show_default="the model's own")] = None,
+        metavar="DTYPE", help="The dtype MODEL+ADAPTER parents are applied in, named as a recipe's dtype (float32, "
+                              "bfloat16, fp16, ...): W + B A summed in float32 at least, rounded once.",
+        show_default="the model's own")] = None,
     num_threads: Annotated[int | None, typer.Option(
         "--num-threads", "-j", min=1, help="CPU threads for torch during the merge.",
         show_default="torch's")] = None,
@@ -129,13 +119,14 @@ def merge(
     """Merge the parents named in RECIPE into a new model folder OUT_DIR (a recipe file of several `---`-separated
     documents, as mergekit-multi takes, merges each in turn; its output is the document without `name:`)."""
     from shoal.merge.multi import merge_documents
+    from shoal.merge.plan import parse_dtype
     from shoal.recipe_documents import as_text, load_documents, with_seed
 
     del allow_crimes  # a no-op, documented in its help
     max_shard_bytes = _shard_bytes(shard_size, out_shard_size)
     device = _merge_device(device, cuda)
     places = Storage(hub_cache=transformers_cache, lora_cache=lora_merge_cache,
-                     lora_dtype=_lora_dtype(lora_merge_dtype))
+                     lora_dtype=parse_dtype(lora_merge_dtype, "--lora-merge-dtype"))
     documents = load_documents(recipe)
     if seed is not None:
         documents = with_seed(documents, seed)

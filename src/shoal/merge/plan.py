@@ -71,11 +71,12 @@ class MergePlan:
     every module is merged)."""
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+def parse_dtype(name: str | None, what: str = "dtype") -> torch.dtype | None:
+    """The dtype a recipe (or an option, `what`) names, as mergekit names them; None if not given."""
     if name is None:
         return None
     if name not in DTYPES:
-        raise ShoalError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+        raise ShoalError(f"unknown {what} {name!r} (known: {', '.join(DTYPES)})")
     return DTYPES[name]
 
 
