@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,6 +77,18 @@ def wait_for(condition, seconds: float = 120) -> None:
     while not condition():
         assert time.time() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def kill_once_stored(command: list[str], run_dir: Path, trials: int) -> None:
+    """Start `command` (a `shoal evolve` into run_dir) and SIGKILL it once run_dir holds `trials` stored trials;
+    fails if it stops by itself first."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: proc.poll() is not None or finished_trials(run_dir / "study.log") >= trials, 600)
+        assert proc.poll() is None, "the search stopped before it was killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def finished_trials(log: Path) -> int:

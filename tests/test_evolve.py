@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from conftest import finished_trials, wait_for, zoo_search
+from conftest import kill_once_stored, zoo_search
 
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
@@ -72,13 +70,7 @@ def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path, s
     path = _search(zoo, tmp_path, budget=10_000, space=space)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: proc.poll() is not None or finished_trials(killed / "study.log") >= population + 3, 600)
-        assert proc.poll() is None, "the search stopped before it was killed"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_stored(command, killed, population + 3)
     before = _trials(killed)
     assert len(before) >= population + 3  # killed in its second generation or later
     assert not (killed / "summary.json").exists()

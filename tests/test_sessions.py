@@ -4,14 +4,11 @@ summary.json counts sessions ended by kill -9 and adds their time to wall_second
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 
 import optuna
 import pytest
-from conftest import finished_trials, wait_for, zoo_search
+from conftest import finished_trials, kill_once_stored, zoo_search
 
 from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
@@ -26,10 +23,7 @@ def test_sessions_ended_by_kill_9_are_counted_with_their_time(zoo, tmp_path) -> 
     command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
     bounds = [0]
     for _ in range(2):
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: finished_trials(run / "study.log") >= bounds[-1] + 8)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_once_stored(command, run, bounds[-1] + 8)
         bounds.append(finished_trials(run / "study.log"))
     final = bounds[-1] + 8  # the last session, given a budget a few trials beyond what the killed ones stored
     evolve(load_search(zoo_search(zoo, tmp_path, budget=final)), run)

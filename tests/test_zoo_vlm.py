@@ -4,11 +4,9 @@ vlm.json's reuse and integrity checks (smoke size)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +17,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import finished_trials, wait_for
+from conftest import kill_once_stored
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
@@ -308,13 +306,7 @@ def test_a_killed_search_on_the_vlm_zoo_resumes_into_the_trials_of_a_whole_run(v
     path = _vlm_search(vlm_zoo, tmp_path, budget=10_000)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "shoal", "evolve", str(path), str(killed), "--threads", "1"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: proc.poll() is not None or finished_trials(killed / "study.log") >= population + 3, 600)
-        assert proc.poll() is None, "the search stopped before it was killed"
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_stored(command, killed, population + 3)
     before = _stored(killed)
     assert len(before) >= population + 3  # killed in its second generation or later
     budget = len(before) + population
