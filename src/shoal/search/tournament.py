@@ -30,6 +30,7 @@ from shoal.search.summary import Cost, PoolResult, PoolRound, Summary
 from shoal.search.trials import first_trials, open_study
 from shoal.search.workers import ray_session
 
+
 @dataclass(frozen=True)
 class Round:
     trials: int
