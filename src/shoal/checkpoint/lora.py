@@ -194,13 +194,14 @@ def _write(model: Checkpoint, adapter: Adapter, folder: Path, dtype: torch.dtype
         with safe_open(str(file), framework="pt") as handle:
             state = {name: apply_adapter(name, handle.get_tensor(name), adapter, dtype) for name in handle.keys()}
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / file.name), metadata={"format": "pt"})
-    for name in ("config.json", INDEX_NAME):
-        if (model.path / name).is_file():
-            shutil.copy2(model.path / name, folder / name)
-    if dtype is not None:
+    if dtype is None:
+        shutil.copy2(model.path / "config.json", folder / "config.json")
+    else:  # the model's config, saying the new dtype
         config = copy.deepcopy(model.config)
         layout.set_dtype(config, str(dtype).removeprefix("torch."))
         write_config(folder, config)
+    if (model.path / INDEX_NAME).is_file():
+        shutil.copy2(model.path / INDEX_NAME, folder / INDEX_NAME)
     copy_tokenizer(model.path, folder, processor=True)
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,9 +17,7 @@ from shoal.cache import Storage, stored_in
 from shoal.cli.app import app
 from shoal.cli.progress import bar
 from shoal.errors import Interrupted, ShoalError
-
-if TYPE_CHECKING:
-    import torch
+from shoal.threads import torch_threads
 
 _MERGEKIT_SIZE = re.compile(r"^(\d+)([KkMmBb]?)$")
 _MERGEKIT_UNITS = {"": 1, "k": 1000, "m": 1000**2, "b": 1000**3}
@@ -55,19 +51,6 @@ def _merge_device(device: str | None, cuda: bool) -> str:
     if cuda and device is not None and not device.startswith("cuda"):
         raise ShoalError(f"--cuda and --device {device} disagree; give one of them")
     return device or ("cuda" if cuda else "cpu")
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's CPU threads for the block set to threads (unchanged if None), and restored after it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @app.command()
@@ -145,7 +128,7 @@ def merge(
             progress.console.print(escape(message), highlight=False, soft_wrap=True)
 
     try:
-        with stored_in(places), _torch_threads(num_threads):
+        with stored_in(places), torch_threads(num_threads):
             merge_documents(
                 documents,
                 out_dir,

@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from shoal.cache import cache_dir
 from shoal.errors import ShoalError
 from shoal.evaluate import evaluate, load_task
+from shoal.threads import torch_threads
 from shoal.zoo.language import Operands, Sampler, mixture, split_operands
 from shoal.zoo.tasks import items, write_task, write_tasks, xx_constraints
 from shoal.zoo.tokenizer import build_tokenizer
@@ -336,9 +337,7 @@ def build_zoo(
     tokenizer = build_tokenizer()
     tasks = write_tasks(root / "tasks", operands)
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.manual_seed(seed)
         config = llama_config(spec.shape, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
         config._attn_implementation = "eager"  # faster than sdpa for these short sequences on CPU
@@ -366,8 +365,6 @@ def build_zoo(
         _train_stage(JOINT, model, mixture(joint_mix(), operands, HARD_FRACTION), joint, seed * 1000 + len(PARENTS) + 1,
                      tokens, progress)
         save_model(model, tokenizer, root / "models" / JOINT)
-    finally:
-        torch.set_num_threads(previous_threads)
 
     data = {
         "seed": seed,

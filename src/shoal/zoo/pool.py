@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from shoal.errors import ShoalError
+from shoal.threads import torch_threads
 from shoal.zoo.build import HARD_FRACTION, SIZES, ParentSpec, Progress, Zoo, _fingerprint, _train_stage, load_zoo
 from shoal.zoo.language import mixture, split_operands
 from shoal.zoo.part import PartRecord
@@ -105,9 +105,7 @@ def build_pool(zoo: Zoo, *, threads: int = 1, progress: Progress | None = None,
     tokenizer = PreTrainedTokenizerFast.from_pretrained(zoo.base)
     schedule = SCHEDULES[zoo.size]
     steps: dict[str, int] = {}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for i, (name, parent) in enumerate(POOL.items(), start=1):
             model = LlamaForCausalLM.from_pretrained(zoo.base)
             model.config._attn_implementation = "eager"
@@ -115,8 +113,6 @@ def build_pool(zoo: Zoo, *, threads: int = 1, progress: Progress | None = None,
             steps[name] = _train_stage(name, model, sample, schedule, zoo.seed * 1000 + 100 + i,
                                        tokenizer.backend_tokenizer, progress)
             save_model(model, tokenizer, zoo.root / "models" / name)
-    finally:
-        torch.set_num_threads(previous)
     data = {
         "seed": zoo.seed,
         "size": zoo.size,

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from shoal.errors import ShoalError
+from shoal.threads import torch_threads
 from shoal.zoo.build import Progress, Zoo, _fingerprint, load_zoo
 from shoal.zoo.captions import PROMPTS, held_out, training_renders, write_caption_tasks
 from shoal.zoo.language import scene
@@ -157,9 +156,7 @@ def build_vlm_zoo(
     tasks = write_caption_tasks(root / "tasks", splits)
     pool = training_renders(spec.train_pictures, seed, spec.vision.side, [r for rs in splits.values() for r in rs])
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         model, processor = from_base(zoo.base, spec.vision, seed)
         data = examples(processor, [r.image for r in pool], [PROMPTS["en"]] * len(pool), [scene(r.scene, "en") for r in pool])
         for stage, schedule, stage_seed, ratio in (("vlm-align", spec.align, seed * 1000 + 6, 0.0),
@@ -167,8 +164,6 @@ def build_vlm_zoo(
             report = (lambda step, st=stage, sc=schedule: progress(st, step, sc.steps)) if progress else None
             train_vlm(model, data, schedule, stage_seed, ratio, report)
         save_model(model, processor, root / "models" / VLM)
-    finally:
-        torch.set_num_threads(previous_threads)
 
     data_json = {
         "seed": seed,
