@@ -121,6 +121,16 @@ def test_della_keeps_larger_magnitudes_more_often():
     assert methods.magprune_mask(fractions, 1.0, 0.2, torch.Generator()).all()
 
 
+def test_della_draw_is_torch_bernoulli_bit_for_bit_across_chunks():
+    # several CPU chunks and a remainder: the same mask and generator state as one torch.bernoulli of p
+    fractions = methods.magnitude_fractions(torch.randn(3, methods.CHUNK + 4321, generator=torch.Generator().manual_seed(1)))
+    mine, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    mask = methods.magprune_mask(fractions, 0.4, 0.25, mine)
+    expected = torch.bernoulli((0.4 - 0.25) + fractions * 2 * 0.25, generator=theirs).bool()
+    assert torch.equal(mask, expected)
+    assert torch.equal(torch.rand(4, generator=mine), torch.rand(4, generator=theirs))
+
+
 def test_della_at_the_extreme_epsilon_keeps_exactly_the_larger_entry_and_rescales():
     delta = t(1.0, -3.0)  # fractions 0, 1 -> p = 0.5 - 0.5 + 2 * 0.5 * fraction = 0, 1
     mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.5, 0.5, torch.Generator().manual_seed(3))
