@@ -60,6 +60,7 @@ SHAPES = {
     # hidden, MLP, vocabulary, layers, key/value width (grouped-query attention)
     "7B": (4096, 11008, 32000, 32, 4096),
     "8B": (4096, 14336, 128256, 32, 1024),
+    "Qwen2.5-7B": (3584, 18944, 152064, 28, 512),
 }
 
 
@@ -205,7 +206,8 @@ def projected_sizes(shape: str, parents: int, method: str) -> list:
                                            + [(hidden, mlp)] + [(hidden,)] * 2) + [(hidden,), (vocab, hidden)]
     ranked = method == "ties"
     return [TensorSize(numel=torch.Size(s).numel(), out=2, merged=True, base=2, inputs=(2,) * parents, compute=4,
-                       rank=index_dtype(torch.Size(s).numel()).itemsize if ranked else 0, task_vectors=True)
+                       rank=index_dtype(torch.Size(s).numel()).itemsize if ranked else 0, task_vectors=True,
+                       sparsify="magnitude" if ranked else "random", work=2)
             for s in shapes]
 
 

@@ -3,11 +3,12 @@
     python benchmarks/merge_peak.py [--entries 10000000] [--parents 2,3,4]
 
 For each method and parent count, one merge of a tensor of --entries bf16 entries (a base and parents = base +
-noise), run in its own process twice: in chunks, as a CPU merges a tensor this large, and in one piece (chunking
-switched off, as a tensor within one chunk of its device is merged). Prints the rise of the process's peak resident
-set (VmHWM, after resetting it) over its resident set before the merge, in float32 tensors of the merge's size,
-beside memory.py's count of temporaries for the same case (ARITHMETIC_COPIES_TASK_VECTORS in chunks,
-..._WHOLE in one piece).
+noise), run in its own process twice: in chunks, as a CPU merges a tensor this large (each task vector's mask found
+over the whole tensor, then merged and written a chunk at a time into a bf16 output, as engine.merge_into does), and
+in one piece (chunking switched off, as a tensor within one chunk of its device is merged). Prints the rise of the
+process's peak resident set (VmHWM, after resetting it) over its resident set before the merge, in bytes per entry,
+beside memory.py's count for the same case (mask_bytes and CHUNK_TEMPORARIES in chunks,
+ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def proc_bytes(path: str, key: str) -> int:
 
 
 def one(method: str, count: int, whole: bool, entries: int) -> float:
-    """In this process: the peak's rise during one merge, in float32 tensors of `entries`."""
+    """In this process: the peak's rise during one merge, in bytes an entry."""
     import torch
 
     from shoal.merge import methods
@@ -44,12 +45,18 @@ def one(method: str, count: int, whole: bool, entries: int) -> float:
     method = REGISTRY[method]
     per = [{"weight": 0.3 + 0.2 * i, "density": 0.5, "epsilon": 0.1, "gamma": 0.01} for i in range(count)]
     per = [{k: v for k, v in p.items() if k in method.per_model} for p in per]
+    out = torch.zeros(entries, dtype=torch.bfloat16)  # the live model's tensor, there before the merge
+    call = MergeCall(base=base, tensors=tensors, per_model=per, shared=dict(method.shared), work_dtype=torch.bfloat16,
+                     compute_dtype=torch.float32, generators=[torch.Generator().manual_seed(s) for s in range(count)])
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the resident set now
     before = proc_bytes("/proc/self/status", "VmRSS")
-    method.merge(MergeCall(base=base, tensors=tensors, per_model=per, shared=dict(method.shared),
-                           work_dtype=torch.bfloat16, compute_dtype=torch.float32,
-                           generators=[torch.Generator().manual_seed(s) for s in range(count)]))
-    return (proc_bytes("/proc/self/status", "VmHWM") - before) / (4 * entries)
+    if whole:
+        out.copy_(method.merge(call))
+    else:
+        values_of = method.pieces(call)
+        for piece in methods.chunks(entries, methods.CHUNK):
+            out[piece] = values_of(piece)
+    return (proc_bytes("/proc/self/status", "VmHWM") - before) / entries
 
 
 def main() -> None:
@@ -62,20 +69,25 @@ def main() -> None:
         method, count, whole = args.child
         print(one(method, int(count), whole == "whole", args.entries))
         return
-    from shoal.merge.memory import ARITHMETIC_COPIES_TASK_VECTORS, ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
+    from shoal.merge import methods
+    from shoal.merge.memory import ARITHMETIC_COPIES_TASK_VECTORS_WHOLE, CHUNK_TEMPORARIES, mask_bytes
+    from shoal.merge.registry import METHODS as REGISTRY
 
-    print(f"one merge of {args.entries:,} bf16 entries; peak rise in float32 tensors of that size (counted by memory.py)")
+    print(f"one merge of {args.entries:,} bf16 entries; peak rise in bytes an entry (counted by memory.py)")
     print(f"{'method':<18} {'parents':>7} {'in chunks':>14} {'in one piece':>14}")
     for method in METHODS:
         for count in map(int, args.parents.split(",")):
+            held, forming = mask_bytes(REGISTRY[method].sparsify, 2, ranks_kept=False)
+            per, extra = CHUNK_TEMPORARIES
+            chunks = held * count + forming + methods.CHUNK * 4 * (per * count + extra) / args.entries
+            per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
+            counted = {"chunks": chunks, "whole": 4 * (per * count + extra)}
             cells = []
-            for mode, (per, extra) in (("chunks", ARITHMETIC_COPIES_TASK_VECTORS),
-                                       ("whole", ARITHMETIC_COPIES_TASK_VECTORS_WHOLE)):
+            for mode in ("chunks", "whole"):
                 out = subprocess.run([sys.executable, __file__, "--entries", str(args.entries), "--child", method,
                                       str(count), mode], capture_output=True, text=True, check=True).stdout
-                cells.append(f"{float(out):5.1f} ({per * count + extra:2d})")
+                cells.append(f"{float(out):5.1f} ({counted[mode]:4.1f})")
             print(f"{method:<18} {count:7d} {cells[0]:>14} {cells[1]:>14}", flush=True)
-
 
 if __name__ == "__main__":
     main()

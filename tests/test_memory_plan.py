@@ -51,20 +51,19 @@ def test_the_tiny_model_has_the_shapes_counted_by_hand(bf16_parents) -> None:
 
 # TIES over two bf16 parents, two live models, on a GPU: per entry the base and parents take 2 bytes, a task vector
 # or a merge temporary 4, a rank 2 (1 for the norms); a merge of a tensor this small (one piece, not in chunks)
-# holds 3 n + 8 = 14 temporaries of its tensor
+# holds 3 n + 8 = 14 temporaries of its tensor; TIES writes no scratch buffer (linear does)
 RANKS = 2 * (2 * (N - NORMS) + NORMS)  # two parents
 MODELS = 2 * 2 * N
-SCRATCH = 2 * 4 * L
 TIES_BF16 = [
-    (MemoryPlan(), 10 * N, RANKS, MODELS + 10 * N + RANKS + SCRATCH + 56 * L, 0),
-    (MemoryPlan(keep="parents"), 6 * N, RANKS, MODELS + 6 * N + RANKS + SCRATCH + 56 * L, 0),
-    (MemoryPlan(ranks="recomputed"), 10 * N, 0, MODELS + 10 * N + SCRATCH + 56 * L, 0),
+    (MemoryPlan(), 10 * N, RANKS, MODELS + 10 * N + RANKS + 56 * L, 0),
+    (MemoryPlan(keep="parents"), 6 * N, RANKS, MODELS + 6 * N + RANKS + 56 * L, 0),
+    (MemoryPlan(ranks="recomputed"), 10 * N, 0, MODELS + 10 * N + 56 * L, 0),
     # the largest tensor's kept inputs and ranks are moved to the device while it merges: 10 + 2 * 2 bytes an entry
-    (MemoryPlan(inputs="host"), 10 * N, RANKS, MODELS + SCRATCH + 56 * L + 14 * L, 10 * N + RANKS),
-    (MemoryPlan(inputs="host", keep="parents", ranks="recomputed"), 6 * N, 0, MODELS + SCRATCH + 56 * L + 6 * L,
-     6 * N),
-    # nothing kept; a tensor's base and parents are read, and the next one's while it merges: 2 * 6 bytes an entry
-    (MemoryPlan(inputs="stream"), 0, 0, MODELS + SCRATCH + 56 * L + 12 * L, 0),
+    (MemoryPlan(inputs="host"), 10 * N, RANKS, MODELS + 56 * L + 14 * L, 10 * N + RANKS),
+    (MemoryPlan(inputs="host", keep="parents", ranks="recomputed"), 6 * N, 0, MODELS + 56 * L + 6 * L, 6 * N),
+    # nothing kept; a tensor's base and parents are read (6 bytes an entry), and the next one's while it merges:
+    # the embeddings' are followed (in name order) by a layer norm's 64 entries
+    (MemoryPlan(inputs="stream"), 0, 0, MODELS + 56 * L + 6 * L + 6 * 64, 0),
 ]
 
 
@@ -76,7 +75,7 @@ def test_bytes_of_each_plan_are_the_sum_by_hand(bf16_parents, plan, inputs, rank
 
 def test_on_a_cpu_host_memory_is_the_device_memory(bf16_parents) -> None:
     need = _need(_recipe(bf16_parents, "ties"), MemoryPlan(inputs="host"), on_cpu=True)
-    assert (need.device, need.host) == (MODELS + 10 * N + RANKS + SCRATCH + 56 * L, 0)
+    assert (need.device, need.host) == (MODELS + 10 * N + RANKS + 56 * L, 0)
 
 
 def test_inputs_are_kept_in_the_narrower_of_their_own_and_the_recipe_dtype(parents, bf16_parents) -> None:
@@ -207,13 +206,18 @@ def test_the_counted_inputs_are_what_the_merger_keeps(bf16_parents, plan, dtype,
 
 
 @pytest.mark.parametrize("on_cpu,chunk", [(True, methods.CHUNK), (False, methods.DEVICE_CHUNK)])
-def test_a_tensor_merged_in_chunks_needs_fewer_temporaries_than_one_in_a_piece(on_cpu, chunk) -> None:
-    """Two bf16 parents, inputs streamed, one live model: the working bytes are the live model's scratch (4 an entry)
-    and the merge's temporaries, 2 n + 6 = 10 of 4 bytes beyond one chunk, 3 n + 8 = 14 within it, plus the inputs
-    read twice (2 * 6 bytes)."""
-    def working(numel: int) -> int:
-        size = TensorSize(numel=numel, out=2, merged=True, base=2, inputs=(2, 2), compute=4, task_vectors=True)
+def test_a_tensor_merged_in_chunks_holds_its_masks_and_chunks_where_one_piece_holds_whole_temporaries(on_cpu, chunk):
+    """Two bf16 parents, inputs streamed (6 bytes an entry read), one live model. In chunks: a bool keep mask a
+    parent (DARE), plus for TIES without stored ranks the trim's forming (the bf16 task vector, its magnitudes and a
+    threshold mask: 6 bytes), and 2 n + 6 = 10 float32 chunks; in one piece, 3 n + 8 = 14 float32 temporaries."""
+    def working(numel: int, sparsify: str) -> int:
+        size = TensorSize(numel=numel, out=2, merged=True, base=2, inputs=(2, 2), compute=4, task_vectors=True,
+                          sparsify=sparsify, work=2)
         return memory_need([size], MemoryPlan(inputs="stream"), slots=1, on_cpu=on_cpu).working
 
-    assert working(chunk + 1) == (chunk + 1) * (4 + 10 * 4 + 12)
-    assert working(chunk) == chunk * (4 + 14 * 4 + 12)
+    assert working(chunk + 1, "random") == (chunk + 1) * (2 + 6) + chunk * 10 * 4
+    assert working(chunk + 1, "magnitude") == (chunk + 1) * (2 + 6 + 6) + chunk * 10 * 4
+    assert working(chunk, "random") == working(chunk, "magnitude") == chunk * (14 * 4 + 6)
+    # a 128k-token embedding of width 4096 (525M entries) in chunks: under a sixth of its bytes in one piece (most of it the inputs read)
+    big = 128_256 * 4096
+    assert working(big, "random") * 6 < big * (14 * 4 + 6)

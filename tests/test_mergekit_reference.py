@@ -182,4 +182,4 @@ def test_della_drop_equals_mergekit_with_the_same_seed(shape):
     torch.manual_seed(11)
     theirs = della_magprune(delta, density=0.4, epsilon=0.25, rescale_norm=RescaleNorm.l1)
     mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.4, 0.25, torch.Generator().manual_seed(11))
-    assert torch.equal(methods.apply_mask(delta, mask, rescale=True), theirs)
+    assert torch.equal(methods.rescaled(methods.TaskVector(delta, mask=mask)).part(), theirs)

@@ -25,7 +25,7 @@ def test_linear_without_normalise_is_the_weighted_sum():
 def test_task_arithmetic_adds_scaled_task_vectors_to_the_base():
     base = t(1.0, 1.0, 1.0)
     deltas = [t(1.0, -2.0, 0.5), t(-1.0, 4.0, 0.5)]
-    out = methods.combine_task_vectors(base, deltas, [0.5, 0.25], consensus=False, normalize=False, lam=2.0)
+    out = methods.combine_task_vectors(base, [methods.TaskVector(d) for d in deltas], [0.5, 0.25], consensus=False, normalize=False, lam=2.0)
     # 1 + 2 * (0.5*d1 + 0.25*d2)
     assert torch.allclose(out, t(1 + 2 * (0.5 - 0.25), 1 + 2 * (-1.0 + 1.0), 1 + 2 * (0.25 + 0.125)))
 
@@ -33,7 +33,7 @@ def test_task_arithmetic_adds_scaled_task_vectors_to_the_base():
 def test_ties_elects_the_sign_of_the_weighted_sum_and_averages_agreeing_entries():
     base = torch.zeros(4)
     deltas = [t(3.0, -1.0, 2.0, 0.0), t(-1.0, -2.0, -5.0, 1.0), t(2.0, 4.0, 0.0, -1.0)]
-    out = methods.combine_task_vectors(base, deltas, [1.0, 1.0, 1.0], consensus=True, normalize=True)
+    out = methods.combine_task_vectors(base, [methods.TaskVector(d) for d in deltas], [1.0, 1.0, 1.0], consensus=True, normalize=True)
     # column 0: sum=4 (+): agreeing 3, 2 -> mean 2.5; column 1: sum=1 (+): only 4 -> 4
     # column 2: sum=-3 (-): only -5 -> -5; column 3: sum=0 counts as +: only 1 -> 1
     assert torch.allclose(out, t(2.5, 4.0, -5.0, 1.0))
@@ -42,7 +42,7 @@ def test_ties_elects_the_sign_of_the_weighted_sum_and_averages_agreeing_entries(
 def test_ties_divides_by_the_weights_that_contributed():
     base = t(10.0)
     deltas = [t(2.0), t(-1.0), t(4.0)]
-    out = methods.combine_task_vectors(base, deltas, [0.5, 1.0, 0.25], consensus=True, normalize=True)
+    out = methods.combine_task_vectors(base, [methods.TaskVector(d) for d in deltas], [0.5, 1.0, 0.25], consensus=True, normalize=True)
     # weighted: 1, -1, 1 -> sum 1 (+); agreeing: 0.5*2 + 0.25*4 = 2 over weights 0.75
     assert torch.allclose(out, t(10 + 2 / 0.75))
 
@@ -81,21 +81,42 @@ def test_a_tensor_beyond_one_chunk_of_its_device_is_merged_in_chunks():
 def test_a_dropped_vector_formed_in_pieces_is_the_rescaled_product():
     delta = torch.randn(3000, generator=torch.Generator().manual_seed(1))
     mask = torch.rand(3000, generator=torch.Generator().manual_seed(2)) < 0.3
-    dropped = methods.drop(delta, mask, rescale=True)
+    dropped = methods.rescaled(methods.TaskVector(delta, mask=mask))
     whole = delta * mask
     assert torch.equal(dropped.part(), whole * (delta.abs().sum() / whole.abs().sum()))
     assert torch.equal(torch.cat([dropped.part(slice(s, s + 1000)) for s in (0, 1000, 2000)]), dropped.part())
-    assert methods.drop(delta, mask, rescale=False).scale is None
-    assert methods.drop(torch.zeros(4), torch.ones(4, dtype=torch.bool), rescale=True).scale is None  # |τ| < 1e-7
+    assert methods.TaskVector(delta, mask=mask).scale is None
+    assert methods.rescaled(methods.TaskVector(torch.zeros(4), mask=torch.ones(4, dtype=torch.bool))).scale is None
+
+
+def test_a_task_vector_in_chunks_is_formed_from_the_parent_and_base_a_piece_at_a_time():
+    generator = torch.Generator().manual_seed(4)
+    n = 2 * methods.CHUNK + 999  # two chunks and a remainder
+    base = torch.randn(n, generator=generator).bfloat16()
+    parent = (base.float() + 0.01 * torch.randn(n, generator=generator)).bfloat16()
+    mask = torch.rand(n, generator=generator) < 0.4
+    vector = methods.rescaled(methods.TaskVector(parent, base, torch.float32, mask=mask))
+    delta = parent.float() - base.float()
+    # the rescale's norms are chunk sums added in float64: the exact ratio rounded to float32
+    exact = delta.double().abs().sum() / (delta.double() * mask).abs().sum()
+    assert vector.scale.dtype == torch.float32 and abs(vector.scale.item() / exact.item() - 1) < 1e-7
+    assert torch.equal(vector.part(), (delta * mask).mul_(vector.scale))
+    assert torch.equal(vector.whole_in(torch.bfloat16), delta.bfloat16())
+    # ranks kept below a limit are the trim's mask, compared a piece at a time
+    ranks = methods.magnitude_ranks(delta)
+    below = methods.rank_limit(ranks, 0.3)
+    trimmed = methods.TaskVector(parent, base, torch.float32, mask=ranks, below=below)
+    assert torch.equal(trimmed.part(), delta * methods.magnitude_mask(delta, 0.3))
+    assert methods.rank_limit(ranks, 1.0) is None
 
 
 def test_rescale_keeps_the_l1_norm():
     delta = t(1.0, -2.0, 3.0, -4.0)
     mask = torch.tensor([True, False, True, False])
-    out = methods.apply_mask(delta, mask, rescale=True)
+    out = methods.rescaled(methods.TaskVector(delta, mask=mask)).part()
     assert torch.allclose(out, t(1.0, 0.0, 3.0, 0.0) * (10 / 4))
     assert torch.allclose(out.abs().sum(), delta.abs().sum())
-    assert torch.equal(methods.apply_mask(delta, mask, rescale=False), t(1.0, 0.0, 3.0, 0.0))
+    assert torch.equal(methods.TaskVector(delta, mask=mask).part(), t(1.0, 0.0, 3.0, 0.0))
 
 
 def test_breadcrumbs_drops_outliers_and_the_smallest():
@@ -135,7 +156,7 @@ def test_della_at_the_extreme_epsilon_keeps_exactly_the_larger_entry_and_rescale
     delta = t(1.0, -3.0)  # fractions 0, 1 -> p = 0.5 - 0.5 + 2 * 0.5 * fraction = 0, 1
     mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.5, 0.5, torch.Generator().manual_seed(3))
     assert mask.tolist() == [False, True]
-    assert methods.apply_mask(delta, mask, rescale=True).tolist() == [0.0, -4.0]  # L1 4 -> kept -3 scaled by 4/3
+    assert methods.rescaled(methods.TaskVector(delta, mask=mask)).part().tolist() == [0.0, -4.0]  # L1 4 -> kept -3 scaled by 4/3
 
 
 def test_sce_weights_by_mean_square_and_erases_the_minority_sign():

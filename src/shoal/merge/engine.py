@@ -15,7 +15,7 @@ from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.merge import chat_template, methods
-from shoal.merge.plan import MergePlan, TensorJob, build_plan
+from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorJob, build_plan
 from shoal.merge.registry import METHODS, MergeCall
 from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates, check_shared_vocabulary
 from shoal.merge.vocab import align_rows
@@ -49,6 +49,46 @@ class Scratch:
         return buffer[:numel].view(shape)
 
 
+def _call(
+    job: TensorJob,
+    method_name: str,
+    base: torch.Tensor | None,
+    tensors: list[torch.Tensor],
+    scratch: Scratch | None,
+    deltas: list[torch.Tensor] | None,
+    ranks: list[torch.Tensor] | None,
+) -> MergeCall:
+    """The method's call for one tensor's floating-point inputs, rounded to the recipe's dtype; a random method's
+    generators seeded for this tensor."""
+    raw = [t.to(job.work_dtype) for t in ([base] if base is not None else []) + tensors]
+    generators = []
+    if METHODS[method_name].random:
+        generators = [torch.Generator(device=raw[0].device).manual_seed(s) for s in job.seeds]
+    call = MergeCall(
+        base=raw[0] if base is not None else None,
+        tensors=raw[1:] if base is not None else raw,
+        per_model=job.per_model,
+        shared=job.shared,
+        work_dtype=job.work_dtype,
+        generators=generators,
+        compute_dtype=_compute_dtype(raw),
+        deltas=deltas,
+        ranks=ranks,
+    )
+    if scratch is not None and METHODS[method_name].elementwise:  # the one kind that writes its result there
+        call.scratch = scratch.take(raw[0].shape, call.compute_dtype, raw[0].device)
+    return call
+
+
+def _checked(values: torch.Tensor, job: TensorJob, method_name: str) -> torch.Tensor:
+    if not _finite(values):
+        raise ShoalError(
+            f"the merge produced NaN or inf in tensor {job.spec.name} ({method_name}); "
+            "check the weights (e.g. weights summing to 0 with normalize: true)"
+        )
+    return values
+
+
 def merged_values(
     job: TensorJob,
     method_name: str,
@@ -63,37 +103,15 @@ def merged_values(
     in the compute dtype, possibly the scratch buffer. deltas and ranks, when given, are the task vectors and
     their magnitude ranks already formed from these inputs (the resident merger keeps them between trials); with
     deltas, a task-vector method needs no tensors (an empty list)."""
-    method = METHODS[method_name]
-    raw = ([base] if base is not None else []) + tensors
-    if not raw[0].is_floating_point():
-        return raw[0]
-    raw = [t.to(job.work_dtype) for t in raw]
-    generators = []
-    if method.random:
-        generators = [torch.Generator(device=raw[0].device).manual_seed(s) for s in job.seeds]
-    call = MergeCall(
-        base=raw[0] if base is not None else None,
-        tensors=raw[1:] if base is not None else raw,
-        per_model=job.per_model,
-        shared=job.shared,
-        work_dtype=job.work_dtype,
-        generators=generators,
-        compute_dtype=_compute_dtype(raw),
-        deltas=deltas,
-        ranks=ranks,
-    )
-    if scratch is not None:
-        call.scratch = scratch.take(raw[0].shape, call.compute_dtype, raw[0].device)
+    first = base if base is not None else tensors[0]
+    if not first.is_floating_point():
+        return first
+    call = _call(job, method_name, base, tensors, scratch, deltas, ranks)
     try:
-        result = method.merge(call)
+        result = METHODS[method_name].merge(call)
     except ShoalError as error:
         raise ShoalError(f"tensor {job.spec.name} ({method_name}): {error}") from None
-    if not _finite(result):
-        raise ShoalError(
-            f"the merge produced NaN or inf in tensor {job.spec.name} ({method_name}); "
-            "check the weights (e.g. weights summing to 0 with normalize: true)"
-        )
-    return result
+    return _checked(result, job, method_name)
 
 
 def merge_into(
@@ -108,17 +126,29 @@ def merge_into(
     ranks: list[torch.Tensor] | None = None,
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
-    wider than the output's dtype, as a live model's parameter may be). An elementwise method (linear, task
-    arithmetic) runs a chunk at a time (methods.chunk_size), with the same values bit for bit."""
+    wider than the output's dtype, as a live model's parameter may be), with the same values bit for bit. A large
+    tensor of an elementwise method (linear, task arithmetic) is merged a chunk at a time (methods.chunk_size); of a
+    task-vector method (TIES, DARE, ...), its masks and rescales are found over the whole tensor, then it is merged
+    and written a chunk at a time, so no compute-dtype copy of it is made whole."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
-    if not (method.elementwise and first.is_floating_point() and methods.in_chunks(first)):
+    chunked = first.is_floating_point() and methods.in_chunks(first)
+    flat_out = out.view(-1)
+    if chunked and method.pieces is not None:
+        call = _call(job, method_name, base, tensors, None, deltas, ranks)
+        try:
+            values_of = method.pieces(call)
+        except ShoalError as error:
+            raise ShoalError(f"tensor {job.spec.name} ({method_name}): {error}") from None
+        for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first)):
+            flat_out[piece].copy_(_rounded(_checked(values_of(piece), job, method_name), job))
+        return
+    if not (chunked and method.elementwise):
         out.copy_(_rounded(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks), job))
         return
     flat_base = base.reshape(-1) if base is not None else None
     flat_tensors = [t.reshape(-1) for t in tensors]
     flat_deltas = None if deltas is None else [d.reshape(-1) for d in deltas]
-    flat_out = out.view(-1)
     for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first)):
         values = merged_values(
             job, method_name, None if flat_base is None else flat_base[piece], [t[piece] for t in flat_tensors],
@@ -165,14 +195,31 @@ def _load(job: TensorJob, parents: dict[str, Checkpoint], device: str) -> Loaded
     return aligned(job, base, [parents[i.parent].tensor(i.name, device) for i in job.inputs])
 
 
-def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: str) -> Iterator[tuple[TensorJob, Loaded]]:
-    """Yield each job with its inputs, reading the next job's tensors while the current one is merged."""
+def _input_bytes(job: TensorJob, parents: dict[str, Checkpoint]) -> int:
+    """The bytes of a job's inputs as read from the parents' files."""
+    total = 0
+    for tin in ([job.base] if job.base else []) + list(job.inputs):
+        numel = 1
+        for n in parents[tin.parent].shape(tin.name):
+            numel *= n
+        total += numel * DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)].itemsize
+    return total
+
+
+def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: str, ahead_limit: int | None = None
+               ) -> Iterator[tuple[TensorJob, Loaded]]:
+    """Yield each job with its inputs, reading the next job's tensors while the current one is merged (with
+    ahead_limit, only when they are at most that many bytes: a larger job's are read once the current one is done,
+    so that two large jobs' inputs are never held at once)."""
+    def ahead(i: int) -> bool:
+        return ahead_limit is None or _input_bytes(jobs[i], parents) <= ahead_limit
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future[Loaded] | None = pool.submit(_load, jobs[0], parents, device) if jobs else None
         for i, job in enumerate(jobs):
-            assert pending is not None
-            loaded = pending.result()
-            pending = pool.submit(_load, jobs[i + 1], parents, device) if i + 1 < len(jobs) else None
+            loaded = pending.result() if pending is not None else _load(job, parents, device)
+            pending = pool.submit(_load, jobs[i + 1], parents, device) if i + 1 < len(jobs) and ahead(i + 1) \
+                else None
             yield job, loaded
 
 

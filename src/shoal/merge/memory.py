@@ -22,17 +22,38 @@ from shoal.merge.registry import MergeMethod
 
 Placement = Literal["device", "host", "stream"]
 
-ARITHMETIC_COPIES_TASK_VECTORS = (2, 6)
-"""A task-vector merge of a tensor taken in chunks (methods.in_chunks) holds at most about 2 n + 6 compute-dtype
-temporaries of its size at once (n task vectors as formed, their masks, the rescale's magnitudes): an upper
-estimate, from the code of registry._task_vector_merge and methods.combine_task_vectors, checked against peak
-resident memory for TIES, DARE-TIES, DARE-linear, DELLA and breadcrumbs over 2-4 parents (benchmarks/merge_peak.py:
-5.4-12.4)."""
+CHUNK_TEMPORARIES = (2, 6)
+"""A task-vector merge of a tensor in chunks (methods.in_chunks) forms its task vectors, dropped vectors, sign votes
+and sums a chunk at a time: at most about 2 n + 6 compute-dtype chunks at once, besides each parent's keep mask
+(mask_bytes)."""
 ARITHMETIC_COPIES_TASK_VECTORS_WHOLE = (3, 8)
-"""The same for a tensor taken in one piece, where the dropped vectors, the sum, the sign votes, the elected signs,
-the divisor, a weighted vector and its agreement mask are whole too: 3 n + 8 (measured 5.3-16.4 over the same)."""
+"""A task-vector merge of a tensor in one piece, where the dropped vectors, the sum, the sign votes, the elected
+signs, the divisor, a weighted vector and its agreement mask are whole: 3 n + 8 compute-dtype tensors of its size
+(benchmarks/merge_peak.py measured 5.3-16.4 over 2-4 parents)."""
 ARITHMETIC_COPIES_OTHER = (1, 2)
 """Any other method: about n + 2 (its inputs widened, the result and one temporary)."""
+READ_AHEAD_LIMIT = 512 * 2**20
+"""The streamed plan reads the next tensor's inputs while this one merges when they are at most this many bytes; a
+larger one (a large vocabulary's embedding or head) is read after, so two of them are never held at once."""
+
+
+def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool) -> tuple[int, int]:
+    """Bytes per entry that a task-vector merge in chunks holds besides its inputs and chunks: each parent's keep
+    mask (bool, held until the tensor is merged), and the most held at once while one mask is formed (the task
+    vector whole in the recipe's dtype of `work` bytes, its magnitudes, a threshold's mask or a row sort's keys,
+    indices and places): counted from methods.py, checked by benchmarks/merge_peak.py."""
+    if sparsify is None or (sparsify == "magnitude" and ranks_kept):
+        return 0, 0  # no mask, or the stored ranks compared a chunk at a time
+    if sparsify == "random":
+        return 1, 0
+    if sparsify == "magnitude":
+        return 1, 2 * work + 2 + (work if work >= 4 else 0)  # kthvalue copies a 32-bit tensor
+    if sparsify == "outliers":
+        return 1, 3 * work + 6
+    if sparsify == "magprune":
+        return 1, 4 if ranks_kept else 3 * work + 16
+    raise ValueError(f"unknown sparsify {sparsify!r}")
+
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -127,6 +148,12 @@ class TensorSize:
     """Bytes per element of a stored magnitude rank (0: the method ranks nothing)."""
     task_vectors: bool = False
     """The method merges task vectors, which can be kept instead of the parents."""
+    sparsify: str | None = None
+    """The task-vector method's drop step (registry.Sparsify)."""
+    work: int = 4
+    """Bytes per element of the recipe's dtype, in which task vectors are ranked."""
+    scratch: bool = False
+    """The method writes its result into the live model's scratch buffer (an elementwise one: a chunk at most)."""
 
 
 @dataclass(frozen=True)
@@ -146,30 +173,42 @@ class MemoryNeed:
 
 def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on_cpu: bool) -> MemoryNeed:
     """The bytes `plan` needs for tensors of these sizes and `slots` live models (on_cpu: the device is the host)."""
-    kept = ranks = models = largest = step = 0
+    kept = ranks = models = scratch = step = 0
+    chunk = methods.chunk_entries(on_cpu)
+    merged = [t for t in sizes if t.merged]
     for t in sizes:
         models += slots * t.numel * t.out
-        if not t.merged:
-            continue
-        largest = max(largest, t.numel * t.compute)
+    for i, t in enumerate(merged):
+        if t.scratch:
+            scratch = max(scratch, min(t.numel, chunk) * t.compute)
         parents = t.numel * (t.base + sum(t.inputs))
         tensor_kept = tensor_ranks = 0
+        ranks_kept = plan.inputs != "stream" and plan.ranks == "stored" and t.rank > 0
         if plan.inputs != "stream":
             deltas = t.task_vectors and plan.keep == "deltas"
             tensor_kept = t.numel * (t.base + t.compute * len(t.inputs)) if deltas else parents
-            tensor_ranks = t.numel * t.rank * len(t.inputs) if plan.ranks == "stored" else 0
+            tensor_ranks = t.numel * t.rank * len(t.inputs) if ranks_kept else 0
         kept += tensor_kept
         ranks += tensor_ranks
-        whole = t.numel <= methods.chunk_entries(on_cpu)  # as methods.in_chunks decides
-        per, extra = ARITHMETIC_COPIES_OTHER if not t.task_vectors else \
-            ARITHMETIC_COPIES_TASK_VECTORS_WHOLE if whole else ARITHMETIC_COPIES_TASK_VECTORS
-        arithmetic = t.numel * t.compute * (per * len(t.inputs) + extra)
-        if plan.inputs == "stream":  # the next tensor is read while this one is merged
-            moved = 2 * parents
+        n = len(t.inputs)
+        if not t.task_vectors:
+            per, extra = ARITHMETIC_COPIES_OTHER
+            arithmetic = t.numel * t.compute * (per * n + extra)
+        elif t.numel <= chunk:  # in one piece, as methods.in_chunks decides
+            per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
+            arithmetic = t.numel * t.compute * (per * n + extra)
+        else:
+            held, forming = mask_bytes(t.sparsify, t.work, ranks_kept)
+            per, extra = CHUNK_TEMPORARIES
+            arithmetic = t.numel * (held * n + forming) + chunk * t.compute * (per * n + extra)
+        if plan.inputs == "stream":  # read from the files; the next tensor's read while this one merges
+            following = merged[i + 1] if i + 1 < len(merged) else None
+            ahead = 0 if following is None else following.numel * (following.base + sum(following.inputs))
+            moved = parents + (ahead if ahead <= READ_AHEAD_LIMIT else 0)
         else:
             moved = 0 if on_cpu or plan.inputs == "device" else tensor_kept + tensor_ranks
         step = max(step, arithmetic + moved)
-    working = slots * largest + step
+    working = slots * scratch + step
     on_host = plan.inputs == "host" and not on_cpu
     device = models + working + (0 if on_host else kept + ranks)
     return MemoryNeed(device=device, host=kept + ranks if on_host else 0, inputs=kept, ranks=ranks, models=models,
@@ -203,7 +242,8 @@ def tensor_sizes(plan: MergePlan, parents: dict[str, Checkpoint], method: MergeM
         sizes.append(TensorSize(
             numel=numel, out=out, merged=True, base=kept(job.base) if job.base else 0,
             inputs=tuple(kept(tin) for tin in job.inputs), compute=8 if job.work_dtype == torch.float64 else 4,
-            rank=rank, task_vectors=task_vectors,
+            rank=rank, task_vectors=task_vectors, sparsify=method.sparsify if task_vectors else None,
+            work=job.work_dtype.itemsize, scratch=method.elementwise,
         ))
     return sizes
 

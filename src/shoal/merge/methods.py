@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -124,20 +124,13 @@ def magnitude_ranks(delta: Tensor) -> Tensor:
     """Each entry's place (0 = largest) in a stable descending sort by magnitude, of delta's shape, in the smallest
     integer dtype that holds delta.numel() places (index_dtype).
 
-    Computed once per tensor, it turns any density's trim into `mask_from_ranks`, the same mask as magnitude_mask.
+    Computed once per tensor, it turns any density's trim into a comparison with `rank_limit`, the same mask as magnitude_mask.
     """
     dtype = index_dtype(delta.numel())
     order = torch.sort(magnitude_keys(delta).reshape(-1), descending=True, stable=True).indices
     ranks = torch.empty(order.numel(), dtype=dtype, device=delta.device)
     ranks[order] = torch.arange(order.numel(), dtype=dtype, device=delta.device)
     return ranks.reshape(delta.shape)
-
-
-def mask_from_ranks(ranks: Tensor, density: float) -> Tensor:
-    """TIES' trim from precomputed ranks: the k = max(1, int(density * n)) entries ranked first."""
-    if density >= 1:
-        return torch.ones_like(ranks, dtype=torch.bool)
-    return ranks < max(1, int(density * ranks.numel()))
 
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
@@ -226,41 +219,84 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return (largest_beyond(bottom) & ~largest_beyond(bottom + keep)).reshape(delta.shape)
 
 
-@dataclass(frozen=True)
-class Dropped:
-    """A task vector after a drop step, kept as the vector, its keep mask and its rescale factor: the dropped vector
-    (delta · mask · scale) is formed where it is used, a CHUNK of entries at a time, never written out whole."""
+def _flat_piece(tensor: Tensor, piece: slice | None) -> Tensor:
+    """tensor, or a piece of its flattened entries."""
+    return tensor if piece is None else tensor.reshape(-1)[piece]
 
-    delta: Tensor
-    mask: Tensor
+
+@dataclass(frozen=True)
+class TaskVector:
+    """A task vector τ = tensor - base in the compute dtype, after an optional drop step, formed where it is used: a
+    piece of its flattened entries at a time, from the parent's tensor and the base in the recipe's dtype (or from a
+    kept τ: base None), so a tensor merged in chunks never has its τ, dropped vector or |τ| written out whole."""
+
+    tensor: Tensor
+    base: Tensor | None = None
+    compute: torch.dtype = torch.float32
+    mask: Tensor | None = None
+    """The drop step's keep mask (bool), or magnitude ranks, when `below` is set: kept are the ranks below it.
+    None: nothing dropped."""
+    below: int | None = None
     scale: Tensor | None = None
-    """The L1 rescale's |delta|_1 / |delta · mask|_1 (a 0-dim tensor); None: not rescaled."""
+    """The L1 rescale's |τ|_1 / |τ · mask|_1 (a 0-dim tensor); None: not rescaled."""
+
+    def formed(self, piece: slice | None = None) -> Tensor:
+        """τ, or a piece of its flattened entries, in the compute dtype (a kept τ itself, not a copy)."""
+        tensor = _flat_piece(self.tensor, piece).to(self.compute)
+        return tensor if self.base is None else tensor - _flat_piece(self.base, piece).to(self.compute)
+
+    def keep(self, piece: slice | None = None) -> Tensor | None:
+        """The keep mask, or a piece of it; None when nothing is dropped."""
+        if self.mask is None:
+            return None
+        mask = _flat_piece(self.mask, piece)
+        return mask if self.below is None else mask < self.below
 
     def part(self, piece: slice | None = None) -> Tensor:
-        """The dropped vector, or the piece of its flattened entries."""
-        delta, mask = (self.delta, self.mask) if piece is None else \
-            (self.delta.reshape(-1)[piece], self.mask.reshape(-1)[piece])
-        dropped = delta * mask
+        """The dropped and rescaled τ, or a piece of its flattened entries."""
+        delta, keep = self.formed(piece), self.keep(piece)
+        if keep is None:
+            return delta
+        dropped = delta * keep
         return dropped if self.scale is None else dropped.mul_(self.scale)
 
+    def whole_in(self, dtype: torch.dtype) -> Tensor:
+        """τ (before the drop) whole in dtype, as τ.to(dtype) would round it, formed a chunk at a time."""
+        if not in_chunks(self.tensor):
+            return self.formed().to(dtype)
+        out = torch.empty(self.tensor.shape, dtype=dtype, device=self.tensor.device)
+        flat = out.view(-1)
+        for piece in chunks(flat.numel(), chunk_size(self.tensor)):
+            flat[piece] = self.formed(piece)
+        return out
 
-def drop(delta: Tensor, mask: Tensor, *, rescale: bool) -> Dropped:
-    """Zero the dropped entries; with rescale, scale the rest so the L1 norm is unchanged (mergekit's rule: not
-    when either norm is below 1e-7). |delta| · mask has the values of |delta · mask|, so one temporary serves
-    both norms."""
-    if not rescale:
-        return Dropped(delta, mask)
-    magnitude = delta.abs()
-    before = magnitude.sum()
-    after = magnitude.mul_(mask).sum()
+
+def rank_limit(ranks: Tensor, density: float) -> int | None:
+    """TIES' trim from precomputed ranks (magnitude_ranks): the k = max(1, int(density * n)) entries ranked first
+    are those below k; None at density >= 1 (all kept)."""
+    return None if density >= 1 else max(1, int(density * ranks.numel()))
+
+
+def rescaled(vector: TaskVector) -> TaskVector:
+    """vector with mergekit's L1 rescale: the kept entries scaled so |τ|_1 is unchanged (not when either norm is
+    below 1e-7). In one piece the norms are float32 sums of the whole tensor (mergekit's, bit for bit); in chunks
+    each chunk's are summed in float64, added up, and their ratio rounded to the compute dtype, so no |τ| is made
+    whole. |τ| · mask has the values of |τ · mask|, so one temporary serves both norms."""
+    if vector.mask is None:
+        return vector
+    if not in_chunks(vector.tensor):
+        magnitude = vector.formed().abs()
+        before = magnitude.sum()
+        after = magnitude.mul_(vector.keep()).sum()
+    else:
+        before = after = torch.zeros((), dtype=torch.float64, device=vector.tensor.device)
+        for piece in chunks(vector.tensor.numel(), chunk_size(vector.tensor)):
+            magnitude = vector.formed(piece).abs()
+            before = before + magnitude.sum(dtype=torch.float64)
+            after = after + magnitude.mul_(vector.keep(piece)).sum(dtype=torch.float64)
     if before < 1e-7 or after < 1e-7:
-        return Dropped(delta, mask)
-    return Dropped(delta, mask, before / after)
-
-
-def apply_mask(delta: Tensor, mask: Tensor, *, rescale: bool) -> Tensor:
-    """The dropped vector of drop(), whole."""
-    return drop(delta, mask, rescale=rescale).part()
+        return vector
+    return replace(vector, scale=(before / after).to(vector.compute))
 
 
 def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tensor:
@@ -299,39 +335,29 @@ def chunks(numel: int, size: int = CHUNK) -> Iterator[slice]:
     return (slice(start, start + size) for start in range(0, numel, size))
 
 
-def _part(delta: Tensor | Dropped, piece: slice | None) -> Tensor:
-    if isinstance(delta, Dropped):
-        return delta.part(piece)
-    return delta if piece is None else delta.reshape(-1)[piece]
-
-
 def combine_task_vectors(
     base: Tensor,
-    deltas: Sequence[Tensor | Dropped],
+    vectors: Sequence[TaskVector],
     weights: Sequence[float],
     *,
     consensus: bool,
     normalize: bool,
     lam: float = 1.0,
     elect_dtype: torch.dtype | None = None,
+    piece: slice | None = None,
 ) -> Tensor:
-    """θ_0 + λ · combine(w_i τ_i): a plain sum, or TIES' disjoint mean over sign-agreeing entries.
+    """θ_0 + λ · combine(w_i τ_i): a plain sum, or TIES' disjoint mean over sign-agreeing entries, in the task
+    vectors' compute dtype; of the whole tensor, or of a piece of its flattened entries.
 
     TIES elects, per entry, the sign of sum_i w_i τ_i (0 counts as +) and keeps the w_i τ_i of that sign.
     With normalize the sum is divided by the sum of the weights that contributed (per entry under consensus).
     elect_dtype, if given, is the precision of the sign election (mergekit elects in the recipe's dtype;
     in bfloat16 that decides the sign of entries whose weighted sum is near zero).
-    Every step is elementwise, so it runs a chunk at a time (chunk_size; the same values, bit for bit), a Dropped
-    task vector formed chunk by chunk.
+    Every step is elementwise, so a large tensor is merged a piece at a time (chunk_size entries, the same values
+    bit for bit), each task vector formed only for that piece.
     """
-    settings = dict(consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect_dtype)
-    if not in_chunks(base):
-        return _combine(base, [_part(d, None) for d in deltas], weights, **settings)
-    out = torch.empty_like(base)
-    flat_out, flat_base = out.view(-1), base.reshape(-1)
-    for piece in chunks(flat_out.numel(), chunk_size(base)):
-        flat_out[piece] = _combine(flat_base[piece], [_part(d, piece) for d in deltas], weights, **settings)
-    return out
+    return _combine(_flat_piece(base, piece).to(vectors[0].compute), [v.part(piece) for v in vectors], weights,
+                    consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect_dtype)
 
 
 def _combine(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -46,6 +46,10 @@ class MergeCall:
         return base, [t.to(self.compute_dtype) for t in self.tensors]
 
 
+Pieces = Callable[[slice | None], torch.Tensor]
+"""A tensor's merged values (compute dtype), whole (None) or of a piece of its flattened entries."""
+
+
 BasePolicy = Literal["required", "optional", "ignored", "included"]
 """What the recipe's base_model is to a method (mergekit's input contracts): required, or optional (either way the
 base, named apart from the other inputs); ignored (unless listed as a model); or included: one more input, added
@@ -69,6 +73,9 @@ class MergeMethod:
     """The method works on task vectors tensor_i - base (MergeCall.deltas may supply them)."""
     elementwise: bool = False
     """Each output element depends only on the inputs' same element, so the merge may run chunk by chunk."""
+    pieces: Callable[[MergeCall], Pieces] | None = None
+    """The merge as a preparation over the whole tensor (a task vector's mask and rescale), then any piece of it
+    merged alone: a large tensor is merged and written a chunk at a time (merge is pieces(call)(None))."""
 
     @property
     def parameters(self) -> set[str]:
@@ -93,44 +100,46 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
 """Parameters whose numbers have a meaning only in a range: the test, and the range as errors state it."""
 
 
-def _task_vector_merge(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], torch.Tensor]:
-    def merge(call: MergeCall) -> torch.Tensor:
-        assert call.base is not None
-        base = call.base.to(call.compute_dtype)
-        deltas = []
-        for i, params in enumerate(call.per_model):
-            delta = call.deltas[i] if call.deltas is not None else call.tensors[i] - base  # promoted to compute_dtype
-            if sparsify == "magnitude" and call.ranks is not None:
-                mask = methods.mask_from_ranks(call.ranks[i], params["density"])
-            elif sparsify == "magnitude":
-                mask = methods.magnitude_mask(delta.to(call.rank_dtype), params["density"])
-            elif sparsify == "random":
-                mask = methods.random_mask(delta, params["density"], call.generators[i])
-            elif sparsify == "outliers":
-                mask = methods.outlier_mask(delta.to(call.rank_dtype), params["density"], params["gamma"])
-            elif sparsify == "magprune":
-                fractions = methods.fractions_of(call.ranks[i]) if call.ranks is not None else \
-                    methods.magnitude_fractions(delta.to(call.rank_dtype))
-                mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
-            else:
-                mask = None
-            if mask is None:
-                deltas.append(delta)
-            elif methods.in_chunks(base):  # formed a chunk at a time where combined
-                deltas.append(methods.drop(delta, mask, rescale=call.shared["rescale"]))
-            else:  # one piece: the dropped vector alone is kept, so a task vector formed here is freed
-                deltas.append(methods.apply_mask(delta, mask, rescale=call.shared["rescale"]))
-        return methods.combine_task_vectors(
-            base,
-            deltas,
-            [p["weight"] for p in call.per_model],
-            consensus=consensus,
-            normalize=call.shared["normalize"],
-            lam=call.shared["lambda"],
+def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVector:
+    """Task vector i of a call, with its drop step (mask and rescale) decided; formed where it is used."""
+    assert call.base is not None
+    if call.deltas is not None:
+        vector = methods.TaskVector(call.deltas[i], compute=call.compute_dtype)
+    else:
+        vector = methods.TaskVector(call.tensors[i], call.base, call.compute_dtype)
+    params = call.per_model[i]
+    if sparsify == "magnitude" and call.ranks is not None:
+        below = methods.rank_limit(call.ranks[i], params["density"])
+        return vector if below is None else replace(vector, mask=call.ranks[i], below=below)
+    if sparsify == "magnitude":
+        mask = methods.magnitude_mask(vector.whole_in(call.rank_dtype), params["density"])
+    elif sparsify == "random":
+        mask = methods.random_mask(vector.tensor, params["density"], call.generators[i])
+    elif sparsify == "outliers":
+        mask = methods.outlier_mask(vector.whole_in(call.rank_dtype), params["density"], params["gamma"])
+    elif sparsify == "magprune":
+        fractions = methods.fractions_of(call.ranks[i]) if call.ranks is not None else \
+            methods.magnitude_fractions(vector.whole_in(call.rank_dtype))
+        mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
+    else:
+        return vector
+    vector = replace(vector, mask=mask)
+    return methods.rescaled(vector) if call.shared["rescale"] else vector
+
+
+def _task_vector_pieces(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], Pieces]:
+    """Task-vector merging as a preparation (each task vector's mask and rescale, which need the whole tensor) and
+    then the merge of any piece of the tensor."""
+    def prepare(call: MergeCall) -> Pieces:
+        vectors = [_task_vector(call, i, sparsify) for i in range(len(call.per_model))]
+        settings = dict(
+            consensus=consensus, normalize=call.shared["normalize"], lam=call.shared["lambda"],
             elect_dtype=call.rank_dtype,
         )
+        weights = [p["weight"] for p in call.per_model]
+        return lambda piece: methods.combine_task_vectors(call.base, vectors, weights, piece=piece, **settings)
 
-    return merge
+    return prepare
 
 
 def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, normalize: bool, rescale: bool) -> MergeMethod:
@@ -143,16 +152,17 @@ def _task_vector_method(name: str, sparsify: Sparsify, consensus: bool, *, norma
         per_model["epsilon"] = 0.15
     # int8_mask is mergekit's memory option; accepted so its recipes load, and without effect here
     shared = {"normalize": normalize, "lambda": 1.0, "int8_mask": False, "rescale": rescale}
+    pieces = _task_vector_pieces(sparsify, consensus)
     return MergeMethod(
         name=name,
-        merge=_task_vector_merge(sparsify, consensus),
+        merge=lambda call: pieces(call)(None),
+        pieces=pieces,
         per_model=per_model,
         shared=shared,
         base="required",
         random=sparsify in ("random", "magprune"),
         sparsify=sparsify,
         task_vectors=True,
-        elementwise=sparsify is None and not consensus,
     )
 
 

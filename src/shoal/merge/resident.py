@@ -31,7 +31,7 @@ from shoal.merge.engine import (
 )
 from shoal.merge.tokenizer import OutputTokenizer
 from shoal.merge.memory import (
-    MemoryNeed, MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes,
+    READ_AHEAD_LIMIT, MemoryNeed, MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes,
 )
 from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, TensorJob, build_plan
 from shoal.merge.vocab import Vocabulary
@@ -194,7 +194,7 @@ class ResidentMerger:
         """Each job with its inputs on the device: as kept, moved from the host, or read from the parent files.
         (A VLM's own tensors, verbatim jobs, are loaded with the model and never rewritten.)"""
         if self.memory.inputs == "stream":
-            for job, (base, tensors) in prefetched(jobs, self.parents, self.device):
+            for job, (base, tensors) in prefetched(jobs, self.parents, self.device, READ_AHEAD_LIMIT):
                 yield job, _Inputs(base, tensors, None, None)
             return
         for job in jobs:
