@@ -207,7 +207,8 @@ def projected_sizes(shape: str, parents: int, method: str) -> list:
     ranked = method == "ties"
     return [TensorSize(numel=torch.Size(s).numel(), out=2, merged=True, base=2, inputs=(2,) * parents, compute=4,
                        rank=index_dtype(torch.Size(s).numel()).itemsize if ranked else 0, task_vectors=True,
-                       sparsify="magnitude" if ranked else "random", work=2)
+                       sparsify="magnitude" if ranked else "random", work=2, pieces=True,
+                       read=torch.Size(s).numel() * 2 * (parents + 1))
             for s in shapes]
 
 

@@ -45,7 +45,7 @@ def one(method: str, count: int, whole: bool, entries: int) -> float:
     method = REGISTRY[method]
     per = [{"weight": 0.3 + 0.2 * i, "density": 0.5, "epsilon": 0.1, "gamma": 0.01} for i in range(count)]
     per = [{k: v for k, v in p.items() if k in method.per_model} for p in per]
-    out = torch.zeros(entries, dtype=torch.bfloat16)  # the live model's tensor, there before the merge
+    out = torch.ones(entries, dtype=torch.bfloat16)  # the live model's tensor, resident before the merge
     call = MergeCall(base=base, tensors=tensors, per_model=per, shared=dict(method.shared), work_dtype=torch.bfloat16,
                      compute_dtype=torch.float32, generators=[torch.Generator().manual_seed(s) for s in range(count)])
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the resident set now

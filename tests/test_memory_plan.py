@@ -115,6 +115,29 @@ def test_every_plan_merges_what_shoal_merge_writes(parents, bf16_parents, tmp_pa
             assert torch.equal(live[name].detach(), tensor), (plan.describe(), name)
 
 
+def test_ties_rescaled_from_stored_ranks_merges_what_shoal_merge_writes(bf16_parents, tmp_path) -> None:
+    """TIES with mergekit's rescale switched on: the trim from stored ranks is rescaled as the recomputed one is."""
+    recipe = _recipe(bf16_parents, "ties", densities=(0.3, 0.6)) | {"parameters": {"rescale": True}}
+    expected = _on_disk(recipe, tmp_path / "out")
+    unscaled = _on_disk(_recipe(bf16_parents, "ties", densities=(0.3, 0.6)), tmp_path / "plain")
+    assert not torch.equal(expected["model.layers.0.mlp.up_proj.weight"], unscaled["model.layers.0.mlp.up_proj.weight"])
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)), slots=1, memory=MemoryPlan(ranks="stored"))
+    merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+    live = dict(merger.model.named_parameters())
+    for name, tensor in expected.items():
+        assert torch.equal(live[name].detach(), tensor), name
+
+
+def test_a_task_vector_method_without_pieces_is_counted_whole_in_chunks_too() -> None:
+    """SCE and RAM stack their task vectors whole: a tensor past one chunk is counted as in one piece (3 n + 8)."""
+    numel = methods.CHUNK + 1
+    size = lambda pieces: TensorSize(numel=numel, out=2, merged=True, base=2, inputs=(2, 2), compute=4,
+                                     task_vectors=True, work=2, pieces=pieces, read=6 * numel)
+    working = lambda pieces: memory_need([size(pieces)], MemoryPlan(inputs="stream"), slots=1, on_cpu=True).working
+    assert working(False) == numel * (14 * 4 + 6)
+    assert working(True) < working(False)
+
+
 def test_ranks_take_the_smallest_integer_dtype_and_parents_beside_deltas_are_dropped(bf16_parents) -> None:
     merger = ResidentMerger(parse_recipe(yaml.safe_dump(_recipe(bf16_parents, "ties"))), slots=1)
     embeddings, norm = merger._inputs["model.embed_tokens.weight"], merger._inputs["model.norm.weight"]
@@ -208,15 +231,16 @@ def test_the_counted_inputs_are_what_the_merger_keeps(bf16_parents, plan, dtype,
 @pytest.mark.parametrize("on_cpu,chunk", [(True, methods.CHUNK), (False, methods.DEVICE_CHUNK)])
 def test_a_tensor_merged_in_chunks_holds_its_masks_and_chunks_where_one_piece_holds_whole_temporaries(on_cpu, chunk):
     """Two bf16 parents, inputs streamed (6 bytes an entry read), one live model. In chunks: a bool keep mask a
-    parent (DARE), plus for TIES without stored ranks the trim's forming (the bf16 task vector, its magnitudes and a
-    threshold mask: 6 bytes), and 2 n + 6 = 10 float32 chunks; in one piece, 3 n + 8 = 14 float32 temporaries."""
+    parent, and the most held while one is formed (DARE: 1 byte of allocator slack; TIES without stored ranks: the
+    bf16 task vector, its magnitudes, a threshold mask and 2 bytes of slack, 8), and 2 n + 6 = 10 float32 chunks;
+    in one piece, 3 n + 8 = 14 float32 temporaries."""
     def working(numel: int, sparsify: str) -> int:
         size = TensorSize(numel=numel, out=2, merged=True, base=2, inputs=(2, 2), compute=4, task_vectors=True,
-                          sparsify=sparsify, work=2)
+                          sparsify=sparsify, work=2, pieces=True, read=6 * numel)
         return memory_need([size], MemoryPlan(inputs="stream"), slots=1, on_cpu=on_cpu).working
 
-    assert working(chunk + 1, "random") == (chunk + 1) * (2 + 6) + chunk * 10 * 4
-    assert working(chunk + 1, "magnitude") == (chunk + 1) * (2 + 6 + 6) + chunk * 10 * 4
+    assert working(chunk + 1, "random") == (chunk + 1) * (2 + 1 + 6) + chunk * 10 * 4
+    assert working(chunk + 1, "magnitude") == (chunk + 1) * (2 + 8 + 6) + chunk * 10 * 4
     assert working(chunk, "random") == working(chunk, "magnitude") == chunk * (14 * 4 + 6)
     # a 128k-token embedding of width 4096 (525M entries) in chunks: under a sixth of its bytes in one piece (most of it the inputs read)
     big = 128_256 * 4096

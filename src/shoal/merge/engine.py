@@ -15,7 +15,7 @@ from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.merge import chat_template, methods
-from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorJob, build_plan
+from shoal.merge.plan import MergePlan, TensorJob, build_plan, input_bytes
 from shoal.merge.registry import METHODS, MergeCall
 from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates, check_shared_vocabulary
 from shoal.merge.vocab import align_rows
@@ -127,9 +127,9 @@ def merge_into(
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
     wider than the output's dtype, as a live model's parameter may be), with the same values bit for bit. A large
-    tensor of an elementwise method (linear, task arithmetic) is merged a chunk at a time (methods.chunk_size); of a
-    task-vector method (TIES, DARE, ...), its masks and rescales are found over the whole tensor, then it is merged
-    and written a chunk at a time, so no compute-dtype copy of it is made whole."""
+    tensor of an elementwise method (linear) is merged a chunk at a time (methods.chunk_size); of a task-vector
+    method with pieces (task arithmetic, TIES, DARE, DELLA, breadcrumbs), its masks and rescales are found over the
+    whole tensor, then it is merged and written a chunk at a time, so no compute-dtype copy of it is made whole."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
     chunked = first.is_floating_point() and methods.in_chunks(first)
@@ -195,24 +195,14 @@ def _load(job: TensorJob, parents: dict[str, Checkpoint], device: str) -> Loaded
     return aligned(job, base, [parents[i.parent].tensor(i.name, device) for i in job.inputs])
 
 
-def _input_bytes(job: TensorJob, parents: dict[str, Checkpoint]) -> int:
-    """The bytes of a job's inputs as read from the parents' files."""
-    total = 0
-    for tin in ([job.base] if job.base else []) + list(job.inputs):
-        numel = 1
-        for n in parents[tin.parent].shape(tin.name):
-            numel *= n
-        total += numel * DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)].itemsize
-    return total
-
-
 def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: str, ahead_limit: int | None = None
                ) -> Iterator[tuple[TensorJob, Loaded]]:
     """Yield each job with its inputs, reading the next job's tensors while the current one is merged (with
     ahead_limit, only when they are at most that many bytes: a larger job's are read once the current one is done,
-    so that two large jobs' inputs are never held at once)."""
+    after this generator has let go of the current one's, so a caller that drops its own references before asking
+    for the next never holds two large jobs' inputs at once)."""
     def ahead(i: int) -> bool:
-        return ahead_limit is None or _input_bytes(jobs[i], parents) <= ahead_limit
+        return ahead_limit is None or input_bytes(jobs[i], parents) <= ahead_limit
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: Future[Loaded] | None = pool.submit(_load, jobs[0], parents, device) if jobs else None
@@ -221,6 +211,7 @@ def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: st
             pending = pool.submit(_load, jobs[i + 1], parents, device) if i + 1 < len(jobs) and ahead(i + 1) \
                 else None
             yield job, loaded
+            del loaded
 
 
 def open_parents(recipe: Recipe) -> dict[str, Checkpoint]:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
 from shoal.merge import methods
-from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput
+from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, input_bytes
 from shoal.merge.registry import MergeMethod
 
 Placement = Literal["device", "host", "stream"]
@@ -33,21 +33,23 @@ signs, the divisor, a weighted vector and its agreement mask are whole: 3 n + 8 
 ARITHMETIC_COPIES_OTHER = (1, 2)
 """Any other method: about n + 2 (its inputs widened, the result and one temporary)."""
 READ_AHEAD_LIMIT = 512 * 2**20
-"""The streamed plan reads the next tensor's inputs while this one merges when they are at most this many bytes; a
-larger one (a large vocabulary's embedding or head) is read after, so two of them are never held at once."""
+"""The streamed plan reads the next tensor's inputs while this one merges when they are at most this many bytes (as
+read from the files); a larger one (a large vocabulary's embedding or head) is read once this one is merged and let
+go, so two of them are never held at once."""
 
 
 def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool) -> tuple[int, int]:
     """Bytes per entry that a task-vector merge in chunks holds besides its inputs and chunks: each parent's keep
     mask (bool, held until the tensor is merged), and the most held at once while one mask is formed (the task
     vector whole in the recipe's dtype of `work` bytes, its magnitudes, a threshold's mask or a row sort's keys,
-    indices and places): counted from methods.py, checked by benchmarks/merge_peak.py."""
+    indices and places). Counted from methods.py, plus what benchmarks/merge_peak.py measured beyond that count
+    on a CPU (up to 1 byte an entry for DARE, 2 for TIES: freed blocks the allocator had not yet returned)."""
     if sparsify is None or (sparsify == "magnitude" and ranks_kept):
         return 0, 0  # no mask, or the stored ranks compared a chunk at a time
     if sparsify == "random":
-        return 1, 0
+        return 1, 1
     if sparsify == "magnitude":
-        return 1, 2 * work + 2 + (work if work >= 4 else 0)  # kthvalue copies a 32-bit tensor
+        return 1, 2 * work + 4 + (work if work >= 4 else 0)  # kthvalue copies a 32-bit tensor
     if sparsify == "outliers":
         return 1, 3 * work + 6
     if sparsify == "magprune":
@@ -154,6 +156,12 @@ class TensorSize:
     """Bytes per element of the recipe's dtype, in which task vectors are ranked."""
     scratch: bool = False
     """The method writes its result into the live model's scratch buffer (an elementwise one: a chunk at most)."""
+    pieces: bool = False
+    """The task-vector method merges a tensor a piece at a time (registry.MergeMethod.pieces); one without (SCE,
+    RAM) holds its task vectors whole."""
+    read: int = 0
+    """Bytes of the tensor's inputs as read from the parents' files (plan.input_bytes), as the streamed plan reads
+    them."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,7 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
         if not t.task_vectors:
             per, extra = ARITHMETIC_COPIES_OTHER
             arithmetic = t.numel * t.compute * (per * n + extra)
-        elif t.numel <= chunk:  # in one piece, as methods.in_chunks decides
+        elif t.numel <= chunk or not t.pieces:  # in one piece, as methods.in_chunks decides, or whole anyway
             per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
             arithmetic = t.numel * t.compute * (per * n + extra)
         else:
@@ -202,9 +210,8 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             per, extra = CHUNK_TEMPORARIES
             arithmetic = t.numel * (held * n + forming) + chunk * t.compute * (per * n + extra)
         if plan.inputs == "stream":  # read from the files; the next tensor's read while this one merges
-            following = merged[i + 1] if i + 1 < len(merged) else None
-            ahead = 0 if following is None else following.numel * (following.base + sum(following.inputs))
-            moved = parents + (ahead if ahead <= READ_AHEAD_LIMIT else 0)
+            following = merged[i + 1].read if i + 1 < len(merged) else 0
+            moved = t.read + (following if following <= READ_AHEAD_LIMIT else 0)
         else:
             moved = 0 if on_cpu or plan.inputs == "device" else tensor_kept + tensor_ranks
         step = max(step, arithmetic + moved)
@@ -243,7 +250,8 @@ def tensor_sizes(plan: MergePlan, parents: dict[str, Checkpoint], method: MergeM
             numel=numel, out=out, merged=True, base=kept(job.base) if job.base else 0,
             inputs=tuple(kept(tin) for tin in job.inputs), compute=8 if job.work_dtype == torch.float64 else 4,
             rank=rank, task_vectors=task_vectors, sparsify=method.sparsify if task_vectors else None,
-            work=job.work_dtype.itemsize, scratch=method.elementwise,
+            work=job.work_dtype.itemsize, scratch=method.elementwise, pieces=method.pieces is not None,
+            read=input_bytes(job, parents),
         ))
     return sizes
 

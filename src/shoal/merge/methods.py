@@ -124,7 +124,8 @@ def magnitude_ranks(delta: Tensor) -> Tensor:
     """Each entry's place (0 = largest) in a stable descending sort by magnitude, of delta's shape, in the smallest
     integer dtype that holds delta.numel() places (index_dtype).
 
-    Computed once per tensor, it turns any density's trim into a comparison with `rank_limit`, the same mask as magnitude_mask.
+    Computed once per tensor, it turns any density's trim into a comparison with `rank_limit`, the same mask as
+    magnitude_mask.
     """
     dtype = index_dtype(delta.numel())
     order = torch.sort(magnitude_keys(delta).reshape(-1), descending=True, stable=True).indices
@@ -279,24 +280,27 @@ def rank_limit(ranks: Tensor, density: float) -> int | None:
 
 def rescaled(vector: TaskVector) -> TaskVector:
     """vector with mergekit's L1 rescale: the kept entries scaled so |τ|_1 is unchanged (not when either norm is
-    below 1e-7). In one piece the norms are float32 sums of the whole tensor (mergekit's, bit for bit); in chunks
-    each chunk's are summed in float64, added up, and their ratio rounded to the compute dtype, so no |τ| is made
-    whole. |τ| · mask has the values of |τ · mask|, so one temporary serves both norms."""
+    below 1e-7). In one piece the norms are sums of the whole tensor in the compute dtype (mergekit's, bit for bit);
+    in chunks each chunk's sum is added up in double precision and the ratio rounded to the compute dtype, so no |τ|
+    is made whole (and no float64 tensor, which some devices lack). |τ| · mask has the values of |τ · mask|, so one
+    temporary serves both norms."""
     if vector.mask is None:
         return vector
     if not in_chunks(vector.tensor):
         magnitude = vector.formed().abs()
         before = magnitude.sum()
         after = magnitude.mul_(vector.keep()).sum()
-    else:
-        before = after = torch.zeros((), dtype=torch.float64, device=vector.tensor.device)
-        for piece in chunks(vector.tensor.numel(), chunk_size(vector.tensor)):
-            magnitude = vector.formed(piece).abs()
-            before = before + magnitude.sum(dtype=torch.float64)
-            after = after + magnitude.mul_(vector.keep(piece)).sum(dtype=torch.float64)
+        if before < 1e-7 or after < 1e-7:
+            return vector
+        return replace(vector, scale=before / after)
+    before = after = 0.0
+    for piece in chunks(vector.tensor.numel(), chunk_size(vector.tensor)):
+        magnitude = vector.formed(piece).abs()
+        before += magnitude.sum().item()
+        after += magnitude.mul_(vector.keep(piece)).sum().item()
     if before < 1e-7 or after < 1e-7:
         return vector
-    return replace(vector, scale=(before / after).to(vector.compute))
+    return replace(vector, scale=torch.tensor(before / after, dtype=vector.compute, device=vector.tensor.device))
 
 
 def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tensor:

@@ -525,3 +525,14 @@ def _check_fits(part: _Part, jobs: list[TensorJob], reference: Checkpoint, ref: 
         if tuple(shape) != tuple(wanted[name]):
             raise ShoalError(f"{part.where}tensor {name} merges to shape {tuple(shape)}, but {ref}, whose config the "
                              f"output takes, has {tuple(wanted[name])}")
+
+
+def input_bytes(job: TensorJob, parents: dict[str, Checkpoint]) -> int:
+    """The bytes of a job's inputs as read from the parents' files (from their headers)."""
+    total = 0
+    for tin in ([job.base] if job.base else []) + list(job.inputs):
+        numel = 1
+        for n in parents[tin.parent].shape(tin.name):
+            numel *= n
+        total += numel * DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)].itemsize
+    return total

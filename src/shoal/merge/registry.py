@@ -108,10 +108,13 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     else:
         vector = methods.TaskVector(call.tensors[i], call.base, call.compute_dtype)
     params = call.per_model[i]
-    if sparsify == "magnitude" and call.ranks is not None:
+    below = None
+    if sparsify == "magnitude" and call.ranks is not None:  # the stored ranks, compared a piece at a time
         below = methods.rank_limit(call.ranks[i], params["density"])
-        return vector if below is None else replace(vector, mask=call.ranks[i], below=below)
-    if sparsify == "magnitude":
+        if below is None:  # all kept: a rescale would be by 1
+            return vector
+        mask = call.ranks[i]
+    elif sparsify == "magnitude":
         mask = methods.magnitude_mask(vector.whole_in(call.rank_dtype), params["density"])
     elif sparsify == "random":
         mask = methods.random_mask(vector.tensor, params["density"], call.generators[i])
@@ -123,7 +126,7 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
         mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
     else:
         return vector
-    vector = replace(vector, mask=mask)
+    vector = replace(vector, mask=mask, below=below)
     return methods.rescaled(vector) if call.shared["rescale"] else vector
 
 

@@ -189,6 +189,7 @@ class ResidentMerger:
                 # vision tower is float32 and language model bfloat16 stays float32) holds what `shoal merge` writes
                 merge_into(job, recipe.merge_method, inputs.base, inputs.tensors, self._targets[slot][job.spec.name],
                            self._scratch[slot], deltas=inputs.deltas, ranks=inputs.ranks)
+                del inputs
 
     def _job_inputs(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, _Inputs]]:
         """Each job with its inputs on the device: as kept, moved from the host, or read from the parent files.
@@ -196,6 +197,7 @@ class ResidentMerger:
         if self.memory.inputs == "stream":
             for job, (base, tensors) in prefetched(jobs, self.parents, self.device, READ_AHEAD_LIMIT):
                 yield job, _Inputs(base, tensors, None, None)
+                del base, tensors  # let go before the next job's inputs are read (memory.READ_AHEAD_LIMIT)
             return
         for job in jobs:
             kept = self._inputs[job.spec.name]
