@@ -278,3 +278,53 @@ def test_a_stream_reads_ahead_only_inputs_within_the_limit(bf16_parents, monkeyp
         events.append(("done", job.spec.name))
     assert sorted(e for e in events if e[0] == "load") == sorted(("load", n) for n in names)  # each read once
     assert events.index(("load", "lm_head.weight")) > events.index(("done", names[head - 1]))
+
+
+def test_dare_masks_drawn_again_where_used_merge_what_held_masks_merge(parents, tmp_path, monkeypatch):
+    """Off a CPU, DARE's masks of a tensor in chunks are drawn again a chunk at a time (methods.RandomDraws) instead
+    of held: forced here on a CPU, with chunks of 1,000 entries, the merge on disk and in the resident merger is
+    the held masks' bit for bit."""
+    from shoal.merge import methods
+    from shoal.merge.resident import ResidentMerger
+
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    recipe = parse_recipe(yaml.safe_dump({
+        "merge_method": "dare_ties", "dtype": "bfloat16", "base_model": str(parents["base"]), "seed": 9,
+        "models": [{"model": str(parents[n]), "parameters": {"weight": w, "density": d}}
+                   for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 1.0), ("c", 0.4, 0.3))],
+    }))
+    run_merge(recipe, tmp_path / "held")
+    draws = []
+    original = methods.RandomDraws.keep
+    monkeypatch.setattr(methods.RandomDraws, "keep", lambda self, piece: draws.append(piece) or original(self, piece))
+    monkeypatch.setattr(methods, "redraws", methods.in_chunks)
+    run_merge(recipe, tmp_path / "drawn")
+    assert len(draws) > 100  # drawn twice a chunk: for the rescale and for the merge
+    held, drawn = tensors(tmp_path / "held"), tensors(tmp_path / "drawn")
+    for name in held:
+        assert torch.equal(held[name], drawn[name]), name
+    merger = ResidentMerger(recipe, memory=methods_plan_stream())
+    merger.apply(recipe)
+    live = dict(merger.model.named_parameters())
+    for name in held:
+        assert torch.equal(live[name].detach(), held[name]), name
+
+
+def methods_plan_stream():
+    from shoal.merge.memory import MemoryPlan
+
+    return MemoryPlan(inputs="stream")
+
+
+def test_random_draws_must_come_a_chunk_at_a_time_in_order():
+    from shoal.merge import methods
+
+    like = torch.empty(2 * methods.CHUNK + 5)
+    draws = methods.RandomDraws(like, 0.5, torch.Generator().manual_seed(3))
+    first = draws.keep(slice(0, methods.CHUNK))
+    with pytest.raises(ValueError, match="in order"):
+        draws.keep(slice(2 * methods.CHUNK, 3 * methods.CHUNK))
+    assert torch.equal(draws.keep(slice(0, methods.CHUNK)), first)  # a new pass starts from the same state
+    held = methods.random_mask(like, 0.5, torch.Generator().manual_seed(3))
+    pieces = [draws.keep(slice(s, s + methods.CHUNK)) for s in range(0, like.numel(), methods.CHUNK)]
+    assert torch.equal(torch.cat(pieces), held)

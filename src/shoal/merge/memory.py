@@ -38,16 +38,17 @@ read from the files); a larger one (a large vocabulary's embedding or head) is r
 go, so two of them are never held at once."""
 
 
-def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool) -> tuple[int, int]:
+def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool, on_cpu: bool = True) -> tuple[int, int]:
     """Bytes per entry that a task-vector merge in chunks holds besides its inputs and chunks: each parent's keep
-    mask (bool, held until the tensor is merged), and the most held at once while one mask is formed (the task
-    vector whole in the recipe's dtype of `work` bytes, its magnitudes, a threshold's mask or a row sort's keys,
-    indices and places). Counted from methods.py, plus what benchmarks/merge_peak.py measured beyond that count
-    on a CPU (up to 1 byte an entry for DARE, 2 for TIES: freed blocks the allocator had not yet returned)."""
+    mask (bool, held until the tensor is merged; DARE's is drawn again where it is used off a CPU), and the most held
+    at once while one mask is formed (the task vector whole in the recipe's dtype of `work` bytes, its magnitudes, a
+    threshold's mask or a row sort's keys, indices and places). Counted from methods.py, plus what
+    benchmarks/merge_peak.py measured beyond that count on a CPU in two runs (up to 1.6 bytes an entry for DARE, 2
+    for TIES: freed blocks the allocator had not yet returned), rounded up to 2."""
     if sparsify is None or (sparsify == "magnitude" and ranks_kept):
         return 0, 0  # no mask, or the stored ranks compared a chunk at a time
-    if sparsify == "random":
-        return 1, 1
+    if sparsify == "random":  # off a CPU the mask is drawn again where it is used (methods.RandomDraws)
+        return (1, 2) if on_cpu else (0, 2)
     if sparsify == "magnitude":
         return 1, 2 * work + 4 + (work if work >= 4 else 0)  # kthvalue copies a 32-bit tensor
     if sparsify == "outliers":
@@ -206,7 +207,7 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
             arithmetic = t.numel * t.compute * (per * n + extra)
         else:
-            held, forming = mask_bytes(t.sparsify, t.work, ranks_kept)
+            held, forming = mask_bytes(t.sparsify, t.work, ranks_kept, on_cpu)
             per, extra = CHUNK_TEMPORARIES
             arithmetic = t.numel * (held * n + forming) + chunk * t.compute * (per * n + extra)
         if plan.inputs == "stream":  # read from the files; the next tensor's read while this one merges

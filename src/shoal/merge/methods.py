@@ -151,6 +151,39 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Te
     return mask
 
 
+class RandomDraws:
+    """DARE's keep mask of a tensor in chunks, not held but drawn again a chunk at a time each time it is used:
+    random_mask's chunks, from the same generator state, so the same mask bit for bit. Each pass goes through the
+    chunks in order from the first (where the generator is reset), as the rescale and the merge do. Worth it where
+    draws are cheap (a GPU's counter-based generator) and memory is short: it saves a byte an entry a parent."""
+
+    def __init__(self, like: Tensor, density: float, generator: torch.Generator) -> None:
+        self.shape, self.device, self.density, self.generator = like.shape, like.device, density, generator
+        self.start = generator.get_state()
+        self.chunk = chunk_size(like)
+        self.next = 0
+
+    def keep(self, piece: slice | None) -> Tensor:
+        """The mask of one chunk (a piece starting at 0 starts a pass); chunks must come in order."""
+        if piece is None:
+            raise ValueError("random draws are taken a chunk at a time, not for a whole tensor")
+        if piece.start == 0:
+            self.generator.set_state(self.start)
+            self.next = 0
+        if piece.start != self.next or piece.stop - piece.start > self.chunk:
+            raise ValueError(f"random draws are taken a chunk at a time in order: expected entries from {self.next}, "
+                             f"got {piece.start}:{piece.stop}")
+        count = min(piece.stop, self.shape.numel()) - piece.start
+        self.next = piece.start + count
+        return torch.rand(count, generator=self.generator, device=self.device, dtype=torch.float32) < self.density
+
+
+def redraws(tensor: Tensor) -> bool:
+    """Whether DARE's mask of this tensor is drawn again where it is used (RandomDraws) rather than held: in chunks,
+    off a CPU (whose generator draws about 2 ns an entry, where a GPU's are nearly free)."""
+    return in_chunks(tensor) and tensor.device.type != "cpu"
+
+
 def _rows(tensor: Tensor) -> Tensor:
     """A tensor as rows along dim 1 (a matrix's rows; a vector is one row)."""
     return tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
@@ -234,9 +267,9 @@ class TaskVector:
     tensor: Tensor
     base: Tensor | None = None
     compute: torch.dtype = torch.float32
-    mask: Tensor | None = None
-    """The drop step's keep mask (bool), or magnitude ranks, when `below` is set: kept are the ranks below it.
-    None: nothing dropped."""
+    mask: Tensor | RandomDraws | None = None
+    """The drop step's keep mask (bool), magnitude ranks when `below` is set (kept are the ranks below it), or DARE's
+    draws made again where they are used. None: nothing dropped."""
     below: int | None = None
     scale: Tensor | None = None
     """The L1 rescale's |τ|_1 / |τ · mask|_1 (a 0-dim tensor); None: not rescaled."""
@@ -250,6 +283,8 @@ class TaskVector:
         """The keep mask, or a piece of it; None when nothing is dropped."""
         if self.mask is None:
             return None
+        if isinstance(self.mask, RandomDraws):
+            return self.mask.keep(piece)
         mask = _flat_piece(self.mask, piece)
         return mask if self.below is None else mask < self.below
 

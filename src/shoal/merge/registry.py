@@ -116,6 +116,10 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
         mask = call.ranks[i]
     elif sparsify == "magnitude":
         mask = methods.magnitude_mask(vector.whole_in(call.rank_dtype), params["density"])
+    elif sparsify == "random" and methods.redraws(vector.tensor):
+        if params["density"] >= 1:  # all kept: a rescale would be by 1
+            return vector
+        mask = methods.RandomDraws(vector.tensor, params["density"], call.generators[i])
     elif sparsify == "random":
         mask = methods.random_mask(vector.tensor, params["density"], call.generators[i])
     elif sparsify == "outliers":
