@@ -20,8 +20,8 @@ printed apart too.
 
 The floor of a trial's merge is the bytes it must move at least (its inputs as the plan keeps them read once, its
 output written once), over this CPU's one-thread copy bandwidth measured in the same run; the measured merge over
-that floor says how far the code is from moving bytes alone here. The projection to three and two 7B (Llama-2) and
-8B (Llama-3) bf16 parents takes each plan's bytes from shapes alone: device memory, and the merge's floor on a
+that floor says how far the code is from moving bytes alone here. The projection to three and two 7B (Llama-2), 8B
+(Llama-3) and Qwen2.5-7B bf16 parents takes each plan's bytes from shapes alone: device memory, and the merge's floor on a
 24 GB-class GPU: the larger of its device bytes at --gpu-bandwidth (default 1008 GB/s: an RTX 4090) and what
 crosses to the device at --link-bandwidth (default 25 GB/s: PCIe 4.0 x16 in practice), which overlap (the next
 tensor is moved while this one merges). No GPU was measured: a lower bound at those rates.

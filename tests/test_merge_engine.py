@@ -325,6 +325,9 @@ def test_random_draws_must_come_a_chunk_at_a_time_in_order():
     with pytest.raises(ValueError, match="in order"):
         draws.keep(slice(2 * methods.CHUNK, 3 * methods.CHUNK))
     assert torch.equal(draws.keep(slice(0, methods.CHUNK)), first)  # a new pass starts from the same state
+    with pytest.raises(ValueError, match="in order"):  # another grid would draw other numbers on a GPU
+        draws.keep(slice(methods.CHUNK, methods.CHUNK + 10))
     held = methods.random_mask(like, 0.5, torch.Generator().manual_seed(3))
     pieces = [draws.keep(slice(s, s + methods.CHUNK)) for s in range(0, like.numel(), methods.CHUNK)]
     assert torch.equal(torch.cat(pieces), held)
+    assert torch.equal(draws.keep(None), held)  # the whole tensor: every chunk in one pass

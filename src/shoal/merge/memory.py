@@ -180,6 +180,12 @@ class MemoryNeed:
     """Per-model scratch buffers, and one tensor's merge at a time: its inputs moved or read, its temporaries."""
 
 
+def _held(t: TensorSize) -> int:
+    """The bytes a streamed tensor's inputs take once read: as read from the files, or as kept in the working dtype
+    (a vocabulary job's rows aligned onto the output vocabulary), whichever is more."""
+    return max(t.read, t.numel * (t.base + sum(t.inputs)))
+
+
 def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on_cpu: bool) -> MemoryNeed:
     """The bytes `plan` needs for tensors of these sizes and `slots` live models (on_cpu: the device is the host)."""
     kept = ranks = models = scratch = step = 0
@@ -211,8 +217,9 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             per, extra = CHUNK_TEMPORARIES
             arithmetic = t.numel * (held * n + forming) + chunk * t.compute * (per * n + extra)
         if plan.inputs == "stream":  # read from the files; the next tensor's read while this one merges
-            following = merged[i + 1].read if i + 1 < len(merged) else 0
-            moved = t.read + (following if following <= READ_AHEAD_LIMIT else 0)
+            following = merged[i + 1] if i + 1 < len(merged) else None
+            ahead = 0 if following is None or following.read > READ_AHEAD_LIMIT else _held(following)
+            moved = _held(t) + ahead
         else:
             moved = 0 if on_cpu or plan.inputs == "device" else tensor_kept + tensor_ranks
         step = max(step, arithmetic + moved)

@@ -164,18 +164,21 @@ class RandomDraws:
         self.next = 0
 
     def keep(self, piece: slice | None) -> Tensor:
-        """The mask of one chunk (a piece starting at 0 starts a pass); chunks must come in order."""
+        """The mask of one chunk (a piece starting at 0 starts a pass; chunks must come in order, on random_mask's
+        grid), or of the whole tensor (None: every chunk, in one pass)."""
+        numel = self.shape.numel()
         if piece is None:
-            raise ValueError("random draws are taken a chunk at a time, not for a whole tensor")
+            return torch.cat([self.keep(part) for part in chunks(numel, self.chunk)]).view(self.shape)
         if piece.start == 0:
             self.generator.set_state(self.start)
             self.next = 0
-        if piece.start != self.next or piece.stop - piece.start > self.chunk:
-            raise ValueError(f"random draws are taken a chunk at a time in order: expected entries from {self.next}, "
-                             f"got {piece.start}:{piece.stop}")
-        count = min(piece.stop, self.shape.numel()) - piece.start
-        self.next = piece.start + count
-        return torch.rand(count, generator=self.generator, device=self.device, dtype=torch.float32) < self.density
+        stop = min(piece.start + self.chunk, numel)
+        if piece.start != self.next or min(piece.stop, numel) != stop:
+            raise ValueError(f"random draws are taken a chunk of {self.chunk} at a time, in order: expected entries "
+                             f"{self.next}:{min(self.next + self.chunk, numel)}, got {piece.start}:{piece.stop}")
+        self.next = stop
+        return torch.rand(stop - piece.start, generator=self.generator, device=self.device,
+                          dtype=torch.float32) < self.density
 
 
 def redraws(tensor: Tensor) -> bool:
