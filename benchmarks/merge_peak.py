@@ -1,6 +1,6 @@
 """Peak memory of one task-vector merge against what merge/memory.py counts for it.
 
-    python benchmarks/merge_peak.py [--entries 10000000] [--parents 2,3,4]
+    python benchmarks/merge_peak.py [--entries 10000000] [--parents 2,3,4] [--redraw]
 
 For each method and parent count, one merge of a tensor of --entries bf16 entries (a base and parents = base +
 noise), run in its own process twice: in chunks, as a CPU merges a tensor this large (each task vector's mask found
@@ -8,7 +8,8 @@ over the whole tensor, then merged and written a chunk at a time into a bf16 out
 in one piece (chunking switched off, as a tensor within one chunk of its device is merged). Prints the rise of the
 process's peak resident set (VmHWM, after resetting it) over its resident set before the merge, in bytes per entry,
 beside memory.py's count for the same case (mask_bytes and CHUNK_TEMPORARIES in chunks,
-ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks.
+ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks. With --redraw, DARE's methods only, their
+masks drawn again where they are used (methods.RandomDraws), as off a CPU, against the count off a CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def proc_bytes(path: str, key: str) -> int:
     raise RuntimeError(f"no {key} in {path}")
 
 
-def one(method: str, count: int, whole: bool, entries: int) -> float:
+def one(method: str, count: int, whole: bool, entries: int, redraw: bool = False) -> float:
     """In this process: the peak's rise during one merge, in bytes an entry."""
     import torch
 
@@ -39,6 +40,8 @@ def one(method: str, count: int, whole: bool, entries: int) -> float:
     torch.set_num_threads(1)
     if whole:
         methods.in_chunks = lambda tensor: False
+    if redraw:
+        methods.redraws = methods.in_chunks
     g = torch.Generator().manual_seed(0)
     base = torch.randn(entries, generator=g).to(torch.bfloat16)
     tensors = [(base.float() + 0.01 * torch.randn(entries, generator=g)).to(torch.bfloat16) for _ in range(count)]
@@ -63,11 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, default=10_000_000)
     parser.add_argument("--parents", default="2,3,4")
+    parser.add_argument("--redraw", action="store_true", help="DARE's masks drawn again where used, as off a CPU")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # internal: method, parents, whole
     args = parser.parse_args()
     if args.child:
         method, count, whole = args.child
-        print(one(method, int(count), whole == "whole", args.entries))
+        print(one(method, int(count), whole == "whole", args.entries, args.redraw))
         return
     from shoal.merge import methods
     from shoal.merge.memory import ARITHMETIC_COPIES_TASK_VECTORS_WHOLE, CHUNK_TEMPORARIES, mask_bytes
@@ -75,9 +79,9 @@ def main() -> None:
 
     print(f"one merge of {args.entries:,} bf16 entries; peak rise in bytes an entry (counted by memory.py)")
     print(f"{'method':<18} {'parents':>7} {'in chunks':>14} {'in one piece':>14}")
-    for method in METHODS:
+    for method in [m for m in METHODS if not args.redraw or REGISTRY[m].sparsify == "random"]:
         for count in map(int, args.parents.split(",")):
-            held, forming = mask_bytes(REGISTRY[method].sparsify, 2, ranks_kept=False)
+            held, forming = mask_bytes(REGISTRY[method].sparsify, 2, ranks_kept=False, on_cpu=not args.redraw)
             per, extra = CHUNK_TEMPORARIES
             chunks = held * count + forming + methods.CHUNK * 4 * (per * count + extra) / args.entries
             per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
@@ -85,7 +89,8 @@ def main() -> None:
             cells = []
             for mode in ("chunks", "whole"):
                 out = subprocess.run([sys.executable, __file__, "--entries", str(args.entries), "--child", method,
-                                      str(count), mode], capture_output=True, text=True, check=True).stdout
+                                      str(count), mode] + (["--redraw"] if args.redraw else []),
+                                     capture_output=True, text=True, check=True).stdout
                 cells.append(f"{float(out):5.1f} ({counted[mode]:4.1f})")
             print(f"{method:<18} {count:7d} {cells[0]:>14} {cells[1]:>14}", flush=True)
 
