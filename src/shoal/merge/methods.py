@@ -319,9 +319,9 @@ def rank_limit(ranks: Tensor, density: float) -> int | None:
 def rescaled(vector: TaskVector) -> TaskVector:
     """vector with mergekit's L1 rescale: the kept entries scaled so |τ|_1 is unchanged (not when either norm is
     below 1e-7). In one piece the norms are sums of the whole tensor in the compute dtype (mergekit's, bit for bit);
-    in chunks each chunk's sum is added up in double precision and the ratio rounded to the compute dtype, so no |τ|
-    is made whole (and no float64 tensor, which some devices lack). |τ| · mask has the values of |τ · mask|, so one
-    temporary serves both norms."""
+    in chunks each chunk's sums are added up in double precision (read from the device once, added on the host:
+    some devices lack float64) and the ratio rounded to the compute dtype, so no |τ| is made whole. |τ| · mask has
+    the values of |τ · mask|, so one temporary serves both norms."""
     if vector.mask is None:
         return vector
     if not in_chunks(vector.tensor):
@@ -331,11 +331,13 @@ def rescaled(vector: TaskVector) -> TaskVector:
         if before < 1e-7 or after < 1e-7:
             return vector
         return replace(vector, scale=before / after)
-    before = after = 0.0
+    sums = []  # each chunk's two sums stay on the device, read once at the end (no wait for the device per chunk)
     for piece in chunks(vector.tensor.numel(), chunk_size(vector.tensor)):
         magnitude = vector.formed(piece).abs()
-        before += magnitude.sum().item()
-        after += magnitude.mul_(vector.keep(piece)).sum().item()
+        sums.append(magnitude.sum())
+        sums.append(magnitude.mul_(vector.keep(piece)).sum())
+    totals = torch.stack(sums).view(-1, 2).cpu().double().sum(dim=0)
+    before, after = float(totals[0]), float(totals[1])
     if before < 1e-7 or after < 1e-7:
         return vector
     return replace(vector, scale=torch.tensor(before / after, dtype=vector.compute, device=vector.tensor.device))
