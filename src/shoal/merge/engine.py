@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def _call(
     return call
 
 
+@contextmanager
+def _naming(job: TensorJob, method_name: str) -> Iterator[None]:
+    """A method's ShoalError, said with the tensor and method it was raised for."""
+    try:
+        yield
+    except ShoalError as error:
+        raise ShoalError(f"tensor {job.spec.name} ({method_name}): {error}") from None
+
+
 def _checked(values: torch.Tensor, job: TensorJob, method_name: str) -> torch.Tensor:
     if not _finite(values):
         raise ShoalError(
@@ -107,10 +117,8 @@ def merged_values(
     if not first.is_floating_point():
         return first
     call = _call(job, method_name, base, tensors, scratch, deltas, ranks)
-    try:
+    with _naming(job, method_name):
         result = METHODS[method_name].merge(call)
-    except ShoalError as error:
-        raise ShoalError(f"tensor {job.spec.name} ({method_name}): {error}") from None
     return _checked(result, job, method_name)
 
 
@@ -136,10 +144,8 @@ def merge_into(
     flat_out = out.view(-1)
     if chunked and method.pieces is not None:
         call = _call(job, method_name, base, tensors, None, deltas, ranks)
-        try:
+        with _naming(job, method_name):
             values_of = method.pieces(call)
-        except ShoalError as error:
-            raise ShoalError(f"tensor {job.spec.name} ({method_name}): {error}") from None
         for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first)):
             flat_out[piece].copy_(_rounded(_checked(values_of(piece), job, method_name), job))
         return

@@ -6,6 +6,7 @@ not fit is refused with the figure at its start rather than failing mid-run.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,16 +207,13 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
         kept += tensor_kept
         ranks += tensor_ranks
         n = len(t.inputs)
-        if not t.task_vectors:
-            per, extra = ARITHMETIC_COPIES_OTHER
-            arithmetic = t.numel * t.compute * (per * n + extra)
-        elif t.numel <= chunk or not t.pieces:  # in one piece, as methods.in_chunks decides, or whole anyway
-            per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE
-            arithmetic = t.numel * t.compute * (per * n + extra)
-        else:
+        if t.task_vectors and t.pieces and t.numel > chunk:  # in chunks, as methods.in_chunks decides
             held, forming = mask_bytes(t.sparsify, t.work, ranks_kept, on_cpu)
             per, extra = CHUNK_TEMPORARIES
             arithmetic = t.numel * (held * n + forming) + chunk * t.compute * (per * n + extra)
+        else:  # in one piece, or whole anyway (a task-vector method without pieces)
+            per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE if t.task_vectors else ARITHMETIC_COPIES_OTHER
+            arithmetic = t.numel * t.compute * (per * n + extra)
         if plan.inputs == "stream":  # read from the files; the next tensor's read while this one merges
             following = merged[i + 1] if i + 1 < len(merged) else None
             ahead = 0 if following is None or following.read > READ_AHEAD_LIMIT else _held(following)
@@ -234,9 +232,7 @@ def tensor_sizes(plan: MergePlan, parents: dict[str, Checkpoint], method: MergeM
     """Each output tensor's TensorSize, from the parents' headers (no tensor is read)."""
     sizes = []
     for job in plan.jobs:
-        numel = 1
-        for n in job.spec.shape:
-            numel *= n
+        numel = math.prod(job.spec.shape)
         out = job.spec.dtype.itemsize
         if job.verbatim:
             sizes.append(TensorSize(numel=numel, out=out, merged=False))

@@ -10,6 +10,7 @@ merges every module from those models, as mergekit 0.1.5 reads it.
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -529,10 +530,6 @@ def _check_fits(part: _Part, jobs: list[TensorJob], reference: Checkpoint, ref: 
 
 def input_bytes(job: TensorJob, parents: dict[str, Checkpoint]) -> int:
     """The bytes of a job's inputs as read from the parents' files (from their headers)."""
-    total = 0
-    for tin in ([job.base] if job.base else []) + list(job.inputs):
-        numel = 1
-        for n in parents[tin.parent].shape(tin.name):
-            numel *= n
-        total += numel * DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)].itemsize
-    return total
+    return sum(math.prod(parents[tin.parent].shape(tin.name))
+               * DTYPE_OF_TAG[parents[tin.parent].dtype(tin.name)].itemsize
+               for tin in ([job.base] if job.base else []) + list(job.inputs))
