@@ -3,7 +3,7 @@ merging each candidate to disk with mergekit and reloading it; then device memor
 projected to 7B and 8B parents.
 
     python benchmarks/evolve_scale.py [--size 0.5b|50m|small] [--trials 4] [--methods dare_ties,ties]
-                                      [--work /tmp/shoal-bench]
+                                      [--plans device,stream,...] [--eager] [--work /tmp/shoal-bench]
 
 Three random bf16 parents and a base (merge_speed.py's, 0.55B by default, built once under --work) and a short
 generation task (8 prompts of 12 words, 8 new tokens, greedy). Each (method, plan) runs in its own process, so its
@@ -11,7 +11,9 @@ peak RSS is its own: the PS search's ParameterSpace loads the parents as the pla
 scores the first `--trials` candidates of a CMA-ES generation, the next merged into the second live model while
 this one is scored (overlap, the search's default; 1 torch thread each). Per trial: the merge's own seconds, the
 seconds the trial waited for it (a generation's first trial waits for all of its merge; the median is over the
-others; "trial" is the median of wait + eval over those), the evaluation's. A plan needing more bytes
+others; "trial" is the median of wait + eval over those), the evaluation's, and the first trial's merge apart
+(it holds the compiler's start-up when the merge takes merge.fused's compiled pass, as at 0.5B; with --eager each
+plan is measured again with SHOAL_FUSED=0, the eager steps). A plan needing more bytes
 (merge/memory.py, from the headers) than 90 % of the memory available now is skipped, and says so; `host` is not
 measured (on a CPU it is the device plan). The peer, in its own process: mergekit 0.1.5's run_merge of the same
 candidates into a temporary folder, from_pretrained, the same evaluation (evolve_speed.mergekit_trial), with
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -212,9 +215,9 @@ def projected_sizes(shape: str, parents: int, method: str) -> list:
             for s in shapes]
 
 
-def run_child(kind: str, task: dict) -> dict:
+def run_child(kind: str, task: dict, env: dict[str, str] | None = None) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(task)], capture_output=True,
-                         text=True)
+                         text=True, env=None if env is None else {**os.environ, **env})
     if out.returncode:
         raise RuntimeError(f"{kind} {task.get('method')} {task.get('plan')} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -229,11 +232,16 @@ def main() -> None:
     parser.add_argument("--peer-threads", type=int, default=2)
     parser.add_argument("--gpu-bandwidth", type=float, default=1008e9)
     parser.add_argument("--link-bandwidth", type=float, default=25e9)
+    parser.add_argument("--plans", default=",".join(PLANS), help="the memory plans to measure (comma-separated)")
+    parser.add_argument("--eager", action="store_true",
+                        help="also measure each plan with SHOAL_FUSED=0 (the merge in eager steps, not compiled)")
     parser.add_argument("--project-only", action="store_true", help="print the projection alone (no measurement)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args()
     if args.trials < 2:
         parser.error("--trials must be at least 2 (the first trial of a generation waits for all of its merge)")
+    if not set(args.plans.split(",")) <= set(PLANS):
+        parser.error(f"--plans: of {', '.join(PLANS)}")
     if not set(args.methods.split(",")) <= {"dare_ties", "ties"}:
         parser.error("--methods: dare_ties and ties (the projection models no other method's ranks)")
     if args.child:
@@ -266,19 +274,22 @@ def measure(args: argparse.Namespace, methods: list[str]) -> None:
           f"{args.peer_threads} threads; one-thread copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"torch {torch.__version__}")
     print(f"{'method':<10} {'loop':<36} {'load s':>6} {'merge s':>7} {'wait s':>6} {'eval s':>6} {'trial s':>7} "
-          f"{'peak RSS':>9} {'x parent':>8} {'floor s':>7} {'merge/floor':>11}")
+          f"{'peak RSS':>9} {'x parent':>8} {'floor s':>7} {'merge/floor':>11} {'1st merge s':>11}")
+    runs = [(name, plan, env) for name, plan in PLANS.items() if name in args.plans.split(",")
+            for env in ([None, {"SHOAL_FUSED": "0"}] if args.eager else [None])]
     for method in methods:
         merges = {}
-        for name, plan in PLANS.items():
+        for name, plan, env in runs:
             if plan.get("inputs") == "host":  # on a CPU the host is the device: the same as "device"
                 continue
+            name = name if env is None else f"{name}, eager steps"
             sizes, need = measured_sizes(parents, task, method, plan)
             if need > 0.9 * available_bytes():
                 print(f"{method:<10} {'shoal, ' + name:<36} skipped: needs {format_bytes(need)}, "
                       f"{format_bytes(available_bytes())} available", flush=True)
                 continue
             r = run_child("shoal", {"parents": parents, "task": task, "method": method, "plan": plan,
-                                    "trials": args.trials})
+                                    "trials": args.trials}, env)
             rows = r["rows"]
             merge = statistics.median(x["merge"] for x in rows)
             wait = statistics.median(x["wait"] for x in rows[1:])
@@ -288,7 +299,7 @@ def measure(args: argparse.Namespace, methods: list[str]) -> None:
             merges[name] = merge
             print(f"{method:<10} {'shoal, ' + name:<36} {r['load']:6.1f} {merge:7.2f} {wait:6.2f} {evaluation:6.2f} "
                   f"{trial:7.2f} {format_bytes(r['rss']):>9} {r['rss'] / parent_bytes:8.1f} "
-                  f"{floor:7.2f} {merge / floor:11.1f}", flush=True)
+                  f"{floor:7.2f} {merge / floor:11.1f} {rows[0]['merge']:11.2f}", flush=True)
         r = run_child("mergekit", {"parents": parents, "task": task, "method": method, "trials": args.trials,
                                    "threads": args.peer_threads})
         rows = r["rows"]

@@ -247,7 +247,12 @@ def test_magnitude_mask_count_matches_density_on_distinct_values(density):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 7, 500, 999])
-def test_top_mask_equals_a_stable_descending_sort_even_with_ties(dtype, k):
+@pytest.mark.parametrize("chunk", [None, 64, 7])
+def test_top_mask_equals_a_stable_descending_sort_even_with_ties(dtype, k, chunk, monkeypatch):
+    """Ties at the threshold go to the lowest indices, also when they are counted a chunk at a time (chunks of 64
+    or 7 entries: the threshold's ~50 ties spread over many)."""
+    if chunk is not None:
+        monkeypatch.setattr(methods, "CHUNK", chunk)
     values = (torch.randint(0, 20, (1000,), generator=torch.Generator().manual_seed(k)) / 4).to(dtype)
     expected = torch.zeros(1000, dtype=torch.bool)
     expected[torch.sort(values.float(), descending=True, stable=True).indices[:k]] = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,7 +16,7 @@ from shoal.checkpoint.reader import Checkpoint, open_checkpoint
 from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
 from shoal.errors import ShoalError
-from shoal.merge import chat_template, methods
+from shoal.merge import chat_template, fused, methods
 from shoal.merge.plan import MergePlan, TensorJob, build_plan, input_bytes
 from shoal.merge.registry import METHODS, MergeCall
 from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates, check_shared_vocabulary
@@ -58,6 +59,7 @@ def _call(
     scratch: Scratch | None,
     deltas: list[torch.Tensor] | None,
     ranks: list[torch.Tensor] | None,
+    fused: bool = False,
 ) -> MergeCall:
     """The method's call for one tensor's floating-point inputs, rounded to the recipe's dtype; a random method's
     generators seeded for this tensor."""
@@ -75,6 +77,7 @@ def _call(
         compute_dtype=_compute_dtype(raw),
         deltas=deltas,
         ranks=ranks,
+        fused=fused,
     )
     if scratch is not None and METHODS[method_name].elementwise:  # the one kind that writes its result there
         call.scratch = scratch.take(raw[0].shape, call.compute_dtype, raw[0].device)
@@ -132,18 +135,20 @@ def merge_into(
     *,
     deltas: list[torch.Tensor] | None = None,
     ranks: list[torch.Tensor] | None = None,
+    fused: bool = False,
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
     wider than the output's dtype, as a live model's parameter may be), with the same values bit for bit. A large
     tensor of an elementwise method (linear) is merged a chunk at a time (methods.chunk_size); of a task-vector
     method with pieces (task arithmetic, TIES, DARE, DELLA, breadcrumbs), its masks and rescales are found over the
-    whole tensor, then it is merged and written a chunk at a time, so no compute-dtype copy of it is made whole."""
+    whole tensor, then it is merged and written a chunk at a time, so no compute-dtype copy of it is made whole:
+    with fused, each chunk in one compiled pass (merge.fused; the same values)."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
     chunked = first.is_floating_point() and methods.in_chunks(first)
     flat_out = out.view(-1)
     if chunked and method.pieces is not None:
-        call = _call(job, method_name, base, tensors, None, deltas, ranks)
+        call = _call(job, method_name, base, tensors, None, deltas, ranks, fused)
         with _naming(job, method_name):
             values_of = method.pieces(call)
         for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first)):
@@ -177,14 +182,25 @@ def merge_tensor(
     base: torch.Tensor | None,
     tensors: list[torch.Tensor],
     scratch: Scratch | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """merged_values as a new tensor in the output dtype (never the scratch buffer itself); a verbatim job's
-    input unchanged."""
+    input unchanged. fused: as merge_into's."""
     if job.verbatim:
         return tensors[0].to(job.spec.dtype)
     out = torch.empty(tuple(job.spec.shape), dtype=job.spec.dtype, device=(base if base is not None else tensors[0]).device)
-    merge_into(job, method_name, base, tensors, out, scratch)
+    merge_into(job, method_name, base, tensors, out, scratch, fused=fused)
     return out
+
+
+def fused_pays(plan: MergePlan, method_name: str, device: str) -> bool:
+    """Whether a merge of plan compiles its chunks' pass (merge.fused.worth): by its entries merged in chunks with
+    a task-vector method's pieces."""
+    if METHODS[method_name].pieces is None:
+        return False
+    size = methods.chunk_entries(torch.device(device).type == "cpu")
+    entries = sum(n for n in (math.prod(job.spec.shape) for job in plan.jobs if not job.verbatim) if n > size)
+    return fused.worth(entries, device)
 
 
 def aligned(job: TensorJob, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> Loaded:
@@ -325,10 +341,11 @@ def run_merge(
         # three stages overlap: reading the next tensor, merging this one, writing the previous one
         try:
             scratch = Scratch()
+            compiled = fused_pays(plan, recipe.merge_method, device)
             with ThreadPoolExecutor(max_workers=1) as write_pool:
                 written: Future[None] | None = None
                 for done, (job, (base, tensors)) in enumerate(prefetched(plan.jobs, parents, device), start=1):
-                    merged = merge_tensor(job, recipe.merge_method, base, tensors, scratch)
+                    merged = merge_tensor(job, recipe.merge_method, base, tensors, scratch, compiled)
                     if written is not None:
                         written.result()
                     written = write_pool.submit(writer.write, job.spec.name, merged)

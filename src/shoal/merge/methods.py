@@ -28,7 +28,7 @@ Each function follows its paper and mergekit's conventions, so a mergekit recipe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,9 +87,27 @@ def top_mask(values: Tensor, k: int) -> Tensor:
     mask = flat > threshold
     if above_count is None:
         above_count = int(torch.count_nonzero(mask))
-    tied = torch.nonzero(flat == threshold).squeeze(1)  # ascending indices
-    mask[tied[: k - above_count]] = True
+    _add_first(mask, flat == threshold, k - above_count)
     return mask.reshape(values.shape)
+
+
+def _add_first(mask: Tensor, candidates: Tensor, count: int) -> None:
+    """Set the first `count` True entries of candidates (by index) in mask, both flat bool tensors: whole chunks
+    up to the one where the count is reached (counted in one pass, read from the device once), then that chunk's
+    first few; no index list of every candidate."""
+    pieces = list(chunks(candidates.numel(), chunk_size(candidates)))
+    counts = torch.stack([candidates[piece].sum() for piece in pieces]).cpu().tolist()
+    taken = 0
+    for piece, found in zip(pieces, counts):
+        if taken + found <= count:
+            mask[piece] |= candidates[piece]
+            taken += found
+            if taken == count:
+                return
+            continue
+        first = torch.nonzero(candidates[piece]).squeeze(1)[: count - taken]
+        mask[piece][first] = True
+        return
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -256,7 +274,7 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return (largest_beyond(bottom) & ~largest_beyond(bottom + keep)).reshape(delta.shape)
 
 
-def _flat_piece(tensor: Tensor, piece: slice | None) -> Tensor:
+def flat_piece(tensor: Tensor, piece: slice | None) -> Tensor:
     """tensor, or a piece of its flattened entries."""
     return tensor if piece is None else tensor.reshape(-1)[piece]
 
@@ -279,8 +297,8 @@ class TaskVector:
 
     def formed(self, piece: slice | None = None) -> Tensor:
         """τ, or a piece of its flattened entries, in the compute dtype (a kept τ itself, not a copy)."""
-        tensor = _flat_piece(self.tensor, piece).to(self.compute)
-        return tensor if self.base is None else tensor - _flat_piece(self.base, piece).to(self.compute)
+        tensor = flat_piece(self.tensor, piece).to(self.compute)
+        return tensor if self.base is None else tensor - flat_piece(self.base, piece).to(self.compute)
 
     def keep(self, piece: slice | None = None) -> Tensor | None:
         """The keep mask, or a piece of it; None when nothing is dropped."""
@@ -288,7 +306,7 @@ class TaskVector:
             return None
         if isinstance(self.mask, RandomDraws):
             return self.mask.keep(piece)
-        mask = _flat_piece(self.mask, piece)
+        mask = flat_piece(self.mask, piece)
         return mask if self.below is None else mask < self.below
 
     def part(self, piece: slice | None = None) -> Tensor:
@@ -316,12 +334,22 @@ def rank_limit(ranks: Tensor, density: float) -> int | None:
     return None if density >= 1 else max(1, int(density * ranks.numel()))
 
 
-def rescaled(vector: TaskVector) -> TaskVector:
+Magnitudes = Callable[[TaskVector, slice], tuple[Tensor, Tensor]]
+"""|τ| and |τ| · keep of a piece of a task vector (with a mask), in its compute dtype."""
+
+
+def magnitudes(vector: TaskVector, piece: slice) -> tuple[Tensor, Tensor]:
+    """|τ| and |τ| · keep of a piece, in eager steps (merge.fused.magnitudes: one compiled pass)."""
+    magnitude = vector.formed(piece).abs()
+    return magnitude, magnitude * vector.keep(piece)
+
+
+def rescaled(vector: TaskVector, magnitudes_of: Magnitudes = magnitudes) -> TaskVector:
     """vector with mergekit's L1 rescale: the kept entries scaled so |τ|_1 is unchanged (not when either norm is
     below 1e-7). In one piece the norms are sums of the whole tensor in the compute dtype (mergekit's, bit for bit);
-    in chunks each chunk's sums are added up in double precision (read from the device once, added on the host:
-    some devices lack float64) and the ratio rounded to the compute dtype, so no |τ| is made whole. |τ| · mask has
-    the values of |τ · mask|, so one temporary serves both norms."""
+    in chunks each chunk's sums (of magnitudes_of's two) are added up in double precision (read from the device
+    once, added on the host: some devices lack float64) and the ratio rounded to the compute dtype, so no |τ| is
+    made whole. |τ| · mask has the values of |τ · mask|."""
     if vector.mask is None:
         return vector
     if not in_chunks(vector.tensor):
@@ -333,9 +361,7 @@ def rescaled(vector: TaskVector) -> TaskVector:
         return replace(vector, scale=before / after)
     sums = []  # each chunk's two sums stay on the device, read once at the end (no wait for the device per chunk)
     for piece in chunks(vector.tensor.numel(), chunk_size(vector.tensor)):
-        magnitude = vector.formed(piece).abs()
-        sums.append(magnitude.sum())
-        sums.append(magnitude.mul_(vector.keep(piece)).sum())
+        sums.extend(part.sum() for part in magnitudes_of(vector, piece))
     totals = torch.stack(sums).view(-1, 2).cpu().double().sum(dim=0)
     before, after = float(totals[0]), float(totals[1])
     if before < 1e-7 or after < 1e-7:
@@ -400,7 +426,7 @@ def combine_task_vectors(
     Every step is elementwise, so a large tensor is merged a piece at a time (chunk_size entries, the same values
     bit for bit), each task vector formed only for that piece.
     """
-    return _combine(_flat_piece(base, piece).to(vectors[0].compute), [v.part(piece) for v in vectors], weights,
+    return _combine(flat_piece(base, piece).to(vectors[0].compute), [v.part(piece) for v in vectors], weights,
                     consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect_dtype)
 
 
@@ -417,8 +443,8 @@ def _combine(
     """combine_task_vectors of whole tensors (or of one chunk of each)."""
     mixed = torch.zeros_like(base)
     if not consensus:
-        for delta, weight in zip(deltas, weights):
-            mixed.add_(delta, alpha=float(weight))
+        for delta, weight in zip(deltas, weights):  # each product rounded, then added (mergekit's order; no FMA)
+            mixed.add_(delta * float(weight))
         total = float(sum(weights))
         if normalize and abs(total) >= 1e-8:
             mixed.div_(total)

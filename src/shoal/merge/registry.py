@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from shoal.merge import methods, spherical
+from shoal.merge import fused, methods, spherical
 
 REQUIRED: Any = object()
 
@@ -34,12 +34,20 @@ class MergeCall:
     ranks: list[torch.Tensor] | None = None
     """Each task vector's magnitude ranks, when precomputed: methods.magnitude_ranks for TIES (its trim is then a
     lookup), methods.magnitude_places for DELLA."""
+    fused: bool = False
+    """A task-vector method's pieces are merged in one compiled pass (merge.fused), not in eager steps, when the
+    compute dtype is float32 (`compiled`)."""
 
     @property
     def rank_dtype(self) -> torch.dtype:
         """Precision in which magnitudes are ranked and signs elected: the recipe's dtype, so that TIES and
         breadcrumbs keep the same entries as mergekit, which forms task vectors in that dtype."""
         return self.work_dtype
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the task vectors' rescale and merge take merge.fused's compiled passes."""
+        return self.fused and self.compute_dtype == torch.float32
 
     def upcast(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = self.base.to(self.compute_dtype) if self.base is not None else None
@@ -131,7 +139,9 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     else:
         return vector
     vector = replace(vector, mask=mask, below=below)
-    return methods.rescaled(vector) if call.shared["rescale"] else vector
+    if not call.shared["rescale"]:
+        return vector
+    return methods.rescaled(vector, fused.magnitudes if call.compiled else methods.magnitudes)
 
 
 def _task_vector_pieces(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], Pieces]:
@@ -144,6 +154,8 @@ def _task_vector_pieces(sparsify: Sparsify, consensus: bool) -> Callable[[MergeC
             elect_dtype=call.rank_dtype,
         )
         weights = [p["weight"] for p in call.per_model]
+        if call.compiled:
+            return fused.combiner(call.base, vectors, weights, **settings)
         return lambda piece: methods.combine_task_vectors(call.base, vectors, weights, piece=piece, **settings)
 
     return prepare

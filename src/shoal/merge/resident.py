@@ -27,7 +27,7 @@ from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
 from shoal.merge import methods
 from shoal.merge.engine import (
-    Scratch, aligned, check_tokenizer_settings, merge_into, open_parents, output_tokenizer, prefetched,
+    Scratch, aligned, check_tokenizer_settings, fused_pays, merge_into, open_parents, output_tokenizer, prefetched,
 )
 from shoal.merge.tokenizer import OutputTokenizer
 from shoal.merge.memory import (
@@ -94,6 +94,7 @@ class ResidentMerger:
         planned = plan_resident(recipe, device, slots, self.memory)
         self.parents, self._built, self.need = planned.parents, planned.built, planned.need
         plan = planned.plan
+        self._fused = fused_pays(plan, recipe.merge_method, device)
         self._vocabulary = recipe.vocabulary
         if report is not None:
             report(describe_need(self.need, self.memory, device, slots))
@@ -188,7 +189,7 @@ class ResidentMerger:
                 # rounded to the output's dtype first: a live model kept wider than the merge writes (a VLM whose
                 # vision tower is float32 and language model bfloat16 stays float32) holds what `shoal merge` writes
                 merge_into(job, recipe.merge_method, inputs.base, inputs.tensors, self._targets[slot][job.spec.name],
-                           self._scratch[slot], deltas=inputs.deltas, ranks=inputs.ranks)
+                           self._scratch[slot], deltas=inputs.deltas, ranks=inputs.ranks, fused=self._fused)
                 del inputs
 
     def _job_inputs(self, jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, _Inputs]]:

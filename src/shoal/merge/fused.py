@@ -1,0 +1,166 @@
+"""A task-vector merge of one chunk in one compiled pass (torch.compile), where it repays the compiler's start-up.
+
+methods.combine_task_vectors runs each step of the formula as its own eager operation: on a CPU, a chunk of three
+parents goes through about fifty of them (conversions, differences, masks, the sign vote, the disjoint mean), each
+reading and writing the chunk. Here the same formula is traced once and compiled (TorchInductor's C++ backend) into
+one loop that reads each input once and writes the result once, with every intermediate rounded where the eager
+steps round it (`emulate_precision_casts`): the same values, bit for bit (tests/test_fused.py). The L1 rescale's
+magnitudes (|τ| and |τ| · keep of a chunk) are formed in one such pass too; their sums stay eager, so that they
+are summed in the same order.
+
+Compiling takes seconds (more the first time on a machine, before Inductor's on-disk cache holds the kernel), so a
+merge uses it only when it has at least FUSED_MIN entries to merge in chunks (`worth`). It runs on a CPU only: the
+GPU path (Triton) was never measured. Without a working C++ compiler, or with SHOAL_FUSED=0, the eager steps run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from shoal.merge import methods
+
+FUSED_MIN = 1 << 29
+"""Entries a merge must have in chunks of task-vector methods for the compiled pass: about half a billion (a 0.5B
+model's), where what the eager steps take beyond it (2-20 ns an entry on one CPU thread: least for task arithmetic,
+most for TIES and DARE-TIES) passes the compiler's start-up: about 10 s the first time on a machine, 2-3 s once
+Inductor's cache holds the kernels (measured on this project's 2-core CPU)."""
+
+_log = logging.getLogger(__name__)
+_broken: list[str] = []
+"""Why compiling failed in this process, once it has (the eager steps run from then on)."""
+
+
+def enabled(device: torch.device | str) -> bool:
+    """Whether a merge on device may use the compiled pass: a CPU, SHOAL_FUSED not 0, no failed compile yet."""
+    return torch.device(device).type == "cpu" and os.environ.get("SHOAL_FUSED", "1") != "0" and not _broken
+
+
+def worth(entries: int, device: torch.device | str) -> bool:
+    """Whether a merge with `entries` entries in chunks of task-vector methods uses the compiled pass."""
+    return entries >= FUSED_MIN and enabled(device)
+
+
+def _merged(
+    base: Tensor,
+    tensors: list[Tensor],
+    from_base: bool,
+    keeps: list[Tensor | None],
+    scales: list[Tensor | None],
+    weights: list[Tensor],
+    votes_in: torch.dtype | None,
+    vote_weights: list[Tensor],
+    consensus: bool,
+    normalize: bool,
+    total: Tensor | None,
+    lam: Tensor | None,
+) -> Tensor:
+    """methods._combine of TaskVector.part's pieces, as one traceable function of one chunk, float32.
+
+    tensors are the parents' pieces (from_base: τ = tensor - base) or kept task vectors; keeps uint8 views of the
+    keep masks; weights float32 0-dim tensors; vote_weights the election's weights in votes_in (None: the election
+    is in float32, with weights). The steps are methods._combine's, each rounded as it rounds."""
+    wide = base.float()
+    deltas = []
+    for tensor, keep, scale in zip(tensors, keeps, scales):
+        delta = tensor.float() - wide if from_base else tensor.float()
+        if keep is not None:
+            delta = delta * keep.float()
+            if scale is not None:
+                delta = delta * scale
+        deltas.append(delta)
+    mixed = torch.zeros_like(wide)
+    if not consensus:
+        for delta, weight in zip(deltas, weights):
+            mixed = mixed + delta * weight
+        if total is not None:
+            mixed = mixed / total
+    else:
+        votes = torch.zeros_like(wide)
+        for delta, weight, vote_weight in zip(deltas, weights, vote_weights):
+            votes = votes + (delta * weight if votes_in is None else delta.to(votes_in) * vote_weight)
+        majority = (votes >= 0).float() * 2 - 1
+        divisor = torch.zeros_like(wide)
+        for delta, weight in zip(deltas, weights):
+            weighted = delta * weight
+            agree = (weighted.sign() == majority).float()
+            mixed = mixed + weighted * agree
+            divisor = divisor + agree * weight
+        if normalize:
+            mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+    if lam is not None:
+        mixed = mixed * lam
+    return mixed + wide
+
+
+def _magnitudes(tensor: Tensor, base: Tensor | None, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """methods.magnitudes of one piece: |τ| and |τ| · keep, float32 (keep a uint8 view of the mask)."""
+    magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
+    return magnitude, magnitude * keep.float()
+
+
+_OPTIONS = {"emulate_precision_casts": True}
+_compiled = {
+    _merged: torch.compile(_merged, dynamic=True, options=_OPTIONS),
+    _magnitudes: torch.compile(_magnitudes, dynamic=True, options=_OPTIONS),
+}
+
+
+def _run(function, *args):
+    """function compiled, or, once compiling has failed in this process (said once, in the log), run eagerly (the
+    same values: a failed compiler changes the speed, not the merge)."""
+    if not _broken:
+        try:
+            return _compiled[function](*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure; a fault of the formula re-raises below
+            _broken.append(f"{type(error).__name__}: {error}")
+            _log.warning("the fused merge pass could not be compiled (%s); merging with eager steps",
+                         _broken[0].splitlines()[0])
+    return function(*args)
+
+
+def magnitudes(vector: methods.TaskVector, piece: slice) -> tuple[Tensor, Tensor]:
+    """methods.magnitudes in one compiled pass (a float32 task vector)."""
+    tensor = methods.flat_piece(vector.tensor, piece)
+    base = None if vector.base is None else methods.flat_piece(vector.base, piece)
+    return _run(_magnitudes, tensor, base, vector.keep(piece).view(torch.uint8))
+
+
+def combiner(
+    base: Tensor,
+    vectors: Sequence[methods.TaskVector],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float = 1.0,
+    elect_dtype: torch.dtype | None = None,
+) -> Callable[[slice | None], Tensor]:
+    """methods.combine_task_vectors of any piece, in one compiled pass: float32 task vectors of a float32 merge."""
+    device = base.device
+    scalar = lambda value, dtype=torch.float32: torch.tensor(value, dtype=dtype, device=device)
+    compute = vectors[0].compute
+    if compute != torch.float32:
+        raise ValueError(f"the fused pass computes in float32, not {compute}")
+    from_base = vectors[0].base is not None
+    votes_in = None if elect_dtype is None or elect_dtype == compute else elect_dtype
+    weight_tensors = [scalar(float(w)) for w in weights]
+    vote_weights = [scalar(float(w), votes_in) for w in weights] if votes_in is not None else weight_tensors
+    total = float(sum(weights))
+    divisor = scalar(total) if not consensus and normalize and abs(total) >= 1e-8 else None
+    factor = scalar(lam) if lam != 1 else None
+    scales = [v.scale for v in vectors]
+
+    def piece_of(piece: slice | None) -> Tensor:
+        keeps = [v.keep(piece) for v in vectors]
+        return _run(
+            _merged, methods.flat_piece(base, piece), [methods.flat_piece(v.tensor, piece) for v in vectors], from_base,
+            [None if k is None else k.view(torch.uint8) for k in keeps], scales, weight_tensors, votes_in,
+            vote_weights, consensus, normalize, divisor, factor,
+        )
+
+    return piece_of

@@ -1,0 +1,135 @@
+"""The compiled pass of task-vector merges (merge.fused) gives the eager steps' values, bit for bit, on disk and in
+the resident merger under every plan; a compiler that fails leaves the same values; only large merges compile."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import yaml
+from conftest import read_tensors as tensors
+
+from shoal.merge import engine, fused, methods
+from shoal.merge.memory import MemoryPlan
+from shoal.merge.plan import build_plan
+from shoal.merge.resident import ResidentMerger
+from shoal.recipe import parse_recipe
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """Every merge in chunks of 1,000 entries takes the compiled pass (a fresh compile: no earlier test's kernels,
+    nor dynamo's limit of recompiles reached); yields the number of calls it took."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    monkeypatch.setattr(fused, "FUSED_MIN", 0)
+    monkeypatch.setattr(fused, "_broken", [])
+    calls = []
+    counted = lambda kernel, run: lambda *a: calls.append(kernel.__name__) or run(*a)
+    monkeypatch.setattr(fused, "_compiled", {kernel: counted(kernel, run) for kernel, run in fused._compiled.items()})
+    yield calls
+    assert not fused._broken  # nothing fell back to the eager steps
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # and something was compiled
+
+
+def recipe_of(method: str, parents, dtype: str):
+    params = {"weight": 0.3, "density": 0.5}
+    models = [{"model": str(parents[n]), "parameters": dict(params, weight=w, density=d)}
+              for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 0.7), ("c", -0.4, 0.3))]
+    if method in ("task_arithmetic",):
+        for m in models:
+            del m["parameters"]["density"]
+    return parse_recipe(yaml.safe_dump({
+        "merge_method": method, "dtype": dtype, "base_model": str(parents["base"]), "seed": 5,
+        "parameters": {"lambda": 0.8}, "models": models,
+    }))
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bit patterns (so that -0.0 and 0.0 differ)."""
+    return tensor.view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+def assert_same_bits(ours: dict, theirs: dict) -> None:
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert torch.equal(bits(ours[name]), bits(theirs[name])), name
+
+
+@pytest.mark.parametrize("method,dtype", [
+    ("task_arithmetic", "bfloat16"), ("ties", "bfloat16"), ("ties", "float32"), ("dare_ties", "bfloat16"),
+    ("dare_linear", "bfloat16"), ("della", "bfloat16"), ("breadcrumbs_ties", "float32"),
+])
+def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, compiled, method, dtype):
+    recipe = recipe_of(method, parents, dtype)
+    engine.run_merge(recipe, tmp_path / "fused")
+    assert compiled.count("_merged") > 30  # every chunk of every matrix
+    assert ("_magnitudes" in compiled) == (method in ("dare_ties", "dare_linear", "della"))  # the L1 rescale
+    fused.FUSED_MIN = 1 << 62  # noqa: the fixture's monkeypatch puts it back
+    engine.run_merge(recipe, tmp_path / "eager")
+    assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
+
+
+@pytest.mark.parametrize("method,memory", [
+    ("ties", MemoryPlan(keep="deltas", ranks="stored")), ("dare_ties", MemoryPlan(keep="deltas")),
+    ("ties", MemoryPlan(inputs="stream")),
+])
+def test_the_resident_merger_compiles_the_same_merge_under_every_plan(parents, tmp_path, compiled, method, memory):
+    """Kept float32 task vectors and TIES' stored ranks go into the compiled pass as parents and masks do."""
+    recipe = recipe_of(method, parents, "bfloat16")
+    engine.run_merge(recipe, tmp_path / "disk")
+    before = len(compiled)
+    merger = ResidentMerger(recipe, memory=memory)
+    merger.apply(recipe)
+    assert len(compiled) > before
+    live = {name: p.detach() for name, p in merger.model.named_parameters()}
+    on_disk = tensors(tmp_path / "disk")
+    assert_same_bits({name: live[name] for name in on_disk}, on_disk)
+
+
+def test_a_compiler_that_fails_leaves_the_same_merge_and_is_said_once(parents, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    monkeypatch.setattr(fused, "FUSED_MIN", 0)
+    monkeypatch.setattr(fused, "_broken", [])
+    failures = []
+
+    def no_compiler(*args):
+        failures.append(1)
+        raise RuntimeError("C++ compile error\ng++: not found")
+
+    monkeypatch.setattr(fused, "_compiled", {kernel: no_compiler for kernel in fused._compiled})
+    recipe = recipe_of("dare_ties", parents, "bfloat16")
+    with caplog.at_level(logging.WARNING, logger="shoal.merge.fused"):
+        engine.run_merge(recipe, tmp_path / "failed")
+    assert len(failures) == 1  # tried once, then the eager steps for every chunk
+    assert [r.getMessage() for r in caplog.records] == [
+        "the fused merge pass could not be compiled (RuntimeError: C++ compile error); merging with eager steps"]
+    assert not fused.enabled("cpu")
+    monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "FUSED_MIN", 1 << 62)
+    engine.run_merge(recipe, tmp_path / "eager")
+    assert_same_bits(tensors(tmp_path / "failed"), tensors(tmp_path / "eager"))
+
+
+def test_only_a_merge_with_enough_entries_in_chunks_compiles(parents, monkeypatch):
+    """The tiny parents' matrices (64 x 64 attention, 64 x 128 MLP, 256 x 64 embedding and head) are in chunks of
+    1,000 entries and count; their 64-entry norms are one chunk each and do not."""
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    monkeypatch.setattr(fused, "_broken", [])
+    recipe = recipe_of("ties", parents, "bfloat16")
+    plan = build_plan(recipe, engine.open_parents(recipe))
+    chunked = sum(j.spec.shape[0] * j.spec.shape[1] for j in plan.jobs
+                  if len(j.spec.shape) == 2 and j.spec.shape[0] * j.spec.shape[1] > 1000)
+    assert chunked > 0
+    monkeypatch.setattr(fused, "FUSED_MIN", chunked)
+    assert engine.fused_pays(plan, "ties", "cpu")
+    assert not engine.fused_pays(plan, "linear", "cpu")  # no task-vector pieces to compile
+    monkeypatch.setattr(fused, "FUSED_MIN", chunked + 1)
+    assert not engine.fused_pays(plan, "ties", "cpu")
+    monkeypatch.setattr(fused, "FUSED_MIN", 0)
+    monkeypatch.setenv("SHOAL_FUSED", "0")
+    assert not engine.fused_pays(plan, "ties", "cpu")
+    monkeypatch.delenv("SHOAL_FUSED")
+    assert engine.fused_pays(plan, "ties", "cpu") and not fused.enabled("meta")  # a CPU's pass only
