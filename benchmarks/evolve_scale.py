@@ -3,7 +3,7 @@ merging each candidate to disk with mergekit and reloading it; then device memor
 projected to 7B and 8B parents.
 
     python benchmarks/evolve_scale.py [--size 0.5b|50m|small] [--trials 4] [--methods dare_ties,ties]
-                                      [--plans device,stream,...] [--eager] [--work /tmp/shoal-bench]
+                                      [--plans 'device;stream'] [--eager] [--work /tmp/shoal-bench]
 
 Three random bf16 parents and a base (merge_speed.py's, 0.55B by default, built once under --work) and a short
 generation task (8 prompts of 12 words, 8 new tokens, greedy). Each (method, plan) runs in its own process, so its
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--peer-threads", type=int, default=2)
     parser.add_argument("--gpu-bandwidth", type=float, default=1008e9)
     parser.add_argument("--link-bandwidth", type=float, default=25e9)
-    parser.add_argument("--plans", default=",".join(PLANS), help="the memory plans to measure (comma-separated)")
+    parser.add_argument("--plans", help="the memory plans to measure, separated by ';' (default: every plan)")
     parser.add_argument("--eager", action="store_true",
                         help="also measure each plan with SHOAL_FUSED=0 (the merge in eager steps, not compiled)")
     parser.add_argument("--project-only", action="store_true", help="print the projection alone (no measurement)")
@@ -240,8 +240,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.trials < 2:
         parser.error("--trials must be at least 2 (the first trial of a generation waits for all of its merge)")
-    if not set(args.plans.split(",")) <= set(PLANS):
-        parser.error(f"--plans: of {', '.join(PLANS)}")
+    plans = list(PLANS) if args.plans is None else args.plans.split(";")
+    if not set(plans) <= set(PLANS):
+        parser.error(f"--plans: of {'; '.join(PLANS)}")
     if not set(args.methods.split(",")) <= {"dare_ties", "ties"}:
         parser.error("--methods: dare_ties and ties (the projection models no other method's ranks)")
     if args.child:
@@ -257,11 +258,11 @@ def main() -> None:
     transformers_logging.disable_progress_bar()
     methods = args.methods.split(",")
     if not args.project_only:
-        measure(args, methods)
+        measure(args, methods, plans)
     project(methods, args.gpu_bandwidth, args.link_bandwidth)
 
 
-def measure(args: argparse.Namespace, methods: list[str]) -> None:
+def measure(args: argparse.Namespace, methods: list[str], plans: list[str]) -> None:
     """The table of measured trials: each plan's and mergekit's, per method."""
     from shoal.merge.memory import format_bytes
 
@@ -275,7 +276,7 @@ def measure(args: argparse.Namespace, methods: list[str]) -> None:
           f"torch {torch.__version__}")
     print(f"{'method':<10} {'loop':<36} {'load s':>6} {'merge s':>7} {'wait s':>6} {'eval s':>6} {'trial s':>7} "
           f"{'peak RSS':>9} {'x parent':>8} {'floor s':>7} {'merge/floor':>11} {'1st merge s':>11}")
-    runs = [(name, plan, env) for name, plan in PLANS.items() if name in args.plans.split(",")
+    runs = [(name, plan, env) for name, plan in PLANS.items() if name in plans
             for env in ([None, {"SHOAL_FUSED": "0"}] if args.eager else [None])]
     for method in methods:
         merges = {}
