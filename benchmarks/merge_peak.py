@@ -8,8 +8,9 @@ over the whole tensor, then merged and written a chunk at a time into a bf16 out
 in one piece (chunking switched off, as a tensor within one chunk of its device is merged). Prints the rise of the
 process's peak resident set (VmHWM, after resetting it) over its resident set before the merge, in bytes per entry,
 beside memory.py's count for the same case (mask_bytes and CHUNK_TEMPORARIES in chunks,
-ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks. With --redraw, DARE's methods only, their
-masks drawn again where they are used (methods.RandomDraws), as off a CPU, against the count off a CPU.
+ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks. With --redraw, DARE's methods and TIES only,
+their masks drawn again (methods.RandomDraws) or trims found again (methods.MagnitudeCut) where they are used, as
+off a CPU, against the count off a CPU.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, default=10_000_000)
     parser.add_argument("--parents", default="2,3,4")
-    parser.add_argument("--redraw", action="store_true", help="DARE's masks drawn again where used, as off a CPU")
+    parser.add_argument("--redraw", action="store_true",
+                        help="DARE's masks drawn and TIES' trims found again where used, as off a CPU")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # internal: method, parents, whole
     args = parser.parse_args()
     if args.child:
@@ -79,7 +81,7 @@ def main() -> None:
 
     print(f"one merge of {args.entries:,} bf16 entries; peak rise in bytes an entry (counted by memory.py)")
     print(f"{'method':<18} {'parents':>7} {'in chunks':>14} {'in one piece':>14}")
-    for method in [m for m in METHODS if not args.redraw or REGISTRY[m].sparsify == "random"]:
+    for method in [m for m in METHODS if not args.redraw or REGISTRY[m].sparsify in ("random", "magnitude")]:
         for count in map(int, args.parents.split(",")):
             held, forming = mask_bytes(REGISTRY[method].sparsify, 2, ranks_kept=False, on_cpu=not args.redraw)
             per, extra = CHUNK_TEMPORARIES

@@ -27,17 +27,16 @@ def compiled(monkeypatch):
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setattr(fused, "_broken", [])
     calls = []
-    counted = lambda kernel, run: lambda *a: calls.append(kernel.__name__) or run(*a)
-    monkeypatch.setattr(fused, "_compiled", {kernel: counted(kernel, run) for kernel, run in fused._compiled.items()})
+    kernel = fused._kernel
+    monkeypatch.setattr(fused, "_kernel", lambda f: lambda *a: calls.append(f.__name__) or kernel(f)(*a))
     yield calls
     assert not fused._broken  # nothing fell back to the eager steps
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # and something was compiled
 
 
-def recipe_of(method: str, parents, dtype: str):
-    params = {"weight": 0.3, "density": 0.5}
-    models = [{"model": str(parents[n]), "parameters": dict(params, weight=w, density=d)}
-              for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 0.7), ("c", -0.4, 0.3))]
+def recipe_of(method: str, parents, dtype: str, densities: tuple[float, ...] = (0.5, 0.7, 0.3)):
+    models = [{"model": str(parents[n]), "parameters": {"weight": w, "density": d}}
+              for n, w, d in zip("abc", (0.3, 0.9, -0.4), densities)]
     if method in ("task_arithmetic",):
         for m in models:
             del m["parameters"]["density"]
@@ -59,7 +58,8 @@ def assert_same_bits(ours: dict, theirs: dict) -> None:
 
 
 @pytest.mark.parametrize("method,dtype", [
-    ("task_arithmetic", "bfloat16"), ("ties", "bfloat16"), ("ties", "float32"), ("dare_ties", "bfloat16"),
+    ("task_arithmetic", "bfloat16"), ("ties", "bfloat16"), ("ties", "float32"), ("ties", "float16"),
+    ("dare_ties", "bfloat16"),
     ("dare_linear", "bfloat16"), ("della", "bfloat16"), ("breadcrumbs_ties", "float32"),
 ])
 def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, compiled, method, dtype):
@@ -72,6 +72,19 @@ def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, 
     assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
 
 
+def test_a_parent_kept_whole_takes_the_pass_compiled_for_masks(parents, tmp_path, compiled):
+    """A parent at density 1 has nothing dropped (no mask, no rescale): it goes into the same compiled pass, kept
+    whole and scaled by 1, with the eager steps' values, and nothing is compiled anew."""
+    engine.run_merge(recipe_of("dare_ties", parents, "bfloat16"), tmp_path / "masked")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    dense = recipe_of("dare_ties", parents, "bfloat16", densities=(0.5, 1.0, 0.3))
+    engine.run_merge(dense, tmp_path / "fused")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    fused.FUSED_MIN = 1 << 62  # noqa: the fixture's monkeypatch puts it back
+    engine.run_merge(dense, tmp_path / "eager")
+    assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
+
+
 @pytest.mark.parametrize("method,memory", [
     ("ties", MemoryPlan(keep="deltas", ranks="stored")), ("dare_ties", MemoryPlan(keep="deltas")),
     ("ties", MemoryPlan(inputs="stream")),
@@ -81,7 +94,10 @@ def test_the_resident_merger_compiles_the_same_merge_under_every_plan(parents, t
     recipe = recipe_of(method, parents, "bfloat16")
     engine.run_merge(recipe, tmp_path / "disk")
     before = len(compiled)
-    merger = ResidentMerger(recipe, memory=memory)
+    said = []
+    merger = ResidentMerger(recipe, memory=memory, report=said.append)
+    assert said[0].endswith("; merged a chunk at a time in one compiled pass (compiled at the first merge; "
+                            "SHOAL_FUSED=0: in eager steps)")
     merger.apply(recipe)
     assert len(compiled) > before
     live = {name: p.detach() for name, p in merger.model.named_parameters()}
@@ -99,7 +115,7 @@ def test_a_compiler_that_fails_leaves_the_same_merge_and_is_said_once(parents, t
         failures.append(1)
         raise RuntimeError("C++ compile error\ng++: not found")
 
-    monkeypatch.setattr(fused, "_compiled", {kernel: no_compiler for kernel in fused._compiled})
+    monkeypatch.setattr(fused, "_kernel", lambda function: no_compiler)
     recipe = recipe_of("dare_ties", parents, "bfloat16")
     with caplog.at_level(logging.WARNING, logger="shoal.merge.fused"):
         engine.run_merge(recipe, tmp_path / "failed")
@@ -113,7 +129,7 @@ def test_a_compiler_that_fails_leaves_the_same_merge_and_is_said_once(parents, t
     assert_same_bits(tensors(tmp_path / "failed"), tensors(tmp_path / "eager"))
 
 
-def test_only_a_merge_with_enough_entries_in_chunks_compiles(parents, monkeypatch):
+def test_only_merges_of_enough_entries_in_chunks_compile(parents, monkeypatch):
     """The tiny parents' matrices (64 x 64 attention, 64 x 128 MLP, 256 x 64 embedding and head) are in chunks of
     1,000 entries and count; their 64-entry norms are one chunk each and do not."""
     monkeypatch.setattr(methods, "CHUNK", 1000)
@@ -128,6 +144,11 @@ def test_only_a_merge_with_enough_entries_in_chunks_compiles(parents, monkeypatc
     assert not engine.fused_pays(plan, "linear", "cpu")  # no task-vector pieces to compile
     monkeypatch.setattr(fused, "FUSED_MIN", chunked + 1)
     assert not engine.fused_pays(plan, "ties", "cpu")
+    monkeypatch.setattr(fused, "FUSED_MIN", chunked * fused.SEARCH_MERGES)  # a search counts a generation's merges
+    assert engine.fused_pays(plan, "ties", "cpu", fused.SEARCH_MERGES) and not engine.fused_pays(plan, "ties", "cpu")
+    said = []
+    ResidentMerger(recipe, report=said.append)
+    assert said[0].endswith("(compiled at the first merge; SHOAL_FUSED=0: in eager steps)")
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setenv("SHOAL_FUSED", "0")
     assert not engine.fused_pays(plan, "ties", "cpu")

@@ -310,6 +310,40 @@ def test_dare_masks_drawn_again_where_used_merge_what_held_masks_merge(parents, 
         assert torch.equal(live[name].detach(), held[name]), name
 
 
+def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_parents, tmp_path, monkeypatch):
+    """Off a CPU, TIES' trim of a tensor in chunks is found again where it is used (methods.MagnitudeCut: a
+    threshold and a tie position) instead of held: forced here on a CPU, with chunks of 1,000 entries, the merge on
+    disk, compiled or not, and in the resident merger is the held masks' bit for bit."""
+    from shoal.merge import fused, methods
+    from shoal.merge.resident import ResidentMerger
+
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    recipe = parse_recipe(yaml.safe_dump({
+        "merge_method": "ties", "dtype": "bfloat16", "base_model": str(bf16_parents["base"]),
+        "models": [{"model": str(bf16_parents[n]), "parameters": {"weight": w, "density": d}}
+                   for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 1.0), ("c", 0.4, 0.3))],
+    }))
+    run_merge(recipe, tmp_path / "held")
+    cuts = []
+    original = methods.magnitude_cut
+    monkeypatch.setattr(methods, "magnitude_cut", lambda *a: cuts.append(1) or original(*a))
+    monkeypatch.setattr(methods, "redraws", methods.in_chunks)
+    run_merge(recipe, tmp_path / "cut")
+    assert len(cuts) > 10
+    monkeypatch.setattr(fused, "FUSED_MIN", 0)
+    run_merge(recipe, tmp_path / "cut, compiled")
+    held = tensors(tmp_path / "held")
+    for other in ("cut", "cut, compiled"):
+        found = tensors(tmp_path / other)
+        for name in held:
+            assert torch.equal(held[name], found[name]), (other, name)
+    merger = ResidentMerger(recipe, memory=methods_plan_stream())
+    merger.apply(recipe)
+    live = dict(merger.model.named_parameters())
+    for name in held:
+        assert torch.equal(live[name].detach(), held[name]), name
+
+
 def methods_plan_stream():
     from shoal.merge.memory import MemoryPlan
 

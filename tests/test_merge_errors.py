@@ -119,15 +119,16 @@ def test_the_command_starts_without_loading_torch_or_transformers():
     assert proc.stdout.strip() == "[]"
 
 
-def test_a_merge_without_tokenizer_settings_never_loads_transformers(parents, tmp_path):
-    # transformers takes most of a second to import (BENCHMARKS.md: a linear merge of 0.55B parents, with and without)
+def test_a_merge_without_tokenizer_settings_never_loads_transformers_nor_the_compiler(parents, tmp_path):
+    # transformers takes most of a second to import (BENCHMARKS.md: a linear merge of 0.55B parents, with and
+    # without), torch's compiler more; a merge too small to compile (merge.fused.FUSED_MIN) needs neither
     path = write_recipe(tmp_path, linear(parents["a"], parents["b"]))
     code = ("import sys; from shoal.cli import main; sys.argv = ['shoal', 'merge', sys.argv[1], sys.argv[2]]\n"
             "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
-            "print('transformers' in sys.modules)")
+            "print([m for m in ('transformers', 'torch._dynamo', 'torch._inductor') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], capture_output=True,
                           text=True, check=True)
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "config.json").exists()
 
 

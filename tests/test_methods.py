@@ -1,6 +1,7 @@
 """Each merge formula on small tensors against values computed by hand."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -113,6 +114,31 @@ def test_a_task_vector_in_chunks_is_formed_from_the_parent_and_base_a_piece_at_a
     trimmed = methods.TaskVector(parent, base, torch.float32, mask=ranks, below=below)
     assert torch.equal(trimmed.part(), delta * methods.magnitude_mask(delta, 0.3))
     assert methods.rank_limit(ranks, 1.0) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.9, 0.9999, 1.0])
+def test_ties_trim_found_a_chunk_at_a_time_is_the_held_mask(monkeypatch, dtype, density):
+    """magnitude_cut's threshold and tie position, applied to each piece of τ, give magnitude_mask's mask of the
+    whole τ bit for bit: many magnitudes are tied in 16 bits (parents close to the base), and the ties at the
+    threshold go to the lowest indices across chunks of 1,000 entries."""
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    generator = torch.Generator().manual_seed(int(density * 1000))
+    n = 20 * 1000 + 321
+    base = torch.randn(n, generator=generator).to(dtype)
+    parent = (base.float() + 0.01 * torch.randint(-3, 4, (n,), generator=generator)).to(dtype)
+    vector = methods.TaskVector(parent, base, torch.float32)
+    held = methods.magnitude_mask(vector.whole_in(dtype), density)
+    cut = methods.magnitude_cut(vector, density, dtype)
+    if density == 1.0:
+        assert cut is None and bool(held.all())
+        return
+    trimmed = replace(vector, mask=cut)
+    pieces = list(methods.chunks(n, 1000))
+    assert torch.equal(torch.cat([trimmed.keep(piece) for piece in pieces]), held)
+    assert torch.equal(trimmed.keep(), held)  # the whole tensor at once
+    assert torch.equal(torch.cat([trimmed.part(piece) for piece in pieces]), vector.formed() * held)
+    assert int(held.sum()) == max(1, int(density * n))
 
 
 def test_rescale_keeps_the_l1_norm():

@@ -193,14 +193,14 @@ def merge_tensor(
     return out
 
 
-def fused_pays(plan: MergePlan, method_name: str, device: str) -> bool:
-    """Whether a merge of plan compiles its chunks' pass (merge.fused.worth): by its entries merged in chunks with
-    a task-vector method's pieces."""
+def fused_pays(plan: MergePlan, method_name: str, device: str, merges: int = 1) -> bool:
+    """Whether `merges` merges of plan compile their chunks' pass (merge.fused.worth): by the entries each merges
+    in chunks with a task-vector method's pieces."""
     if METHODS[method_name].pieces is None:
         return False
     size = methods.chunk_entries(torch.device(device).type == "cpu")
     entries = sum(n for n in (math.prod(job.spec.shape) for job in plan.jobs if not job.verbatim) if n > size)
-    return fused.worth(entries, device)
+    return fused.worth(entries, device, merges)
 
 
 def aligned(job: TensorJob, base: torch.Tensor | None, tensors: list[torch.Tensor]) -> Loaded:

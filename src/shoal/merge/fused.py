@@ -9,7 +9,7 @@ magnitudes (|τ| and |τ| · keep of a chunk) are formed in one such pass too; t
 are summed in the same order.
 
 Compiling takes seconds (more the first time on a machine, before Inductor's on-disk cache holds the kernel), so a
-merge uses it only when it has at least FUSED_MIN entries to merge in chunks (`worth`). It runs on a CPU only: the
+process uses it only when it will merge at least FUSED_MIN entries in chunks (`worth`). It runs on a CPU only: the
 GPU path (Triton) was never measured. Without a working C++ compiler, or with SHOAL_FUSED=0, the eager steps run.
 """
 
@@ -24,11 +24,15 @@ from torch import Tensor
 
 from shoal.merge import methods
 
-FUSED_MIN = 1 << 29
-"""Entries a merge must have in chunks of task-vector methods for the compiled pass: about half a billion (a 0.5B
-model's), where what the eager steps take beyond it (2-20 ns an entry on one CPU thread: least for task arithmetic,
-most for TIES and DARE-TIES) passes the compiler's start-up: about 10 s the first time on a machine, 2-3 s once
-Inductor's cache holds the kernels (measured on this project's 2-core CPU)."""
+FUSED_MIN = 1 << 31
+"""Entries a process must merge in chunks of task-vector methods (summed over its merges) for the compiled pass:
+about 2 billion, where what the eager steps take beyond it (4-20 ns an entry on one CPU thread: least for task
+arithmetic, most for TIES and DARE-TIES) passes the compiler's start-up, about 10 s the first time on a machine and
+2-3 s once Inductor's cache holds the kernels, and its few hundred MB (measured on this project's 2-core CPU). One
+`shoal merge` of 0.55B parents gained too little for that (BENCHMARKS.md); a search over them, or one merge of 3B
+parents, passes it."""
+SEARCH_MERGES = 8
+"""The merges a resident merger is counted for: a search merges one a trial, and at least a generation of them."""
 
 _log = logging.getLogger(__name__)
 _broken: list[str] = []
@@ -40,17 +44,17 @@ def enabled(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and os.environ.get("SHOAL_FUSED", "1") != "0" and not _broken
 
 
-def worth(entries: int, device: torch.device | str) -> bool:
-    """Whether a merge with `entries` entries in chunks of task-vector methods uses the compiled pass."""
-    return entries >= FUSED_MIN and enabled(device)
+def worth(entries: int, device: torch.device | str, merges: int = 1) -> bool:
+    """Whether `merges` merges of `entries` entries each in chunks of task-vector methods use the compiled pass."""
+    return entries * merges >= FUSED_MIN and enabled(device)
 
 
 def _merged(
     base: Tensor,
     tensors: list[Tensor],
     from_base: bool,
-    keeps: list[Tensor | None],
-    scales: list[Tensor | None],
+    keeps: list[Tensor],
+    scales: list[Tensor],
     weights: list[Tensor],
     votes_in: torch.dtype | None,
     vote_weights: list[Tensor],
@@ -62,17 +66,12 @@ def _merged(
     """methods._combine of TaskVector.part's pieces, as one traceable function of one chunk, float32.
 
     tensors are the parents' pieces (from_base: τ = tensor - base) or kept task vectors; keeps uint8 views of the
-    keep masks; weights float32 0-dim tensors; vote_weights the election's weights in votes_in (None: the election
-    is in float32, with weights). The steps are methods._combine's, each rounded as it rounds."""
+    keep masks and scales the rescale's factors (1 where there is none); weights float32 0-dim tensors; vote_weights
+    the election's weights in votes_in (None: the election is in float32, with weights). The steps are
+    methods._combine's, each rounded as it rounds."""
     wide = base.float()
-    deltas = []
-    for tensor, keep, scale in zip(tensors, keeps, scales):
-        delta = tensor.float() - wide if from_base else tensor.float()
-        if keep is not None:
-            delta = delta * keep.float()
-            if scale is not None:
-                delta = delta * scale
-        deltas.append(delta)
+    deltas = [(tensor.float() - wide if from_base else tensor.float()) * keep.float() * scale
+              for tensor, keep, scale in zip(tensors, keeps, scales)]
     mixed = torch.zeros_like(wide)
     if not consensus:
         for delta, weight in zip(deltas, weights):
@@ -103,11 +102,15 @@ def _magnitudes(tensor: Tensor, base: Tensor | None, keep: Tensor) -> tuple[Tens
     return magnitude, magnitude * keep.float()
 
 
-_OPTIONS = {"emulate_precision_casts": True}
-_compiled = {
-    _merged: torch.compile(_merged, dynamic=True, options=_OPTIONS),
-    _magnitudes: torch.compile(_magnitudes, dynamic=True, options=_OPTIONS),
-}
+_compiled: dict[Callable, Callable] = {}
+
+
+def _kernel(function: Callable) -> Callable:
+    """function compiled (wrapped on first use: importing torch's compiler takes seconds that a merge which never
+    compiles should not pay), shapes dynamic, rounding as eager."""
+    if function not in _compiled:
+        _compiled[function] = torch.compile(function, dynamic=True, options={"emulate_precision_casts": True})
+    return _compiled[function]
 
 
 def _run(function, *args):
@@ -115,7 +118,7 @@ def _run(function, *args):
     same values: a failed compiler changes the speed, not the merge)."""
     if not _broken:
         try:
-            return _compiled[function](*args)
+            return _kernel(function)(*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure; a fault of the formula re-raises below
             _broken.append(f"{type(error).__name__}: {error}")
             _log.warning("the fused merge pass could not be compiled (%s); merging with eager steps",
@@ -153,14 +156,24 @@ def combiner(
     total = float(sum(weights))
     divisor = scalar(total) if not consensus and normalize and abs(total) >= 1e-8 else None
     factor = scalar(lam) if lam != 1 else None
-    scales = [v.scale for v in vectors]
+    # a vector with nothing dropped is kept whole and scaled by 1 (the same values): one compiled pass serves a
+    # recipe whether or not some density is 1, where dynamo would compile each pattern of absent masks anew
+    scales = [scalar(1.0) if v.scale is None else v.scale for v in vectors]
+    all_kept: dict[int, Tensor] = {}
 
     def piece_of(piece: slice | None) -> Tensor:
-        keeps = [v.keep(piece) for v in vectors]
+        base_piece = methods.flat_piece(base, piece)
+        keeps = []
+        for vector in vectors:
+            keep = vector.keep(piece)
+            if keep is None:
+                keep = all_kept.get(base_piece.numel())
+                if keep is None:
+                    keep = all_kept[base_piece.numel()] = torch.ones(base_piece.shape, dtype=torch.bool, device=device)
+            keeps.append(keep.view(torch.uint8))
         return _run(
-            _merged, methods.flat_piece(base, piece), [methods.flat_piece(v.tensor, piece) for v in vectors], from_base,
-            [None if k is None else k.view(torch.uint8) for k in keeps], scales, weight_tensors, votes_in,
-            vote_weights, consensus, normalize, divisor, factor,
+            _merged, base_piece, [methods.flat_piece(v.tensor, piece) for v in vectors], from_base, keeps, scales,
+            weight_tensors, votes_in, vote_weights, consensus, normalize, divisor, factor,
         )
 
     return piece_of

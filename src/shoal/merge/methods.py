@@ -64,12 +64,21 @@ def _kth_largest(flat: Tensor, k: int) -> tuple[Tensor, int | None]:
     16-bit floats take a histogram of their bit patterns (ordered like the values, all being >= 0): O(n).
     """
     if flat.dtype in (torch.bfloat16, torch.float16):
-        counts = torch.bincount(flat.view(torch.int16), minlength=1 << 15)
-        from_top = counts.flip(0).cumsum(0)
-        position = int(torch.searchsorted(from_top, k))
-        above = int(from_top[position - 1]) if position > 0 else 0
-        return torch.tensor((1 << 15) - 1 - position, dtype=torch.int16).view(flat.dtype), above
+        return _kth_of_counts(_bit_counts(flat), k, flat.dtype)
     return torch.kthvalue(flat, flat.numel() - k + 1).values, None
+
+
+def _bit_counts(magnitudes: Tensor) -> Tensor:
+    """How many of these non-negative 16-bit floats have each bit pattern (0 .. 2^15 - 1: the values' order)."""
+    return torch.bincount(magnitudes.reshape(-1).view(torch.int16), minlength=1 << 15)
+
+
+def _kth_of_counts(counts: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """The k-th largest 16-bit float of dtype counted in _bit_counts, and how many values exceed it."""
+    from_top = counts.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, k))
+    above = int(from_top[position - 1]) if position > 0 else 0
+    return torch.tensor((1 << 15) - 1 - position, dtype=torch.int16).view(dtype), above
 
 
 def top_mask(values: Tensor, k: int) -> Tensor:
@@ -87,27 +96,24 @@ def top_mask(values: Tensor, k: int) -> Tensor:
     mask = flat > threshold
     if above_count is None:
         above_count = int(torch.count_nonzero(mask))
-    _add_first(mask, flat == threshold, k - above_count)
+    ties = flat == threshold
+    until = _end_of_nth(lambda piece: ties[piece], list(chunks(flat.numel(), chunk_size(flat))), k - above_count)
+    mask[:until] |= ties[:until]
     return mask.reshape(values.shape)
 
 
-def _add_first(mask: Tensor, candidates: Tensor, count: int) -> None:
-    """Set the first `count` True entries of candidates (by index) in mask, both flat bool tensors: whole chunks
-    up to the one where the count is reached (counted in one pass, read from the device once), then that chunk's
-    first few; no index list of every candidate."""
-    pieces = list(chunks(candidates.numel(), chunk_size(candidates)))
-    counts = torch.stack([candidates[piece].sum() for piece in pieces]).cpu().tolist()
+def _end_of_nth(found_in: Callable[[slice], Tensor], pieces: list[slice], n: int) -> int:
+    """The index just past the n-th (n >= 1) True entry, by index, of a flat bool tensor given a piece at a time
+    (found_in is called on the pieces in order, up to the one that holds it): where ties at a threshold stop
+    being kept."""
     taken = 0
-    for piece, found in zip(pieces, counts):
-        if taken + found <= count:
-            mask[piece] |= candidates[piece]
-            taken += found
-            if taken == count:
-                return
-            continue
-        first = torch.nonzero(candidates[piece]).squeeze(1)[: count - taken]
-        mask[piece][first] = True
-        return
+    for piece in pieces:
+        found = found_in(piece)
+        count = int(found.sum())
+        if taken + count >= n:
+            return piece.start + int(torch.nonzero(found)[n - taken - 1]) + 1
+        taken += count
+    raise ValueError(f"fewer than {n} entries found")
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -205,6 +211,52 @@ def redraws(tensor: Tensor) -> bool:
     return in_chunks(tensor) and tensor.device.type != "cpu"
 
 
+@dataclass(frozen=True)
+class MagnitudeCut:
+    """TIES' trim of a task vector in chunks, not held but found again where it is used: the entries whose
+    magnitude, rounded to the threshold's 16-bit dtype, exceeds the threshold, and those equal to it before entry
+    `until` (ties go to the lowest indices, as in top_mask): magnitude_mask's mask bit for bit, with no byte an
+    entry held (magnitude_cut finds it in two passes a chunk at a time)."""
+
+    threshold: Tensor
+    until: int
+
+    def keep(self, delta: Tensor, start: int) -> Tensor:
+        """The mask of a piece of τ's flattened entries starting at entry `start` (delta: that piece of τ)."""
+        magnitude = delta.to(self.threshold.dtype).abs()
+        threshold = self.threshold.to(magnitude.device)
+        mask = magnitude > threshold
+        tied = min(max(self.until - start, 0), magnitude.numel())  # the piece's entries before `until`
+        if tied:
+            flat, magnitudes = mask.view(-1), magnitude.view(-1)
+            flat[:tied] |= magnitudes[:tied] == threshold
+        return mask
+
+
+def cuts(tensor: Tensor, rank_dtype: torch.dtype) -> bool:
+    """Whether TIES' trim of this tensor is found again where it is used (MagnitudeCut) rather than held: in chunks,
+    off a CPU (where memory is short), when magnitudes are ranked in a 16-bit float (counted in one histogram)."""
+    return redraws(tensor) and rank_dtype in (torch.bfloat16, torch.float16)
+
+
+def magnitude_cut(vector: TaskVector, density: float, rank_dtype: torch.dtype) -> MagnitudeCut | None:
+    """magnitude_mask(vector.whole_in(rank_dtype), density) as a MagnitudeCut, found a chunk at a time: one pass
+    counts the magnitudes' bit patterns (the threshold), a second counts the ties at the threshold until the k-th
+    kept entry is reached. None when every entry is kept."""
+    numel = vector.tensor.numel()
+    k = max(1, int(density * numel))
+    if density >= 1 or k >= numel:
+        return None
+    pieces = list(chunks(numel, chunk_size(vector.tensor)))
+    magnitude = lambda piece: vector.formed(piece).to(rank_dtype).abs()
+    counts = _bit_counts(magnitude(pieces[0]))
+    for piece in pieces[1:]:
+        counts += _bit_counts(magnitude(piece))
+    threshold, above = _kth_of_counts(counts, k, rank_dtype)
+    threshold = threshold.to(vector.tensor.device)
+    return MagnitudeCut(threshold, _end_of_nth(lambda piece: magnitude(piece) == threshold, pieces, k - above))
+
+
 def _rows(tensor: Tensor) -> Tensor:
     """A tensor as rows along dim 1 (a matrix's rows; a vector is one row)."""
     return tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
@@ -288,9 +340,9 @@ class TaskVector:
     tensor: Tensor
     base: Tensor | None = None
     compute: torch.dtype = torch.float32
-    mask: Tensor | RandomDraws | None = None
+    mask: Tensor | RandomDraws | MagnitudeCut | None = None
     """The drop step's keep mask (bool), magnitude ranks when `below` is set (kept are the ranks below it), or DARE's
-    draws made again where they are used. None: nothing dropped."""
+    draws or TIES' trim made again where they are used. None: nothing dropped."""
     below: int | None = None
     scale: Tensor | None = None
     """The L1 rescale's |τ|_1 / |τ · mask|_1 (a 0-dim tensor); None: not rescaled."""
@@ -306,6 +358,8 @@ class TaskVector:
             return None
         if isinstance(self.mask, RandomDraws):
             return self.mask.keep(piece)
+        if isinstance(self.mask, MagnitudeCut):
+            return self.mask.keep(self.formed(piece), 0 if piece is None else piece.start)
         mask = flat_piece(self.mask, piece)
         return mask if self.below is None else mask < self.below
 

@@ -122,6 +122,10 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
         if below is None:  # all kept: a rescale would be by 1
             return vector
         mask = call.ranks[i]
+    elif sparsify == "magnitude" and methods.cuts(vector.tensor, call.rank_dtype):
+        mask = methods.magnitude_cut(vector, params["density"], call.rank_dtype)
+        if mask is None:  # all kept: a rescale would be by 1
+            return vector
     elif sparsify == "magnitude":
         mask = methods.magnitude_mask(vector.whole_in(call.rank_dtype), params["density"])
     elif sparsify == "random" and methods.redraws(vector.tensor):

@@ -25,7 +25,7 @@ from shoal import layout
 from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
 from shoal.evaluate.runner import load_model
-from shoal.merge import methods
+from shoal.merge import fused, methods
 from shoal.merge.engine import (
     Scratch, aligned, check_tokenizer_settings, fused_pays, merge_into, open_parents, output_tokenizer, prefetched,
 )
@@ -94,10 +94,12 @@ class ResidentMerger:
         planned = plan_resident(recipe, device, slots, self.memory)
         self.parents, self._built, self.need = planned.parents, planned.built, planned.need
         plan = planned.plan
-        self._fused = fused_pays(plan, recipe.merge_method, device)
+        self._fused = fused_pays(plan, recipe.merge_method, device, fused.SEARCH_MERGES)
         self._vocabulary = recipe.vocabulary
         if report is not None:
-            report(describe_need(self.need, self.memory, device, slots))
+            report(describe_need(self.need, self.memory, device, slots) + (
+                "; merged a chunk at a time in one compiled pass (compiled at the first merge; SHOAL_FUSED=0: in "
+                "eager steps)" if self._fused else ""))
         check_fits(self.need, self.memory, device, slots)
         self._kept_on = "cpu" if self.memory.inputs == "host" else device
         self._inputs = {} if self.memory.inputs == "stream" else \
