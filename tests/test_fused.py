@@ -4,6 +4,7 @@ the resident merger under every plan; a compiler that fails leaves the same valu
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,17 +73,58 @@ def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, 
     assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
 
 
-def test_a_parent_kept_whole_takes_the_pass_compiled_for_masks(parents, tmp_path, compiled):
-    """A parent at density 1 has nothing dropped (no mask, no rescale): it goes into the same compiled pass, kept
-    whole and scaled by 1, with the eager steps' values, and nothing is compiled anew."""
-    engine.run_merge(recipe_of("dare_ties", parents, "bfloat16"), tmp_path / "masked")
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    dense = recipe_of("dare_ties", parents, "bfloat16", densities=(0.5, 1.0, 0.3))
-    engine.run_merge(dense, tmp_path / "fused")
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    fused.FUSED_MIN = 1 << 62  # noqa: the fixture's monkeypatch puts it back
-    engine.run_merge(dense, tmp_path / "eager")
-    assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
+def test_parents_kept_whole_take_the_pass_compiled_for_masks(parents, tmp_path, compiled):
+    """With TIES' ranks stored, a parent at density 1 has nothing dropped (no mask): it goes into the same compiled
+    pass, kept whole, with the eager steps' values, and nothing is compiled anew for one such parent or two."""
+    memory = MemoryPlan(keep="deltas", ranks="stored")
+    graphs = None
+    for densities in ((0.5, 0.7, 0.3), (0.5, 1.0, 0.3), (1.0, 1.0, 0.3)):
+        recipe = recipe_of("ties", parents, "bfloat16", densities)
+        merger = ResidentMerger(recipe, memory=memory)
+        merger.apply(recipe)
+        count = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs is None or count == graphs, densities
+        graphs = count
+        fused.FUSED_MIN = 1 << 62  # noqa: the eager steps, on disk (the fixture's monkeypatch puts it back)
+        engine.run_merge(recipe, tmp_path / str(densities))
+        fused.FUSED_MIN = 0
+        live = {name: p.detach() for name, p in merger.model.named_parameters()}
+        on_disk = tensors(tmp_path / str(densities))
+        assert_same_bits({name: live[name] for name in on_disk}, on_disk)
+
+
+@pytest.mark.parametrize("consensus,normalize,lam,elect,kept", [
+    (True, True, 1.0, torch.bfloat16, False), (True, False, 0.7, None, False), (True, True, 1.3, torch.bfloat16, True),
+    (False, True, 1.0, None, False), (False, False, 0.7, None, True),
+])
+def test_the_compiled_pass_keeps_the_eager_steps_signed_zeros_and_rounding(compiled, consensus, normalize, lam,
+                                                                             elect, kept):
+    """One tensor of hand-made pieces, a parent with nothing dropped, kept float32 task vectors or parents and a
+    base, every setting: combiner's bits are combine_task_vectors', piece by piece. Every 7th entry the base is
+    -0.0 and each term of the sum is -0.0 (two parents' negative τ dropped, the third's τ 0 under a negative
+    weight): the eager sum starts from 0.0 and gives 0.0 + -0.0 = 0.0 there, where a compiler that drops adding
+    zero would keep -0.0."""
+    generator = torch.Generator().manual_seed(3)
+    n = 3000
+    base = torch.randn(n, generator=generator).bfloat16()
+    base[::7] = -0.0
+    parents = [(base.float() + 0.02 * torch.randn(n, generator=generator)).bfloat16() for _ in range(3)]
+    parents[0][::7] = parents[1][::7] = -0.01
+    parents[2][::7] = -0.0
+    masks = [torch.rand(n, generator=generator) < d for d in (0.4, 0.8)]
+    for mask in masks:
+        mask[::7] = False
+    vectors = [methods.TaskVector(p.float() - base.float(), None) if kept else methods.TaskVector(p, base)
+               for p in parents]
+    vectors = [methods.rescaled(replace(v, mask=m)) for v, m in zip(vectors, masks)] + vectors[2:]
+    settings = dict(consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect)
+    weights = [0.6, 0.3, -0.9]
+    merge = fused.combiner(base, vectors, weights, **settings)
+    for piece in methods.chunks(n, 1000):
+        ours = merge(piece)
+        theirs = methods.combine_task_vectors(base, vectors, weights, piece=piece, **settings)
+        assert torch.equal(bits(ours), bits(theirs)), piece
+    assert bool((bits(merge(None)[::7]) == 0).all())  # 0.0, not -0.0
 
 
 @pytest.mark.parametrize("method,memory", [

@@ -331,7 +331,12 @@ def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_pare
     run_merge(recipe, tmp_path / "cut")
     assert len(cuts) > 10
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
+    monkeypatch.setattr(fused, "_broken", [])
+    kernels = []
+    kernel = fused._kernel
+    monkeypatch.setattr(fused, "_kernel", lambda f: kernels.append(f) or kernel(f))
     run_merge(recipe, tmp_path / "cut, compiled")
+    assert kernels and not fused._broken  # the compiled pass merged it
     held = tensors(tmp_path / "held")
     for other in ("cut", "cut, compiled"):
         found = tensors(tmp_path / other)

@@ -121,8 +121,9 @@ def test_the_command_starts_without_loading_torch_or_transformers():
 
 def test_a_merge_without_tokenizer_settings_never_loads_transformers_nor_the_compiler(parents, tmp_path):
     # transformers takes most of a second to import (BENCHMARKS.md: a linear merge of 0.55B parents, with and
-    # without), torch's compiler more; a merge too small to compile (merge.fused.FUSED_MIN) needs neither
-    path = write_recipe(tmp_path, linear(parents["a"], parents["b"]))
+    # without), torch's compiler more; a TIES merge too small to compile (merge.fused.FUSED_MIN) needs neither
+    path = write_recipe(tmp_path, {"merge_method": "ties", "base_model": str(parents["base"]), "models": [
+        {"model": str(parents[n]), "parameters": {"weight": 0.5, "density": 0.5}} for n in "ab"]})
     code = ("import sys; from shoal.cli import main; sys.argv = ['shoal', 'merge', sys.argv[1], sys.argv[2]]\n"
             "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
             "print([m for m in ('transformers', 'torch._dynamo', 'torch._inductor') if m in sys.modules])")

@@ -285,6 +285,12 @@ def test_top_mask_equals_a_stable_descending_sort_even_with_ties(dtype, k, chunk
     assert torch.equal(methods.top_mask(values, k), expected)
 
 
+def test_top_mask_over_a_nan_keeps_what_it_can():
+    """kthvalue ranks NaN above every number, so a float32 threshold can have fewer ties than it needs: the ties
+    there are all kept (the merge's NaN is then refused with its tensor named), nothing raised."""
+    assert methods.top_mask(torch.tensor([float("nan"), 3.0, 2.0, 1.0]), 2).tolist() == [False, True, False, False]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_outlier_mask_equals_a_stable_ascending_sort_even_with_ties(dtype):
     delta = ((torch.randint(0, 9, (300,), generator=torch.Generator().manual_seed(1)) - 4) / 8).to(dtype)

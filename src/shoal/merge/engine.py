@@ -195,11 +195,12 @@ def merge_tensor(
 
 def fused_pays(plan: MergePlan, method_name: str, device: str, merges: int = 1) -> bool:
     """Whether `merges` merges of plan compile their chunks' pass (merge.fused.worth): by the entries each merges
-    in chunks with a task-vector method's pieces."""
+    in chunks with a task-vector method's pieces, in float32 (a float64 merge takes the eager steps)."""
     if METHODS[method_name].pieces is None:
         return False
     size = methods.chunk_entries(torch.device(device).type == "cpu")
-    entries = sum(n for n in (math.prod(job.spec.shape) for job in plan.jobs if not job.verbatim) if n > size)
+    sizes = (math.prod(job.spec.shape) for job in plan.jobs if not job.verbatim and job.work_dtype != torch.float64)
+    entries = sum(n for n in sizes if n > size)
     return fused.worth(entries, device, merges)
 
 

@@ -62,17 +62,20 @@ def _merged(
     normalize: bool,
     total: Tensor | None,
     lam: Tensor | None,
+    zero: Tensor,
 ) -> Tensor:
     """methods._combine of TaskVector.part's pieces, as one traceable function of one chunk, float32.
 
     tensors are the parents' pieces (from_base: τ = tensor - base) or kept task vectors; keeps uint8 views of the
     keep masks and scales the rescale's factors (1 where there is none); weights float32 0-dim tensors; vote_weights
-    the election's weights in votes_in (None: the election is in float32, with weights). The steps are
-    methods._combine's, each rounded as it rounds."""
+    the election's weights in votes_in (None: the election is in float32, with weights); zero a 0-dim 0.0, where
+    the sum starts. The steps are methods._combine's, each rounded as it rounds. (The sum starts from an input, not
+    from zeros made here, which the compiler would drop as adding nothing: 0.0 + -0.0 is 0.0, and a merged zero
+    would keep the wrong sign.)"""
     wide = base.float()
     deltas = [(tensor.float() - wide if from_base else tensor.float()) * keep.float() * scale
               for tensor, keep, scale in zip(tensors, keeps, scales)]
-    mixed = torch.zeros_like(wide)
+    mixed = zero
     if not consensus:
         for delta, weight in zip(deltas, weights):
             mixed = mixed + delta * weight
@@ -119,6 +122,8 @@ def _run(function, *args):
     if not _broken:
         try:
             return _kernel(function)(*args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as error:  # noqa: BLE001 - any compiler failure; a fault of the formula re-raises below
             _broken.append(f"{type(error).__name__}: {error}")
             _log.warning("the fused merge pass could not be compiled (%s); merging with eager steps",
@@ -146,34 +151,34 @@ def combiner(
     """methods.combine_task_vectors of any piece, in one compiled pass: float32 task vectors of a float32 merge."""
     device = base.device
     scalar = lambda value, dtype=torch.float32: torch.tensor(value, dtype=dtype, device=device)
-    compute = vectors[0].compute
-    if compute != torch.float32:
-        raise ValueError(f"the fused pass computes in float32, not {compute}")
     from_base = vectors[0].base is not None
-    votes_in = None if elect_dtype is None or elect_dtype == compute else elect_dtype
+    votes_in = None if elect_dtype is None or elect_dtype == torch.float32 else elect_dtype
     weight_tensors = [scalar(float(w)) for w in weights]
     vote_weights = [scalar(float(w), votes_in) for w in weights] if votes_in is not None else weight_tensors
     total = float(sum(weights))
     divisor = scalar(total) if not consensus and normalize and abs(total) >= 1e-8 else None
     factor = scalar(lam) if lam != 1 else None
     # a vector with nothing dropped is kept whole and scaled by 1 (the same values): one compiled pass serves a
-    # recipe whether or not some density is 1, where dynamo would compile each pattern of absent masks anew
+    # recipe whether or not some density is 1, where dynamo would compile each pattern of absent masks anew (each
+    # vector its own ones, as dynamo also tells inputs that are one tensor from inputs that are not)
     scales = [scalar(1.0) if v.scale is None else v.scale for v in vectors]
-    all_kept: dict[int, Tensor] = {}
+    all_kept: dict[tuple[int, torch.Size], Tensor] = {}
+    zero = scalar(0.0)
+
+    def keep_of(i: int, piece: slice | None, shape: torch.Size) -> Tensor:
+        keep = vectors[i].keep(piece)
+        if keep is None:
+            keep = all_kept.get((i, shape))
+            if keep is None:
+                keep = all_kept[(i, shape)] = torch.ones(shape, dtype=torch.bool, device=device)
+        return keep.view(torch.uint8)
 
     def piece_of(piece: slice | None) -> Tensor:
         base_piece = methods.flat_piece(base, piece)
-        keeps = []
-        for vector in vectors:
-            keep = vector.keep(piece)
-            if keep is None:
-                keep = all_kept.get(base_piece.numel())
-                if keep is None:
-                    keep = all_kept[base_piece.numel()] = torch.ones(base_piece.shape, dtype=torch.bool, device=device)
-            keeps.append(keep.view(torch.uint8))
         return _run(
-            _merged, base_piece, [methods.flat_piece(v.tensor, piece) for v in vectors], from_base, keeps, scales,
-            weight_tensors, votes_in, vote_weights, consensus, normalize, divisor, factor,
+            _merged, base_piece, [methods.flat_piece(v.tensor, piece) for v in vectors], from_base,
+            [keep_of(i, piece, base_piece.shape) for i in range(len(vectors))], scales, weight_tensors, votes_in,
+            vote_weights, consensus, normalize, divisor, factor, zero,
         )
 
     return piece_of

@@ -103,17 +103,19 @@ def top_mask(values: Tensor, k: int) -> Tensor:
 
 
 def _end_of_nth(found_in: Callable[[slice], Tensor], pieces: list[slice], n: int) -> int:
-    """The index just past the n-th (n >= 1) True entry, by index, of a flat bool tensor given a piece at a time
-    (found_in is called on the pieces in order, up to the one that holds it): where ties at a threshold stop
-    being kept."""
+    """The index just past the n-th True entry, by index, of a flat bool tensor given a piece at a time (found_in is
+    called on the pieces in order, up to the one that holds it): where ties at a threshold stop being kept. 0 for
+    n <= 0; the end when there are fewer than n."""
     taken = 0
     for piece in pieces:
+        if taken >= n:
+            return piece.start
         found = found_in(piece)
         count = int(found.sum())
         if taken + count >= n:
             return piece.start + int(torch.nonzero(found)[n - taken - 1]) + 1
         taken += count
-    raise ValueError(f"fewer than {n} entries found")
+    return pieces[-1].stop if pieces else 0  # fewer than n (a NaN ranked above every threshold by kthvalue)
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -224,12 +226,11 @@ class MagnitudeCut:
     def keep(self, delta: Tensor, start: int) -> Tensor:
         """The mask of a piece of τ's flattened entries starting at entry `start` (delta: that piece of τ)."""
         magnitude = delta.to(self.threshold.dtype).abs()
-        threshold = self.threshold.to(magnitude.device)
-        mask = magnitude > threshold
+        mask = magnitude > self.threshold
         tied = min(max(self.until - start, 0), magnitude.numel())  # the piece's entries before `until`
         if tied:
             flat, magnitudes = mask.view(-1), magnitude.view(-1)
-            flat[:tied] |= magnitudes[:tied] == threshold
+            flat[:tied] |= magnitudes[:tied] == self.threshold
         return mask
 
 
@@ -243,6 +244,8 @@ def magnitude_cut(vector: TaskVector, density: float, rank_dtype: torch.dtype) -
     """magnitude_mask(vector.whole_in(rank_dtype), density) as a MagnitudeCut, found a chunk at a time: one pass
     counts the magnitudes' bit patterns (the threshold), a second counts the ties at the threshold until the k-th
     kept entry is reached. None when every entry is kept."""
+    if rank_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"a magnitude cut counts 16-bit floats, not {rank_dtype}")
     numel = vector.tensor.numel()
     k = max(1, int(density * numel))
     if density >= 1 or k >= numel:

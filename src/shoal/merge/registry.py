@@ -46,8 +46,10 @@ class MergeCall:
 
     @property
     def compiled(self) -> bool:
-        """Whether the task vectors' rescale and merge take merge.fused's compiled passes."""
-        return self.fused and self.compute_dtype == torch.float32
+        """Whether the task vectors' rescale and merge take merge.fused's compiled passes (not after a compile
+        failed in this process: the eager steps are the faster way to the same values then)."""
+        first = self.base if self.base is not None else self.tensors[0]
+        return self.fused and self.compute_dtype == torch.float32 and fused.enabled(first.device)
 
     def upcast(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = self.base.to(self.compute_dtype) if self.base is not None else None
