@@ -10,7 +10,8 @@ process's peak resident set (VmHWM, after resetting it) over its resident set be
 beside memory.py's count for the same case (mask_bytes and CHUNK_TEMPORARIES in chunks,
 ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks. With --redraw, DARE's methods and TIES only,
 their masks drawn again (methods.RandomDraws) or trims found again (methods.MagnitudeCut) where they are used, as
-off a CPU, against the count off a CPU.
+off a CPU, against the count off a CPU. Each process tunes the allocator as the `shoal` command does
+(shoal.allocator: huge pages, freed blocks up to 32 MB kept in the heap for reuse).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+from shoal.allocator import tune_for_merging
+
+tune_for_merging()  # as the `shoal` command does, before torch allocates: what a merge holds depends on the heap
 
 METHODS = ("ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties")
 
