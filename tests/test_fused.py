@@ -4,6 +4,7 @@ the resident merger under every plan; a compiler that fails leaves the same valu
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -145,6 +146,19 @@ def test_the_resident_merger_compiles_the_same_merge_under_every_plan(parents, t
     live = {name: p.detach() for name, p in merger.model.named_parameters()}
     on_disk = tensors(tmp_path / "disk")
     assert_same_bits({name: live[name] for name in on_disk}, on_disk)
+
+
+def test_a_merge_ahead_in_another_thread_compiles_the_same_merge(parents, compiled):
+    """The search merges the next candidate into the second live model in a thread while this one is scored: the
+    compiled pass runs (and is first compiled) there, with the values the main thread's gives."""
+    recipe = recipe_of("dare_ties", parents, "bfloat16")
+    merger = ResidentMerger(recipe, slots=2, memory=MemoryPlan(inputs="stream"))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(merger.apply, recipe, 1).result()
+    assert compiled and not fused._broken  # the thread took the compiled pass
+    merger.apply(recipe, 0)
+    ahead, here = (dict(model.named_parameters()) for model in merger.models)
+    assert_same_bits({n: p.detach() for n, p in ahead.items()}, {n: p.detach() for n, p in here.items()})
 
 
 def test_a_compiler_that_fails_leaves_the_same_merge_and_is_said_once(parents, tmp_path, monkeypatch, caplog):
