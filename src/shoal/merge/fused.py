@@ -27,7 +27,7 @@ from shoal.merge import methods
 FUSED_MIN = 1 << 31
 """Entries a process must merge in chunks of task-vector methods (summed over its merges) for the compiled pass:
 about 2 billion, where what the eager steps take beyond it (4-20 ns an entry on one CPU thread: least for task
-arithmetic, most for TIES and DARE-TIES) passes the compiler's start-up, about 10 s the first time on a machine and
+arithmetic, most for TIES and DARE-TIES) passes the compiler's start-up, about 12 s the first time on a machine and
 2-3 s once Inductor's cache holds the kernels, and its few hundred MB (measured on this project's 2-core CPU). One
 `shoal merge` of 0.55B parents gained too little for that (BENCHMARKS.md); a search over them, or one merge of 3B
 parents, passes it."""
