@@ -355,20 +355,23 @@ class TaskVector:
         tensor = flat_piece(self.tensor, piece).to(self.compute)
         return tensor if self.base is None else tensor - flat_piece(self.base, piece).to(self.compute)
 
-    def keep(self, piece: slice | None = None) -> Tensor | None:
-        """The keep mask, or a piece of it; None when nothing is dropped."""
+    def keep(self, piece: slice | None = None, delta: Tensor | None = None) -> Tensor | None:
+        """The keep mask, or a piece of it; None when nothing is dropped. delta: that piece of τ, when the caller
+        has formed it already (a trim found again is found from it, not formed twice)."""
         if self.mask is None:
             return None
         if isinstance(self.mask, RandomDraws):
             return self.mask.keep(piece)
         if isinstance(self.mask, MagnitudeCut):
-            return self.mask.keep(self.formed(piece), 0 if piece is None else piece.start)
+            formed = self.formed(piece) if delta is None else delta
+            return self.mask.keep(formed, 0 if piece is None else piece.start)
         mask = flat_piece(self.mask, piece)
         return mask if self.below is None else mask < self.below
 
     def part(self, piece: slice | None = None) -> Tensor:
         """The dropped and rescaled τ, or a piece of its flattened entries."""
-        delta, keep = self.formed(piece), self.keep(piece)
+        delta = self.formed(piece)
+        keep = self.keep(piece, delta)
         if keep is None:
             return delta
         dropped = delta * keep
@@ -397,8 +400,9 @@ Magnitudes = Callable[[TaskVector, slice], tuple[Tensor, Tensor]]
 
 def magnitudes(vector: TaskVector, piece: slice) -> tuple[Tensor, Tensor]:
     """|τ| and |τ| · keep of a piece, in eager steps (merge.fused.magnitudes: one compiled pass)."""
-    magnitude = vector.formed(piece).abs()
-    return magnitude, magnitude * vector.keep(piece)
+    delta = vector.formed(piece)
+    magnitude = delta.abs()
+    return magnitude, magnitude * vector.keep(piece, delta)
 
 
 def rescaled(vector: TaskVector, magnitudes_of: Magnitudes = magnitudes) -> TaskVector:
