@@ -38,7 +38,7 @@ def merge(method: str, base: torch.Tensor, parents: list[torch.Tensor], fused: b
     spec = METHODS[method]
     per_model = [{"weight": w, "density": d} if spec.sparsify else {"weight": w} for w, d in zip(WEIGHTS, DENSITIES)]
     call = MergeCall(base=base, tensors=parents, per_model=per_model, shared=dict(spec.shared),
-                     work_dtype=torch.bfloat16, generators=[torch.Generator().manual_seed(s) for s in (1, 2, 3)],
+                     work_dtype=torch.bfloat16, seeds=[1, 2, 3],
                      fused=fused)
     out = torch.empty_like(base)
     start = time.perf_counter()

@@ -8,9 +8,9 @@ over the whole tensor, then merged and written a chunk at a time into a bf16 out
 in one piece (chunking switched off, as a tensor within one chunk of its device is merged). Prints the rise of the
 process's peak resident set (VmHWM, after resetting it) over its resident set before the merge, in bytes per entry,
 beside memory.py's count for the same case (mask_bytes and CHUNK_TEMPORARIES in chunks,
-ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks. With --redraw, DARE's methods and TIES only,
-their masks drawn again (methods.RandomDraws) or trims found again (methods.MagnitudeCut) where they are used, as
-off a CPU, against the count off a CPU. Each process tunes the allocator as the `shoal` command does
+ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks (DARE's masks drawn and held, as a CPU's eager
+steps hold them; off a CPU they are drawn again where used and held nowhere). With --redraw, TIES only, its trims found again (methods.MagnitudeCut) where
+they are used, as off a CPU, against the count off a CPU. Each process tunes the allocator as the `shoal` command does
 (shoal.allocator: huge pages, freed blocks up to 32 MB kept in the heap for reuse).
 """
 
@@ -47,7 +47,7 @@ def one(method: str, count: int, whole: bool, entries: int, redraw: bool = False
     if whole:
         methods.in_chunks = lambda tensor: False
     if redraw:
-        methods.redraws = methods.in_chunks
+        methods.cuts = lambda tensor, rank_dtype: methods.in_chunks(tensor)
     g = torch.Generator().manual_seed(0)
     base = torch.randn(entries, generator=g).to(torch.bfloat16)
     tensors = [(base.float() + 0.01 * torch.randn(entries, generator=g)).to(torch.bfloat16) for _ in range(count)]
@@ -56,7 +56,7 @@ def one(method: str, count: int, whole: bool, entries: int, redraw: bool = False
     per = [{k: v for k, v in p.items() if k in method.per_model} for p in per]
     out = torch.ones(entries, dtype=torch.bfloat16)  # the live model's tensor, resident before the merge
     call = MergeCall(base=base, tensors=tensors, per_model=per, shared=dict(method.shared), work_dtype=torch.bfloat16,
-                     compute_dtype=torch.float32, generators=[torch.Generator().manual_seed(s) for s in range(count)])
+                     compute_dtype=torch.float32, seeds=list(range(count)))
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts from the resident set now
     before = proc_bytes("/proc/self/status", "VmRSS")
     if whole:
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=10_000_000)
     parser.add_argument("--parents", default="2,3,4")
     parser.add_argument("--redraw", action="store_true",
-                        help="DARE's masks drawn and TIES' trims found again where used, as off a CPU")
+                        help="TIES' trims found again where used, as off a CPU")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # internal: method, parents, whole
     args = parser.parse_args()
     if args.child:
@@ -86,7 +86,7 @@ def main() -> None:
 
     print(f"one merge of {args.entries:,} bf16 entries; peak rise in bytes an entry (counted by memory.py)")
     print(f"{'method':<18} {'parents':>7} {'in chunks':>14} {'in one piece':>14}")
-    for method in [m for m in METHODS if not args.redraw or REGISTRY[m].sparsify in ("random", "magnitude")]:
+    for method in [m for m in METHODS if not args.redraw or REGISTRY[m].sparsify == "magnitude"]:
         for count in map(int, args.parents.split(",")):
             held, forming = mask_bytes(REGISTRY[method].sparsify, 2, ranks_kept=False, on_cpu=not args.redraw)
             per, extra = CHUNK_TEMPORARIES

@@ -74,13 +74,16 @@ def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, 
     assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
 
 
-def test_parents_kept_whole_take_the_pass_compiled_for_masks(parents, tmp_path, compiled):
-    """With TIES' ranks stored, a parent at density 1 has nothing dropped (no mask): it goes into the same compiled
-    pass, kept whole, with the eager steps' values, and nothing is compiled anew for one such parent or two."""
-    memory = MemoryPlan(keep="deltas", ranks="stored")
+@pytest.mark.parametrize("method,memory", [
+    ("ties", MemoryPlan(keep="deltas", ranks="stored")), ("dare_ties", MemoryPlan(keep="deltas")),
+])
+def test_parents_kept_whole_take_the_pass_compiled_for_masks(parents, tmp_path, compiled, method, memory):
+    """With TIES' ranks stored, or DARE's draws made inside the pass, a parent at density 1 has nothing dropped (no
+    mask): it goes into the same compiled pass, kept whole (for DARE: drawn below 2^32), with the eager steps'
+    values, and nothing is compiled anew for one such parent or two."""
     graphs = None
     for densities in ((0.5, 0.7, 0.3), (0.5, 1.0, 0.3), (1.0, 1.0, 0.3)):
-        recipe = recipe_of("ties", parents, "bfloat16", densities)
+        recipe = recipe_of(method, parents, "bfloat16", densities)
         merger = ResidentMerger(recipe, memory=memory)
         merger.apply(recipe)
         count = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -280,34 +280,39 @@ def test_a_stream_reads_ahead_only_inputs_within_the_limit(bf16_parents, monkeyp
     assert events.index(("load", "lm_head.weight")) > events.index(("done", names[head - 1]))
 
 
-def test_dare_masks_drawn_again_where_used_merge_what_held_masks_merge(parents, tmp_path, monkeypatch):
-    """Off a CPU, DARE's masks of a tensor in chunks are drawn again a chunk at a time (methods.RandomDraws) instead
-    of held: forced here on a CPU, with chunks of 1,000 entries, the merge on disk and in the resident merger is
-    the held masks' bit for bit."""
-    from shoal.merge import methods
+def test_a_dare_merge_is_the_same_model_compiled_or_not_on_disk_or_resident(parents, tmp_path, monkeypatch):
+    """DARE's masks are drawn from each entry's index (merge.draws), where they are used: in chunks of 1,000
+    entries each mask is drawn a chunk at a time, twice (for the rescale and for the merge), in eager steps, inside
+    the compiled pass, and in the resident merger, and the three are one model, bit for bit."""
+    from shoal.merge import fused, methods
     from shoal.merge.resident import ResidentMerger
 
-    monkeypatch.setattr(methods, "CHUNK", 1000)
     recipe = parse_recipe(yaml.safe_dump({
         "merge_method": "dare_ties", "dtype": "bfloat16", "base_model": str(parents["base"]), "seed": 9,
         "models": [{"model": str(parents[n]), "parameters": {"weight": w, "density": d}}
                    for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 1.0), ("c", 0.4, 0.3))],
     }))
-    run_merge(recipe, tmp_path / "held")
+    monkeypatch.setattr(methods, "CHUNK", 1000)
     draws = []
     original = methods.RandomDraws.keep
     monkeypatch.setattr(methods.RandomDraws, "keep", lambda self, piece: draws.append(piece) or original(self, piece))
-    monkeypatch.setattr(methods, "redraws", methods.in_chunks)
-    run_merge(recipe, tmp_path / "drawn")
-    assert len(draws) > 100  # drawn twice a chunk: for the rescale and for the merge
-    held, drawn = tensors(tmp_path / "held"), tensors(tmp_path / "drawn")
-    for name in held:
-        assert torch.equal(held[name], drawn[name]), name
+    run_merge(recipe, tmp_path / "eager")
+    assert sum(piece is not None and piece.stop - piece.start == 1000 for piece in draws) > 100
+    monkeypatch.setattr(fused, "FUSED_MIN", 0)
+    monkeypatch.setattr(fused, "_broken", [])
+    kernels = []
+    kernel = fused._kernel
+    monkeypatch.setattr(fused, "_kernel", lambda f: kernels.append(f) or kernel(f))
+    run_merge(recipe, tmp_path / "compiled")
+    assert fused._merged in kernels and not fused._broken
+    eager, compiled = tensors(tmp_path / "eager"), tensors(tmp_path / "compiled")
+    for name in eager:
+        assert torch.equal(eager[name], compiled[name]), name
     merger = ResidentMerger(recipe, memory=methods_plan_stream())
     merger.apply(recipe)
     live = dict(merger.model.named_parameters())
-    for name in held:
-        assert torch.equal(live[name].detach(), held[name]), name
+    for name in eager:
+        assert torch.equal(live[name].detach(), eager[name]), name
 
 
 def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_parents, tmp_path, monkeypatch):
@@ -327,7 +332,7 @@ def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_pare
     cuts = []
     original = methods.magnitude_cut
     monkeypatch.setattr(methods, "magnitude_cut", lambda *a: cuts.append(1) or original(*a))
-    monkeypatch.setattr(methods, "redraws", methods.in_chunks)
+    monkeypatch.setattr(methods, "cuts", lambda tensor, dtype: methods.in_chunks(tensor))
     run_merge(recipe, tmp_path / "cut")
     assert len(cuts) > 10
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
@@ -355,18 +360,3 @@ def methods_plan_stream():
     return MemoryPlan(inputs="stream")
 
 
-def test_random_draws_must_come_a_chunk_at_a_time_in_order():
-    from shoal.merge import methods
-
-    like = torch.empty(2 * methods.CHUNK + 5)
-    draws = methods.RandomDraws(like, 0.5, torch.Generator().manual_seed(3))
-    first = draws.keep(slice(0, methods.CHUNK))
-    with pytest.raises(ValueError, match="in order"):
-        draws.keep(slice(2 * methods.CHUNK, 3 * methods.CHUNK))
-    assert torch.equal(draws.keep(slice(0, methods.CHUNK)), first)  # a new pass starts from the same state
-    with pytest.raises(ValueError, match="in order"):  # another grid would draw other numbers on a GPU
-        draws.keep(slice(methods.CHUNK, methods.CHUNK + 10))
-    held = methods.random_mask(like, 0.5, torch.Generator().manual_seed(3))
-    pieces = [draws.keep(slice(s, s + methods.CHUNK)) for s in range(0, like.numel(), methods.CHUNK)]
-    assert torch.equal(torch.cat(pieces), held)
-    assert torch.equal(draws.keep(None), held)  # the whole tensor: every chunk in one pass

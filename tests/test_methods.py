@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shoal.merge import methods
+from shoal.merge import draws, methods
 
 
 def t(*values):
@@ -61,19 +61,22 @@ def test_magnitude_mask_keeps_the_top_density_fraction():
 
 
 def test_dare_mask_is_bernoulli_with_the_given_keep_rate_and_reproducible():
-    delta = torch.ones(200_000)
-    m1 = methods.random_mask(delta, 0.3, torch.Generator().manual_seed(7))
-    m2 = methods.random_mask(delta, 0.3, torch.Generator().manual_seed(7))
-    m3 = methods.random_mask(delta, 0.3, torch.Generator().manual_seed(8))
+    mask = lambda seed: methods.RandomDraws(torch.Size([200_000]), torch.device("cpu"), 0.3, seed).keep(None)
+    m1, m2, m3 = mask(7), mask(7), mask(8)
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
     assert abs(m1.float().mean().item() - 0.3) < 0.005
+    assert abs((m1 & m3).float().mean().item() - 0.09) < 0.005  # two seeds' masks independent
 
 
-def test_dare_mask_in_chunks_is_one_draw_of_the_whole_tensor(monkeypatch):
-    monkeypatch.setattr(methods, "CHUNK", 1000)
-    delta = torch.ones(37, 101)  # 3,737 entries: three chunks and a short one
-    mask = methods.random_mask(delta, 0.4, torch.Generator().manual_seed(5))
-    assert torch.equal(mask, torch.rand(37, 101, generator=torch.Generator().manual_seed(5)) < 0.4)
+def test_dare_draws_of_any_piece_in_any_order_are_the_whole_draw():
+    draws = methods.RandomDraws(torch.Size([37, 101]), torch.device("cpu"), 0.4, 5)
+    whole = draws.keep(None)
+    assert whole.shape == (37, 101)
+    pieces = [slice(3000, 4000), slice(17, 1001), slice(0, 17), slice(1001, 3000)]  # 3,737 entries, out of order
+    flat = whole.view(-1)
+    for piece in pieces:
+        assert torch.equal(draws.keep(piece), flat[piece])
+    assert draws.keep(slice(3000, 4000)).numel() == 737  # a last piece past the end stops at it
 
 
 def test_a_tensor_beyond_one_chunk_of_its_device_is_merged_in_chunks():
@@ -167,26 +170,25 @@ def test_della_ranks_magnitudes_within_each_row():
 
 def test_della_keeps_larger_magnitudes_more_often():
     fractions = torch.tensor([0.0, 0.5, 1.0]).repeat(40_000, 1)
-    kept = methods.magprune_mask(fractions, 0.5, 0.2, torch.Generator().manual_seed(0)).float().mean(dim=0)
+    kept = methods.magprune_mask(fractions, 0.5, 0.2, 0).float().mean(dim=0)
     # p = density - eps + 2 eps * fraction: 0.3, 0.5, 0.7
     assert torch.allclose(kept, t(0.3, 0.5, 0.7), atol=0.01)
-    assert methods.magprune_mask(fractions, 1.0, 0.2, torch.Generator()).all()
+    assert methods.magprune_mask(fractions, 1.0, 0.2, 0).all()
 
 
-def test_della_draw_is_torch_bernoulli_bit_for_bit_across_chunks():
-    # several CPU chunks and a remainder: the same mask and generator state as one torch.bernoulli of p
+def test_della_keeps_the_entries_whose_draw_is_below_their_probability_across_chunks():
+    # several CPU chunks and a remainder: each entry's own draw, wherever the chunks fall
     delta = torch.randn(3, methods.CHUNK + 4321, generator=torch.Generator().manual_seed(1))
     fractions = methods.magnitude_fractions(delta)
-    mine, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    mask = methods.magprune_mask(fractions, 0.4, 0.25, mine)
-    expected = torch.bernoulli((0.4 - 0.25) + fractions * 2 * 0.25, generator=theirs).bool()
+    mask = methods.magprune_mask(fractions, 0.4, 0.25, 7)
+    expected = draws.uniforms(7, 0, delta.numel()).view(delta.shape) < (0.4 - 0.25) + fractions * 2 * 0.25
     assert torch.equal(mask, expected)
-    assert torch.equal(torch.rand(4, generator=mine), torch.rand(4, generator=theirs))
+    assert 0.35 < mask.float().mean().item() < 0.45
 
 
 def test_della_at_the_extreme_epsilon_keeps_exactly_the_larger_entry_and_rescales():
     delta = t(1.0, -3.0)  # fractions 0, 1 -> p = 0.5 - 0.5 + 2 * 0.5 * fraction = 0, 1
-    mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.5, 0.5, torch.Generator().manual_seed(3))
+    mask = methods.magprune_mask(methods.magnitude_fractions(delta), 0.5, 0.5, 3)
     assert mask.tolist() == [False, True]
     # L1 4 -> kept -3 scaled by 4/3
     assert methods.rescaled(methods.TaskVector(delta, mask=mask)).part().tolist() == [0.0, -4.0]

@@ -62,18 +62,15 @@ def _call(
     fused: bool = False,
 ) -> MergeCall:
     """The method's call for one tensor's floating-point inputs, rounded to the recipe's dtype; a random method's
-    generators seeded for this tensor."""
+    seeds for this tensor."""
     raw = [t.to(job.work_dtype) for t in ([base] if base is not None else []) + tensors]
-    generators = []
-    if METHODS[method_name].random:
-        generators = [torch.Generator(device=raw[0].device).manual_seed(s) for s in job.seeds]
     call = MergeCall(
         base=raw[0] if base is not None else None,
         tensors=raw[1:] if base is not None else raw,
         per_model=job.per_model,
         shared=job.shared,
         work_dtype=job.work_dtype,
-        generators=generators,
+        seeds=list(job.seeds) if METHODS[method_name].random else [],
         compute_dtype=_compute_dtype(raw),
         deltas=deltas,
         ranks=ranks,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from shoal.merge import methods
+from shoal.merge import draws, methods
 
 FUSED_MIN = 1 << 31
 """Entries a process must merge in chunks of task-vector methods (summed over its merges) for the compiled pass:
@@ -49,11 +49,25 @@ def worth(entries: int, device: torch.device | str, merges: int = 1) -> bool:
     return entries * merges >= FUSED_MIN and enabled(device)
 
 
+Keep = Tensor | tuple[Tensor, Tensor]
+"""A keep mask as the compiled pass takes it: a uint8 view of a held mask, or DARE's draws as the seed's offset and
+the density's threshold (0-dim int64 tensors), drawn inside the pass from the entries' indices (merge.draws)."""
+
+
+def _keep(keep: Keep, index: Tensor) -> Tensor:
+    """A keep mask of the piece whose flattened entries are `index`, float32."""
+    if isinstance(keep, tuple):
+        key, limit = keep
+        return (draws.hashed(index, key) < limit).float()
+    return keep.float()
+
+
 def _merged(
     base: Tensor,
     tensors: list[Tensor],
     from_base: bool,
-    keeps: list[Tensor],
+    keeps: list[Keep],
+    start: Tensor,
     scales: list[Tensor],
     weights: list[Tensor],
     votes_in: torch.dtype | None,
@@ -66,14 +80,16 @@ def _merged(
 ) -> Tensor:
     """methods._combine of TaskVector.part's pieces, as one traceable function of one chunk, float32.
 
-    tensors are the parents' pieces (from_base: τ = tensor - base) or kept task vectors; keeps uint8 views of the
-    keep masks and scales the rescale's factors (1 where there is none); weights float32 0-dim tensors; vote_weights
+    tensors are the parents' pieces (from_base: τ = tensor - base) or kept task vectors; keeps their keep masks
+    (Keep), start the piece's first entry (0-dim int64); scales the rescale's factors (1 where there is none);
+    weights float32 0-dim tensors; vote_weights
     the election's weights in votes_in (None: the election is in float32, with weights); zero a 0-dim 0.0, where
     the sum starts. The steps are methods._combine's, each rounded as it rounds. (The sum starts from an input, not
     from zeros made here, which the compiler would drop as adding nothing: 0.0 + -0.0 is 0.0, and a merged zero
     would keep the wrong sign.)"""
     wide = base.float()
-    deltas = [(tensor.float() - wide if from_base else tensor.float()) * keep.float() * scale
+    index = torch.arange(base.numel(), device=base.device) + start
+    deltas = [(tensor.float() - wide if from_base else tensor.float()) * _keep(keep, index) * scale
               for tensor, keep, scale in zip(tensors, keeps, scales)]
     mixed = zero
     if not consensus:
@@ -99,10 +115,10 @@ def _merged(
     return mixed + wide
 
 
-def _magnitudes(tensor: Tensor, base: Tensor | None, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """methods.magnitudes of one piece: |τ| and |τ| · keep, float32 (keep a uint8 view of the mask)."""
+def _magnitudes(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor) -> tuple[Tensor, Tensor]:
+    """methods.magnitudes of one piece: |τ| and |τ| · keep, float32 (start: the piece's first entry)."""
     magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
-    return magnitude, magnitude * keep.float()
+    return magnitude, magnitude * _keep(keep, torch.arange(tensor.numel(), device=tensor.device) + start)
 
 
 _compiled: dict[Callable, Callable] = {}
@@ -131,11 +147,26 @@ def _run(function, *args):
     return function(*args)
 
 
+def _int(value: int, device: torch.device) -> Tensor:
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def _drawn(mask: methods.RandomDraws | None, device: torch.device) -> Keep:
+    """DARE's draws as the compiled pass takes them (None: every entry kept, as draws below 2^32)."""
+    if mask is None:
+        return _int(0, device), _int(draws.LIMIT, device)
+    return _int(draws.offset(mask.seed), device), _int(draws.threshold(mask.density), device)
+
+
 def magnitudes(vector: methods.TaskVector, piece: slice) -> tuple[Tensor, Tensor]:
     """methods.magnitudes in one compiled pass (a float32 task vector)."""
     tensor = methods.flat_piece(vector.tensor, piece)
     base = None if vector.base is None else methods.flat_piece(vector.base, piece)
-    return _run(_magnitudes, tensor, base, vector.keep(piece).view(torch.uint8))
+    if isinstance(vector.mask, methods.RandomDraws):
+        keep: Keep = _drawn(vector.mask, tensor.device)
+    else:
+        keep = vector.keep(piece).view(torch.uint8)
+    return _run(_magnitudes, tensor, base, keep, _int(piece.start, tensor.device))
 
 
 def combiner(
@@ -164,8 +195,14 @@ def combiner(
     scales = [scalar(1.0) if v.scale is None else v.scale for v in vectors]
     all_kept: dict[tuple[int, torch.Size], Tensor] = {}
     zero = scalar(0.0)
+    # DARE's draws are made inside the pass; where one parent's density is 1 it is drawn below 2^32 (all kept), so
+    # every density of a recipe takes the one compiled pass
+    drawn = any(isinstance(v.mask, methods.RandomDraws) for v in vectors)
+    drawn_keeps = [_drawn(v.mask, device) for v in vectors] if drawn else []
 
-    def keep_of(i: int, piece: slice | None, shape: torch.Size) -> Tensor:
+    def keep_of(i: int, piece: slice | None, shape: torch.Size) -> Keep:
+        if drawn:
+            return drawn_keeps[i]
         keep = vectors[i].keep(piece)
         if keep is None:
             keep = all_kept.get((i, shape))
@@ -177,7 +214,8 @@ def combiner(
         base_piece = methods.flat_piece(base, piece)
         return _run(
             _merged, base_piece, [methods.flat_piece(v.tensor, piece) for v in vectors], from_base,
-            [keep_of(i, piece, base_piece.shape) for i in range(len(vectors))], scales, weight_tensors, votes_in,
+            [keep_of(i, piece, base_piece.shape) for i in range(len(vectors))],
+            _int(0 if piece is None else piece.start, device), scales, weight_tensors, votes_in,
             vote_weights, consensus, normalize, divisor, factor, zero,
         )
 

@@ -41,15 +41,15 @@ go, so two of them are never held at once."""
 
 def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool, on_cpu: bool = True) -> tuple[int, int]:
     """Bytes per entry that a task-vector merge in chunks holds besides its inputs and chunks: each parent's keep
-    mask (bool, held until the tensor is merged; off a CPU DARE's is drawn again where it is used, and TIES' trim in
-    a 16-bit dtype found again from its threshold), and the most held
+    mask (bool, held until the tensor is merged; off a CPU DARE's is drawn again where it is used, as it is in a
+    CPU's compiled pass, and TIES' trim in a 16-bit dtype found again from its threshold), and the most held
     at once while one mask is formed (the task vector whole in the recipe's dtype of `work` bytes, its magnitudes, a
     threshold's mask or a row sort's keys, indices and places). Counted from methods.py, plus what
     benchmarks/merge_peak.py measured beyond that count on a CPU in two runs (up to 1.6 bytes an entry for DARE, 2
     for TIES: freed blocks the allocator had not yet returned), rounded up to 2."""
     if sparsify is None or (sparsify == "magnitude" and ranks_kept):
         return 0, 0  # no mask, or the stored ranks compared a chunk at a time
-    if sparsify == "random":  # off a CPU the mask is drawn again where it is used (methods.RandomDraws)
+    if sparsify == "random":  # off a CPU drawn again where it is used (methods.RandomDraws)
         return (1, 2) if on_cpu else (0, 2)
     if sparsify == "magnitude" and not on_cpu and work == 2:  # found again where it is used (methods.MagnitudeCut)
         return 0, 2

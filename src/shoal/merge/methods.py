@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from shoal.merge import draws
+
 Tensor = torch.Tensor
 
 
@@ -160,57 +162,30 @@ def magnitude_ranks(delta: Tensor) -> Tensor:
     return ranks.reshape(delta.shape)
 
 
-def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """Boolean Bernoulli(density) mask drawn from a seeded generator (DARE's drop step): uniform float32 draws below
-    density, a chunk at a time (chunk_size), so no float32 tensor of delta's size is made. On a CPU torch draws
-    them in order: the values are those of one draw of the whole tensor."""
-    if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    if not in_chunks(delta):
-        return torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32) < density
-    mask = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
-    flat = mask.view(-1)
-    for piece in chunks(flat.numel(), chunk_size(delta)):
-        part = flat[piece]
-        torch.lt(torch.rand(part.numel(), generator=generator, device=delta.device, dtype=torch.float32), density,
-                 out=part)
-    return mask
-
-
+@dataclass(frozen=True)
 class RandomDraws:
-    """DARE's keep mask of a tensor in chunks, not held but drawn again a chunk at a time each time it is used:
-    random_mask's chunks, from the same generator state, so the same mask bit for bit. Each pass goes through the
-    chunks in order from the first (where the generator is reset), as the rescale and the merge do. Worth it where
-    draws are cheap (a GPU's counter-based generator) and memory is short: it saves a byte an entry a parent."""
+    """DARE's keep mask: the entries whose draw (merge.draws, from the tensor's seed) is below the density, any
+    piece at a time. Drawn where it is used, it is never held: a byte an entry a parent saved, for draws made again
+    (inside merge.fused's compiled pass a few integer operations; in eager steps about 1.4 ns an entry on a CPU
+    thread, which is why a CPU's eager steps hold it instead)."""
 
-    def __init__(self, like: Tensor, density: float, generator: torch.Generator) -> None:
-        self.shape, self.device, self.density, self.generator = like.shape, like.device, density, generator
-        self.start = generator.get_state()
-        self.chunk = chunk_size(like)
-        self.next = 0
+    shape: torch.Size
+    device: torch.device
+    density: float
+    seed: int
 
     def keep(self, piece: slice | None) -> Tensor:
-        """The mask of one chunk (a piece starting at 0 starts a pass; chunks must come in order, on random_mask's
-        grid), or of the whole tensor (None: every chunk, in one pass)."""
+        """The mask of a piece of the tensor's flattened entries, or of the whole tensor (None: drawn a chunk at a
+        time)."""
         numel = self.shape.numel()
         if piece is None:
-            return torch.cat([self.keep(part) for part in chunks(numel, self.chunk)]).view(self.shape)
-        if piece.start == 0:
-            self.generator.set_state(self.start)
-            self.next = 0
-        stop = min(piece.start + self.chunk, numel)
-        if piece.start != self.next or min(piece.stop, numel) != stop:
-            raise ValueError(f"random draws are taken a chunk of {self.chunk} at a time, in order: expected entries "
-                             f"{self.next}:{min(self.next + self.chunk, numel)}, got {piece.start}:{piece.stop}")
-        self.next = stop
-        return torch.rand(stop - piece.start, generator=self.generator, device=self.device,
-                          dtype=torch.float32) < self.density
-
-
-def redraws(tensor: Tensor) -> bool:
-    """Whether DARE's mask of this tensor is drawn again where it is used (RandomDraws) rather than held: in chunks,
-    off a CPU (whose generator draws about 2 ns an entry, where a GPU's are nearly free)."""
-    return in_chunks(tensor) and tensor.device.type != "cpu"
+            mask = torch.empty(self.shape, dtype=torch.bool, device=self.device)
+            flat = mask.view(-1)
+            for part in chunks(numel, chunk_entries(self.device.type == "cpu")):
+                flat[part] = self.keep(part)
+            return mask
+        start, stop = piece.start, min(piece.stop, numel)
+        return draws.kept(self.seed, self.density, start, stop - start, self.device)
 
 
 @dataclass(frozen=True)
@@ -237,7 +212,7 @@ class MagnitudeCut:
 def cuts(tensor: Tensor, rank_dtype: torch.dtype) -> bool:
     """Whether TIES' trim of this tensor is found again where it is used (MagnitudeCut) rather than held: in chunks,
     off a CPU (where memory is short), when magnitudes are ranked in a 16-bit float (counted in one histogram)."""
-    return redraws(tensor) and rank_dtype in (torch.bfloat16, torch.float16)
+    return in_chunks(tensor) and tensor.device.type != "cpu" and rank_dtype in (torch.bfloat16, torch.float16)
 
 
 def magnitude_cut(vector: TaskVector, density: float, rank_dtype: torch.dtype) -> MagnitudeCut | None:
@@ -293,21 +268,18 @@ def magnitude_fractions(delta: Tensor) -> Tensor:
     return fractions_of(magnitude_places(delta))
 
 
-def magprune_mask(fractions: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+def magprune_mask(fractions: Tensor, density: float, epsilon: float, seed: int) -> Tensor:
     """DELLA's drop step: keep each entry with probability p = density - ε + 2ε · fraction, its magnitude rank
-    fraction (magnitude_fractions), drawn from a seeded generator; all kept when density >= 1.
-
-    The draw is uniform float32 draws below p, a chunk at a time (chunk_size), as random_mask draws: on a CPU that is
-    torch.bernoulli(p)'s mask and generator state, bit for bit, at a quarter of its time (bernoulli of a float32
-    tensor draws one uniform float32 per entry and keeps it when below p, in a serial loop)."""
+    fraction (magnitude_fractions), where its uniform draw (merge.draws, from the tensor's seed) is below p; all
+    kept when density >= 1. Formed a chunk at a time (chunk_size)."""
     if density >= 1:
         return torch.ones_like(fractions, dtype=torch.bool)
     mask = torch.empty(fractions.shape, dtype=torch.bool, device=fractions.device)
     flat, flat_fractions = mask.view(-1), fractions.reshape(-1)
     for piece in chunks(flat.numel(), chunk_size(fractions)):
         keep = (density - epsilon) + flat_fractions[piece] * 2 * epsilon
-        torch.lt(torch.rand(keep.numel(), generator=generator, device=keep.device, dtype=torch.float32), keep,
-                 out=flat[piece])
+        uniform = draws.uniforms(seed, piece.start, keep.numel(), keep.device)
+        torch.lt(uniform, keep, out=flat[piece])
     return mask
 
 

@@ -25,7 +25,8 @@ class MergeCall:
     per_model: list[dict[str, Any]]
     shared: dict[str, Any]
     work_dtype: torch.dtype
-    generators: list[torch.Generator] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    """Each input's seed for a random method's draws (merge.draws), made from the recipe's seed and the tensor."""
     compute_dtype: torch.dtype = torch.float32
     scratch: torch.Tensor | None = None
     """A compute_dtype buffer of the inputs' shape that a method may write its result into."""
@@ -130,18 +131,18 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
             return vector
     elif sparsify == "magnitude":
         mask = methods.magnitude_mask(vector.whole_in(call.rank_dtype), params["density"])
-    elif sparsify == "random" and methods.redraws(vector.tensor):
+    elif sparsify == "random":
         if params["density"] >= 1:  # all kept: a rescale would be by 1
             return vector
-        mask = methods.RandomDraws(vector.tensor, params["density"], call.generators[i])
-    elif sparsify == "random":
-        mask = methods.random_mask(vector.tensor, params["density"], call.generators[i])
+        mask = methods.RandomDraws(vector.tensor.shape, vector.tensor.device, params["density"], call.seeds[i])
+        if vector.tensor.device.type == "cpu" and not call.compiled:  # reading it is cheaper there than drawing it
+            mask = mask.keep(None)
     elif sparsify == "outliers":
         mask = methods.outlier_mask(vector.whole_in(call.rank_dtype), params["density"], params["gamma"])
     elif sparsify == "magprune":
         fractions = methods.fractions_of(call.ranks[i]) if call.ranks is not None else \
             methods.magnitude_fractions(vector.whole_in(call.rank_dtype))
-        mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.generators[i])
+        mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.seeds[i])
     else:
         return vector
     vector = replace(vector, mask=mask, below=below)
