@@ -8,9 +8,10 @@ over the whole tensor, then merged and written a chunk at a time into a bf16 out
 in one piece (chunking switched off, as a tensor within one chunk of its device is merged). Prints the rise of the
 process's peak resident set (VmHWM, after resetting it) over its resident set before the merge, in bytes per entry,
 beside memory.py's count for the same case (mask_bytes and CHUNK_TEMPORARIES in chunks,
-ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks (DARE's masks drawn and held, as a CPU's eager
-steps hold them; off a CPU they are drawn again where used and held nowhere). With --redraw, TIES only, its trims found again (methods.MagnitudeCut) where
-they are used, as off a CPU, against the count off a CPU. Each process tunes the allocator as the `shoal` command does
+ARITHMETIC_COPIES_TASK_VECTORS_WHOLE in one piece), without stored ranks; DARE's masks drawn once and held, as a
+CPU's eager steps hold them (off a CPU, and in a CPU's compiled pass, they are drawn again where used and held
+nowhere). With --redraw, TIES only, its trims found again (methods.MagnitudeCut) where they are used, as off a CPU,
+against the count off a CPU. Each process tunes the allocator as the `shoal` command does
 (shoal.allocator: huge pages, freed blocks up to 32 MB kept in the heap for reuse).
 """
 

@@ -5,13 +5,13 @@ enough for a random mask."""
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from shoal.merge import draws
+from shoal.merge.plan import _seed
 
 
 def reference(seed: int, start: int, count: int) -> list[int]:
@@ -73,31 +73,48 @@ def test_draws_past_two_to_the_32_entries_are_refused():
     assert draws.kept(1, 0.5, 2**32 - 10, 10).numel() == 10
 
 
+def test_the_threshold_is_where_the_uniforms_pass_the_density():
+    for density in (1e-9, 0.3, 0.5, 0.9999, 1 - 2**-26):
+        top = draws.threshold(density) >> 8  # the first uniform, in units of 2^-24, not below float32(density)
+        d = float(np.float32(density))
+        assert (top - 1) / 2**24 < d <= top / 2**24
+
+
 def test_the_draws_are_uniform_and_independent_enough_for_a_random_mask():
     """2^22 draws of one seed: each of the 24 bits a uniform is made of is set half the time, 256 equal bins are
-    evenly filled, neighbouring entries (next in a row, next row of a 4096-wide matrix) are uncorrelated, and two
-    parents' seeds (made as merge.plan makes them) draw uncorrelated masks. Bounds are six standard errors."""
+    evenly filled, neighbouring entries (1-16 apart in a row, a row of a 4096-wide matrix apart) are uncorrelated.
+    Bounds are six standard errors."""
     n = 1 << 22
-    seeds = [zlib.crc32(f"5/model.layers.0.mlp.up_proj.weight/{i}".encode()) for i in (0, 1)]
-    h = draws._hashed_numpy(seeds[0], 0, n)
-    bits = (h[None, :] >> np.arange(8, 32, dtype=np.uint32)[:, None]) & 1
-    assert np.abs(bits.mean(axis=1) - 0.5).max() < 6 * 0.5 / math.sqrt(n)
-    counts = np.bincount(h >> 24, minlength=256)
+    h = draws._hashed_numpy(_seed(5, "model.layers.0.mlp.up_proj.weight", 0), 0, n)
+    for bit in range(8, 32):
+        assert abs(((h >> np.uint32(bit)) & 1).mean() - 0.5) < 6 * 0.5 / math.sqrt(n), bit
+    counts = np.bincount(h >> np.uint32(24), minlength=256)
     chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum()
     assert chi2 < 255 + 6 * math.sqrt(2 * 255)
-    u = draws.uniforms(seeds[0], 0, n).double()
-    v = draws.uniforms(seeds[1], 0, n).double()
+    u = torch.from_numpy((h >> np.uint32(8)).astype(np.float64))
     correlation = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-    bound = 6 / math.sqrt(n)
-    assert abs(correlation(u[1:], u[:-1])) < bound
-    assert abs(correlation(u[4096:], u[:-4096])) < bound
-    assert abs(correlation(u, v)) < bound
-    both = ((u < 0.3) & (v < 0.3)).double().mean().item()
-    assert abs(both - 0.09) < 6 * math.sqrt(0.09 * 0.91 / n)
+    for lag in [*range(1, 17), 4096]:
+        assert abs(correlation(u[lag:], u[:-lag])) < 6 / math.sqrt(n), lag
+
+
+def test_the_parents_masks_of_a_tensor_are_independent():
+    """Two parents' draws of a tensor are one hash at two offsets (their seeds'); at the same entry they must be
+    independent whatever the offsets' difference: for 200 pairs of seeds as merge.plan makes them (recipe seed,
+    tensor, parent), 2^14 entries each, both kept at density 0.3 as often as 0.09 of the time, pair by pair and
+    over all. Bounds are six standard errors (pair by pair: 4.5 sigma)."""
+    n, density = 1 << 14, 0.3
+    both = []
+    for k in range(200):
+        first, second = (_seed(k, f"model.layers.{k % 7}.self_attn.q_proj.weight", i) for i in (0, 1))
+        joint = (draws.kept(first, density, 0, n) & draws.kept(second, density, 0, n)).double().mean().item()
+        assert abs(joint - density**2) < 4.5 * math.sqrt(density**2 * (1 - density**2) / n), k
+        both.append(joint)
+    assert abs(sum(both) / len(both) - density**2) < 6 * math.sqrt(density**2 * (1 - density**2) / (n * 200))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_gpu_draws_what_a_cpu_draws():
     for density in (0.1, 0.5, 1.0):
-        assert torch.equal(draws.kept(11, density, 12345, 1 << 20, "cuda").cpu(), draws.kept(11, density, 12345, 1 << 20))
+        on_gpu = draws.kept(11, density, 12345, 1 << 20, "cuda").cpu()
+        assert torch.equal(on_gpu, draws.kept(11, density, 12345, 1 << 20))
     assert torch.equal(draws.uniforms(11, 0, 1 << 20, "cuda").cpu(), draws.uniforms(11, 0, 1 << 20))

@@ -131,6 +131,29 @@ def test_the_compiled_pass_keeps_the_eager_steps_signed_zeros_and_rounding(compi
     assert bool((bits(merge(None)[::7]) == 0).all())  # 0.0, not -0.0
 
 
+@pytest.mark.parametrize("consensus", [True, False])
+def test_draws_made_inside_the_compiled_pass_are_the_eager_draws_of_any_piece(compiled, consensus):
+    """DARE's masks drawn inside the pass from each entry's index (a matrix's whole tensor too, and a parent with
+    nothing dropped among drawn ones): the rescale's factors and the merged values are the eager steps' with the
+    masks drawn outside it, bit for bit."""
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(30, 100, generator=generator).bfloat16()
+    parents = [(base.float() + 0.02 * torch.randn(30, 100, generator=generator)).bfloat16() for _ in range(3)]
+    vectors = [methods.TaskVector(p, base) for p in parents]
+    drawn = [replace(v, mask=methods.RandomDraws(base.shape, base.device, d, seed))
+             for v, d, seed in zip(vectors, (0.4, 0.8), (11, 12))] + vectors[2:]
+    ours = [methods.rescaled(v, fused.magnitudes) for v in drawn[:2]] + drawn[2:]
+    theirs = [methods.rescaled(v) for v in drawn[:2]] + drawn[2:]
+    assert [float(v.scale) for v in ours[:2]] == [float(v.scale) for v in theirs[:2]]
+    settings = dict(consensus=consensus, normalize=False, lam=1.0, elect_dtype=torch.bfloat16)
+    weights = [0.6, 0.3, -0.9]
+    merge = fused.combiner(base, ours, weights, **settings)
+    for piece in [*methods.chunks(base.numel(), 1000), None]:
+        expected = methods.combine_task_vectors(base, theirs, weights, piece=piece, **settings)
+        assert torch.equal(bits(merge(piece)), bits(expected)), piece
+    assert compiled.count("_magnitudes") == 2 * 3 and compiled.count("_merged") == 3 + 1  # chunks of 1,000
+
+
 @pytest.mark.parametrize("method,memory", [
     ("ties", MemoryPlan(keep="deltas", ranks="stored")), ("dare_ties", MemoryPlan(keep="deltas")),
     ("ties", MemoryPlan(inputs="stream")),

@@ -280,10 +280,12 @@ def test_a_stream_reads_ahead_only_inputs_within_the_limit(bf16_parents, monkeyp
     assert events.index(("load", "lm_head.weight")) > events.index(("done", names[head - 1]))
 
 
-def test_a_dare_merge_is_the_same_model_compiled_or_not_on_disk_or_resident(parents, tmp_path, monkeypatch):
-    """DARE's masks are drawn from each entry's index (merge.draws), where they are used: in chunks of 1,000
-    entries each mask is drawn a chunk at a time, twice (for the rescale and for the merge), in eager steps, inside
-    the compiled pass, and in the resident merger, and the three are one model, bit for bit."""
+def test_a_dare_merge_is_the_same_model_held_drawn_again_or_compiled_on_disk_or_resident(parents, tmp_path,
+                                                                                         monkeypatch):
+    """DARE's masks are drawn from each entry's index (merge.draws), in chunks of 1,000 entries here: held (a CPU's
+    eager steps), drawn again a chunk at a time where they are used (as off a CPU: for the rescale and the merge),
+    drawn inside the compiled pass (no mask made outside it), and in the resident merger, the model is one, bit
+    for bit."""
     from shoal.merge import fused, methods
     from shoal.merge.resident import ResidentMerger
 
@@ -293,26 +295,51 @@ def test_a_dare_merge_is_the_same_model_compiled_or_not_on_disk_or_resident(pare
                    for n, w, d in (("a", 0.3, 0.5), ("b", 0.9, 1.0), ("c", 0.4, 0.3))],
     }))
     monkeypatch.setattr(methods, "CHUNK", 1000)
+    run_merge(recipe, tmp_path / "held")
     draws = []
     original = methods.RandomDraws.keep
     monkeypatch.setattr(methods.RandomDraws, "keep", lambda self, piece: draws.append(piece) or original(self, piece))
-    run_merge(recipe, tmp_path / "eager")
-    assert sum(piece is not None and piece.stop - piece.start == 1000 for piece in draws) > 100
+    monkeypatch.setattr(methods, "holds_draws", lambda device, compiled: False)
+    run_merge(recipe, tmp_path / "drawn")
+    chunked = sum(t.numel() > 1000 for t in tensors(tmp_path / "held").values())
+    # a chunk of each tensor in chunks drawn where it is used, twice (the rescale, the merge) for each of the two
+    # parents with a density below 1; held, it would be drawn once
+    assert chunked > 5 and draws.count(slice(1000, 2000)) == 2 * 2 * chunked
+    monkeypatch.undo()
+    monkeypatch.setattr(methods, "CHUNK", 1000)
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setattr(fused, "_broken", [])
-    kernels = []
+    kernels, draws = [], []
     kernel = fused._kernel
     monkeypatch.setattr(fused, "_kernel", lambda f: kernels.append(f) or kernel(f))
+    monkeypatch.setattr(methods.RandomDraws, "keep", lambda self, piece: draws.append(piece) or original(self, piece))
     run_merge(recipe, tmp_path / "compiled")
-    assert fused._merged in kernels and not fused._broken
-    eager, compiled = tensors(tmp_path / "eager"), tensors(tmp_path / "compiled")
-    for name in eager:
-        assert torch.equal(eager[name], compiled[name]), name
+    assert fused._merged in kernels and fused._magnitudes in kernels and not fused._broken
+    # the masks of tensors in chunks drawn inside the compiled passes (only the one-piece rescale of a tensor within
+    # one chunk draws outside them)
+    assert draws and all(piece is None or piece.start == 0 for piece in draws)
+    held = tensors(tmp_path / "held")
+    for other in ("drawn", "compiled"):
+        found = tensors(tmp_path / other)
+        for name in held:
+            assert torch.equal(held[name], found[name]), (other, name)
     merger = ResidentMerger(recipe, memory=methods_plan_stream())
     merger.apply(recipe)
     live = dict(merger.model.named_parameters())
-    for name in eager:
-        assert torch.equal(live[name].detach(), eager[name]), name
+    for name in held:
+        assert torch.equal(live[name].detach(), held[name]), name
+
+
+def test_a_random_drop_step_refuses_a_tensor_past_two_to_the_32_entries():
+    from shoal.errors import ShoalError
+    from shoal.merge.registry import METHODS, MergeCall
+
+    big = torch.empty(2**32 + 1, dtype=torch.bfloat16, device="meta")
+    for method in ("dare_ties", "della"):
+        call = MergeCall(base=big, tensors=[big], per_model=[{"weight": 1.0, "density": 0.5, "epsilon": 0.1}],
+                         shared=dict(METHODS[method].shared), work_dtype=torch.bfloat16, seeds=[1])
+        with pytest.raises(ShoalError, match="at most 2\\^32 entries"):
+            METHODS[method].pieces(call)
 
 
 def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_parents, tmp_path, monkeypatch):

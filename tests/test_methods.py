@@ -69,14 +69,14 @@ def test_dare_mask_is_bernoulli_with_the_given_keep_rate_and_reproducible():
 
 
 def test_dare_draws_of_any_piece_in_any_order_are_the_whole_draw():
-    draws = methods.RandomDraws(torch.Size([37, 101]), torch.device("cpu"), 0.4, 5)
-    whole = draws.keep(None)
+    mask = methods.RandomDraws(torch.Size([37, 101]), torch.device("cpu"), 0.4, 5)
+    whole = mask.keep(None)
     assert whole.shape == (37, 101)
     pieces = [slice(3000, 4000), slice(17, 1001), slice(0, 17), slice(1001, 3000)]  # 3,737 entries, out of order
     flat = whole.view(-1)
     for piece in pieces:
-        assert torch.equal(draws.keep(piece), flat[piece])
-    assert draws.keep(slice(3000, 4000)).numel() == 737  # a last piece past the end stops at it
+        assert torch.equal(mask.keep(piece), flat[piece])
+    assert mask.keep(slice(3000, 4000)).numel() == 737  # a last piece past the end stops at it
 
 
 def test_a_tensor_beyond_one_chunk_of_its_device_is_merged_in_chunks():

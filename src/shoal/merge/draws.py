@@ -15,7 +15,7 @@ A seeded torch.Generator could not promise this: a CPU draws from mt19937 and a 
 on one would merge to another model on the other, and its draws come in sequence, so a piece can only be drawn after
 every piece before it. The hash also costs less: on a CPU thread about 1.4 ns an entry in numpy's uint32 arithmetic,
 where torch's mt19937 takes 2.4-2.9, and a few integer operations inside a compiled merge pass (merge.fused).
-Tensors are limited to 2^32 entries (a larger one would see its draws repeat).
+A tensor of more than 2^32 entries is refused (its draws would repeat).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import Tensor
 
 MASK = 0xFFFFFFFF
 LIMIT = 1 << 32
-"""Entries a tensor drawn this way may have (the index is taken mod 2^32)."""
+"""Entries a tensor drawn this way may have: past it the index, taken mod 2^32, would repeat the draws."""
 _M1, _M2 = 0x21F0AAAD, 0x735A2D97
 
 
@@ -84,9 +84,10 @@ def _check(start: int, count: int) -> None:
         raise ValueError(f"draws are defined for entries 0 to 2^32 - 1, not {start}:{start + count}")
 
 
-DEVICE_PIECE = 1 << 21
-"""Entries hashed at once off a CPU: their two int64 tensors (32 MB) stay within the 2 bytes an entry a task-vector
-merge in chunks is counted for besides its chunks (merge.memory.mask_bytes; a GPU's chunk has 16.8M entries)."""
+DEVICE_PIECE = 1 << 20
+"""Entries hashed at once off a CPU: their three int64 tensors (the indices, the hashes and a shifted copy: 24 MiB)
+stay within the 2 bytes an entry that a task-vector merge in chunks is counted for besides its chunks
+(merge.memory.mask_bytes; a GPU's chunk has 16.8M entries, 32 MiB at 2 bytes)."""
 
 
 def _on_device(seed: int, start: int, count: int, out: Tensor, finish: Callable[[Tensor, Tensor], object]) -> Tensor:

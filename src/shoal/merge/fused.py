@@ -54,10 +54,11 @@ Keep = Tensor | tuple[Tensor, Tensor]
 the density's threshold (0-dim int64 tensors), drawn inside the pass from the entries' indices (merge.draws)."""
 
 
-def _keep(keep: Keep, index: Tensor) -> Tensor:
-    """A keep mask of the piece whose flattened entries are `index`, float32."""
+def _keep(keep: Keep, like: Tensor, start: Tensor) -> Tensor:
+    """A keep mask of a piece of like's shape whose first entry is `start` (0-dim int64), float32."""
     if isinstance(keep, tuple):
         key, limit = keep
+        index = (torch.arange(like.numel(), device=like.device) + start).view(like.shape)
         return (draws.hashed(index, key) < limit).float()
     return keep.float()
 
@@ -82,14 +83,12 @@ def _merged(
 
     tensors are the parents' pieces (from_base: τ = tensor - base) or kept task vectors; keeps their keep masks
     (Keep), start the piece's first entry (0-dim int64); scales the rescale's factors (1 where there is none);
-    weights float32 0-dim tensors; vote_weights
-    the election's weights in votes_in (None: the election is in float32, with weights); zero a 0-dim 0.0, where
-    the sum starts. The steps are methods._combine's, each rounded as it rounds. (The sum starts from an input, not
-    from zeros made here, which the compiler would drop as adding nothing: 0.0 + -0.0 is 0.0, and a merged zero
-    would keep the wrong sign.)"""
+    weights float32 0-dim tensors; vote_weights the election's weights in votes_in (None: the election is in
+    float32, with weights); zero a 0-dim 0.0, where the sum starts. The steps are methods._combine's, each rounded
+    as it rounds. (The sum starts from an input, not from zeros made here, which the compiler would drop as adding
+    nothing: 0.0 + -0.0 is 0.0, and a merged zero would keep the wrong sign.)"""
     wide = base.float()
-    index = torch.arange(base.numel(), device=base.device) + start
-    deltas = [(tensor.float() - wide if from_base else tensor.float()) * _keep(keep, index) * scale
+    deltas = [(tensor.float() - wide if from_base else tensor.float()) * _keep(keep, wide, start) * scale
               for tensor, keep, scale in zip(tensors, keeps, scales)]
     mixed = zero
     if not consensus:
@@ -118,7 +117,7 @@ def _merged(
 def _magnitudes(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor) -> tuple[Tensor, Tensor]:
     """methods.magnitudes of one piece: |τ| and |τ| · keep, float32 (start: the piece's first entry)."""
     magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
-    return magnitude, magnitude * _keep(keep, torch.arange(tensor.numel(), device=tensor.device) + start)
+    return magnitude, magnitude * _keep(keep, magnitude, start)
 
 
 _compiled: dict[Callable, Callable] = {}
@@ -151,8 +150,11 @@ def _int(value: int, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=torch.int64, device=device)
 
 
-def _drawn(mask: methods.RandomDraws | None, device: torch.device) -> Keep:
-    """DARE's draws as the compiled pass takes them (None: every entry kept, as draws below 2^32)."""
+def _drawn(mask: object, device: torch.device) -> Keep:
+    """DARE's draws (a RandomDraws mask) as the compiled pass takes them (None: every entry kept, as draws below
+    2^32)."""
+    if not isinstance(mask, methods.RandomDraws | None):
+        raise TypeError(f"a recipe's masks are all drawn or none is: got {type(mask).__name__} among draws")
     if mask is None:
         return _int(0, device), _int(draws.LIMIT, device)
     return _int(draws.offset(mask.seed), device), _int(draws.threshold(mask.density), device)

@@ -167,7 +167,7 @@ class RandomDraws:
     """DARE's keep mask: the entries whose draw (merge.draws, from the tensor's seed) is below the density, any
     piece at a time. Drawn where it is used, it is never held: a byte an entry a parent saved, for draws made again
     (inside merge.fused's compiled pass a few integer operations; in eager steps about 1.4 ns an entry on a CPU
-    thread, which is why a CPU's eager steps hold it instead)."""
+    thread, which is why a CPU's eager steps hold it instead: holds_draws)."""
 
     shape: torch.Size
     device: torch.device
@@ -186,6 +186,12 @@ class RandomDraws:
             return mask
         start, stop = piece.start, min(piece.stop, numel)
         return draws.kept(self.seed, self.density, start, stop - start, self.device)
+
+
+def holds_draws(device: torch.device, compiled: bool) -> bool:
+    """Whether DARE's mask of a tensor is drawn once and held rather than drawn where it is used (RandomDraws): in a
+    CPU's eager steps, where reading a held mask is cheaper than drawing it again for the rescale and the merge."""
+    return device.type == "cpu" and not compiled
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import torch
 
-from shoal.merge import fused, methods, spherical
+from shoal.errors import ShoalError
+from shoal.merge import draws, fused, methods, spherical
 
 REQUIRED: Any = object()
 
@@ -111,6 +112,14 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
 """Parameters whose numbers have a meaning only in a range: the test, and the range as errors state it."""
 
 
+def _drawable(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor, when a random drop step can draw for each of its entries (merge.draws: at most 2^32 of them)."""
+    if tensor.numel() > draws.LIMIT:
+        raise ShoalError(f"{tensor.numel():,} entries: a random drop step (DARE, DELLA) draws for at most 2^32 "
+                         "entries of a tensor; use a method without one (ties, task_arithmetic)")
+    return tensor
+
+
 def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVector:
     """Task vector i of a call, with its drop step (mask and rescale) decided; formed where it is used."""
     assert call.base is not None
@@ -134,15 +143,16 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     elif sparsify == "random":
         if params["density"] >= 1:  # all kept: a rescale would be by 1
             return vector
-        mask = methods.RandomDraws(vector.tensor.shape, vector.tensor.device, params["density"], call.seeds[i])
-        if vector.tensor.device.type == "cpu" and not call.compiled:  # reading it is cheaper there than drawing it
+        mask = methods.RandomDraws(_drawable(vector.tensor).shape, vector.tensor.device, params["density"],
+                                   call.seeds[i])
+        if methods.holds_draws(vector.tensor.device, call.compiled):
             mask = mask.keep(None)
     elif sparsify == "outliers":
         mask = methods.outlier_mask(vector.whole_in(call.rank_dtype), params["density"], params["gamma"])
     elif sparsify == "magprune":
         fractions = methods.fractions_of(call.ranks[i]) if call.ranks is not None else \
             methods.magnitude_fractions(vector.whole_in(call.rank_dtype))
-        mask = methods.magprune_mask(fractions, params["density"], params["epsilon"], call.seeds[i])
+        mask = methods.magprune_mask(_drawable(fractions), params["density"], params["epsilon"], call.seeds[i])
     else:
         return vector
     vector = replace(vector, mask=mask, below=below)
