@@ -299,7 +299,7 @@ def test_a_dare_merge_is_the_same_model_held_drawn_again_or_compiled_on_disk_or_
     draws = []
     original = methods.RandomDraws.keep
     monkeypatch.setattr(methods.RandomDraws, "keep", lambda self, piece: draws.append(piece) or original(self, piece))
-    monkeypatch.setattr(methods, "holds_draws", lambda device, compiled: False)
+    monkeypatch.setattr(methods, "holds_draws", lambda on_cpu, compiled: False)
     run_merge(recipe, tmp_path / "drawn")
     chunked = sum(t.numel() > 1000 for t in tensors(tmp_path / "held").values())
     # a chunk of each tensor in chunks drawn where it is used, twice (the rescale, the merge) for each of the two

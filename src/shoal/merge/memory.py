@@ -39,18 +39,20 @@ read from the files); a larger one (a large vocabulary's embedding or head) is r
 go, so two of them are never held at once."""
 
 
-def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool, on_cpu: bool = True) -> tuple[int, int]:
+def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool, on_cpu: bool = True, compiled: bool = False
+               ) -> tuple[int, int]:
     """Bytes per entry that a task-vector merge in chunks holds besides its inputs and chunks: each parent's keep
-    mask (bool, held until the tensor is merged; off a CPU DARE's is drawn again where it is used, as it is in a
-    CPU's compiled pass, and TIES' trim in a 16-bit dtype found again from its threshold), and the most held
+    mask (bool, held until the tensor is merged; DARE's is held only in a CPU's eager steps, drawn again where it is
+    used off a CPU and in a CPU's compiled pass (compiled), and off a CPU TIES' trim in a 16-bit dtype is found
+    again from its threshold), and the most held
     at once while one mask is formed (the task vector whole in the recipe's dtype of `work` bytes, its magnitudes, a
     threshold's mask or a row sort's keys, indices and places). Counted from methods.py, plus what
     benchmarks/merge_peak.py measured beyond that count on a CPU in two runs (up to 1.6 bytes an entry for DARE, 2
     for TIES: freed blocks the allocator had not yet returned), rounded up to 2."""
     if sparsify is None or (sparsify == "magnitude" and ranks_kept):
         return 0, 0  # no mask, or the stored ranks compared a chunk at a time
-    if sparsify == "random":  # off a CPU drawn again where it is used (methods.RandomDraws)
-        return (1, 2) if on_cpu else (0, 2)
+    if sparsify == "random":  # else drawn again where it is used (methods.RandomDraws)
+        return (1, 2) if methods.holds_draws(on_cpu, compiled) else (0, 2)
     if sparsify == "magnitude" and not on_cpu and work == 2:  # found again where it is used (methods.MagnitudeCut)
         return 0, 2
     if sparsify == "magnitude":
@@ -190,8 +192,10 @@ def _held(t: TensorSize) -> int:
     return max(t.read, t.numel * (t.base + sum(t.inputs)))
 
 
-def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on_cpu: bool) -> MemoryNeed:
-    """The bytes `plan` needs for tensors of these sizes and `slots` live models (on_cpu: the device is the host)."""
+def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on_cpu: bool, compiled: bool = False
+                ) -> MemoryNeed:
+    """The bytes `plan` needs for tensors of these sizes and `slots` live models (on_cpu: the device is the host;
+    compiled: the task-vector merges take merge.fused's compiled pass)."""
     kept = ranks = models = scratch = step = 0
     chunk = methods.chunk_entries(on_cpu)
     merged = [t for t in sizes if t.merged]
@@ -211,7 +215,7 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
         ranks += tensor_ranks
         n = len(t.inputs)
         if t.task_vectors and t.pieces and t.numel > chunk:  # in chunks, as methods.in_chunks decides
-            held, forming = mask_bytes(t.sparsify, t.work, ranks_kept, on_cpu)
+            held, forming = mask_bytes(t.sparsify, t.work, ranks_kept, on_cpu, compiled)
             per, extra = CHUNK_TEMPORARIES
             arithmetic = t.numel * (held * n + forming) + chunk * t.compute * (per * n + extra)
         else:  # in one piece, or whole anyway (a task-vector method without pieces)

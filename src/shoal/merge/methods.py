@@ -188,10 +188,10 @@ class RandomDraws:
         return draws.kept(self.seed, self.density, start, stop - start, self.device)
 
 
-def holds_draws(device: torch.device, compiled: bool) -> bool:
+def holds_draws(on_cpu: bool, compiled: bool) -> bool:
     """Whether DARE's mask of a tensor is drawn once and held rather than drawn where it is used (RandomDraws): in a
     CPU's eager steps, where reading a held mask is cheaper than drawing it again for the rescale and the merge."""
-    return device.type == "cpu" and not compiled
+    return on_cpu and not compiled
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
             return vector
         mask = methods.RandomDraws(_drawable(vector.tensor).shape, vector.tensor.device, params["density"],
                                    call.seeds[i])
-        if methods.holds_draws(vector.tensor.device, call.compiled):
+        if methods.holds_draws(vector.tensor.device.type == "cpu", call.compiled):
             mask = mask.keep(None)
     elif sparsify == "outliers":
         mask = methods.outlier_mask(vector.whole_in(call.rank_dtype), params["density"], params["gamma"])

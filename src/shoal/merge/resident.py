@@ -61,6 +61,8 @@ class ResidentPlan:
     built: OutputTokenizer | None
     plan: MergePlan
     need: MemoryNeed
+    compiled: bool
+    """Whether its merges take merge.fused's compiled pass (a search's merges at this size repay the compiler)."""
 
 
 def plan_resident(recipe: Recipe, device: str, slots: int, memory: MemoryPlan) -> ResidentPlan:
@@ -70,8 +72,10 @@ def plan_resident(recipe: Recipe, device: str, slots: int, memory: MemoryPlan) -
     built = output_tokenizer(recipe, parents)
     plan = build_plan(recipe, parents, built.vocab if built else None)
     check_tokenizer_settings(recipe, parents, plan.reference)
-    need = memory_need(tensor_sizes(plan, parents, recipe.method), memory, slots=slots, on_cpu=device == "cpu")
-    return ResidentPlan(parents, built, plan, need)
+    compiled = fused_pays(plan, recipe.merge_method, device, fused.SEARCH_MERGES)
+    need = memory_need(tensor_sizes(plan, parents, recipe.method), memory, slots=slots, on_cpu=device == "cpu",
+                       compiled=compiled)
+    return ResidentPlan(parents, built, plan, need, compiled)
 
 
 class ResidentMerger:
@@ -94,7 +98,7 @@ class ResidentMerger:
         planned = plan_resident(recipe, device, slots, self.memory)
         self.parents, self._built, self.need = planned.parents, planned.built, planned.need
         plan = planned.plan
-        self._fused = fused_pays(plan, recipe.merge_method, device, fused.SEARCH_MERGES)
+        self._fused = planned.compiled
         self._vocabulary = recipe.vocabulary
         if report is not None:
             report(describe_need(self.need, self.memory, device, slots) + (
