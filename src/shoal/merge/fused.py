@@ -4,7 +4,8 @@ methods.combine_task_vectors runs each step of the formula as its own eager oper
 parents goes through about fifty of them (conversions, differences, masks, the sign vote, the disjoint mean), each
 reading and writing the chunk. Here the same formula is traced once and compiled (TorchInductor's C++ backend) into
 one loop that reads each input once and writes the result once, with every intermediate rounded where the eager
-steps round it (`emulate_precision_casts`): the same values, bit for bit (tests/test_fused.py). The L1 rescale's
+steps round it (`emulate_precision_casts`): the same values, bit for bit (tests/test_fused.py). DARE's keep masks
+are drawn inside the pass from the entries' indices (merge.draws), so none is made outside it. The L1 rescale's
 magnitudes (|τ| and |τ| · keep of a chunk) are formed in one such pass too; their sums stay eager, so that they
 are summed in the same order.
 
