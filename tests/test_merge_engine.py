@@ -287,7 +287,6 @@ def test_a_dare_merge_is_the_same_model_held_drawn_again_or_compiled_on_disk_or_
     drawn inside the compiled pass (no mask made outside it), and in the resident merger, the model is one, bit
     for bit."""
     from shoal.merge import fused, methods
-    from shoal.merge.resident import ResidentMerger
 
     recipe = parse_recipe(yaml.safe_dump({
         "merge_method": "dare_ties", "dtype": "bfloat16", "base_model": str(parents["base"]), "seed": 9,
@@ -318,16 +317,7 @@ def test_a_dare_merge_is_the_same_model_held_drawn_again_or_compiled_on_disk_or_
     # the masks of tensors in chunks drawn inside the compiled passes (only the one-piece rescale of a tensor within
     # one chunk draws outside them)
     assert draws and all(piece is None or piece.start == 0 for piece in draws)
-    held = tensors(tmp_path / "held")
-    for other in ("drawn", "compiled"):
-        found = tensors(tmp_path / other)
-        for name in held:
-            assert torch.equal(held[name], found[name]), (other, name)
-    merger = ResidentMerger(recipe, memory=methods_plan_stream())
-    merger.apply(recipe)
-    live = dict(merger.model.named_parameters())
-    for name in held:
-        assert torch.equal(live[name].detach(), held[name]), name
+    assert_one_model(recipe, tmp_path, "held", ("drawn", "compiled"))
 
 
 def test_a_random_drop_step_refuses_a_tensor_past_two_to_the_32_entries():
@@ -347,7 +337,6 @@ def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_pare
     threshold and a tie position) instead of held: forced here on a CPU, with chunks of 1,000 entries, the merge on
     disk, compiled or not, and in the resident merger is the held masks' bit for bit."""
     from shoal.merge import fused, methods
-    from shoal.merge.resident import ResidentMerger
 
     monkeypatch.setattr(methods, "CHUNK", 1000)
     recipe = parse_recipe(yaml.safe_dump({
@@ -369,16 +358,24 @@ def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_pare
     monkeypatch.setattr(fused, "_kernel", lambda f: kernels.append(f) or kernel(f))
     run_merge(recipe, tmp_path / "cut, compiled")
     assert kernels and not fused._broken  # the compiled pass merged it
-    held = tensors(tmp_path / "held")
-    for other in ("cut", "cut, compiled"):
+    assert_one_model(recipe, tmp_path, "held", ("cut", "cut, compiled"))
+
+
+def assert_one_model(recipe, tmp_path, reference: str, others: tuple[str, ...]) -> None:
+    """The merges written to tmp_path/reference and to each of tmp_path/others, and recipe applied by a resident
+    merger with its inputs streamed, are one model, bit for bit."""
+    from shoal.merge.resident import ResidentMerger
+
+    expected = tensors(tmp_path / reference)
+    for other in others:
         found = tensors(tmp_path / other)
-        for name in held:
-            assert torch.equal(held[name], found[name]), (other, name)
+        for name in expected:
+            assert torch.equal(expected[name], found[name]), (other, name)
     merger = ResidentMerger(recipe, memory=methods_plan_stream())
     merger.apply(recipe)
     live = dict(merger.model.named_parameters())
-    for name in held:
-        assert torch.equal(live[name].detach(), held[name]), name
+    for name in expected:
+        assert torch.equal(live[name].detach(), expected[name]), name
 
 
 def methods_plan_stream():
