@@ -3,7 +3,8 @@ compiling costs: one tensor of --entries bf16 entries (a base and three parents 
 time as engine.merge_into merges it (each task vector's mask and rescale prepared, then every chunk merged, checked
 and rounded to bf16), in this process on one torch thread, eager and compiled alternating after the compiled pass's
 first call (its compile, timed apart). Prints the preparation's and the chunks' seconds, nanoseconds per entry of
-the tensor, and the ratio of the medians.
+the tensor, and the ratio of the medians; "search" is the compiled pass with each task vector's |τ|_1 kept between
+merges, as the resident merger keeps it (merge.norms: a later trial finds only |τ · keep|_1).
 
     python benchmarks/merge_fused.py [--entries 16777216] [--repeats 3] [--methods dare_ties,ties,task_arithmetic]
 
@@ -17,10 +18,14 @@ import argparse
 import statistics
 import time
 
-import torch
+from shoal.allocator import tune_for_merging
 
-from shoal.merge import methods
-from shoal.merge.registry import METHODS, MergeCall
+tune_for_merging()  # as the `shoal` command does, before torch loads: huge pages and reused blocks for tensors
+
+import torch  # noqa: E402
+
+from shoal.merge import methods  # noqa: E402
+from shoal.merge.registry import METHODS, MergeCall  # noqa: E402
 
 WEIGHTS, DENSITIES = (0.5, 0.3, 0.4), (0.5, 0.6, 0.4)
 
@@ -31,15 +36,14 @@ def inputs(entries: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base, [(base.float() + 0.01 * torch.randn(entries, generator=generator)).bfloat16() for _ in WEIGHTS]
 
 
-def merge(method: str, base: torch.Tensor, parents: list[torch.Tensor], fused: bool
+def merge(method: str, base: torch.Tensor, parents: list[torch.Tensor], fused: bool, norms: list | None = None
           ) -> tuple[torch.Tensor, float, float]:
     """One merge of the tensor: its bf16 output, and the seconds of its preparation (masks, rescale) and of its
-    chunks."""
+    chunks. norms: the task vectors' norms as a resident merger keeps them between merges (a search's)."""
     spec = METHODS[method]
     per_model = [{"weight": w, "density": d} if spec.sparsify else {"weight": w} for w, d in zip(WEIGHTS, DENSITIES)]
     call = MergeCall(base=base, tensors=parents, per_model=per_model, shared=dict(spec.shared),
-                     work_dtype=torch.bfloat16, seeds=[1, 2, 3],
-                     fused=fused)
+                     work_dtype=torch.bfloat16, seeds=[1, 2, 3], norms=norms, fused=fused)
     out = torch.empty_like(base)
     start = time.perf_counter()
     values_of = spec.pieces(call)
@@ -65,20 +69,24 @@ def main() -> None:
         start = time.perf_counter()
         merge(method, base, parents, fused=True)
         first = time.perf_counter() - start
-        runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        kept: list = [None] * len(WEIGHTS)
+        merge(method, base, parents, True, kept)  # a search's first merge: the L1 norms found and kept
+        modes = {"eager": (False, None), "compiled": (True, None), "search": (True, kept)}
+        runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
         outputs = {}
         for _ in range(args.repeats):
-            for fused in (False, True):
-                outputs[fused], *seconds = merge(method, base, parents, fused)
-                runs[fused].append(tuple(seconds))
-        total = {fused: statistics.median(a + b for a, b in rows) for fused, rows in runs.items()}
-        for fused, rows in runs.items():
+            for mode, (fused, norms) in modes.items():
+                outputs[mode], *seconds = merge(method, base, parents, fused, norms)
+                runs[mode].append(tuple(seconds))
+        total = {mode: statistics.median(a + b for a, b in rows) for mode, rows in runs.items()}
+        for mode, rows in runs.items():
             prepare, chunks = (statistics.median(r[i] for r in rows) for i in (0, 1))
-            print(f"{method:<16} {'compiled' if fused else 'eager':<8} prepare {prepare:6.3f} s  chunks {chunks:6.3f} s"
-                  f"  {total[fused] / args.entries * 1e9:5.1f} ns an entry (medians)")
-        same = torch.equal(outputs[False].view(torch.int16), outputs[True].view(torch.int16))
-        print(f"{method:<16} compiled {total[False] / total[True]:.2f}x faster, {'the same' if same else 'OTHER'} "
-              f"bits; its first merge {first:.1f} s (compiling what it needs beyond the methods before it)")
+            print(f"{method:<16} {mode:<8} prepare {prepare:6.3f} s  chunks {chunks:6.3f} s"
+                  f"  {total[mode] / args.entries * 1e9:5.1f} ns an entry (medians)")
+        same = all(torch.equal(outputs["eager"].view(torch.int16), outputs[mode].view(torch.int16)) for mode in modes)
+        print(f"{method:<16} compiled {total['eager'] / total['compiled']:.2f}x faster, a search's later merges "
+              f"{total['eager'] / total['search']:.2f}x, {'the same' if same else 'OTHER'} bits; its first merge "
+              f"{first:.1f} s (compiling what it needs beyond the methods before it)")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, 
     recipe = recipe_of(method, parents, dtype)
     engine.run_merge(recipe, tmp_path / "fused")
     assert compiled.count("_merged") > 30  # every chunk of every matrix
-    assert ("_magnitudes" in compiled) == (method in ("dare_ties", "dare_linear", "della"))  # the L1 rescale
+    assert ("_norms" in compiled) == (method in ("dare_ties", "dare_linear", "della"))  # the L1 rescale
     fused.FUSED_MIN = 1 << 62  # noqa: the fixture's monkeypatch puts it back
     engine.run_merge(recipe, tmp_path / "eager")
     assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
@@ -120,7 +120,7 @@ def test_the_compiled_pass_keeps_the_eager_steps_signed_zeros_and_rounding(compi
         mask[::7] = False
     vectors = [methods.TaskVector(p.float() - base.float(), None) if kept else methods.TaskVector(p, base)
                for p in parents]
-    vectors = [methods.rescaled(replace(v, mask=m)) for v, m in zip(vectors, masks)] + vectors[2:]
+    vectors = [methods.rescaled(replace(v, mask=m))[0] for v, m in zip(vectors, masks)] + vectors[2:]
     settings = dict(consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect)
     weights = [0.6, 0.3, -0.9]
     merge = fused.combiner(base, vectors, weights, **settings)
@@ -142,8 +142,8 @@ def test_draws_made_inside_the_compiled_pass_are_the_eager_draws_of_any_piece(co
     vectors = [methods.TaskVector(p, base) for p in parents]
     drawn = [replace(v, mask=methods.RandomDraws(base.shape, base.device, d, seed))
              for v, d, seed in zip(vectors, (0.4, 0.8), (11, 12))] + vectors[2:]
-    ours = [methods.rescaled(v, fused.magnitudes) for v in drawn[:2]] + drawn[2:]
-    theirs = [methods.rescaled(v) for v in drawn[:2]] + drawn[2:]
+    ours = [methods.rescaled(v, fused.piece_norms)[0] for v in drawn[:2]] + drawn[2:]
+    theirs = [methods.rescaled(v)[0] for v in drawn[:2]] + drawn[2:]
     assert [float(v.scale) for v in ours[:2]] == [float(v.scale) for v in theirs[:2]]
     settings = dict(consensus=consensus, normalize=False, lam=1.0, elect_dtype=torch.bfloat16)
     weights = [0.6, 0.3, -0.9]
@@ -151,7 +151,8 @@ def test_draws_made_inside_the_compiled_pass_are_the_eager_draws_of_any_piece(co
     for piece in [*methods.chunks(base.numel(), 1000), None]:
         expected = methods.combine_task_vectors(base, theirs, weights, piece=piece, **settings)
         assert torch.equal(bits(merge(piece)), bits(expected)), piece
-    assert compiled.count("_magnitudes") == 2 * 3 and compiled.count("_merged") == 3 + 1  # chunks of 1,000
+    # the norms a piece of whole blocks of 2^16 entries: one; the merge in chunks of 1,000
+    assert compiled.count("_norms") == 2 and compiled.count("_merged") == 3 + 1
 
 
 @pytest.mark.parametrize("method,memory", [

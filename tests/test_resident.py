@@ -98,6 +98,29 @@ def test_dare_masks_follow_the_recipe_seed(parents) -> None:
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_a_search_finds_each_task_vectors_l1_norm_once(parents, tmp_path, monkeypatch) -> None:
+    """The rescale's |τ|_1 of each task vector is found at its first merge and kept (merge.norms): later merges,
+    with other densities and seeds, find only |τ · keep|_1, and every merge is what `shoal merge` writes, bit for
+    bit; streamed, a recipe listing the parents in the other order takes each its own norm."""
+    from shoal.merge import norms
+    from shoal.merge.memory import MemoryPlan
+
+    recipes = [_recipe(parents, "dare_ties", [0.6, 0.5], densities, seed=seed, dtype="bfloat16")
+               for densities, seed in (([0.3, 0.5], 4), ([0.3, 0.25], 5), ([0.75, 0.5], 5))]
+    swapped = recipes[0] | {"models": recipes[0]["models"][::-1]}
+    merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipes[0])), memory=MemoryPlan(inputs="stream"))
+    found = []
+    original = norms.block_exponents
+    monkeypatch.setattr(norms, "block_exponents", lambda magnitude: found.append(1) or original(magnitude))
+    for i, recipe in enumerate(recipes + [swapped]):
+        found.clear()
+        merger.apply(parse_recipe(yaml.safe_dump(recipe)))
+        assert bool(found) == (i == 0), i
+        live = dict(merger.model.named_parameters())
+        for name, tensor in _on_disk(recipe, tmp_path / str(i)).items():
+            assert torch.equal(live[name].detach(), tensor), (i, name)
+
+
 def test_nan_weights_are_refused_like_shoal_merge(parents) -> None:
     recipe = _recipe(parents, "linear", [0.5, 0.5], [None, None])
     merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)))

@@ -17,6 +17,7 @@ from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.merge import chat_template, fused, methods
+from shoal.merge.norms import Norm
 from shoal.merge.plan import MergePlan, TensorJob, build_plan, input_bytes
 from shoal.merge.registry import METHODS, MergeCall
 from shoal.merge.tokenizer import OutputTokenizer, build_output_tokenizer, chat_templates, check_shared_vocabulary
@@ -60,6 +61,7 @@ def _call(
     deltas: list[torch.Tensor] | None,
     ranks: list[torch.Tensor] | None,
     fused: bool = False,
+    norms: list[Norm | None] | None = None,
 ) -> MergeCall:
     """The method's call for one tensor's floating-point inputs, rounded to the recipe's dtype; a random method's
     seeds for this tensor."""
@@ -74,6 +76,7 @@ def _call(
         compute_dtype=_compute_dtype(raw),
         deltas=deltas,
         ranks=ranks,
+        norms=norms,
         fused=fused,
     )
     if scratch is not None and METHODS[method_name].elementwise:  # the one kind that writes its result there
@@ -108,15 +111,17 @@ def merged_values(
     *,
     deltas: list[torch.Tensor] | None = None,
     ranks: list[torch.Tensor] | None = None,
+    norms: list[Norm | None] | None = None,
 ) -> torch.Tensor:
     """Apply the method to one tensor's inputs (rounded to the recipe's dtype, computed in float32): the result
     in the compute dtype, possibly the scratch buffer. deltas and ranks, when given, are the task vectors and
-    their magnitude ranks already formed from these inputs (the resident merger keeps them between trials); with
-    deltas, a task-vector method needs no tensors (an empty list)."""
+    their magnitude ranks already formed from these inputs (the resident merger keeps them between trials), and
+    norms their L1 norms where known (MergeCall.norms: filled in where found); with deltas, a task-vector method
+    needs no tensors (an empty list)."""
     first = base if base is not None else tensors[0]
     if not first.is_floating_point():
         return first
-    call = _call(job, method_name, base, tensors, scratch, deltas, ranks)
+    call = _call(job, method_name, base, tensors, scratch, deltas, ranks, norms=norms)
     with _naming(job, method_name):
         result = METHODS[method_name].merge(call)
     return _checked(result, job, method_name)
@@ -132,6 +137,7 @@ def merge_into(
     *,
     deltas: list[torch.Tensor] | None = None,
     ranks: list[torch.Tensor] | None = None,
+    norms: list[Norm | None] | None = None,
     fused: bool = False,
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
@@ -145,14 +151,15 @@ def merge_into(
     chunked = first.is_floating_point() and methods.in_chunks(first)
     flat_out = out.view(-1)
     if chunked and method.pieces is not None:
-        call = _call(job, method_name, base, tensors, None, deltas, ranks, fused)
+        call = _call(job, method_name, base, tensors, None, deltas, ranks, fused, norms)
         with _naming(job, method_name):
             values_of = method.pieces(call)
         for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first)):
             flat_out[piece].copy_(_rounded(_checked(values_of(piece), job, method_name), job))
         return
     if not (chunked and method.elementwise):
-        out.copy_(_rounded(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks), job))
+        out.copy_(_rounded(merged_values(job, method_name, base, tensors, scratch, deltas=deltas, ranks=ranks,
+                                         norms=norms), job))
         return
     flat_base = base.reshape(-1) if base is not None else None
     flat_tensors = [t.reshape(-1) for t in tensors]

@@ -6,8 +6,7 @@ reading and writing the chunk. Here the same formula is traced once and compiled
 one loop that reads each input once and writes the result once, with every intermediate rounded where the eager
 steps round it (`emulate_precision_casts`): the same values, bit for bit (tests/test_fused.py). DARE's keep masks
 are drawn inside the pass from the entries' indices (merge.draws), so none is made outside it. The L1 rescale's
-magnitudes (|τ| and |τ| · keep of a chunk) are formed in one such pass too; their sums stay eager, so that they
-are summed in the same order.
+norms of a chunk (merge.norms: exact integer sums, so in any order) are found in one such pass too.
 
 Compiling takes seconds (more the first time on a machine, before Inductor's on-disk cache holds the kernel), so a
 process uses it only when it will merge at least FUSED_MIN entries in chunks (`worth`). It runs on a CPU only: the
@@ -23,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from shoal.merge import draws, methods
+from shoal.merge import draws, methods, norms
 
 FUSED_MIN = 1 << 31
 """Entries a process must merge in chunks of task-vector methods (summed over its merges) for the compiled pass:
@@ -115,10 +114,11 @@ def _merged(
     return mixed + wide
 
 
-def _magnitudes(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor) -> tuple[Tensor, Tensor]:
-    """methods.magnitudes of one piece: |τ| and |τ| · keep, float32 (start: the piece's first entry)."""
+def _norms(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor, exponents: Tensor | None) -> norms.Sums:
+    """norms.block_norms of a piece laid out a block a row (start: its first entry, 0-dim int64), from the parent's
+    rows and the base's (or a kept τ's: base None), float32."""
     magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
-    return magnitude, magnitude * _keep(keep, magnitude, start)
+    return norms.block_norms(magnitude, _keep(keep, magnitude, start), exponents)
 
 
 _compiled: dict[Callable, Callable] = {}
@@ -161,15 +161,19 @@ def _drawn(mask: object, device: torch.device) -> Keep:
     return _int(draws.offset(mask.seed), device), _int(draws.threshold(mask.density), device)
 
 
-def magnitudes(vector: methods.TaskVector, piece: slice) -> tuple[Tensor, Tensor]:
-    """methods.magnitudes in one compiled pass (a float32 task vector)."""
+def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | None) -> norms.Sums:
+    """methods.piece_norms in one compiled pass (a float32 task vector)."""
     tensor = methods.flat_piece(vector.tensor, piece)
     base = None if vector.base is None else methods.flat_piece(vector.base, piece)
-    if isinstance(vector.mask, methods.RandomDraws):
-        keep: Keep = _drawn(vector.mask, tensor.device)
-    else:
-        keep = vector.keep(piece).view(torch.uint8)
-    return _run(_magnitudes, tensor, base, keep, _int(piece.start, tensor.device))
+    drawn = isinstance(vector.mask, methods.RandomDraws)
+    keep = _drawn(vector.mask, tensor.device) if drawn else vector.keep(piece).view(torch.uint8)
+
+    def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> norms.Sums:
+        part = slice(first, first + rows.numel())
+        return _run(_norms, rows, None if base is None else base[part].view(rows.shape),
+                    keep if drawn else keep[part].view(rows.shape), _int(piece.start + first, tensor.device), blocks)
+
+    return norms.by_rows(tensor, exponents, sums_of)
 
 
 def combiner(

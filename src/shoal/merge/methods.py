@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from shoal.merge import draws
+from shoal.merge import draws, norms
 
 Tensor = torch.Tensor
 
@@ -330,8 +330,11 @@ class TaskVector:
 
     def formed(self, piece: slice | None = None) -> Tensor:
         """τ, or a piece of its flattened entries, in the compute dtype (a kept τ itself, not a copy)."""
-        tensor = flat_piece(self.tensor, piece).to(self.compute)
-        return tensor if self.base is None else tensor - flat_piece(self.base, piece).to(self.compute)
+        tensor = flat_piece(self.tensor, piece)
+        if self.base is None:
+            return tensor.to(self.compute)
+        # the base widened inside the subtraction (the same values as widened first, without its copy)
+        return tensor.to(self.compute, copy=True).sub_(flat_piece(self.base, piece))
 
     def keep(self, piece: slice | None = None, delta: Tensor | None = None) -> Tensor | None:
         """The keep mask, or a piece of it; None when nothing is dropped. delta: that piece of τ, when the caller
@@ -372,40 +375,41 @@ def rank_limit(ranks: Tensor, density: float) -> int | None:
     return None if density >= 1 else max(1, int(density * ranks.numel()))
 
 
-Magnitudes = Callable[[TaskVector, slice], tuple[Tensor, Tensor]]
-"""|τ| and |τ| · keep of a piece of a task vector (with a mask), in its compute dtype."""
+Norms = Callable[[TaskVector, slice, Tensor | None], norms.Sums]
+"""Of a piece of a task vector with a mask, starting at a block (merge.norms): its blocks' exponents (as given, or
+found), their sums of q (None when the exponents were given) and of q · keep."""
 
 
-def magnitudes(vector: TaskVector, piece: slice) -> tuple[Tensor, Tensor]:
-    """|τ| and |τ| · keep of a piece, in eager steps (merge.fused.magnitudes: one compiled pass)."""
+def piece_norms(vector: TaskVector, piece: slice, exponents: Tensor | None) -> norms.Sums:
+    """Norms of a piece, in eager steps (merge.fused.piece_norms: in one compiled pass)."""
     delta = vector.formed(piece)
-    magnitude = delta.abs()
-    return magnitude, magnitude * vector.keep(piece, delta)
+    kept = vector.keep(piece, delta).view(-1)
+    return norms.by_rows(delta.abs().view(-1), exponents, lambda first, rows, blocks: norms.block_norms(
+        rows, kept[first:first + rows.numel()].view(rows.shape), blocks))
 
 
-def rescaled(vector: TaskVector, magnitudes_of: Magnitudes = magnitudes) -> TaskVector:
+def rescaled(vector: TaskVector, norms_of: Norms = piece_norms, known: norms.Norm | None = None
+             ) -> tuple[TaskVector, norms.Norm | None]:
     """vector with mergekit's L1 rescale: the kept entries scaled so |τ|_1 is unchanged (not when either norm is
-    below 1e-7). In one piece the norms are sums of the whole tensor in the compute dtype (mergekit's, bit for bit);
-    in chunks each chunk's sums (of magnitudes_of's two) are added up in double precision (read from the device
-    once, added on the host: some devices lack float64) and the ratio rounded to the compute dtype, so no |τ| is
-    made whole. |τ| · mask has the values of |τ · mask|."""
-    if vector.mask is None:
-        return vector
-    if not in_chunks(vector.tensor):
-        magnitude = vector.formed().abs()
-        before = magnitude.sum()
-        after = magnitude.mul_(vector.keep()).sum()
-        if before < 1e-7 or after < 1e-7:
-            return vector
-        return replace(vector, scale=before / after)
-    sums = []  # each chunk's two sums stay on the device, read once at the end (no wait for the device per chunk)
-    for piece in chunks(vector.tensor.numel(), chunk_size(vector.tensor)):
-        sums.extend(part.sum() for part in magnitudes_of(vector, piece))
-    totals = torch.stack(sums).view(-1, 2).cpu().double().sum(dim=0)
-    before, after = float(totals[0]), float(totals[1])
-    if before < 1e-7 or after < 1e-7:
-        return vector
-    return replace(vector, scale=torch.tensor(before / after, dtype=vector.compute, device=vector.tensor.device))
+    below 1e-7, nor when τ is not finite: its merge is refused), and its |τ|_1 (known: as found before, for this
+    τ). The norms are exact sums (merge.norms), found a piece of whole blocks at a time, so no |τ| is made whole,
+    and the scale is the same in any chunking, on any device."""
+    if vector.mask is None or vector.tensor.numel() == 0:
+        return vector, known
+    size = -(-chunk_size(vector.tensor) // norms.BLOCK) * norms.BLOCK
+    parts = [norms_of(vector, piece, None if known is None else known.blocks(piece))
+             for piece in chunks(vector.tensor.numel(), size)]
+    if known is None:
+        exponents = torch.cat([part[0] for part in parts])
+        if not norms.finite(exponents, vector.compute):
+            return vector, None
+        known = norms.Norm(exponents, norms.total(torch.cat([part[1] for part in parts]), exponents))
+    after = norms.total(torch.cat([part[2] for part in parts]), known.exponents)
+    top = known.top
+    if norms.small(known.total, top) or norms.small(after, top):
+        return vector, known
+    scale = torch.tensor(known.total / after, dtype=vector.compute, device=vector.tensor.device)
+    return replace(vector, scale=scale), known
 
 
 def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tensor:

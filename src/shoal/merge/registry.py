@@ -10,6 +10,7 @@ import torch
 
 from shoal.errors import ShoalError
 from shoal.merge import draws, fused, methods, spherical
+from shoal.merge.norms import Norm
 
 REQUIRED: Any = object()
 
@@ -36,6 +37,9 @@ class MergeCall:
     ranks: list[torch.Tensor] | None = None
     """Each task vector's magnitude ranks, when precomputed: methods.magnitude_ranks for TIES (its trim is then a
     lookup), methods.magnitude_places for DELLA."""
+    norms: list[Norm | None] | None = None
+    """Each task vector's |τ|_1 for the L1 rescale, where known (merge.norms); a None is filled in when found: the
+    resident merger keeps them between trials, as they depend on the task vector alone."""
     fused: bool = False
     """A task-vector method's pieces are merged in one compiled pass (merge.fused), not in eager steps, when the
     compute dtype is float32 (`compiled`)."""
@@ -158,7 +162,11 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     vector = replace(vector, mask=mask, below=below)
     if not call.shared["rescale"]:
         return vector
-    return methods.rescaled(vector, fused.magnitudes if call.compiled else methods.magnitudes)
+    known = call.norms[i] if call.norms is not None else None
+    vector, known = methods.rescaled(vector, fused.piece_norms if call.compiled else methods.piece_norms, known)
+    if call.norms is not None:
+        call.norms[i] = known
+    return vector
 
 
 def _task_vector_pieces(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], Pieces]:

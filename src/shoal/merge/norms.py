@@ -1,0 +1,138 @@
+"""The L1 norms of DARE's and DELLA's rescale, summed exactly: the same number on any device, in chunks of any size
+or whole, compiled or in eager steps, and kept between a search's trials.
+
+The rescale multiplies a task vector's kept entries by |τ|_1 / |τ · keep|_1 (mergekit's L1 rule). As float sums
+those norms round by the order they are summed in (torch's sum on a CPU, on a GPU, chunk by chunk, in a compiled
+loop), so one recipe's scale could differ in its last bit, and its model in a few entries, between a chunked and a
+whole merge or a CPU and a GPU. Here each is an integer sum. A tensor's flattened entries fall in blocks of BLOCK;
+the block's largest magnitude is below 2^e (e read from its float bits: frexp's convention), and each magnitude x
+of the block counts as q = floor(x · 2^k), k = min(GRID - e, 126): an integer below 2^GRID, exact for a float32 of
+at least 2^-13 of the block's largest (a subnormal counts 0, whether or not a device flushes it). A block's sum of
+q is below 2^53, exact in float64 in any order; the blocks' sums, each at its own k, are added exactly in Python
+integers, and the scale is the ratio of the two integers, rounded to float64 and then to the compute dtype. The
+norms are short of the true ones by less than 2^-20 of them (a block of one large magnitude among tiny ones: far
+less in practice), and depend on the task vector alone: a search keeps |τ|_1 (Norm) and finds only |τ · keep|_1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+BLOCK = 1 << 16
+"""Entries of a block of a tensor's flattened entries, from the first (a chunk holds whole blocks: methods.CHUNK
+and DEVICE_CHUNK are multiples of it)."""
+GRID = 37
+"""Bits below a block's largest magnitude's exponent at which its magnitudes are counted: 2^16 of them sum below
+2^53."""
+_TOP_POWER = 126
+"""The largest k: 2^k is a normal float32, and a subnormal times it is below 1 (a block whose largest magnitude is
+below 2^-89 is counted on this coarser grid)."""
+_FIELDS = {torch.float32: (torch.int32, 23, 126, 128), torch.float64: (torch.int64, 52, 1022, 1024)}
+"""A compute dtype's bits as an integer dtype, its mantissa's bits, the bias of e (|x| < 2^e) and the largest
+finite e."""
+SMALL = Fraction(1e-7)
+"""Below this either norm, the vector is not rescaled (mergekit's rule)."""
+_LOW = (1 << 31) - 1
+
+
+def block_exponents(magnitude: Tensor) -> Tensor:
+    """e of each row's largest magnitude (int64), for magnitudes (non-negative floats) laid out a block a row:
+    the bits of a non-negative float, read as an integer, order as its values do."""
+    bits, mantissa, bias, _ = _FIELDS[magnitude.dtype]
+    top = magnitude.view(bits).amax(dim=1).to(torch.int64)
+    return (top >> mantissa).clamp(min=1) - bias
+
+
+def _powers(exponents: Tensor) -> Tensor:
+    """k of each block."""
+    return (GRID - exponents).clamp(max=_TOP_POWER)
+
+
+def _scaled(magnitude: Tensor, exponents: Tensor) -> Tensor:
+    """q = floor(x · 2^k) of each entry of rows of a block each, in their dtype (exact: 2^k made from its bits)."""
+    bits, mantissa, bias, _ = _FIELDS[magnitude.dtype]
+    scale = ((_powers(exponents) + bias + 1) << mantissa).to(bits).view(magnitude.dtype)
+    return torch.mul(magnitude, scale.unsqueeze(1)).floor_()
+
+
+def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None
+                ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """For magnitudes laid out a block a row and their keep mask (bool, or 0 and 1): each block's exponent (as
+    given, or found), sum of q (None when the exponents were given: the caller knows the norm already) and sum of
+    q · keep, float64 (integers below 2^53, so exact in any order). Traceable: merge.fused compiles it."""
+    found = exponents is None
+    if found:
+        exponents = block_exponents(magnitude)
+    q = _scaled(magnitude, exponents)
+    before = _row_sums(q) if found else None
+    return exponents, before, _row_sums(q.mul_(kept))
+
+
+def _row_sums(values: Tensor) -> Tensor:
+    """Each row's sum, float64. In a CPU's eager steps a row at a time: torch widens a sum's input whole before
+    adding it up, and a row's float64 copy stays in cache (numpy's sum, which widens a few thousand entries at a
+    time, measured slower here)."""
+    if torch.compiler.is_compiling() or values.device.type != "cpu":
+        return values.sum(dim=1, dtype=torch.float64)
+    return torch.stack([row.sum(dtype=torch.float64) for row in values])
+
+Sums = tuple[Tensor, Tensor | None, Tensor]
+"""Blocks' exponents, sums of q (None when the exponents were given) and of q · keep."""
+
+
+def by_rows(flat: Tensor, exponents: Tensor | None, sums_of: Callable[[int, Tensor, Tensor | None], Sums]) -> Sums:
+    """The sums of a piece of a tensor's flattened entries that starts at a block (its last may be the tensor's
+    last block, shorter): sums_of(first entry in the piece, the piece's entries laid out a block a row, their
+    blocks' exponents or None) for its whole blocks, then for the rest as one row, joined."""
+    whole = flat.numel() // BLOCK * BLOCK
+    laid = ([(0, flat[:whole].view(-1, BLOCK))] if whole else []) + \
+        ([(whole, flat[whole:].view(1, -1))] if whole < flat.numel() else [])
+    parts = [sums_of(first, rows, None if exponents is None else exponents[first // BLOCK:][:rows.shape[0]])
+             for first, rows in laid]
+    return tuple(None if parts[0][i] is None else torch.cat([part[i] for part in parts]) for i in range(3))
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A task vector's |τ|_1, exactly: total · 2^-top, top the largest k of its blocks."""
+
+    exponents: Tensor
+    """e of each block of the tensor (int64, on its device)."""
+    total: int
+
+    @property
+    def top(self) -> int:
+        return int(_powers(self.exponents).max())
+
+    def blocks(self, piece: slice) -> Tensor:
+        """The exponents of the blocks of a piece that starts at a block."""
+        return self.exponents[piece.start // BLOCK:-(-piece.stop // BLOCK)]
+
+
+def total(sums: Tensor, exponents: Tensor) -> int:
+    """Σ sum_b · 2^(top - k_b) over the blocks, exactly: each sum split into its low 31 bits and the rest (both
+    below 2^31), added within each shift in int64 (below 2^47 for 2^16 blocks), then in Python integers over the
+    shifts."""
+    powers = _powers(exponents)
+    shift = powers.max() - powers
+    whole = sums.to(torch.int64)
+    halves = torch.stack([whole & _LOW, whole >> 31])
+    bins = torch.zeros(2, int(shift.max()) + 1, dtype=torch.int64, device=sums.device).index_add_(1, shift, halves)
+    low, high = bins.tolist()
+    return sum(((h << 31) + lo) << s for s, (lo, h) in enumerate(zip(low, high)) if lo or h)
+
+
+def finite(exponents: Tensor, dtype: torch.dtype) -> bool:
+    """Whether every magnitude of a dtype counted in these exponents was finite (a NaN's or an inf's exponent field
+    is the largest)."""
+    return int(exponents.max()) <= _FIELDS[dtype][3]
+
+
+def small(count: int, top: int) -> bool:
+    """Whether a norm, count · 2^-top, is below SMALL."""
+    return Fraction(count) / Fraction(2) ** top < SMALL
