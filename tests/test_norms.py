@@ -108,3 +108,19 @@ def test_an_empty_tensor_and_a_zero_task_vector_are_left_unscaled():
     assert methods.rescaled(empty) == (empty, None)
     zeros, norm = methods.rescaled(methods.TaskVector(torch.zeros(N), mask=torch.ones(N, dtype=torch.bool)))
     assert zeros.scale is None and norm.total == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+def test_a_gpu_finds_the_cpus_norms_and_scale(monkeypatch):
+    """On a GPU a tensor is one chunk of 2^24 entries, its draws made in int64 torch steps and its sums in one
+    reduction: the same integers and scale as a CPU's pieces of one block."""
+    monkeypatch.setattr(methods, "CHUNK", norms.BLOCK)
+    delta = task_vector()
+    found = {}
+    for device in ("cpu", "cuda"):
+        mask = methods.RandomDraws(delta.shape, torch.device(device), 0.35, 41)
+        vector, norm = methods.rescaled(methods.TaskVector(delta.to(device), mask=mask))
+        after = methods.rescaled(methods.TaskVector(delta.to(device), mask=mask), known=norm)[0]
+        assert after.scale.item() == vector.scale.item()
+        found[device] = (norm.total, norm.top, vector.scale.item())
+    assert found["cpu"] == found["cuda"]

@@ -1,5 +1,5 @@
 """The L1 norms of DARE's and DELLA's rescale, summed exactly: the same number on any device, in chunks of any size
-or whole, compiled or in eager steps, and kept between a search's trials.
+or whole, compiled or in eager steps.
 
 The rescale multiplies a task vector's kept entries by |τ|_1 / |τ · keep|_1 (mergekit's L1 rule). As float sums
 those norms round by the order they are summed in (torch's sum on a CPU, on a GPU, chunk by chunk, in a compiled
@@ -11,7 +11,9 @@ at least 2^-13 of the block's largest (a subnormal counts 0, whether or not a de
 q is below 2^53, exact in float64 in any order; the blocks' sums, each at its own k, are added exactly in Python
 integers, and the scale is the ratio of the two integers, rounded to float64 and then to the compute dtype. The
 norms are short of the true ones by less than 2^-20 of them (a block of one large magnitude among tiny ones: far
-less in practice), and depend on the task vector alone: a search keeps |τ|_1 (Norm) and finds only |τ · keep|_1.
+less in practice; a block whose largest magnitude is below 2^-89 is counted on a coarser grid, k capped at 126, a
+norm far below the 1e-7 under which nothing is rescaled), and depend on the task vector alone: a search keeps
+|τ|_1 (Norm) and finds only |τ · keep|_1 (merge.resident).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ SMALL = Fraction(1e-7)
 _LOW = (1 << 31) - 1
 
 
+Sums = tuple[Tensor, Tensor | None, Tensor]
+"""Blocks' exponents, sums of q (None when the exponents were given) and of q · keep."""
+
+
 def block_exponents(magnitude: Tensor) -> Tensor:
     """e of each row's largest magnitude (int64), for magnitudes (non-negative floats) laid out a block a row:
     the bits of a non-negative float, read as an integer, order as its values do."""
@@ -60,8 +66,7 @@ def _scaled(magnitude: Tensor, exponents: Tensor) -> Tensor:
     return torch.mul(magnitude, scale.unsqueeze(1)).floor_()
 
 
-def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None
-                ) -> tuple[Tensor, Tensor | None, Tensor]:
+def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None) -> Sums:
     """For magnitudes laid out a block a row and their keep mask (bool, or 0 and 1): each block's exponent (as
     given, or found), sum of q (None when the exponents were given: the caller knows the norm already) and sum of
     q · keep, float64 (integers below 2^53, so exact in any order). Traceable: merge.fused compiles it."""
@@ -80,10 +85,6 @@ def _row_sums(values: Tensor) -> Tensor:
     if torch.compiler.is_compiling() or values.device.type != "cpu":
         return values.sum(dim=1, dtype=torch.float64)
     return torch.stack([row.sum(dtype=torch.float64) for row in values])
-
-Sums = tuple[Tensor, Tensor | None, Tensor]
-"""Blocks' exponents, sums of q (None when the exponents were given) and of q · keep."""
-
 
 def by_rows(flat: Tensor, exponents: Tensor | None, sums_of: Callable[[int, Tensor, Tensor | None], Sums]) -> Sums:
     """The sums of a piece of a tensor's flattened entries that starts at a block (its last may be the tensor's

@@ -30,10 +30,10 @@ from shoal.merge.engine import (
     Scratch, aligned, check_tokenizer_settings, fused_pays, merge_into, open_parents, output_tokenizer, prefetched,
 )
 from shoal.merge.tokenizer import OutputTokenizer
-from shoal.merge.norms import Norm
 from shoal.merge.memory import (
     READ_AHEAD_LIMIT, MemoryNeed, MemoryPlan, check_fits, describe_need, memory_need, storage_dtype, tensor_sizes,
 )
+from shoal.merge.norms import Norm
 from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, TensorJob, build_plan
 from shoal.merge.vocab import Vocabulary
 from shoal.recipe import Recipe
@@ -115,8 +115,9 @@ class ResidentMerger:
             self.models.append(model)
         self._targets = [self._parameters(model, plan) for model in self.models]
         self._scratch = [Scratch() for _ in self.models]
-        # each task vector's |τ|_1 for the L1 rescale (merge.norms), found at its first merge: by its tensor, base,
-        # parent and the dtype it is merged in (8 bytes a block of 2^16 entries)
+        # each task vector's |τ|_1 for the L1 rescale (merge.norms), found at its first merge: by its tensor, the
+        # dtype it is merged in, its base, all of the job's inputs (aligned rows depend on them) and its parent (8
+        # bytes a block of 2^16 entries)
         self._norms: dict[tuple, Norm | None] = {}
 
     @property
@@ -196,7 +197,7 @@ class ResidentMerger:
         plan = build_plan(recipe, self.parents, self._vocab)
         with torch.no_grad():
             for job, inputs in self._job_inputs([job for job in plan.jobs if not job.verbatim]):
-                keys = [(job.spec.name, job.work_dtype, job.base, tin) for tin in job.inputs]
+                keys = [(job.spec.name, job.work_dtype, job.base, tuple(job.inputs), tin) for tin in job.inputs]
                 norms = [self._norms.get(key) for key in keys]
                 # rounded to the output's dtype first: a live model kept wider than the merge writes (a VLM whose
                 # vision tower is float32 and language model bfloat16 stays float32) holds what `shoal merge` writes
