@@ -355,7 +355,7 @@ class TaskVector:
         keep = self.keep(piece, delta)
         if keep is None:
             return delta
-        dropped = delta * keep
+        dropped = delta * keep.view(torch.uint8)  # as bytes: torch multiplies by a bool mask at a third the speed
         return dropped if self.scale is None else dropped.mul_(self.scale)
 
     def whole_in(self, dtype: torch.dtype) -> Tensor:
@@ -383,7 +383,7 @@ found), their sums of q (None when the exponents were given) and of q · keep.""
 def piece_norms(vector: TaskVector, piece: slice, exponents: Tensor | None) -> norms.Sums:
     """Norms of a piece, in eager steps (merge.fused.piece_norms: in one compiled pass)."""
     delta = vector.formed(piece)
-    kept = vector.keep(piece, delta).view(-1)
+    kept = vector.keep(piece, delta).view(-1).view(torch.uint8)  # as bytes: as TaskVector.part multiplies
     return norms.by_rows(delta.abs().view(-1), exponents, lambda first, rows, blocks: norms.block_norms(
         rows, kept[first:first + rows.numel()].view(rows.shape), blocks))
 
