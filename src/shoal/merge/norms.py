@@ -8,12 +8,12 @@ whole merge or a CPU and a GPU. Here each is an integer sum. A tensor's flattene
 the block's largest magnitude is below 2^e (e read from its float bits: frexp's convention), and each magnitude x
 of the block counts as q = floor(x · 2^k), k = min(GRID - e, 126): an integer below 2^GRID, exact for a float32 of
 at least 2^-13 of the block's largest (a subnormal counts 0, whether or not a device flushes it). A block's sum of
-q is below 2^53, exact in float64 in any order; the blocks' sums, each at its own k, are added exactly in Python
-integers, and the scale is the ratio of the two integers, rounded to float64 and then to the compute dtype. The
-norms are short of the true ones by less than 2^-20 of them (a block of one large magnitude among tiny ones: far
-less in practice; a block whose largest magnitude is below 2^-89 is counted on a coarser grid, k capped at 126, a
-norm far below the 1e-7 under which nothing is rescaled), and depend on the task vector alone: a search keeps
-|τ|_1 (Norm) and finds only |τ · keep|_1 (merge.resident).
+q is below 2^53, exact in float64 (int64 off a CPU) in any order; the blocks' sums, each at its own k, are added
+exactly in Python integers, and the scale is the ratio of the two integers, rounded to float64 and then to the
+compute dtype. The norms are short of the true ones by less than 2^-20 of them (a block of one large magnitude
+among tiny ones: far less in practice; a block whose largest magnitude is below 2^-89 is counted on a coarser
+grid, k capped at 126, a norm far below the 1e-7 under which nothing is rescaled), and depend on the task vector
+alone: a search keeps |τ|_1 (Norm) and finds only |τ · keep|_1 (merge.resident).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _scaled(magnitude: Tensor, exponents: Tensor) -> Tensor:
 def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None) -> Sums:
     """For magnitudes laid out a block a row and their keep mask (bool, or 0 and 1): each block's exponent (as
     given, or found), sum of q (None when the exponents were given: the caller knows the norm already) and sum of
-    q · keep, float64 (integers below 2^53, so exact in any order). Traceable: merge.fused compiles it."""
+    q · keep (integers below 2^53, in float64 or int64: exact in any order). Traceable: merge.fused compiles it."""
     found = exponents is None
     if found:
         exponents = block_exponents(magnitude)
@@ -79,10 +79,13 @@ def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None) -> Su
 
 
 def _row_sums(values: Tensor) -> Tensor:
-    """Each row's sum, float64. In a CPU's eager steps a row at a time: torch widens a sum's input whole before
-    adding it up, and a row's float64 copy stays in cache (numpy's sum, which widens a few thousand entries at a
-    time, measured slower here)."""
-    if torch.compiler.is_compiling() or values.device.type != "cpu":
+    """Each row's sum of integers below 2^37, exactly: float64 on a CPU, int64 elsewhere (Apple's GPU has no
+    float64). In a CPU's eager steps a row at a time: torch widens a sum's input whole before adding it up, and a
+    row's float64 copy stays in cache (numpy's sum, which widens a few thousand entries at a time, measured slower
+    here)."""
+    if values.device.type != "cpu":
+        return values.to(torch.int64).sum(dim=1)
+    if torch.compiler.is_compiling():
         return values.sum(dim=1, dtype=torch.float64)
     return torch.stack([row.sum(dtype=torch.float64) for row in values])
 
