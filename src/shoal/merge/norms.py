@@ -89,6 +89,7 @@ def _row_sums(values: Tensor) -> Tensor:
         return values.sum(dim=1, dtype=torch.float64)
     return torch.stack([row.sum(dtype=torch.float64) for row in values])
 
+
 def by_rows(flat: Tensor, exponents: Tensor | None, sums_of: Callable[[int, Tensor, Tensor | None], Sums]) -> Sums:
     """The sums of a piece of a tensor's flattened entries that starts at a block (its last may be the tensor's
     last block, shorter): sums_of(first entry in the piece, the piece's entries laid out a block a row, their
