@@ -81,8 +81,8 @@ def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None) -> Su
 def _row_sums(values: Tensor) -> Tensor:
     """Each row's sum of integers below 2^37, exactly: float64 on a CPU, int64 elsewhere (Apple's GPU has no
     float64). In a CPU's eager steps a row at a time: torch widens a sum's input whole before adding it up, and a
-    row's float64 copy stays in cache (numpy's sum, which widens a few thousand entries at a time, measured slower
-    here)."""
+    row's float64 copy stays in cache (benchmarks/mask_ops.py: 0.26 ns an entry, a chunk at once 0.54, numpy's
+    sum 0.36)."""
     if values.device.type != "cpu":
         return values.to(torch.int64).sum(dim=1)
     if torch.compiler.is_compiling():

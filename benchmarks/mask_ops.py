@@ -1,0 +1,64 @@
+"""What the eager steps' choices about masks and exact sums cost, per entry, on one CPU thread: a bool mask converted
+to float32 or multiplied into one as bool against as its bytes (uint8: the same values; methods.as_numbers), and the
+float64 row sums of the L1 norms (merge.norms) a chunk at a time, a row of 2^16 entries at a time, and by numpy.
+One chunk of 2^18 entries (methods.CHUNK) laid out in rows of a block, alternating the variants in one process.
+
+    python benchmarks/mask_ops.py [--repeats 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from shoal.allocator import tune_for_merging
+
+tune_for_merging()  # as the `shoal` command does, before torch loads
+
+import torch  # noqa: E402
+
+from shoal.merge import methods, norms  # noqa: E402
+
+
+def per_entry(function, entries: int, repeats: int) -> float:
+    """Median nanoseconds an entry over batches of 50 calls."""
+    function()
+    batches = []
+    for _ in range(max(1, repeats // 50)):
+        start = time.perf_counter()
+        for _ in range(50):
+            function()
+        batches.append((time.perf_counter() - start) / 50)
+    return statistics.median(batches) / entries * 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(methods.CHUNK, generator=generator)
+    mask = torch.rand(methods.CHUNK, generator=generator) < 0.4
+    q = torch.floor(torch.rand(methods.CHUNK, generator=generator) * 2**30).view(-1, norms.BLOCK)
+    n = methods.CHUNK
+    rows = {
+        "bool -> float32": (lambda: mask.to(torch.float32), lambda: methods.as_numbers(mask, torch.float32)),
+        "float32 x mask": (lambda: values * mask, lambda: values * mask.view(torch.uint8)),
+    }
+    print(f"one chunk of {n:,} entries, 1 torch thread, torch {torch.__version__}")
+    for name, (as_bool, as_bytes) in rows.items():
+        slow, fast = per_entry(as_bool, n, args.repeats), per_entry(as_bytes, n, args.repeats)
+        print(f"{name:<18} as bool {slow:6.3f} ns an entry | as bytes {fast:6.3f} | {slow / fast:.2f}x")
+    sums = {
+        "chunk at once": lambda: q.sum(dim=1, dtype=torch.float64),
+        "a row at a time": lambda: torch.stack([row.sum(dtype=torch.float64) for row in q]),
+        "numpy": lambda: torch.from_numpy(q.numpy().sum(axis=1, dtype="float64")),
+    }
+    for name, function in sums.items():
+        print(f"float64 row sums, {name:<16} {per_entry(function, n, args.repeats):6.3f} ns an entry")
+
+
+if __name__ == "__main__":
+    main()
