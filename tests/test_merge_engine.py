@@ -235,6 +235,23 @@ def test_a_chunk_with_nan_is_refused_with_the_tensor_named(parents, tmp_path, mo
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_finiteness_check_refuses_only_nan_and_inf(dtype):
+    """A sum settles the check when finite; one that overflows (every entry finite) is checked entry by entry."""
+    from shoal.merge.engine import _finite
+
+    big = torch.full((4096,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not torch.isfinite(big.sum()) and _finite(big)  # the overflowing sum is no reason to refuse
+    assert _finite(torch.linspace(-3, 3, 1001, dtype=dtype)) and _finite(torch.empty(0, dtype=dtype))
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        values = torch.ones(3000, dtype=dtype)
+        values[1000:1000 + len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert not _finite(values), bad
+        big[7:7 + len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert not _finite(big), bad
+        big[7:7 + len(bad)] = torch.finfo(dtype).max / 2
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_a_ties_vote_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method):
     from shoal.merge import methods

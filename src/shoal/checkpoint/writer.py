@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +31,19 @@ DTYPE_TAGS: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 INDEX_NAME = "model.safetensors.index.json"
+WRITEBACK_STEP = 32 * 1024**2  # bytes written between two requests that the disk take them
+_SYNC_FILE_RANGE_WRITE = 2  # sync_file_range's flag: start writing the range's dirty pages, without waiting
+
+
+def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
+    """Linux's sync_file_range(fd, offset, count, flags), or None where the C library has none (macOS)."""
+    start = getattr(ctypes.CDLL(None), "sync_file_range", None)
+    if start is not None:
+        start.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return start
+
+
+_START_WRITEBACK = _writeback_starter()
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,7 @@ class ModelFolderWriter:
         self._next = 0
         self._file: BinaryIO | None = None
         self._file_index = -1
+        self._written_back = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order):
@@ -107,12 +122,28 @@ class ModelFolderWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._next += 1
+        self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Once WRITEBACK_STEP more bytes are written, have the disk start taking them while the merge goes on, so
+        that the shard's fsync waits only for the last of them (a 1.1 GB shard written and synced in 0.44 s against
+        1.18 without: benchmarks/write_path.py). Only a request: the pages stay cached for a reader, and a file
+        system that refuses it (the call's result is not read) is synced whole at the end as before."""
+        if _START_WRITEBACK is None:
+            return
+        assert self._file is not None
+        end = self._file.tell()
+        if end - self._written_back >= WRITEBACK_STEP:
+            self._file.flush()
+            _START_WRITEBACK(self._file.fileno(), self._written_back, end - self._written_back, _SYNC_FILE_RANGE_WRITE)
+            self._written_back = end
 
     def _open_shard(self, shard: int) -> None:
         self._close_file()
         self._file = open(self.folder / self.shard_names[shard], "wb")
         self._file.write(_shard_header(self.shards[shard]))
         self._file_index = shard
+        self._written_back = 0
 
     def _close_file(self) -> None:
         if self._file is not None:
