@@ -23,23 +23,13 @@ tune_for_merging()  # as the `shoal` command does, before torch loads
 
 import torch  # noqa: E402
 
+from mask_ops import per_entry  # noqa: E402
+
 from shoal.checkpoint import writer  # noqa: E402
 from shoal.merge import methods  # noqa: E402
 
 SHARD = 1100 * 1024**2
 PIECE = 12 * 1024**2  # one MLP matrix of the 0.55B benchmark model in bfloat16
-
-
-def per_entry(function, entries: int, repeats: int) -> float:
-    """Median nanoseconds an entry over batches of 50 calls."""
-    function()
-    batches = []
-    for _ in range(max(1, repeats // 50)):
-        start = time.perf_counter()
-        for _ in range(50):
-            function()
-        batches.append((time.perf_counter() - start) / 50)
-    return statistics.median(batches) / entries * 1e9
 
 
 def chunk_ends(repeats: int) -> None:
