@@ -252,6 +252,28 @@ def test_the_finiteness_check_refuses_only_nan_and_inf(dtype):
         big[7:7 + len(bad)] = torch.finfo(dtype).max / 2
 
 
+@pytest.mark.parametrize("work", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("computed", [torch.float32, torch.float64])
+def test_a_chunk_rounded_straight_into_the_output_holds_what_the_rounded_copy_held(work, computed):
+    """engine._write's one conversion, where the work dtype is the output's, against rounding to the work dtype and
+    then to the output's: the same bits; and a wider output still gets the work dtype's values."""
+    from shoal.checkpoint.writer import TensorSpec
+    from shoal.merge.engine import _rounded, _write
+    from shoal.merge.plan import TensorJob
+
+    generator = torch.Generator().manual_seed(3)
+    values = (torch.randn(5000, generator=generator, dtype=torch.float64) * 10.0 ** torch.randint(
+        -6, 6, (5000,), generator=generator)).to(computed)
+    for spec_dtype, out_dtype in ((work, work), (work, torch.float32), (torch.float32, torch.float32)):
+        job = TensorJob(spec=TensorSpec("w", (5000,), spec_dtype), work_dtype=work, inputs=[], base=None,
+                        per_model=[], shared={}, seeds=[])
+        out, expected = torch.empty(5000, dtype=out_dtype), torch.empty(5000, dtype=out_dtype)
+        _write(values, job, out)
+        expected.copy_(_rounded(values, job))
+        assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8)), (spec_dtype, out_dtype)
+        assert torch.equal(out.to(work).to(out_dtype), out)  # never more than the work dtype's precision
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_a_ties_vote_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monkeypatch, method):
     from shoal.merge import methods

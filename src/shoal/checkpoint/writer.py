@@ -40,6 +40,7 @@ def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
     start = getattr(ctypes.CDLL(None), "sync_file_range", None)
     if start is not None:
         start.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        start.restype = ctypes.c_int
     return start
 
 
