@@ -4,7 +4,9 @@ time as engine.merge_into merges it (each task vector's mask and rescale prepare
 and rounded to bf16), in this process on one torch thread, eager and compiled alternating after the compiled pass's
 first call (its compile, timed apart). Prints the preparation's and the chunks' seconds, nanoseconds per entry of
 the tensor, and the ratio of the medians; "search" is the compiled pass with each task vector's |τ|_1 kept between
-merges, as the resident merger keeps it (merge.norms: a later trial finds only |τ · keep|_1).
+merges, as the resident merger keeps it (merge.norms: a later trial finds only |τ · keep|_1); "search, a chunk a
+call" the same with the compiled pass called for each chunk of methods.CHUNK, norms and merge, as it was before its
+larger pieces (methods.COMPILED_CHUNK, fused.NORMS_PIECE).
 
     python benchmarks/merge_fused.py [--entries 16777216] [--repeats 3] [--methods dare_ties,ties,task_arithmetic]
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from shoal.allocator import tune_for_merging
 
@@ -24,7 +28,7 @@ tune_for_merging()  # as the `shoal` command does, before torch loads: huge page
 
 import torch  # noqa: E402
 
-from shoal.merge import methods  # noqa: E402
+from shoal.merge import fused, methods  # noqa: E402
 from shoal.merge.registry import METHODS, MergeCall  # noqa: E402
 
 WEIGHTS, DENSITIES = (0.5, 0.3, 0.4), (0.5, 0.6, 0.4)
@@ -48,11 +52,24 @@ def merge(method: str, base: torch.Tensor, parents: list[torch.Tensor], fused: b
     start = time.perf_counter()
     values_of = spec.pieces(call)
     prepared = time.perf_counter()
-    for piece in methods.chunks(base.numel(), methods.chunk_size(base)):
+    for piece in methods.chunks(base.numel(), methods.chunk_size(base, call.compiled)):
         values = values_of(piece)
-        torch.aminmax(values)  # the finite check
-        out[piece].copy_(values.to(torch.bfloat16))
+        assert bool(torch.isfinite(values.sum()))  # the finite check
+        out[piece].copy_(values)  # rounded to bf16 in the copy
     return out, prepared - start, time.perf_counter() - prepared
+
+
+@contextmanager
+def a_chunk_a_call(on: bool) -> Iterator[None]:
+    """With on, the compiled pass called for each chunk of methods.CHUNK, norms and merge (as before its larger
+    pieces: methods.COMPILED_CHUNK, fused.NORMS_PIECE)."""
+    sizes = methods.COMPILED_CHUNK, fused.NORMS_PIECE
+    if on:
+        methods.COMPILED_CHUNK = fused.NORMS_PIECE = methods.CHUNK
+    try:
+        yield
+    finally:
+        methods.COMPILED_CHUNK, fused.NORMS_PIECE = sizes
 
 
 def main() -> None:
@@ -70,24 +87,29 @@ def main() -> None:
         merge(method, base, parents, fused=True)
         first = time.perf_counter() - start
         kept: list = [None] * len(WEIGHTS)
-        for _ in range(2):  # a search's first merge (the L1 norms found and kept), then a later one (its compile)
-            merge(method, base, parents, True, kept)
-        modes = {"eager": (False, None), "compiled": (True, None), "search": (True, kept)}
+        for small in (False, True):  # a search's first merge (the L1 norms found and kept), then a later one
+            for _ in range(2):
+                with a_chunk_a_call(small):
+                    merge(method, base, parents, True, kept)
+        modes = {"eager": (False, None, False), "compiled": (True, None, False), "search": (True, kept, False),
+                 "search, a chunk a call": (True, kept, True)}
         runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
         outputs = {}
         for _ in range(args.repeats):
-            for mode, (fused, norms) in modes.items():
-                outputs[mode], *seconds = merge(method, base, parents, fused, norms)
+            for mode, (compiled, norms, small) in modes.items():
+                with a_chunk_a_call(small):
+                    outputs[mode], *seconds = merge(method, base, parents, compiled, norms)
                 runs[mode].append(tuple(seconds))
         total = {mode: statistics.median(a + b for a, b in rows) for mode, rows in runs.items()}
         for mode, rows in runs.items():
             prepare, chunks = (statistics.median(r[i] for r in rows) for i in (0, 1))
-            print(f"{method:<16} {mode:<8} prepare {prepare:6.3f} s  chunks {chunks:6.3f} s"
+            print(f"{method:<16} {mode:<22} prepare {prepare:6.3f} s  chunks {chunks:6.3f} s"
                   f"  {total[mode] / args.entries * 1e9:5.1f} ns an entry (medians)")
         same = all(torch.equal(outputs["eager"].view(torch.int16), outputs[mode].view(torch.int16)) for mode in modes)
         print(f"{method:<16} compiled {total['eager'] / total['compiled']:.2f}x faster, a search's later merges "
               f"{total['eager'] / total['search']:.2f}x, {'the same' if same else 'OTHER'} bits; its first merge "
-              f"{first:.1f} s (compiling what it needs beyond the methods before it)")
+              f"{first:.1f} s (compiling what it needs beyond the methods before it); a later merge a chunk a call "
+              f"takes {total['search, a chunk a call'] / total['search']:.2f}x its time")
 
 
 if __name__ == "__main__":

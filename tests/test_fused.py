@@ -21,11 +21,12 @@ from shoal.recipe import parse_recipe
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """Every merge in chunks of 1,000 entries takes the compiled pass (a fresh compile: no earlier test's kernels,
-    nor dynamo's limit of recompiles reached); yields the number of calls it took."""
+    """Every merge in chunks takes the compiled pass, in chunks of 3,000 entries where the eager steps take 1,000 (a
+    fresh compile: no earlier test's kernels, nor dynamo's limit of recompiles reached); yields its calls."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     monkeypatch.setattr(methods, "CHUNK", 1000)
+    monkeypatch.setattr(methods, "COMPILED_CHUNK", 3000)  # other chunks than the eager steps', merging the same
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setattr(fused, "_broken", [])
     calls = []

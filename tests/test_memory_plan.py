@@ -242,11 +242,13 @@ def test_a_tensor_merged_in_chunks_holds_its_masks_and_chunks_where_one_piece_ho
 
     held = 2 if on_cpu else 0  # off a CPU, DARE's masks are drawn again and TIES' trims found again where used
     assert working(chunk + 1, "random") == (chunk + 1) * (held + 2 + 6) + chunk * 10 * 4
-    # a CPU's compiled pass draws DARE's masks inside it: none held
+    # a CPU's compiled pass draws DARE's masks inside it (none held), and merges larger chunks: a float32 result and
+    # its bf16 copy each
     size = TensorSize(numel=chunk + 1, out=2, merged=True, base=2, inputs=(2, 2), compute=4, task_vectors=True,
                       sparsify="random", work=2, pieces=True, read=6 * (chunk + 1))
     compiled = memory_need([size], MemoryPlan(inputs="stream"), slots=1, on_cpu=on_cpu, compiled=True).working
-    assert compiled == (chunk + 1) * (2 + 6) + chunk * 10 * 4
+    chunks = max(chunk * 10 * 4, methods.COMPILED_CHUNK * (4 + 2)) if on_cpu else chunk * 10 * 4
+    assert compiled == (chunk + 1) * (2 + 6) + chunks
     forming = 8 if on_cpu else 2
     assert working(chunk + 1, "magnitude") == (chunk + 1) * (held + forming + 6) + chunk * 10 * 4
     assert working(chunk, "random") == working(chunk, "magnitude") == chunk * (14 * 4 + 6)

@@ -151,7 +151,7 @@ def merge_into(
     tensor of an elementwise method (linear) is merged a chunk at a time (methods.chunk_size); of a task-vector
     method with pieces (task arithmetic, TIES, DARE, DELLA, breadcrumbs), its masks and rescales are found over the
     whole tensor, then it is merged and written a chunk at a time, so no compute-dtype copy of it is made whole:
-    with fused, each chunk in one compiled pass (merge.fused; the same values)."""
+    with fused, each chunk (of methods.COMPILED_CHUNK entries) in one compiled pass (merge.fused; the same values)."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
     chunked = first.is_floating_point() and methods.in_chunks(first)
@@ -160,7 +160,7 @@ def merge_into(
         call = _call(job, method_name, base, tensors, None, deltas, ranks, fused, norms)
         with _naming(job, method_name):
             values_of = method.pieces(call)
-        for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first)):
+        for piece in methods.chunks(flat_out.numel(), methods.chunk_size(first, call.compiled)):
             _write(_checked(values_of(piece), job, method_name), job, flat_out[piece])
         return
     if not (chunked and method.elementwise):

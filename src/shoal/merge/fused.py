@@ -34,6 +34,12 @@ parents, passes it."""
 SEARCH_MERGES = 8
 """The merges a resident merger is counted for: a search merges one a trial, and at least a generation of them."""
 
+NORMS_PIECE = 1 << 24
+"""Entries of a task vector whose L1 norms (merge.norms) the compiled pass finds in one call (methods.rescaled's
+pieces). The pass keeps nothing of a piece but its blocks' sums, so the piece need not fit a cache: a search's
+DARE-TIES merge of three 0.55B parents makes 354 such calls a trial at this size, 6,312 at methods.CHUNK, each with
+about 0.2 ms of overhead beyond the kernel (profiled; the figures with methods.COMPILED_CHUNK: BENCHMARKS.md)."""
+
 _log = logging.getLogger(__name__)
 _broken: list[str] = []
 """Why compiling failed in this process, once it has (the eager steps run from then on)."""

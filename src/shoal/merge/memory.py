@@ -217,7 +217,10 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
         if t.task_vectors and t.pieces and t.numel > chunk:  # in chunks, as methods.in_chunks decides
             held, forming = mask_bytes(t.sparsify, t.work, ranks_kept, on_cpu, compiled)
             per, extra = CHUNK_TEMPORARIES
-            arithmetic = t.numel * (held * n + forming) + chunk * t.compute * (per * n + extra)
+            temporaries = chunk * t.compute * (per * n + extra)
+            if compiled and on_cpu:  # merge.fused's larger chunks: a result and its rounded copy each
+                temporaries = max(temporaries, methods.COMPILED_CHUNK * (t.compute + t.out))
+            arithmetic = t.numel * (held * n + forming) + temporaries
         else:  # in one piece, or whole anyway (a task-vector method without pieces)
             per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE if t.task_vectors else ARITHMETIC_COPIES_OTHER
             arithmetic = t.numel * t.compute * (per * n + extra)

@@ -395,15 +395,16 @@ def piece_norms(vector: TaskVector, piece: slice, exponents: Tensor | None) -> n
         rows, kept[first:first + rows.numel()].view(rows.shape), blocks))
 
 
-def rescaled(vector: TaskVector, norms_of: Norms = piece_norms, known: norms.Norm | None = None
-             ) -> tuple[TaskVector, norms.Norm | None]:
+def rescaled(vector: TaskVector, norms_of: Norms = piece_norms, known: norms.Norm | None = None,
+             piece_entries: int | None = None) -> tuple[TaskVector, norms.Norm | None]:
     """vector with mergekit's L1 rescale: the kept entries scaled so |τ|_1 is unchanged (not when either norm is
     below 1e-7, nor when τ is not finite: its merge is refused), and its |τ|_1 (known: as found before, for this
-    τ). The norms are exact sums (merge.norms), found a piece of whole blocks at a time, so no |τ| is made whole,
-    and the scale is the same in any chunking, on any device."""
+    τ). The norms are exact sums (merge.norms), found a piece of whole blocks at a time (piece_entries, rounded up
+    to blocks; by default a chunk's), so no |τ| is made whole, and the scale is the same in any chunking, on any
+    device."""
     if vector.mask is None or vector.tensor.numel() == 0:
         return vector, known
-    size = -(-chunk_size(vector.tensor) // norms.BLOCK) * norms.BLOCK
+    size = -(-(piece_entries or chunk_size(vector.tensor)) // norms.BLOCK) * norms.BLOCK
     parts = [norms_of(vector, piece, None if known is None else known.blocks(piece))
              for piece in chunks(vector.tensor.numel(), size)]
     if known is None:
@@ -433,6 +434,13 @@ DEVICE_CHUNK = 1 << 24
 """Entries per chunk on a GPU: no cache holds a chunk there, but chunks bound the temporaries of a large tensor (a
 128k-token embedding has 525M entries) at a few hundred kernel launches per 7B merge, where CHUNK would take tens
 of thousands."""
+COMPILED_CHUNK = 1 << 21
+"""Entries per chunk that merge.fused's compiled pass merges in one call on a CPU (CHUNK is for the eager steps,
+whose dozens of passes must stay in cache). The pass reads its inputs and writes its result once; a larger chunk
+leaves the cache only for the finiteness check and the rounding into the output, and saves the calls' overhead
+(about 0.2 ms each, through dynamo; with fused.NORMS_PIECE, a search's later DARE-TIES merge took 9.6 ns an entry
+against 12.7 at CHUNK: benchmarks/merge_fused.py). Its result, float32, and a rounded copy are what merge.memory
+counts."""
 
 
 def chunk_entries(on_cpu: bool) -> int:
@@ -440,9 +448,10 @@ def chunk_entries(on_cpu: bool) -> int:
     return CHUNK if on_cpu else DEVICE_CHUNK
 
 
-def chunk_size(tensor: Tensor) -> int:
-    """Entries per chunk of an elementwise computation over tensor, on its device."""
-    return chunk_entries(tensor.device.type == "cpu")
+def chunk_size(tensor: Tensor, compiled: bool = False) -> int:
+    """Entries per chunk of an elementwise computation over tensor, on its device (compiled: merged by merge.fused's
+    pass, on a CPU)."""
+    return COMPILED_CHUNK if compiled else chunk_entries(tensor.device.type == "cpu")
 
 
 def in_chunks(tensor: Tensor) -> bool:
