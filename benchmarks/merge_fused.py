@@ -40,21 +40,22 @@ def inputs(entries: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base, [(base.float() + 0.01 * torch.randn(entries, generator=generator)).bfloat16() for _ in WEIGHTS]
 
 
-def merge(method: str, base: torch.Tensor, parents: list[torch.Tensor], fused: bool, norms: list | None = None
+def merge(method: str, base: torch.Tensor, parents: list[torch.Tensor], compiled: bool, norms: list | None = None
           ) -> tuple[torch.Tensor, float, float]:
     """One merge of the tensor: its bf16 output, and the seconds of its preparation (masks, rescale) and of its
     chunks. norms: the task vectors' norms as a resident merger keeps them between merges (a search's)."""
     spec = METHODS[method]
     per_model = [{"weight": w, "density": d} if spec.sparsify else {"weight": w} for w, d in zip(WEIGHTS, DENSITIES)]
     call = MergeCall(base=base, tensors=parents, per_model=per_model, shared=dict(spec.shared),
-                     work_dtype=torch.bfloat16, seeds=[1, 2, 3], norms=norms, fused=fused)
+                     work_dtype=torch.bfloat16, seeds=[1, 2, 3], norms=norms, fused=compiled)
     out = torch.empty_like(base)
     start = time.perf_counter()
     values_of = spec.pieces(call)
     prepared = time.perf_counter()
     for piece in methods.chunks(base.numel(), methods.chunk_size(base, call.compiled)):
         values = values_of(piece)
-        assert bool(torch.isfinite(values.sum()))  # the finite check
+        if not bool(torch.isfinite(values.sum())):  # the finite check
+            raise RuntimeError(f"{method}: a merged value is not finite")
         out[piece].copy_(values)  # rounded to bf16 in the copy
     return out, prepared - start, time.perf_counter() - prepared
 
@@ -80,14 +81,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, parents = inputs(args.entries)
-    print(f"one tensor of {args.entries} bf16 entries, three parents and a base, chunks of {methods.CHUNK}, "
+    print(f"one tensor of {args.entries} bf16 entries, three parents and a base, chunks of {methods.CHUNK} "
+          f"(compiled: {methods.COMPILED_CHUNK}, norms {fused.NORMS_PIECE}), "
           f"1 torch thread, torch {torch.__version__}")
     for method in args.methods.split(","):
         start = time.perf_counter()
-        merge(method, base, parents, fused=True)
+        merge(method, base, parents, compiled=True)
         first = time.perf_counter() - start
         kept: list = [None] * len(WEIGHTS)
-        for small in (False, True):  # a search's first merge (the L1 norms found and kept), then a later one
+        for small in (False, True):  # a search's first merge (the L1 norms found and kept), then later ones
             for _ in range(2):
                 with a_chunk_a_call(small):
                     merge(method, base, parents, True, kept)

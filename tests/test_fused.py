@@ -238,3 +238,37 @@ def test_only_merges_of_enough_entries_in_chunks_compile(parents, monkeypatch):
     assert not engine.fused_pays(plan, "ties", "cpu")
     monkeypatch.delenv("SHOAL_FUSED")
     assert engine.fused_pays(plan, "ties", "cpu") and not fused.enabled("meta")  # a CPU's pass only
+
+
+def test_after_a_failed_compile_the_larger_pieces_merge_in_the_eager_steps_chunks(monkeypatch):
+    """Once compiling fails, a piece of the compiled pass (methods.COMPILED_CHUNK, fused.NORMS_PIECE entries) is
+    merged and its norms found a chunk of the eager steps at a time, never whole: the same values as the eager
+    steps, with their temporaries."""
+    from shoal.merge import norms
+
+    monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_kernel", lambda function: lambda *args: (_ for _ in ()).throw(RuntimeError("no")))
+    monkeypatch.setattr(methods, "CHUNK", 1000)  # rounded up to a block (2^16 entries) for the norms' sake
+    numel = 3 * norms.BLOCK + 1234
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(numel, generator=generator)
+    parents = [base + 0.01 * torch.randn(numel, generator=generator) for _ in range(2)]
+    vectors = [methods.TaskVector(p, base, mask=methods.RandomDraws(base.shape, base.device, d, s))
+               for p, d, s in zip(parents, (0.4, 0.7), (3, 4))]
+    pieces: list[int] = []
+    originals = {name: getattr(methods, name) for name in ("combine_task_vectors", "piece_norms")}
+    for name, original in originals.items():
+        monkeypatch.setattr(methods, name, lambda *a, _original=original, **k: pieces.append(
+            (k.get("piece") or a[1]).stop - (k.get("piece") or a[1]).start) or _original(*a, **k))
+    everything = slice(0, 1 << 24)
+    failed = [fused.piece_norms(vector, everything, None) for vector in vectors]
+    assert fused._broken and max(pieces) <= norms.BLOCK and sum(pieces) == 2 * numel
+    for vector, sums in zip(vectors, failed):
+        expected = methods.rescaled(vector)[1]
+        assert norms.total(sums[1], sums[0]) == expected.total and torch.equal(sums[0], expected.exponents)
+    pieces.clear()
+    settings = dict(consensus=True, normalize=False, lam=1.0)
+    merged = fused.combiner(base, vectors, [0.6, 0.5], **settings)(slice(0, 1 << 21))
+    assert max(pieces) <= norms.BLOCK and sum(pieces) == numel
+    eager = originals["combine_task_vectors"](base, vectors, [0.6, 0.5], piece=None, **settings)
+    assert torch.equal(merged.view(torch.int32), eager.view(torch.int32))

@@ -242,13 +242,17 @@ def test_a_tensor_merged_in_chunks_holds_its_masks_and_chunks_where_one_piece_ho
 
     held = 2 if on_cpu else 0  # off a CPU, DARE's masks are drawn again and TIES' trims found again where used
     assert working(chunk + 1, "random") == (chunk + 1) * (held + 2 + 6) + chunk * 10 * 4
-    # a CPU's compiled pass draws DARE's masks inside it (none held), and merges larger chunks: a float32 result and
-    # its bf16 copy each
-    size = TensorSize(numel=chunk + 1, out=2, merged=True, base=2, inputs=(2, 2), compute=4, task_vectors=True,
-                      sparsify="random", work=2, pieces=True, read=6 * (chunk + 1))
-    compiled = memory_need([size], MemoryPlan(inputs="stream"), slots=1, on_cpu=on_cpu, compiled=True).working
-    chunks = max(chunk * 10 * 4, methods.COMPILED_CHUNK * (4 + 2)) if on_cpu else chunk * 10 * 4
-    assert compiled == (chunk + 1) * (2 + 6) + chunks
+    # a CPU's compiled pass draws DARE's masks inside it (none held), and merges larger chunks (of 2^21 entries): a
+    # float32 result, its bf16 copy and a byte a parent each, where they pass the eager steps' 2 n + 6 chunks
+    def compiled(numel: int) -> int:
+        size = TensorSize(numel=numel, out=2, merged=True, base=2, inputs=(2, 2), compute=4, task_vectors=True,
+                          sparsify="random", work=2, pieces=True, read=6 * numel)
+        return memory_need([size], MemoryPlan(inputs="stream"), slots=1, on_cpu=on_cpu, compiled=True).working
+
+    assert compiled(chunk + 1) == (chunk + 1) * (2 + 6) + chunk * 10 * 4
+    if on_cpu:  # (only a CPU compiles)
+        assert compiled(8 * chunk) == 8 * chunk * (2 + 6) + 8 * chunk * 8
+        assert compiled(1 << 24) == (1 << 24) * (2 + 6) + (1 << 21) * 8
     forming = 8 if on_cpu else 2
     assert working(chunk + 1, "magnitude") == (chunk + 1) * (held + forming + 6) + chunk * 10 * 4
     assert working(chunk, "random") == working(chunk, "magnitude") == chunk * (14 * 4 + 6)

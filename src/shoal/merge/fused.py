@@ -6,7 +6,8 @@ reading and writing the chunk. Here the same formula is traced once and compiled
 one loop that reads each input once and writes the result once, with every intermediate rounded where the eager
 steps round it (`emulate_precision_casts`): the same values, bit for bit (tests/test_fused.py). DARE's keep masks
 are drawn inside the pass from the entries' indices (merge.draws), so none is made outside it. The L1 rescale's
-norms of a chunk (merge.norms: exact integer sums, so in any order) are found in one such pass too.
+norms (merge.norms: exact integer sums, so in any order) are found in one such pass too, a piece of NORMS_PIECE
+entries at a time; the merge takes chunks of methods.COMPILED_CHUNK.
 
 Compiling takes seconds (more the first time on a machine, before Inductor's on-disk cache holds the kernel), so a
 process uses it only when it will merge at least FUSED_MIN entries in chunks (`worth`). It runs on a CPU only: the
@@ -38,7 +39,8 @@ NORMS_PIECE = 1 << 24
 """Entries of a task vector whose L1 norms (merge.norms) the compiled pass finds in one call (methods.rescaled's
 pieces). The pass keeps nothing of a piece but its blocks' sums, so the piece need not fit a cache: a search's
 DARE-TIES merge of three 0.55B parents makes 354 such calls a trial at this size, 6,312 at methods.CHUNK, each with
-about 0.2 ms of overhead beyond the kernel (profiled; the figures with methods.COMPILED_CHUNK: BENCHMARKS.md)."""
+about 0.2 ms of overhead beyond the kernel (profiled; what this and methods.COMPILED_CHUNK saved together is in
+BENCHMARKS.md)."""
 
 _log = logging.getLogger(__name__)
 _broken: list[str] = []
@@ -138,9 +140,10 @@ def _kernel(function: Callable) -> Callable:
     return _compiled[function]
 
 
-def _run(function, *args):
-    """function compiled, or, once compiling has failed in this process (said once, in the log), run eagerly (the
-    same values: a failed compiler changes the speed, not the merge)."""
+def _run(function: Callable, eager: Callable[[], object], *args):
+    """function compiled, or, once compiling has failed in this process (said once, in the log), eager(): the same
+    values in the eager steps, a chunk at a time (_eager_chunks), so that the compiled pass's larger pieces do not
+    become the eager steps' temporaries (a failed compiler changes the speed, not the merge nor its memory)."""
     if not _broken:
         try:
             return _kernel(function)(*args)
@@ -150,7 +153,15 @@ def _run(function, *args):
             _broken.append(f"{type(error).__name__}: {error}")
             _log.warning("the fused merge pass could not be compiled (%s); merging with eager steps",
                          _broken[0].splitlines()[0])
-    return function(*args)
+    return eager()
+
+
+def _eager_chunks(piece: slice, numel: int) -> list[slice]:
+    """A piece of a tensor of numel entries as the eager steps' chunks (methods.CHUNK, rounded up to whole blocks of
+    merge.norms, as a norm's pieces must start at one)."""
+    size = -(-methods.CHUNK // norms.BLOCK) * norms.BLOCK
+    stop = min(piece.stop, numel)
+    return [slice(start, min(start + size, stop)) for start in range(piece.start, stop, size)]
 
 
 def _int(value: int, device: torch.device) -> Tensor:
@@ -176,8 +187,15 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
 
     def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> norms.Sums:
         part = slice(first, first + rows.numel())
-        return _run(_norms, rows, None if base is None else base[part].view(rows.shape),
-                    keep if drawn else keep[part].view(rows.shape), _int(piece.start + first, tensor.device), blocks)
+        whole = slice(piece.start + first, piece.start + first + rows.numel())
+
+        def eager() -> norms.Sums:
+            return norms.joined([methods.piece_norms(vector, chunk, None if blocks is None else blocks[
+                (chunk.start - whole.start) // norms.BLOCK:-(-(chunk.stop - whole.start) // norms.BLOCK)])
+                for chunk in _eager_chunks(whole, vector.tensor.numel())])
+
+        return _run(_norms, eager, rows, None if base is None else base[part].view(rows.shape),
+                    keep if drawn else keep[part].view(rows.shape), _int(whole.start, tensor.device), blocks)
 
     return norms.by_rows(tensor, exponents, sums_of)
 
@@ -223,11 +241,18 @@ def combiner(
                 keep = all_kept[(i, shape)] = torch.ones(shape, dtype=torch.bool, device=device)
         return keep.view(torch.uint8)
 
+    def eager(piece: slice | None) -> Tensor:
+        combine = lambda part: methods.combine_task_vectors(
+            base, vectors, weights, consensus=consensus, normalize=normalize, lam=lam, elect_dtype=elect_dtype,
+            piece=part)
+        return combine(None) if piece is None else torch.cat(
+            [combine(chunk) for chunk in _eager_chunks(piece, base.numel())])
+
     def piece_of(piece: slice | None) -> Tensor:
         base_piece = methods.flat_piece(base, piece)
         return _run(
-            _merged, base_piece, [methods.flat_piece(v.tensor, piece) for v in vectors], from_base,
-            [keep_of(i, piece, base_piece.shape) for i in range(len(vectors))],
+            _merged, lambda: eager(piece), base_piece, [methods.flat_piece(v.tensor, piece) for v in vectors],
+            from_base, [keep_of(i, piece, base_piece.shape) for i in range(len(vectors))],
             _int(0 if piece is None else piece.start, device), scales, weight_tensors, votes_in,
             vote_weights, consensus, normalize, divisor, factor, zero,
         )

@@ -218,8 +218,8 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             held, forming = mask_bytes(t.sparsify, t.work, ranks_kept, on_cpu, compiled)
             per, extra = CHUNK_TEMPORARIES
             temporaries = chunk * t.compute * (per * n + extra)
-            if compiled and on_cpu:  # merge.fused's larger chunks: a result and its rounded copy each
-                temporaries = max(temporaries, methods.COMPILED_CHUNK * (t.compute + t.out))
+            if compiled and on_cpu:  # merge.fused's larger chunks: a result, its rounded copy, masks from ranks
+                temporaries = max(temporaries, min(t.numel, methods.COMPILED_CHUNK) * (t.compute + t.out + n))
             arithmetic = t.numel * (held * n + forming) + temporaries
         else:  # in one piece, or whole anyway (a task-vector method without pieces)
             per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE if t.task_vectors else ARITHMETIC_COPIES_OTHER

@@ -439,8 +439,8 @@ COMPILED_CHUNK = 1 << 21
 whose dozens of passes must stay in cache). The pass reads its inputs and writes its result once; a larger chunk
 leaves the cache only for the finiteness check and the rounding into the output, and saves the calls' overhead
 (about 0.2 ms each, through dynamo; with fused.NORMS_PIECE, a search's later DARE-TIES merge took 9.6 ns an entry
-against 12.7 at CHUNK: benchmarks/merge_fused.py). Its result, float32, and a rounded copy are what merge.memory
-counts."""
+against 12.7 at CHUNK: benchmarks/merge_fused.py). merge.memory counts a chunk's result (float32), its copy in the
+output's dtype where the output is not that dtype, and a byte a parent for a mask compared from stored ranks."""
 
 
 def chunk_entries(on_cpu: bool) -> int:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 BLOCK = 1 << 16
-"""Entries of a block of a tensor's flattened entries, from the first (a chunk holds whole blocks: methods.CHUNK
-and DEVICE_CHUNK are multiples of it)."""
+"""Entries of a block of a tensor's flattened entries, from the first (methods.rescaled's pieces hold whole blocks:
+their sizes are rounded up to a multiple of it)."""
 GRID = 37
 """Bits below a block's largest magnitude's exponent at which its magnitudes are counted: 2^16 of them sum below
 2^53."""
@@ -97,8 +97,12 @@ def by_rows(flat: Tensor, exponents: Tensor | None, sums_of: Callable[[int, Tens
     whole = flat.numel() // BLOCK * BLOCK
     laid = ([(0, flat[:whole].view(-1, BLOCK))] if whole else []) + \
         ([(whole, flat[whole:].view(1, -1))] if whole < flat.numel() else [])
-    parts = [sums_of(first, rows, None if exponents is None else exponents[first // BLOCK:][:rows.shape[0]])
-             for first, rows in laid]
+    return joined([sums_of(first, rows, None if exponents is None else exponents[first // BLOCK:][:rows.shape[0]])
+                   for first, rows in laid])
+
+
+def joined(parts: list[Sums]) -> Sums:
+    """The sums of consecutive pieces as those of the piece they make up."""
     return tuple(None if parts[0][i] is None else torch.cat([part[i] for part in parts]) for i in range(3))
 
 
