@@ -190,8 +190,8 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
         whole = slice(piece.start + first, piece.start + first + rows.numel())
 
         def eager() -> norms.Sums:
-            return norms.joined([methods.piece_norms(vector, chunk, None if blocks is None else blocks[
-                (chunk.start - whole.start) // norms.BLOCK:-(-(chunk.stop - whole.start) // norms.BLOCK)])
+            return norms.joined([methods.piece_norms(vector, chunk, None if blocks is None else norms.blocks_of(
+                blocks, slice(chunk.start - whole.start, chunk.stop - whole.start)))
                 for chunk in _eager_chunks(whole, vector.tensor.numel())])
 
         return _run(_norms, eager, rows, None if base is None else base[part].view(rows.shape),

@@ -97,8 +97,13 @@ def by_rows(flat: Tensor, exponents: Tensor | None, sums_of: Callable[[int, Tens
     whole = flat.numel() // BLOCK * BLOCK
     laid = ([(0, flat[:whole].view(-1, BLOCK))] if whole else []) + \
         ([(whole, flat[whole:].view(1, -1))] if whole < flat.numel() else [])
-    return joined([sums_of(first, rows, None if exponents is None else exponents[first // BLOCK:][:rows.shape[0]])
-                   for first, rows in laid])
+    return joined([sums_of(first, rows, None if exponents is None else blocks_of(exponents, slice(
+        first, first + rows.numel()))) for first, rows in laid])
+
+
+def blocks_of(exponents: Tensor, piece: slice) -> Tensor:
+    """The exponents of the blocks of a piece that starts at a block, of the entries that exponents are of."""
+    return exponents[piece.start // BLOCK:-(-piece.stop // BLOCK)]
 
 
 def joined(parts: list[Sums]) -> Sums:
@@ -119,8 +124,8 @@ class Norm:
         return int(_powers(self.exponents).max())
 
     def blocks(self, piece: slice) -> Tensor:
-        """The exponents of the blocks of a piece that starts at a block."""
-        return self.exponents[piece.start // BLOCK:-(-piece.stop // BLOCK)]
+        """The exponents of the blocks of a piece of the tensor that starts at a block."""
+        return blocks_of(self.exponents, piece)
 
 
 def total(sums: Tensor, exponents: Tensor) -> int:

@@ -163,8 +163,8 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     if not call.shared["rescale"]:
         return vector
     known = call.norms[i] if call.norms is not None else None
-    vector, known = methods.rescaled(vector, fused.piece_norms, known, fused.NORMS_PIECE) if call.compiled else \
-        methods.rescaled(vector, methods.piece_norms, known)
+    norms_of, piece_entries = (fused.piece_norms, fused.NORMS_PIECE) if call.compiled else (methods.piece_norms, None)
+    vector, known = methods.rescaled(vector, norms_of, known, piece_entries)
     if call.norms is not None:
         call.norms[i] = known
     return vector
