@@ -80,6 +80,16 @@ def test_the_threshold_is_where_the_uniforms_pass_the_density():
         assert (top - 1) / 2**24 < d <= top / 2**24
 
 
+@pytest.mark.parametrize("density,step", [(1 / 1024, 1), (0.5, 512), (307 / 1024, 307), (1023 / 1024, 1023),
+                                          (0.3, None), (1.0, None), (1 / 2048, None)])
+def test_a_density_on_the_grid_keeps_the_entries_whose_top_bits_are_below_its_step(density, step):
+    assert draws.grid_step(density) == step
+    assert draws.on_grid(density) == (density if step else min(max(round(density * 1024), 1), 1024) / 1024)
+    if step is not None:
+        top = torch.tensor(reference(5, 1000, 4096)) >> (32 - draws.GRID_BITS)
+        assert torch.equal(draws.kept(5, density, 1000, 4096), top < step)
+
+
 def test_the_draws_are_uniform_and_independent_enough_for_a_random_mask():
     """2^22 draws of one seed: each of the 24 bits a uniform is made of is set half the time, 256 equal bins are
     evenly filled, neighbouring entries (1-16 apart in a row, a row of a 4096-wide matrix apart) are uncorrelated.

@@ -49,6 +49,8 @@ def test_extending_the_budget_continues_the_same_trajectory(zoo, tmp_path) -> No
     evolve(search.model_copy(update={"budget": 24}), tmp_path / "once")
     twice, once = _trials(tmp_path / "twice"), _trials(tmp_path / "once")
     assert len(once) == 24 and twice == once
+    study = optuna.load_study(study_name="shoal", storage=open_storage(str(tmp_path / "once" / "study.log")))
+    assert {t.user_attrs["seed"] for t in study.trials} == {search.seed}  # every trial drawn under the search's
     assert summary.trials == 24 and summary.sessions == 2
 
 
@@ -102,13 +104,13 @@ def test_failing_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path) -
         return fitness(values, seed, upcoming)
 
     study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "x")
-    run_trials(study, genome, CmaEs(len(genome), seed=0), SerialEvaluator(objective), budget=12, seed=0,
+    run_trials(study, genome, CmaEs(len(genome), seed=0), SerialEvaluator(objective), budget=12, seed=5,
                failure_fitness=0.0)
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL"] + ["COMPLETE"] * 8
     assert "NaN or inf in tensor" in trials[1].user_attrs["error"]
     assert trials[3].user_attrs["error"] == "RuntimeError: the model crashed"
-    assert len(calls) == 12 and len(set(calls)) == 12  # every trial its own DARE seed
+    assert calls == [5] * 12  # every trial merged under the search's seed
 
 
 def test_merging_ahead_changes_no_result_and_hides_the_merge(zoo, tmp_path) -> None:

@@ -29,8 +29,24 @@ def test_per_layer_genes_become_a_gradient_that_hits_each_layer() -> None:
     assert recipe["merge_method"] == "dare_ties" and recipe["base_model"] == "b" and recipe["seed"] == 7
     for layer in range(4):
         name = f"model.layers.{layer}.mlp.up_proj.weight"
-        assert _value(recipe, 1, "density", name, layer, 4) == pytest.approx(values[f"lang.density.layer{layer}"])
+        assert _value(recipe, 1, "weight", name, layer, 4) == pytest.approx(values[f"lang.weight.layer{layer}"])
+        # DARE's densities on the draws' grid: the nearest multiple of 2^-10
+        density = values[f"lang.density.layer{layer}"]
+        assert _value(recipe, 1, "density", name, layer, 4) == pytest.approx(round(density * 1024) / 1024, abs=1e-12)
     assert _value(recipe, 0, "weight", "lm_head.weight", 0, 4) == values["math.weight.embeddings"]
+
+
+@pytest.mark.parametrize("method,gridded", [("dare_ties", True), ("dare_linear", True), ("ties", False),
+                                            ("della", False)])
+def test_dare_densities_are_rounded_to_the_draws_grid_and_no_other_method_s(method, gridded) -> None:
+    genome = Genome(SearchSpec.model_validate(BASE | {"method": method}), 2, OUTER)
+    values = genome.values([0.5] * len(genome)) | {"math.density.layer0": 0.3, "math.density.layer1": 0.0001}
+    recipe = Recipe.model_validate(genome.recipe(values, 0))
+    name = lambda layer: f"model.layers.{layer}.mlp.up_proj.weight"
+    densities = [resolve("density", [recipe.models[0].parameters], name(layer), layer, None) for layer in (0, 1)]
+    # 0.3 is 307.2 steps of 2^-10; a density is never rounded to 0
+    assert densities == ([307 / 1024, 1 / 1024] if gridded else [0.3, 0.0001])
+    assert genome.table(values)["layers"]["density"]["math"] == densities
 
 
 def test_groups_of_layers_split_attention_and_mlp_and_base_embeddings() -> None:
@@ -123,7 +139,7 @@ def test_keep_genes_leave_a_parent_out_by_zeroing_its_weights() -> None:
     recipe = genome.recipe(values, 0)
     name = "model.layers.1.mlp.up_proj.weight"
     assert _value(recipe, 2, "weight", name, 1, 2) == 0.0 and _value(recipe, 2, "weight", "lm_head.weight", 0, 2) == 0.0
-    assert _value(recipe, 2, "density", name, 1, 2) == pytest.approx(values["prose.density.layer1"])
+    assert _value(recipe, 2, "density", name, 1, 2) == round(values["prose.density.layer1"] * 1024) / 1024
     assert _value(recipe, 0, "weight", name, 1, 2) == pytest.approx(values["math.weight.layer1"])
     table = genome.table(values)
     assert table["layers"]["weight"]["prose"] == [0.0, 0.0] and table["embeddings"]["weight"]["prose"] == 0.0

@@ -118,7 +118,6 @@ def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path, f
     storage = file_storage
     spec = load_search(search_file).model_copy(update={"budget": 12})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    from shoal.search.loop import trial_seed
     from shoal.search.trials import Job, open_study
     from shoal.search.optimizer import CmaEs
     from shoal.search.shared import SharedTrials
@@ -128,7 +127,7 @@ def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path, f
     open_study(storage, spec.search_hash())
     shared = SharedTrials(storage, "shoal", genome)
     first = CmaEs(len(genome), seed=spec.seed).ask()
-    claim = shared.claim(Job(0, 0, genome.values(first), trial_seed(spec.seed, 0)))
+    claim = shared.claim(Job(0, 0, genome.values(first), spec.seed))
     assert claim is not None and shared.claim(Job(0, 0, genome.values(first), 0)) is None  # held: not twice
     shared.owner = f"{socket.gethostname()}:{dead.stdout.strip()}"  # as if the claimant had died
     shared.storage.set_trial_user_attr(claim.trial_id, "owner", shared.owner)
@@ -142,7 +141,6 @@ def test_a_claim_left_by_a_dead_process_is_scored_again(search_file, tmp_path, f
 
 
 def _claimed(search_file, storage, **options):
-    from shoal.search.loop import trial_seed
     from shoal.search.trials import Job, open_study
     from shoal.search.optimizer import CmaEs
     from shoal.search.shared import SharedTrials
@@ -151,7 +149,7 @@ def _claimed(search_file, storage, **options):
     spec = load_search(search_file)
     genome = genome_of(spec)
     open_study(storage, spec.search_hash())
-    job = Job(0, 0, genome.values(CmaEs(len(genome), seed=spec.seed).ask()), trial_seed(spec.seed, 0))
+    job = Job(0, 0, genome.values(CmaEs(len(genome), seed=spec.seed).ask()), spec.seed)
     first = SharedTrials(storage, "shoal", genome, **options)
     return storage, genome, job, first, first.claim(job)
 

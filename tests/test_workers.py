@@ -11,7 +11,7 @@ import pytest
 from conftest import zoo_search
 
 from shoal.search.evolve import evolve
-from shoal.search.loop import SerialEvaluator, trial_seed
+from shoal.search.loop import SerialEvaluator
 from shoal.search.spaces import ParameterSpace
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
@@ -54,7 +54,7 @@ def test_a_killed_worker_is_replaced_and_its_trial_scored_again(cluster, search)
 
     space = ParameterSpace(search.model_copy(update={"overlap": False}))
     genome = space.genome
-    jobs = [Job(i, 0, genome.values([0.2 + 0.1 * i] * len(genome)), trial_seed(3, i)) for i in range(6)]
+    jobs = [Job(i, 0, genome.values([0.2 + 0.1 * i] * len(genome)), 3) for i in range(6)]
     evaluator = RayEvaluator(search, 2)
     try:
         pids = evaluator.pids()

@@ -54,6 +54,25 @@ def threshold(density: float) -> int:
     return min(max(math.ceil(scaled), 0), 1 << 24) << 8
 
 
+GRID_BITS = 10
+"""A density that is a multiple of 2^-GRID_BITS keeps the entries whose hash's top GRID_BITS bits are below density ·
+2^GRID_BITS: a DARE search's densities are rounded to this grid (on_grid)."""
+
+
+def on_grid(density: float) -> float:
+    """The nearest multiple of 2^-GRID_BITS to a density in (0, 1], at least 2^-GRID_BITS."""
+    steps = 1 << GRID_BITS
+    return min(max(round(density * steps), 1), steps) / steps
+
+
+def grid_step(density: float) -> int | None:
+    """m when a density keeps the entries whose hash's top GRID_BITS bits are below m (0 < m < 2^GRID_BITS: a
+    multiple of 2^-GRID_BITS below 1), else None."""
+    limit = threshold(density)
+    low = 32 - GRID_BITS
+    return limit >> low if limit % (1 << low) == 0 and 0 < limit < LIMIT else None
+
+
 def hashed(index: Tensor, key: Tensor | int) -> Tensor:
     """h of each entry, as int64, for int64 entry indices and a seed's offset (an int, or a 0-dim int64 tensor, as
     a compiled pass takes it): exact on any device, and traceable. Two tensors of index's size live at once."""

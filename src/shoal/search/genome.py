@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from optuna.distributions import FloatDistribution
 
+from shoal.merge import draws
+from shoal.merge.registry import METHODS
 from shoal.search.spec import SHARED_GENES, SearchSpec
 
 ATTENTION, MLP = "attn", "mlp"
@@ -148,11 +150,15 @@ class Genome(GeneSpace):
     def _recipe_values(self, values: dict[str, float]) -> dict[str, float]:
         """Gene values as the recipe's: an epsilon gene is the fraction of the room its density leaves,
         epsilon = gene · min(density, 1 - density) (so density ± epsilon stays inside (0, 1)); a parent left out
-        by its keep gene has weight 0."""
+        by its keep gene has weight 0; DARE's densities are multiples of 2^-10 (merge.draws.on_grid: the resident
+        merger reads the rescale's norms of any of them from a table)."""
         out = dict(values)
         kept = self.kept(values)
+        gridded = METHODS[self.spec.method].sparsify == "random"
         for g in self.genes:
-            if g.param == "epsilon":
+            if g.param == "density" and gridded:
+                out[g.name] = draws.on_grid(values[g.name])
+            elif g.param == "epsilon":
                 density = values[_gene_name(g.parent, "density", g.group)]
                 out[g.name] = values[g.name] * min(density, 1 - density)
             elif g.param == "weight" and g.parent not in kept:

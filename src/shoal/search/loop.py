@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -68,10 +67,6 @@ class Progress:
             self.best = trial.value
         if on_trial:
             on_trial(self)
-
-
-def trial_seed(seed: int, index: int) -> int:
-    return zlib.crc32(f"{seed}/trial/{index}".encode())
 
 
 def _store(study: optuna.Study, distributions: dict[str, FloatDistribution], job: Job, outcome: Outcome) -> Trial:
@@ -183,6 +178,10 @@ def run_trials(
     are not part of this one). A resumed search replays the stored trials' compute, so it stops where an
     uninterrupted one would.
 
+    Every trial is merged under the search's `seed`: DARE's drops are the same draws in every trial (at a
+    density, the same mask), so a candidate's fitness is a function of its genes alone and the selection does not
+    pick the luck of a draw.
+
     A failed trial is told to the optimizer as worse than anything scored so far: one below the lower of
     failure_fitness (the fitness's floor, e.g. 0 for accuracies) and the worst fitness of the trials up to its
     generation (so metrics without a floor, like log-likelihoods, rank failures last too). It depends only on
@@ -201,7 +200,7 @@ def run_trials(
     while index < budget and not progress.spent(compute):
         generation = index // optimizer.population
         xs = [optimizer.ask() for _ in range(min(optimizer.population, budget - index))]
-        jobs = [Job(index + j, generation, genome.values(x), trial_seed(seed, index + j)) for j, x in enumerate(xs)]
+        jobs = [Job(index + j, generation, genome.values(x), seed) for j, x in enumerate(xs)]
         for job in jobs:
             trial = stored.get(job.index)
             if trial is not None and trial.params != job.values:
@@ -220,8 +219,8 @@ def run_trials(
                 # the budget ends inside it, the candidates it would have had (so a larger budget later stores
                 # what one run would have); only the unstored jobs within the budget are kept.
                 rest = [optimizer.ask() for _ in range(optimizer.population - len(xs))]
-                batch = jobs + [Job(index + len(xs) + j, generation, genome.values(x),
-                                    trial_seed(seed, index + len(xs) + j)) for j, x in enumerate(rest)]
+                batch = jobs + [Job(index + len(xs) + j, generation, genome.values(x), seed)
+                                for j, x in enumerate(rest)]
             for job, outcome in evaluator.run(batch):
                 if job.index in stored or job.index >= budget:
                     continue

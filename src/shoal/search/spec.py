@@ -156,7 +156,7 @@ class PoolSpec(Strict):
 
 class SelectSpec(Strict):
     """How the final model is picked: the `top` trials by search fitness are scored again on the whole dev split
-    (with the DARE seed each trial stored) and the best of those scores wins."""
+    (merged as each trial was) and the best of those scores wins."""
 
     top: int = Field(5, ge=1)
     on: Literal["dev"] = "dev"

@@ -22,7 +22,8 @@ STUDY_NAME = "shoal"
 
 @dataclass(frozen=True)
 class Job:
-    """One candidate to score: its index in the search, its generation, gene values and seed."""
+    """One candidate to score: its index in the search, its generation, gene values and the seed it is merged
+    under (the search's, loop.run_trials)."""
 
     index: int
     generation: int
