@@ -3,10 +3,12 @@ compiling costs: one tensor of --entries bf16 entries (a base and three parents 
 time as engine.merge_into merges it (each task vector's mask and rescale prepared, then every chunk merged, checked
 and rounded to bf16), in this process on one torch thread, eager and compiled alternating after the compiled pass's
 first call (its compile, timed apart). Prints the preparation's and the chunks' seconds, nanoseconds per entry of
-the tensor, and the ratio of the medians; "search" is the compiled pass with each task vector's |τ|_1 kept between
-merges, as the resident merger keeps it (merge.norms: a later trial finds only |τ · keep|_1); "search, a chunk a
-call" the same with the compiled pass called for each chunk of methods.CHUNK, norms and merge, as it was before its
-larger pieces (methods.COMPILED_CHUNK, fused.NORMS_PIECE).
+the tensor, and the ratio of the medians; "search" is the compiled pass with each task vector's norms kept between
+merges, as the resident merger keeps them (merge.norms: |τ|_1, and for DARE at densities on the draws' grid a table
+of |τ · keep|_1 by draw, so a later trial finds neither); "search, no table" keeps |τ|_1 alone (a later trial finds
+|τ · keep|_1 in a pass, as before the tables); "search, a chunk a call" is that with the compiled pass called for
+each chunk of methods.CHUNK, norms and merge, as it was before its larger pieces (methods.COMPILED_CHUNK,
+fused.NORMS_PIECE).
 
     python benchmarks/merge_fused.py [--entries 16777216] [--repeats 3] [--methods dare_ties,ties,task_arithmetic]
 
@@ -28,10 +30,10 @@ tune_for_merging()  # as the `shoal` command does, before torch loads: huge page
 
 import torch  # noqa: E402
 
-from shoal.merge import fused, methods  # noqa: E402
+from shoal.merge import draws, fused, methods, norms  # noqa: E402
 from shoal.merge.registry import METHODS, MergeCall  # noqa: E402
 
-WEIGHTS, DENSITIES = (0.5, 0.3, 0.4), (0.5, 0.6, 0.4)
+WEIGHTS, DENSITIES = (0.5, 0.3, 0.4), tuple(draws.on_grid(d) for d in (0.5, 0.6, 0.4))
 
 
 def inputs(entries: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -61,16 +63,19 @@ def merge(method: str, base: torch.Tensor, parents: list[torch.Tensor], compiled
 
 
 @contextmanager
-def a_chunk_a_call(on: bool) -> Iterator[None]:
-    """With on, the compiled pass called for each chunk of methods.CHUNK, norms and merge (as before its larger
-    pieces: methods.COMPILED_CHUNK, fused.NORMS_PIECE)."""
-    sizes = methods.COMPILED_CHUNK, fused.NORMS_PIECE
-    if on:
+def as_before(small: bool, table: bool) -> Iterator[None]:
+    """With small, the compiled pass called for each chunk of methods.CHUNK, norms and merge (as before its larger
+    pieces: methods.COMPILED_CHUNK, fused.NORMS_PIECE); without table, no task vector keeps a table of its draws
+    (as before norms.Drawn)."""
+    sizes = methods.COMPILED_CHUNK, fused.NORMS_PIECE, norms.TABLE_MIN
+    if small:
         methods.COMPILED_CHUNK = fused.NORMS_PIECE = methods.CHUNK
+    if not table:
+        norms.TABLE_MIN = 1 << 62
     try:
         yield
     finally:
-        methods.COMPILED_CHUNK, fused.NORMS_PIECE = sizes
+        methods.COMPILED_CHUNK, fused.NORMS_PIECE, norms.TABLE_MIN = sizes
 
 
 def main() -> None:
@@ -89,18 +94,21 @@ def main() -> None:
         merge(method, base, parents, compiled=True)
         first = time.perf_counter() - start
         kept: list = [None] * len(WEIGHTS)
-        for small in (False, True):  # a search's first merge (the L1 norms found and kept), then later ones
+        plain: list = [None] * len(WEIGHTS)
+        # a search's first merge (its norms found and kept), then later ones
+        modes = {"eager": (False, None, False, False), "compiled": (True, None, False, False),
+                 "search": (True, kept, False, True), "search, no table": (True, plain, False, False),
+                 "search, a chunk a call": (True, plain, True, False)}
+        for mode in ("search", "search, no table", "search, a chunk a call"):
             for _ in range(2):
-                with a_chunk_a_call(small):
-                    merge(method, base, parents, True, kept)
-        modes = {"eager": (False, None, False), "compiled": (True, None, False), "search": (True, kept, False),
-                 "search, a chunk a call": (True, kept, True)}
+                with as_before(*modes[mode][2:]):
+                    merge(method, base, parents, True, modes[mode][1])
         runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
         outputs = {}
         for _ in range(args.repeats):
-            for mode, (compiled, norms, small) in modes.items():
-                with a_chunk_a_call(small):
-                    outputs[mode], *seconds = merge(method, base, parents, compiled, norms)
+            for mode, (compiled, kept_norms, small, table) in modes.items():
+                with as_before(small, table):
+                    outputs[mode], *seconds = merge(method, base, parents, compiled, kept_norms)
                 runs[mode].append(tuple(seconds))
         total = {mode: statistics.median(a + b for a, b in rows) for mode, rows in runs.items()}
         for mode, rows in runs.items():
@@ -110,8 +118,9 @@ def main() -> None:
         same = all(torch.equal(outputs["eager"].view(torch.int16), outputs[mode].view(torch.int16)) for mode in modes)
         print(f"{method:<16} compiled {total['eager'] / total['compiled']:.2f}x faster, a search's later merges "
               f"{total['eager'] / total['search']:.2f}x, {'the same' if same else 'OTHER'} bits; its first merge "
-              f"{first:.1f} s (compiling what it needs beyond the methods before it); a later merge a chunk a call "
-              f"takes {total['search, a chunk a call'] / total['search']:.2f}x its time")
+              f"{first:.1f} s (compiling what it needs beyond the methods before it); a later merge without tables "
+              f"takes {total['search, no table'] / total['search']:.2f}x its time, a chunk a call "
+              f"{total['search, a chunk a call'] / total['search']:.2f}x")
 
 
 if __name__ == "__main__":

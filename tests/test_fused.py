@@ -176,6 +176,37 @@ def test_the_resident_merger_compiles_the_same_merge_under_every_plan(parents, t
     assert_same_bits({name: live[name] for name in on_disk}, on_disk)
 
 
+@pytest.mark.parametrize("memory", [MemoryPlan(keep="deltas"), MemoryPlan(inputs="stream")])
+@pytest.mark.parametrize("steps", ["eager", "compiled"])
+def test_a_search_s_later_merges_read_the_rescale_s_norms_from_a_table_of_its_draws(parents, tmp_path, monkeypatch,
+                                                                                     request, memory, steps):
+    """Under one seed and at densities on the draws' grid, the resident merger sums each DARE task vector's q by its
+    draws' bins at its first merge (norms.Drawn) and reads every later merge's |τ · keep|_1 from that table: the
+    models `shoal merge` writes (which finds its norms in a pass), bit for bit. Another seed makes its tables anew."""
+    from shoal.merge import norms
+
+    if steps == "compiled":
+        request.getfixturevalue("compiled")
+    monkeypatch.setattr(norms, "TABLE_MIN", 0)  # the test parents' tensors are far smaller than a search's
+    made = []
+    tabulated = methods._tabulated
+    monkeypatch.setattr(methods, "_tabulated", lambda *args: made.append(args[1].seed) or tabulated(*args))
+    densities = [(0.5, 307 / 1024, 0.25), (0.75, 0.5, 1 / 1024), (1023 / 1024, 0.5, 0.5)]
+    recipes = [recipe_of("dare_ties", parents, "bfloat16", d) for d in densities]
+    recipes.append(recipes[0].model_copy(update={"seed": 6}))
+    merger = ResidentMerger(recipes[0], memory=memory)
+    tables = []
+    for i, recipe in enumerate(recipes):
+        merger.apply(recipe)
+        tables.append(len(made))
+        engine.run_merge(recipe, tmp_path / str(i))
+        on_disk = tensors(tmp_path / str(i))
+        live = {name: p.detach() for name, p in merger.model.named_parameters()}
+        assert_same_bits({name: live[name] for name in on_disk}, on_disk)
+    vectors = 3 * sum(job.base is not None for job in build_plan(recipes[0], merger.parents).jobs)
+    assert tables == [vectors, vectors, vectors, 2 * vectors] and len(set(made)) == 2 * vectors
+
+
 def test_a_merge_ahead_in_another_thread_compiles_the_same_merge(parents, compiled):
     """The search merges the next candidate into the second live model in a thread while this one is scored: the
     compiled pass runs (and is first compiled) there, with the values the main thread's gives."""

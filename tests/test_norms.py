@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from shoal.merge import fused, methods, norms
+from shoal.merge import draws, fused, methods, norms
 
 N = 3 * norms.BLOCK + 1234  # three whole blocks and a short last one
 
@@ -93,12 +93,39 @@ def test_a_known_norm_gives_the_same_scale_finding_only_the_kept_sums(monkeypatc
         assert again is norm and torch.equal(known.scale, expected.scale)
 
 
+@pytest.mark.parametrize("bins_of", [methods.piece_bins, fused.piece_bins])
+def test_a_table_of_the_draws_gives_each_density_on_the_grid_the_pass_s_norms(monkeypatch, bins_of):
+    """A search's DARE reads |τ · keep|_1 at any density on the draws' grid from one table of its seed's draws
+    (norms.Drawn): the definition written out and the pass's scale at each, |τ|_1 over every bin; summed once a
+    seed (its pieces here of one block: whole blocks, and the tensor's short last one), again for another seed."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(fused, "_broken", [])
+    delta = task_vector()  # blocks at four shifts: 0, 84, 85, 91
+    calls = []
+    counted = lambda vector, seed, piece, exponents: calls.append(seed) or bins_of(vector, seed, piece, exponents)
+    norm = None
+    for seed, step in ((17, 307), (17, 1), (17, 512), (17, 1023), (4, 307)):
+        mask = methods.RandomDraws(delta.shape, delta.device, step / 1024, seed)
+        expected, found = methods.rescaled(methods.TaskVector(delta, mask=mask.keep(None)))
+        tabled, norm = methods.rescaled(methods.TaskVector(delta, mask=mask), known=norm,
+                                        table=methods.Tabulated(seed, step, counted, norms.BLOCK))
+        assert torch.equal(tabled.scale, expected.scale) and (norm.total, norm.top) == (found.total, found.top)
+        before, after = written_out(delta, mask.keep(None))
+        assert Fraction(norm.drawn.kept(step), 2**norm.top) == after
+        assert norm.drawn.kept(1 << draws.GRID_BITS) == norm.total and len(norm.drawn.shifts) == 4
+    assert calls == [17] * 4 + [4] * 4
+    assert not fused._broken
+
+
 def test_a_task_vector_that_is_not_finite_is_left_unscaled():
     delta = task_vector()
     delta[10] = float("inf")
     mask = torch.rand(N, generator=torch.Generator().manual_seed(1)) < 0.5
     vector, norm = methods.rescaled(methods.TaskVector(delta, mask=mask))
     assert vector.scale is None and norm is None
+    table = methods.Tabulated(3, 512, methods.piece_bins, norms.BLOCK)  # nor from a table of its draws
+    drawn = methods.RandomDraws(delta.shape, delta.device, 0.5, 3)
+    assert methods.rescaled(methods.TaskVector(delta, mask=drawn), table=table)[1] is None
     delta[10] = float("nan")
     assert methods.rescaled(methods.TaskVector(delta.double(), compute=torch.float64, mask=mask))[0].scale is None
 
@@ -121,6 +148,10 @@ def test_a_gpu_finds_the_cpus_norms_and_scale(monkeypatch):
         mask = methods.RandomDraws(delta.shape, torch.device(device), 0.35, 41)
         vector, norm = methods.rescaled(methods.TaskVector(delta.to(device), mask=mask))
         after = methods.rescaled(methods.TaskVector(delta.to(device), mask=mask), known=norm)[0]
-        assert after.scale.item() == vector.scale.item()
+        table = methods.Tabulated(41, 358, methods.piece_bins, norms.BLOCK)  # 0.35 is not on the grid: 358 steps
+        drawn = methods.RandomDraws(delta.shape, torch.device(device), 358 / 1024, 41)
+        tabled, with_table = methods.rescaled(methods.TaskVector(delta.to(device), mask=drawn), table=table)
+        assert after.scale.item() == vector.scale.item() and with_table.drawn.kept(1024) == norm.total
+        found[device + " table"] = (with_table.drawn.shifts, with_table.drawn.kept(358), tabled.scale.item())
         found[device] = (norm.total, norm.top, vector.scale.item())
-    assert found["cpu"] == found["cuda"]
+    assert found["cpu"] == found["cuda"] and found["cpu table"] == found["cuda table"]

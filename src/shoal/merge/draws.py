@@ -56,7 +56,8 @@ def threshold(density: float) -> int:
 
 GRID_BITS = 10
 """A density that is a multiple of 2^-GRID_BITS keeps the entries whose hash's top GRID_BITS bits are below density ·
-2^GRID_BITS: a DARE search's densities are rounded to this grid (on_grid)."""
+2^GRID_BITS: a DARE search's densities are rounded to this grid (on_grid), so its rescale's norms at any of them
+can be summed by those bits once (merge.norms.Drawn)."""
 
 
 def on_grid(density: float) -> float:
@@ -135,6 +136,17 @@ def kept(seed: int, density: float, start: int, count: int, device: torch.device
         return torch.from_numpy(_hashed_numpy(seed, start, count) < np.uint32(limit))
     out = torch.empty(count, dtype=torch.bool, device=device)
     return _on_device(seed, start, count, out, lambda h, piece: torch.lt(h, limit, out=piece))
+
+
+def bins(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> Tensor:
+    """The top GRID_BITS bits of the hashes of entries start..start+count (int64): a density of m steps of the grid
+    keeps the entries whose bin is below m (grid_step)."""
+    _check(start, count)
+    low = 32 - GRID_BITS
+    if _in_numpy(device):
+        return torch.from_numpy((_hashed_numpy(seed, start, count) >> np.uint32(low)).astype(np.int64))
+    out = torch.empty(count, dtype=torch.int64, device=device)
+    return _on_device(seed, start, count, out, lambda h, piece: torch.bitwise_right_shift(h, low, out=piece))
 
 
 def uniforms(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> Tensor:

@@ -7,7 +7,8 @@ one loop that reads each input once and writes the result once, with every inter
 steps round it (`emulate_precision_casts`): the same values, bit for bit (tests/test_fused.py). DARE's keep masks
 are drawn inside the pass from the entries' indices (merge.draws), so none is made outside it. The L1 rescale's
 norms (merge.norms: exact integer sums, so in any order) are found in one such pass too, a piece of NORMS_PIECE
-entries at a time; the merge takes chunks of methods.COMPILED_CHUNK.
+entries at a time, and a search's table of them by draw (norms.Drawn) from one that forms each entry's q and bin;
+the merge takes chunks of methods.COMPILED_CHUNK.
 
 Compiling takes seconds (more the first time on a machine, before Inductor's on-disk cache holds the kernel), so a
 process uses it only when it will merge at least FUSED_MIN entries in chunks (`worth`). It runs on a CPU only: the
@@ -129,6 +130,16 @@ def _norms(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor, expon
     return norms.block_norms(magnitude, _keep(keep, magnitude, start), exponents)
 
 
+def _scaled(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, exponents: Tensor | None
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """norms.scaled of a piece laid out a block a row (as _norms takes it), its q in float64, and each entry's bin
+    under the draws of key (a seed's offset, 0-dim int64), for norms.by_step."""
+    magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
+    exponents, q = norms.scaled(magnitude, exponents)
+    index = (torch.arange(q.numel(), device=q.device) + start).view(q.shape)
+    return exponents, q.double(), draws.hashed(index, key) >> (32 - draws.GRID_BITS)
+
+
 _compiled: dict[Callable, Callable] = {}
 
 
@@ -140,19 +151,22 @@ def _kernel(function: Callable) -> Callable:
     return _compiled[function]
 
 
-def _run(function: Callable, eager: Callable[[], object], *args):
-    """function compiled, or, once compiling has failed in this process (said once, in the log), eager(): the same
-    values in the eager steps, a chunk at a time (_eager_chunks), so that the compiled pass's larger pieces do not
-    become the eager steps' temporaries (a failed compiler changes the speed, not the merge nor its memory)."""
+def _run(function: Callable, eager: Callable[[], object], *args, then: Callable | None = None):
+    """function compiled (its result given to then, if any), or, once compiling has failed in this process (said
+    once, in the log), eager(): the same values in the eager steps, a chunk at a time (_eager_chunks), so that the
+    compiled pass's larger pieces do not become the eager steps' temporaries (a failed compiler changes the speed,
+    not the merge nor its memory)."""
     if not _broken:
         try:
-            return _kernel(function)(*args)
+            found = _kernel(function)(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - any compiler failure; a fault of the formula re-raises below
             _broken.append(f"{type(error).__name__}: {error}")
             _log.warning("the fused merge pass could not be compiled (%s); merging with eager steps",
                          _broken[0].splitlines()[0])
+        else:
+            return found if then is None else then(*found)
     return eager()
 
 
@@ -196,6 +210,34 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
 
         return _run(_norms, eager, rows, None if base is None else base[part].view(rows.shape),
                     keep if drawn else keep[part].view(rows.shape), _int(whole.start, tensor.device), blocks)
+
+    return norms.by_rows(tensor, exponents, sums_of)
+
+
+BINS_PIECE = 1 << 20
+"""Entries of a piece whose q and bins the compiled pass forms in one call (methods.piece_bins): 16 bytes an entry
+(float64 and int64) for norms.by_step's sums, which stay eager (a compiled index_add took 8 ns an entry here)."""
+
+
+def piece_bins(vector: methods.TaskVector, seed: int, piece: slice, exponents: Tensor | None
+               ) -> tuple[Tensor, Tensor]:
+    """methods.piece_bins with each block's q and each entry's bin formed in one compiled pass."""
+    tensor = methods.flat_piece(vector.tensor, piece)
+    base = None if vector.base is None else methods.flat_piece(vector.base, piece)
+    key = _int(draws.offset(seed), tensor.device)
+
+    def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> tuple[Tensor, Tensor]:
+        whole = slice(piece.start + first, piece.start + first + rows.numel())
+
+        def eager() -> tuple[Tensor, Tensor]:
+            return norms.joined([methods.piece_bins(vector, seed, chunk, None if blocks is None else norms.blocks_of(
+                blocks, slice(chunk.start - whole.start, chunk.stop - whole.start)))
+                for chunk in _eager_chunks(whole, vector.tensor.numel())])
+
+        part = slice(first, first + rows.numel())
+        return _run(_scaled, eager, rows, None if base is None else base[part].view(rows.shape), key,
+                    _int(whole.start, tensor.device), blocks,
+                    then=lambda exponents, q, bins: (exponents, norms.by_step(q, bins)))
 
     return norms.by_rows(tensor, exponents, sums_of)
 

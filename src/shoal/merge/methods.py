@@ -395,29 +395,92 @@ def piece_norms(vector: TaskVector, piece: slice, exponents: Tensor | None) -> n
         rows, kept[first:first + rows.numel()].view(rows.shape), blocks))
 
 
+Bins = Callable[[TaskVector, int, slice, Tensor | None], tuple[Tensor, Tensor]]
+"""Of a piece of a task vector starting at a block, under a seed's draws: its blocks' exponents (as given, or found)
+and their sums of q by the draws' bins (norms.by_step's rows)."""
+
+
+def piece_bins(vector: TaskVector, seed: int, piece: slice, exponents: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Sums by bin of a piece, in eager steps (merge.fused.piece_bins: its q in one compiled pass)."""
+    delta = vector.formed(piece)
+    bins = draws.bins(seed, piece.start, delta.numel(), delta.device)
+
+    def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> tuple[Tensor, Tensor]:
+        found, q = norms.scaled(rows, blocks)
+        return found, norms.by_step(q, bins[first:first + rows.numel()].view(rows.shape))
+
+    return norms.by_rows(delta.abs().view(-1), exponents, sums_of)
+
+
+BINS_PIECE = 1 << 20
+"""Entries at most of a piece whose sums by bin are found at once off a CPU, where a chunk is larger: its bins and
+their slots in the sums (int64) take 16 bytes an entry, 16 MiB (a CPU's eager steps take a chunk)."""
+
+
+def bins_piece(tensor: Tensor) -> int:
+    """Entries of a piece whose sums by bin the eager steps find at once, on tensor's device."""
+    return min(BINS_PIECE, chunk_size(tensor))
+
+
+@dataclass(frozen=True)
+class Tabulated:
+    """A search's DARE rescale, read from its task vector's table (norms.Drawn) rather than found: the draws' seed,
+    the density's step on the draws' grid, and how the table's pieces' sums by bin are found (bins_of, pieces of
+    piece_entries) when this seed's table is not made yet."""
+
+    seed: int
+    step: int
+    bins_of: Bins
+    piece_entries: int
+
+
 def rescaled(vector: TaskVector, norms_of: Norms = piece_norms, known: norms.Norm | None = None,
-             piece_entries: int | None = None) -> tuple[TaskVector, norms.Norm | None]:
+             piece_entries: int | None = None, table: Tabulated | None = None
+             ) -> tuple[TaskVector, norms.Norm | None]:
     """vector with mergekit's L1 rescale: the kept entries scaled so |τ|_1 is unchanged (not when either norm is
     below 1e-7, nor when τ is not finite: its merge is refused), and its |τ|_1 (known: as found before, for this
     τ). The norms are exact sums (merge.norms), found a piece of whole blocks at a time (piece_entries, rounded up
     to blocks; by default a chunk's), so no |τ| is made whole, and the scale is the same in any chunking, on any
-    device."""
+    device. With a table (a search's DARE), |τ · keep|_1 is read from known's table of the seed's draws, which is
+    made in one pass by bins_of when known has none (or one of another seed)."""
     if vector.mask is None or vector.tensor.numel() == 0:
         return vector, known
-    size = -(-(piece_entries or chunk_size(vector.tensor)) // norms.BLOCK) * norms.BLOCK
-    parts = [norms_of(vector, piece, None if known is None else known.blocks(piece))
-             for piece in chunks(vector.tensor.numel(), size)]
-    if known is None:
-        exponents = torch.cat([part[0] for part in parts])
-        if not norms.finite(exponents, vector.compute):
-            return vector, None
-        known = norms.Norm(exponents, norms.total(torch.cat([part[1] for part in parts]), exponents))
-    after = norms.total(torch.cat([part[2] for part in parts]), known.exponents)
+    if table is not None:
+        if known is None or known.drawn is None or known.drawn.seed != table.seed:
+            known = _tabulated(vector, table, known)
+            if known is None:
+                return vector, None
+        assert known.drawn is not None
+        after = known.drawn.kept(table.step)
+    else:
+        size = -(-(piece_entries or chunk_size(vector.tensor)) // norms.BLOCK) * norms.BLOCK
+        parts = [norms_of(vector, piece, None if known is None else known.blocks(piece))
+                 for piece in chunks(vector.tensor.numel(), size)]
+        if known is None:
+            exponents = torch.cat([part[0] for part in parts])
+            if not norms.finite(exponents, vector.compute):
+                return vector, None
+            known = norms.Norm(exponents, norms.total(torch.cat([part[1] for part in parts]), exponents))
+        after = norms.total(torch.cat([part[2] for part in parts]), known.exponents)
     top = known.top
     if norms.small(known.total, top) or norms.small(after, top):
         return vector, known
     scale = torch.tensor(known.total / after, dtype=vector.compute, device=vector.tensor.device)
     return replace(vector, scale=scale), known
+
+
+def _tabulated(vector: TaskVector, table: Tabulated, known: norms.Norm | None) -> norms.Norm | None:
+    """known (or τ's |τ|_1, found too) with the table of table.seed's draws, summed a piece at a time; None when τ
+    is not finite."""
+    size = -(-table.piece_entries // norms.BLOCK) * norms.BLOCK
+    parts = [table.bins_of(vector, table.seed, piece, None if known is None else known.blocks(piece))
+             for piece in chunks(vector.tensor.numel(), size)]
+    exponents, by_steps = (torch.cat(part) for part in zip(*parts))
+    if known is None:
+        if not norms.finite(exponents, vector.compute):
+            return None
+        known = norms.Norm(exponents, norms.total(by_steps.sum(dim=1), exponents))
+    return replace(known, drawn=norms.Drawn.of(table.seed, by_steps, known.exponents))
 
 
 def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tensor:

@@ -13,7 +13,9 @@ exactly in Python integers, and the scale is the ratio of the two integers, roun
 compute dtype. The norms are short of the true ones by less than 2^-20 of them (a block of one large magnitude
 among tiny ones: far less in practice; a block whose largest magnitude is below 2^-89 is counted on a coarser
 grid, k capped at 126, a norm far below the 1e-7 under which nothing is rescaled), and depend on the task vector
-alone: a search keeps |τ|_1 (Norm) and finds only |τ · keep|_1 (merge.resident).
+alone: a search keeps |τ|_1 (Norm). Its DARE masks are all drawn under the search's seed, at densities on the
+draws' grid (merge.draws.GRID_BITS), so it also keeps |τ · keep|_1 for every density of that grid at once (Drawn:
+the q summed by the top bits of each entry's hash, in one pass) and reads each trial's from it, with no pass.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from fractions import Fraction
 
 import torch
 from torch import Tensor
+
+from shoal.merge import draws
 
 BLOCK = 1 << 16
 """Entries of a block of a tensor's flattened entries, from the first (methods.rescaled's pieces hold whole blocks:
@@ -66,14 +70,31 @@ def _scaled(magnitude: Tensor, exponents: Tensor) -> Tensor:
     return torch.mul(magnitude, scale.unsqueeze(1)).floor_()
 
 
+def scaled(magnitude: Tensor, exponents: Tensor | None) -> tuple[Tensor, Tensor]:
+    """For magnitudes laid out a block a row: each block's exponent (as given, or found) and each entry's q, in the
+    magnitudes' dtype. Traceable."""
+    if exponents is None:
+        exponents = block_exponents(magnitude)
+    return exponents, _scaled(magnitude, exponents)
+
+
+def by_step(q: Tensor, bins: Tensor) -> Tensor:
+    """Each row's sums of q (rows of a block each) by the entries' bins (int64, the top draws.GRID_BITS bits of
+    their hashes: a density of m steps keeps the bins below m): a row a block, a column a bin; integers below 2^53,
+    exact in any order (float64 on a CPU, int64 elsewhere)."""
+    steps = 1 << draws.GRID_BITS
+    dtype = torch.float64 if q.device.type == "cpu" else torch.int64
+    slots = bins + torch.arange(q.shape[0], device=q.device).unsqueeze(1) * steps
+    sums = torch.zeros(q.shape[0] * steps, dtype=dtype, device=q.device)
+    return sums.index_add_(0, slots.view(-1), q.reshape(-1).to(dtype)).view(q.shape[0], steps)
+
+
 def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None) -> Sums:
     """For magnitudes laid out a block a row and their keep mask (bool, or 0 and 1): each block's exponent (as
     given, or found), sum of q (None when the exponents were given: the caller knows the norm already) and sum of
     q · keep (integers below 2^53, in float64 or int64: exact in any order). Traceable: merge.fused compiles it."""
     found = exponents is None
-    if found:
-        exponents = block_exponents(magnitude)
-    q = _scaled(magnitude, exponents)
+    exponents, q = scaled(magnitude, exponents)
     before = _row_sums(q) if found else None
     return exponents, before, _row_sums(q.mul_(kept))
 
@@ -90,7 +111,8 @@ def _row_sums(values: Tensor) -> Tensor:
     return torch.stack([row.sum(dtype=torch.float64) for row in values])
 
 
-def by_rows(flat: Tensor, exponents: Tensor | None, sums_of: Callable[[int, Tensor, Tensor | None], Sums]) -> Sums:
+def by_rows(flat: Tensor, exponents: Tensor | None,
+            sums_of: Callable[[int, Tensor, Tensor | None], tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...]:
     """The sums of a piece of a tensor's flattened entries that starts at a block (its last may be the tensor's
     last block, shorter): sums_of(first entry in the piece, the piece's entries laid out a block a row, their
     blocks' exponents or None) for its whole blocks, then for the rest as one row, joined."""
@@ -106,18 +128,53 @@ def blocks_of(exponents: Tensor, piece: slice) -> Tensor:
     return exponents[piece.start // BLOCK:-(-piece.stop // BLOCK)]
 
 
-def joined(parts: list[Sums]) -> Sums:
-    """The sums of consecutive pieces as those of the piece they make up."""
-    return tuple(None if parts[0][i] is None else torch.cat([part[i] for part in parts]) for i in range(3))
+def joined(parts: list[tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...]:
+    """The sums of consecutive pieces (a tensor a block, or a row a block, each; or None) as those of the piece they
+    make up."""
+    return tuple(None if first is None else torch.cat([part[i] for part in parts]) for i, first in enumerate(parts[0]))
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """|τ · keep|_1 of a task vector at every density on the draws' grid (merge.draws.GRID_BITS) under one seed,
+    exactly, in the units of its Norm (count · 2^-top): Σ_b 2^(top - k_b) · (the q of block b in the bins below the
+    density's step), its blocks grouped by their shift top - k_b, each group's sums split into their low 31 bits
+    and the rest (both added in int64: below 2^47 for 2^16 blocks). 16 kB for each distinct shift of the tensor's
+    blocks, on a CPU."""
+
+    seed: int
+    shifts: list[int]
+    low: Tensor
+    """Of each shift, the sums' low 31 bits over the bins below each step: int64, a row a shift, 2^GRID_BITS + 1
+    columns (step 0 to all bins)."""
+    high: Tensor
+
+    @classmethod
+    def of(cls, seed: int, by_steps: Tensor, exponents: Tensor) -> Drawn:
+        """From each block's sums by bin (norms.by_step's rows) and the blocks' exponents."""
+        below = torch.cat([torch.zeros_like(by_steps[:, :1]), by_steps.cumsum(dim=1)], dim=1)  # exact: < 2^53
+        shifts, low, high = _grouped(below.to(torch.int64), exponents)
+        return cls(seed, shifts, low.cpu(), high.cpu())
+
+    def kept(self, step: int) -> int:
+        """|τ · keep|_1 · 2^top at a density of `step` steps of the grid."""
+        return _value(self.shifts, self.low[:, step].tolist(), self.high[:, step].tolist())
+
+
+TABLE_MIN = 1 << 18
+"""Entries of a task vector from which a search keeps its Drawn: a smaller one's norms cost less to find each trial
+than its table's 16 kB a shift is worth."""
 
 
 @dataclass(frozen=True)
 class Norm:
-    """A task vector's |τ|_1, exactly: total · 2^-top, top the largest k of its blocks."""
+    """A task vector's |τ|_1, exactly: total · 2^-top, top the largest k of its blocks; and, in a search, its
+    |τ · keep|_1 under the search's draws."""
 
     exponents: Tensor
     """e of each block of the tensor (int64, on its device)."""
     total: int
+    drawn: Drawn | None = None
 
     @property
     def top(self) -> int:
@@ -129,16 +186,25 @@ class Norm:
 
 
 def total(sums: Tensor, exponents: Tensor) -> int:
-    """Σ sum_b · 2^(top - k_b) over the blocks, exactly: each sum split into its low 31 bits and the rest (both
-    below 2^31), added within each shift in int64 (below 2^47 for 2^16 blocks), then in Python integers over the
-    shifts."""
+    """Σ sum_b · 2^(top - k_b) over the blocks, exactly (sums: integers below 2^53, one a block)."""
+    shifts, low, high = _grouped(sums.to(torch.int64).unsqueeze(1), exponents)
+    return _value(shifts, low[:, 0].tolist(), high[:, 0].tolist())
+
+
+def _grouped(sums: Tensor, exponents: Tensor) -> tuple[list[int], Tensor, Tensor]:
+    """Rows of sums (int64 below 2^53, a row a block) added within each shift top - k_b of the blocks: the distinct
+    shifts, and each one's sums of the low 31 bits and of the rest (both below 2^31 a block: below 2^47 for 2^16
+    blocks, exact in int64)."""
     powers = _powers(exponents)
-    shift = powers.max() - powers
-    whole = sums.to(torch.int64)
-    halves = torch.stack([whole & _LOW, whole >> 31])
-    bins = torch.zeros(2, int(shift.max()) + 1, dtype=torch.int64, device=sums.device).index_add_(1, shift, halves)
-    low, high = bins.tolist()
-    return sum(((h << 31) + lo) << s for s, (lo, h) in enumerate(zip(low, high)) if lo or h)
+    shifts, group = torch.unique(powers.max() - powers, return_inverse=True)
+    add = lambda part: torch.zeros(len(shifts), sums.shape[1], dtype=torch.int64, device=sums.device).index_add_(
+        0, group, part)
+    return shifts.tolist(), add(sums & _LOW), add(sums >> 31)
+
+
+def _value(shifts: list[int], low: list[int], high: list[int]) -> int:
+    """Σ (high_s · 2^31 + low_s) · 2^s over the shifts, in Python integers."""
+    return sum(((h << 31) + lo) << s for s, lo, h in zip(shifts, low, high))
 
 
 def finite(exponents: Tensor, dtype: torch.dtype) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from shoal.errors import ShoalError
-from shoal.merge import draws, fused, methods, spherical
+from shoal.merge import draws, fused, methods, norms, spherical
 from shoal.merge.norms import Norm
 
 REQUIRED: Any = object()
@@ -39,7 +39,9 @@ class MergeCall:
     lookup), methods.magnitude_places for DELLA."""
     norms: list[Norm | None] | None = None
     """Each task vector's |τ|_1 for the L1 rescale, where known (merge.norms); a None is filled in when found: the
-    resident merger keeps them between trials, as they depend on the task vector alone."""
+    resident merger keeps them between trials, as they depend on the task vector alone, and for DARE at a density on
+    the draws' grid with them a table of |τ · keep|_1 under the draws' seed (norms.Drawn), so that a search's later
+    trials read it."""
     fused: bool = False
     """A task-vector method's pieces are merged in one compiled pass (merge.fused), not in eager steps, when the
     compute dtype is float32 (`compiled`)."""
@@ -162,12 +164,24 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     vector = replace(vector, mask=mask, below=below)
     if not call.shared["rescale"]:
         return vector
-    known = call.norms[i] if call.norms is not None else None
     norms_of, piece_entries = (fused.piece_norms, fused.NORMS_PIECE) if call.compiled else (methods.piece_norms, None)
-    vector, known = methods.rescaled(vector, norms_of, known, piece_entries)
-    if call.norms is not None:
-        call.norms[i] = known
+    if call.norms is None:
+        return methods.rescaled(vector, norms_of, piece_entries=piece_entries)[0]
+    vector, call.norms[i] = methods.rescaled(vector, norms_of, call.norms[i], piece_entries,
+                                             _table(call, i, sparsify))
     return vector
+
+
+def _table(call: MergeCall, i: int, sparsify: Sparsify) -> methods.Tabulated | None:
+    """Where a search's rescale of task vector i reads |τ · keep|_1 from a table of its draws (norms.Drawn): DARE's
+    at a density on the draws' grid, of a task vector of at least norms.TABLE_MIN entries."""
+    step = draws.grid_step(call.per_model[i]["density"])
+    tensor = call.tensors[i] if call.deltas is None else call.deltas[i]
+    if sparsify != "random" or step is None or tensor.numel() < norms.TABLE_MIN:
+        return None
+    if call.compiled:
+        return methods.Tabulated(call.seeds[i], step, fused.piece_bins, fused.BINS_PIECE)
+    return methods.Tabulated(call.seeds[i], step, methods.piece_bins, methods.bins_piece(tensor))
 
 
 def _task_vector_pieces(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], Pieces]:

@@ -179,8 +179,9 @@ def run_trials(
     uninterrupted one would.
 
     Every trial is merged under the search's `seed`: DARE's drops are the same draws in every trial (at a
-    density, the same mask), so a candidate's fitness is a function of its genes alone and the selection does not
-    pick the luck of a draw.
+    density, the same mask), so a candidate's fitness is a function of its genes alone, the selection does not
+    pick the luck of a draw, and the resident merger reads the rescale's norms of each later trial from a table of
+    those draws (merge.norms.Drawn) instead of finding them in a pass over the parents.
 
     A failed trial is told to the optimizer as worse than anything scored so far: one below the lower of
     failure_fitness (the fitness's floor, e.g. 0 for accuracies) and the worst fitness of the trials up to its
