@@ -100,7 +100,7 @@ def test_a_table_of_the_draws_gives_each_density_on_the_grid_the_pass_s_norms(mo
     seed (its pieces here of one block: whole blocks, and the tensor's short last one), again for another seed."""
     torch._dynamo.reset()
     monkeypatch.setattr(fused, "_broken", [])
-    delta = task_vector()  # blocks at four shifts: 0, 84, 85, 91
+    delta = task_vector()  # blocks at four ks (shifts from the largest: 0, 84, 85, 91)
     calls = []
     counted = lambda vector, seed, piece, exponents: calls.append(seed) or bins_of(vector, seed, piece, exponents)
     norm = None
@@ -112,7 +112,7 @@ def test_a_table_of_the_draws_gives_each_density_on_the_grid_the_pass_s_norms(mo
         assert torch.equal(tabled.scale, expected.scale) and (norm.total, norm.top) == (found.total, found.top)
         before, after = written_out(delta, mask.keep(None))
         assert Fraction(norm.drawn.kept(step), 2**norm.top) == after
-        assert norm.drawn.kept(1 << draws.GRID_BITS) == norm.total and len(norm.drawn.shifts) == 4
+        assert norm.drawn.kept(1 << draws.GRID_BITS) == norm.total and len(norm.drawn.tally.parts) == 4
     assert calls == [17] * 4 + [4] * 4
     assert not fused._broken
 
@@ -152,6 +152,6 @@ def test_a_gpu_finds_the_cpus_norms_and_scale(monkeypatch):
         drawn = methods.RandomDraws(delta.shape, torch.device(device), 358 / 1024, 41)
         tabled, with_table = methods.rescaled(methods.TaskVector(delta.to(device), mask=drawn), table=table)
         assert after.scale.item() == vector.scale.item() and with_table.drawn.kept(1024) == norm.total
-        found[device + " table"] = (with_table.drawn.shifts, with_table.drawn.kept(358), tabled.scale.item())
+        found[device + " table"] = (sorted(with_table.drawn.tally.parts), with_table.drawn.kept(358), tabled.scale.item())
         found[device] = (norm.total, norm.top, vector.scale.item())
     assert found["cpu"] == found["cuda"] and found["cpu table"] == found["cuda table"]

@@ -397,7 +397,7 @@ def piece_norms(vector: TaskVector, piece: slice, exponents: Tensor | None) -> n
 
 Bins = Callable[[TaskVector, int, slice, Tensor | None], tuple[Tensor, Tensor]]
 """Of a piece of a task vector starting at a block, under a seed's draws: its blocks' exponents (as given, or found)
-and their sums of q by the draws' bins (norms.by_step's rows)."""
+and their sums of q below each step of the draws' grid (norms.by_step)."""
 
 
 def piece_bins(vector: TaskVector, seed: int, piece: slice, exponents: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -407,7 +407,7 @@ def piece_bins(vector: TaskVector, seed: int, piece: slice, exponents: Tensor | 
 
     def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> tuple[Tensor, Tensor]:
         found, q = norms.scaled(rows, blocks)
-        return found, norms.by_step(q, bins[first:first + rows.numel()].view(rows.shape))
+        return found, norms.by_step(q, norms.slots(bins[first:first + rows.numel()].view(rows.shape)))
 
     return norms.by_rows(delta.abs().view(-1), exponents, sums_of)
 
@@ -473,14 +473,17 @@ def _tabulated(vector: TaskVector, table: Tabulated, known: norms.Norm | None) -
     """known (or τ's |τ|_1, found too) with the table of table.seed's draws, summed a piece at a time; None when τ
     is not finite."""
     size = -(-table.piece_entries // norms.BLOCK) * norms.BLOCK
-    parts = [table.bins_of(vector, table.seed, piece, None if known is None else known.blocks(piece))
-             for piece in chunks(vector.tensor.numel(), size)]
-    exponents, by_steps = (torch.cat(part) for part in zip(*parts))
+    tally, exponents = norms.Tally(), []
+    for piece in chunks(vector.tensor.numel(), size):
+        found, below = table.bins_of(vector, table.seed, piece, None if known is None else known.blocks(piece))
+        tally.add(below, found)
+        exponents.append(found)
     if known is None:
-        if not norms.finite(exponents, vector.compute):
+        found = torch.cat(exponents)
+        if not norms.finite(found, vector.compute):
             return None
-        known = norms.Norm(exponents, norms.total(by_steps.sum(dim=1), exponents))
-    return replace(known, drawn=norms.Drawn.of(table.seed, by_steps, known.exponents))
+        known = norms.Norm(found, tally.value(1 << draws.GRID_BITS))
+    return replace(known, drawn=norms.Drawn(table.seed, tally))
 
 
 def _vote(delta: Tensor, weight: float, elect_dtype: torch.dtype | None) -> Tensor:

@@ -78,15 +78,21 @@ def scaled(magnitude: Tensor, exponents: Tensor | None) -> tuple[Tensor, Tensor]
     return exponents, _scaled(magnitude, exponents)
 
 
-def by_step(q: Tensor, bins: Tensor) -> Tensor:
-    """Each row's sums of q (rows of a block each) by the entries' bins (int64, the top draws.GRID_BITS bits of
-    their hashes: a density of m steps keeps the bins below m): a row a block, a column a bin; integers below 2^53,
-    exact in any order (float64 on a CPU, int64 elsewhere)."""
+def slots(bins: Tensor) -> Tensor:
+    """Where each entry of rows of a block each is summed by by_step: its row's first slot plus its bin (int64, the
+    top draws.GRID_BITS bits of its hash). Traceable."""
+    return bins + torch.arange(bins.shape[0], device=bins.device).unsqueeze(1) * (1 << draws.GRID_BITS)
+
+
+def by_step(q: Tensor, slots: Tensor) -> Tensor:
+    """Each row's sums of q (rows of a block each) over the entries whose bin is below each step of the draws' grid
+    (a density of m steps keeps the bins below m), from their slots: a row a block, a column a step from 0 to
+    2^GRID_BITS; integers below 2^53, exact in any order (float64 on a CPU, int64 elsewhere)."""
     steps = 1 << draws.GRID_BITS
     dtype = torch.float64 if q.device.type == "cpu" else torch.int64
-    slots = bins + torch.arange(q.shape[0], device=q.device).unsqueeze(1) * steps
     sums = torch.zeros(q.shape[0] * steps, dtype=dtype, device=q.device)
-    return sums.index_add_(0, slots.view(-1), q.reshape(-1).to(dtype)).view(q.shape[0], steps)
+    by_bin = sums.scatter_add_(0, slots.reshape(-1), q.reshape(-1).to(dtype)).view(q.shape[0], steps)
+    return torch.cat([torch.zeros_like(by_bin[:, :1]), by_bin.cumsum(dim=1)], dim=1)
 
 
 def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None) -> Sums:
@@ -134,31 +140,46 @@ def joined(parts: list[tuple[Tensor | None, ...]]) -> tuple[Tensor | None, ...]:
     return tuple(None if first is None else torch.cat([part[i] for part in parts]) for i, first in enumerate(parts[0]))
 
 
+class Tally:
+    """Rows of sums (a row a block: integers below 2^53, float64 or int64), added up exactly a piece of blocks at a
+    time: within each k of the blocks, each sum split into its low 31 bits and the rest (both below 2^31 a block, so
+    below 2^47 in int64 for 2^16 blocks), on a CPU; then over the ks in Python integers."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, Tensor] = {}
+        """Of each k, the blocks' sums of the low bits (row 0) and of the rest (row 1), a column a column of sums."""
+
+    def add(self, sums: Tensor, exponents: Tensor) -> None:
+        """A piece's rows of sums and its blocks' exponents."""
+        whole = sums.to(torch.int64)
+        powers, group = torch.unique(_powers(exponents), return_inverse=True)
+        halves = torch.stack([whole & _LOW, whole >> 31], dim=1)
+        added = torch.zeros(len(powers), *halves.shape[1:], dtype=torch.int64, device=sums.device)
+        for k, part in zip(powers.tolist(), added.index_add_(0, group, halves).cpu()):
+            self.parts[k] = part if k not in self.parts else self.parts[k] + part
+
+    @property
+    def top(self) -> int:
+        return max(self.parts)
+
+    def value(self, column: int) -> int:
+        """Σ sum_b · 2^(top - k_b) of a column over the blocks."""
+        return sum(((high << 31) + low) << (self.top - k)
+                   for k, (low, high) in ((k, part[:, column].tolist()) for k, part in self.parts.items()))
+
+
 @dataclass(frozen=True)
 class Drawn:
     """|τ · keep|_1 of a task vector at every density on the draws' grid (merge.draws.GRID_BITS) under one seed,
-    exactly, in the units of its Norm (count · 2^-top): Σ_b 2^(top - k_b) · (the q of block b in the bins below the
-    density's step), its blocks grouped by their shift top - k_b, each group's sums split into their low 31 bits
-    and the rest (both added in int64: below 2^47 for 2^16 blocks). 16 kB for each distinct shift of the tensor's
-    blocks, on a CPU."""
+    exactly, in the units of its Norm (count · 2^-top): a Tally of each block's q in the bins below each step (a
+    column a step, 0 to 2^GRID_BITS), from by_step's rows. 16 kB for each distinct k of the tensor's blocks."""
 
     seed: int
-    shifts: list[int]
-    low: Tensor
-    """Of each shift, the sums' low 31 bits over the bins below each step: int64, a row a shift, 2^GRID_BITS + 1
-    columns (step 0 to all bins)."""
-    high: Tensor
-
-    @classmethod
-    def of(cls, seed: int, by_steps: Tensor, exponents: Tensor) -> Drawn:
-        """From each block's sums by bin (norms.by_step's rows) and the blocks' exponents."""
-        below = torch.cat([torch.zeros_like(by_steps[:, :1]), by_steps.cumsum(dim=1)], dim=1)  # exact: < 2^53
-        shifts, low, high = _grouped(below.to(torch.int64), exponents)
-        return cls(seed, shifts, low.cpu(), high.cpu())
+    tally: Tally
 
     def kept(self, step: int) -> int:
         """|τ · keep|_1 · 2^top at a density of `step` steps of the grid."""
-        return _value(self.shifts, self.low[:, step].tolist(), self.high[:, step].tolist())
+        return self.tally.value(step)
 
 
 TABLE_MIN = 1 << 18
@@ -187,24 +208,9 @@ class Norm:
 
 def total(sums: Tensor, exponents: Tensor) -> int:
     """Σ sum_b · 2^(top - k_b) over the blocks, exactly (sums: integers below 2^53, one a block)."""
-    shifts, low, high = _grouped(sums.to(torch.int64).unsqueeze(1), exponents)
-    return _value(shifts, low[:, 0].tolist(), high[:, 0].tolist())
-
-
-def _grouped(sums: Tensor, exponents: Tensor) -> tuple[list[int], Tensor, Tensor]:
-    """Rows of sums (int64 below 2^53, a row a block) added within each shift top - k_b of the blocks: the distinct
-    shifts, and each one's sums of the low 31 bits and of the rest (both below 2^31 a block: below 2^47 for 2^16
-    blocks, exact in int64)."""
-    powers = _powers(exponents)
-    shifts, group = torch.unique(powers.max() - powers, return_inverse=True)
-    add = lambda part: torch.zeros(len(shifts), sums.shape[1], dtype=torch.int64, device=sums.device).index_add_(
-        0, group, part)
-    return shifts.tolist(), add(sums & _LOW), add(sums >> 31)
-
-
-def _value(shifts: list[int], low: list[int], high: list[int]) -> int:
-    """Σ (high_s · 2^31 + low_s) · 2^s over the shifts, in Python integers."""
-    return sum(((h << 31) + lo) << s for s, lo, h in zip(shifts, low, high))
+    tally = Tally()
+    tally.add(sums.unsqueeze(1), exponents)
+    return tally.value(0)
 
 
 def finite(exponents: Tensor, dtype: torch.dtype) -> bool:
