@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from shoal.checkpoint.reader import Checkpoint
 from shoal.errors import ShoalError
-from shoal.merge import methods
+from shoal.merge import methods, norms
 from shoal.merge.plan import DTYPE_OF_TAG, MergePlan, TensorInput, input_bytes
 from shoal.merge.registry import MergeMethod
 
@@ -33,6 +33,10 @@ signs, the divisor, a weighted vector and its agreement mask are whole: 3 n + 8 
 (benchmarks/merge_peak.py measured 5.3-16.4 over 2-4 parents)."""
 ARITHMETIC_COPIES_OTHER = (1, 2)
 """Any other method: about n + 2 (its inputs widened, the result and one temporary)."""
+TABLE_BYTES = 48
+"""Bytes an entry of a piece that making a search's table of DARE's draws (merge.norms.Drawn, at a task vector's
+first merge, before its chunks are merged) holds at most: τ, its magnitudes and q (float32), the hashes' three int64
+tensors off a CPU, each entry's bin and slot (int64), q in float64 for the sums."""
 READ_AHEAD_LIMIT = 512 * 2**20
 """The streamed plan reads the next tensor's inputs while this one merges when they are at most this many bytes (as
 read from the files); a larger one (a large vocabulary's embedding or head) is read once this one is merged and let
@@ -220,6 +224,9 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             temporaries = chunk * t.compute * (per * n + extra)
             if compiled and on_cpu:  # merge.fused's larger chunks: a result, its rounded copy, masks from ranks
                 temporaries = max(temporaries, min(t.numel, methods.COMPILED_CHUNK) * (t.compute + t.out + n))
+            if t.sparsify == "random" and t.numel >= norms.TABLE_MIN:  # its table of DARE's draws, made first
+                piece = methods.BINS_PIECE if compiled and on_cpu else min(methods.BINS_PIECE, chunk)
+                temporaries = max(temporaries, min(t.numel, piece) * TABLE_BYTES)
             arithmetic = t.numel * (held * n + forming) + temporaries
         else:  # in one piece, or whole anyway (a task-vector method without pieces)
             per, extra = ARITHMETIC_COPIES_TASK_VECTORS_WHOLE if t.task_vectors else ARITHMETIC_COPIES_OTHER
