@@ -55,10 +55,12 @@ def test_torch_draws_as_off_a_cpu_are_numpy_draws(monkeypatch):
     (pieces of 1,000 entries), they are the numpy draws."""
     start, count = 2**32 - 5_500, 5_432
     expected = [draws.kept(8, density, start, count) for density in (0.2, 0.7)], draws.uniforms(8, start, count)
+    bins = draws.bins(8, start, count)  # the top bits a search's table of DARE's norms sums by
+    assert bins.tolist() == [h >> (32 - draws.GRID_BITS) for h in reference(8, start, count)]
     monkeypatch.setattr(draws, "DEVICE_PIECE", 1000)
     monkeypatch.setattr(draws, "_in_numpy", lambda device: False)
     assert all(torch.equal(draws.kept(8, d, start, count), m) for d, m in zip((0.2, 0.7), expected[0]))
-    assert torch.equal(draws.uniforms(8, start, count), expected[1])
+    assert torch.equal(draws.uniforms(8, start, count), expected[1]) and torch.equal(draws.bins(8, start, count), bins)
 
 
 def test_a_piece_draws_what_the_whole_draws_there():
@@ -80,11 +82,13 @@ def test_the_threshold_is_where_the_uniforms_pass_the_density():
         assert (top - 1) / 2**24 < d <= top / 2**24
 
 
-@pytest.mark.parametrize("density,step", [(1 / 1024, 1), (0.5, 512), (307 / 1024, 307), (1023 / 1024, 1023),
-                                          (0.3, None), (1.0, None), (1 / 2048, None)])
-def test_a_density_on_the_grid_keeps_the_entries_whose_top_bits_are_below_its_step(density, step):
-    assert draws.grid_step(density) == step
-    assert draws.on_grid(density) == (density if step else min(max(round(density * 1024), 1), 1024) / 1024)
+@pytest.mark.parametrize("density,step,nearest", [
+    (1 / 1024, 1, 1 / 1024), (0.5, 512, 0.5), (307 / 1024, 307, 307 / 1024), (1023 / 1024, 1023, 1023 / 1024),
+    (0.3, None, 307 / 1024), (1.0, None, 1.0), (1 / 2048, None, 1 / 1024), (0.0001, None, 1 / 1024),
+    (0.9996, None, 1.0), (0.49023437499999994, 502, 502 / 1024),  # a gradient's interpolation, 502/1024 in float32
+])
+def test_a_density_on_the_grid_keeps_the_entries_whose_top_bits_are_below_its_step(density, step, nearest):
+    assert draws.grid_step(density) == step and draws.on_grid(density) == nearest
     if step is not None:
         top = torch.tensor(reference(5, 1000, 4096)) >> (32 - draws.GRID_BITS)
         assert torch.equal(draws.kept(5, density, 1000, 4096), top < step)

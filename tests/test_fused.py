@@ -191,9 +191,10 @@ def test_a_search_s_later_merges_read_the_rescale_s_norms_from_a_table_of_its_dr
     made = []
     tabulated = methods._tabulated
     monkeypatch.setattr(methods, "_tabulated", lambda *args: made.append(args[1].seed) or tabulated(*args))
-    densities = [(0.5, 307 / 1024, 0.25), (0.75, 0.5, 1 / 1024), (1023 / 1024, 0.5, 0.5)]
+    # the last densities off the grid (as `shoal merge` of another recipe): found in a pass, no table read or made
+    densities = [(0.5, 307 / 1024, 0.25), (0.75, 0.5, 1 / 1024), (1023 / 1024, 0.5, 0.5), (0.3, 0.7, 0.45)]
     recipes = [recipe_of("dare_ties", parents, "bfloat16", d) for d in densities]
-    recipes.append(recipes[0].model_copy(update={"seed": 6}))
+    recipes.insert(3, recipes[0].model_copy(update={"seed": 6}))
     merger = ResidentMerger(recipes[0], memory=memory)
     tables = []
     for i, recipe in enumerate(recipes):
@@ -204,7 +205,7 @@ def test_a_search_s_later_merges_read_the_rescale_s_norms_from_a_table_of_its_dr
         live = {name: p.detach() for name, p in merger.model.named_parameters()}
         assert_same_bits({name: live[name] for name in on_disk}, on_disk)
     vectors = 3 * sum(job.base is not None for job in build_plan(recipes[0], merger.parents).jobs)
-    assert tables == [vectors, vectors, vectors, 2 * vectors] and len(set(made)) == 2 * vectors
+    assert tables == [vectors, vectors, vectors, 2 * vectors, 2 * vectors] and len(set(made)) == 2 * vectors
 
 
 def test_a_merge_ahead_in_another_thread_compiles_the_same_merge(parents, compiled):
@@ -273,8 +274,8 @@ def test_only_merges_of_enough_entries_in_chunks_compile(parents, monkeypatch):
 
 def test_after_a_failed_compile_the_larger_pieces_merge_in_the_eager_steps_chunks(monkeypatch):
     """Once compiling fails, a piece of the compiled pass (methods.COMPILED_CHUNK, fused.NORMS_PIECE entries) is
-    merged and its norms found a chunk of the eager steps at a time, never whole: the same values as the eager
-    steps, with their temporaries."""
+    merged and its norms and a search's table of its draws found a chunk of the eager steps at a time, never whole:
+    the same values as the eager steps, with their temporaries."""
     from shoal.merge import norms
 
     monkeypatch.setattr(fused, "_broken", [])
@@ -287,16 +288,23 @@ def test_after_a_failed_compile_the_larger_pieces_merge_in_the_eager_steps_chunk
     vectors = [methods.TaskVector(p, base, mask=methods.RandomDraws(base.shape, base.device, d, s))
                for p, d, s in zip(parents, (0.4, 0.7), (3, 4))]
     pieces: list[int] = []
-    originals = {name: getattr(methods, name) for name in ("combine_task_vectors", "piece_norms")}
+    originals = {name: getattr(methods, name) for name in ("combine_task_vectors", "piece_norms", "piece_bins")}
     for name, original in originals.items():
         monkeypatch.setattr(methods, name, lambda *a, _original=original, **k: pieces.append(
-            (k.get("piece") or a[1]).stop - (k.get("piece") or a[1]).start) or _original(*a, **k))
+            (k.get("piece") or a[-2]).stop - (k.get("piece") or a[-2]).start) or _original(*a, **k))
     everything = slice(0, 1 << 24)
     failed = [fused.piece_norms(vector, everything, None) for vector in vectors]
     assert fused._broken and max(pieces) <= norms.BLOCK and sum(pieces) == 2 * numel
     for vector, sums in zip(vectors, failed):
         expected = methods.rescaled(vector)[1]
         assert norms.total(sums[1], sums[0]) == expected.total and torch.equal(sums[0], expected.exponents)
+    pieces.clear()
+    # a search's table of its draws, made a chunk at a time too: the sums below every step as the eager steps' own
+    for vector in vectors:
+        found, below = fused.piece_bins(vector, vector.mask.seed, everything, None)
+        expected_exponents, expected = originals["piece_bins"](vector, vector.mask.seed, slice(0, numel), None)
+        assert torch.equal(found, expected_exponents) and torch.equal(below, expected)
+    assert max(pieces) <= norms.BLOCK and sum(pieces) == 2 * numel
     pieces.clear()
     settings = dict(consensus=True, normalize=False, lam=1.0)
     merged = fused.combiner(base, vectors, [0.6, 0.5], **settings)(slice(0, 1 << 21))

@@ -93,11 +93,13 @@ def test_a_known_norm_gives_the_same_scale_finding_only_the_kept_sums(monkeypatc
         assert again is norm and torch.equal(known.scale, expected.scale)
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
 @pytest.mark.parametrize("bins_of", [methods.piece_bins, fused.piece_bins])
-def test_a_table_of_the_draws_gives_each_density_on_the_grid_the_pass_s_norms(monkeypatch, bins_of):
+def test_a_table_of_the_draws_gives_each_density_on_the_grid_the_pass_s_norms(monkeypatch, bins_of, blocks):
     """A search's DARE reads |τ · keep|_1 at any density on the draws' grid from one table of its seed's draws
     (norms.Drawn): the definition written out and the pass's scale at each, |τ|_1 over every bin; summed once a
-    seed (its pieces here of one block: whole blocks, and the tensor's short last one), again for another seed."""
+    seed (in pieces of one block or three at different ks, and the tensor's short last block), again for another
+    seed."""
     torch._dynamo.reset()
     monkeypatch.setattr(fused, "_broken", [])
     delta = task_vector()  # blocks at four ks (shifts from the largest: 0, 84, 85, 91)
@@ -108,12 +110,12 @@ def test_a_table_of_the_draws_gives_each_density_on_the_grid_the_pass_s_norms(mo
         mask = methods.RandomDraws(delta.shape, delta.device, step / 1024, seed)
         expected, found = methods.rescaled(methods.TaskVector(delta, mask=mask.keep(None)))
         tabled, norm = methods.rescaled(methods.TaskVector(delta, mask=mask), known=norm,
-                                        table=methods.Tabulated(seed, step, counted, norms.BLOCK))
+                                        table=methods.Tabulated(mask, counted, blocks * norms.BLOCK))
         assert torch.equal(tabled.scale, expected.scale) and (norm.total, norm.top) == (found.total, found.top)
         before, after = written_out(delta, mask.keep(None))
         assert Fraction(norm.drawn.kept(step), 2**norm.top) == after
         assert norm.drawn.kept(1 << draws.GRID_BITS) == norm.total and len(norm.drawn.tally.parts) == 4
-    assert calls == [17] * 4 + [4] * 4
+    assert calls == ([17] * 4 + [4] * 4 if blocks == 1 else [17, 17, 4, 4])
     assert not fused._broken
 
 
@@ -123,8 +125,8 @@ def test_a_task_vector_that_is_not_finite_is_left_unscaled():
     mask = torch.rand(N, generator=torch.Generator().manual_seed(1)) < 0.5
     vector, norm = methods.rescaled(methods.TaskVector(delta, mask=mask))
     assert vector.scale is None and norm is None
-    table = methods.Tabulated(3, 512, methods.piece_bins, norms.BLOCK)  # nor from a table of its draws
-    drawn = methods.RandomDraws(delta.shape, delta.device, 0.5, 3)
+    drawn = methods.RandomDraws(delta.shape, delta.device, 0.5, 3)  # nor from a table of its draws
+    table = methods.Tabulated(drawn, methods.piece_bins, norms.BLOCK)
     assert methods.rescaled(methods.TaskVector(delta, mask=drawn), table=table)[1] is None
     delta[10] = float("nan")
     assert methods.rescaled(methods.TaskVector(delta.double(), compute=torch.float64, mask=mask))[0].scale is None
@@ -148,10 +150,11 @@ def test_a_gpu_finds_the_cpus_norms_and_scale(monkeypatch):
         mask = methods.RandomDraws(delta.shape, torch.device(device), 0.35, 41)
         vector, norm = methods.rescaled(methods.TaskVector(delta.to(device), mask=mask))
         after = methods.rescaled(methods.TaskVector(delta.to(device), mask=mask), known=norm)[0]
-        table = methods.Tabulated(41, 358, methods.piece_bins, norms.BLOCK)  # 0.35 is not on the grid: 358 steps
-        drawn = methods.RandomDraws(delta.shape, torch.device(device), 358 / 1024, 41)
-        tabled, with_table = methods.rescaled(methods.TaskVector(delta.to(device), mask=drawn), table=table)
+        drawn = methods.RandomDraws(delta.shape, torch.device(device), 358 / 1024, 41)  # 0.35 is off the grid
+        tabled, with_table = methods.rescaled(methods.TaskVector(delta.to(device), mask=drawn),
+                                              table=methods.Tabulated(drawn, methods.piece_bins, norms.BLOCK))
         assert after.scale.item() == vector.scale.item() and with_table.drawn.kept(1024) == norm.total
-        found[device + " table"] = (sorted(with_table.drawn.tally.parts), with_table.drawn.kept(358), tabled.scale.item())
+        found[f"{device} table"] = (sorted(with_table.drawn.tally.parts), with_table.drawn.kept(358),
+                                    tabled.scale.item())
         found[device] = (norm.total, norm.top, vector.scale.item())
     assert found["cpu"] == found["cuda"] and found["cpu table"] == found["cuda table"]

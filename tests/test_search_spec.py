@@ -36,6 +36,18 @@ def test_per_layer_genes_become_a_gradient_that_hits_each_layer() -> None:
     assert _value(recipe, 0, "weight", "lm_head.weight", 0, 4) == values["math.weight.embeddings"]
 
 
+@pytest.mark.parametrize("method,drawn", [("dare_ties", True), ("della", True), ("ties", False),
+                                          ("task_arithmetic", False)])
+def test_how_trials_draw_is_part_of_a_random_method_s_fingerprint(monkeypatch, method, drawn) -> None:
+    """A run made when each trial drew its DARE or DELLA drops under its own seed is another search than one now."""
+    import shoal.search.spec as spec_module
+
+    spec = SearchSpec.model_validate(BASE | {"method": method})
+    before = spec.search_hash()
+    monkeypatch.setattr(spec_module, "DRAWS", "a seed a trial")
+    assert (spec.search_hash() != before) == drawn
+
+
 @pytest.mark.parametrize("method,gridded", [("dare_ties", True), ("dare_linear", True), ("ties", False),
                                             ("della", False)])
 def test_dare_densities_are_rounded_to_the_draws_grid_and_no_other_method_s(method, gridded) -> None:

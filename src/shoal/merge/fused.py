@@ -130,12 +130,12 @@ def _norms(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor, expon
     return norms.block_norms(magnitude, _keep(keep, magnitude, start), exponents)
 
 
-def _scaled(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, exponents: Tensor | None
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """norms.scaled of a piece laid out a block a row (as _norms takes it), its q in float64, and each entry's slot
+def _slotted(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, exponents: Tensor | None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """norms.counted of a piece laid out a block a row (as _norms takes it), its q in float64, and each entry's slot
     (norms.slots) for its bin under the draws of key (a seed's offset, 0-dim int64), for norms.by_step."""
     magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
-    exponents, q = norms.scaled(magnitude, exponents)
+    exponents, q = norms.counted(magnitude, exponents)
     index = (torch.arange(q.numel(), device=q.device) + start).view(q.shape)
     return exponents, q.double(), norms.slots(draws.hashed(index, key) >> (32 - draws.GRID_BITS))
 
@@ -173,7 +173,7 @@ def _run(function: Callable, eager: Callable[[], object], *args, then: Callable 
 def _eager_chunks(piece: slice, numel: int) -> list[slice]:
     """A piece of a tensor of numel entries as the eager steps' chunks (methods.CHUNK, rounded up to whole blocks of
     merge.norms, as a norm's pieces must start at one)."""
-    size = -(-methods.CHUNK // norms.BLOCK) * norms.BLOCK
+    size = norms.whole_blocks(methods.CHUNK)
     stop = min(piece.stop, numel)
     return [slice(start, min(start + size, stop)) for start in range(piece.start, stop, size)]
 
@@ -214,15 +214,11 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
     return norms.by_rows(tensor, exponents, sums_of)
 
 
-BINS_PIECE = 1 << 20
-"""Entries of a piece whose q and slots the compiled pass forms in one call (methods.piece_bins): 16 bytes an entry
-(float64 and int64) for norms.by_step's sums, which stay eager (torch's scatter_add takes 0.8 ns an entry on a CPU
-thread here; the same sums compiled took 8)."""
-
-
 def piece_bins(vector: methods.TaskVector, seed: int, piece: slice, exponents: Tensor | None
                ) -> tuple[Tensor, Tensor]:
-    """methods.piece_bins with each block's q and each entry's bin formed in one compiled pass."""
+    """methods.piece_bins with each block's q and each entry's slot formed in one compiled pass, a piece of
+    methods.BINS_PIECE entries a call (float64 and int64: 16 bytes an entry); their sums stay eager (norms.by_step:
+    torch's scatter_add takes 0.8 ns an entry on a CPU thread here, the same sums compiled took 8)."""
     tensor = methods.flat_piece(vector.tensor, piece)
     base = None if vector.base is None else methods.flat_piece(vector.base, piece)
     key = _int(draws.offset(seed), tensor.device)
@@ -236,7 +232,7 @@ def piece_bins(vector: methods.TaskVector, seed: int, piece: slice, exponents: T
                 for chunk in _eager_chunks(whole, vector.tensor.numel())])
 
         part = slice(first, first + rows.numel())
-        return _run(_scaled, eager, rows, None if base is None else base[part].view(rows.shape), key,
+        return _run(_slotted, eager, rows, None if base is None else base[part].view(rows.shape), key,
                     _int(whole.start, tensor.device), blocks,
                     then=lambda exponents, q, slots: (exponents, norms.by_step(q, slots)))
 

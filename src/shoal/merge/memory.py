@@ -225,7 +225,7 @@ def memory_need(sizes: Sequence[TensorSize], plan: MemoryPlan, *, slots: int, on
             if compiled and on_cpu:  # merge.fused's larger chunks: a result, its rounded copy, masks from ranks
                 temporaries = max(temporaries, min(t.numel, methods.COMPILED_CHUNK) * (t.compute + t.out + n))
             if t.sparsify == "random" and t.numel >= norms.TABLE_MIN:  # its table of DARE's draws, made first
-                piece = methods.BINS_PIECE if compiled and on_cpu else min(methods.BINS_PIECE, chunk)
+                piece = methods.bins_piece(on_cpu, compiled and on_cpu)
                 temporaries = max(temporaries, min(t.numel, piece) * TABLE_BYTES)
             arithmetic = t.numel * (held * n + forming) + temporaries
         else:  # in one piece, or whole anyway (a task-vector method without pieces)

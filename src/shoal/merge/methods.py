@@ -401,37 +401,51 @@ and their sums of q below each step of the draws' grid (norms.by_step)."""
 
 
 def piece_bins(vector: TaskVector, seed: int, piece: slice, exponents: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Sums by bin of a piece, in eager steps (merge.fused.piece_bins: its q in one compiled pass)."""
+    """The sums below each step of a piece (Bins), in eager steps (merge.fused.piece_bins: its q and slots in one
+    compiled pass)."""
     delta = vector.formed(piece)
     bins = draws.bins(seed, piece.start, delta.numel(), delta.device)
 
     def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> tuple[Tensor, Tensor]:
-        found, q = norms.scaled(rows, blocks)
+        found, q = norms.counted(rows, blocks)
         return found, norms.by_step(q, norms.slots(bins[first:first + rows.numel()].view(rows.shape)))
 
     return norms.by_rows(delta.abs().view(-1), exponents, sums_of)
 
 
 BINS_PIECE = 1 << 20
-"""Entries at most of a piece whose sums by bin are found at once off a CPU, where a chunk is larger: its bins and
-their slots in the sums (int64) take 16 bytes an entry, 16 MiB (a CPU's eager steps take a chunk)."""
+"""Entries at most of a piece whose sums below each step are found at once: in merge.fused's compiled pass (its q
+and slots, 16 bytes an entry), and off a CPU, where a chunk is larger (about 36 bytes an entry with the hashes'
+temporaries; a CPU's eager steps take a chunk). merge.memory counts them (TABLE_BYTES)."""
 
 
-def bins_piece(tensor: Tensor) -> int:
-    """Entries of a piece whose sums by bin the eager steps find at once, on tensor's device."""
-    return min(BINS_PIECE, chunk_size(tensor))
+def bins_piece(on_cpu: bool, compiled: bool) -> int:
+    """Entries of a piece whose sums below each step are found at once, on a CPU or another device, in merge.fused's
+    compiled pass or in eager steps."""
+    return BINS_PIECE if compiled else min(BINS_PIECE, chunk_entries(on_cpu))
 
 
 @dataclass(frozen=True)
 class Tabulated:
-    """A search's DARE rescale, read from its task vector's table (norms.Drawn) rather than found: the draws' seed,
-    the density's step on the draws' grid, and how the table's pieces' sums by bin are found (bins_of, pieces of
-    piece_entries) when this seed's table is not made yet."""
+    """A search's DARE rescale, read from its task vector's table (norms.Drawn) rather than found: its mask's draws
+    (at a density on the draws' grid), and how the table's pieces' sums are found (bins_of, pieces of piece_entries)
+    when the table of the draws' seed is not made yet."""
 
-    seed: int
-    step: int
+    mask: RandomDraws
     bins_of: Bins
     piece_entries: int
+
+    @property
+    def seed(self) -> int:
+        return self.mask.seed
+
+    @property
+    def step(self) -> int:
+        """The density's step on the draws' grid."""
+        step = draws.grid_step(self.mask.density)
+        if step is None:
+            raise ValueError(f"density {self.mask.density} is not on the draws' grid")
+        return step
 
 
 def rescaled(vector: TaskVector, norms_of: Norms = piece_norms, known: norms.Norm | None = None,
@@ -453,7 +467,7 @@ def rescaled(vector: TaskVector, norms_of: Norms = piece_norms, known: norms.Nor
         assert known.drawn is not None
         after = known.drawn.kept(table.step)
     else:
-        size = -(-(piece_entries or chunk_size(vector.tensor)) // norms.BLOCK) * norms.BLOCK
+        size = norms.whole_blocks(piece_entries or chunk_size(vector.tensor))
         parts = [norms_of(vector, piece, None if known is None else known.blocks(piece))
                  for piece in chunks(vector.tensor.numel(), size)]
         if known is None:
@@ -472,9 +486,8 @@ def rescaled(vector: TaskVector, norms_of: Norms = piece_norms, known: norms.Nor
 def _tabulated(vector: TaskVector, table: Tabulated, known: norms.Norm | None) -> norms.Norm | None:
     """known (or τ's |τ|_1, found too) with the table of table.seed's draws, summed a piece at a time; None when τ
     is not finite."""
-    size = -(-table.piece_entries // norms.BLOCK) * norms.BLOCK
     tally, exponents = norms.Tally(), []
-    for piece in chunks(vector.tensor.numel(), size):
+    for piece in chunks(vector.tensor.numel(), norms.whole_blocks(table.piece_entries)):
         found, below = table.bins_of(vector, table.seed, piece, None if known is None else known.blocks(piece))
         tally.add(below, found)
         exponents.append(found)

@@ -15,7 +15,8 @@ among tiny ones: far less in practice; a block whose largest magnitude is below 
 grid, k capped at 126, a norm far below the 1e-7 under which nothing is rescaled), and depend on the task vector
 alone: a search keeps |τ|_1 (Norm). Its DARE masks are all drawn under the search's seed, at densities on the
 draws' grid (merge.draws.GRID_BITS), so it also keeps |τ · keep|_1 for every density of that grid at once (Drawn:
-the q summed by the top bits of each entry's hash, in one pass) and reads each trial's from it, with no pass.
+the q summed by the top bits of each entry's hash, in one pass) and reads each later trial's from it, with no pass
+(for task vectors of at least TABLE_MIN entries).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _scaled(magnitude: Tensor, exponents: Tensor) -> Tensor:
     return torch.mul(magnitude, scale.unsqueeze(1)).floor_()
 
 
-def scaled(magnitude: Tensor, exponents: Tensor | None) -> tuple[Tensor, Tensor]:
+def counted(magnitude: Tensor, exponents: Tensor | None) -> tuple[Tensor, Tensor]:
     """For magnitudes laid out a block a row: each block's exponent (as given, or found) and each entry's q, in the
     magnitudes' dtype. Traceable."""
     if exponents is None:
@@ -100,7 +101,7 @@ def block_norms(magnitude: Tensor, kept: Tensor, exponents: Tensor | None) -> Su
     given, or found), sum of q (None when the exponents were given: the caller knows the norm already) and sum of
     q · keep (integers below 2^53, in float64 or int64: exact in any order). Traceable: merge.fused compiles it."""
     found = exponents is None
-    exponents, q = scaled(magnitude, exponents)
+    exponents, q = counted(magnitude, exponents)
     before = _row_sums(q) if found else None
     return exponents, before, _row_sums(q.mul_(kept))
 
@@ -127,6 +128,11 @@ def by_rows(flat: Tensor, exponents: Tensor | None,
         ([(whole, flat[whole:].view(1, -1))] if whole < flat.numel() else [])
     return joined([sums_of(first, rows, None if exponents is None else blocks_of(exponents, slice(
         first, first + rows.numel()))) for first, rows in laid])
+
+
+def whole_blocks(entries: int) -> int:
+    """entries rounded up to whole blocks (a piece of a norm's sums starts at a block)."""
+    return -(-entries // BLOCK) * BLOCK
 
 
 def blocks_of(exponents: Tensor, piece: slice) -> Tensor:

@@ -134,7 +134,7 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     else:
         vector = methods.TaskVector(call.tensors[i], call.base, call.compute_dtype)
     params = call.per_model[i]
-    below = None
+    below = drawn = None
     if sparsify == "magnitude" and call.ranks is not None:  # the stored ranks, compared a piece at a time
         below = methods.rank_limit(call.ranks[i], params["density"])
         if below is None:  # all kept: a rescale would be by 1
@@ -149,10 +149,9 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     elif sparsify == "random":
         if params["density"] >= 1:  # all kept: a rescale would be by 1
             return vector
-        mask = methods.RandomDraws(_drawable(vector.tensor).shape, vector.tensor.device, params["density"],
-                                   call.seeds[i])
-        if methods.holds_draws(vector.tensor.device.type == "cpu", call.compiled):
-            mask = mask.keep(None)
+        drawn = methods.RandomDraws(_drawable(vector.tensor).shape, vector.tensor.device, params["density"],
+                                    call.seeds[i])
+        mask = drawn.keep(None) if methods.holds_draws(vector.tensor.device.type == "cpu", call.compiled) else drawn
     elif sparsify == "outliers":
         mask = methods.outlier_mask(vector.whole_in(call.rank_dtype), params["density"], params["gamma"])
     elif sparsify == "magprune":
@@ -167,21 +166,17 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
     norms_of, piece_entries = (fused.piece_norms, fused.NORMS_PIECE) if call.compiled else (methods.piece_norms, None)
     if call.norms is None:
         return methods.rescaled(vector, norms_of, piece_entries=piece_entries)[0]
-    vector, call.norms[i] = methods.rescaled(vector, norms_of, call.norms[i], piece_entries,
-                                             _table(call, i, sparsify))
+    vector, call.norms[i] = methods.rescaled(vector, norms_of, call.norms[i], piece_entries, _table(call, drawn))
     return vector
 
 
-def _table(call: MergeCall, i: int, sparsify: Sparsify) -> methods.Tabulated | None:
-    """Where a search's rescale of task vector i reads |τ · keep|_1 from a table of its draws (norms.Drawn): DARE's
-    at a density on the draws' grid, of a task vector of at least norms.TABLE_MIN entries."""
-    step = draws.grid_step(call.per_model[i]["density"])
-    tensor = call.tensors[i] if call.deltas is None else call.deltas[i]
-    if sparsify != "random" or step is None or tensor.numel() < norms.TABLE_MIN:
+def _table(call: MergeCall, drawn: methods.RandomDraws | None) -> methods.Tabulated | None:
+    """Where a search's rescale of a task vector reads |τ · keep|_1 from a table of its draws (norms.Drawn): DARE's
+    mask (drawn) at a density on the draws' grid, of at least norms.TABLE_MIN entries."""
+    if drawn is None or draws.grid_step(drawn.density) is None or drawn.shape.numel() < norms.TABLE_MIN:
         return None
-    if call.compiled:
-        return methods.Tabulated(call.seeds[i], step, fused.piece_bins, fused.BINS_PIECE)
-    return methods.Tabulated(call.seeds[i], step, methods.piece_bins, methods.bins_piece(tensor))
+    bins_of = fused.piece_bins if call.compiled else methods.piece_bins
+    return methods.Tabulated(drawn, bins_of, methods.bins_piece(drawn.device.type == "cpu", call.compiled))
 
 
 def _task_vector_pieces(sparsify: Sparsify, consensus: bool) -> Callable[[MergeCall], Pieces]:

@@ -21,6 +21,7 @@ from pydantic import (
 from shoal import devices, yamlfile
 from shoal.errors import ShoalError
 from shoal.merge.memory import MemoryPlan
+from shoal.merge.registry import METHODS
 from shoal.search.storage import is_journal
 
 SEARCH_GENES: dict[str, tuple[str, ...]] = {
@@ -152,6 +153,10 @@ class PoolSpec(Strict):
             raise ValueError(f"pool: survivors must be at least 1 and never grow from round to round, got "
                              f"{self.survivors}")
         return self
+
+
+DRAWS = "every trial under the search's seed, DARE's densities on a grid of 2^-10"
+"""How a search's trials draw random drops (search.loop.run_trials, search.genome), part of its fingerprint."""
 
 
 class SelectSpec(Strict):
@@ -361,12 +366,15 @@ class SearchSpec(Strict):
         part of it (so a later shoal with new optional settings still opens the run), nor are the budgets, storage,
         batch size, device, overlap, memory plan, engine or final selection, nor the data-flow settings of a parameter-space
         search. Local paths count as the search file wrote them, so machines that keep the same files in other
-        folders share a study."""
+        folders share a study. A method with random drops (DARE, DELLA) counts how its trials draw them (DRAWS), so
+        a run made when each trial drew under its own seed is not continued as one search with the runs since."""
         excluded: dict[str, object] = {"budget": True, "budget_items": True, "budget_tokens": True, "storage": True,
                                        "batch_size": True, "device": True, "overlap": True, "memory": True, "engine": True, "vllm": True,
                                        "select": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
         kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
+        if METHODS[self.method].random:
+            kept["draws"] = DRAWS
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
