@@ -25,7 +25,7 @@ from transformers.utils import logging as transformers_logging
 from shoal.evaluate import evaluate, load_task
 from shoal.search.fitness import DevFitness, WeightedTask
 from shoal.search.genome import Genome
-from shoal.search.loop import Candidate, trial_seed
+from shoal.search.loop import Candidate
 from shoal.search.optimizer import CmaEs
 from shoal.search.spaces import ParameterSpace, ps_genome
 from shoal.search.spec import SearchSpec
@@ -49,12 +49,13 @@ def mergekit_trial(recipe: dict, task, tokenizer, batch_size: int) -> dict[str, 
 
 
 def candidates(genome: Genome, generations: int, seed: int) -> list[list[Candidate]]:
-    """CMA-ES generations of the search (told a constant fitness: only the candidates' spread matters here)."""
+    """CMA-ES generations of the search (told a constant fitness: only the candidates' spread matters here), each
+    candidate merged under the search's seed, as the search merges it."""
     optimizer = CmaEs(len(genome), seed=seed)
     out = []
-    for g in range(generations):
+    for _ in range(generations):
         xs = [optimizer.ask() for _ in range(optimizer.population)]
-        out.append([(genome.values(x), trial_seed(seed, g * len(xs) + j)) for j, x in enumerate(xs)])
+        out.append([(genome.values(x), seed) for x in xs])
         optimizer.tell([(x, 0.0) for x in xs])
     return out
 
