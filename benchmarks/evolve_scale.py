@@ -2,7 +2,7 @@
 merging each candidate to disk with mergekit and reloading it; then device memory and the merge's least time
 projected to 7B and 8B parents.
 
-    python benchmarks/evolve_scale.py [--size 0.5b|50m|small] [--trials 4] [--methods dare_ties,ties]
+    python benchmarks/evolve_scale.py [--size 0.5b|50m|small] [--trials 6] [--methods dare_ties,ties]
                                       [--plans 'device;stream'] [--eager] [--work /tmp/shoal-bench]
 
 Three random bf16 parents and a base (merge_speed.py's, 0.55B by default, built once under --work) and a short
@@ -10,10 +10,11 @@ generation task (8 prompts of 12 words, 8 new tokens, greedy). Each (method, pla
 peak RSS is its own: the PS search's ParameterSpace loads the parents as the plan keeps them, then its DevFitness
 scores the first `--trials` candidates of a CMA-ES generation, the next merged into the second live model while
 this one is scored (overlap, the search's default; 1 torch thread each). Per trial: the merge's own seconds, the
-seconds the trial waited for it (a generation's first trial waits for all of its merge; the median is over the
-others; "trial" is the median of wait + eval over those), the evaluation's, and the first trial's merge apart
-(it holds the compiler's start-up when the merge takes merge.fused's compiled pass, as at 0.5B; with --eager each
-plan is measured again with SHOAL_FUSED=0, the eager steps). A plan needing more bytes
+seconds the trial waited for it, the evaluation's and "trial", wait + eval: medians over the trials after each
+live model's first merge, as a search's hundreds of trials run. Those first two apart: the first trial's merge
+holds the compiler's start-up when the merge takes merge.fused's compiled pass, as at 0.5B, and finds the norms
+(for DARE their table), and a generation's first trial waits for all of it; the second writes the second live
+model's memory for the first time (with --eager each plan is measured again with SHOAL_FUSED=0, the eager steps). A plan needing more bytes
 (merge/memory.py, from the headers) than 90 % of the memory available now is skipped, and says so; `host` is not
 measured (on a CPU it is the device plan). The peer, in its own process: mergekit 0.1.5's run_merge of the same
 candidates into a temporary folder, from_pretrained, the same evaluation (evolve_speed.mergekit_trial), with
@@ -59,6 +60,8 @@ PLANS = {
     "stream": {"inputs": "stream"},
 }
 PROMPTS, PROMPT_WORDS, NEW_TOKENS = 8, 12, 8
+LIVE_MODELS = 2
+"""The search's live models with merge-ahead (overlap): the next candidate is merged into the other."""
 SHAPES = {
     # hidden, MLP, vocabulary, layers, key/value width (grouped-query attention)
     "7B": (4096, 11008, 32000, 32, 4096),
@@ -226,7 +229,7 @@ def run_child(kind: str, task: dict, env: dict[str, str] | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="0.5b")
-    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--methods", default="dare_ties,ties")
     parser.add_argument("--work", type=Path, default=Path("/tmp/shoal-bench"))
     parser.add_argument("--peer-threads", type=int, default=2)
@@ -238,8 +241,9 @@ def main() -> None:
     parser.add_argument("--project-only", action="store_true", help="print the projection alone (no measurement)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = parser.parse_args()
-    if args.trials < 2:
-        parser.error("--trials must be at least 2 (the first trial of a generation waits for all of its merge)")
+    if args.trials <= LIVE_MODELS:
+        parser.error(f"--trials must be at least {LIVE_MODELS + 1} (the medians are over the trials after each live "
+                     "model's first merge)")
     plans = list(PLANS) if args.plans is None else args.plans.split(";")
     if not set(plans) <= set(PLANS):
         parser.error(f"--plans: of {'; '.join(PLANS)}")
@@ -275,7 +279,7 @@ def measure(args: argparse.Namespace, methods: list[str], plans: list[str]) -> N
           f"{args.peer_threads} threads; one-thread copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"torch {torch.__version__}")
     print(f"{'method':<10} {'loop':<36} {'load s':>6} {'merge s':>7} {'wait s':>6} {'eval s':>6} {'trial s':>7} "
-          f"{'peak RSS':>9} {'x parent':>8} {'floor s':>7} {'merge/floor':>11} {'1st merge s':>11}")
+          f"{'peak RSS':>9} {'x parent':>8} {'floor s':>7} {'merge/floor':>11} {'1st merge s':>11} {'2nd merge s':>11}")
     runs = [(name, plan, env) for name, plan in PLANS.items() if name in plans
             for env in ([None, {"SHOAL_FUSED": "0"}] if args.eager else [None])]
     for method in methods:
@@ -292,15 +296,16 @@ def measure(args: argparse.Namespace, methods: list[str], plans: list[str]) -> N
             r = run_child("shoal", {"parents": parents, "task": task, "method": method, "plan": plan,
                                     "trials": args.trials}, env)
             rows = r["rows"]
-            merge = statistics.median(x["merge"] for x in rows)
-            wait = statistics.median(x["wait"] for x in rows[1:])
-            evaluation = statistics.median(x["eval"] for x in rows)
-            trial = statistics.median(x["wait"] + x["eval"] for x in rows[1:])
+            later = rows[LIVE_MODELS:]  # after each live model's first merge
+            merge = statistics.median(x["merge"] for x in later)
+            wait = statistics.median(x["wait"] for x in later)
+            evaluation = statistics.median(x["eval"] for x in later)
+            trial = statistics.median(x["wait"] + x["eval"] for x in later)
             floor = trial_traffic(sizes, plan, on_cpu=True).device / bandwidth
             merges[name] = merge
             print(f"{method:<10} {'shoal, ' + name:<36} {r['load']:6.1f} {merge:7.2f} {wait:6.2f} {evaluation:6.2f} "
                   f"{trial:7.2f} {format_bytes(r['rss']):>9} {r['rss'] / parent_bytes:8.1f} "
-                  f"{floor:7.2f} {merge / floor:11.1f} {rows[0]['merge']:11.2f}", flush=True)
+                  f"{floor:7.2f} {merge / floor:11.1f} {rows[0]['merge']:11.2f} {rows[1]['merge']:11.2f}", flush=True)
         r = run_child("mergekit", {"parents": parents, "task": task, "method": method, "trials": args.trials,
                                    "threads": args.peer_threads})
         rows = r["rows"]
