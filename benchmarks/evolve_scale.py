@@ -9,14 +9,14 @@ Three random bf16 parents and a base (merge_speed.py's, 0.55B by default, built 
 generation task (8 prompts of 12 words, 8 new tokens, greedy). Each (method, plan) runs in its own process, so its
 peak RSS is its own: the PS search's ParameterSpace loads the parents as the plan keeps them, then its DevFitness
 scores the first `--trials` candidates of a CMA-ES generation, the next merged into the second live model while
-this one is scored (overlap, the search's default; 1 torch thread each). Per trial: the merge's own seconds, the
-seconds the trial waited for it, the evaluation's and "trial", wait + eval: medians over the trials after each
-live model's first merge, as a search's hundreds of trials run. Those first two apart: the first trial's merge
-holds the compiler's start-up when the merge takes merge.fused's compiled pass, as at 0.5B, and finds the norms
-(for DARE their table), and a generation's first trial waits for all of it; the second writes the second live
-model's memory for the first time (with --eager each plan is measured again with SHOAL_FUSED=0, the eager steps). A plan needing more bytes
-(merge/memory.py, from the headers) than 90 % of the memory available now is skipped, and says so; `host` is not
-measured (on a CPU it is the device plan). The peer, in its own process: mergekit 0.1.5's run_merge of the same
+this one is scored (overlap, the search's default; 1 torch thread each; with --eager each plan is measured again
+with SHOAL_FUSED=0, the eager steps). Per trial: the merge's own seconds, the seconds the trial waited for it, the
+evaluation's and "trial", wait + eval: medians over the trials after each live model's first merge, as a search's
+hundreds of trials run. Those first two apart: the first trial's merge holds the compiler's start-up when the merge
+takes merge.fused's compiled pass, as at 0.5B, and finds the norms (for DARE their table), and a generation's first
+trial waits for all of it; the second writes the second live model's memory for the first time. A plan needing
+more bytes (merge/memory.py, from the headers) than 90 % of the memory available now is skipped, and says so; `host`
+is not measured (on a CPU it is the device plan). The peer, in its own process: mergekit 0.1.5's run_merge of the same
 candidates into a temporary folder, from_pretrained, the same evaluation (evolve_speed.mergekit_trial), with
 --peer-threads torch threads (default 2: every core, as shoal's overlap uses both); its merge and reload are
 printed apart too.

@@ -29,6 +29,7 @@ def compiled(monkeypatch):
     monkeypatch.setattr(methods, "COMPILED_CHUNK", 3000)  # other chunks than the eager steps', merging the same
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     calls = []
     kernel = fused._kernel
     monkeypatch.setattr(fused, "_kernel", lambda f: lambda *a: calls.append(f.__name__) or kernel(f)(*a))
@@ -225,6 +226,7 @@ def test_a_compiler_that_fails_leaves_the_same_merge_and_is_said_once(parents, t
     monkeypatch.setattr(methods, "CHUNK", 1000)
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     failures = []
 
     def no_compiler(*args):
@@ -235,14 +237,81 @@ def test_a_compiler_that_fails_leaves_the_same_merge_and_is_said_once(parents, t
     recipe = recipe_of("dare_ties", parents, "bfloat16")
     with caplog.at_level(logging.WARNING, logger="shoal.merge.fused"):
         engine.run_merge(recipe, tmp_path / "failed")
-    assert len(failures) == 1  # tried once, then the eager steps for every chunk
+    assert len(failures) == 2  # tried with the C++ wrapper and without, then the eager steps for every chunk
     assert [r.getMessage() for r in caplog.records] == [
+        "the fused merge pass's C++ wrapper could not be built (RuntimeError: C++ compile error); its kernels hold "
+        "the GIL",
         "the fused merge pass could not be compiled (RuntimeError: C++ compile error); merging with eager steps"]
     assert not fused.enabled("cpu")
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     monkeypatch.setattr(fused, "FUSED_MIN", 1 << 62)
     engine.run_merge(recipe, tmp_path / "eager")
     assert_same_bits(tensors(tmp_path / "failed"), tensors(tmp_path / "eager"))
+
+
+def test_a_c_plus_plus_wrapper_that_cannot_be_built_leaves_the_default_binding(parents, tmp_path, monkeypatch, caplog):
+    """Inductor's C++ wrapper needs more of torch's build than a kernel does: where it fails, the kernels are called
+    through the default binding (said once), not given up for the eager steps; the same merge."""
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    monkeypatch.setattr(fused, "FUSED_MIN", 0)
+    monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
+    monkeypatch.setattr(fused, "_compiled", {})
+    built = []
+
+    def compile_(function, dynamic, options):  # the traced function itself stands for its kernel here
+        built.append(options["cpp_wrapper"])
+        if options["cpp_wrapper"]:
+            return lambda *args: (_ for _ in ()).throw(RuntimeError("undefined reference to `aoti_torch_empty'"))
+        return function
+
+    monkeypatch.setattr(fused.torch, "compile", compile_)
+    recipe = recipe_of("dare_ties", parents, "bfloat16")
+    with caplog.at_level(logging.WARNING, logger="shoal.merge.fused"):
+        engine.run_merge(recipe, tmp_path / "default binding")
+    assert built[:2] == [True, False] and not any(built[2:]) and not fused._broken
+    assert [r.getMessage() for r in caplog.records] == [
+        "the fused merge pass's C++ wrapper could not be built (RuntimeError: undefined reference to "
+        "`aoti_torch_empty'); its kernels hold the GIL"]
+    monkeypatch.setattr(fused, "FUSED_MIN", 1 << 62)
+    engine.run_merge(recipe, tmp_path / "eager")
+    assert_same_bits(tensors(tmp_path / "default binding"), tensors(tmp_path / "eager"))
+
+
+def test_a_compiled_kernel_lets_another_thread_run_python_meanwhile(compiled):
+    """Through Inductor's C++ wrapper a kernel lets go of the GIL: a thread making small torch calls (as a search's
+    scoring does: each lets go of the GIL and takes it back) beside one that calls a compiled pass over and over
+    keeps much of its pace (the default binding held the GIL through each kernel: such a thread made 100 of its 1.2
+    million calls in 3 s, BENCHMARKS.md)."""
+    import threading
+    import time
+
+    from shoal.merge import draws, norms
+
+    generator = torch.Generator().manual_seed(2)
+    rows, base = (torch.randn(256, norms.BLOCK, generator=generator).bfloat16() for _ in range(2))
+    args = (rows, base, (torch.tensor(draws.offset(3)), torch.tensor(draws.threshold(0.5))), torch.tensor(0), None)
+    fused._kernel(fused._norms)(*args)  # compiled (16.8M entries: about 45 ms a call here)
+
+    def count(seconds: float) -> int:
+        n, end, x = 0, time.perf_counter() + seconds, torch.ones(8)
+        while time.perf_counter() < end:
+            x = x + 1
+            n += 1
+        return n
+
+    alone = count(1.0)
+    stop = threading.Event()
+    caller = threading.Thread(target=lambda: [fused._kernel(fused._norms)(*args) for _ in iter(stop.is_set, True)])
+    caller.start()
+    try:
+        beside = count(1.0)
+    finally:
+        stop.set()
+        caller.join()
+    # here: 62 % of its pace beside the kernels through the wrapper, 6.5 % through the default binding
+    assert beside > alone / 5
 
 
 def test_only_merges_of_enough_entries_in_chunks_compile(parents, monkeypatch):
@@ -250,6 +319,7 @@ def test_only_merges_of_enough_entries_in_chunks_compile(parents, monkeypatch):
     1,000 entries and count; their 64-entry norms are one chunk each and do not."""
     monkeypatch.setattr(methods, "CHUNK", 1000)
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     recipe = recipe_of("ties", parents, "bfloat16")
     plan = build_plan(recipe, engine.open_parents(recipe))
     chunked = sum(j.spec.shape[0] * j.spec.shape[1] for j in plan.jobs
@@ -279,6 +349,7 @@ def test_after_a_failed_compile_the_larger_pieces_merge_in_the_eager_steps_chunk
     from shoal.merge import norms
 
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     monkeypatch.setattr(fused, "_kernel", lambda function: lambda *args: (_ for _ in ()).throw(RuntimeError("no")))
     monkeypatch.setattr(methods, "CHUNK", 1000)  # rounded up to a block (2^16 entries) for the norms' sake
     numel = 3 * norms.BLOCK + 1234

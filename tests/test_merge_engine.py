@@ -341,6 +341,7 @@ def test_a_dare_merge_is_the_same_model_held_drawn_again_or_compiled_on_disk_or_
     monkeypatch.setattr(methods, "CHUNK", 1000)
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     kernels, draws = [], []
     kernel = fused._kernel
     monkeypatch.setattr(fused, "_kernel", lambda f: kernels.append(f) or kernel(f))
@@ -386,6 +387,7 @@ def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_pare
     assert len(cuts) > 10
     monkeypatch.setattr(fused, "FUSED_MIN", 0)
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     kernels = []
     kernel = fused._kernel
     monkeypatch.setattr(fused, "_kernel", lambda f: kernels.append(f) or kernel(f))

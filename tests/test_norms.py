@@ -63,6 +63,7 @@ def test_the_scale_is_the_ratio_of_the_norms_as_defined_rounded_once(dtype):
 def test_the_norms_are_the_same_in_any_chunking_compiled_or_eager_held_or_drawn(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     generator = torch.Generator().manual_seed(6)
     base = torch.randn(N, generator=generator).bfloat16()
     parent = (base.float() + 0.01 * torch.randn(N, generator=generator)).bfloat16()
@@ -102,6 +103,7 @@ def test_a_table_of_the_draws_gives_each_density_on_the_grid_the_pass_s_norms(mo
     seed."""
     torch._dynamo.reset()
     monkeypatch.setattr(fused, "_broken", [])
+    monkeypatch.setattr(fused, "_unwrapped", [])
     delta = task_vector()  # blocks at four ks (shifts from the largest: 0, 84, 85, 91)
     calls = []
     counted = lambda vector, seed, piece, exponents: calls.append(seed) or bins_of(vector, seed, piece, exponents)

@@ -30,9 +30,10 @@ FUSED_MIN = 1 << 31
 """Entries a process must merge in chunks of task-vector methods (summed over its merges) for the compiled pass:
 about 2 billion, where what the eager steps take beyond it (4-20 ns an entry on one CPU thread: least for task
 arithmetic, most for TIES and DARE-TIES) passes the compiler's start-up, about 12 s the first time on a machine and
-2-3 s once Inductor's cache holds the kernels, and its few hundred MB (measured on this project's 2-core CPU). One
-`shoal merge` of 0.55B parents gained too little for that (BENCHMARKS.md); a search over them, or one merge of 3B
-parents, passes it."""
+2-3 s once Inductor's cache holds the kernels, and its few hundred MB (measured on this project's 2-core CPU, before
+the kernels went through Inductor's C++ wrapper, whose first build takes longer: 9.4 s against 3.8 for one small
+kernel; not measured again for this threshold). One `shoal merge` of 0.55B parents gained too little for that
+(BENCHMARKS.md); a search over them, or one merge of 3B parents, passes it."""
 SEARCH_MERGES = 8
 """The merges a resident merger is counted for: a search merges one a trial, and at least a generation of them."""
 
@@ -140,19 +141,24 @@ def _slotted(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, ex
     return exponents, q.double(), norms.slots(draws.hashed(index, key) >> (32 - draws.GRID_BITS))
 
 
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[tuple[Callable, bool], Callable] = {}
+_unwrapped: list[str] = []
+"""Why Inductor's C++ wrapper could not be built in this process, once it could not (kernels are then called
+through the default binding)."""
 
 
 def _kernel(function: Callable) -> Callable:
     """function compiled (wrapped on first use: importing torch's compiler takes seconds that a merge which never
     compiles should not pay), shapes dynamic, rounding as eager, called through Inductor's C++ wrapper, which lets go
-    of Python's GIL while the kernel runs (the default Python binding holds it: a search's scoring thread, beside the
-    merge-ahead thread, then waited out every kernel, and a trial's scoring of 0.55B parents took 2.65 s where it
-    takes 1.28; benchmarks/evolve_scale.py)."""
-    if function not in _compiled:
-        _compiled[function] = torch.compile(function, dynamic=True,
-                                            options={"emulate_precision_casts": True, "cpp_wrapper": True})
-    return _compiled[function]
+    of Python's GIL while the kernel runs, unless that wrapper could not be built here. The default binding holds
+    the GIL: a search's scoring thread, beside the merge-ahead thread, then waits out every kernel (scoring a trial
+    of 0.55B parents took 2.65-2.86 s beside the merge where it takes 1.28-1.37 through the wrapper: two runs of
+    benchmarks/evolve_scale.py, BENCHMARKS.md), and so do `shoal merge`'s reading and writing threads."""
+    wrapped = not _unwrapped
+    if (function, wrapped) not in _compiled:
+        _compiled[(function, wrapped)] = torch.compile(
+            function, dynamic=True, options={"emulate_precision_casts": True, "cpp_wrapper": wrapped})
+    return _compiled[(function, wrapped)]
 
 
 def _run(function: Callable, eager: Callable[[], object], *args, then: Callable | None = None):
@@ -160,13 +166,20 @@ def _run(function: Callable, eager: Callable[[], object], *args, then: Callable 
     once, in the log), eager(): the same values in the eager steps, a chunk at a time (_eager_chunks), so that the
     compiled pass's larger pieces do not become the eager steps' temporaries (a failed compiler changes the speed,
     not the merge nor its memory)."""
-    if not _broken:
+    while not _broken:
+        wrapped = not _unwrapped
         try:
             found = _kernel(function)(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - any compiler failure; a fault of the formula re-raises below
-            _broken.append(f"{type(error).__name__}: {error}")
+            why = f"{type(error).__name__}: {error}"
+            if wrapped:  # once more, through the default binding
+                _unwrapped.append(why)
+                _log.warning("the fused merge pass's C++ wrapper could not be built (%s); its kernels hold the GIL",
+                             why.splitlines()[0])
+                continue
+            _broken.append(why)
             _log.warning("the fused merge pass could not be compiled (%s); merging with eager steps",
                          _broken[0].splitlines()[0])
         else:

@@ -22,7 +22,7 @@ from shoal.search.optimizer import Optimizer
 from shoal.search.trials import Evaluation, Job, Outcome, Trial, finished_trial, stored_trials
 
 Candidate = tuple[dict[str, float], int]
-"""Gene values and the trial's seed (for DARE's drops)."""
+"""Gene values and the seed the trial is merged under (the search's: DARE's drops)."""
 
 
 class Objective(Protocol):
