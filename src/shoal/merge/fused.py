@@ -31,8 +31,9 @@ FUSED_MIN = 1 << 31
 about 2 billion, where what the eager steps take beyond it (4-20 ns an entry on one CPU thread: least for task
 arithmetic, most for TIES and DARE-TIES) passes the compiler's start-up, about 12 s the first time on a machine and
 2-3 s once Inductor's cache holds the kernels, and its few hundred MB (measured on this project's 2-core CPU, before
-the kernels went through Inductor's C++ wrapper, whose first build takes longer: 9.4 s against 3.8 for one small
-kernel; not measured again for this threshold). One `shoal merge` of 0.55B parents gained too little for that
+the kernels went through Inductor's C++ wrapper, which adds about 2-3 s to a first compile from an empty cache and
+nothing from the cache: a DARE-TIES merge's first, 19.3-20.2 s against 15.9-18.1, and 4.3 s against 4.4 from the
+cache, benchmarks/merge_fused.py on 4M entries). One `shoal merge` of 0.55B parents gained too little for that
 (BENCHMARKS.md); a search over them, or one merge of 3B parents, passes it."""
 SEARCH_MERGES = 8
 """The merges a resident merger is counted for: a search merges one a trial, and at least a generation of them."""
