@@ -196,6 +196,14 @@ def _eager_chunks(piece: slice, numel: int) -> list[slice]:
     return [slice(start, min(start + size, stop)) for start in range(piece.start, stop, size)]
 
 
+def _in_eager_chunks(sums_of: Callable[[slice, Tensor | None], tuple], whole: slice, blocks: Tensor | None,
+                     numel: int) -> tuple:
+    """sums_of(chunk, its blocks' exponents or None) of each of the eager steps' chunks of a piece that starts at a
+    block (whole; blocks: its exponents, or None), joined: a compiled pass's piece after a failed compile."""
+    return norms.joined([sums_of(chunk, None if blocks is None else norms.blocks_of(
+        blocks, slice(chunk.start - whole.start, chunk.stop - whole.start))) for chunk in _eager_chunks(whole, numel)])
+
+
 def _int(value: int, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=torch.int64, device=device)
 
@@ -220,12 +228,8 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
     def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> norms.Sums:
         part = slice(first, first + rows.numel())
         whole = slice(piece.start + first, piece.start + first + rows.numel())
-
-        def eager() -> norms.Sums:
-            return norms.joined([methods.piece_norms(vector, chunk, None if blocks is None else norms.blocks_of(
-                blocks, slice(chunk.start - whole.start, chunk.stop - whole.start)))
-                for chunk in _eager_chunks(whole, vector.tensor.numel())])
-
+        eager = lambda: _in_eager_chunks(lambda chunk, of_chunk: methods.piece_norms(vector, chunk, of_chunk), whole,
+                                         blocks, vector.tensor.numel())
         return _run(_norms, eager, rows, None if base is None else base[part].view(rows.shape),
                     keep if drawn else keep[part].view(rows.shape), _int(whole.start, tensor.device), blocks)
 
@@ -243,12 +247,8 @@ def piece_bins(vector: methods.TaskVector, seed: int, piece: slice, exponents: T
 
     def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> tuple[Tensor, Tensor]:
         whole = slice(piece.start + first, piece.start + first + rows.numel())
-
-        def eager() -> tuple[Tensor, Tensor]:
-            return norms.joined([methods.piece_bins(vector, seed, chunk, None if blocks is None else norms.blocks_of(
-                blocks, slice(chunk.start - whole.start, chunk.stop - whole.start)))
-                for chunk in _eager_chunks(whole, vector.tensor.numel())])
-
+        eager = lambda: _in_eager_chunks(lambda chunk, of_chunk: methods.piece_bins(vector, seed, chunk, of_chunk),
+                                         whole, blocks, vector.tensor.numel())
         part = slice(first, first + rows.numel())
         return _run(_slotted, eager, rows, None if base is None else base[part].view(rows.shape), key,
                     _int(whole.start, tensor.device), blocks,

@@ -170,7 +170,8 @@ class Tally:
 
     def value(self, column: int) -> int:
         """Σ sum_b · 2^(top - k_b) of a column over the blocks."""
-        return sum(((high << 31) + low) << (self.top - k)
+        top = self.top
+        return sum(((high << 31) + low) << (top - k)
                    for k, (low, high) in ((k, part[:, column].tolist()) for k, part in self.parts.items()))
 
 
@@ -190,7 +191,7 @@ class Drawn:
 
 TABLE_MIN = 1 << 18
 """Entries of a task vector from which a search keeps its Drawn: a smaller one's norms cost less to find each trial
-than its table's 16 kB a shift is worth."""
+than its table's 16 kB for each distinct k of its blocks is worth."""
 
 
 @dataclass(frozen=True)
