@@ -5,7 +5,9 @@
 Each command runs as its own process (so start-up counts for every tool alike), alternating tools on each
 repeat after one warm-up read that puts the parents in the page cache. The floor is a process that reads
 every parent tensor once and writes one model of the output's size (no arithmetic). Prints the median of
-each and the ratios; needs `pip install mergekit==0.1.5` (benchmark-only dependency).
+each, and each ratio as the median of the repeats' own ratios (a repeat's three runs are next to each other, so
+a machine whose speed drifts between repeats moves its ratio less than the medians'), with their range; needs
+`pip install mergekit==0.1.5` (benchmark-only dependency).
 """
 
 from __future__ import annotations
@@ -127,14 +129,27 @@ def main() -> None:
                 runs[tool].append(measure(cmd, out))
         results[method] = runs
         med = {tool: (statistics.median(s for s, _ in r), max(m for _, m in r)) for tool, r in runs.items()}
+        speed_up = _paired(runs["mergekit"], runs["shoal"])
+        to_floor = _paired(runs["shoal"], runs["floor"])
         print(
             f"{method:10s} shoal {med['shoal'][0]:6.1f}s {med['shoal'][1]:5.2f}GB | "
             f"mergekit {med['mergekit'][0]:6.1f}s {med['mergekit'][1]:5.2f}GB | floor {med['floor'][0]:6.1f}s | "
-            f"speed-up vs mergekit {med['mergekit'][0] / med['shoal'][0]:4.2f}x | shoal/floor {med['shoal'][0] / med['floor'][0]:4.2f} | "
+            f"speed-up vs mergekit {_ratio(speed_up, 'x')} | shoal/floor {_ratio(to_floor)} | "
             f"RSS shoal/mergekit {med['shoal'][1] / med['mergekit'][1]:4.2f}",
             flush=True,
         )
     (args.work / "merge_speed.json").write_text(json.dumps(results, indent=1))
+
+
+def _paired(over: list[tuple[float, float]], under: list[tuple[float, float]]) -> list[float]:
+    """Each repeat's ratio of two tools' wall times."""
+    return [a / b for (a, _), (b, _) in zip(over, under)]
+
+
+def _ratio(ratios: list[float], unit: str = "") -> str:
+    """The median of paired ratios, with their range when there are several."""
+    text = f"{statistics.median(ratios):4.2f}{unit}"
+    return text if len(ratios) == 1 else f"{text} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def _shapes(folder: Path) -> list[list[int]]:
