@@ -286,6 +286,33 @@ def test_a_ties_vote_in_chunks_is_bit_equal_to_one_pass(parents, tmp_path, monke
     assert_chunks_equal_one_pass(recipe, tmp_path, monkeypatch, methods, "_combine")
 
 
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("flatten", [True, False])
+def test_nuslerp_written_a_piece_at_a_time_is_bit_equal_to_its_whole_tensor(parents, tmp_path, monkeypatch, with_base,
+                                                                          flatten):
+    """Its angle found over the whole tensor first, then each chunk mixed and written alone (or, vector by vector,
+    chunks of the whole result written): the same bits as the whole tensor merged and written at once."""
+    from shoal.merge import engine, methods
+
+    recipe = parse_recipe(yaml.safe_dump({
+        "merge_method": "nuslerp", "dtype": "bfloat16", "parameters": {"nuslerp_flatten": flatten},
+        **({"base_model": str(parents["base"])} if with_base else {}),
+        "models": [{"model": str(parents[n]), "parameters": {"weight": w}} for n, w in (("a", 0.6), ("b", 0.4))],
+    }))
+    monkeypatch.setattr(methods, "CHUNK", 1000)  # the angle's sums a chunk of 1,000 at a time in both merges
+    with monkeypatch.context() as whole_tensors:
+        whole_tensors.setattr(methods, "in_chunks", lambda tensor: False)
+        run_merge(recipe, tmp_path / "whole")
+    writes = []
+    write = engine._write
+    monkeypatch.setattr(engine, "_write", lambda *args: writes.append(1) or write(*args))
+    run_merge(recipe, tmp_path / "pieces")
+    whole, pieces = tensors(tmp_path / "whole"), tensors(tmp_path / "pieces")
+    assert len(writes) > 2 * len(whole)  # most tensors written in several pieces
+    for name in whole:
+        assert torch.equal(whole[name], pieces[name]), name
+
+
 def test_a_stream_reads_ahead_only_inputs_within_the_limit(bf16_parents, monkeypatch):
     """The next job's inputs are read while this one is used, unless they pass ahead_limit: then only once this one
     is done (the 256 x 64 head is read after the job before it; a 64 x 64 projection may be read ahead)."""

@@ -148,10 +148,11 @@ def merge_into(
 ) -> None:
     """Write merged_values, rounded to the output's dtype, into out (contiguous, of the job's shape; it may be
     wider than the output's dtype, as a live model's parameter may be), with the same values bit for bit. A large
-    tensor of an elementwise method (linear) is merged a chunk at a time (methods.chunk_size); of a task-vector
-    method with pieces (task arithmetic, TIES, DARE, DELLA, breadcrumbs), its masks and rescales are found over the
-    whole tensor, then it is merged and written a chunk at a time, so no compute-dtype copy of it is made whole:
-    with fused, each chunk (of methods.COMPILED_CHUNK entries) in one compiled pass (merge.fused; the same values)."""
+    tensor of an elementwise method (linear) is merged a chunk at a time (methods.chunk_size); of a method with
+    pieces (task arithmetic, TIES, DARE, DELLA, breadcrumbs; nuslerp), what needs the whole tensor is found first
+    (masks and rescales; the angle), then it is merged and written a chunk at a time, so no compute-dtype copy of
+    it is made whole: with fused, each chunk of a task-vector method (of methods.COMPILED_CHUNK entries) in one
+    compiled pass (merge.fused; the same values)."""
     method = METHODS[method_name]
     first = base if base is not None else (tensors[0] if tensors else deltas[0])
     chunked = first.is_floating_point() and methods.in_chunks(first)
@@ -212,7 +213,8 @@ def merge_tensor(
 def fused_pays(plan: MergePlan, method_name: str, device: str, merges: int = 1) -> bool:
     """Whether `merges` merges of plan compile their chunks' pass (merge.fused.worth): by the entries each merges
     in chunks with a task-vector method's pieces, in float32 (a float64 merge takes the eager steps)."""
-    if METHODS[method_name].pieces is None:
+    method = METHODS[method_name]
+    if not method.task_vectors or method.pieces is None:  # the compiled pass is the task vectors' combination
         return False
     size = methods.chunk_entries(torch.device(device).type == "cpu")
     sizes = (math.prod(job.spec.shape) for job in plan.jobs if not job.verbatim and job.work_dtype != torch.float64)

@@ -92,8 +92,8 @@ class MergeMethod:
     elementwise: bool = False
     """Each output element depends only on the inputs' same element, so the merge may run chunk by chunk."""
     pieces: Callable[[MergeCall], Pieces] | None = None
-    """The merge as a preparation over the whole tensor (a task vector's mask and rescale), then any piece of it
-    merged alone: a large tensor is merged and written a chunk at a time (merge is pieces(call)(None))."""
+    """The merge as a preparation over the whole tensor (a task vector's mask and rescale; nuslerp's angle), then any
+    piece of it merged alone: a large tensor is merged and written a chunk at a time (merge is pieces(call)(None))."""
 
     @property
     def parameters(self) -> set[str]:
@@ -259,17 +259,19 @@ def _slerp(call: MergeCall) -> torch.Tensor:
     return methods.slerp(call.shared["t"], base, tensors[0])
 
 
-def _nuslerp(call: MergeCall) -> torch.Tensor:
+def _nuslerp(call: MergeCall) -> Pieces:
+    """Of whole tensors (the default), the angle found first and then any piece of the result; vector by vector,
+    the whole result, of which a piece is a slice."""
     w0, w1 = (p["weight"] for p in call.per_model)
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     if call.shared["nuslerp_flatten"]:
         v0, v1 = call.tensors
-        return spherical.nuslerp_flat(t, v0, v1, base=call.base, dtype=call.compute_dtype)
+        return spherical.nuslerp_pieces(t, v0, v1, base=call.base, dtype=call.compute_dtype)
     base, (v0, v1) = call.upcast()
     options = {"flatten": False, "row_wise": call.shared["nuslerp_row_wise"]}
-    if base is None:
-        return spherical.nuslerp(t, v0, v1, **options)
-    return spherical.nuslerp(t, v0 - base, v1 - base, **options).add_(base)
+    whole = spherical.nuslerp(t, v0, v1, **options) if base is None else \
+        spherical.nuslerp(t, v0 - base, v1 - base, **options).add_(base)
+    return lambda piece: whole if piece is None else whole.reshape(-1)[piece]
 
 
 def _multislerp(call: MergeCall) -> torch.Tensor:
@@ -320,8 +322,9 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod("arcee_fusion", _arcee_fusion, {}, {}, base="required", max_inputs=1),
         MergeMethod("slerp", _slerp, {}, {"t": REQUIRED}, base="required", min_inputs=1, max_inputs=1),
         MergeMethod(
-            "nuslerp", _nuslerp, {"weight": REQUIRED}, {"nuslerp_flatten": True, "nuslerp_row_wise": False},
-            base="optional", min_inputs=2, max_inputs=2,
+            "nuslerp", lambda call: _nuslerp(call)(None), {"weight": REQUIRED},
+            {"nuslerp_flatten": True, "nuslerp_row_wise": False}, base="optional", min_inputs=2, max_inputs=2,
+            pieces=_nuslerp,
         ),
         MergeMethod(
             "multislerp", _multislerp, {"weight": REQUIRED}, {"normalize_weights": True, "eps": 1e-8}, base="optional"

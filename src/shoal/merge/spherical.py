@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -52,11 +52,22 @@ def nuslerp_flat(
     t: float, v0: Tensor, v1: Tensor, base: Tensor | None = None, *, dtype: torch.dtype, eps: float = 1e-8
 ) -> Tensor:
     """base + nuslerp of the whole tensors v0 - base and v1 - base (without base, of v0 and v1), from the inputs in
-    their own dtype, computed in `dtype`, in two passes a chunk at a time (methods.chunk_size): the first forms
-    each chunk of both task vectors and sums their dot product and squared norms (in float64, across chunks), the
-    second forms them again and writes the arc's mix. No temporary of the tensors' size but the result: the task
-    vectors are never held whole, and each input is read twice, where forming them whole read and wrote them
-    four times more."""
+    their own dtype, computed in `dtype`: nuslerp_pieces' whole tensor."""
+    return nuslerp_pieces(t, v0, v1, base, dtype=dtype, eps=eps)(None)
+
+
+def nuslerp_pieces(
+    t: float, v0: Tensor, v1: Tensor, base: Tensor | None = None, *, dtype: torch.dtype, eps: float = 1e-8
+) -> Callable[[slice | None], Tensor]:
+    """nuslerp_flat as its angle, found first, and then any piece of the flattened result (None: the whole
+    tensor, in its shape), computed in `dtype` from the inputs in their own dtype.
+
+    The angle takes one pass a chunk at a time (methods.chunk_size): each chunk of both task vectors is formed and
+    their dot product and squared norms summed (in float64, across chunks). A piece forms its chunk of them again
+    and mixes it with the arc's two coefficients. Neither holds a temporary of the tensors' size: the task vectors
+    are never held whole, each input is read twice, and a caller that writes the pieces out (engine.merge_into) holds
+    no whole result either. Each entry's value depends on that entry and the angle alone, so any pieces give the
+    whole tensor's bits."""
     n = v0.numel()
     size = chunk_size(v0)
     flat0, flat1 = v0.reshape(-1), v1.reshape(-1)
@@ -78,13 +89,21 @@ def nuslerp_flat(
         sums += torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)]).double()
     norms = sums[1].sqrt().clamp(min=1e-7) * sums[2].sqrt().clamp(min=1e-7)
     c0, c1 = (c.item() for c in _arc(t, (sums[0] / norms).clamp(-1, 1), eps))
-    result = torch.empty(n, dtype=dtype, device=v0.device)
-    for piece in chunks(n, size):
+
+    def mixed(piece: slice, out: Tensor | None = None) -> Tensor:
         a, b, offset = vectors(piece)
-        part = torch.mul(a, c0, out=result[piece]).add_(b, alpha=c1)
-        if offset is not None:
-            part.add_(offset)
-    return result.reshape(v0.shape)
+        part = torch.mul(a, c0, out=out).add_(b, alpha=c1)
+        return part if offset is None else part.add_(offset)
+
+    def values_of(piece: slice | None) -> Tensor:
+        if piece is not None:
+            return mixed(piece)
+        result = torch.empty(n, dtype=dtype, device=v0.device)
+        for part in chunks(n, size):
+            mixed(part, result[part])
+        return result.reshape(v0.shape)
+
+    return values_of
 
 
 def multislerp(
