@@ -54,7 +54,7 @@ def test_a_passthrough_scale_that_is_not_a_number_is_refused(run_cli, parents, t
     (["--shard-size", "-1"], "--shard-size -1.0"),
     (["--shard-size", "0"], "above 0"),
     (["--shard-size", "nan"], "--shard-size nan"),
-    (["--device", "gpu"], "unknown device (accepted: cpu, cuda, cuda:N, mps)"),
+    (["--device", "gpu"], "unknown device (accepted: cpu, cuda, cuda:N, mps, auto)"),
     (["--device", "cuda:99"], "--device cuda:99"),
 ])
 def test_meaningless_merge_options_are_refused(run_cli, parents, tmp_path, args, needle) -> None:

@@ -183,6 +183,23 @@ def test_usage_errors_are_shoal_errors(model, tokenizer, folder, tmp_path):
         evaluate(tmp_path, task)
 
 
+def test_a_folder_without_tokenizer_files_is_named_in_one_line(run_cli, folder, tmp_path):
+    import shutil
+
+    from shoal.evaluate.runner import TOKENIZER_MARKERS
+
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    for name in TOKENIZER_MARKERS:
+        (bare / name).unlink(missing_ok=True)
+    write_task(tmp_path / "t", {"metric": "exact_match"}, [{"prompt": "w4", "answer": "w5"}])
+    code, _, err = run_cli("eval", bare, "--task", tmp_path / "t")
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"{bare}: no tokenizer in the folder" in err and "--no-copy-tokenizer" in err
+    code, _, err = run_cli("eval", folder, "--task", tmp_path / "t")  # the folder it was copied from has one
+    assert code == 0, err
+
+
 def test_shoal_eval_json_reports_each_task(run_cli, folder, tmp_path):
     rows = [{"prompt": p, "answer": "w5"} for p in prompts(5)]
     only_w = [{"name": "c", "type": "charset", "chars": "w"}]

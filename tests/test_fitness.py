@@ -116,6 +116,16 @@ def test_fitness_subset_needs_its_size() -> None:
     assert parse_search(base + "select: {top: 2}\n", "s.yaml", Path(".")).search_hash() == plain.search_hash()
 
 
+def test_select_on_takes_the_key_as_written_unquoted() -> None:
+    """YAML 1.1 reads an unquoted `on` key as true; the README writes `select: {top: 5, on: dev}`."""
+    base = "base: b\nparents: {a: a}\ntasks: [{path: t}]\n"
+    for written in ("select: {top: 2, on: dev}\n", "select: {top: 2, 'on': dev}\n", "select:\n  top: 2\n  on: dev\n"):
+        select = parse_search(base + written, "s.yaml", Path(".")).select
+        assert (select.top, select.on) == (2, "dev"), written
+    with pytest.raises(ShoalError, match="s.yaml:4: select.on: Input should be 'dev'"):
+        parse_search(base + "select: {top: 2, on: test}\n", "s.yaml", Path("."))
+
+
 def test_full_fitness_counts_every_dev_item_of_every_trial(zoo, tmp_path, task) -> None:
     dev = len(load_task(task).items("dev"))
     summary = evolve(load_search(_search(zoo, tmp_path, task, budget=6)), tmp_path / "run")

@@ -178,6 +178,22 @@ def test_existing_output_is_refused_unless_overwrite(parents, tmp_path, run_cli)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
 
 
+def test_an_output_folder_that_is_or_holds_a_parent_is_refused_even_with_overwrite(parents, tmp_path, run_cli):
+    import shutil
+
+    for name in "ab":
+        shutil.copytree(parents[name], tmp_path / "models" / name)
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(tmp_path / "models" / n), "parameters": {"weight": 1.0}} for n in "ab"]})
+    before = {p: p.read_bytes() for p in (tmp_path / "models").rglob("*") if p.is_file()}
+    for out in (tmp_path / "models" / "a", tmp_path / "models"):
+        code, _, err = run_cli("merge", recipe, out, "--overwrite")
+        assert code == 2 and f"OUT_DIR {out} is or holds" in err and "write the merge elsewhere" in err, err
+    assert {p: p.read_bytes() for p in (tmp_path / "models").rglob("*") if p.is_file()} == before
+    code, _, _ = run_cli("merge", recipe, tmp_path / "models" / "c", "--overwrite")  # beside them: merged
+    assert code == 0 and (tmp_path / "models" / "c" / "config.json").exists()
+
+
 def test_reader_lists_shapes_without_loading(parents):
     ck = open_checkpoint(parents["a"])
     assert ck.shape("model.embed_tokens.weight") == (256, 64)
@@ -227,10 +243,33 @@ def test_a_chunk_with_nan_is_refused_with_the_tensor_named(parents, tmp_path, mo
     from shoal.errors import ShoalError
     from shoal.merge import methods
 
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     monkeypatch.setattr(methods, "CHUNK", 1000)
+    shutil.copytree(parents["b"], tmp_path / "b")
+    weights = load_file(tmp_path / "b" / "model.safetensors")
+    weights["model.embed_tokens.weight"].view(-1)[5000] = float("nan")  # in the embeddings' sixth chunk
+    save_file(weights, tmp_path / "b" / "model.safetensors", metadata={"format": "pt"})
     recipe = parse_recipe(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": str(parents["a"]), "parameters": {"weight": 1.0}}, {"model": str(parents["b"]), "parameters": {"weight": -1.0}}]}))
-    with pytest.raises(ShoalError, match="NaN or inf in tensor .* weights summing to 0"):
+        {"model": str(parents["a"]), "parameters": {"weight": 1.0}}, {"model": str(tmp_path / "b"), "parameters": {"weight": 1.0}}]}))
+    with pytest.raises(ShoalError, match="NaN or inf in tensor model.embed_tokens.weight .* check the weights"):
+        run_merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_linear_weights_summing_to_zero_are_refused_before_any_tensor_is_read(parents, tmp_path, monkeypatch):
+    from shoal.errors import ShoalError
+    from shoal.merge import engine
+
+    monkeypatch.setattr(engine, "_load", lambda *args: pytest.fail("a tensor was read"))
+    weights = {"a": 1.0, "b": {"filter": "mlp", "value": -1.0}}  # cancels only in the MLP's tensors
+    recipe = parse_recipe(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(parents[n]), "parameters": {"weight": weights[n] if n == "a" else [weights[n], {"value": 0.5}]}}
+        for n in "ab"]}))
+    with pytest.raises(ShoalError, match=r"weights for tensor model\.layers\.0\.mlp\.\w+\.weight sum to 0 with "
+                                         r"normalize: true"):
         run_merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

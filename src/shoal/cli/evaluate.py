@@ -23,7 +23,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print only a JSON list, one object per task.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts (or prompt-choice pairs) per forward pass.")] = 64,
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N items of the split.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
     allow_pickle: Annotated[bool, typer.Option(
         help="Also load PyTorch pickle weights (*.bin); unpickling runs code, so only for files you trust.")] = False,
 ) -> None:

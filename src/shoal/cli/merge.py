@@ -16,6 +16,7 @@ from shoal import yamlfile
 from shoal.cache import Storage, stored_in
 from shoal.cli.app import app
 from shoal.cli.progress import bar
+from shoal.devices import ACCEPTED, is_device_name
 from shoal.errors import Interrupted, ShoalError
 from shoal.threads import torch_threads
 
@@ -44,6 +45,8 @@ def _shard_bytes(shard_size: float | None, out_shard_size: str | None) -> int:
 def _merge_device(device: str | None, cuda: bool) -> str:
     """--device, or cuda for mergekit's --cuda (a --device naming a CUDA GPU picks which); --device auto is cuda
     where a CUDA GPU is available (or --cuda asks for one), else cpu."""
+    if device not in (None, "auto") and not is_device_name(device):
+        raise ShoalError(f"--device {device}: unknown device ({ACCEPTED}, auto)")
     if device == "auto":
         import torch
 
@@ -58,7 +61,7 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe in mergekit's YAML format.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (written atomically).")],
     device: Annotated[str | None, typer.Option(
-        help="cpu, cuda, cuda:N, or auto (cuda if a CUDA GPU is available, else cpu).", show_default="cpu")] = None,
+        help="cpu, cuda, cuda:N, mps, or auto (cuda if a CUDA GPU is available, else cpu).", show_default="cpu")] = None,
     cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's name for --device cuda.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
     seed: Annotated[int | None, typer.Option(

@@ -255,6 +255,16 @@ def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: st
             del loaded
 
 
+def _check_not_an_input(out_dir: Path, parents: dict[str, Checkpoint]) -> None:
+    """Refuse an output folder that is, or holds, a model the recipe reads: with --overwrite the merge would
+    replace it."""
+    out = out_dir.resolve()
+    for ref, checkpoint in parents.items():
+        if checkpoint.path.resolve().is_relative_to(out):
+            raise ShoalError(f"OUT_DIR {out_dir} is or holds {ref}, which the recipe merges: write the merge "
+                             "elsewhere")
+
+
 def open_parents(recipe: Recipe) -> dict[str, Checkpoint]:
     return {ref: open_checkpoint(ref) for ref in recipe.parents()}
 
@@ -347,6 +357,7 @@ def run_merge(
     if max_shard_bytes < 1:
         raise ShoalError(f"shard size {max_shard_bytes} bytes: give a positive size")
     parents = open_parents(recipe)
+    _check_not_an_input(Path(out_dir), parents)
     built = output_tokenizer(recipe, parents)
     plan: MergePlan = build_plan(recipe, parents, built.vocab if built else None)
     wants_tokenizer = copy_tokenizer or recipe.vocabulary is not None

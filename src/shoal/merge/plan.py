@@ -317,6 +317,9 @@ def _job(
                     f"epsilon for tensor {out_name} is {epsilon} with density {density}: {method.name} keeps entries "
                     f"with probabilities from density - epsilon to density + epsilon, which must lie in (0, 1)"
                 )
+    if method.name == "linear" and floating and shared["normalize"] and sum(p["weight"] for p in per_model) == 0:
+        raise ShoalError(f"weights for tensor {out_name} sum to 0 with normalize: true, and linear divides by their "
+                         "sum; give other weights, or normalize: false")
     return TensorJob(
         spec=TensorSpec(out_names.own(out_name), out_shape, dtype),
         work_dtype=work_dtype if work_dtype is not None and floating else src_dtype,

@@ -166,6 +166,15 @@ class SelectSpec(Strict):
     top: int = Field(5, ge=1)
     on: Literal["dev"] = "dev"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _on_as_written(cls, data: Any) -> Any:
+        """`on: dev` unquoted is `true: dev` to YAML 1.1, which reads on, off, yes and no as booleans: the key `on`
+        is what was meant."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            return {"on" if key is True else key: value for key, value in data.items()}
+        return data
+
 
 class LmEvalRef(Strict):
     """A task of lm-evaluation-harness: from its registry, or from YAML files under `include`."""
