@@ -185,13 +185,18 @@ def test_an_output_folder_that_is_or_holds_a_parent_is_refused_even_with_overwri
         shutil.copytree(parents[name], tmp_path / "models" / name)
     recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
         {"model": str(tmp_path / "models" / n), "parameters": {"weight": 1.0}} for n in "ab"]})
+    shutil.copytree(parents["b"], tmp_path / "models" / "c")
+    tokens_from_c = write_recipe(tmp_path, {
+        "merge_method": "linear", "tokenizer_source": str(tmp_path / "models" / "c"),
+        "models": [{"model": str(tmp_path / "models" / n), "parameters": {"weight": 1.0}} for n in "ab"]}, "tokens.yaml")
     before = {p: p.read_bytes() for p in (tmp_path / "models").rglob("*") if p.is_file()}
-    for out in (tmp_path / "models" / "a", tmp_path / "models"):
-        code, _, err = run_cli("merge", recipe, out, "--overwrite")
+    for path, out in ((recipe, tmp_path / "models" / "a"), (recipe, tmp_path / "models"),
+                      (tokens_from_c, tmp_path / "models" / "c")):  # not a parent: the tokenizer's source
+        code, _, err = run_cli("merge", path, out, "--overwrite")
         assert code == 2 and f"OUT_DIR {out} is or holds" in err and "write the merge elsewhere" in err, err
     assert {p: p.read_bytes() for p in (tmp_path / "models").rglob("*") if p.is_file()} == before
-    code, _, _ = run_cli("merge", recipe, tmp_path / "models" / "c", "--overwrite")  # beside them: merged
-    assert code == 0 and (tmp_path / "models" / "c" / "config.json").exists()
+    code, _, _ = run_cli("merge", recipe, tmp_path / "models" / "d", "--overwrite")  # beside them: merged
+    assert code == 0 and (tmp_path / "models" / "d" / "config.json").exists()
 
 
 def test_reader_lists_shapes_without_loading(parents):
@@ -253,7 +258,8 @@ def test_a_chunk_with_nan_is_refused_with_the_tensor_named(parents, tmp_path, mo
     weights["model.embed_tokens.weight"].view(-1)[5000] = float("nan")  # in the embeddings' sixth chunk
     save_file(weights, tmp_path / "b" / "model.safetensors", metadata={"format": "pt"})
     recipe = parse_recipe(yaml.safe_dump({"merge_method": "linear", "models": [
-        {"model": str(parents["a"]), "parameters": {"weight": 1.0}}, {"model": str(tmp_path / "b"), "parameters": {"weight": 1.0}}]}))
+        {"model": str(parents["a"]), "parameters": {"weight": 1.0}},
+        {"model": str(tmp_path / "b"), "parameters": {"weight": 1.0}}]}))
     with pytest.raises(ShoalError, match="NaN or inf in tensor model.embed_tokens.weight .* check the weights"):
         run_merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -95,11 +95,11 @@ def test_wrong_type_gives_the_line(run_cli, tmp_path):
     expect_error(run_cli, tmp_path, text, "recipe.yaml:4", "layer_range")
 
 
-def test_nan_produced_by_a_merge(run_cli, parents, tmp_path):
+def test_linear_weights_that_would_divide_by_zero(run_cli, parents, tmp_path):
     recipe = {"merge_method": "linear", "models": [
         {"model": str(parents["a"]), "parameters": {"weight": 1.0}},
         {"model": str(parents["b"]), "parameters": {"weight": -1.0}}]}
-    expect_error(run_cli, tmp_path, recipe, "NaN or inf", "model.embed_tokens.weight", mid_merge=True)
+    expect_error(run_cli, tmp_path, recipe, "weights for tensor model.embed_tokens.weight sum to 0 with normalize")
 
 
 def test_missing_base_for_a_method_that_needs_one(run_cli, parents, tmp_path):

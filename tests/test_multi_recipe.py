@@ -187,6 +187,18 @@ def test_an_existing_output_is_refused_before_any_intermediate_is_merged(run_cli
     assert not (tmp_path / "out.intermediate").exists()
 
 
+def test_an_output_holding_a_parent_of_any_document_is_refused_before_any_merge(run_cli, parents, tmp_path):
+    import shutil
+
+    own = {name: tmp_path / "models" / name for name in ("base", "a", "b", "c")}
+    for name, folder in own.items():
+        shutil.copytree(parents[name], folder)
+    recipe = write_recipe(tmp_path, two_stage(own))
+    code, _, err = run_cli("merge", recipe, tmp_path / "models", "--overwrite")  # holds both documents' parents
+    one_error_line(code, err, f"OUT_DIR {tmp_path / 'models'} is or holds", "write the merge elsewhere")
+    assert not (tmp_path / "models.intermediate").exists() and sorted(os.listdir(tmp_path / "models")) == sorted(own)
+
+
 def test_intermediates_inside_the_output_are_refused(run_cli, parents, tmp_path):
     recipe = write_recipe(tmp_path, two_stage(parents))
     code, _, err = run_cli("merge", recipe, tmp_path / "out", "-I", tmp_path / "out" / "parts")

@@ -122,10 +122,10 @@ def test_a_search_finds_each_task_vectors_l1_norm_once(parents, tmp_path, monkey
             assert torch.equal(live[name].detach(), tensor), (i, name)
 
 
-def test_nan_weights_are_refused_like_shoal_merge(parents) -> None:
+def test_weights_summing_to_zero_are_refused_like_shoal_merge(parents) -> None:
     recipe = _recipe(parents, "linear", [0.5, 0.5], [None, None])
     merger = ResidentMerger(parse_recipe(yaml.safe_dump(recipe)))
-    with pytest.raises(ShoalError, match="NaN or inf in tensor"):  # normalising by a zero sum of weights
+    with pytest.raises(ShoalError, match="sum to 0 with normalize: true"):  # normalising by a zero sum of weights
         merger.apply(parse_recipe(yaml.safe_dump(_recipe(parents, "linear", [1.0, -1.0], [None, None]))))
 
 

@@ -61,7 +61,8 @@ def merge(
     recipe: Annotated[Path, typer.Argument(help="Recipe in mergekit's YAML format.")],
     out_dir: Annotated[Path, typer.Argument(help="Folder to create (written atomically).")],
     device: Annotated[str | None, typer.Option(
-        help="cpu, cuda, cuda:N, mps, or auto (cuda if a CUDA GPU is available, else cpu).", show_default="cpu")] = None,
+        help="cpu, cuda, cuda:N, mps, or auto (cuda if a CUDA GPU is available, else cpu).",
+        show_default="cpu")] = None,
     cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's name for --device cuda.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists.")] = False,
     seed: Annotated[int | None, typer.Option(

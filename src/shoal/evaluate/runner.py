@@ -175,17 +175,18 @@ def load_processor(path: str | Path) -> ProcessorMixin:
 
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-"""A folder with none of these has no tokenizer transformers could load (it would say a backend is missing)."""
+"""A folder whose tokenizer fails to load and holds none of these has no tokenizer (transformers blames a backend)."""
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    folder = Path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
-        raise ShoalError(f"{path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_MARKERS)}); a merge "
-                         "written with --no-copy-tokenizer has none: copy a parent's tokenizer files into it")
     try:
         return AutoTokenizer.from_pretrained(Path(path))
     except (OSError, ValueError) as exc:
+        folder = Path(path)
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+            raise ShoalError(f"{path}: no tokenizer in the folder (none of {', '.join(TOKENIZER_MARKERS)}); a merge "
+                             "written with --no-copy-tokenizer has none: copy a parent's tokenizer files into it"
+                             ) from exc
         raise ShoalError(f"{path}: cannot load a tokenizer ({exc})") from exc
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from shoal.checkpoint import card, files
 from shoal.checkpoint.reader import Checkpoint, open_checkpoint
+from shoal.checkpoint.reference import parse_reference
 from shoal.checkpoint.writer import ModelFolderWriter, atomic_output_dir
 from shoal.devices import check_device
 from shoal.errors import ShoalError
@@ -255,14 +256,17 @@ def prefetched(jobs: list[TensorJob], parents: dict[str, Checkpoint], device: st
             del loaded
 
 
-def _check_not_an_input(out_dir: Path, parents: dict[str, Checkpoint]) -> None:
-    """Refuse an output folder that is, or holds, a model the recipe reads: with --overwrite the merge would
-    replace it."""
+def check_not_an_input(out_dir: Path, recipe: Recipe) -> None:
+    """Refuse an output folder that is, or holds, a local folder the recipe reads (a parent, a LoRA adapter or the
+    model it applies to, a tokenizer's source): with --overwrite the merge would replace it."""
     out = out_dir.resolve()
-    for ref, checkpoint in parents.items():
-        if checkpoint.path.resolve().is_relative_to(out):
-            raise ShoalError(f"OUT_DIR {out_dir} is or holds {ref}, which the recipe merges: write the merge "
-                             "elsewhere")
+    for _, ref in recipe.model_places():
+        reference = parse_reference(ref)
+        for place in (reference.model, reference.lora):
+            folder = None if place is None else Path(place.path).expanduser()
+            if folder is not None and folder.exists() and folder.resolve().is_relative_to(out):
+                raise ShoalError(f"OUT_DIR {out_dir} is or holds {folder}, which the recipe reads: write the merge "
+                                 "elsewhere")
 
 
 def open_parents(recipe: Recipe) -> dict[str, Checkpoint]:
@@ -356,8 +360,8 @@ def run_merge(
     check_device(device)
     if max_shard_bytes < 1:
         raise ShoalError(f"shard size {max_shard_bytes} bytes: give a positive size")
+    check_not_an_input(Path(out_dir), recipe)
     parents = open_parents(recipe)
-    _check_not_an_input(Path(out_dir), parents)
     built = output_tokenizer(recipe, parents)
     plan: MergePlan = build_plan(recipe, parents, built.vocab if built else None)
     wants_tokenizer = copy_tokenizer or recipe.vocabulary is not None

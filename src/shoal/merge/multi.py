@@ -42,6 +42,8 @@ def merge_documents(
     *inputs, output = documents
     if inputs:
         _check_folders(out_dir, intermediate_dir, overwrite)
+    for document in documents:  # before any document is merged
+        engine.check_not_an_input(out_dir, document.recipe)
     folders: dict[str, Path] = {}
     digests: dict[str, str] = {}
 
