@@ -34,8 +34,12 @@ def expect_error(run_cli, tmp_path: Path, recipe: dict | str, *needles: str, mid
     return err
 
 
-def test_missing_parent(run_cli, parents, tmp_path):
-    expect_error(run_cli, tmp_path, linear(parents["a"], tmp_path / "nope"), "nope", "not found")
+def test_missing_parent(run_cli, parents, tmp_path, monkeypatch):
+    expect_error(run_cli, tmp_path, linear(parents["a"], tmp_path / "nope"),
+                 f"recipe.yaml:6: model '{tmp_path / 'nope'}' not found: no such folder, and not a Hub id")
+    monkeypatch.chdir(tmp_path)  # a relative folder is looked for from here, and the message says so
+    expect_error(run_cli, tmp_path, linear(parents["a"], Path("../nope")),
+                 "recipe.yaml:6: model '../nope' not found", f"looked for from {tmp_path}")
 
 
 def test_parents_with_different_architectures(run_cli, parents, tmp_path):

@@ -49,7 +49,9 @@ def load_documents(path: str | Path) -> list[Document]:
     parsed = yamlfile.parse_documents(text, source)
     named = bool(parsed) and isinstance(parsed[0][0], dict) and "name" in parsed[0][0]
     if len(parsed) <= 1 and not named:
-        return [Document(1, 1, None, parse_recipe(text, source), ())]
+        recipe = parse_recipe(text, source)
+        _reads(recipe, parsed[0][1], set(), source, None)  # every model a folder or a Hub id
+        return [Document(1, 1, None, recipe, ())]
     names = _names(parsed, source)
     documents = []
     for index, ((data, node), name) in enumerate(zip(parsed, names), start=1):
@@ -132,13 +134,18 @@ def _names(parsed: list[tuple[Any, yaml.Node]], source: str) -> list[str | None]
     return names
 
 
-def _reads(recipe: Recipe, node: yaml.Node, names: set[str], source: str, document: str) -> tuple[str, ...]:
-    """The documents recipe reads; a model string that is neither a document's name, a folder nor a Hub id is
-    refused (a misspelt name would otherwise be looked for on the Hub)."""
+def _reads(recipe: Recipe, node: yaml.Node, names: set[str], source: str, document: str | None) -> tuple[str, ...]:
+    """The documents recipe reads (document: its label in a file of several, None for a file of one); a model
+    string that is neither a document's name, a folder nor a Hub id is refused, with its line (a misspelt name
+    would otherwise be looked for on the Hub)."""
     reads = []
     for loc, ref in recipe.model_places():
         model = parse_reference(ref).model
-        where = f"{source}:{yamlfile.line_of(node, loc)}: {document}"
+        where = f"{source}:{yamlfile.line_of(node, loc)}" + (f": {document}" if document else "")
+        if document is None and not model.is_hub_id and not Path(model.path).expanduser().exists():
+            relative = "" if Path(model.path).expanduser().is_absolute() else f", looked for from {Path.cwd()}"
+            raise ShoalError(f"{where}: model {ref!r} not found: no such folder{relative}, and not a Hub id "
+                             "(org/name)")
         if model.path in names:
             if model.revision is not None:
                 raise ShoalError(f"{where}: {ref!r}: {model.path} is a document of this file, whose merge has no "
