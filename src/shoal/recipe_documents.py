@@ -142,16 +142,16 @@ def _reads(recipe: Recipe, node: yaml.Node, names: set[str], source: str, docume
     for loc, ref in recipe.model_places():
         model = parse_reference(ref).model
         where = f"{source}:{yamlfile.line_of(node, loc)}" + (f": {document}" if document else "")
-        if document is None and not model.is_hub_id and not Path(model.path).expanduser().exists():
-            relative = "" if Path(model.path).expanduser().is_absolute() else f", looked for from {Path.cwd()}"
-            raise ShoalError(f"{where}: model {ref!r} not found: no such folder{relative}, and not a Hub id "
-                             "(org/name)")
         if model.path in names:
             if model.revision is not None:
                 raise ShoalError(f"{where}: {ref!r}: {model.path} is a document of this file, whose merge has no "
                                  f"revisions; drop @{model.revision}")
             reads.append(model.path)
         elif not model.is_hub_id and not Path(model.path).expanduser().exists():
+            if document is None:
+                relative = "" if Path(model.path).expanduser().is_absolute() else f", looked for from {Path.cwd()}"
+                raise ShoalError(f"{where}: model {ref!r} not found: no such folder{relative}, and not a Hub id "
+                                 "(org/name)")
             known = ", ".join(sorted(names)) or "none"
             raise ShoalError(f"{where}: model {ref!r} names no document of this file (their names: {known}), no "
                              "folder and no Hub id (org/name)")
