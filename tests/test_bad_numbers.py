@@ -51,7 +51,8 @@ def test_a_passthrough_scale_that_is_not_a_number_is_refused(run_cli, parents, t
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--shard-size", "-1"], "--shard-size -1.0"),
+    (["--shard-size", "-1"], "--shard-size -1: give"),  # echoed as typed, not as the float -1.0
+    (["--shard-size", "0.5e-9"], "--shard-size 5e-10: give"),  # positive, but under one byte
     (["--shard-size", "0"], "above 0"),
     (["--shard-size", "nan"], "--shard-size nan"),
     (["--device", "gpu"], "unknown device (accepted: cpu, cuda, cuda:N, mps, auto)"),

@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) stops `shoal merge` and `shoal evolve` with exit code 130 and one line saying what was kept:
-no half-written model, and for a search the stored trials that a rerun continues from."""
+no half-written model, and for a search the stored trials that a rerun continues from. SIGTERM (`kill`, `timeout`,
+a batch scheduler) does the same with exit code 143."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def _last_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("overwrite", [False, True])
-def test_ctrl_c_during_merge_exits_130_and_leaves_nothing_half_written(parents, tmp_path, overwrite) -> None:
+@pytest.mark.parametrize(("overwrite", "stop", "code"), [
+    (False, signal.SIGINT, 130), (True, signal.SIGINT, 130), (False, signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_during_merge_exits_130_or_143_and_leaves_nothing_half_written(parents, tmp_path, overwrite, stop, code
+                                                                       ) -> None:
     recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
         {"model": str(parents[n]), "parameters": {"weight": 1.0}} for n in ("a", "b")]})
     out = tmp_path / "out"
@@ -35,9 +38,9 @@ def test_ctrl_c_during_merge_exits_130_and_leaves_nothing_half_written(parents, 
                             preexec_fn=_default_sigint)
     wait_for(lambda: any(p.name.startswith(".out.tmp-") and any(p.glob("*.safetensors"))
                           for p in tmp_path.iterdir()))
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     line = _last_line(err)
     assert line.startswith(f"interrupted: {out}: ") and "no half-written model is left" in line
@@ -47,7 +50,8 @@ def test_ctrl_c_during_merge_exits_130_and_leaves_nothing_half_written(parents, 
         assert [p.name for p in out.iterdir()] == ["old"]
 
 
-def test_ctrl_c_during_evolve_exits_130_and_says_how_many_trials_are_kept(zoo, tmp_path) -> None:
+@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_during_evolve_exits_130_or_143_and_says_how_many_trials_are_kept(zoo, tmp_path, stop, code) -> None:
     search = zoo_search(zoo, tmp_path, budget=400)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
@@ -55,9 +59,9 @@ def test_ctrl_c_during_evolve_exits_130_and_says_how_many_trials_are_kept(zoo, t
                             preexec_fn=_default_sigint)
     log = run / "study.log"
     wait_for(lambda: finished_trials(log) >= 3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "Traceback" not in err
     line = _last_line(err)
     assert line.startswith("interrupted: ") and "of 400 trials are stored" in line

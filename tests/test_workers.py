@@ -36,6 +36,23 @@ def search(zoo, tmp_path_factory):
 
 
 
+def test_starting_ray_keeps_the_commands_sigterm_handler() -> None:
+    """ray.init replaces the process's SIGTERM handler with one that exits at once; the CLI's (SIGTERM stops a search
+    as Ctrl-C does, saying what is stored) is put back."""
+    from shoal.search.workers import _init
+
+    def mine(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        _init(ray, None)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _by_index(run_dir):
     study = optuna.load_study(study_name="shoal", storage=open_storage(str(run_dir / 'study.log')))
     return {t.user_attrs["index"]: (t.params, t.value, t.state.name, t.user_attrs["seed"]) for t in study.trials}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
+from types import FrameType
 from typing import NoReturn
 
 from shoal.allocator import tune_for_merging
@@ -65,12 +67,24 @@ def _os_error(exc: OSError) -> str:
 
 INTERRUPTED = 130
 """The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells use."""
+TERMINATED = 128 + signal.SIGTERM
+"""The exit code of a command stopped by SIGTERM (`kill`, `timeout`, a batch scheduler's end of job): 143."""
+_stopped_by: list[int] = []
+"""The exit code of the signal that stopped this command, once one has."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM stops a command as Ctrl-C does (what is half-written is removed, the stored trials are said), but exits
+    143, as a process that SIGTERM killed does. A second SIGTERM, during that clean-up, ends the process at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _stopped_by.append(TERMINATED)
+    raise KeyboardInterrupt
 
 
 def interrupted(message: str) -> NoReturn:
     Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("interrupted:", "bold red"), " ",
                                                                               message))
-    sys.exit(INTERRUPTED)
+    sys.exit(_stopped_by[0] if _stopped_by else INTERRUPTED)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
@@ -86,6 +100,7 @@ _python_show_warning = warnings.showwarning
 
 def main() -> None:
     warnings.showwarning = _show_warning
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt no command caught
     except ShoalError as exc:

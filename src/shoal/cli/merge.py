@@ -38,7 +38,7 @@ def _shard_bytes(shard_size: float | None, out_shard_size: str | None) -> int:
         return int(match[1]) * _MERGEKIT_UNITS[match[2].lower()]
     shard_size = 2.0 if shard_size is None else shard_size
     if not (math.isfinite(shard_size) and shard_size * 1024**3 >= 1):
-        raise ShoalError(f"--shard-size {shard_size}: give the largest shard's size in GB, a number above 0")
+        raise ShoalError(f"--shard-size {shard_size:g}: give the largest shard's size in GB, a number above 0")
     return int(shard_size * 1024**3)
 
 

@@ -9,6 +9,8 @@ the search orders them by index).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,13 @@ from shoal.search.spec import SearchSpec
 
 
 def _init(ray: Any, address: str | None) -> None:
+    """ray.init, keeping this process's SIGTERM handler (ray.init puts in one that exits at once, where the CLI's
+    stops the search as Ctrl-C does)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 @contextmanager
