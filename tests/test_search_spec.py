@@ -204,6 +204,8 @@ def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> 
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ndfs: {parents: [q]}\n", "'q' is not one of the parents"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: linear\nbounds:\n  weight: [-1, 1]\n",
+         "search.yaml:6: bounds: weight [-1, 1] starts a linear search with every weight at 0"),
     ],
 )
 def test_bad_search_files_are_refused_with_where_and_why(text: str, message: str) -> None:

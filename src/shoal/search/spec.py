@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -283,6 +284,25 @@ class SearchSpec(Strict):
                 raise ValueError(f"parent name {name!r} must be non-empty and contain no '.'")
         return value
 
+    @field_validator("bounds")
+    @classmethod
+    def _known_bounds(cls, value: dict[str, tuple[float, float]], info: ValidationInfo
+                      ) -> dict[str, tuple[float, float]]:
+        for name, (low, high) in value.items():
+            if name not in DEFAULT_BOUNDS:
+                raise ValueError(f"unknown parameter {name!r} (known: {', '.join(DEFAULT_BOUNDS)})")
+            if not low < high:
+                raise ValueError(f"{name} needs low < high, got [{low:g}, {high:g}]")
+            check, text = BOUND_CHECKS.get(name, (lambda low, high: True, ""))
+            if not check(low, high):
+                raise ValueError(f"{name} must lie in {text}, got [{low:g}, {high:g}]")
+        low, high = value.get("weight", DEFAULT_BOUNDS["weight"])
+        if info.data.get("method") == "linear" and low + high == 0:
+            raise ValueError(f"weight [{low:g}, {high:g}] starts a linear search with every weight at 0, the middle of "
+                             "its bounds, and linear divides by the weights' sum; give weight bounds whose middle is "
+                             "not 0, e.g. [0, 1]")
+        return value
+
     @field_validator("tasks")
     @classmethod
     def _some_task(cls, value: list[TaskWeight]) -> list[TaskWeight]:
@@ -292,14 +312,6 @@ class SearchSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
-        for name, (low, high) in self.bounds.items():
-            if name not in DEFAULT_BOUNDS:
-                raise ValueError(f"bounds: unknown parameter {name!r} (known: {', '.join(DEFAULT_BOUNDS)})")
-            if not low < high:
-                raise ValueError(f"bounds: {name} needs low < high, got [{low}, {high}]")
-            check, text = BOUND_CHECKS.get(name, (lambda low, high: True, ""))
-            if not check(low, high):
-                raise ValueError(f"bounds: {name} must lie in {text}, got [{low}, {high}]")
         if self.method == "linear" and self.genome.embeddings == "base":
             raise ValueError("genome.embeddings: base needs a method with a base model (linear has none)")
         if "weight" not in self.params and self.genome.embeddings == "base":
