@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.app import app
 from shoal.cli.evolve import run_evolve
+from shoal.cli.progress import console
 from shoal.cli.zoo import build_pool_with_progress, build_vlm_with_progress, build_with_progress
 from shoal.errors import ShoalError
 
@@ -138,7 +138,7 @@ def demo(
     from shoal.report import write_report
     from shoal.zoo.build import default_zoo_dir
 
-    console = Console(stderr=True)
+    err = console(stderr=True)
     if space not in ("ps", "dfs", "hybrid"):
         raise ShoalError(f"--space {space}: choose ps, dfs or hybrid")
     if vlm and pool:
@@ -151,7 +151,7 @@ def demo(
                          "is not supported")
     budget = budget or (VLM_BUDGET if vlm else 1000)
     zoo = zoo or default_zoo_dir(seed, zoo_size)
-    console.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}{', with its VLM part' if vlm else ', with its pool' if pool else ''}) "
+    err.print(f"[bold]1/3[/] the demo zoo ({escape(zoo_size)}, seed {seed}{', with its VLM part' if vlm else ', with its pool' if pool else ''}) "
                   f"in {escape(str(zoo))}")
     built, _, _ = build_with_progress(zoo, seed, zoo_size)
     if vlm:
@@ -166,22 +166,22 @@ def demo(
     search = out / "search.yaml"
     spec = demo_search(parents, built.base, target, budget, seed, space, tournament=pool)
     search.write_text(yaml.safe_dump(spec, sort_keys=False))
-    console.print(f"[bold]2/3[/] evolving ({escape(str(search))}) into {escape(str(out / 'run'))}; run again to continue after an interruption")
+    err.print(f"[bold]2/3[/] evolving ({escape(str(search))}) into {escape(str(out / 'run'))}; run again to continue after an interruption")
     summary = run_evolve(search, out / "run", storage=None, budget=None, threads=1)
-    console.print(f"[bold]3/3[/] report in {escape(str(out / 'run' / 'report'))}")
+    err.print(f"[bold]3/3[/] report in {escape(str(out / 'run' / 'report'))}")
     written = write_report(out / "run")
     joint = evaluate(baseline, load_task(target), split="test").score if baseline else None
-    Console().print(results_table(summary, joint))
+    console().print(results_table(summary, joint))
     if pool:  # a hybrid's weights are its PS stage's (its best is a layer path)
         from shoal.search.run_folder import read_summary
 
         weighted = read_summary(out / "run" / "ps") if space == "hybrid" else summary
-        Console().print(weights_table(weighted, every.roles))
+        console().print(weights_table(weighted, every.roles))
     if vlm:
-        console.print("the base and the language parent are text models: each is scored with its language model inside "
+        err.print("the base and the language parent are text models: each is scored with its language model inside "
                       "the VLM's vision tower and projector. Measured on seeds 0-2, the evolved VLM is within a few "
                       "pictures of its parents here: the zoo's tiny base does not share what it sees across its two "
                       "languages (a negative result, docs/zoo-vlm.md)", markup=False)
     elif not pool and zoo_size == "default" and space == "ps" and budget == 1000:
-        console.print(against_measured(summary, seed), markup=False)
-    console.print(f"best model: [bold]{escape(str(out / 'run' / 'best'))}[/]; report: {escape(str(written[0]))}")
+        err.print(against_measured(summary, seed), markup=False)
+    err.print(f"best model: [bold]{escape(str(out / 'run' / 'best'))}[/]; report: {escape(str(written[0]))}")

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.app import app
+from shoal.cli.progress import console
 
 
 @app.command(name="eval")
@@ -46,4 +46,4 @@ def eval_command(
     for r in results:
         failures = ", ".join(f"{escape(name)}: {count}" for name, count in r.constraint_failures.items()) or "-"
         table.add_row(escape(r.task), escape(r.split), r.metric, f"{r.score:.4f}", str(r.n), failures, f"{r.seconds:.2f}")
-    Console().print(table)
+    console().print(table)

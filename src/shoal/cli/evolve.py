@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shoal.cli.app import app
+from shoal.cli.progress import Bar, console
 from shoal.errors import Interrupted, ShoalError
 
 if TYPE_CHECKING:
@@ -19,17 +19,18 @@ if TYPE_CHECKING:
     from shoal.search.summary import Summary
 
 
-def trial_bar() -> Progress:
-    return Progress(
+def trial_bar() -> Bar:
+    """trials, done of budget, the best dev fitness, trials a minute, dev items scored, time taken and left: a
+    78-column line at 1000 trials and 6-digit item counts, whole in an 80-column terminal."""
+    return Bar(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=10),
         MofNCompleteColumn(),
-        TextColumn("best dev {task.fields[best]}"),
-        TextColumn("{task.fields[rate]} trials/min"),
-        TextColumn("{task.fields[items]} items scored"),
+        TextColumn("best {task.fields[best]}"),
+        TextColumn("{task.fields[rate]}/min"),
+        TextColumn("{task.fields[items]} items"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
     )
 
 
@@ -57,32 +58,36 @@ def run_evolve(
         spec = spec.model_copy(update={"memory": spec.memory.model_copy(update={"limit": memory_limit})})
     if threads is not None:
         torch.set_num_threads(threads)
-    console = Console(stderr=True)
-    with trial_bar() as progress:
-        task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0)
-        shown: dict[str, float] = {}
+    err = console(stderr=True)
+    progress = trial_bar()
+    task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0)
+    shown: dict[str, float] = {}
 
-        def on_step(name: str) -> None:
-            console.print(f"[dim]{escape(name)}[/]")
+    def on_step(name: str) -> None:
+        err.print(f"[dim]{escape(name)}[/]")
 
-        def on_trial(p: TrialProgress) -> None:
-            if p.evaluated == 1:
-                shown["since"] = time.perf_counter()
-            minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
-            rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
-            best = f"{p.best:.4f}" if p.best is not None else "-"
-            items = f"{p.items:,}" + (f" of {spec.budget_items:,}" if spec.budget_items else "")
-            progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=items)
-            shown["done"] = p.done
+    def on_trial(p: TrialProgress) -> None:
+        if "done" not in shown:
+            progress.start()  # only once the search has started: an error before it comes alone
+        if p.evaluated == 1:
+            shown["since"] = time.perf_counter()
+        minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
+        rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
+        best = f"{p.best:.4f}" if p.best is not None else "-"
+        items = f"{p.items:,}" + (f" of {spec.budget_items:,}" if spec.budget_items else "")
+        progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=items)
+        shown["done"] = p.done
 
-        try:
-            return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial,
-                          notice=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
-                          workers=workers, ray_address=ray_address)
-        except KeyboardInterrupt:
-            done = _stored(spec, run_dir, int(shown.get("done", 0)))
-            raise Interrupted(f"{done} of {spec.budget} trials are stored for {run_dir}; run the same command again "
-                              "to continue from them (no trial is scored twice)") from None
+    try:
+        return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial,
+                      notice=lambda line: err.print(line, markup=False, highlight=False),
+                      workers=workers, ray_address=ray_address)
+    except KeyboardInterrupt:
+        done = _stored(spec, run_dir, int(shown.get("done", 0)))
+        raise Interrupted(f"{done} of {spec.budget} trials are stored for {run_dir}; run the same command again "
+                          "to continue from them (no trial is scored twice)") from None
+    finally:
+        progress.stop()
 
 
 def _stored(spec: SearchSpec, run_dir: Path, shown: int) -> int:
@@ -120,7 +125,7 @@ def evolve(
     summary = run_evolve(search, run_dir, storage, budget, threads, workers, ray_address, memory_limit, budget_items,
                          budget_tokens)
     best = summary.best
-    Console(stderr=True).print(
+    console(stderr=True).print(
         f"best trial #{best.trial}: dev {best.dev:.4f}, test {best.test:.4f}; "
         f"model in [bold]{escape(str(run_dir / 'best'))}[/], summary in {escape(str(run_dir / 'summary.json'))}"
     )

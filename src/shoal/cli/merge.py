@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import TaskID
 
 from shoal import yamlfile
 from shoal.cache import Storage, stored_in
 from shoal.cli.app import app
-from shoal.cli.progress import bar
+from shoal.cli.progress import bar, console
 from shoal.devices import ACCEPTED, is_device_name
 from shoal.errors import Interrupted, ShoalError
 from shoal.threads import torch_threads
@@ -153,4 +152,4 @@ def merge(
     finally:
         progress.stop()
     if not quiet:
-        Console(stderr=True).print(f"wrote [bold]{escape(str(out_dir))}[/]")
+        console(stderr=True).print(f"wrote [bold]{escape(str(out_dir))}[/]")

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from shoal.cli.app import app
+from shoal.cli.progress import console
 
 
 @app.command()
@@ -22,6 +22,6 @@ def report(
     from shoal.report import write_report
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    console = Console()
+    out = console()
     for path in write_report(run_dir, storage):
-        console.print(str(path), highlight=False, soft_wrap=True, markup=False)
+        out.print(str(path), highlight=False, soft_wrap=True, markup=False)

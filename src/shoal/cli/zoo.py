@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from shoal.cli.app import app
-from shoal.cli.progress import bar
+from shoal.cli.progress import bar, console
 
 if TYPE_CHECKING:
     from shoal.zoo.build import Zoo
@@ -50,7 +49,7 @@ def build_pool_with_progress(zoo: Zoo, threads: int = 1) -> tuple[PoolZoo, float
 
 def _with_progress(build: Callable[[Callable, Callable], T]) -> tuple[T, float, bool]:
     start = time.perf_counter()
-    console = Console(stderr=True, highlight=False)
+    err = console(stderr=True)
     with bar() as progress:
         stages: dict[str, int] = {}
 
@@ -59,7 +58,7 @@ def _with_progress(build: Callable[[Callable, Callable], T]) -> tuple[T, float, 
                 stages[stage] = progress.add_task(f"training {stage}", total=total)
             progress.update(stages[stage], completed=step)
 
-        built = build(report, lambda reason: console.print(reason, markup=False))
+        built = build(report, lambda reason: err.print(reason, markup=False, highlight=False))
     return built, time.perf_counter() - start, bool(stages)
 
 
@@ -104,6 +103,6 @@ def build(
         table.add_row(f"VLM parent ({part.skills[part.vlm.name]})", part.vlm.name, escape(str(part.vlm)))
         for name, path in part.tasks.items():
             table.add_row(f"task ({part.roles[name]}, images)", name, escape(str(path)))
-    Console().print(table)
+    console().print(table)
     how = f"built in {seconds:.0f} s" if trained else "already built with these settings; reused"
-    Console(stderr=True).print(f"zoo at [bold]{escape(str(zoo.root))}[/]: {how}")
+    console(stderr=True).print(f"zoo at [bold]{escape(str(zoo.root))}[/]: {how}")
