@@ -1,13 +1,14 @@
 """Wall time and peak RSS of `shoal merge` vs `mergekit-yaml` on three ~0.5B random parents, plus the I/O floor.
 
-    python benchmarks/merge_speed.py [--size 0.5b|50m|small] [--repeats 3] [--work /tmp/shoal-bench]
+    python benchmarks/merge_speed.py [--size 0.5b|50m|small] [--repeats 3] [--work /tmp/shoal-bench] [--threads N]
 
 Each command runs as its own process (so start-up counts for every tool alike), alternating tools on each
 repeat after one warm-up read that puts the parents in the page cache. The floor is a process that reads
 every parent tensor once and writes one model of the output's size (no arithmetic). Prints the median of
 each, and each ratio as the median of the repeats' own ratios (a repeat's three runs are next to each other, so
 a machine whose speed drifts between repeats moves its ratio less than the medians'), with their range; needs
-`pip install mergekit==0.1.5` (benchmark-only dependency).
+`pip install mergekit==0.1.5` (benchmark-only dependency). Each tool runs with its own default torch threads
+(shoal merge: 1; mergekit: torch's, one per core), or with --threads N both do (`-j N`, `--num-threads N`).
 """
 
 from __future__ import annotations
@@ -104,11 +105,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/shoal-bench"))
     ap.add_argument("--methods", default="linear,ties,dare_ties,della,nuslerp")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of both tools (default: each its own)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     parents = build_parents(args.work, args.size)
     params = sum(torch.tensor(s).prod().item() for s in _shapes(parents["a"]))
-    print(f"parents: 3 (+ base), {params / 1e9:.2f}B parameters each, bfloat16, torch threads {torch.get_num_threads()}")
+    threads = "each tool's default" if args.threads is None else args.threads
+    print(f"parents: 3 (+ base), {params / 1e9:.2f}B parameters each, bfloat16, {torch.get_num_threads()} cores, "
+          f"torch threads: {threads}")
     out = args.work / "out"
     floor_cmd = [sys.executable, __file__, "--floor", str(out), str(parents["a"]), str(parents["b"]), str(parents["c"])]
     measure(floor_cmd, out)  # warm-up: parents into the page cache
@@ -118,9 +122,10 @@ def main() -> None:
         spec = METHODS[method](parents)
         recipe.write_text(yaml.safe_dump(spec, sort_keys=False))
         read = [m["model"] for m in spec["models"]] + ([spec["base_model"]] if "base_model" in spec else [])
+        threads = [] if args.threads is None else [str(args.threads)]
         commands = {
-            "shoal": ["shoal", "merge", str(recipe), str(out)],
-            "mergekit": ["mergekit-yaml", str(recipe), str(out)],
+            "shoal": ["shoal", "merge", str(recipe), str(out)] + (["-j", *threads] if threads else []),
+            "mergekit": ["mergekit-yaml", str(recipe), str(out)] + (["--num-threads", *threads] if threads else []),
             "floor": floor_cmd[:4] + read,  # the floor reads what the method reads
         }
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}

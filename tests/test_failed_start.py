@@ -40,10 +40,28 @@ def test_a_search_refused_after_its_checks_leaves_nothing_and_the_corrected_one_
     assert not lock_file(run).exists()
 
 
+@pytest.mark.parametrize("named", ["a folder", "foo://bar", "another search's study"])
+def test_a_start_refused_for_its_storage_records_nothing_and_the_corrected_one_runs(zoo, run_cli, tmp_path, named
+                                                                                     ) -> None:
+    run = tmp_path / "run"
+    storage, message = {"a folder": (tmp_path, "cannot open the study at"),
+                        "foo://bar": ("foo://bar", "sharing a study needs PostgreSQL, SQLite or a journal file, not foo"),
+                        "another search's study": (tmp_path / "other.log", "was made by a different search")}[named]
+    if named == "another search's study":
+        open_study(str(storage), load_search(_search(zoo, tmp_path, "other.yaml", seed=6)).search_hash())
+    code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1, "--storage", storage)
+    one_error_line(code, err, message)
+    assert not run.exists()  # no run.json naming that storage, which a rerun without --storage would go back to
+    code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1)
+    assert code == 0, err
+    assert _trials(run) == 2
+
+
 def test_a_folder_whose_search_stored_no_trial_is_taken_over(zoo, run_cli, tmp_path) -> None:
     run = tmp_path / "run"
     other = load_search(_search(zoo, tmp_path, "other.yaml", seed=6))
-    run_folder.open_run(other, run, None, None, "shoal", lambda _: None)  # what a start that got no further left
+    run_folder.open_run(other, run, None, None, "shoal", lambda _: None).write(run)  # what a start that got no
+    # further left
     open_study(default_storage(run), other.search_hash())
     code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1)
     assert code == 0, err
@@ -57,7 +75,7 @@ def test_a_folder_whose_search_stored_no_trial_is_taken_over(zoo, run_cli, tmp_p
 def test_a_folder_whose_search_stored_a_trial_is_refused_as_it_was(zoo, run_cli, tmp_path) -> None:
     run = tmp_path / "run"
     other = load_search(_search(zoo, tmp_path, "other.yaml", seed=6))
-    run_folder.open_run(other, run, None, None, "shoal", lambda _: None)
+    run_folder.open_run(other, run, None, None, "shoal", lambda _: None).write(run)
     study = open_study(default_storage(run), other.search_hash())
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"index": 0, "generation": 0, "seed": 1}))
     before = {p.name: p.read_bytes() for p in run.iterdir()}

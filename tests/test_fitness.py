@@ -24,7 +24,7 @@ from shoal.search.spec import load_search, parse_search
 from shoal.search.storage import open_storage
 from shoal.search.trials import Evaluation, Trial, stored_trials
 from shoal.zoo.build import Zoo
-from tests.conftest import own_output_task
+from tests.conftest import own_output_task, zoo_search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -341,3 +341,13 @@ def test_race_is_refused_where_it_cannot_bound_or_cannot_run(zoo, tmp_path, task
     with pytest.raises(ShoalError, match=r"race needs item scores in \[0, 1\]"):
         evolve(load_search(_search(zoo, tmp_path / "lp", logprob, fitness={"mode": "race"})), tmp_path / "run2")
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_two_tasks_of_one_name_are_refused_before_the_parents_load(zoo: Zoo, tmp_path: Path, run_cli) -> None:
+    copy = tmp_path / "copy-of-xx-math"
+    shutil.copytree(zoo.tasks["xx-math"], copy)  # another folder, the same name in its task.yaml
+    search = zoo_search(zoo, tmp_path, tasks=[{"path": str(zoo.tasks["xx-math"])}, {"path": str(copy)}])
+    code, _, err = run_cli("evolve", search, tmp_path / "run", "--threads", 1)
+    assert code == 2 and err.count("\n") == 1
+    assert "error: tasks[0] and tasks[1] are both named 'xx-math'" in err and "give each task its own name" in err
+    assert not (tmp_path / "run").exists()

@@ -204,6 +204,8 @@ def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> 
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ndfs: {parents: [q]}\n", "'q' is not one of the parents"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudget: 12\nbudget: 13\n",
+         "search.yaml:5: 'budget' is given twice in one mapping (first on line 4); keep one"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: linear\nbounds:\n  weight: [-1, 1]\n",
          "search.yaml:6: bounds: weight [-1, 1] starts a linear search with every weight at 0"),
     ],
@@ -218,6 +220,33 @@ def test_relative_paths_resolve_against_the_search_file(tmp_path: Path) -> None:
     (tmp_path / "models" / "b").mkdir(parents=True)
     spec = parse_search("base: models/b\nparents: {m: org/hub-model}\ntasks: [{path: t}]\n", "s", tmp_path)
     assert spec.base == str(tmp_path / "models" / "b") and spec.parents["m"] == "org/hub-model"
+
+
+def test_a_path_found_only_from_the_current_folder_is_refused_not_used(tmp_path: Path, monkeypatch) -> None:
+    """A search must not depend on where it is started: before, models/b was taken from the current folder."""
+    (tmp_path / "models" / "b").mkdir(parents=True)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ShoalError) as err:
+        parse_search("base: models/b\nparents: {m: org/hub-model}\ntasks: [{path: t}]\n", "sub/s.yaml",
+                     Path("sub"))
+    assert str(err.value) == (f"sub/s.yaml: base: models/b is not in {tmp_path / 'sub'}, the folder this file's paths "
+                              "are relative to (it is in the current folder); write it relative to the search file, "
+                              "or absolute")
+
+
+def test_both_sides_of_model_plus_adapter_resolve_against_the_search_file(tmp_path: Path) -> None:
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "adapters" / "a").mkdir(parents=True)
+    spec = parse_search("base: org/base\nparents: {m: models/m+adapters/a, h: org/model+adapters/a}\n"
+                        "tasks: [{path: t}]\n", "s", tmp_path)
+    adapter = tmp_path / "adapters" / "a"
+    assert spec.parents == {"m": f"{tmp_path / 'models' / 'm'}+{adapter}", "h": f"org/model+{adapter}"}
+    (tmp_path / "moved" / "models" / "m").mkdir(parents=True)  # the same search in another folder: the same hash
+    (tmp_path / "moved" / "adapters" / "a").mkdir(parents=True)
+    moved = parse_search("base: org/base\nparents: {m: models/m+adapters/a, h: org/model+adapters/a}\n"
+                         "tasks: [{path: t}]\n", "s", tmp_path / "moved")
+    assert moved.search_hash() == spec.search_hash()
 
 
 def test_a_journal_file_named_in_the_search_file_is_relative_to_it(tmp_path: Path) -> None:

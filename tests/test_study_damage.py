@@ -12,6 +12,8 @@ import optuna
 import pytest
 from conftest import one_error_line, zoo_search
 
+from shoal.errors import ShoalWarning
+from shoal.report.load import load_run
 from shoal.search.evolve import evolve
 from shoal.search.spec import load_search
 from shoal.search.storage import open_storage
@@ -101,3 +103,22 @@ def test_a_damaged_journal_the_user_named_is_refused_naming_the_line(finished, r
     one_error_line(code, err, f"{shared}: line 5 is not an Optuna journal record (damaged)",
                    "delete that line or restore the file from a backup")
     assert shared.read_bytes() == damaged and not (tmp_path / "shared.log.damaged").exists()
+
+
+def test_a_report_reads_the_intact_records_of_a_damaged_journal_and_names_the_line(finished, run_cli, tmp_path
+                                                                                    ) -> None:
+    _, run = _copy(finished, tmp_path)
+    assert not (run / "report").exists()
+    damaged = _damage(run / "study.log", 5, NOT_JSON)  # a trial's line, as a crash may leave it
+    with open(run / "study.log", "ab") as log:
+        log.write(b'{"op_code":4,"worker_id":"x"')  # and a torn last one
+    code, out, err = run_cli("report", run)
+    assert code == 0, err
+    assert err.strip() == (f"warning: {run / 'study.log'}: line 5 is not an Optuna journal record (damaged); the "
+                           "report reads the intact records (`shoal evolve` on the run mends the file where no stored "
+                           "trial depends on the line)")
+    assert (run / "report" / "report.md").is_file()
+    with pytest.warns(ShoalWarning, match="line 5"):
+        trials = load_run(run).trials
+    assert len(trials) == BUDGET - 1  # line 5 held one of them; the torn line none
+    assert (run / "study.log").read_bytes() == damaged + b'{"op_code":4,"worker_id":"x"'  # read, never written

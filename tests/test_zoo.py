@@ -18,7 +18,16 @@ from transformers import LlamaForCausalLM
 
 from shoal.errors import ShoalError
 from shoal.zoo import Zoo, build_zoo, load_zoo
-from shoal.zoo.build import BASE_MIX, HARD_FRACTION, PARENTS, SIZES, default_zoo_dir, joint_mix, joint_schedule
+from shoal.zoo.build import (
+    BASE_MIX,
+    BUILDING,
+    HARD_FRACTION,
+    PARENTS,
+    SIZES,
+    default_zoo_dir,
+    joint_mix,
+    joint_schedule,
+)
 from shoal.zoo.language import mixture, split_operands
 from shoal.zoo.pool import SCHEDULES as POOL_SCHEDULES
 from shoal.zoo.train import llama_config
@@ -95,14 +104,55 @@ def test_second_call_reuses_the_zoo_without_training(zoo: Zoo) -> None:
     assert (zoo.base / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def _stages(zoo_dir: Path, notices: list[str]) -> list[str]:
+    steps: list[str] = []
+    build_zoo(zoo_dir, seed=0, size="smoke", progress=lambda stage, step, total: steps.append(stage), notice=notices.append)
+    return sorted(set(steps))
+
+
 def test_changed_settings_rebuild_the_zoo(tmp_path: Path) -> None:
     first = build_zoo(tmp_path / "z", seed=0, size="smoke", threads=1)
     data = json.loads((first.root / "zoo.json").read_text())
     (first.root / "zoo.json").write_text(json.dumps(data | {"settings_hash": "stale"}))
-    steps: list[str] = []
-    build_zoo(first.root, seed=0, size="smoke", threads=1, progress=lambda stage, step, total: steps.append(stage))
-    assert set(steps) == {"base", "math", "language", "joint"}
+    notices: list[str] = []
+    assert _stages(first.root, notices) == ["base", "joint", "language", "math"]
+    assert notices == [f"the zoo at {first.root} cannot be reused (it was built by another version of shoal's zoo "
+                       "recipe); rebuilding it"]
     assert json.loads((first.root / "zoo.json").read_text())["settings_hash"] == data["settings_hash"]
+    assert not (first.root / BUILDING).exists()
+
+
+def test_a_folder_of_the_users_own_is_refused_and_left_as_it_was(tmp_path: Path, run_cli) -> None:
+    mine = tmp_path / "project" / "models" / "my-finetune" / "model.safetensors"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("precious")
+    (tmp_path / "project" / "tasks").mkdir()
+    code, _, err = run_cli("zoo", "build", "--out", tmp_path / "project", "--size", "smoke")
+    assert code == 2 and err.count("\n") == 1
+    assert f"error: {tmp_path / 'project'} is neither empty nor a shoal zoo (it holds models, tasks)" in err
+    assert mine.read_text() == "precious" and sorted(p.name for p in (tmp_path / "project").iterdir()) == [
+        "models", "tasks"]
+
+
+def test_the_zoo_of_another_seed_or_size_is_refused_not_replaced(zoo: Zoo) -> None:
+    stamp = (zoo.base / "model.safetensors").stat().st_mtime_ns
+    for seed, size in ((1, "smoke"), (0, "default")):
+        with pytest.raises(ShoalError, match=f"holds the zoo of seed 0, size smoke; building seed {seed}, size {size} "
+                                             "there would replace it"):
+            build_zoo(zoo.root, seed=seed, size=size)
+    assert (zoo.base / "model.safetensors").stat().st_mtime_ns == stamp
+    assert load_zoo(zoo.root) == zoo
+
+
+def test_a_build_that_was_stopped_is_cleared_and_built_again(tmp_path: Path) -> None:
+    stopped = tmp_path / "z"
+    (stopped / "models" / "base").mkdir(parents=True)
+    (stopped / "models" / "base" / "model.safetensors").write_text("half")
+    (stopped / BUILDING).touch()
+    notices: list[str] = []
+    assert _stages(stopped, notices) == ["base", "joint", "language", "math"]
+    assert notices == [] and not (stopped / BUILDING).exists()
+    assert load_zoo(stopped).base == stopped / "models" / "base"
 
 
 def test_joint_fine_tune_trains_on_both_parents_data_for_their_steps_together(zoo: Zoo) -> None:
@@ -113,12 +163,6 @@ def test_joint_fine_tune_trains_on_both_parents_data_for_their_steps_together(zo
     assert joint_schedule(SIZES["smoke"], steps).steps == sum(steps.values()) and steps["language"] == 15
     joint, base = load_file(zoo.joint / "model.safetensors"), load_file(zoo.base / "model.safetensors")
     assert not any(torch.equal(joint[k], base[k]) for k in base if "norm" not in k)
-
-
-def _stages(zoo_dir: Path, notices: list[str]) -> list[str]:
-    steps: list[str] = []
-    build_zoo(zoo_dir, seed=0, size="smoke", progress=lambda stage, step, total: steps.append(stage), notice=notices.append)
-    return sorted(set(steps))
 
 
 def test_a_truncated_model_file_is_found_and_the_zoo_rebuilt(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def parse(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     """The document's data and its node tree; malformed YAML is a ShoalError naming the file and line."""
     with _readable(source):
         node = yaml.compose(text)
-        _check_depth(node, source)
+        _check_tree(node, source)
         return yaml.safe_load(text), node
 
 
@@ -55,12 +55,13 @@ def parse_documents(text: str, source: str) -> list[tuple[Any, yaml.Node]]:
     with _readable(source):
         nodes = list(yaml.compose_all(text))
         for node in nodes:
-            _check_depth(node, source)
+            _check_tree(node, source)
         return list(zip(yaml.safe_load_all(text), nodes))
 
 
-def _check_depth(node: yaml.Node | None, source: str) -> None:
-    """Refuse a document nested deeper than MAX_DEPTH (iteratively, so the check itself cannot recurse too deep)."""
+def _check_tree(node: yaml.Node | None, source: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH (iteratively, so the check itself cannot recurse too deep), or
+    with a key twice in one mapping (YAML loaders keep the last silently; which one was meant is not known)."""
     stack = [(node, 1)] if node is not None else []
     while stack:
         current, depth = stack.pop()
@@ -70,7 +71,20 @@ def _check_depth(node: yaml.Node | None, source: str) -> None:
         if isinstance(current, yaml.SequenceNode):
             stack.extend((child, depth + 1) for child in current.value)
         elif isinstance(current, yaml.MappingNode):
+            _check_keys(current, source)
             stack.extend((child, depth + 1) for pair in current.value for child in pair)
+
+
+def _check_keys(mapping: yaml.MappingNode, source: str) -> None:
+    seen: dict[str, int] = {}
+    for key, _ in mapping.value:
+        if not isinstance(key, yaml.ScalarNode) or key.value == "<<":  # a merge key may repeat
+            continue
+        line = key.start_mark.line + 1
+        if key.value in seen:
+            raise ShoalError(f"{source}:{line}: {key.value!r} is given twice in one mapping (first on line "
+                             f"{seen[key.value]}); keep one")
+        seen[key.value] = line
 
 
 Model = TypeVar("Model", bound=BaseModel)

@@ -31,15 +31,16 @@ def demo_search(
     """The paper's settings on the zoo. PS: DARE-TIES, a weight and a density per parent and layer (and the
     embeddings); with tournament, a tournament over the pairs of parents (the pool's search), or with choose_parents
     a keep gene per parent (measured to do worse). DFS: a path through 3 repeats of the language then the math
-    parent's layers, full W scaling. Hybrid: PS, then DFS with the PS result as A and the math parent as B."""
+    parent's layers, full W scaling. Hybrid: PS, then DFS with the PS result as A and the math parent as B. Paths are
+    absolute: a search file's relative paths are read from its own folder."""
     search: dict = {
-        "base": str(base),
-        "parents": {name: str(path) for name, path in parents.items()},
+        "base": str(base.absolute()),
+        "parents": {name: str(path.absolute()) for name, path in parents.items()},
         "space": space,
         "method": "dare_ties",
         "genome": {"layers_per_group": 1, "embeddings": "search"} | ({"choose_parents": True} if choose_parents
                                                                      else {}),
-        "tasks": [{"path": str(target), "weight": 1.0}],
+        "tasks": [{"path": str(target.absolute()), "weight": 1.0}],
         "budget": budget,
         "seed": seed,
     } | ({"pool": {"subset": 2}} if tournament else {})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, ShoalWarning
 from shoal.search.run_folder import (
     RUN_FILE, SUBSETS_DIR, SUMMARY_FILE, RunRecord, read_run, read_summary, study_storage,
 )
@@ -163,7 +165,6 @@ def _read_summary(folder: Path, space: str) -> Summary | None:
 
 
 def _read_trials(url: str, name: str) -> tuple[list[Trial], int]:
-    import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     from shoal.search.storage import is_journal, open_storage
@@ -174,16 +175,46 @@ def _read_trials(url: str, name: str) -> tuple[list[Trial], int]:
         path = url[len("sqlite:///"):].split("?", 1)[0] if url.startswith("sqlite:///") else ""
     if path and path != ":memory:" and not Path(path).exists():
         raise ShoalError(f"cannot open the study at {url}: {path} does not exist; check run.json or --storage")
+    if is_journal(url):
+        return _read_journal(Path(url), name)
     try:
         store = open_storage(url)
     except (SQLAlchemyError, ImportError, ValueError) as exc:  # bad URL, missing driver, not a database
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ShoalError(f"cannot open the Optuna storage {url}: {reason}") from None
+    return _trials_of(store, name, url)
+
+
+def _read_journal(path: Path, name: str) -> tuple[list[Trial], int]:
+    """The trials of a journal as its intact lines hold them: a report only reads, so a damaged line (which `shoal
+    evolve` mends on its next run) or a torn last one is skipped, with a warning naming it, not refused."""
+    import tempfile
+
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from shoal.search.journal import intact
+
+    lines, damaged = intact(path)
+    if damaged:
+        where = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+        warnings.warn(ShoalWarning(f"{path}: line {where} is not an Optuna journal record (damaged); the report reads "
+                                   "the intact records (`shoal evolve` on the run mends the file where no stored trial depends on the "
+                                   "line)"),
+                      stacklevel=2)
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / path.name
+        copy.write_bytes(lines)
+        return _trials_of(JournalStorage(JournalFileBackend(str(copy))), name, str(path))
+
+
+def _trials_of(store: Any, name: str, url: str) -> tuple[list[Trial], int]:
+    import optuna
+
     try:
         study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
         names = optuna.get_all_study_names(store)
         there = f"studies there: {', '.join(names)}" if names else "it holds no studies"
         raise ShoalError(f"no study named {name!r} at {url} ({there})") from None
-
     return sorted(stored_trials(study).values(), key=lambda t: t.index), running_trials(study)

@@ -132,7 +132,7 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
             check_worker_memory(spec, options.on_step)
         genome = space.genome if space is not None else genome_of(spec)
         fitness = None if space is None else search_fitness(spec, space, tasks)
-        # nothing is recorded before here, so a search refused so far leaves the folder as it was
+        # nothing is recorded before its study opens, so a search refused so far leaves the folder as it was
         record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice)
         return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
 
@@ -161,6 +161,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
     # with a shared storage, the first process creates the schema while the others wait
     with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
         study = open_study(record.storage, spec.search_hash(), record.study)
+    record.write(run_dir)  # only now: a start refused for its storage leaves no record naming it
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator
     if spec.fitness.mode == "race":

@@ -43,6 +43,12 @@ def load_tasks(spec: SearchSpec) -> list[WeightedTask]:
             task = load_task(str(t.path))
             refuse_test_overlap(task)
             tasks.append(WeightedTask(task, t.weight))
+    names = [t.task.name for t in tasks]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        first, second = [i for i, name in enumerate(names) if name == twice][:2]
+        raise ShoalError(f"tasks[{first}] and tasks[{second}] are both named {twice!r} (their own name, in task.yaml "
+                         "or lm-eval); the run keeps each task's scores under it, so give each task its own name")
     return tasks
 
 

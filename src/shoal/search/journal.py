@@ -75,6 +75,14 @@ def _lines(path: Path) -> list[tuple[bytes, dict | None]]:
     return [(line, _record(line)) for line in lines]
 
 
+def intact(path: Path) -> tuple[bytes, list[int]]:
+    """A journal's complete, undamaged lines (what a reader can load; a torn last line is left out) and the numbers
+    of its damaged ones."""
+    lines = _lines(path)
+    damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+    return b"".join(line + b"\n" for line, record in lines if record is not None), damaged
+
+
 def check(path: Path) -> None:
     """Refuse a journal with a damaged line, naming the first."""
     lines = _lines(path)

@@ -65,6 +65,7 @@ class RunRecord(BaseModel):
     measures them again."""
 
     def write(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / RUN_FILE, self.model_dump(mode="json", exclude_none=True))
 
 
@@ -168,11 +169,14 @@ def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> 
 
 def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage: str | None, study: str,
              notice: Notice) -> RunRecord:
-    """run.json of a one-space run (earlier: `earlier_run`'s), made or taken over, with a new session started, so
-    that the session counts even if the process is killed."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """The record of a one-space run (earlier: `earlier_run`'s), made or taken over, with a new session started. The
+    caller writes it once its study has opened, so that a start refused for its storage (a bad URL, another
+    search's study) leaves the folder as it was, and then at once, so that the session counts even if the process
+    is killed. The folder is made here where the study is its own journal."""
     earlier = _take_over(run_dir, earlier, spec, notice)
     named = _named(spec, earlier, storage)
+    if named is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(
         space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
         storage=named or default_storage(run_dir),  # the default follows the folder if it is moved
@@ -181,7 +185,6 @@ def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage
         search=spec.model_dump(),
         sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
     )
-    record.write(run_dir)
     return record
 
 

@@ -416,12 +416,15 @@ def parse_search(text: str, source: str, root: Path) -> SearchSpec:
         SearchSpec, text, source, "a search file is a YAML mapping with at least base, parents and tasks"
     )
     written: dict[str, str] = {}
-    here = lambda p: _located(p, root, written)
+
+    def here(key: str) -> Callable[[str], str]:
+        return lambda path: _located(path, root, written, f"{source}: {key}")
+
     located = spec.model_copy(
         update={
-            "base": here(spec.base),
-            "parents": {name: here(p) for name, p in spec.parents.items()},
-            "tasks": [_located_task(t, here) for t in spec.tasks],
+            "base": here("base")(spec.base),
+            "parents": {name: here(f"parents.{name}")(p) for name, p in spec.parents.items()},
+            "tasks": [_located_task(t, here(f"tasks[{i}]")) for i, t in enumerate(spec.tasks)],
             "storage": spec.storage and (str((root / spec.storage).resolve()) if is_journal(spec.storage)
                                          else spec.storage),
         }
@@ -430,15 +433,25 @@ def parse_search(text: str, source: str, root: Path) -> SearchSpec:
     return located
 
 
-def _located(path: str, root: Path, written: dict[str, str]) -> str:
+def _located(path: str, root: Path, written: dict[str, str], what: str) -> str:
     """A path relative to the search file made absolute (and noted in written as the file wrote it, normalised); a
-    name not found there is kept (a Hub id, or an error later)."""
-    candidate = root / path
-    if not candidate.exists():
-        return path
-    resolved = str(candidate.resolve())
-    written[resolved] = os.path.normpath(path)
-    return resolved
+    MODEL+ADAPTER string, each side so. A relative path found only from the current folder is refused (the search
+    would then depend on where it is started); a name found nowhere is kept (a Hub id, or an error later)."""
+    candidate = root / Path(path).expanduser()
+    if candidate.exists():
+        resolved = str(candidate.resolve())
+        written[resolved] = os.path.normpath(path)
+        return resolved
+    if Path(path).expanduser().exists():
+        raise ShoalError(f"{what}: {path} is not in {root.resolve()}, the folder this file's paths are relative to "
+                         "(it is in the current folder); write it relative to the search file, or absolute")
+    model, plus, adapter = path.partition("+")
+    if plus and model and adapter:
+        located = f"{_located(model, root, written, what)}+{_located(adapter, root, written, what)}"
+        if located != path:
+            written[located] = path
+        return located
+    return path
 
 
 def _located_task(task: TaskWeight, here: Callable[[str], str]) -> TaskWeight:

@@ -169,6 +169,11 @@ class Zoo:
         return next(self.tasks[name] for name, role in self.roles.items() if role == "target")
 
 
+BUILDING = ".zoo-building"
+"""A file in a zoo's folder from the start of its build until zoo.json is written: a folder holding it is a build that
+was stopped, which the next build clears."""
+
+
 def settings_hash(seed: int, size: str) -> str:
     """A hash of everything that decides the zoo's contents; a zoo.json with another hash is rebuilt."""
     settings = {
@@ -251,7 +256,7 @@ def _cached(root: Path, digest: str) -> tuple[Zoo | None, str | None]:
     except ShoalError as e:
         return None, str(e)
     if data.get("settings_hash") != digest:
-        return None, None
+        return None, "it was built by another version of shoal's zoo recipe"
     damaged = _damaged(root, data.get("files", {}))
     if damaged:
         return None, damaged
@@ -301,6 +306,29 @@ def stop_check(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, oper
     return until
 
 
+def _check_replaceable(root: Path, seed: int, size: str) -> None:
+    """Refuse to build where a build would delete what is not a build of this zoo: a folder holding files of its own
+    (a project's models/ and tasks/), or the zoo of another seed or size. A zoo of these settings that is damaged or
+    from another version of the recipe, and a build that was stopped (BUILDING), are rebuilt."""
+    if not root.exists() or (root / BUILDING).exists():
+        return
+    path = root / "zoo.json"
+    if path.is_file():
+        try:
+            data = _read_zoo_json(path)
+        except ShoalError:
+            return
+        if (data["seed"], data["size"]) != (seed, size):
+            raise ShoalError(f"{root} holds the zoo of seed {data['seed']}, size {data['size']}; building seed {seed}, "
+                             f"size {size} there would replace it: give another --out, or delete {root} first")
+        return
+    entries = sorted(p.name for p in root.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ShoalError(f"{root} is neither empty nor a shoal zoo (it holds {shown}), and a build replaces a folder's "
+                         "models/ and tasks/: give a new or empty folder for --out")
+
+
 def build_zoo(
     out_dir: str | Path,
     *,
@@ -327,9 +355,12 @@ def build_zoo(
     cached, damaged = _cached(root, digest)
     if cached:
         return cached
+    _check_replaceable(root, seed, size)
     if damaged and notice:
         notice(f"the zoo at {root} cannot be reused ({damaged}); rebuilding it")
     spec = SIZES[size]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / BUILDING).touch()
     (root / "zoo.json").unlink(missing_ok=True)
     for owned in ("models", "tasks"):
         shutil.rmtree(root / owned, ignore_errors=True)
@@ -385,4 +416,5 @@ def build_zoo(
     tmp = root / ".zoo.json.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(root / "zoo.json")
+    (root / BUILDING).unlink()
     return _zoo_from_json(root, data)
