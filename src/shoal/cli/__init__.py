@@ -9,8 +9,10 @@ from types import FrameType
 from typing import NoReturn
 
 from shoal.allocator import tune_for_merging
+from shoal.threads import spin_briefly
 
 tune_for_merging()  # first: torch reads its allocator switch when it loads, which the imports below do
+spin_briefly()  # and libgomp its spin count
 
 from rich.console import Console
 from rich.text import Text

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from shoal.cli.app import app
 from shoal.cli.progress import Bar, console
 from shoal.errors import Interrupted, ShoalError
+from shoal.threads import cpu_sample, free_threads
 
 if TYPE_CHECKING:
     from shoal.search.spec import SearchSpec
@@ -40,6 +41,7 @@ def run_evolve(
     budget_tokens: int | None = None,
 ) -> Summary:
     """Load the search file and run it with a live display; returns the summary."""
+    started = cpu_sample()  # what other processes use from here to the search sets its threads (the imports take ~2 s)
     import torch
     from transformers.utils import logging as transformers_logging
 
@@ -56,9 +58,13 @@ def run_evolve(
     if memory_limit is not None:
         parse_bytes(memory_limit)  # a ShoalError naming the bad size
         spec = spec.model_copy(update={"memory": spec.memory.model_copy(update={"limit": memory_limit})})
+    err = console(stderr=True)
+    if threads is None and torch.device(spec.device).type == "cpu":
+        threads, why = free_threads(started, torch.get_num_threads(), "searching")
+        if why is not None:
+            err.print(f"{why} (--threads N sets the count)", markup=False, highlight=False)
     if threads is not None:
         torch.set_num_threads(threads)
-    err = console(stderr=True)
     progress = trial_bar()
     task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0)
     shown: dict[str, float] = {}
@@ -114,7 +120,9 @@ def evolve(
     budget_items: Annotated[int | None, typer.Option(min=1, help="Also end with the first generation by which the "
                                                      "trials have scored this many dev items (overrides the search file's).")] = None,
     budget_tokens: Annotated[int | None, typer.Option(min=1, help="The same in generated tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (1 suits tiny models).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (1 suits tiny models).",
+                                                 show_default="one per core not busy with other work, at most "
+                                                              "torch's")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
     memory_limit: Annotated[str | None, typer.Option(

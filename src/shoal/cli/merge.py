@@ -17,7 +17,7 @@ from shoal.cli.app import app
 from shoal.cli.progress import bar, console
 from shoal.devices import ACCEPTED, is_device_name
 from shoal.errors import Interrupted, ShoalError
-from shoal.threads import torch_threads
+from shoal.threads import cpu_sample, free_threads, torch_threads
 
 _MERGEKIT_SIZE = re.compile(r"^(\d+)([KkMmBb]?)$")
 _MERGEKIT_UNITS = {"": 1, "k": 1000, "m": 1000**2, "b": 1000**3}
@@ -98,12 +98,15 @@ def merge(
         show_default="the model's own")] = None,
     num_threads: Annotated[int | None, typer.Option(
         "--num-threads", "-j", min=1, help="CPU threads for torch during the merge.",
-        show_default="torch's")] = None,
+        show_default="one per core not busy with other work, at most torch's")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", help="No progress bar or notices; warnings and errors are still printed.")] = False,
 ) -> None:
     """Merge the parents named in RECIPE into a new model folder OUT_DIR (a recipe file of several `---`-separated
     documents, as mergekit-multi takes, merges each in turn; its output is the document without `name:`)."""
+    started = cpu_sample()  # what other processes use from here to the merge sets its threads (the imports take ~1 s)
+    import torch
+
     from shoal.merge.multi import merge_documents
     from shoal.merge.plan import parse_dtype
     from shoal.recipe_documents import as_text, load_documents, with_seed
@@ -130,6 +133,10 @@ def merge(
         if not quiet:
             progress.console.print(escape(message), highlight=False, soft_wrap=True)
 
+    if num_threads is None and torch.device(device).type == "cpu":
+        num_threads, why = free_threads(started, torch.get_num_threads())
+        if why is not None:
+            notice(f"{why} (-j N sets the count)")
     try:
         with stored_in(places), torch_threads(num_threads):
             merge_documents(
