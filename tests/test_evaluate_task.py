@@ -54,7 +54,7 @@ def test_the_documented_format_loads_from_the_folder_or_the_yaml(tmp_path):
         (("type: charset", "type: alphabet"), None, "task.yaml:9: constraints.1: Input tag 'alphabet'"),
         (("name: xx-math\n", ""), None, "task.yaml:1: missing 'name'"),
         (("max_new_tokens: 16", "max_new_tokens: 0"), None, "task.yaml:5: max_new_tokens: Input should be greater"),
-        (("max_new_tokens: 16", "max_new_tokns: 16"), None, "task.yaml:5: max_new_tokns: Extra inputs"),
+        (("max_new_tokens: 16", "max_new_tokns: 16"), None, "task.yaml:5: max_new_tokns: not a known key (known: name, "),
         (("stop: [", "stop: [[["), None, "task.yaml:7: malformed YAML (expected ',' or ']'"),
         (None, {"dev.jsonl": '{"prompt": "a", "answer": "b"}\n'}, "split 'test' names test.jsonl, which is not in"),
         (None, {"dev.jsonl": '{"prompt": "a", "answer": "b"}\n\n{"prompt": "a"}\n', "test.jsonl": ""},

@@ -116,8 +116,32 @@ def validate(model: type[Model], data: Any, node: yaml.Node | None, source: str,
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
         path = ".".join(str(p) for p in loc) or "document"
-        message = err["msg"].removeprefix("Value error, ")
-        raise ShoalError(f"{source}:{line_of(node, loc)}: {path}: {message}") from exc
+        raise ShoalError(f"{source}:{line_of(node, loc)}: {path}: {message_of(model, err, loc)}") from exc
+
+
+def message_of(model: type[BaseModel], err: Any, loc: tuple[Any, ...]) -> str:
+    """What a pydantic error of validating `model` says, as shoal prints it: without pydantic's "Value error, "; an
+    unknown key with the keys its mapping takes (loc: the error's location, union tags left out)."""
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(model, loc[:-1])
+        return f"not a known key{f' (known: {known})' if known else ''}"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The keys the mapping at loc takes, where loc leads through nested models' fields and lists of them (None where
+    it does not)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int):  # an item of a list of models: the list's field already named the model
+            continue
+        field = current.model_fields.get(part) if current is not None else None
+        annotation = field.annotation if field is not None else None
+        current = next((a for a in (annotation, *getattr(annotation, "__args__", ()))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if current is None:
+            return None
+    return ", ".join(field.alias or name for name, field in current.model_fields.items())
 
 
 def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

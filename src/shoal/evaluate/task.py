@@ -132,11 +132,11 @@ class Task:
         return self.splits[split]
 
 
-def _problem(err: dict[str, Any]) -> str:
+def _problem(model: type[BaseModel], err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "missing":
         return f"missing {loc!r}"
-    message = err["msg"].removeprefix("Value error, ")
+    message = yamlfile.message_of(model, err, tuple(err["loc"]))
     return f"{loc}: {message}" if loc else message
 
 
@@ -164,7 +164,7 @@ def parse_spec(text: str, source: str) -> TaskSpec:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if p not in ("vocabulary", "charset", "regex"))  # union tags
-        raise ShoalError(f"{source}:{yamlfile.line_of(node, loc)}: {_problem({**err, 'loc': loc})}") from None
+        raise ShoalError(f"{source}:{yamlfile.line_of(node, loc)}: {_problem(TaskSpec, {**err, 'loc': loc})}") from None
     broken = _inconsistency(spec)
     if broken:
         raise ShoalError(f"{source}:{yamlfile.line_of(node, (broken[0],))}: {broken[1]}")
@@ -203,7 +203,7 @@ def parse_items(text: str, source: str, spec: TaskSpec, folder: Path | None = No
         try:
             item = Item.model_validate(row)
         except ValidationError as exc:
-            raise ShoalError(f"{where}: {_problem(exc.errors()[0])}") from None
+            raise ShoalError(f"{where}: {_problem(Item, exc.errors()[0])}") from None
         if spec.metric == "multiple_choice" and (not item.choices or item.answer not in item.choices):
             raise ShoalError(f"{where}: metric multiple_choice needs 'choices' that include the answer {item.answer!r}")
         if spec.metric == "last_number" and not NUMBER.search(item.answer):
