@@ -82,3 +82,19 @@ def test_a_folder_whose_search_stored_a_trial_is_refused_as_it_was(zoo, run_cli,
     code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1)
     one_error_line(code, err, f"{run} holds a run of a different search; use a new RUN_DIR")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_run_folder_that_is_a_file_or_a_missing_gpu_is_refused_before_the_parents_load(zoo, run_cli, tmp_path
+                                                                                          ) -> None:
+    import torch
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, err = run_cli("evolve", _search(zoo, tmp_path), afile, "--threads", 1)
+    assert one_error_line(code, err, f"{afile} is a file; give a folder") == err.strip()  # no 'loading parents'
+    assert afile.read_text() == "mine"
+    if not torch.cuda.is_available():
+        code, _, err = run_cli("evolve", _search(zoo, tmp_path, "gpu.yaml", device="cuda"), tmp_path / "run",
+                               "--threads", 1)
+        assert one_error_line(code, err, "the search file's device: cuda: no CUDA GPU is available here") == err.strip()
+        assert not (tmp_path / "run").exists()

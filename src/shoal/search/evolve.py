@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import torch
 
+from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.folder_lock import folder_lock
 from shoal.search import journal, run_folder
@@ -64,6 +65,9 @@ def evolve(
     run: a second process on it is refused (a named storage may be shared on purpose, so is not locked).
     workers > 1 (or a ray_address) scores each generation on that many Ray actors; the trials are the same."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ShoalError(f"{run_dir} is a file; give a folder (new, or a run's) for RUN_DIR")
+    check_device(spec.device, "the search file's device:")
     if spec.space == "hybrid":
         with folder_lock(run_dir) if storage is None and spec.storage is None else nullcontext():
             return _evolve_hybrid(spec, run_dir, storage, on_step, on_trial, notice, workers, ray_address)
