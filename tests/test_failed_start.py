@@ -98,3 +98,10 @@ def test_a_run_folder_that_is_a_file_or_a_missing_gpu_is_refused_before_the_pare
                                "--threads", 1)
         assert one_error_line(code, err, "the search file's device: cuda: no CUDA GPU is available here") == err.strip()
         assert not (tmp_path / "run").exists()
+
+
+def test_a_storage_named_inside_a_new_run_folder_opens(zoo, run_cli, tmp_path) -> None:
+    run = tmp_path / "runs" / "a"
+    code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1, "--storage", run / "shared.log")
+    assert code == 0, err
+    assert len(optuna.load_study(study_name="shoal", storage=open_storage(str(run / "shared.log"))).trials) == 2

@@ -154,4 +154,5 @@ def test_a_folder_without_config(run_cli, parents, tmp_path):
 def test_a_key_given_twice_is_refused_naming_both_lines(run_cli, parents, tmp_path):
     text = (f"merge_method: linear\nmodels:\n  - model: {parents['a']}\n    parameters:\n      weight: 0.3\n"
             f"      weight: 0.7\n  - model: {parents['b']}\n    parameters: {{weight: 1.0}}\n")
-    expect_error(run_cli, tmp_path, text, "recipe.yaml:6: 'weight' is given twice in one mapping (first on line 5)")
+    expect_error(run_cli, tmp_path, text, "recipe.yaml:6: 'weight' is given twice in one mapping (first on line 5; "
+                 "YAML would keep this one silently); keep one")

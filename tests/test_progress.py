@@ -72,7 +72,7 @@ def test_the_trial_line_is_whole_in_80_columns_and_in_a_log() -> None:
 def test_shoal_merge_into_a_log_shows_its_tensors_and_no_blank_lines(parents, tmp_path) -> None:
     recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
         {"model": str(parents[n]), "parameters": {"weight": 1.0}} for n in ("a", "b")]})
-    done = subprocess.run([sys.executable, "-m", "shoal", "merge", str(recipe), str(tmp_path / "out")],
+    done = subprocess.run([sys.executable, "-m", "shoal", "merge", str(recipe), str(tmp_path / "out"), "-j", "1"],
                           capture_output=True, text=True, check=True)
     lines = _lines(done.stderr)
     assert lines[0].startswith("merging tensors") and lines[0].split()[-3].startswith("0/")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, ShoalWarning
 from shoal.recipe import Recipe, resolve
 from shoal.search.genome import Genome
 from shoal.search.spec import SearchSpec, parse_search
@@ -211,7 +211,8 @@ def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> 
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudget: 12\nbudget: 13\n",
-         "search.yaml:5: 'budget' is given twice in one mapping (first on line 4); keep one"),
+         "search.yaml:5: 'budget' is given twice in one mapping (first on line 4; YAML would keep this one "
+         "silently); keep one"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: linear\nbounds:\n  weight: [-1, 1]\n",
          "search.yaml:6: bounds: weight [-1, 1] starts a linear search with every weight at 0"),
     ],
@@ -228,17 +229,20 @@ def test_relative_paths_resolve_against_the_search_file(tmp_path: Path) -> None:
     assert spec.base == str(tmp_path / "models" / "b") and spec.parents["m"] == "org/hub-model"
 
 
-def test_a_path_found_only_from_the_current_folder_is_refused_not_used(tmp_path: Path, monkeypatch) -> None:
-    """A search must not depend on where it is started: before, models/b was taken from the current folder."""
+def test_a_path_found_only_from_the_current_folder_is_taken_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    """A search should not depend on where it is started; one that does is said, and still resumes (its hash is the
+    path as written, as before)."""
     (tmp_path / "models" / "b").mkdir(parents=True)
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ShoalError) as err:
-        parse_search("base: models/b\nparents: {m: org/hub-model}\ntasks: [{path: t}]\n", "sub/s.yaml",
-                     Path("sub"))
-    assert str(err.value) == (f"sub/s.yaml: base: models/b is not in {tmp_path / 'sub'}, the folder this file's paths "
-                              "are relative to (it is in the current folder); write it relative to the search file, "
-                              "or absolute")
+    text = "base: models/b\nparents: {m: org/hub-model}\ntasks: [{path: t}]\n"
+    with pytest.warns(ShoalWarning) as caught:
+        spec = parse_search(text, "sub/s.yaml", Path("sub"))
+    assert [str(w.message) for w in caught] == [
+        f"sub/s.yaml: base: models/b is not in {tmp_path / 'sub'}, the folder this file's paths are relative to, but "
+        "in the current folder, and is taken from there; write it relative to the search file, or absolute"]
+    assert spec.base == str(tmp_path / "models" / "b")
+    assert spec.search_hash() == parse_search(text, "s.yaml", tmp_path).search_hash()
 
 
 def test_both_sides_of_model_plus_adapter_resolve_against_the_search_file(tmp_path: Path) -> None:

@@ -114,11 +114,17 @@ def test_a_report_reads_the_intact_records_of_a_damaged_journal_and_names_the_li
         log.write(b'{"op_code":4,"worker_id":"x"')  # and a torn last one
     code, out, err = run_cli("report", run)
     assert code == 0, err
-    assert err.strip() == (f"warning: {run / 'study.log'}: line 5 is not an Optuna journal record (damaged); the "
-                           "report reads the intact records (`shoal evolve` on the run mends the file where no stored "
-                           "trial depends on the line)")
+    assert err.strip() == (f"warning: {run / 'study.log'}: line 5 is not an Optuna journal record (damaged); no "
+                           "stored trial depends on it, and the report reads the intact records")
     assert (run / "report" / "report.md").is_file()
     with pytest.warns(ShoalWarning, match="line 5"):
         trials = load_run(run).trials
     assert len(trials) == BUDGET - 1  # line 5 held one of them; the torn line none
     assert (run / "study.log").read_bytes() == damaged + b'{"op_code":4,"worker_id":"x"'  # read, never written
+
+
+def test_a_report_refuses_damage_that_later_records_may_depend_on(finished, run_cli, tmp_path) -> None:
+    _, run = _copy(finished, tmp_path)
+    _damage(run / "study.log", 1, CUT_SHORT)  # the study's creation: every trial refers to it
+    code, _, err = run_cli("report", run)
+    one_error_line(code, err, f"{run / 'study.log'}: line 1 is not an Optuna journal record (damaged)")

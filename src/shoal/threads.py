@@ -14,13 +14,14 @@ from pathlib import Path
 SPIN = "10000"
 """GOMP_SPINCOUNT: how long an OpenMP thread spins for its peers at the end of a parallel step before it sleeps
 (libgomp's default, 300,000, holds a core for milliseconds). Measured on a TIES merge of three 0.55B parents on 2
-threads: 17.5 s idle against 17.7 by default, 52 s beside one busy process against 211 (BENCHMARKS.md)."""
+threads (benchmarks/merge_threads.py, BENCHMARKS.md): 14.2 s idle against 15.6 with the default, 51.6 s beside one
+busy process against 241.3."""
 
 
 def spin_briefly() -> None:
     """Set SPIN for torch's OpenMP threads unless the user set GOMP_SPINCOUNT or OMP_WAIT_POLICY; call it before
     torch loads (libgomp reads them once). It bounds what other work that starts during a merge costs; the threads
-    a merge starts with are free_threads'."""
+    a merge starts with are spare_threads'."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN)
 
@@ -45,10 +46,10 @@ in hundredths of a second)."""
 
 @dataclass(frozen=True)
 class CpuSample:
-    """The machine's CPU time so far (from /proc/stat, in clock ticks, all cores) and this process's own."""
+    """The CPU time so far of the cores this process may run on (from /proc/stat, in clock ticks) and its own."""
 
     busy: int
-    """Ticks all cores spent on any process (not idle or waiting on I/O)."""
+    """Ticks those cores spent on any process (not idle or waiting on I/O)."""
     total: int
     own: float
     """This process's CPU seconds (every thread)."""
@@ -56,16 +57,26 @@ class CpuSample:
 
 
 def cpu_sample() -> CpuSample | None:
-    """Now's CpuSample; None where /proc/stat cannot be read (not Linux)."""
+    """Now's CpuSample, over the cores in this process's affinity (a container's, not the whole host's); None where
+    /proc/stat cannot be read (not Linux)."""
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    except (OSError, ValueError):
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
         return None
-    if fields[0] != "cpu" or len(ticks) < 8:
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    busy = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and len(fields) >= 8):
+            continue
+        if mine is not None and int(name[3:]) not in mine:
+            continue
+        ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+    if total == 0:
         return None
-    return CpuSample(busy=sum(ticks) - ticks[3] - ticks[4], total=sum(ticks), own=time.process_time(),
-                     wall=time.monotonic())
+    return CpuSample(busy=busy, total=total, own=time.process_time(), wall=time.monotonic())
 
 
 def busy_cores(before: CpuSample, after: CpuSample, hz: float) -> tuple[float, float] | None:
@@ -78,19 +89,25 @@ def busy_cores(before: CpuSample, after: CpuSample, hz: float) -> tuple[float, f
     return min(cores, max(0.0, others / span)), cores
 
 
-def free_threads(since: CpuSample | None, most: int, doing: str = "merging") -> tuple[int, str | None]:
-    """torch threads for CPU work (a merge; a search, `doing` says which): one per core that other processes left
-    idle since `since` (at least 1, at most `most`, torch's default), and a line saying why when that is fewer. A merge runs thousands of short
-    parallel steps, and torch's OpenMP threads wait for each other after each: with a core taken by other work, a
-    thread there waits for its turn every step (a TIES merge of three 0.55B parents took 211 s on 2 threads beside
-    one busy process, 26 s on 1; 18 and 25 s on an idle machine, BENCHMARKS.md)."""
+@dataclass(frozen=True)
+class Spare:
+    """What other work left of this process's cores: threads, one per idle core (at least 1, at most torch's
+    default); busy, the cores it kept busy; cores, how many there are."""
+
+    threads: int
+    busy: float
+    cores: float
+
+
+def spare_threads(since: CpuSample | None, most: int) -> Spare | None:
+    """The threads other processes left idle since `since`, for CPU work that would take `most` (torch's default);
+    None where that cannot be read or most is 1. A merge runs thousands of short parallel steps, and torch's OpenMP
+    threads wait for each other after each: with a core taken by other work, a thread there waits for its turn every
+    step (a TIES merge of three 0.55B parents took 241 s on 2 threads beside one busy process, 24 s on 1; idle, 16 s
+    on 2 and 23 s on 1: benchmarks/merge_threads.py, BENCHMARKS.md)."""
     now = cpu_sample()
     load = busy_cores(since, now, os.sysconf("SC_CLK_TCK")) if since is not None and now is not None else None
     if load is None or most <= 1:
-        return most, None
+        return None
     busy, cores = load
-    threads = max(1, min(most, round(cores - busy)))
-    if threads == most:
-        return most, None
-    return threads, (f"{doing} on {threads} torch thread{'s' if threads > 1 else ''}: other work keeps {busy:.1f} of "
-                     f"this machine's {cores:.0f} cores busy")
+    return Spare(max(1, min(most, round(cores - busy))), busy, cores)

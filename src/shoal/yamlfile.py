@@ -83,7 +83,7 @@ def _check_keys(mapping: yaml.MappingNode, source: str) -> None:
         line = key.start_mark.line + 1
         if key.value in seen:
             raise ShoalError(f"{source}:{line}: {key.value!r} is given twice in one mapping (first on line "
-                             f"{seen[key.value]}); keep one")
+                             f"{seen[key.value]}; YAML would keep this one silently); keep one")
         seen[key.value] = line
 
 

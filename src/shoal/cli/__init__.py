@@ -102,7 +102,15 @@ _python_show_warning = warnings.showwarning
 
 def main() -> None:
     warnings.showwarning = _show_warning
-    signal.signal(signal.SIGTERM, _terminate)
+    _stopped_by.clear()
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run()
+    finally:  # a caller in the same process (a test) gets its own handler back
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run() -> None:
     try:
         code = app(standalone_mode=False)  # typer returns 130 for a KeyboardInterrupt no command caught
     except ShoalError as exc:

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from shoal.cli.app import app
 from shoal.cli.progress import Bar, console
 from shoal.errors import Interrupted, ShoalError
-from shoal.threads import cpu_sample, free_threads
+from shoal.threads import cpu_sample, spare_threads
 
 if TYPE_CHECKING:
     from shoal.search.spec import SearchSpec
@@ -59,12 +59,14 @@ def run_evolve(
         parse_bytes(memory_limit)  # a ShoalError naming the bad size
         spec = spec.model_copy(update={"memory": spec.memory.model_copy(update={"limit": memory_limit})})
     err = console(stderr=True)
-    if threads is None and torch.device(spec.device).type == "cpu":
-        threads, why = free_threads(started, torch.get_num_threads(), "searching")
-        if why is not None:
-            err.print(f"{why} (--threads N sets the count)", markup=False, highlight=False)
     if threads is not None:
         torch.set_num_threads(threads)
+    # a search keeps its thread count (scores can differ in their last bits with another, and a resumed run must
+    # score as the first session did): other work is only pointed out, at the first trial
+    spare = spare_threads(started, torch.get_num_threads()) if threads is None and spec.device == "cpu" else None
+    hint = None if spare is None or spare.threads >= torch.get_num_threads() else (
+        f"other work keeps {spare.busy:.1f} of this machine's {spare.cores:.0f} cores busy: --threads "
+        f"{spare.threads} may search faster (keep one count for a run)")
     progress = trial_bar()
     task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0)
     shown: dict[str, float] = {}
@@ -74,6 +76,8 @@ def run_evolve(
 
     def on_trial(p: TrialProgress) -> None:
         if "done" not in shown:
+            if hint is not None:
+                err.print(hint, markup=False, highlight=False)
             progress.start()  # only once the search has started: an error before it comes alone
         if p.evaluated == 1:
             shown["since"] = time.perf_counter()
@@ -120,9 +124,9 @@ def evolve(
     budget_items: Annotated[int | None, typer.Option(min=1, help="Also end with the first generation by which the "
                                                      "trials have scored this many dev items (overrides the search file's).")] = None,
     budget_tokens: Annotated[int | None, typer.Option(min=1, help="The same in generated tokens.")] = None,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (1 suits tiny models).",
-                                                 show_default="one per core not busy with other work, at most "
-                                                              "torch's")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (1 suits tiny models; a busy "
+                                                 "machine is pointed out at the first trial).",
+                                                 show_default="torch's")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Ray actors scoring each generation in parallel (1: this process).")] = 1,
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
     memory_limit: Annotated[str | None, typer.Option(

@@ -17,7 +17,7 @@ from shoal.cli.app import app
 from shoal.cli.progress import bar, console
 from shoal.devices import ACCEPTED, is_device_name
 from shoal.errors import Interrupted, ShoalError
-from shoal.threads import cpu_sample, free_threads, torch_threads
+from shoal.threads import cpu_sample, spare_threads, torch_threads
 
 _MERGEKIT_SIZE = re.compile(r"^(\d+)([KkMmBb]?)$")
 _MERGEKIT_UNITS = {"": 1, "k": 1000, "m": 1000**2, "b": 1000**3}
@@ -123,8 +123,12 @@ def merge(
     progress = bar(disable=quiet)
     tasks: dict[str, TaskID] = {}
 
+    fewer: str | None = None
+
     def show(label: str, done: int, total: int) -> None:
         if label not in tasks:
+            if fewer is not None and not tasks:
+                notice(fewer)  # here, so that an error found first comes alone
             progress.start()  # only once the recipe and parents have been checked
             tasks[label] = progress.add_task(f"merging {label}" if len(documents) > 1 else "merging tensors")
         progress.update(tasks[label], completed=done, total=total)
@@ -133,10 +137,12 @@ def merge(
         if not quiet:
             progress.console.print(escape(message), highlight=False, soft_wrap=True)
 
-    if num_threads is None and torch.device(device).type == "cpu":
-        num_threads, why = free_threads(started, torch.get_num_threads())
-        if why is not None:
-            notice(f"{why} (-j N sets the count)")
+    cpu = torch.device(device).type == "cpu"
+    spare = spare_threads(started, torch.get_num_threads()) if num_threads is None and cpu else None
+    if spare is not None and spare.threads < torch.get_num_threads():
+        num_threads = spare.threads
+        fewer = (f"merging on {spare.threads} torch thread{'s' if spare.threads > 1 else ''}: other work keeps "
+                 f"{spare.busy:.1f} of this machine's {spare.cores:.0f} cores busy (-j N sets the count)")
     try:
         with stored_in(places), torch_threads(num_threads):
             merge_documents(

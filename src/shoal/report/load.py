@@ -186,8 +186,9 @@ def _read_trials(url: str, name: str) -> tuple[list[Trial], int]:
 
 
 def _read_journal(path: Path, name: str) -> tuple[list[Trial], int]:
-    """The trials of a journal as its intact lines hold them: a report only reads, so a damaged line (which `shoal
-    evolve` mends on its next run) or a torn last one is skipped, with a warning naming it, not refused."""
+    """The trials of a journal as its intact lines hold them: a report only reads, so a damaged line that no record
+    after it depends on (as `shoal evolve` drops from its own journal), or a torn last one, is skipped, with a
+    warning naming it; other damage is refused, naming the line."""
     import tempfile
 
     from optuna.storages import JournalStorage
@@ -198,10 +199,8 @@ def _read_journal(path: Path, name: str) -> tuple[list[Trial], int]:
     lines, damaged = intact(path)
     if damaged:
         where = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-        warnings.warn(ShoalWarning(f"{path}: line {where} is not an Optuna journal record (damaged); the report reads "
-                                   "the intact records (`shoal evolve` on the run mends the file where no stored trial depends on the "
-                                   "line)"),
-                      stacklevel=2)
+        warnings.warn(ShoalWarning(f"{path}: line {where} is not an Optuna journal record (damaged); no stored "
+                                   "trial depends on it, and the report reads the intact records"), stacklevel=2)
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / path.name
         copy.write_bytes(lines)

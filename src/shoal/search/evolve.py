@@ -163,8 +163,13 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
     if shared_storage:
         from shoal.search.shared import SharedTrials, StorageLock
     # with a shared storage, the first process creates the schema while the others wait
-    with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
-        study = open_study(record.storage, spec.search_hash(), record.study)
+    try:
+        with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
+            study = open_study(record.storage, spec.search_hash(), record.study)
+    except BaseException:
+        if not any(run_dir.iterdir()):  # the folder this start made, left empty: nothing recorded
+            run_dir.rmdir()
+        raise
     record.write(run_dir)  # only now: a start refused for its storage leaves no record naming it
     optimizer = CmaEs(len(genome), sigma=spec.sigma, population=spec.population, seed=spec.seed, mean=genome.start())
     evaluator: Evaluator

@@ -77,10 +77,21 @@ def _lines(path: Path) -> list[tuple[bytes, dict | None]]:
 
 def intact(path: Path) -> tuple[bytes, list[int]]:
     """A journal's complete, undamaged lines (what a reader can load; a torn last line is left out) and the numbers
-    of its damaged ones."""
+    of its damaged ones; refused, as `recover` refuses, where records after a damaged line may depend on it."""
     lines = _lines(path)
     damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+    if damaged and not _droppable(lines, damaged[0]):
+        check(path)
     return b"".join(line + b"\n" for line, record in lines if record is not None), damaged
+
+
+def _droppable(lines: list[tuple[bytes, dict | None]], first: int) -> bool:
+    """Whether the damaged lines from line `first` on can be left out: the study was created before it and every
+    intact record after it is a whole stored trial (trial ids are then referred to by nothing)."""
+    before = [record for _, record in lines[: first - 1]]
+    studies = sum(r is not None and r["op_code"] == CREATE_STUDY for r in before)
+    after = [record for _, record in lines[first:] if record is not None]
+    return bool(studies) and all(_whole_trial(record, studies) for record in after)
 
 
 def check(path: Path) -> None:
@@ -103,10 +114,7 @@ def recover(path: Path) -> str | None:
     damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
     if not damaged:
         return None
-    before = [record for _, record in lines[: damaged[0] - 1]]
-    studies = sum(r is not None and r["op_code"] == CREATE_STUDY for r in before)
-    after = [record for _, record in lines[damaged[0]:] if record is not None]
-    if not studies or not all(_whole_trial(record, studies) for record in after):
+    if not _droppable(lines, damaged[0]):
         raise ShoalError(f"{path}: line {damaged[0]} is not an Optuna journal record (damaged), and the records "
                          "after it may depend on it; restore the file from a backup, or move its run folder away "
                          "to start the search again")

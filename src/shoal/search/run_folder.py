@@ -172,11 +172,10 @@ def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage
     """The record of a one-space run (earlier: `earlier_run`'s), made or taken over, with a new session started. The
     caller writes it once its study has opened, so that a start refused for its storage (a bad URL, another
     search's study) leaves the folder as it was, and then at once, so that the session counts even if the process
-    is killed. The folder is made here where the study is its own journal."""
+    is killed. The folder is made here (a storage named inside it may need it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     earlier = _take_over(run_dir, earlier, spec, notice)
     named = _named(spec, earlier, storage)
-    if named is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(
         space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
         storage=named or default_storage(run_dir),  # the default follows the folder if it is moved

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,7 @@ from pydantic import (
 )
 
 from shoal import devices, yamlfile
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, ShoalWarning
 from shoal.merge.memory import MemoryPlan
 from shoal.merge.registry import METHODS
 from shoal.search.storage import is_journal
@@ -435,21 +436,25 @@ def parse_search(text: str, source: str, root: Path) -> SearchSpec:
 
 def _located(path: str, root: Path, written: dict[str, str], what: str) -> str:
     """A path relative to the search file made absolute (and noted in written as the file wrote it, normalised); a
-    MODEL+ADAPTER string, each side so. A relative path found only from the current folder is refused (the search
-    would then depend on where it is started); a name found nowhere is kept (a Hub id, or an error later)."""
+    MODEL+ADAPTER string, each side so (where the file's folder holds no '+'). A relative path found only from the
+    current folder is taken from there with a warning (the search then depends on where it is started; its hash
+    stays the path as written, so runs made so keep resuming); a name found nowhere is kept (a Hub id, or an error
+    later)."""
     candidate = root / Path(path).expanduser()
+    if not candidate.exists() and Path(path).expanduser().exists():
+        warnings.warn(ShoalWarning(f"{what}: {path} is not in {root.resolve()}, the folder this file's paths are "
+                                   "relative to, but in the current folder, and is taken from there; write it "
+                                   "relative to the search file, or absolute"), stacklevel=2)
+        candidate = Path(path).expanduser()
     if candidate.exists():
         resolved = str(candidate.resolve())
         written[resolved] = os.path.normpath(path)
         return resolved
-    if Path(path).expanduser().exists():
-        raise ShoalError(f"{what}: {path} is not in {root.resolve()}, the folder this file's paths are relative to "
-                         "(it is in the current folder); write it relative to the search file, or absolute")
     model, plus, adapter = path.partition("+")
-    if plus and model and adapter:
+    if plus and model and adapter and "+" not in str(root.resolve()):
         located = f"{_located(model, root, written, what)}+{_located(adapter, root, written, what)}"
         if located != path:
-            written[located] = path
+            written[located] = f"{os.path.normpath(model)}+{os.path.normpath(adapter)}"
         return located
     return path
 

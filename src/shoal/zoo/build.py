@@ -320,13 +320,14 @@ def _check_replaceable(root: Path, seed: int, size: str) -> None:
             return
         if (data["seed"], data["size"]) != (seed, size):
             raise ShoalError(f"{root} holds the zoo of seed {data['seed']}, size {data['size']}; building seed {seed}, "
-                             f"size {size} there would replace it: give another --out, or delete {root} first")
+                             f"size {size} there would replace it: give another folder for the zoo, or delete {root} "
+                             "first")
         return
-    entries = sorted(p.name for p in root.iterdir())
+    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))  # .DS_Store and the like
     if entries:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise ShoalError(f"{root} is neither empty nor a shoal zoo (it holds {shown}), and a build replaces a folder's "
-                         "models/ and tasks/: give a new or empty folder for --out")
+                         "models/ and tasks/: give a new or empty folder for the zoo")
 
 
 def build_zoo(
