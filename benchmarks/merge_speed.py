@@ -8,7 +8,8 @@ every parent tensor once and writes one model of the output's size (no arithmeti
 each, and each ratio as the median of the repeats' own ratios (a repeat's three runs are next to each other, so
 a machine whose speed drifts between repeats moves its ratio less than the medians'), with their range; needs
 `pip install mergekit==0.1.5` (benchmark-only dependency). Each tool runs with its own default torch threads
-(shoal merge: 1; mergekit: torch's, one per core), or with --threads N both do (`-j N`, `--num-threads N`).
+(shoal merge: one per core that other work leaves idle; mergekit: torch's, one per core), or with --threads N both
+do (`-j N`, `--num-threads N`).
 """
 
 from __future__ import annotations
