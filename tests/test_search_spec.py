@@ -278,3 +278,17 @@ def test_the_data_flow_settings_do_not_change_a_parameter_space_search() -> None
     assert hybrid.model_copy(update={"space": "ps"}).search_hash() == ps.search_hash()
     assert SearchSpec.model_validate(BASE | {"space": "dfs"}).search_hash() != SearchSpec.model_validate(
         BASE | {"space": "dfs", "dfs": {"repeats": 2}}).search_hash()
+
+
+def test_the_readmes_search_file_is_a_valid_search_with_the_defaults_it_says(tmp_path: Path) -> None:
+    """The README writes every key of a search file with its default: it must parse, and say the defaults true."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## `shoal evolve`"):]
+    block = section[section.index("```yaml\n") + len("```yaml\n"):]
+    block = block[:block.index("```")]
+    spec = parse_search(block, "README.md", tmp_path)
+    default = SearchSpec.model_validate({"base": "b", "parents": {"m": "x"}, "tasks": [{"path": "t"}]})
+    mine = {"base", "parents", "tasks", "space", "dfs", "sigma"}  # what the example sets, and 1/6 to 4 places
+    assert spec.model_dump(exclude=mine) == default.model_dump(exclude=mine)
+    assert spec.sigma == pytest.approx(default.sigma, abs=1e-4)
+    assert spec.dfs.model_dump(exclude={"parents"}) == default.dfs.model_dump(exclude={"parents"})
