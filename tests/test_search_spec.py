@@ -207,7 +207,9 @@ def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> 
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nmethod: sce\ngenome: {choose_parents: true}\n", "(sce has no"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nengine: vllm\ntokenizer_source: union\n", "keeps its vocabulary"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nengine: vllm\ntokenizer_source: m\n", "use engine: hf"),
-        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ndfs: {parents: [q]}\n", "'q' is not one of the parents"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: dfs\ndfs: {parents: [q]}\n",
+         "search.yaml:5: dfs.parents: 'q' is not one of the parents"),  # the line of the key a cross-key check names
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\n\npool: {subset: 2}\n", "search.yaml:5: pool: subset (2) must"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudget: 12\nbudget: 13\n",

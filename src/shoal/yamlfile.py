@@ -115,8 +115,19 @@ def validate(model: type[Model], data: Any, node: yaml.Node | None, source: str,
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        message = message_of(model, err, loc)
+        named = _named_key(message, data) if not loc else None
+        if named:  # a check across keys whose message starts with the key it is about: that key's line
+            raise ShoalError(f"{source}:{line_of(node, named)}: {message}") from exc
         path = ".".join(str(p) for p in loc) or "document"
-        raise ShoalError(f"{source}:{line_of(node, loc)}: {path}: {message_of(model, err, loc)}") from exc
+        raise ShoalError(f"{source}:{line_of(node, loc)}: {path}: {message}") from exc
+
+
+def _named_key(message: str, data: dict[str, Any]) -> tuple[str, ...] | None:
+    """The key path a message starts with (`dfs.parents: ...`), if its first key is in the document."""
+    head, colon, _ = message.partition(": ")
+    parts = tuple(head.split("."))
+    return parts if colon and parts[0] in data and all(p.isidentifier() for p in parts) else None
 
 
 def message_of(model: type[BaseModel], err: Any, loc: tuple[Any, ...]) -> str:
