@@ -105,3 +105,26 @@ def test_a_storage_named_inside_a_new_run_folder_opens(zoo, run_cli, tmp_path) -
     code, _, err = run_cli("evolve", _search(zoo, tmp_path), run, "--threads", 1, "--storage", run / "shared.log")
     assert code == 0, err
     assert len(optuna.load_study(study_name="shoal", storage=open_storage(str(run / "shared.log"))).trials) == 2
+
+
+def test_a_run_whose_task_changed_is_refused_and_goes_on_once_it_is_restored(zoo, run_cli, tmp_path) -> None:
+    import shutil
+
+    task = tmp_path / "task"
+    shutil.copytree(zoo.tasks["xx-math"], task)
+    search, run = _search(zoo, tmp_path, tasks=[{"path": str(task)}]), tmp_path / "run"
+    code, _, err = run_cli("evolve", search, run, "--threads", 1)
+    assert code == 0, err
+    dev = task / "dev.jsonl"
+    kept = dev.read_text()
+    dev.write_text(kept.replace("ra", "ro", 1))  # one dev item changed: the stored trials were scored without it
+    code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 4)
+    one_error_line(code, err, "task xx-math has changed since this run started", "restore it, or use a new RUN_DIR")
+    assert _trials(run) == 2
+    dev.write_text(kept)
+    record = json.loads((run / "run.json").read_text())
+    del record["task_digests"]  # a run made before digests were kept goes on, and keeps them from then on
+    (run / "run.json").write_text(json.dumps(record))
+    code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 4)
+    assert code == 0, err
+    assert _trials(run) == 4 and list(json.loads((run / "run.json").read_text())["task_digests"]) == ["xx-math"]

@@ -221,6 +221,14 @@ def parse_items(text: str, source: str, spec: TaskSpec, folder: Path | None = No
     return items
 
 
+def task_digest(task: Task) -> str:
+    """One digest of what a task's scores depend on: its task.yaml, its split files and the pictures its items name."""
+    from shoal.checkpoint.digest import files_digest
+
+    pictures = {item.image for items in task.splits.values() for item in items if item.image is not None}
+    return files_digest(task.folder, ["task.yaml", *task.spec.splits.values(), *pictures])
+
+
 def load_task(path: str | Path) -> Task:
     """Load a task from its folder or its task.yaml, reading and validating every split."""
     path = Path(path)

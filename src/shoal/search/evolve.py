@@ -18,6 +18,7 @@ import torch
 
 from shoal.devices import check_device
 from shoal.errors import ShoalError
+from shoal.evaluate.task import Task, task_digest
 from shoal.folder_lock import folder_lock
 from shoal.search import journal, run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
@@ -126,6 +127,8 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
     parallel = options.workers > 1 or options.ray_address is not None
     with folder_lock(run_dir) if own else nullcontext():
         earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
+        digests = {t.task.name: task_digest(t.task) for t in tasks if isinstance(t.task, Task)}
+        run_folder.check_tasks(spec, earlier, digests)
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
         if mended:
             options.notice(mended)
@@ -137,7 +140,8 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         genome = space.genome if space is not None else genome_of(spec)
         fitness = None if space is None else search_fitness(spec, space, tasks)
         # nothing is recorded before its study opens, so a search refused so far leaves the folder as it was
-        record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice)
+        record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice,
+                                     digests)
         return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
 
 

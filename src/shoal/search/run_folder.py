@@ -52,6 +52,9 @@ class RunRecord(BaseModel):
     study: str | None = None
     search: dict[str, Any] | None = None
     """One space: the search as run."""
+    task_digests: dict[str, str] | None = None
+    """One space: each shoal task's digest (evaluate.task.task_digest) when the run started; a later session whose
+    task differs is refused (its stored trials were scored on the old one)."""
     sessions: list[Session] = []
     stages: list[str] | None = None
     """Hybrid: the stage folders, in the order they run; pool: every subset's folder."""
@@ -124,6 +127,20 @@ def earlier_run(spec: SearchSpec, run_dir: Path) -> RunRecord | None:
     return record
 
 
+def check_tasks(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str, str]) -> None:
+    """Refuse to go on with a run (earlier: `earlier_run`'s) whose tasks changed since it started: a trial scored on
+    another dev split, metric or setting would be ranked beside the ones stored. Runs from before digests were kept
+    go on."""
+    if earlier is None or earlier.search_hash != spec.search_hash() or earlier.task_digests is None:
+        return
+    changed = sorted(name for name in digests.keys() | earlier.task_digests.keys()
+                     if digests.get(name) != earlier.task_digests.get(name))
+    if changed:
+        raise ShoalError(f"task {changed[0]} has changed since this run started (its task.yaml, a split or a picture "
+                         "it names), and the run's stored trials were scored on it as it was: restore it, or use a "
+                         "new RUN_DIR")
+
+
 def _holds_trials(run_dir: Path, record: RunRecord) -> bool:
     """Whether the run stored a trial; a study the folder does not own (a storage the user named) counts as
     holding some, as does one that cannot be read: neither is cleared by a take-over."""
@@ -168,7 +185,7 @@ def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> 
 
 
 def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage: str | None, study: str,
-             notice: Notice) -> RunRecord:
+             notice: Notice, digests: dict[str, str] | None = None) -> RunRecord:
     """The record of a one-space run (earlier: `earlier_run`'s), made or taken over, with a new session started. The
     caller writes it once its study has opened, so that a start refused for its storage (a bad URL, another
     search's study) leaves the folder as it was, and then at once, so that the session counts even if the process
@@ -182,6 +199,7 @@ def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage
         default_storage=named is None,
         study=earlier.study if earlier else study,
         search=spec.model_dump(),
+        task_digests=digests,
         sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
     )
     return record
