@@ -5,6 +5,7 @@ a batch scheduler) does the same with exit code 143."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -70,3 +71,16 @@ def test_ctrl_c_or_sigterm_during_evolve_exits_130_or_143_and_says_how_many_tria
     assert stored >= 3
     assert not (run / "summary.json").exists() and not (run / "best").exists()
     assert json.loads((run / "run.json").read_text())["sessions"][-1]["finished"] is False
+
+
+def test_a_reader_that_goes_away_stops_a_merge_as_sigpipe_would(parents, tmp_path) -> None:
+    """`shoal merge ... 2>&1 | head -n 1`: exit 141 without a traceback, and nothing half-written."""
+    recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
+        {"model": str(parents[n]), "parameters": {"weight": 1.0}} for n in ("a", "b")]})
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    proc = subprocess.Popen([sys.executable, "-m", "shoal", "merge", str(recipe), str(tmp_path / "out")],
+                            stdout=write, stderr=write)
+    os.close(write)
+    assert proc.wait(timeout=120) == 141
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import warnings
@@ -14,7 +15,6 @@ from shoal.threads import spin_briefly
 tune_for_merging()  # first: torch reads its allocator switch when it loads, which the imports below do
 spin_briefly()  # and libgomp its spin count
 
-from rich.console import Console
 from rich.text import Text
 from typer.exceptions import TyperException
 
@@ -25,6 +25,7 @@ from shoal.cli import merge as _merge  # noqa: F401  (registers `shoal merge`)
 from shoal.cli import report as _report  # noqa: F401  (registers `shoal report`)
 from shoal.cli import zoo as _zoo  # noqa: F401  (registers `shoal zoo`)
 from shoal.cli.app import app
+from shoal.cli.progress import console
 from shoal.errors import Interrupted, ShoalError, ShoalWarning
 
 MERGEKIT_OPTIONS = {
@@ -56,7 +57,7 @@ REFUSED_MERGEKIT_OPTIONS = {
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` on one line, the message as written (no rich markup is read in it), and exit."""
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("error:", "bold red"), " ", message))
+    console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", message))
     sys.exit(code)
 
 
@@ -69,6 +70,9 @@ def _os_error(exc: OSError) -> str:
 
 INTERRUPTED = 130
 """The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells use."""
+PIPE_CLOSED = 128 + signal.SIGPIPE
+"""The exit code of a command whose output's reader went away (141), as a process that SIGPIPE killed has; what it
+had written is kept as on Ctrl-C (no half-written model; stored trials)."""
 TERMINATED = 128 + signal.SIGTERM
 """The exit code of a command stopped by SIGTERM (`kill`, `timeout`, a batch scheduler's end of job): 143."""
 _stopped_by: list[int] = []
@@ -84,8 +88,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def interrupted(message: str) -> NoReturn:
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("interrupted:", "bold red"), " ",
-                                                                              message))
+    console(stderr=True).print(Text.assemble(("interrupted:", "bold red"), " ", message))
     sys.exit(_stopped_by[0] if _stopped_by else INTERRUPTED)
 
 
@@ -93,8 +96,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """Print a ShoalWarning as `warning: message` on one line; other warnings as Python prints them."""
     if not issubclass(category, ShoalWarning):
         return _python_show_warning(message, category, filename, lineno, file, line)
-    Console(stderr=True, highlight=False, soft_wrap=True).print(Text.assemble(("warning:", "bold yellow"), " ",
-                                                                              str(message)))
+    console(stderr=True).print(Text.assemble(("warning:", "bold yellow"), " ", str(message)))
 
 
 _python_show_warning = warnings.showwarning
@@ -106,8 +108,17 @@ def main() -> None:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         _run()
+    except BrokenPipeError:  # met again while saying what went wrong
+        _pipe_closed()
     finally:  # a caller in the same process (a test) gets its own handler back
         signal.signal(signal.SIGTERM, previous)
+
+
+def _pipe_closed() -> NoReturn:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so that Python's flush at exit finds no pipe to fail on
+    os.dup2(devnull, sys.stderr.fileno())
+    sys.exit(PIPE_CLOSED)
 
 
 def _run() -> None:
@@ -130,6 +141,8 @@ def _run() -> None:
                 exc.possibilities = None  # type: ignore[attr-defined]
         exc.show()  # type: ignore[attr-defined]
         sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+    except BrokenPipeError:  # what reads the output went away (`| head`): stop as SIGPIPE stops a command
+        _pipe_closed()
     except OSError as exc:  # the filesystem refused (full, read-only, name too long): nothing half-written is left
         fail(_os_error(exc))
     if code == INTERRUPTED:

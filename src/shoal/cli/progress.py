@@ -25,10 +25,17 @@ LOG_EVERY = 30.0
 """Seconds between a task's progress lines where stderr is not a terminal."""
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """The reader of the output went away (`| head`): raised for the CLI to stop as SIGPIPE stops a command
+        (exit 141), where rich would exit 1, the code of a bug."""
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     """A console on stdout or stderr; where that is not a terminal, LOG_WIDTH wide. On stderr, messages are lines that
     are never wrapped (a terminal wraps them itself; a log file keeps each whole, for grep)."""
-    out = Console(stderr=stderr, soft_wrap=stderr)
+    out = _Console(stderr=stderr, soft_wrap=stderr)
     if not out.is_terminal:
         out.width = LOG_WIDTH
     return out
