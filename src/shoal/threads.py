@@ -98,6 +98,10 @@ class Spare:
     busy: float
     cores: float
 
+    @property
+    def load(self) -> str:
+        return f"other work keeps {self.busy:.1f} of this machine's {self.cores:.0f} cores busy"
+
 
 def spare_threads(since: CpuSample | None, most: int) -> Spare | None:
     """The threads other processes left idle since `since`, for CPU work that would take `most` (torch's default);
@@ -105,9 +109,9 @@ def spare_threads(since: CpuSample | None, most: int) -> Spare | None:
     threads wait for each other after each: with a core taken by other work, a thread there waits for its turn every
     step (a TIES merge of three 0.55B parents took 241 s on 2 threads beside one busy process, 24 s on 1; idle, 16 s
     on 2 and 23 s on 1: benchmarks/merge_threads.py, BENCHMARKS.md)."""
-    now = cpu_sample()
-    load = busy_cores(since, now, os.sysconf("SC_CLK_TCK")) if since is not None and now is not None else None
-    if load is None or most <= 1:
+    now = cpu_sample() if since is not None and most > 1 else None
+    load = busy_cores(since, now, os.sysconf("SC_CLK_TCK")) if now is not None else None
+    if load is None:
         return None
     busy, cores = load
     return Spare(max(1, min(most, round(cores - busy))), busy, cores)

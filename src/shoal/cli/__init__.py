@@ -74,7 +74,7 @@ PIPE_CLOSED = 128 + signal.SIGPIPE
 """The exit code of a command whose output's reader went away (141), as a process that SIGPIPE killed has; what it
 had written is kept as on Ctrl-C (no half-written model; stored trials)."""
 TERMINATED = 128 + signal.SIGTERM
-"""The exit code of a command stopped by SIGTERM (`kill`, `timeout`, a batch scheduler's end of job): 143."""
+"""The exit code of a command stopped by SIGTERM (`kill`, a batch scheduler's end of job): 143."""
 _stopped_by: list[int] = []
 """The exit code of the signal that stopped this command, once one has."""
 

@@ -65,8 +65,7 @@ def run_evolve(
     # score as the first session did): other work is only pointed out, at the first trial
     spare = spare_threads(started, torch.get_num_threads()) if threads is None and spec.device == "cpu" else None
     hint = None if spare is None or spare.threads >= torch.get_num_threads() else (
-        f"other work keeps {spare.busy:.1f} of this machine's {spare.cores:.0f} cores busy: --threads "
-        f"{spare.threads} may search faster (keep one count for a run)")
+        f"{spare.load}: --threads {spare.threads} may search faster (keep one count for a run)")
     progress = trial_bar()
     task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0)
     shown: dict[str, float] = {}

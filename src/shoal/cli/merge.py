@@ -141,8 +141,8 @@ def merge(
     spare = spare_threads(started, torch.get_num_threads()) if num_threads is None and cpu else None
     if spare is not None and spare.threads < torch.get_num_threads():
         num_threads = spare.threads
-        fewer = (f"merging on {spare.threads} torch thread{'s' if spare.threads > 1 else ''}: other work keeps "
-                 f"{spare.busy:.1f} of this machine's {spare.cores:.0f} cores busy (-j N sets the count)")
+        fewer = (f"merging on {spare.threads} torch thread{'s' if spare.threads > 1 else ''}: {spare.load} (-j N "
+                 "sets the count)")
     try:
         with stored_in(places), torch_threads(num_threads):
             merge_documents(

@@ -194,13 +194,13 @@ def _read_journal(path: Path, name: str) -> tuple[list[Trial], int]:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from shoal.search.journal import intact
+    from shoal.search.journal import intact, named_lines
 
     lines, damaged = intact(path)
     if damaged:
-        where = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-        warnings.warn(ShoalWarning(f"{path}: line {where} is not an Optuna journal record (damaged); no stored "
-                                   "trial depends on it, and the report reads the intact records"), stacklevel=2)
+        warnings.warn(ShoalWarning(f"{path}: line {named_lines(damaged)} is not an Optuna journal record (damaged); "
+                                   "no stored trial depends on it, and the report reads the intact records"),
+                      stacklevel=2)
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / path.name
         copy.write_bytes(lines)

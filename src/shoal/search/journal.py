@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.trial import TrialState
@@ -79,10 +80,25 @@ def intact(path: Path) -> tuple[bytes, list[int]]:
     """A journal's complete, undamaged lines (what a reader can load; a torn last line is left out) and the numbers
     of its damaged ones; refused, as `recover` refuses, where records after a damaged line may depend on it."""
     lines = _lines(path)
-    damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+    damaged = _damaged(lines)
     if damaged and not _droppable(lines, damaged[0]):
-        check(path)
-    return b"".join(line + b"\n" for line, record in lines if record is not None), damaged
+        _refuse(path, damaged[0])
+    return _kept(lines), damaged
+
+
+def _damaged(lines: list[tuple[bytes, dict | None]]) -> list[int]:
+    """The numbers (from 1) of the damaged lines."""
+    return [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+
+
+def _kept(lines: list[tuple[bytes, dict | None]]) -> bytes:
+    """The intact lines, as the file holds them."""
+    return b"".join(line + b"\n" for line, record in lines if record is not None)
+
+
+def named_lines(numbers: list[int]) -> str:
+    """Line numbers as a message gives them: the first five, then '...'."""
+    return ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
 
 
 def _droppable(lines: list[tuple[bytes, dict | None]], first: int) -> bool:
@@ -96,11 +112,14 @@ def _droppable(lines: list[tuple[bytes, dict | None]], first: int) -> bool:
 
 def check(path: Path) -> None:
     """Refuse a journal with a damaged line, naming the first."""
-    lines = _lines(path)
-    damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+    damaged = _damaged(_lines(path))
     if damaged:
-        raise ShoalError(f"{path}: line {damaged[0]} is not an Optuna journal record (damaged); stop every process "
-                         "using the file, then delete that line or restore the file from a backup")
+        _refuse(path, damaged[0])
+
+
+def _refuse(path: Path, line: int) -> NoReturn:
+    raise ShoalError(f"{path}: line {line} is not an Optuna journal record (damaged); stop every process using the "
+                     "file, then delete that line or restore the file from a backup")
 
 
 def recover(path: Path) -> str | None:
@@ -111,7 +130,7 @@ def recover(path: Path) -> str | None:
     stored trial (how `shoal evolve` stores trials in its own journal): trial ids are then referred to by nothing,
     so a dropped line costs at most the trial it held, which the search scores again. Otherwise refused."""
     lines = _lines(path)
-    damaged = [n for n, (_, record) in enumerate(lines, start=1) if record is None]
+    damaged = _damaged(lines)
     if not damaged:
         return None
     if not _droppable(lines, damaged[0]):
@@ -122,12 +141,12 @@ def recover(path: Path) -> str | None:
                   if not (p := path.with_name(f"{path.name}.damaged" + (f"-{k}" if k > 1 else ""))).exists())
     shutil.copy2(path, backup)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(b"".join(line + b"\n" for line, record in lines if record is not None))
+    tmp.write_bytes(_kept(lines))
     tmp.replace(path)
-    where = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-    return (f"{path}: dropped {len(damaged)} damaged line{'s' if len(damaged) > 1 else ''} (line {where}) and kept "
-            f"every intact record; the damaged file is saved as {backup.name}; a trial lost with "
-            f"{'them' if len(damaged) > 1 else 'it'} is scored again")
+    several = len(damaged) > 1
+    return (f"{path}: dropped {len(damaged)} damaged line{'s' if several else ''} (line {named_lines(damaged)}) and "
+            f"kept every intact record; the damaged file is saved as {backup.name}; a trial lost with "
+            f"{'them' if several else 'it'} is scored again")
 
 
 def _whole_trial(record: dict, studies: int) -> bool:
