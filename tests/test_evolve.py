@@ -26,7 +26,7 @@ from shoal.search.loop import SerialEvaluator, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.run_folder import read_summary
 from shoal.search.spaces import ParameterSpace
-from shoal.search.spec import load_search
+from shoal.search.spec import SelectSpec, load_search
 from shoal.search.storage import open_storage
 from shoal.search.trials import open_study
 
@@ -54,14 +54,34 @@ def test_extending_the_budget_continues_the_same_trajectory(zoo, tmp_path) -> No
     assert summary.trials == 24 and summary.sessions == 2
 
 
-def test_rerunning_a_finished_run_scores_nothing_again(zoo, tmp_path) -> None:
-    search = load_search(_search(zoo, tmp_path, budget=5))
-    evolve(search, tmp_path / "run")
-    stages: list[str] = []
-    evolve(search, tmp_path / "run", on_step=stages.append,
-           on_trial=lambda progress: stages.append(f"evaluated {progress.evaluated}"))
-    assert "evaluated 0" in stages and not any(s.startswith("evaluated 1") for s in stages)
-    assert len(_trials(tmp_path / "run")) == 5
+def test_rerunning_a_finished_run_reads_its_summary(zoo, tmp_path) -> None:
+    """Nothing is loaded, written or scored again (at 7B, best/ and the test scores cost minutes); another
+    selection picks again from the stored trials, and a raised budget searches on."""
+    run, task = tmp_path / "run", tmp_path / "task"
+    shutil.copytree(zoo.tasks["xx-math"], task)
+    search = load_search(_search(zoo, tmp_path, budget=5, fitness={"mode": "subset", "items": 4},
+                                 tasks=[{"path": str(task)}]))
+    first = evolve(search, run)
+    written = (run / "best" / "model-00001-of-00001.safetensors").stat().st_mtime_ns
+    steps: list[str] = []
+    say = dict(on_step=steps.append, on_trial=lambda progress: steps.append(f"evaluated {progress.evaluated}"))
+    assert evolve(search, run, **say) == first == read_summary(run)
+    assert steps == [f"{run} holds this search, finished at this budget and selection: its summary is as written "
+                     "then (raise the budget to search on)"]
+    assert (run / "best" / "model-00001-of-00001.safetensors").stat().st_mtime_ns == written
+    assert len(json.loads((run / "run.json").read_text())["sessions"]) == 1
+    steps.clear()
+    picked = evolve(search.model_copy(update={"select": SelectSpec(top=2)}), run, **say)
+    assert "re-scoring the top 2 trials on the whole dev split" in steps and "evaluated 0" in steps
+    assert not any(s.startswith("evaluated 1") for s in steps) and len(_trials(run)) == 5
+    assert picked.selection.top == 2 and picked.sessions == 2
+    steps.clear()
+    assert evolve(search.model_copy(update={"budget": 6}), run, **say).trials == 6
+    assert "evaluated 1" in steps and len(_trials(run)) == 6
+    dev = task / "dev.jsonl"
+    dev.write_text("".join(dev.read_text().splitlines(keepends=True)[:-1]))  # a dev item fewer
+    with pytest.raises(ShoalError, match="task xx-math has changed since this run started"):
+        evolve(search.model_copy(update={"budget": 6}), run)  # a finished run's, as a resumed one's
 
 
 @pytest.mark.parametrize("space,population", [("ps", 10), ("dfs", 13)])
@@ -207,14 +227,17 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     assert dfs["parents"]["ps"] == ps["best"]["test"]  # stage 2's parent A is stage 1's best model
     assert summary.stages["ps"].test == ps["best"]["test"] and summary.best.test == dfs["best"]["test"]
     assert summary.parents == ps["parents"] and (tmp_path / "run" / "best" / "path.yaml").is_file()
+    steps: list[str] = []
+    assert evolve(search, tmp_path / "run", on_step=steps.append) == summary and len(steps) == 1  # read, not rerun
     moved = tmp_path / "moved"  # stage 2's parent A is in the run folder: the DFS search survives a move
     shutil.move(tmp_path / "run", moved)
+    (moved / "summary.json").unlink()  # so that each stage is opened again, and found finished
     assert evolve(search, moved).best == summary.best
     record = json.loads((moved / "run.json").read_text())
     assert record["ps_best_trial"] == ps["best"]["trial"]
     (moved / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
     with pytest.raises(ShoalError, match="stored DFS trials were scored over #99"):
-        evolve(search, moved)  # as if a larger PS budget had found another best: A would change
+        evolve(search.model_copy(update={"budget": 7}), moved)  # as if a larger PS budget had found another best
 
 
 def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:

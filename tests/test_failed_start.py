@@ -13,7 +13,8 @@ from conftest import one_error_line, zoo_search
 
 from shoal.folder_lock import lock_file
 from shoal.search import run_folder
-from shoal.search.spec import load_search
+from shoal.errors import ShoalError
+from shoal.search.spec import SearchSpec, load_search
 from shoal.search.storage import default_storage, open_storage
 from shoal.search.trials import open_study
 
@@ -128,3 +129,13 @@ def test_a_run_whose_task_changed_is_refused_and_goes_on_once_it_is_restored(zoo
     code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 4)
     assert code == 0, err
     assert _trials(run) == 4 and list(json.loads((run / "run.json").read_text())["task_digests"]) == ["xx-math"]
+
+
+def test_a_task_recorded_without_a_digest_is_compared_from_then_on() -> None:
+    """An lm-eval task's run started before shoal kept lm-eval digests goes on; a recorded one is compared."""
+    spec = SearchSpec.model_validate({"base": "b", "parents": {"m": "x"}, "tasks": [{"path": "t"}, {"path": "u"}]})
+    record = run_folder.RunRecord(space="ps", target="t", method="dare_ties", search_hash=spec.search_hash(),
+                                  task_digests={"t": "a"})
+    run_folder.check_tasks(spec, record, {"t": "a", "u": "b"})
+    with pytest.raises(ShoalError, match="task t has changed since this run started"):
+        run_folder.check_tasks(spec, record, {"t": "c", "u": "b"})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -74,3 +76,18 @@ def test_an_lm_eval_task_as_fitness_equals_the_shoal_task_on_the_same_data(setup
                                                                                       "path": str(folder)})]})
     through_shoal = DevFitness(space, load_tasks(shoal_spec), 64)(values, 0)
     assert through_lm_eval.scores == {"zoo_own": through_shoal.scores["own"]}
+
+
+def test_an_lm_eval_task_digest_follows_its_include_files_and_lm_eval(setup, tmp_path) -> None:
+    """What a resumed search compares (run.json's task_digests): a task YAML edited under include changes it."""
+    include = shutil.copytree(setup[2], tmp_path / "include")
+    task = LmEvalTask("zoo_own", str(include))
+    before = task.digest()
+    assert before.startswith(f"lm_eval {version('lm_eval')} ")
+    (include / "__pycache__").mkdir()
+    (include / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"compiled")
+    assert task.digest() == before
+    yaml_file = include / "zoo_own.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("max_gen_toks: 12", "max_gen_toks: 13"))
+    assert task.digest() != before
+    assert LmEvalTask("zoo_own").digest() == f"lm_eval {version('lm_eval')} registry"

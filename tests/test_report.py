@@ -496,8 +496,8 @@ def test_hybrid_run_writes_both_stage_reports_and_a_combined_one(run_cli, tmp_pa
 @pytest.mark.parametrize(
     ("dfs", "says", "stage_reports"),
     [
-        ("running", "stage `dfs` is running", ["ps", "dfs"]),
-        ("no trials", "stage `dfs` is running (no trial has finished yet)", ["ps"]),
+        ("running", "stage `dfs` has not finished", ["ps", "dfs"]),
+        ("no trials", "stage `dfs` has not finished (no trial is stored yet)", ["ps"]),
         ("absent", "stage `ps` finished; stage `dfs` has not started yet", ["ps"]),
     ],
 )
@@ -511,7 +511,7 @@ def test_unfinished_hybrid_reports_the_stages_so_far(tmp_path, dfs, says, stage_
     assert f"**The hybrid run has not finished** (no summary.json yet): {says}." in md
     assert "| ps | finished | 6 | #3 | 0.4100 | 0.3800 | [report.md](../ps/report/report.md) |" in md
     if dfs == "running":
-        assert "| dfs | running | 3 (1 failed, 2 running) | #2 | 0.4400 | – | [report.md](../dfs/report/report.md) |" in md
+        assert "| dfs | unfinished | 3 (1 failed, 2 running) | #2 | 0.4400 | – | [report.md](../dfs/report/report.md) |" in md
     for target in links(md):
         assert (run / "report" / target).resolve().is_file(), target
 

@@ -192,6 +192,10 @@ def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> 
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbounds:\n  density: [0, 1]\n", "density must lie in (0, 1]"),
         ("base: b\nparents: {m.x: x}\ntasks: [{path: t}]\n", "contain no '.'"),
         ("base: b\nparents: {m: x}\ntasks: []\n", "name at least one task"),
+        ("base: b\nparents: {m: x}\ntasks:\n  - {path: t, weight: .nan}\n", "search.yaml:4: tasks.0.weight: Input "
+         "should be a finite number"),
+        ("base: b\nparents: {m: x}\ntasks:\n  - {path: t, weight: 0}\n  - {path: u, weight: -1}\n",
+         "search.yaml:4: tasks: every task's weight is 0 or negative"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudgett: 3\n",
          "search.yaml:4: budgett: not a known key (known: base, parents, space, method, genome, dfs, bounds, tasks, "
          "budget, budget_items"),

@@ -32,7 +32,10 @@ def finished(zoo, tmp_path_factory) -> Path:
 
 
 def _copy(finished: Path, to: Path) -> tuple[Path, Path]:
+    """The finished run as one killed after its last trial, before its summary: the next session opens its study (a
+    finished run's is not opened again)."""
     shutil.copytree(finished, to, dirs_exist_ok=True)
+    (to / "run" / "summary.json").unlink()
     return to / "search.yaml", to / "run"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +30,23 @@ class LmEvalTask:
     @property
     def name(self) -> str:
         return self.task
+
+    def digest(self) -> str:
+        """One digest of what the task's scores depend on beside what the search file names: lm-eval's version and
+        every file under include (the task's YAML, its utils, data kept there); not a dataset in the datasets
+        cache."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        from shoal.checkpoint.digest import files_digest
+
+        try:
+            lm_eval = version("lm_eval")
+        except PackageNotFoundError:
+            raise ShoalError("lm-eval tasks need lm-evaluation-harness: pip install lm_eval") from None
+        root = Path(self.include) if self.include is not None else None
+        files = [] if root is None else [str(f.relative_to(root)) for f in root.rglob("*")
+                                         if f.is_file() and "__pycache__" not in f.parts]
+        return f"lm_eval {lm_eval} " + (files_digest(root, files) if root is not None else "registry")
 
     def _task_dict(self, split: str) -> Any:
         """lm-eval's task dict with `split` as the split it evaluates (loaded once per split)."""

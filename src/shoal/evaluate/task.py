@@ -131,6 +131,14 @@ class Task:
             raise ShoalError(f"task {self.name} has no split {split!r} (it has: {', '.join(self.splits)})")
         return self.splits[split]
 
+    def digest(self) -> str:
+        """One digest of what the task's scores depend on: its task.yaml, its split files and the pictures its items
+        name."""
+        from shoal.checkpoint.digest import files_digest
+
+        pictures = {item.image for items in self.splits.values() for item in items if item.image is not None}
+        return files_digest(self.folder, ["task.yaml", *self.spec.splits.values(), *pictures])
+
 
 def _problem(model: type[BaseModel], err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
@@ -219,14 +227,6 @@ def parse_items(text: str, source: str, spec: TaskSpec, folder: Path | None = No
     if not items:
         raise ShoalError(f"{source}: no items; write one JSON object per line")
     return items
-
-
-def task_digest(task: Task) -> str:
-    """One digest of what a task's scores depend on: its task.yaml, its split files and the pictures its items name."""
-    from shoal.checkpoint.digest import files_digest
-
-    pictures = {item.image for items in task.splits.values() for item in items if item.image is not None}
-    return files_digest(task.folder, ["task.yaml", *task.spec.splits.values(), *pictures])
 
 
 def load_task(path: str | Path) -> Task:

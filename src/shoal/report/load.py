@@ -36,7 +36,7 @@ class Run:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of a hybrid run: `status` is "finished", "running" or "not started"; `run` None if no trials."""
+    """One stage of a hybrid run: `status` is "finished", "unfinished" or "not started"; `run` None if no trials."""
 
     name: str
     folder: Path
@@ -131,7 +131,7 @@ def load_hybrid(folder: Path) -> HybridRun:
         stage_space = run_space(sub)
         if stage_space not in STAGE_SPACES:
             raise ShoalError(f"{sub}: a hybrid stage must be a \"ps\" or \"dfs\" run, not {stage_space!r}")
-        status = "finished" if (sub / SUMMARY_FILE).is_file() else "running"
+        status = "finished" if (sub / SUMMARY_FILE).is_file() else "unfinished"
         try:
             stages.append(Stage(name, sub, status, load_run(sub)))
         except NoTrialsYet:

@@ -206,12 +206,13 @@ def render_hybrid_markdown(hybrid: HybridRun, stage_files: Mapping[str, Sequence
 
 
 def hybrid_progress(stages: Sequence[Stage]) -> str:
-    """Which stage of an unfinished hybrid run is running, in words."""
+    """Which stage of an unfinished hybrid run is under way, in words (a report cannot tell one still running from one
+    that was stopped)."""
     for i, stage in enumerate(stages):
         if stage.status == "finished":
             continue
-        if stage.status == "running":
-            return f"stage `{stage.name}` is running" + ("" if stage.run else " (no trial has finished yet)")
+        if stage.status == "unfinished":
+            return f"stage `{stage.name}` has not finished" + ("" if stage.run else " (no trial is stored yet)")
         done = [f"`{s.name}`" for s in stages[:i] if s.status == "finished"]
         before = f"stage {', '.join(done)} finished; " if done else ""
         return f"{before}stage `{stage.name}` has not started yet"

@@ -18,7 +18,6 @@ import torch
 
 from shoal.devices import check_device
 from shoal.errors import ShoalError
-from shoal.evaluate.task import Task, task_digest
 from shoal.folder_lock import folder_lock
 from shoal.search import journal, run_folder
 from shoal.search.final_scores import FinalScores, score_on_test
@@ -69,6 +68,11 @@ def evolve(
     if run_dir.exists() and not run_dir.is_dir():
         raise ShoalError(f"{run_dir} is a file; give a folder (new, or a run's) for RUN_DIR")
     check_device(spec.device, "the search file's device:")
+    done = run_folder.finished_summary(spec, run_dir, lambda: task_digests(load_tasks(spec)))
+    if done is not None:
+        on_step(f"{run_dir} holds this search, finished at this budget and selection: its summary is as written then "
+                "(raise the budget to search on)")
+        return done
     if spec.space == "hybrid":
         with folder_lock(run_dir) if storage is None and spec.storage is None else nullcontext():
             return _evolve_hybrid(spec, run_dir, storage, on_step, on_trial, notice, workers, ray_address)
@@ -127,7 +131,7 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
     parallel = options.workers > 1 or options.ray_address is not None
     with folder_lock(run_dir) if own else nullcontext():
         earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
-        digests = {t.task.name: task_digest(t.task) for t in tasks if isinstance(t.task, Task)}
+        digests = task_digests(tasks)
         run_folder.check_tasks(spec, earlier, digests)
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
         if mended:
@@ -143,6 +147,11 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice,
                                      digests)
         return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
+
+
+def task_digests(tasks: list[WeightedTask]) -> dict[str, str]:
+    """Each task's digest by its name."""
+    return {t.task.name: t.task.digest() for t in tasks}
 
 
 def refusals(spec: SearchSpec, options: SearchOptions, own: bool) -> list[WeightedTask]:

@@ -53,8 +53,8 @@ class RunRecord(BaseModel):
     search: dict[str, Any] | None = None
     """One space: the search as run."""
     task_digests: dict[str, str] | None = None
-    """One space: each shoal task's digest (evaluate.task.task_digest) when the run started; a later session whose
-    task differs is refused (its stored trials were scored on the old one)."""
+    """One space: each task's digest (its digest()) when the run started; a later session whose task differs is
+    refused (its stored trials were scored on the old one)."""
     sessions: list[Session] = []
     stages: list[str] | None = None
     """Hybrid: the stage folders, in the order they run; pool: every subset's folder."""
@@ -131,14 +131,46 @@ def check_tasks(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str, 
     """Refuse to go on with a run (earlier: `earlier_run`'s) whose tasks changed since it started: a trial scored on
     another dev split, metric or setting would be ranked beside the ones stored. Runs from before digests were kept
     go on."""
-    if earlier is None or earlier.search_hash != spec.search_hash() or earlier.task_digests is None:
+    if earlier is not None and earlier.search_hash == spec.search_hash():
+        _check_digests(earlier.task_digests, digests)
+
+
+def _check_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
+    if recorded is None:
         return
-    changed = sorted(name for name in digests.keys() | earlier.task_digests.keys()
-                     if digests.get(name) != earlier.task_digests.get(name))
+    changed = sorted(name for name in recorded if digests.get(name) != recorded[name])  # a task recorded without
+    # one (an lm-eval task, before shoal kept theirs) is not compared: it is kept from then on
     if changed:
         raise ShoalError(f"task {changed[0]} has changed since this run started (its task.yaml, a split or a picture "
-                         "it names), and the run's stored trials were scored on it as it was: restore it, or use a "
-                         "new RUN_DIR")
+                         "it names; an lm-eval task's files under include, or lm-eval's version), and the run's "
+                         "stored trials were scored on it as it was: restore it, or use a new RUN_DIR")
+
+
+def finished_summary(spec: SearchSpec, run_dir: Path, digests: Callable[[], dict[str, str]]) -> Summary | None:
+    """The summary of run_dir when it is a finished run of spec that ended at the budgets and selection spec gives
+    (another session would only write best/ and score test again); None otherwise, or where the summary cannot be
+    read. digests: the tasks' digests now, asked for only then; a task changed since is refused (check_tasks)."""
+    if not ((run_dir / RUN_FILE).is_file() and (run_dir / SUMMARY_FILE).is_file() and (run_dir / BEST_DIR).is_dir()):
+        return None
+    try:
+        record = read_run(run_dir)
+        stages = [read_run(run_dir / s) for s in record.stages or []]
+        summary = read_summary(run_dir)
+    except ShoalError:
+        return None
+    ended = [record] if record.sessions else stages  # a hybrid's sessions are its stages'
+    if record.search_hash != spec.search_hash() or not ended or not all(r.sessions and r.sessions[-1].finished
+                                                                         for r in ended):
+        return None
+    budget = spec.budget + (spec.dfs.budget or spec.budget) if spec.space == "hybrid" else spec.budget
+    selection = (summary.selection.top, summary.selection.on) if summary.selection else None
+    if (summary.budget, summary.budget_items, summary.budget_tokens, selection) != (
+            budget, spec.budget_items, spec.budget_tokens, (spec.select.top, spec.select.on)):
+        return None
+    now = digests()
+    for r in [record, *stages]:
+        _check_digests(r.task_digests, now)
+    return summary
 
 
 def _holds_trials(run_dir: Path, record: RunRecord) -> bool:

@@ -192,7 +192,9 @@ class TaskWeight(Strict):
 
     path: str | None = None
     lm_eval: LmEvalRef | None = None
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
+    """The task's share of the fitness (sum of weight x dev score): 0 keeps its scores in the summary without
+    searching for them; a negative weight searches away from its skill."""
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskWeight:
@@ -309,6 +311,9 @@ class SearchSpec(Strict):
     def _some_task(cls, value: list[TaskWeight]) -> list[TaskWeight]:
         if not value:
             raise ValueError("name at least one task")
+        if all(t.weight <= 0 for t in value):
+            raise ValueError("every task's weight is 0 or negative, so the search would only move away from the "
+                             "tasks' skills; give the task to improve a positive weight")
         return value
 
     @model_validator(mode="after")
