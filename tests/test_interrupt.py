@@ -32,7 +32,8 @@ def test_ctrl_c_or_sigterm_during_merge_exits_130_or_143_and_leaves_nothing_half
         {"model": str(parents[n]), "parameters": {"weight": 1.0}} for n in ("a", "b")]})
     out = tmp_path / "out"
     if overwrite:
-        out.mkdir()
+        out.mkdir()  # an earlier merge's folder
+        (out / "config.json").write_text("{}")
         (out / "old").write_text("kept")
     args = [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out)] + (["--overwrite"] if overwrite else [])
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -48,7 +49,7 @@ def test_ctrl_c_or_sigterm_during_merge_exits_130_or_143_and_leaves_nothing_half
     assert ("earlier OUT_DIR is unchanged" if overwrite else "nothing was written") in line
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out", "recipe.yaml"] if overwrite else ["recipe.yaml"])
     if overwrite:
-        assert [p.name for p in out.iterdir()] == ["old"]
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "old"]
 
 
 @pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

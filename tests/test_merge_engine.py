@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_recipe, read_tensors as tensors
+from conftest import one_error_line, write_recipe, read_tensors as tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shoal.checkpoint.reader import open_checkpoint
@@ -164,7 +164,8 @@ def test_a_crash_mid_merge_leaves_no_output_folder(parents, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_refused_unless_overwrite(parents, tmp_path, run_cli):
+def test_existing_output_is_refused_unless_overwrite_and_only_a_model_folder_is_replaced(parents, tmp_path, run_cli,
+                                                                                          monkeypatch):
     recipe = write_recipe(tmp_path, {"merge_method": "linear", "models": [
         {"model": str(parents["a"]), "parameters": {"weight": 1.0}}]})
     (tmp_path / "out").mkdir()
@@ -172,10 +173,23 @@ def test_existing_output_is_refused_unless_overwrite(parents, tmp_path, run_cli)
     code, _, err = run_cli("merge", recipe, tmp_path / "out")
     assert code == 2 and "already exists" in err and "--overwrite" in err
     assert (tmp_path / "out" / "keep.txt").exists()
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "--overwrite")  # replacing would remove all of it
+    one_error_line(code, err, f"OUT_DIR {tmp_path / 'out'} is not a model folder (no config.json)", "another folder")
+    assert (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / "config.json").write_text("{}")  # a model folder: replaced whole
     code, _, _ = run_cli("merge", recipe, tmp_path / "out", "--overwrite")
     assert code == 0 and not (tmp_path / "out" / "keep.txt").exists()
-    assert (tmp_path / "out" / "config.json").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]
+    code, _, err = run_cli("merge", recipe, tmp_path, "--overwrite")  # the folder that holds the recipe
+    one_error_line(code, err, f"OUT_DIR {tmp_path} is not a model folder")
+    monkeypatch.chdir(tmp_path / "out")
+    code, _, err = run_cli("merge", recipe, ".", "--overwrite")
+    one_error_line(code, err, f"OUT_DIR {tmp_path / 'out'} is the current folder or holds it")
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli("merge", recipe, tmp_path / "file", "--overwrite")
+    one_error_line(code, err, f"OUT_DIR {tmp_path / 'file'} is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out", "recipe.yaml"]
 
 
 def test_an_output_folder_that_is_or_holds_a_parent_is_refused_even_with_overwrite(parents, tmp_path, run_cli):

@@ -178,17 +178,35 @@ def remove_stale_temporaries(out_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace (--overwrite) an existing out_dir that is not a model folder, since replacing removes all of
+    it: the current folder or one that holds it, a file, a folder of other files (no config.json; an empty one is
+    taken)."""
+    out = out_dir.resolve()
+    if not out.exists():
+        return
+    if Path.cwd().resolve().is_relative_to(out):
+        raise ShoalError(f"OUT_DIR {out_dir} is the current folder or holds it, and --overwrite would remove it whole; "
+                         "give another folder")
+    if not out.is_dir():
+        raise ShoalError(f"OUT_DIR {out_dir} is a file; --overwrite replaces only a model folder")
+    if not (out / "config.json").is_file() and any(out.iterdir()):
+        raise ShoalError(f"OUT_DIR {out_dir} is not a model folder (no config.json), and --overwrite would remove "
+                         "everything in it; give another folder, or remove it yourself")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside out_dir that becomes out_dir only if the block finishes.
 
-    An error, Ctrl-C or kill leaves out_dir as it was (absent, or the old folder when overwriting). out_dir's lock
-    is held throughout: a second process writing the same out_dir at once is refused, before it writes anything.
+    An error, Ctrl-C or kill leaves out_dir as it was (absent, or the old folder when overwriting; only a model
+    folder is replaced, see check_replaceable). out_dir's lock is held throughout: a second process writing the same out_dir at once is refused, before it writes anything.
     """
     out_dir = Path(out_dir).resolve()
     with folder_lock(out_dir):
         if out_dir.exists() and not overwrite:
             raise ShoalError(f"{out_dir} already exists; pass --overwrite to replace it")
+        check_replaceable(out_dir)
         remove_stale_temporaries(out_dir)
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from shoal.checkpoint.digest import file_digest, files_digest
 from shoal.checkpoint.reader import resolve_model
 from shoal.checkpoint.reference import parse_reference
+from shoal.checkpoint.writer import check_replaceable
 from shoal.errors import ShoalError
 from shoal.merge import engine
 from shoal.recipe_documents import Document, with_folders
@@ -44,6 +45,8 @@ def merge_documents(
         _check_folders(out_dir, intermediate_dir, overwrite)
     for document in documents:  # before any document is merged
         engine.check_not_an_input(out_dir, document.recipe)
+    if inputs and overwrite:
+        check_replaceable(out_dir)
     folders: dict[str, Path] = {}
     digests: dict[str, str] = {}
 
