@@ -63,7 +63,8 @@ def merge(
         help="cpu, cuda, cuda:N, mps, or auto (cuda if a CUDA GPU is available, else cpu).",
         show_default="cpu")] = None,
     cuda: Annotated[bool, typer.Option("--cuda", help="mergekit's name for --device cuda.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists (a model folder only: one with a config.json, or empty).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT_DIR if it exists (a model folder only: one with a "
+                                            "config.json, or empty).")] = False,
     seed: Annotated[int | None, typer.Option(
         "--seed", "--random-seed",
         help="Seed of the random drops of DARE and DELLA (overrides the recipe's seed); --random-seed is mergekit's "
