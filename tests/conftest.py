@@ -91,8 +91,8 @@ def kill_once_stored(command: list[str], run_dir: Path, trials: int) -> None:
         proc.wait()
 
 
-def finished_trials(log: Path) -> int:
-    """Trials stored in a run's journal so far (by another process, say)."""
+def finished_trials(log: Path, name: str = "shoal") -> int:
+    """Trials stored in a run's journal so far (by another process, say); a hybrid stage's study is shoal-STAGE."""
     import optuna
 
     from shoal.search.storage import open_storage
@@ -100,7 +100,7 @@ def finished_trials(log: Path) -> int:
     if not log.exists():
         return 0
     try:
-        study = optuna.load_study(study_name="shoal", storage=open_storage(str(log)))
+        study = optuna.load_study(study_name=name, storage=open_storage(str(log)))
     except KeyError:  # the study is not made yet
         return 0
     return sum(t.state.is_finished() for t in study.trials)

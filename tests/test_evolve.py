@@ -99,6 +99,8 @@ def test_resume_after_kill_keeps_every_trial_and_the_trajectory(zoo, tmp_path, s
     budget = len(before) + population
     resumed = subprocess.run([*command, "--budget", str(budget)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    shown = [line.split("/")[0].split()[-1] for line in resumed.stderr.splitlines() if line.startswith("trials ")]
+    assert int(shown[0]) > len(before)  # the trials line starts past the stored ones (their replay is not shown)
     evolve(load_search(_search(zoo, tmp_path, budget=budget, space=space)), tmp_path / "whole")
     after, whole = _trials(killed), _trials(tmp_path / "whole")
     assert after[: len(before)] == before  # nothing stored was lost or re-run

@@ -52,26 +52,28 @@ def test_ctrl_c_or_sigterm_during_merge_exits_130_or_143_and_leaves_nothing_half
         assert sorted(p.name for p in out.iterdir()) == ["config.json", "old"]
 
 
-@pytest.mark.parametrize(("stop", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_during_evolve_exits_130_or_143_and_says_how_many_trials_are_kept(zoo, tmp_path, stop, code) -> None:
-    search = zoo_search(zoo, tmp_path, budget=400)
+@pytest.mark.parametrize(("stop", "code", "space"), [(signal.SIGINT, 130, "ps"), (signal.SIGTERM, 143, "ps"),
+                                                     (signal.SIGINT, 130, "hybrid")])
+def test_ctrl_c_or_sigterm_during_evolve_exits_130_or_143_and_says_how_many_trials_are_kept(zoo, tmp_path, stop, code,
+                                                                                            space) -> None:
+    search = zoo_search(zoo, tmp_path, budget=400, space=space, dfs={"parents": ["math"], "budget": 50})
     run = tmp_path / "run"
     command = [sys.executable, "-m", "shoal", "evolve", str(search), str(run), "--threads", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
-    log = run / "study.log"
-    wait_for(lambda: finished_trials(log) >= 3)
+    stage = run / "ps" if space == "hybrid" else run
+    wait_for(lambda: finished_trials(stage / "study.log", "shoal-ps" if space == "hybrid" else "shoal") >= 3)
     proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert "Traceback" not in err
     line = _last_line(err)
-    assert line.startswith("interrupted: ") and "of 400 trials are stored" in line
-    assert "run the same command again to continue" in line
-    stored = int(line.split("interrupted: ")[1].split(" of ")[0])
-    assert stored >= 3
+    stored = (" of 400 trials of the PS stage and 0 of 50 of the DFS stage are stored" if space == "hybrid" else
+              " of 400 trials are stored") + f" for {run}; run the same command again to continue"
+    assert line.startswith("interrupted: ") and stored in line
+    assert int(line.split("interrupted: ")[1].split(" of ")[0]) >= 3
     assert not (run / "summary.json").exists() and not (run / "best").exists()
-    assert json.loads((run / "run.json").read_text())["sessions"][-1]["finished"] is False
+    assert json.loads((stage / "run.json").read_text())["sessions"][-1]["finished"] is False
 
 
 def test_a_reader_that_goes_away_stops_a_merge_as_sigpipe_would(parents, tmp_path) -> None:

@@ -56,7 +56,7 @@ def test_a_disabled_or_unstarted_bar_prints_nothing(capsys) -> None:
 
 def test_the_trial_line_is_whole_in_80_columns_and_in_a_log() -> None:
     progress = trial_bar()
-    task = progress.add_task("trials", total=1000, best="0.2500", rate="361", items="123,456")
+    task = progress.add_task("trials", total=1000, best="0.2500", rate="361", items="123,456", left="12:34:56")
     progress.update(task, completed=1000)
     line = progress.make_tasks_table(progress.tasks)
     for width in (80, LOG_WIDTH):
@@ -66,7 +66,7 @@ def test_the_trial_line_is_whole_in_80_columns_and_in_a_log() -> None:
             out.print(line)
         text = captured.get().rstrip("\n")
         assert "…" not in text and len(text) <= 80
-        assert "1000/1000 best 0.2500 361/min 123,456 items" in text
+        assert "1000/1000 best 0.2500 361/min 123,456 items" in text and text.endswith(" 12:34:56")
 
 
 def test_shoal_merge_into_a_log_shows_its_tensors_and_no_blank_lines(parents, tmp_path) -> None:

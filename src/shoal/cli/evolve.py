@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from shoal.cli.app import app
 from shoal.cli.progress import Bar, console
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 def trial_bar() -> Bar:
     """trials, done of budget, the best dev fitness, trials a minute, dev items scored, time taken and left: a
-    78-column line at 1000 trials and 6-digit item counts, whole in an 80-column terminal."""
+    78-column line at 1000 trials and 6-digit item counts, whole in an 80-column terminal. The rate and the time left
+    are this session's (rich's own estimate would count the stored trials a resumed run replays as done now)."""
     return Bar(
         TextColumn("[bold]{task.description}"),
         BarColumn(bar_width=10),
@@ -31,8 +32,14 @@ def trial_bar() -> Bar:
         TextColumn("{task.fields[rate]}/min"),
         TextColumn("{task.fields[items]} items"),
         TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[left]}"),
     )
+
+
+def _clock(seconds: float) -> str:
+    """H:MM:SS, as rich's time columns write it."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def run_evolve(
@@ -67,51 +74,65 @@ def run_evolve(
     hint = None if spare is None or spare.threads >= torch.get_num_threads() else (
         f"{spare.load}: --threads {spare.threads} may search faster (keep one count for a run)")
     progress = trial_bar()
-    task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0)
+    task = progress.add_task("trials", total=spec.budget, best="-", rate="-", items=0, left="-:--:--")
     shown: dict[str, float] = {}
 
     def on_step(name: str) -> None:
         err.print(f"[dim]{escape(name)}[/]")
 
     def on_trial(p: TrialProgress) -> None:
-        if "done" not in shown:
-            if hint is not None:
-                err.print(hint, markup=False, highlight=False)
-            progress.start()  # only once the search has started: an error before it comes alone
         if p.evaluated == 1:
             shown["since"] = time.perf_counter()
         minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
-        rate = f"{(p.evaluated - 1) / minutes:.0f}" if p.evaluated > 1 and minutes > 0 else "-"
+        per_minute = (p.evaluated - 1) / minutes if p.evaluated > 1 and minutes > 0 else None
+        rate = f"{per_minute:.0f}" if per_minute else "-"
+        left = _clock((p.budget - p.done) / per_minute * 60) if per_minute else "-:--:--"
         best = f"{p.best:.4f}" if p.best is not None else "-"
         items = f"{p.items:,}" + (f" of {spec.budget_items:,}" if spec.budget_items else "")
-        progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=items)
+        progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=items, left=left)
         shown["done"] = p.done
+        if p.evaluated and "started" not in shown:  # the first trial scored now: a resumed run's replay is done
+            shown["started"] = 1
+            if hint is not None:
+                err.print(hint, markup=False, highlight=False)
+            progress.start()  # only once the search has started: an error before it comes alone
 
     try:
         return evolve(spec, run_dir, storage=storage, on_step=on_step, on_trial=on_trial,
                       notice=lambda line: err.print(line, markup=False, highlight=False),
                       workers=workers, ray_address=ray_address)
     except KeyboardInterrupt:
-        done = _stored(spec, run_dir, int(shown.get("done", 0)))
-        raise Interrupted(f"{done} of {spec.budget} trials are stored for {run_dir}; run the same command again "
-                          "to continue from them (no trial is scored twice)") from None
+        raise Interrupted(f"{_stored(spec, run_dir, int(shown.get('done', 0)))} for {run_dir}; run the same command "
+                          "again to continue from them (no trial is scored twice)") from None
     finally:
         progress.stop()
 
 
-def _stored(spec: SearchSpec, run_dir: Path, shown: int) -> int:
-    """Trials stored for a one-space run, as its storage holds them (the display may lag one behind); for a hybrid
-    run, or where the storage cannot be read, the count shown."""
-    from shoal.search.run_folder import RUN_FILE, read_run
+def _stored(spec: SearchSpec, run_dir: Path, shown: int) -> str:
+    """What is stored, in words: a one-space run's trials as its storage holds them (the display may lag one
+    behind), a hybrid run's each stage's; where a storage cannot be read, the count shown."""
+    if spec.space != "hybrid":
+        return f"{max(shown, _count(run_dir) or 0)} of {spec.budget} trials are stored"
+    ps, dfs = _count(run_dir / "ps"), _count(run_dir / "dfs")
+    if ps is None:
+        return f"{shown} trials of the current stage are stored"
+    return (f"{ps} of {spec.budget} trials of the PS stage and {dfs or 0} of {spec.dfs.budget or spec.budget} of the "
+            "DFS stage are stored")
+
+
+def _count(run_dir: Path) -> int | None:
+    """Trials stored for a one-space run (a stage's, a tournament's last search's); None where none can be read."""
+    from shoal.search.run_folder import RUN_FILE, read_run, study_storage
     from shoal.search.trials import open_study, stored_trials
 
     try:
         record = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else None
-        if record is None or record.storage is None or record.study is None:
-            return shown
-        return max(shown, len(stored_trials(open_study(record.storage, spec.search_hash(), record.study))))
+        storage = None if record is None else study_storage(run_dir, record)
+        if record is None or storage is None or record.study is None:
+            return None
+        return len(stored_trials(open_study(storage, record.search_hash, record.study)))
     except (ShoalError, OSError, ValueError, KeyError):
-        return shown
+        return None
 
 
 @app.command()
