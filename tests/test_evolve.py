@@ -78,6 +78,10 @@ def test_rerunning_a_finished_run_reads_its_summary(zoo, tmp_path) -> None:
     steps.clear()
     assert evolve(search.model_copy(update={"budget": 6}), run, **say).trials == 6
     assert "evaluated 1" in steps and len(_trials(run)) == 6
+    notes: list[str] = []
+    assert evolve(search, run, notice=notes.append).trials == 5  # a lower budget: its first 5 trials, said so
+    assert notes == [f"{run} holds 6 trials; this budget reads the first 5 of them (the best model and summary are "
+                     "of those; a larger --budget reads the rest)"]
     dev = task / "dev.jsonl"
     dev.write_text("".join(dev.read_text().splitlines(keepends=True)[:-1]))  # a dev item fewer
     with pytest.raises(ShoalError, match="task xx-math has changed since this run started"):
@@ -238,8 +242,14 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     record = json.loads((moved / "run.json").read_text())
     assert record["ps_best_trial"] == ps["best"]["trial"]
     (moved / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
-    with pytest.raises(ShoalError, match="stored DFS trials were scored over #99"):
-        evolve(search.model_copy(update={"budget": 7}), moved)  # as if a larger PS budget had found another best
+    notes: list[str] = []  # as if a larger PS budget had found another best: the DFS stage is searched again
+    raised = evolve(search.model_copy(update={"budget": 7}), moved, notice=notes.append)
+    again = json.loads((moved / "ps" / "summary.json").read_text())["best"]["trial"]
+    assert notes == [f"the PS stage's best trial is now #{again}, and the DFS trials stored were scored over #99: they "
+                     f"are moved to {moved / 'dfs-over-ps-99'}, and the DFS stage starts again over #{again}"]
+    assert len(json.loads((moved / "dfs-over-ps-99" / "run.json").read_text())["sessions"]) == 1
+    assert raised.stages["ps"].trials == 7 and raised.stages["dfs"].trials == 5
+    assert json.loads((moved / "run.json").read_text())["ps_best_trial"] == again
 
 
 def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:

@@ -139,3 +139,18 @@ def test_a_task_recorded_without_a_digest_is_compared_from_then_on() -> None:
     run_folder.check_tasks(spec, record, {"t": "a", "u": "b"})
     with pytest.raises(ShoalError, match="task t has changed since this run started"):
         run_folder.check_tasks(spec, record, {"t": "c", "u": "b"})
+
+
+def test_a_run_whose_journal_is_gone_is_refused_rather_than_searched_again(zoo, run_cli, tmp_path) -> None:
+    search, run = _search(zoo, tmp_path), tmp_path / "run"
+    code, _, err = run_cli("evolve", search, run, "--threads", 1)
+    assert code == 0, err
+    (run / "study.log").rename(tmp_path / "study.log")
+    code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 3)
+    one_error_line(code, err, f"{run / 'study.log'} is missing, but run.json records 1 session(s) of this search",
+                   f"restore it, or delete {run / 'run.json'} to start the search again")
+    assert not (run / "study.log").exists()
+    (tmp_path / "study.log").rename(run / "study.log")  # restored: the search goes on from its 2 trials
+    code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 3)
+    assert code == 0, err
+    assert _trials(run) == 3

@@ -31,7 +31,7 @@ from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
-from shoal.search.trials import STUDY_NAME, Trial, first_trials, open_study
+from shoal.search.trials import STUDY_NAME, Trial, first_trials, open_study, stored_trials
 
 
 OnStep = Callable[[str], None]
@@ -133,6 +133,8 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
         digests = task_digests(tasks)
         run_folder.check_tasks(spec, earlier, digests)
+        if own:
+            run_folder.check_journal(spec, run_dir, earlier)
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
         if mended:
             options.notice(mended)
@@ -228,6 +230,10 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
         evaluator.close()
         run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
     trials = first_trials(study, within_budget)
+    held = len(stored_trials(study))
+    if held > len(trials):
+        options.notice(f"{run_dir} holds {held} trials; this budget reads the first {len(trials)} of them (the best "
+                       "model and summary are of those; a larger --budget reads the rest)")
     space = space or make_space(spec)
     selection = _select(spec, space, tasks, trials, fitness, options.on_step)
     return Searched(spec, run_dir, record, space, tasks, trials, selection, optimizer.population, start)
@@ -335,7 +341,7 @@ def _evolve_hybrid(
         "budget": spec.dfs.budget or spec.budget,
         "pool": None,
     }).naming(ps_best, f"trial {ps.best.trial}{_of_subset(ps)} of the PS stage {ps_spec.search_hash()}")
-    run_folder.pin_ps_trial(record, run_dir, ps.best.trial)
+    run_folder.pin_ps_trial(record, run_dir, ps.best.trial, notice)
     on_step("hybrid stage 2/2: data-flow space over the PS result")
     dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
                  study=stage_study("dfs"), workers=workers, ray_address=ray_address)

@@ -135,6 +135,17 @@ def check_tasks(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str, 
         _check_digests(earlier.task_digests, digests)
 
 
+def check_journal(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None) -> None:
+    """Refuse to go on with a run of spec whose own journal is gone: a new one would score every trial again,
+    silently, where the earlier sessions' trials may only have been moved."""
+    journal = Path(default_storage(run_dir))
+    if (earlier is not None and earlier.search_hash == spec.search_hash() and earlier.default_storage
+            and earlier.sessions and not journal.exists()):
+        raise ShoalError(f"{journal} is missing, but run.json records {len(earlier.sessions)} session(s) of this "
+                         f"search that stored their trials there: restore it, or delete {run_dir / RUN_FILE} to start "
+                         "the search again")
+
+
 def _check_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
     if recorded is None:
         return
@@ -262,15 +273,16 @@ def open_pool(spec: SearchSpec, run_dir: Path, subsets: list[str], notice: Notic
     return record
 
 
-def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int) -> None:
-    """Note in a hybrid's run.json which PS trial is parent A of the DFS stage; refuse a DFS stage folder whose
-    trials were scored over another (after a raised budget found a new best)."""
-    if (run_dir / "dfs" / RUN_FILE).is_file() and record.ps_best_trial not in (None, trial):
-        raise ShoalError(
-            f"the PS stage's best trial is now #{trial}, but the stored DFS trials were scored over "
-            f"#{record.ps_best_trial} (was the budget raised?); move {run_dir / 'dfs'} away to search DFS over the "
-            "new one"
-        )
+def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int, notice: Notice) -> None:
+    """Note in a hybrid's run.json which PS trial is parent A of the DFS stage. A DFS stage folder whose trials were
+    scored over another (a raised budget found a new PS best) is moved aside, saying so, for a new DFS stage."""
+    stage = run_dir / "dfs"
+    if (stage / RUN_FILE).is_file() and record.ps_best_trial not in (None, trial):
+        aside = next(folder for n in range(1, 1000) if not (folder := run_dir / (
+            f"dfs-over-ps-{record.ps_best_trial}" + (f"-{n}" if n > 1 else ""))).exists())
+        stage.rename(aside)
+        notice(f"the PS stage's best trial is now #{trial}, and the DFS trials stored were scored over "
+               f"#{record.ps_best_trial}: they are moved to {aside}, and the DFS stage starts again over #{trial}")
     record.ps_best_trial = trial
     record.write(run_dir)
 
