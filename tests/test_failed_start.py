@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
 from pathlib import Path
 
 import optuna
 import pytest
 from conftest import one_error_line, zoo_search
 
+from shoal.checkpoint.digest import WINDOW_BYTES, model_digest, sampled_digest
 from shoal.folder_lock import lock_file
 from shoal.search import run_folder
 from shoal.errors import ShoalError
@@ -154,3 +157,47 @@ def test_a_run_whose_journal_is_gone_is_refused_rather_than_searched_again(zoo, 
     code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 3)
     assert code == 0, err
     assert _trials(run) == 3
+
+
+def test_a_run_whose_parent_changed_is_refused_and_goes_on_once_it_is_restored(zoo, run_cli, tmp_path) -> None:
+    math = shutil.copytree(zoo.parents["math"], tmp_path / "math")
+    search = _search(zoo, tmp_path, parents={"math": str(math), "language": str(zoo.parents["language"])})
+    run = tmp_path / "run"
+    code, _, err = run_cli("evolve", search, run, "--threads", 1)
+    assert code == 0, err
+    [weights] = math.glob("*.safetensors")
+    kept = weights.read_bytes()
+    shutil.copyfile(next(zoo.joint.glob("*.safetensors")), weights)  # another fine-tune of the same shapes
+    code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 4)
+    one_error_line(code, err, "parents.math has changed since this run started (its config.json or weights)",
+                   "restore it, or use a new RUN_DIR")
+    assert _trials(run) == 2
+    weights.write_bytes(kept)  # the same bytes, written anew: the same model
+    code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 4)
+    assert code == 0, err
+    assert _trials(run) == 4 and set(json.loads((run / "run.json").read_text())["parent_digests"]) == {
+        "base", "parents.math", "parents.language"}
+
+
+def test_a_sampled_digest_reads_windows_of_a_file_and_a_hub_blob_by_its_name(tmp_path) -> None:
+    data = bytearray(os.urandom(64 * WINDOW_BYTES))
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(data)
+    first = sampled_digest(file)
+    data[4 * WINDOW_BYTES] ^= 1  # the start of the 2nd of 16 windows (one each 4 x 64 KiB)
+    file.write_bytes(data)
+    assert sampled_digest(file) != first
+    data[4 * WINDOW_BYTES] ^= 1
+    data[5 * WINDOW_BYTES] ^= 1  # between windows: a change a sample does not see
+    file.write_bytes(data)
+    assert sampled_digest(file) == first
+    blob = tmp_path / "blobs" / ("ab" * 32)
+    blob.parent.mkdir()
+    blob.write_bytes(b"x")
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "model.safetensors").symlink_to(blob)
+    assert sampled_digest(tmp_path / "snapshot" / "model.safetensors") == f"blob:{'ab' * 32}"
+    (tmp_path / "config.json").write_text("{}")
+    folder = model_digest(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    assert model_digest(tmp_path) != folder

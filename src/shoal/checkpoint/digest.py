@@ -1,4 +1,4 @@
-"""Content digests of the files of a model folder, each file read at most once per process."""
+"""Content digests of the files of a model folder: whole (each file read at most once per process), or sampled."""
 
 from __future__ import annotations
 
@@ -38,4 +38,34 @@ def files_digest(folder: Path, names: Iterable[str]) -> str:
     digest = hashlib.sha256()
     for name in sorted(set(names)):
         digest.update(f"{name}\0{file_digest(folder / name)}\n".encode())
+    return digest.hexdigest()
+
+
+WINDOWS, WINDOW_BYTES = 16, 1 << 16
+"""A sampled digest reads this many windows of this many bytes, spread evenly over a file."""
+
+
+def sampled_digest(path: Path) -> str:
+    """A file's digest from its size and WINDOWS windows of WINDOW_BYTES spread over it (1 MiB whatever the
+    size): the name of the Hugging Face cache blob it links to where it is one (free and whole), else what tells a
+    replaced file, or one of another size, at once; a change confined to a few small regions may not show."""
+    real = path.resolve()
+    if real.parent.name == "blobs" and _BLOB.match(real.name):
+        return f"blob:{real.name}"
+    size = real.stat().st_size
+    digest = hashlib.sha256(f"{size}\n".encode())
+    with open(real, "rb") as handle:
+        for offset in sorted({size * i // WINDOWS for i in range(WINDOWS)}):
+            handle.seek(offset)
+            digest.update(handle.read(WINDOW_BYTES))
+    return f"sampled:{digest.hexdigest()}"
+
+
+def model_digest(folder: Path) -> str:
+    """One digest of what a model folder's weights and architecture are: config.json whole, each weights file
+    sampled (sampled_digest)."""
+    config = folder / "config.json"  # a folder without one is refused by whatever opens it
+    digest = hashlib.sha256(f"config.json\0{file_digest(config) if config.is_file() else 'absent'}\n".encode())
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(f"{weights.name}\0{sampled_digest(weights)}\n".encode())
     return digest.hexdigest()

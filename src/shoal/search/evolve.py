@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import torch
 
+from shoal.checkpoint.digest import model_digest
+from shoal.checkpoint.reader import resolve_model
 from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.folder_lock import folder_lock
@@ -68,7 +70,7 @@ def evolve(
     if run_dir.exists() and not run_dir.is_dir():
         raise ShoalError(f"{run_dir} is a file; give a folder (new, or a run's) for RUN_DIR")
     check_device(spec.device, "the search file's device:")
-    done = run_folder.finished_summary(spec, run_dir, lambda: task_digests(load_tasks(spec)))
+    done = run_folder.finished_summary(spec, run_dir, lambda: (task_digests(load_tasks(spec)), model_digests(spec)))
     if done is not None:
         on_step(f"{run_dir} holds this search, finished at this budget and selection: its summary is as written then "
                 "(raise the budget to search on)")
@@ -139,6 +141,8 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         if mended:
             options.notice(mended)
         options.on_step("loading parents")
+        models = model_digests(spec)
+        run_folder.check_parents(spec, earlier, models)
         # workers hold their own; this process needs one at the end
         space = None if parallel else make_space(spec, options.on_step)
         if parallel and spec.space == "ps":
@@ -147,13 +151,20 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         fitness = None if space is None else search_fitness(spec, space, tasks)
         # nothing is recorded before its study opens, so a search refused so far leaves the folder as it was
         record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice,
-                                     digests)
+                                     digests, models)
         return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
 
 
 def task_digests(tasks: list[WeightedTask]) -> dict[str, str]:
     """Each task's digest by its name."""
     return {t.task.name: t.task.digest() for t in tasks}
+
+
+def model_digests(spec: SearchSpec) -> dict[str, str]:
+    """Each model the search reads by its key in the search file (base, parents.NAME): its model_digest (a Hub id's
+    by the names of its cached blobs; a LoRA adapter's by the model it makes, shoal.checkpoint.lora)."""
+    refs = {"base": spec.base} | {f"parents.{name}": ref for name, ref in spec.parents.items()}
+    return {key: model_digest(resolve_model(ref)) for key, ref in refs.items()}
 
 
 def refusals(spec: SearchSpec, options: SearchOptions, own: bool) -> list[WeightedTask]:

@@ -55,6 +55,9 @@ class RunRecord(BaseModel):
     task_digests: dict[str, str] | None = None
     """One space: each task's digest (its digest()) when the run started; a later session whose task differs is
     refused (its stored trials were scored on the old one)."""
+    parent_digests: dict[str, str] | None = None
+    """One space: each model's digest (checkpoint.digest.model_digest) when the run started, by its key in the search
+    file (base, parents.NAME); a later session whose model differs is refused, as for a task."""
     sessions: list[Session] = []
     stages: list[str] | None = None
     """Hybrid: the stage folders, in the order they run; pool: every subset's folder."""
@@ -135,6 +138,20 @@ def check_tasks(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str, 
         _check_digests(earlier.task_digests, digests)
 
 
+def check_parents(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str, str]) -> None:
+    """Refuse to go on with a run whose models (base, parents) changed since it started, as check_tasks does for its
+    tasks: a local folder's files replaced, or a Hub id without a revision whose cached snapshot moved on."""
+    if earlier is not None and earlier.search_hash == spec.search_hash():
+        _check_models(earlier.parent_digests, digests)
+
+
+def _check_models(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
+    changed = sorted(key for key in recorded or {} if digests.get(key, recorded[key]) != recorded[key])
+    if changed:
+        raise ShoalError(f"{changed[0]} has changed since this run started (its config.json or weights), and the "
+                         "run's stored trials were scored with it as it was: restore it, or use a new RUN_DIR")
+
+
 def check_journal(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None) -> None:
     """Refuse to go on with a run of spec whose own journal is gone: a new one would score every trial again,
     silently, where the earlier sessions' trials may only have been moved."""
@@ -157,10 +174,12 @@ def _check_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> 
                          "stored trials were scored on it as it was: restore it, or use a new RUN_DIR")
 
 
-def finished_summary(spec: SearchSpec, run_dir: Path, digests: Callable[[], dict[str, str]]) -> Summary | None:
+def finished_summary(spec: SearchSpec, run_dir: Path, digests: Callable[[], tuple[dict[str, str], dict[str, str]]]
+                     ) -> Summary | None:
     """The summary of run_dir when it is a finished run of spec that ended at the budgets and selection spec gives
     (another session would only write best/ and score test again); None otherwise, or where the summary cannot be
-    read. digests: the tasks' digests now, asked for only then; a task changed since is refused (check_tasks)."""
+    read. digests: the tasks' and the models' digests now, asked for only then; a task or model changed since is
+    refused (check_tasks, check_parents; not a hybrid DFS stage's parent A, the PS result)."""
     if not ((run_dir / RUN_FILE).is_file() and (run_dir / SUMMARY_FILE).is_file() and (run_dir / BEST_DIR).is_dir()):
         return None
     try:
@@ -178,9 +197,10 @@ def finished_summary(spec: SearchSpec, run_dir: Path, digests: Callable[[], dict
     if (summary.budget, summary.budget_items, summary.budget_tokens, selection) != (
             budget, spec.budget_items, spec.budget_tokens, (spec.select.top, spec.select.on)):
         return None
-    now = digests()
+    tasks, models = digests()
     for r in [record, *stages]:
-        _check_digests(r.task_digests, now)
+        _check_digests(r.task_digests, tasks)
+        _check_models(r.parent_digests, models)
     return summary
 
 
@@ -228,7 +248,8 @@ def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> 
 
 
 def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage: str | None, study: str,
-             notice: Notice, digests: dict[str, str] | None = None) -> RunRecord:
+             notice: Notice, digests: dict[str, str] | None = None, parent_digests: dict[str, str] | None = None
+             ) -> RunRecord:
     """The record of a one-space run (earlier: `earlier_run`'s), made or taken over, with a new session started. The
     caller writes it once its study has opened, so that a start refused for its storage (a bad URL, another
     search's study) leaves the folder as it was, and then at once, so that the session counts even if the process
@@ -243,6 +264,7 @@ def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage
         study=earlier.study if earlier else study,
         search=spec.model_dump(),
         task_digests=digests,
+        parent_digests=parent_digests,
         sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
     )
     return record
