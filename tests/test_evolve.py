@@ -242,6 +242,8 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     record = json.loads((moved / "run.json").read_text())
     assert record["ps_best_trial"] == ps["best"]["trial"]
     (moved / "run.json").write_text(json.dumps(record | {"ps_best_trial": 99}))
+    stage = json.loads((moved / "dfs" / "run.json").read_text())  # its search names the PS trial its A is
+    (moved / "dfs" / "run.json").write_text(json.dumps(stage | {"search_hash": "over trial 99"}))
     notes: list[str] = []  # as if a larger PS budget had found another best: the DFS stage is searched again
     raised = evolve(search.model_copy(update={"budget": 7}), moved, notice=notes.append)
     again = json.loads((moved / "ps" / "summary.json").read_text())["best"]["trial"]
@@ -250,6 +252,10 @@ def test_hybrid_runs_ps_then_dfs_over_the_ps_result(zoo, tmp_path) -> None:
     assert len(json.loads((moved / "dfs-over-ps-99" / "run.json").read_text())["sessions"]) == 1
     assert raised.stages["ps"].trials == 7 and raised.stages["dfs"].trials == 5
     assert json.loads((moved / "run.json").read_text())["ps_best_trial"] == again
+    notes.clear()  # another selection: the PS stage writes its best again, and the DFS stage over it goes on
+    evolve(search.model_copy(update={"budget": 7, "select": SelectSpec(top=2)}), moved, notice=notes.append)
+    assert notes == [] and sorted(p.name for p in moved.iterdir() if p.name.startswith("dfs")) == ["dfs", "dfs-over-ps-99"]
+    assert "parents.ps" not in json.loads((moved / "dfs" / "run.json").read_text())["parent_digests"]
 
 
 def test_the_study_opens_in_optuna_dashboard(zoo, tmp_path) -> None:

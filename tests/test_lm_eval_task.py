@@ -86,6 +86,8 @@ def test_an_lm_eval_task_digest_follows_its_include_files_and_lm_eval(setup, tmp
     assert before.startswith(f"lm_eval {version('lm_eval')} ")
     (include / "__pycache__").mkdir()
     (include / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"compiled")
+    (include / ".git").mkdir()  # include is a checkout: `git status` rewrites its index
+    (include / ".git" / "index").write_bytes(b"index")
     assert task.digest() == before
     yaml_file = include / "zoo_own.yaml"
     yaml_file.write_text(yaml_file.read_text().replace("max_gen_toks: 12", "max_gen_toks: 13"))

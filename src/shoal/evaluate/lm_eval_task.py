@@ -33,8 +33,8 @@ class LmEvalTask:
 
     def digest(self) -> str:
         """One digest of what the task's scores depend on beside what the search file names: lm-eval's version and
-        every file under include (the task's YAML, its utils, data kept there); not a dataset in the datasets
-        cache."""
+        every file under include (the task's YAML, its utils, data kept there; not hidden ones, such as .git, nor
+        __pycache__); not a dataset in the datasets cache."""
         from importlib.metadata import PackageNotFoundError, version
 
         from shoal.checkpoint.digest import files_digest
@@ -44,8 +44,8 @@ class LmEvalTask:
         except PackageNotFoundError:
             raise ShoalError("lm-eval tasks need lm-evaluation-harness: pip install lm_eval") from None
         root = Path(self.include) if self.include is not None else None
-        files = [] if root is None else [str(f.relative_to(root)) for f in root.rglob("*")
-                                         if f.is_file() and "__pycache__" not in f.parts]
+        files = [] if root is None else [str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() and not any(
+            part.startswith(".") or part == "__pycache__" for part in f.relative_to(root).parts)]
         return f"lm_eval {lm_eval} " + (files_digest(root, files) if root is not None else "registry")
 
     def _task_dict(self, split: str) -> Any:

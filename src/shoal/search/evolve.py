@@ -103,6 +103,8 @@ class SearchOptions:
     study: str = STUDY_NAME
     workers: int = 1
     ray_address: str | None = None
+    budget_notice: bool = True
+    """Say when the folder holds more trials than the budget reads (a tournament's rounds do so on purpose)."""
 
 
 @dataclass
@@ -162,9 +164,11 @@ def task_digests(tasks: list[WeightedTask]) -> dict[str, str]:
 
 def model_digests(spec: SearchSpec) -> dict[str, str]:
     """Each model the search reads by its key in the search file (base, parents.NAME): its model_digest (a Hub id's
-    by the names of its cached blobs; a LoRA adapter's by the model it makes, shoal.checkpoint.lora)."""
+    by the names of its cached blobs; a LoRA adapter's by the model it makes, shoal.checkpoint.lora). Not an earlier
+    stage's result (a hybrid's PS best, written again when that stage ends again, in bits that may differ with the
+    threads or device): the search hash pins it by trial."""
     refs = {"base": spec.base} | {f"parents.{name}": ref for name, ref in spec.parents.items()}
-    return {key: model_digest(resolve_model(ref)) for key, ref in refs.items()}
+    return {key: model_digest(resolve_model(ref)) for key, ref in refs.items() if not spec.is_stage_result(ref)}
 
 
 def refusals(spec: SearchSpec, options: SearchOptions, own: bool) -> list[WeightedTask]:
@@ -242,7 +246,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
         run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
     trials = first_trials(study, within_budget)
     held = len(stored_trials(study))
-    if held > len(trials):
+    if options.budget_notice and held > len(trials) == spec.budget:
         options.notice(f"{run_dir} holds {held} trials; this budget reads the first {len(trials)} of them (the best "
                        "model and summary are of those; a larger --budget reads the rest)")
     space = space or make_space(spec)
@@ -352,7 +356,7 @@ def _evolve_hybrid(
         "budget": spec.dfs.budget or spec.budget,
         "pool": None,
     }).naming(ps_best, f"trial {ps.best.trial}{_of_subset(ps)} of the PS stage {ps_spec.search_hash()}")
-    run_folder.pin_ps_trial(record, run_dir, ps.best.trial, notice)
+    run_folder.pin_ps_trial(record, run_dir, ps.best.trial, dfs_spec.search_hash(), notice)
     on_step("hybrid stage 2/2: data-flow space over the PS result")
     dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
                  study=stage_study("dfs"), workers=workers, ray_address=ray_address)

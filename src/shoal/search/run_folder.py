@@ -186,7 +186,7 @@ def finished_summary(spec: SearchSpec, run_dir: Path, digests: Callable[[], tupl
         record = read_run(run_dir)
         stages = [read_run(run_dir / s) for s in record.stages or []]
         summary = read_summary(run_dir)
-    except ShoalError:
+    except (ShoalError, OSError):  # e.g. a hybrid's DFS stage moved aside, and its new one not started
         return None
     ended = [record] if record.sessions else stages  # a hybrid's sessions are its stages'
     if record.search_hash != spec.search_hash() or not ended or not all(r.sessions and r.sessions[-1].finished
@@ -295,16 +295,24 @@ def open_pool(spec: SearchSpec, run_dir: Path, subsets: list[str], notice: Notic
     return record
 
 
-def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int, notice: Notice) -> None:
-    """Note in a hybrid's run.json which PS trial is parent A of the DFS stage. A DFS stage folder whose trials were
-    scored over another (a raised budget found a new PS best) is moved aside, saying so, for a new DFS stage."""
+def pin_ps_trial(record: RunRecord, run_dir: Path, trial: int, dfs_hash: str, notice: Notice) -> None:
+    """Note in a hybrid's run.json which PS trial is parent A of the DFS stage (whose search is dfs_hash). A DFS
+    stage folder holding trials scored over another PS result (a raised budget found a new PS best) is moved aside,
+    saying so, for a new DFS stage; refused where its study lives in a storage the user named (the new stage's
+    would be the same study)."""
     stage = run_dir / "dfs"
-    if (stage / RUN_FILE).is_file() and record.ps_best_trial not in (None, trial):
+    earlier = read_run(stage) if (stage / RUN_FILE).is_file() else None
+    if earlier is not None and earlier.search_hash != dfs_hash and _holds_trials(stage, earlier):
+        over = f"#{record.ps_best_trial}" if record.ps_best_trial is not None else "an earlier PS result"
+        if not earlier.default_storage:
+            raise ShoalError(f"the PS stage's best trial is now #{trial}, but the stored DFS trials were scored over "
+                             f"{over}, in the storage you named ({earlier.storage}); use a new RUN_DIR and storage to "
+                             "search DFS over the new one")
         aside = next(folder for n in range(1, 1000) if not (folder := run_dir / (
             f"dfs-over-ps-{record.ps_best_trial}" + (f"-{n}" if n > 1 else ""))).exists())
         stage.rename(aside)
-        notice(f"the PS stage's best trial is now #{trial}, and the DFS trials stored were scored over "
-               f"#{record.ps_best_trial}: they are moved to {aside}, and the DFS stage starts again over #{trial}")
+        notice(f"the PS stage's best trial is now #{trial}, and the DFS trials stored were scored over {over}: they "
+               f"are moved to {aside}, and the DFS stage starts again over #{trial}")
     record.ps_best_trial = trial
     record.write(run_dir)
 

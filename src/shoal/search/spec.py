@@ -262,6 +262,8 @@ class SearchSpec(Strict):
     engine takes, default 0.4; enforce_eager). Model, tokenizer, dtype and seed come from the search."""
     _written: dict[str, str] = PrivateAttr(default_factory=dict)
     """Resolved local path -> how the search names it (as written in the file, or a stage's result)."""
+    _results: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    """The local paths that are an earlier stage's result (naming): pinned by name in the hash, not by content."""
 
     @field_validator("method")
     @classmethod
@@ -386,7 +388,12 @@ class SearchSpec(Strict):
         """This search, with the local folder `path` fingerprinted as `name` (e.g. the result of an earlier stage)."""
         named = self.model_copy()
         named._written = self._written | {path: name}
+        named._results = self._results | {path}
         return named
+
+    def is_stage_result(self, path: str) -> bool:
+        """Whether `path` is an earlier stage's result (see naming): what it holds is pinned by its name."""
+        return path in self._results
 
     def search_hash(self) -> str:
         """Fingerprint of what the user set that decides the trajectory: settings left at their defaults are not

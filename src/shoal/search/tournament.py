@@ -183,7 +183,7 @@ class _Tournament:
             on_trial(Progress(done=offset + max(p.done, held), budget=self.spec.budget, best=p.best,
                               evaluated=p.evaluated, items=p.items, tokens=p.tokens))
 
-        options = replace(self.options, on_trial=overall, study=f"{self.options.study}-{label}")
+        options = replace(self.options, on_trial=overall, study=f"{self.options.study}-{label}", budget_notice=False)
         folder = self.run_dir / run_folder.SUBSETS_DIR / label
         try:
             return search_once(subset_spec(self.spec, subset, trials), folder, options, finish)
