@@ -23,12 +23,17 @@ def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
     return digest.hexdigest()
 
 
+def _blob(real: Path) -> str | None:
+    """The digest of a resolved file that is a Hugging Face cache blob: its name (the Hub's hash of its content)."""
+    return f"blob:{real.name}" if real.parent.name == "blobs" and _BLOB.match(real.name) else None
+
+
 def file_digest(path: Path) -> str:
     """A file's content digest: the name of the Hugging Face cache blob it links to (the Hub's hash of its content,
     free), else the SHA-256 of its bytes."""
     real = path.resolve()
-    if real.parent.name == "blobs" and _BLOB.match(real.name):
-        return f"blob:{real.name}"
+    if blob := _blob(real):
+        return blob
     stat = real.stat()
     return f"sha256:{_sha256(str(real), stat.st_size, stat.st_mtime_ns, stat.st_ino)}"
 
@@ -50,8 +55,8 @@ def sampled_digest(path: Path) -> str:
     size): the name of the Hugging Face cache blob it links to where it is one (free and whole), else what tells a
     replaced file, or one of another size, at once; a change confined to a few small regions may not show."""
     real = path.resolve()
-    if real.parent.name == "blobs" and _BLOB.match(real.name):
-        return f"blob:{real.name}"
+    if blob := _blob(real):
+        return blob
     size = real.stat().st_size
     digest = hashlib.sha256(f"{size}\n".encode())
     with open(real, "rb") as handle:

@@ -200,7 +200,8 @@ def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterat
     """Yield a temporary folder beside out_dir that becomes out_dir only if the block finishes.
 
     An error, Ctrl-C or kill leaves out_dir as it was (absent, or the old folder when overwriting; only a model
-    folder is replaced, see check_replaceable). out_dir's lock is held throughout: a second process writing the same out_dir at once is refused, before it writes anything.
+    folder is replaced, see check_replaceable). out_dir's lock is held throughout: a second process writing the
+    same out_dir at once is refused, before it writes anything.
     """
     out_dir = Path(out_dir).resolve()
     with folder_lock(out_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -34,12 +35,6 @@ def trial_bar() -> Bar:
         TimeElapsedColumn(),
         TextColumn("{task.fields[left]}"),
     )
-
-
-def _clock(seconds: float) -> str:
-    """H:MM:SS, as rich's time columns write it."""
-    whole = round(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def run_evolve(
@@ -86,7 +81,7 @@ def run_evolve(
         minutes = (time.perf_counter() - shown.get("since", time.perf_counter())) / 60
         per_minute = (p.evaluated - 1) / minutes if p.evaluated > 1 and minutes > 0 else None
         rate = f"{per_minute:.0f}" if per_minute else "-"
-        left = _clock((p.budget - p.done) / per_minute * 60) if per_minute else "-:--:--"
+        left = str(timedelta(seconds=round((p.budget - p.done) / per_minute * 60))) if per_minute else "-:--:--"
         best = f"{p.best:.4f}" if p.best is not None else "-"
         items = f"{p.items:,}" + (f" of {spec.budget_items:,}" if spec.budget_items else "")
         progress.update(task, completed=p.done, total=p.budget, best=best, rate=rate, items=items, left=left)

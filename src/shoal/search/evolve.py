@@ -245,8 +245,8 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
         evaluator.close()
         run_folder.note_session(run_dir, record, time.perf_counter() - start, finished=False)
     trials = first_trials(study, within_budget)
-    held = len(stored_trials(study))
-    if options.budget_notice and held > len(trials) == spec.budget:
+    held = len(stored_trials(study)) if options.budget_notice and len(trials) == spec.budget else 0
+    if held > len(trials):  # read again only where the trial budget may have left some out
         options.notice(f"{run_dir} holds {held} trials; this budget reads the first {len(trials)} of them (the best "
                        "model and summary are of those; a larger --budget reads the rest)")
     space = space or make_space(spec)

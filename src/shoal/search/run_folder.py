@@ -146,10 +146,16 @@ def check_parents(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str
 
 
 def _check_models(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
-    changed = sorted(key for key in recorded or {} if digests.get(key, recorded[key]) != recorded[key])
+    changed = _changed(recorded, digests)
     if changed:
-        raise ShoalError(f"{changed[0]} has changed since this run started (its config.json or weights), and the "
+        raise ShoalError(f"{changed} has changed since this run started (its config.json or weights), and the "
                          "run's stored trials were scored with it as it was: restore it, or use a new RUN_DIR")
+
+
+def _changed(recorded: dict[str, str] | None, digests: dict[str, str]) -> str | None:
+    """The first name recorded (None: a run from before digests were kept) whose digest is not the one now. A name
+    not recorded is not compared: it is kept from then on (an lm-eval task from before shoal kept theirs)."""
+    return min((name for name in recorded or {} if digests.get(name) != recorded[name]), default=None)
 
 
 def check_journal(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None) -> None:
@@ -164,12 +170,9 @@ def check_journal(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None) ->
 
 
 def _check_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
-    if recorded is None:
-        return
-    changed = sorted(name for name in recorded if digests.get(name) != recorded[name])  # a task recorded without
-    # one (an lm-eval task, before shoal kept theirs) is not compared: it is kept from then on
+    changed = _changed(recorded, digests)
     if changed:
-        raise ShoalError(f"task {changed[0]} has changed since this run started (its task.yaml, a split or a picture "
+        raise ShoalError(f"task {changed} has changed since this run started (its task.yaml, a split or a picture "
                          "it names; an lm-eval task's files under include, or lm-eval's version), and the run's "
                          "stored trials were scored on it as it was: restore it, or use a new RUN_DIR")
 
