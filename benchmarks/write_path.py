@@ -58,8 +58,12 @@ def plain(path: Path, data: memoryview) -> None:
 
 
 def in_pieces(file: shard_file.ShardFile, data: memoryview) -> None:
-    for first in range(0, len(data), PIECE):
-        file.write(data[first:first + PIECE])
+    try:
+        for first in range(0, len(data), PIECE):
+            file.write(data[first:first + PIECE])
+    except BaseException:
+        file.abort()
+        raise
     file.close()
 
 
@@ -115,7 +119,7 @@ def shards(folder: Path, rounds: int, keep: bool) -> None:
             start = time.perf_counter()
             try:
                 write(path)
-            except OSError as error:  # O_DIRECT on a file system without it (tmpfs)
+            except OSError as error:  # O_DIRECT on a file system without it (tmpfs before Linux 6.6)
                 print(f"{name}: {error}; skipped")
                 path.unlink(missing_ok=True)
                 continue

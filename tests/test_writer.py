@@ -83,6 +83,8 @@ def test_a_tensor_larger_than_the_stage_and_an_empty_one(tmp_path, monkeypatch) 
 def test_a_file_system_that_refuses_o_direct_is_written_through_the_cache(tmp_path, monkeypatch, refusal) -> None:
     """Some refuse the flag at open (tmpfs before Linux 6.6), some only at the first write; both get the same
     files, through the cache, and every shard after the first is opened that way without trying again."""
+    if refusal == "write" and not _takes_direct(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT at open already")
     real_open, tried = os.open, []
 
     def refusing_open(path, flags, *args):
@@ -105,23 +107,86 @@ def test_a_file_system_that_refuses_o_direct_is_written_through_the_cache(tmp_pa
     assert all(torch.equal(t, read[n]) for n, t in TENSORS.items())
 
 
-def test_a_full_disk_names_the_shard(tmp_path, monkeypatch) -> None:
-    """os.pwrite's error names no file; the writer's does, for the message the CLI prints."""
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("full_at", ["a full stage", "the last block"])
+def test_a_full_disk_names_the_shard_and_closes_it(tmp_path, monkeypatch, full_at) -> None:
+    """os.pwrite's error names no file; the writer's does, for the message the CLI prints. A shard refused at its
+    last, padded block (written as it closes) is closed all the same."""
     if not _takes_direct(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     real_pwrite = os.pwrite
+    stage = 2 * shard_file.BLOCK if full_at == "a full stage" else 64 * shard_file.BLOCK  # > a shard: one put, at close
 
     def full(fd, data, offset):
         if offset > 0 or len(data) > shard_file.BLOCK:  # the probe's block goes in
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(shard_file, "STAGE_BYTES", 2 * shard_file.BLOCK)
+    monkeypatch.setattr(shard_file, "STAGE_BYTES", stage)
     monkeypatch.setattr(shard_file.os, "pwrite", full)
+    (tmp_path / "out").mkdir()
+    before = _open_fds()
+    writer = ModelFolderWriter(tmp_path / "out", [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in TENSORS.items()],
+                               max_shard_bytes=20_000)
     with pytest.raises(OSError) as raised:
-        _write(tmp_path / "out")
+        try:
+            for name, tensor in TENSORS.items():
+                writer.write(name, tensor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     assert raised.value.errno == errno.ENOSPC
     assert raised.value.filename == str(tmp_path / "out" / "model-00001-of-00003.safetensors")
+    assert _open_fds() == before
+
+
+def test_a_short_write_goes_on_from_its_last_whole_block(tmp_path, monkeypatch) -> None:
+    """A write that stops inside a block (a file system may) is taken up again at that block's start, so every write
+    stays aligned; the shards are as whole writes make them."""
+    if not _takes_direct(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    real_pwrite, writes = os.pwrite, []
+
+    def short(fd, data, offset):  # two blocks written, reported as stopping 100 bytes into the second
+        writes.append((offset, len(data)))
+        if len(data) < 2 * shard_file.BLOCK:
+            return real_pwrite(fd, data, offset)
+        return real_pwrite(fd, data[:2 * shard_file.BLOCK], offset) - 100
+
+    monkeypatch.setattr(shard_file, "STAGE_BYTES", 4 * shard_file.BLOCK)
+    monkeypatch.setattr(shard_file.os, "pwrite", short)
+    writer = _write(tmp_path / "out")
+    assert all(offset % shard_file.BLOCK == 0 and count % shard_file.BLOCK == 0 for offset, count in writes)
+    assert any(count < 4 * shard_file.BLOCK and offset % (4 * shard_file.BLOCK) for offset, count in writes)
+    read = _read(tmp_path / "out", writer)
+    assert all(torch.equal(t, read[n]) for n, t in TENSORS.items())
+
+
+def test_a_full_disk_through_the_cache_names_the_shard(tmp_path, monkeypatch) -> None:
+    """Through the cache too, and closing the file (which flushes what the disk refused again) does not replace
+    the named error with a nameless one."""
+    _cached_only(monkeypatch)
+    path = tmp_path / "shard"
+    file = shard_file.CachedFile(path)
+    real = file._file
+
+    class Full:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    file._file = Full()
+    file.write(memoryview(b"x" * 100))
+    with pytest.raises(OSError) as raised:
+        file.close()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert real.closed
 
 
 def test_cached_shards_are_handed_over_a_step_at_a_time_once_they_are_in_the_file(tmp_path, monkeypatch) -> None:

@@ -5,14 +5,15 @@ either way; going through the page cache adds a copy into pages the kernel must 
 that hands freed memory back to its host, finding them is the slow part: on the 2-core test machine a 1.1 GB shard
 took 3.0-3.9 s written through the cache into pages not used since the run began, 0.42-0.44 s into pages just
 freed, and 0.63-0.74 s with O_DIRECT in either case (benchmarks/write_path.py). So a shard is written with O_DIRECT,
-from one page-aligned staging buffer, where the file system takes it; and through the cache otherwise (tmpfs,
-macOS), handing each WRITEBACK_STEP to the disk as it goes. The price: a reader right after (`shoal eval` of the
+from one page-aligned staging buffer, where the file system takes it; and through the cache otherwise (tmpfs
+before Linux 6.6, macOS), handing each WRITEBACK_STEP to the disk as it goes. The price: a reader right after (`shoal eval` of the
 output, the next document of a multi-document recipe) reads it from disk, not from the cache: 1.7-2.4 s for that
 shard there, against 0.13 s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -66,8 +67,9 @@ class Stage:
         self.view = memoryview(self._map)
 
     def release(self) -> None:
-        self.view.release()
-        self._map.close()
+        with contextlib.suppress(BufferError):  # a write still holds it (a second Ctrl-C): the collector closes it
+            self.view.release()
+            self._map.close()
 
 
 class DirectFile:
@@ -89,10 +91,15 @@ class DirectFile:
                 self._put(self._filled)
 
     def _put(self, count: int) -> None:
+        """Write the stage's first count bytes (a multiple of BLOCK) at the file's offset; a short write goes on
+        from the last whole block it wrote, so every write stays aligned."""
         done = 0
         try:
             while done < count:
-                done += os.pwrite(self._fd, self._stage[done:count], self._offset + done)
+                wrote = os.pwrite(self._fd, self._stage[done:count], self._offset + done)
+                if wrote < BLOCK:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += wrote - wrote % BLOCK
         except OSError as error:
             raise _named(error, self.path) from None
         self._offset += count
@@ -100,11 +107,11 @@ class DirectFile:
 
     def close(self) -> None:
         size = self._offset + self._filled
-        if self._filled:
-            padded = -(-self._filled // BLOCK) * BLOCK
-            self._stage[self._filled:padded] = bytes(padded - self._filled)
-            self._put(padded)
         try:
+            if self._filled:
+                padded = -(-self._filled // BLOCK) * BLOCK
+                self._stage[self._filled:padded] = bytes(padded - self._filled)
+                self._put(padded)
             os.ftruncate(self._fd, size)
             os.fsync(self._fd)
         except OSError as error:
@@ -143,10 +150,11 @@ class CachedFile:
         except OSError as error:
             raise _named(error, self.path) from None
         finally:
-            self._file.close()
+            self.abort()
 
     def abort(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # closing flushes what a full disk refused again: the first error counts
+            self._file.close()
 
 
 def open_direct(path: Path, stage: Stage) -> DirectFile | None:

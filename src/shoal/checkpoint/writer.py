@@ -94,7 +94,7 @@ class ModelFolderWriter:
         self._file: ShardFile | None = None
         self._file_index = -1
         self._stage: Stage | None = Stage()
-        self.direct = True  # until a file system refuses O_DIRECT
+        self.direct = True  # until a file system refuses O_DIRECT (known once the first shard is opened)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._order):
