@@ -104,7 +104,7 @@ def test_a_subset_is_drawn_afresh_per_generation_and_again_alike() -> None:
 
 
 def test_fitness_subset_needs_its_size() -> None:
-    base = "base: b\nparents: {a: a}\ntasks: [{path: t}]\n"
+    base = "base: org/b\nparents: {a: org/a}\ntasks: [{path: t}]\n"
     with pytest.raises(ShoalError, match="items"):
         parse_search(base + "fitness: {mode: subset}\n", "s.yaml", Path("."))
     with pytest.raises(ShoalError, match="items"):
@@ -118,7 +118,7 @@ def test_fitness_subset_needs_its_size() -> None:
 
 def test_select_on_takes_the_key_as_written_unquoted() -> None:
     """YAML 1.1 reads an unquoted `on` key as true; the README writes `select: {top: 5, on: dev}`."""
-    base = "base: b\nparents: {a: a}\ntasks: [{path: t}]\n"
+    base = "base: org/b\nparents: {a: org/a}\ntasks: [{path: t}]\n"
     for written in ("select: {top: 2, on: dev}\n", "select: {top: 2, 'on': dev}\n", "select:\n  top: 2\n  on: dev\n"):
         select = parse_search(base + written, "s.yaml", Path(".")).select
         assert (select.top, select.on) == (2, "dev"), written

@@ -89,6 +89,11 @@ def test_della_epsilon_that_leaves_zero_one(run_cli, parents, tmp_path, density,
     expect_error(run_cli, tmp_path, recipe, f"epsilon for tensor model.embed_tokens.weight is {epsilon}", "(0, 1)")
 
 
+def test_unknown_dtype_gives_the_line(run_cli, tmp_path):
+    text = "merge_method: linear\nmodels:\n  - model: a\nout_dtype: float8\n"
+    expect_error(run_cli, tmp_path, text, "recipe.yaml:4: out_dtype: unknown dtype 'float8' (known: float32, fp32")
+
+
 def test_malformed_yaml_gives_the_line(run_cli, tmp_path):
     text = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [1, 2}\n"
     expect_error(run_cli, tmp_path, text, "malformed YAML", "recipe.yaml:4")

@@ -199,6 +199,8 @@ def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> 
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudgett: 3\n",
          "search.yaml:4: budgett: not a known key (known: base, parents, space, method, genome, dfs, bounds, tasks, "
          "budget, budget_items"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ngenomes:\n  layers_per_group: 1\n",  # the key's line, not its value's
+         "search.yaml:4: genomes: not a known key"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t, wieght: 2}]\n",
          "search.yaml:3: tasks.0.wieght: not a known key (known: path, lm_eval, weight)"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ngenome:\n  layers_per_grup: 1\n",
@@ -216,6 +218,7 @@ def test_a_parent_left_out_merges_as_if_it_were_not_there(parents, tmp_path) -> 
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\n\npool: {subset: 2}\n", "search.yaml:5: pool: subset (2) must"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndfs:\n  scale_bounds: [0, 2]\n", "search.yaml:5: dfs: scale_bounds"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nspace: flow\n", "search.yaml:4: space: Input should be"),
+        ("base: b\nparents: {m: x}\ntasks: [{path: t}]\ndtype: fp8\n", "search.yaml:4: dtype: unknown dtype 'fp8'"),
         ("base: b\nparents: {m: x}\ntasks: [{path: t}]\nbudget: 12\nbudget: 13\n",
          "search.yaml:5: 'budget' is given twice in one mapping (first on line 4; YAML would keep this one "
          "silently); keep one"),
@@ -266,7 +269,7 @@ def test_both_sides_of_model_plus_adapter_resolve_against_the_search_file(tmp_pa
 
 
 def test_a_journal_file_named_in_the_search_file_is_relative_to_it(tmp_path: Path) -> None:
-    text = "base: b\nparents: {m: m}\ntasks: [{path: t}]\nstorage: runs/shared.log\n"
+    text = "base: org/b\nparents: {m: org/m}\ntasks: [{path: t}]\nstorage: runs/shared.log\n"
     assert parse_search(text, "s", tmp_path).storage == str(tmp_path / "runs" / "shared.log")
     url = "postgresql://u@host/db"
     assert parse_search(text.replace("runs/shared.log", url), "s", tmp_path).storage == url
@@ -275,6 +278,19 @@ def test_a_journal_file_named_in_the_search_file_is_relative_to_it(tmp_path: Pat
 def test_cli_reports_a_missing_search_file(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli("evolve", tmp_path / "nope.yaml", tmp_path / "run")
     assert code == 2 and "search file" in err and "not found" in err
+
+
+def test_cli_reports_a_missing_parent_with_its_line_before_loading(run_cli, parents, tmp_path: Path) -> None:
+    """A parent found nowhere that cannot be a Hub id is named with its search file's line before any model loads;
+    a MODEL+ADAPTER string's missing adapter too. (A Hub id is looked for when the parents load.)"""
+    search = tmp_path / "search.yaml"
+    for written, missing in (("../nope", "../nope"), (f"{parents['a']}+./no-adapter", "./no-adapter")):
+        search.write_text(f"base: {parents['base']}\nparents:\n  a: {parents['a']}\n  b: {written}\n"
+                          "tasks: [{path: t}]\n")
+        code, out, err = run_cli("evolve", search, tmp_path / "run")
+        assert code == 2
+        assert f"search.yaml:4: parents.b: model '{missing}' not found: no such folder (looked for from {tmp_path})" in err
+        assert "loading parents" not in out + err and not (tmp_path / "run").exists()
 
 
 def test_the_data_flow_settings_do_not_change_a_parameter_space_search() -> None:

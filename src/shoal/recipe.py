@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -118,6 +119,25 @@ class TokenizerSection(BaseModel):
     pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+"""The dtypes a recipe may name, as mergekit names them."""
+
+
+def known_dtype(name: str | None) -> str | None:
+    """name, where it is one of DTYPES (a field validator's check: the error gets the file and line)."""
+    if name is not None and name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
+    return name
+
+
 class Recipe(BaseModel):
     """A mergekit-format recipe. `seed` (shoal's addition, ignored by mergekit) fixes every random draw."""
 
@@ -138,6 +158,8 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     """auto, a built-in template's name (shoal.merge.chat_template.BUILT_IN) or Jinja text."""
     seed: int = 0
+
+    _known_dtypes = field_validator("dtype", "out_dtype")(known_dtype)
 
     @property
     def method(self) -> MergeMethod:

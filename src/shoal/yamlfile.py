@@ -120,7 +120,8 @@ def validate(model: type[Model], data: Any, node: yaml.Node | None, source: str,
         if named:  # a check across keys whose message starts with the key it is about: that key's line
             raise ShoalError(f"{source}:{line_of(node, named)}: {message}") from exc
         path = ".".join(str(p) for p in loc) or "document"
-        raise ShoalError(f"{source}:{line_of(node, loc)}: {path}: {message}") from exc
+        line = line_of(node, loc, of_key=err["type"] == "extra_forbidden")
+        raise ShoalError(f"{source}:{line}: {path}: {message}") from exc
 
 
 def _named_key(message: str, data: dict[str, Any]) -> tuple[str, ...] | None:
@@ -155,15 +156,18 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
     return ", ".join(field.alias or name for name, field in current.model_fields.items())
 
 
-def line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """The line of the value at loc (e.g. a pydantic error location), or of its deepest existing parent."""
+def line_of(node: yaml.Node | None, loc: tuple[Any, ...], *, of_key: bool = False) -> int | None:
+    """The line of the value at loc (e.g. a pydantic error location), or of its deepest existing parent; of_key: of
+    loc's last key instead (an unknown key, whose value may start on a later line)."""
     line = node.start_mark.line + 1 if node is not None else None
-    for key in loc:
+    for depth, key in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
-            match = [v for k, v in node.value if k.value == key]
+            match = [(k, v) for k, v in node.value if k.value == key]
             if not match:
                 break
-            node = match[0]
+            if of_key and depth == len(loc) - 1:
+                return match[0][0].start_mark.line + 1
+            node = match[0][1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
         else:

@@ -22,17 +22,8 @@ from shoal.checkpoint.reader import Checkpoint
 from shoal.checkpoint.writer import DTYPE_TAGS, TensorSpec
 from shoal.errors import ShoalError
 from shoal.merge.vocab import RowAlignment, Vocabulary, missing_source
-from shoal.recipe import ModelEntry, Module, Parameters, Recipe, Slice, SliceSource, resolve
+from shoal.recipe import DTYPES, ModelEntry, Module, Parameters, Recipe, Slice, SliceSource, resolve
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float64": torch.float64,
-}
 DTYPE_OF_TAG = {tag: dtype for dtype, tag in DTYPE_TAGS.items()}  # safetensors tag -> torch dtype
 
 

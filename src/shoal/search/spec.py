@@ -24,6 +24,8 @@ from shoal import devices, yamlfile
 from shoal.errors import ShoalError, ShoalWarning
 from shoal.merge.memory import MemoryPlan
 from shoal.merge.registry import METHODS
+from shoal.checkpoint.reference import parse_reference
+from shoal.recipe import known_dtype
 from shoal.search.storage import is_journal
 
 SEARCH_GENES: dict[str, tuple[str, ...]] = {
@@ -233,6 +235,7 @@ class SearchSpec(Strict):
     seed: int = 0
     dtype: str | None = None
     """The merge's working dtype (default: the parents'); the resident model runs in it."""
+    _known_dtype = field_validator("dtype")(known_dtype)
     storage: str | None = None
     """Optuna storage URL, or the path of an Optuna journal file (relative to the search file); default
     RUN_DIR/study.log."""
@@ -425,7 +428,7 @@ def _renamed(value: object, names: dict[str, str]) -> object:
 
 def parse_search(text: str, source: str, root: Path) -> SearchSpec:
     """Parse and validate a search file; relative paths are made absolute against root."""
-    spec, _ = yamlfile.validated(
+    spec, node = yamlfile.validated(
         SearchSpec, text, source, "a search file is a YAML mapping with at least base, parents and tasks"
     )
     written: dict[str, str] = {}
@@ -443,7 +446,22 @@ def parse_search(text: str, source: str, root: Path) -> SearchSpec:
         }
     )
     located._written = written
+    for loc, ref in [(("base",), located.base), *((("parents", n), p) for n, p in located.parents.items())]:
+        _check_found(ref, f"{source}:{yamlfile.line_of(node, loc)}: {'.'.join(loc)}", root)
     return located
+
+
+def _check_found(ref: str, where: str, root: Path) -> None:
+    """Refuse, before anything loads, a model string that names a folder found nowhere and cannot be a Hub id
+    (`./a`, `../models/x`, `a/b/c`); a Hub id is looked for when the parents load."""
+    try:
+        reference = parse_reference(ref)
+    except ShoalError as error:
+        raise ShoalError(f"{where}: {error}") from None
+    for place in (reference.model, reference.lora):
+        if place is not None and not place.is_hub_id and not Path(place.path).expanduser().exists():
+            raise ShoalError(f"{where}: model {place.path!r} not found: no such folder (looked for from "
+                             f"{root.resolve()}), and it is not a Hub id of the form 'org/name'")
 
 
 def _located(path: str, root: Path, written: dict[str, str], what: str) -> str:
