@@ -7,7 +7,7 @@
   O_DIRECT through a staging buffer (shard_file.DirectFile, skipped where the file system refuses it); and how long
   the shard then takes to read back. Each shard is removed once read back, so the next one written through the
   cache takes the pages it freed; with --keep every shard stays until the end, so each takes pages not used since the
-  run began (on a virtual machine that returns freed memory to its host, the slow case).
+  run began (on a virtual machine whose host takes back free memory, the slow case).
 
     python benchmarks/write_path.py [--repeats 2000] [--rounds 3] [--keep] [--folder /tmp/shoal-bench/write-path]
 """

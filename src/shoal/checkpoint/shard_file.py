@@ -2,7 +2,7 @@
 
 A merge writes its output once and syncs it (a finished folder survives a crash), so the disk's time is paid
 either way; going through the page cache adds a copy into pages the kernel must first find. On a virtual machine
-that hands freed memory back to its host, finding them is the slow part: on the 2-core test machine a 1.1 GB shard
+whose host takes back free memory, finding them is the slow part: on the 2-core test machine a 1.1 GB shard
 took 3.0-3.9 s written through the cache into pages not used since the run began, 0.42-0.44 s into pages just
 freed, and 0.63-0.74 s with O_DIRECT in either case (benchmarks/write_path.py). So a shard is written with O_DIRECT,
 from one page-aligned staging buffer, where the file system takes it; and through the cache otherwise (tmpfs
