@@ -175,8 +175,10 @@ def test_finished_run_writes_both_plots_and_the_test_table(run_cli, tmp_path):
 
     md = (report / "report.md").read_text()
     assert "xx-math" in md and "dare_ties" in md
-    for name, value in {**SUMMARY["parents"], **SUMMARY["untuned"]}.items():
-        assert f"{name} | – | {value:.4f} |" in md
+    for name, value in SUMMARY["parents"].items():
+        assert f"| parent: {name} | – | {value:.4f} |" in md
+    assert "| untuned merge: ties | – | 0.0500 |" in md and "| untuned merge: linear | – | 0.1800 |" in md
+    assert "| search's start (every gene mid-range) | – | 0.2000 |" in md and "untuned merge: start" not in md
     assert "evolved (best dev trial #3)** | **0.4100** | **0.3800** |" in md
     best_parent = max(SUMMARY["parents"].items(), key=lambda kv: kv[1])
     best_untuned = max(SUMMARY["untuned"].items(), key=lambda kv: kv[1])
@@ -476,8 +478,10 @@ def test_hybrid_run_writes_both_stage_reports_and_a_combined_one(run_cli, tmp_pa
 
     md = (top / "report.md").read_text()
     assert "# shoal evolve report: xx-math · dare_ties · hybrid" in md
-    for name, value in {**SUMMARY["parents"], **SUMMARY["untuned"]}.items():
-        assert f"{name} | – | {value:.4f} |" in md
+    for name, value in SUMMARY["parents"].items():
+        assert f"| parent: {name} | – | {value:.4f} |" in md
+    assert "| untuned merge: ties | – | 0.0500 |" in md and "| untuned merge: linear | – | 0.1800 |" in md
+    assert "| search's start (every gene mid-range) | – | 0.2000 |" in md and "untuned merge: start" not in md
     assert "| PS stage best (trial #3) | 0.4100 | 0.3800 |" in md
     assert "| **hybrid (PS then DFS) best (trial #5)** | **0.5000** | **0.5200** |" in md
     assert f"over the best parent (base, 0.1500): **{FINAL_TEST - 0.15:+.4f}** on test" in md

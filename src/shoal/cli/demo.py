@@ -52,13 +52,15 @@ def demo_search(
 
 
 def results_table(summary: Summary, joint: float | None = None) -> Table:
+    from shoal.search.summary import untuned_label
+
     table = Table(title=escape(f"test split of {summary.target}") + " (the evolved model is the best dev trial)")
     table.add_column("model")
     table.add_column("test", justify="right")
     for name, score in summary.parents.items():
         table.add_row(f"parent: {escape(name)}", f"{100 * score:.1f}")
     for name, score in summary.untuned.items():
-        table.add_row(f"untuned merge: {escape(name)}", f"{100 * score:.1f}")
+        table.add_row(escape(untuned_label(name)), f"{100 * score:.1f}")
     if joint is not None:
         table.add_row("fine-tune of the base on both parents' data (joint)", f"{100 * joint:.1f}")
     for name, stage in (summary.stages or {}).items():

@@ -15,6 +15,7 @@ from shoal.recipe import Recipe
 from shoal.search.fitness import WeightedTask, scores, weighted
 from shoal.search.spaces import Space
 from shoal.search.spec import SearchSpec
+from shoal.search.summary import START
 
 
 @dataclass
@@ -77,7 +78,7 @@ def score_on_test(spec: SearchSpec, space: Space, tasks: list[WeightedTask], bes
             parents[name] = _merged_score(shell, spec, tasks)
     untuned = {name: _merged_score(raw, spec, tasks) for name, raw in untuned_recipes(spec).items()}
     start = space.build(space.genome.values(space.genome.start()), spec.seed)
-    untuned["start"] = weighted(tasks, scores(start, space.tokenizer, tasks, split, batch))
+    untuned[START] = weighted(tasks, scores(start, space.tokenizer, tasks, split, batch))
     return FinalScores(best, parents, untuned)
 
 

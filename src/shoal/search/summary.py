@@ -108,6 +108,15 @@ class PoolResult(_Record):
     rounds: list[PoolRound]
 
 
+def untuned_label(name: str) -> str:
+    """How a report names an entry of Summary.untuned: a method's merge at common settings, or the search's start."""
+    return "search's start (every gene mid-range)" if name == START else f"untuned merge: {name}"
+
+
+START = "start"
+"""Summary.untuned's key for the search's start."""
+
+
 class Summary(_Record):
     """A finished run: its best trial, the test scores it is compared with, and what the search cost."""
 
