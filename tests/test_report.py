@@ -407,6 +407,7 @@ def test_dfs_run_draws_its_path_and_lists_it_in_one_line(run_cli, tmp_path):
     assert f"\n{PATH_LINE}\n" in md
     assert "](path.png)" in md and "](fitness.png)" in md
     assert "evolved (best dev trial #4)** | **0.4500** | **0.4000** |" in md
+    assert "| search's start (parent A's layers, scales at 1) | – | 0.2000 |" in md  # DFS starts on A's own path
 
 
 def test_dfs_run_with_an_empty_or_long_path_still_draws_it(tmp_path):
@@ -481,7 +482,7 @@ def test_hybrid_run_writes_both_stage_reports_and_a_combined_one(run_cli, tmp_pa
     for name, value in SUMMARY["parents"].items():
         assert f"| parent: {name} | – | {value:.4f} |" in md
     assert "| untuned merge: ties | – | 0.0500 |" in md and "| untuned merge: linear | – | 0.1800 |" in md
-    assert "| search's start (every gene mid-range) | – | 0.2000 |" in md and "untuned merge: start" not in md
+    assert "| search's start (its PS stage's: every gene mid-range) | – | 0.2000 |" in md and "untuned merge: start" not in md
     assert "| PS stage best (trial #3) | 0.4100 | 0.3800 |" in md
     assert "| **hybrid (PS then DFS) best (trial #5)** | **0.5000** | **0.5200** |" in md
     assert f"over the best parent (base, 0.1500): **{FINAL_TEST - 0.15:+.4f}** on test" in md

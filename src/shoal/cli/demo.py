@@ -60,7 +60,7 @@ def results_table(summary: Summary, joint: float | None = None) -> Table:
     for name, score in summary.parents.items():
         table.add_row(f"parent: {escape(name)}", f"{100 * score:.1f}")
     for name, score in summary.untuned.items():
-        table.add_row(escape(untuned_label(name)), f"{100 * score:.1f}")
+        table.add_row(escape(untuned_label(name, summary.space)), f"{100 * score:.1f}")
     if joint is not None:
         table.add_row("fine-tune of the base on both parents' data (joint)", f"{100 * joint:.1f}")
     for name, stage in (summary.stages or {}).items():

@@ -80,7 +80,7 @@ def _finished(s: Summary) -> list[str]:
     evolved = f"evolved (best dev trial #{s.best.trial})"
     lines = ["## Test split", "", "| model | dev | test |", "|:--|--:|--:|"]
     lines += [f"| parent: {_cell(name)} | – | {score(v)} |" for name, v in s.parents.items()]
-    lines += [f"| {_cell(untuned_label(name))} | – | {score(v)} |" for name, v in s.untuned.items()]
+    lines += [f"| {_cell(untuned_label(name, s.space))} | – | {score(v)} |" for name, v in s.untuned.items()]
     lines += [f"| **{evolved}** | **{score(s.best.dev)}** | **{score(s.best.test)}** |", ""]
     for what, best in (("the best parent", best_of(s.parents)), ("the best untuned merge", best_of(s.untuned))):
         if best is None:
@@ -243,7 +243,7 @@ def _hybrid_test_table(hybrid: HybridRun, s: Summary) -> list[str]:
     final = _final_label(names) + f" (trial #{s.best.trial})"
     lines = ["## Test split", "", "| model | dev | test |", "|:--|--:|--:|"]
     lines += [f"| parent: {_cell(name)} | – | {score(v)} |" for name, v in s.parents.items()]
-    lines += [f"| {_cell(untuned_label(name))} | – | {score(v)} |" for name, v in s.untuned.items()]
+    lines += [f"| {_cell(untuned_label(name, s.space))} | – | {score(v)} |" for name, v in s.untuned.items()]
     earlier = []
     for stage in hybrid.stages[:-1]:
         dev, test, _, best = _stage_result(hybrid, stage)

@@ -108,13 +108,16 @@ class PoolResult(_Record):
     rounds: list[PoolRound]
 
 
-def untuned_label(name: str) -> str:
-    """How a report names an entry of Summary.untuned: a method's merge at common settings, or the search's start."""
-    return "search's start (every gene mid-range)" if name == START else f"untuned merge: {name}"
-
-
 START = "start"
 """Summary.untuned's key for the search's start."""
+STARTS = {"ps": "every gene mid-range", "dfs": "parent A's layers, scales at 1",
+          "hybrid": "its PS stage's: every gene mid-range"}
+
+
+def untuned_label(name: str, space: str) -> str:
+    """How a report names an entry of Summary.untuned: a method's merge at common settings, or the search's start
+    (the genome's start: space's entry of STARTS)."""
+    return f"search's start ({STARTS[space]})" if name == START else f"untuned merge: {name}"
 
 
 class Summary(_Record):
