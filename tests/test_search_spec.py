@@ -289,8 +289,12 @@ def test_cli_reports_a_missing_parent_with_its_line_before_loading(run_cli, pare
                           "tasks: [{path: t}]\n")
         code, out, err = run_cli("evolve", search, tmp_path / "run")
         assert code == 2
-        assert f"search.yaml:4: parents.b: model '{missing}' not found: no such folder (looked for from {tmp_path})" in err
+        assert (f"search.yaml:4: parents.b: model '{missing}' not found: no such folder (looked for from {tmp_path} "
+                "and from the current folder)") in err
         assert "loading parents" not in out + err and not (tmp_path / "run").exists()
+    search.write_text(f"base: {tmp_path / 'gone'}\nparents: {{a: {parents['a']}}}\ntasks: [{{path: t}}]\n")
+    code, _, err = run_cli("evolve", search, tmp_path / "run")  # an absolute path was looked for nowhere else
+    assert code == 2 and f"search.yaml:1: base: model '{tmp_path / 'gone'}' not found: no such folder, and it" in err
 
 
 def test_the_data_flow_settings_do_not_change_a_parameter_space_search() -> None:

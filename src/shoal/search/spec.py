@@ -460,8 +460,10 @@ def _check_found(ref: str, where: str, root: Path) -> None:
         raise ShoalError(f"{where}: {error}") from None
     for place in (reference.model, reference.lora):
         if place is not None and not place.is_hub_id and not Path(place.path).expanduser().exists():
-            raise ShoalError(f"{where}: model {place.path!r} not found: no such folder (looked for from "
-                             f"{root.resolve()}), and it is not a Hub id of the form 'org/name'")
+            relative = not Path(place.path).expanduser().is_absolute()
+            looked = f" (looked for from {root.resolve()} and from the current folder)" if relative else ""
+            raise ShoalError(f"{where}: model {place.path!r} not found: no such folder{looked}, and it is not a Hub "
+                             "id of the form 'org/name'")
 
 
 def _located(path: str, root: Path, written: dict[str, str], what: str) -> str:
