@@ -114,7 +114,7 @@ class ModelFolderWriter:
     def _open_shard(self, shard: int) -> None:
         self._close_file()
         path = self.folder / self.shard_names[shard]
-        opened = open_direct(path, self._stage) if self.direct and self._stage is not None else None
+        opened = open_direct(path, self._stage) if self._stage is not None else None  # None once refused
         if opened is None:
             self.direct = False
             self._release_stage()

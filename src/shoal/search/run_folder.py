@@ -135,17 +135,25 @@ def check_tasks(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str, 
     another dev split, metric or setting would be ranked beside the ones stored. Runs from before digests were kept
     go on."""
     if earlier is not None and earlier.search_hash == spec.search_hash():
-        _check_digests(earlier.task_digests, digests)
+        _check_task_digests(earlier.task_digests, digests)
 
 
 def check_parents(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str, str]) -> None:
     """Refuse to go on with a run whose models (base, parents) changed since it started, as check_tasks does for its
     tasks: a local folder's files replaced, or a Hub id without a revision whose cached snapshot moved on."""
     if earlier is not None and earlier.search_hash == spec.search_hash():
-        _check_models(earlier.parent_digests, digests)
+        _check_model_digests(earlier.parent_digests, digests)
 
 
-def _check_models(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
+def _check_task_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
+    changed = _changed(recorded, digests)
+    if changed:
+        raise ShoalError(f"task {changed} has changed since this run started (its task.yaml, a split or a picture "
+                         "it names; an lm-eval task's files under include, or lm-eval's version), and the run's "
+                         "stored trials were scored on it as it was: restore it, or use a new RUN_DIR")
+
+
+def _check_model_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
     changed = _changed(recorded, digests)
     if changed:
         raise ShoalError(f"{changed} has changed since this run started (its config.json or weights), and the "
@@ -167,14 +175,6 @@ def check_journal(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None) ->
         raise ShoalError(f"{journal} is missing, but run.json records {len(earlier.sessions)} session(s) of this "
                          f"search that stored their trials there: restore it, or delete {run_dir / RUN_FILE} to start "
                          "the search again")
-
-
-def _check_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
-    changed = _changed(recorded, digests)
-    if changed:
-        raise ShoalError(f"task {changed} has changed since this run started (its task.yaml, a split or a picture "
-                         "it names; an lm-eval task's files under include, or lm-eval's version), and the run's "
-                         "stored trials were scored on it as it was: restore it, or use a new RUN_DIR")
 
 
 def finished_summary(spec: SearchSpec, run_dir: Path, digests: Callable[[], tuple[dict[str, str], dict[str, str]]]
@@ -202,8 +202,8 @@ def finished_summary(spec: SearchSpec, run_dir: Path, digests: Callable[[], tupl
         return None
     tasks, models = digests()
     for r in [record, *stages]:
-        _check_digests(r.task_digests, tasks)
-        _check_models(r.parent_digests, models)
+        _check_task_digests(r.task_digests, tasks)
+        _check_model_digests(r.parent_digests, models)
     return summary
 
 

@@ -21,10 +21,10 @@ from pydantic import (
 )
 
 from shoal import devices, yamlfile
+from shoal.checkpoint.reference import parse_reference
 from shoal.errors import ShoalError, ShoalWarning
 from shoal.merge.memory import MemoryPlan
 from shoal.merge.registry import METHODS
-from shoal.checkpoint.reference import parse_reference
 from shoal.recipe import known_dtype
 from shoal.search.storage import is_journal
 
