@@ -130,3 +130,47 @@ def test_transformers_cache_is_where_shoal_merge_finds_hub_ids(mirror, run_cli, 
     assert torch.allclose(read(tmp_path / "m"), (read(parents["a"]) + read(parents["b"])) / 2)
     code, _, err = run_cli("merge", recipe, tmp_path / "elsewhere", "--transformers-cache", tmp_path / "empty")
     one_error_line(code, err, "'shoal-test/a' not found", f"could not provide it into the cache {tmp_path / 'empty'}")
+
+
+def test_a_search_is_pinned_to_its_hub_ids_commits_with_its_hash_as_written(parents, tmp_path):
+    from shoal.search.spec import SearchSpec
+
+    spec = SearchSpec.model_validate({
+        "base": str(parents["base"]), "parents": {"a": "shoal-test/a", "b": f"shoal-test/b@v2+{parents['c']}"},
+        "tasks": [{"path": "unused"}]})
+    pinned = spec.pinned({"shoal-test/a": "0" * 40, "shoal-test/b@v2": "1" * 40})
+    assert pinned.parents == {"a": f"shoal-test/a@{'0' * 40}", "b": f"shoal-test/b@{'1' * 40}+{parents['c']}"}
+    assert pinned.base == str(parents["base"])
+    assert pinned.search_hash() == spec.search_hash()
+    assert pinned.hub_commits == {"shoal-test/a": "0" * 40, "shoal-test/b@v2": "1" * 40}
+    assert spec.pinned({"shoal-test/a": "1" * 40}).search_hash() == spec.search_hash()
+    assert spec.model_copy(update={"parents": pinned.parents}).search_hash() != spec.search_hash()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_run_goes_on_at_the_commits_it_started_with_after_the_branch_moved_on(zoo, run_cli, tmp_path, monkeypatch):
+    import json
+
+    from conftest import zoo_search
+
+    from shoal.search.spec import load_search
+
+    hub = tmp_path / "hub"
+    offline_hub(monkeypatch, hub, {"shoal-test/math": {"main": zoo.parents["math"], "next": zoo.joint}})
+    search = zoo_search(zoo, tmp_path, budget=2, parents={"math": "shoal-test/math",
+                                                          "language": str(zoo.parents["language"])})
+    run = tmp_path / "run"
+    code, _, err = run_cli("evolve", search, run, "--threads", 1)
+    assert code == 0, err
+    record = json.loads((run / "run.json").read_text())
+    assert record["hub_commits"] == {"shoal-test/math": "0" * 40}
+    assert record["search"]["parents"]["math"] == f"shoal-test/math@{'0' * 40}"
+    assert record["search_hash"] == load_search(search).search_hash()
+    (hub / "models--shoal-test--math" / "refs" / "main").write_text("1" * 40)  # main moved on: other weights
+    code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 3)
+    assert code == 0, err  # read at the commit it started with, which its digests match
+    assert len(json.loads((run / "run.json").read_text())["sessions"]) == 2
+    assert json.loads((run / "summary.json").read_text())["trials"] == 3
+    code, _, err = run_cli("evolve", search, tmp_path / "new", "--threads", 1, "--budget", 1)
+    assert code == 0, err  # a new run reads main where it is now
+    assert json.loads((tmp_path / "new" / "run.json").read_text())["hub_commits"] == {"shoal-test/math": "1" * 40}

@@ -57,6 +57,13 @@ def resolve_model(ref: str | Path) -> Path:
     return lora.merged_folder(folder, _folder(reference.lora, str(ref)), str(ref))
 
 
+def hub_commits(ref: str) -> dict[str, str]:
+    """Each Hub id of a model string given at a branch or tag (main by default), as the string gives it
+    (`org/name`, `org/name@v2`), by the commit it is at now (downloaded once into the HF cache, as for reading): what
+    that string reads at that commit, `org/name@COMMIT`, stays the same files when the branch moves on."""
+    return {str(place): _folder(place, ref).name for place in parse_reference(ref).places if place.movable}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where a tensor lives and what it is, from the safetensors header alone."""

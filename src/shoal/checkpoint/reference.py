@@ -9,6 +9,8 @@ from pathlib import Path
 from shoal.errors import ShoalError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+"""A Hub revision that is a commit (its full hash): the one revision whose files cannot change."""
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,11 @@ class Location:
     @property
     def is_hub_id(self) -> bool:
         return not Path(self.path).expanduser().exists() and bool(HUB_ID.match(self.path))
+
+    @property
+    def movable(self) -> bool:
+        """Whether it is a Hub id at a branch or tag (None: main), whose commit can move on."""
+        return self.is_hub_id and not (self.revision is not None and COMMIT.match(self.revision))
 
     def __str__(self) -> str:
         return self.path if self.revision is None else f"{self.path}@{self.revision}"
@@ -35,7 +42,20 @@ class ModelReference:
 
     def hub_ids(self) -> list[str]:
         """The Hub ids it names (model, then adapter), without revisions: what a model card's base_model lists."""
-        return [place.path for place in (self.model, self.lora) if place is not None and place.is_hub_id]
+        return [place.path for place in self.places if place.is_hub_id]
+
+    @property
+    def places(self) -> list[Location]:
+        """The model's location, then the adapter's."""
+        return [self.model] if self.lora is None else [self.model, self.lora]
+
+    def pinned(self, commits: dict[str, str]) -> ModelReference:
+        """This reference with each location that is a key of commits (as str gives it) at that commit."""
+        at = lambda place: Location(place.path, commits[str(place)]) if str(place) in commits else place
+        return ModelReference(at(self.model), self.lora and at(self.lora))
+
+    def __str__(self) -> str:
+        return str(self.model) if self.lora is None else f"{self.model}+{self.lora}"
 
 
 def _location(text: str, ref: str) -> Location:

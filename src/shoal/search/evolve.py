@@ -17,7 +17,8 @@ from typing import TypeVar
 import torch
 
 from shoal.checkpoint.digest import model_digest
-from shoal.checkpoint.reader import resolve_model
+from shoal.checkpoint.reader import hub_commits, resolve_model
+from shoal.checkpoint.reference import parse_reference
 from shoal.devices import check_device
 from shoal.errors import ShoalError
 from shoal.folder_lock import folder_lock
@@ -70,6 +71,7 @@ def evolve(
     if run_dir.exists() and not run_dir.is_dir():
         raise ShoalError(f"{run_dir} is a file; give a folder (new, or a run's) for RUN_DIR")
     check_device(spec.device, "the search file's device:")
+    spec = pinned(spec, run_dir)
     done = run_folder.finished_summary(spec, run_dir, lambda: (task_digests(load_tasks(spec)), model_digests(spec)))
     if done is not None:
         on_step(f"{run_dir} holds this search, finished at this budget and selection: its summary is as written then "
@@ -90,6 +92,21 @@ def evolve(
         return summary
 
     return search_once(spec, run_dir, options, finish)
+
+
+def pinned(spec: SearchSpec, run_dir: Path) -> SearchSpec:
+    """spec with each Hub id it names at a branch (main by default) or tag read at one commit for the whole run: the
+    one run_dir's run.json records for this search (so a run goes on with the files it started with, though the
+    branch has moved on since), else the one the branch is at now (downloaded, as for reading)."""
+    earlier = run_folder.read_run(run_dir) if (run_dir / run_folder.RUN_FILE).is_file() else None
+    kept = (earlier.hub_commits or {}) if earlier is not None and earlier.search_hash == spec.search_hash() else {}
+    commits: dict[str, str] = {}
+    for ref in [spec.base, *spec.parents.values()]:
+        movable = [str(place) for place in parse_reference(ref).places if place.movable]
+        commits |= {place: kept[place] for place in movable if place in kept}
+        if any(place not in kept for place in movable):
+            commits |= {place: commit for place, commit in hub_commits(ref).items() if place not in kept}
+    return spec.pinned(commits) if commits else spec
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ class RunRecord(BaseModel):
     parent_digests: dict[str, str] | None = None
     """One space: each model's digest (checkpoint.digest.model_digest) when the run started, by its key in the search
     file (base, parents.NAME); a later session whose model differs is refused, as for a task."""
+    hub_commits: dict[str, str] | None = None
+    """Each Hub id the search file names at a branch (main by default) or tag, as it names it, by the commit the run
+    read it at when it started: later sessions read that commit, though the branch has moved on since."""
     sessions: list[Session] = []
     stages: list[str] | None = None
     """Hybrid: the stage folders, in the order they run; pool: every subset's folder."""
@@ -268,6 +271,7 @@ def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage
         search=spec.model_dump(),
         task_digests=digests,
         parent_digests=parent_digests,
+        hub_commits=spec.hub_commits or None,
         sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
     )
     return record
@@ -278,7 +282,8 @@ def open_hybrid(spec: SearchSpec, run_dir: Path, stages: list[str], notice: Noti
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = _take_over(run_dir, earlier_run(spec, run_dir), spec, notice)
     record = RunRecord(space="hybrid", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
-                       stages=stages, ps_best_trial=earlier.ps_best_trial if earlier else None)
+                       stages=stages, ps_best_trial=earlier.ps_best_trial if earlier else None,
+                       hub_commits=spec.hub_commits or None)
     record.write(run_dir)
     return record
 
@@ -289,7 +294,7 @@ def open_pool(spec: SearchSpec, run_dir: Path, subsets: list[str], notice: Notic
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = _take_over(run_dir, earlier_run(spec, run_dir), spec, notice)
     record = RunRecord(space="ps", target=target(spec), method=spec.method, search_hash=spec.search_hash(),
-                       search=spec.model_dump(), stages=subsets,
+                       search=spec.model_dump(), stages=subsets, hub_commits=spec.hub_commits or None,
                        sessions=(earlier.sessions if earlier else []) + [Session(seconds=0.0, finished=False)],
                        rounds=earlier.rounds if earlier and earlier.rounds and
                        earlier.select == spec.select.model_dump() else [],

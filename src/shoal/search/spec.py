@@ -267,6 +267,8 @@ class SearchSpec(Strict):
     """Resolved local path -> how the search names it (as written in the file, or a stage's result)."""
     _results: frozenset[str] = PrivateAttr(default_factory=frozenset)
     """The local paths that are an earlier stage's result (naming): pinned by name in the hash, not by content."""
+    _commits: dict[str, str] = PrivateAttr(default_factory=dict)
+    """Hub id as the search file gives it (at a branch or tag, main by default) -> the commit it is read at (pinned)."""
 
     @field_validator("method")
     @classmethod
@@ -393,6 +395,22 @@ class SearchSpec(Strict):
         named._written = self._written | {path: name}
         named._results = self._results | {path}
         return named
+
+    def pinned(self, commits: dict[str, str]) -> SearchSpec:
+        """This search with its models' Hub ids that are keys of commits (`org/name`, `org/name@branch`) read at
+        those commits (`org/name@COMMIT`); its hash stays the one of the ids as the file gives them."""
+        pin = lambda ref: str(parse_reference(ref).pinned(commits))
+        named = self.model_copy(update={"base": pin(self.base),
+                                        "parents": {name: pin(ref) for name, ref in self.parents.items()}})
+        named._written = self._written | {pin(ref): self._written.get(ref, ref)
+                                          for ref in [self.base, *self.parents.values()] if pin(ref) != ref}
+        named._commits = self._commits | commits
+        return named
+
+    @property
+    def hub_commits(self) -> dict[str, str]:
+        """The commits its Hub ids are read at (pinned), by the id as the search file gives it."""
+        return dict(self._commits)
 
     def is_stage_result(self, path: str) -> bool:
         """Whether `path` is an earlier stage's result (see naming): what it holds is pinned by its name."""
