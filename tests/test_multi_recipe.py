@@ -239,6 +239,34 @@ def test_a_folder_shoal_did_not_merge_is_replaced_only_with_overwrite(run_cli, p
     assert not (theirs / "notes.txt").exists() and "merging ab again" in err
 
 
+def test_an_intermediate_shoal_merged_that_lost_its_config_is_merged_again_without_overwrite(run_cli, parents,
+                                                                                               tmp_path):
+    recipe = write_recipe(tmp_path, two_stage(parents))
+    out = tmp_path / "out"
+    assert run_cli("merge", recipe, out)[0] == 0
+    expected = read_tensors(out)
+    ab = tmp_path / "out.intermediate" / "ab"
+    (ab / "config.json").unlink()
+    code, _, err = run_cli("merge", recipe, tmp_path / "again", "-I", tmp_path / "out.intermediate")
+    assert code == 0, err
+    assert f"merging ab again: {ab / 'config.json'} is missing" in err
+    assert (ab / "config.json").is_file()
+    again = read_tensors(tmp_path / "again")
+    assert all(torch.equal(again[k], expected[k]) for k in expected)
+
+
+def test_an_intermediate_folder_of_other_files_is_named_as_such_not_as_out_dir(run_cli, parents, tmp_path):
+    recipe = write_recipe(tmp_path, two_stage(parents))
+    theirs = tmp_path / "mine" / "ab"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("mine")
+    code, _, err = run_cli("merge", recipe, tmp_path / "out", "-I", tmp_path / "mine", "--overwrite")
+    one_error_line(code, err, "('ab'): its intermediate folder", "is not a model folder (no config.json)",
+                   "remove it yourself")
+    assert "OUT_DIR" not in err
+    assert (theirs / "notes.txt").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
 def test_a_merge_of_a_merge_draws_other_random_drops_and_seed_reaches_every_document(run_cli, parents, tmp_path):
     dare = lambda model: {"merge_method": "dare_linear", "base_model": str(parents["base"]), "dtype": "float32",  # noqa: E731
                           "models": [{"model": model, "parameters": {"weight": 1.0, "density": 0.5}}]}

@@ -516,7 +516,10 @@ def test_unfinished_hybrid_reports_the_stages_so_far(tmp_path, dfs, says, stage_
     assert f"**The hybrid run has not finished** (no summary.json yet): {says}." in md
     assert "| ps | finished | 6 | #3 | 0.4100 | 0.3800 | [report.md](../ps/report/report.md) |" in md
     if dfs == "running":
-        assert "| dfs | unfinished | 3 (1 failed, 2 running) | #2 | 0.4400 | – | [report.md](../dfs/report/report.md) |" in md
+        assert "| dfs | unfinished | 3 (1 failed, 2 running) | #2 | 0.4400* | – | [report.md](../dfs/report/report.md) |" in md
+        assert "\\* an unfinished stage's best search fitness so far" in md
+    else:
+        assert "search fitness so far" not in md
     for target in links(md):
         assert (run / "report" / target).resolve().is_file(), target
 

@@ -161,20 +161,20 @@ def remove_stale_temporaries(out_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def check_replaceable(out_dir: Path) -> None:
+def check_replaceable(out_dir: Path, role: str = "OUT_DIR") -> None:
     """Refuse to replace (--overwrite) an existing out_dir that is not a model folder, since replacing removes all of
     it: the current folder or one that holds it, a file, a folder of other files (no config.json; an empty one is
-    taken)."""
+    taken). role: what the folder is to the user, for the message."""
     out = out_dir.resolve()
     if not out.exists():
         return
     if Path.cwd().resolve().is_relative_to(out):
-        raise ShoalError(f"OUT_DIR {out_dir} is the current folder or holds it, and --overwrite would remove it whole; "
+        raise ShoalError(f"{role} {out_dir} is the current folder or holds it, and --overwrite would remove it whole; "
                          "give another folder")
     if not out.is_dir():
-        raise ShoalError(f"OUT_DIR {out_dir} is a file; --overwrite replaces only a model folder")
+        raise ShoalError(f"{role} {out_dir} is a file; --overwrite replaces only a model folder")
     if not (out / "config.json").is_file() and any(out.iterdir()):
-        raise ShoalError(f"OUT_DIR {out_dir} is not a model folder (no config.json), and --overwrite would remove "
+        raise ShoalError(f"{role} {out_dir} is not a model folder (no config.json), and --overwrite would remove "
                          "everything in it; give another folder, or remove it yourself")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -71,11 +72,16 @@ def merge_documents(
         if files is not None:
             notice(f"reused {document.name}: {folder} was merged from the same document and parents and is intact")
         else:
-            if why is not None and not (folder / RECORD).is_file() and not overwrite:
-                raise ShoalError(f"{document}: {why}; shoal replaces only the intermediate merges it made: move it "
-                                 "away, or pass --overwrite to replace it")
+            made_here = (folder / RECORD).is_file()
+            if why is not None and not made_here:
+                if not overwrite:
+                    raise ShoalError(f"{document}: {why}; shoal replaces only the intermediate merges it made: move "
+                                     "it away, or pass --overwrite to replace it")
+                check_replaceable(folder, f"{document}: its intermediate folder")
             if why is not None:
                 notice(f"merging {document.name} again: {why}")
+            if made_here and not (folder / "config.json").is_file():
+                shutil.rmtree(folder)  # shoal's own, of no use without its config; a folder so is no model to replace
             merge(document, folder, None, replace=True)
             files = _write_record(folder, key)
         folders[document.name] = folder

@@ -264,8 +264,10 @@ def _hybrid_test_table(hybrid: HybridRun, s: Summary) -> list[str]:
 def _stage_table(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) -> list[str]:
     lines = ["## Stages", "", "| stage | status | trials | best trial | dev | test | report |",
              "|:--|:--|--:|--:|--:|--:|:--|"]
+    so_far = False
     for stage in hybrid.stages:
         dev, test, trials, best = _stage_result(hybrid, stage)
+        dev_text = score(dev)
         run = stage.run
         if run is not None and run.summary is None:  # running: what the study holds so far
             done = [t for t in run.trials if not t.failed]
@@ -273,14 +275,17 @@ def _stage_table(hybrid: HybridRun, stage_files: Mapping[str, Sequence[str]]) ->
             trials_text = f"{len(run.trials)} ({failed} failed" + (f", {run.running} running)" if run.running else ")")
             if done:
                 top = max(done, key=lambda t: t.value)
-                dev, best = top.value, top.index
+                best, dev_text, so_far = top.index, f"{score(top.value)}*", True
         else:
             trials_text = "–" if trials is None else str(trials)
         files = stage_files.get(stage.name)
         link = f"[report.md]({files[0]})" if files else "–"
         best_text = "–" if best is None else f"#{best}"
-        lines.append(f"| {_cell(stage.name)} | {stage.status} | {trials_text} | {best_text} | {score(dev)} | "
+        lines.append(f"| {_cell(stage.name)} | {stage.status} | {trials_text} | {best_text} | {dev_text} | "
                      f"{score(test)} | {link} |")
+    if so_far:
+        lines += ["", "\\* an unfinished stage's best search fitness so far: with fitness mode subset or race, a "
+                  "score on part of the dev split, not comparable with a finished stage's whole-dev score"]
     return lines + [""]
 
 
