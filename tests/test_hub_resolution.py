@@ -145,6 +145,22 @@ def test_a_search_is_pinned_to_its_hub_ids_commits_with_its_hash_as_written(pare
     assert pinned.hub_commits == {"shoal-test/a": "0" * 40, "shoal-test/b@v2": "1" * 40}
     assert spec.pinned({"shoal-test/a": "1" * 40}).search_hash() == spec.search_hash()
     assert spec.model_copy(update={"parents": pinned.parents}).search_hash() != spec.search_hash()
+    both = SearchSpec.model_validate({"base": "shoal-test/a", "parents": {"a": "shoal-test/a@v2", "b": "org/b"},
+                                      "tasks": [{"path": "unused"}]})  # v2 at main's commit: one string pinned
+    one = both.pinned({"shoal-test/a": "0" * 40, "shoal-test/a@v2": "0" * 40, "org/b": "1" * 40})
+    assert one.base == one.parents["a"] and one.search_hash() == both.search_hash()
+
+
+def test_a_hub_ids_commit_is_found_without_downloading_it(offline_cache):
+    import shutil
+
+    from shoal.checkpoint.reader import hub_commits
+
+    shutil.rmtree(offline_cache.parent)  # the snapshots gone; refs/ remember where main and v2 were
+    assert hub_commits(f"shoal-test/a+shoal-test/a@v2") == {"shoal-test/a": "0" * 40, "shoal-test/a@v2": "1" * 40}
+    assert hub_commits(f"shoal-test/a@{'1' * 40}") == {}
+    with pytest.raises(ShoalError, match="'nobody/nothing' not found: no such folder, and the Hub could not"):
+        hub_commits("nobody/nothing")
 
 
 @pytest.mark.usefixtures("one_torch_thread")

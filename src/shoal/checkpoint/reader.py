@@ -25,7 +25,7 @@ def _folder(place: Location, ref: str) -> Path:
     path = Path(place.path).expanduser()
     if path.is_dir():
         return path
-    what = f"model {ref!r}" if str(place) == ref else f"{place} (in {ref!r})"
+    what = _what(place, ref)
     if path.exists():
         raise ShoalError(f"{what} is a file; give the folder that holds config.json and *.safetensors")
     if not place.is_hub_id:
@@ -38,10 +38,17 @@ def _folder(place: Location, ref: str) -> Path:
         return Path(snapshot_download(place.path, revision=place.revision, allow_patterns=_HUB_FILES,
                                       cache_dir=hub_cache))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        into = f" into the cache {hub_cache}" if hub_cache is not None else ""
-        raise ShoalError(f"{what} not found: no such folder, and the Hub could not provide it{into} ({first})") \
-            from exc
+        raise _not_found(what, exc, hub_cache) from exc
+
+
+def _what(place: Location, ref: str) -> str:
+    return f"model {ref!r}" if str(place) == ref else f"{place} (in {ref!r})"
+
+
+def _not_found(what: str, exc: Exception, hub_cache: Path | None) -> ShoalError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    into = f" into the cache {hub_cache}" if hub_cache is not None else ""
+    return ShoalError(f"{what} not found: no such folder, and the Hub could not provide it{into} ({first})")
 
 
 def resolve_model(ref: str | Path) -> Path:
@@ -59,9 +66,20 @@ def resolve_model(ref: str | Path) -> Path:
 
 def hub_commits(ref: str) -> dict[str, str]:
     """Each Hub id of a model string given at a branch or tag (main by default), as the string gives it
-    (`org/name`, `org/name@v2`), by the commit it is at now (downloaded once into the HF cache, as for reading): what
-    that string reads at that commit, `org/name@COMMIT`, stays the same files when the branch moves on."""
-    return {str(place): _folder(place, ref).name for place in parse_reference(ref).places if place.movable}
+    (`org/name`, `org/name@v2`), by the commit it is at now: the Hub's answer, else (offline) the one the HF cache
+    last saw. Nothing is downloaded. `org/name@COMMIT` reads the same files after the branch moves on."""
+    return {str(place): _commit(place, ref) for place in parse_reference(ref).places if place.movable}
+
+
+def _commit(place: Location, ref: str) -> str:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RevisionResolutionError
+
+    hub_cache = storage().hub_cache
+    try:
+        return HfApi().resolve_revision(place.path, revision=place.revision, cache_dir=hub_cache).resolved
+    except (HfHubHTTPError, RevisionResolutionError, OSError, ValueError) as exc:
+        raise _not_found(_what(place, ref), exc, hub_cache) from exc
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from shoal.checkpoint.reader import resolve_model
 from shoal.checkpoint.reference import parse_reference
 from shoal.checkpoint.writer import check_replaceable
 from shoal.errors import ShoalError
+from shoal.folder_lock import folder_lock
 from shoal.merge import engine
 from shoal.recipe_documents import Document, with_folders
 
@@ -81,7 +82,8 @@ def merge_documents(
             if why is not None:
                 notice(f"merging {document.name} again: {why}")
             if made_here and not (folder / "config.json").is_file():
-                shutil.rmtree(folder)  # shoal's own, of no use without its config; a folder so is no model to replace
+                with folder_lock(folder):  # shoal's own, of no use without its config, and no model to replace
+                    shutil.rmtree(folder)
             merge(document, folder, None, replace=True)
             files = _write_record(folder, key)
         folders[document.name] = folder

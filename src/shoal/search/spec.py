@@ -269,6 +269,8 @@ class SearchSpec(Strict):
     """The local paths that are an earlier stage's result (naming): pinned by name in the hash, not by content."""
     _commits: dict[str, str] = PrivateAttr(default_factory=dict)
     """Hub id as the search file gives it (at a branch or tag, main by default) -> the commit it is read at (pinned)."""
+    _unpinned: dict[str, str] = PrivateAttr(default_factory=dict)
+    """base, or a parent's name -> its model string as the search file gives it, where pinned changed it."""
 
     @field_validator("method")
     @classmethod
@@ -402,8 +404,8 @@ class SearchSpec(Strict):
         pin = lambda ref: str(parse_reference(ref).pinned(commits))
         named = self.model_copy(update={"base": pin(self.base),
                                         "parents": {name: pin(ref) for name, ref in self.parents.items()}})
-        named._written = self._written | {pin(ref): self._written.get(ref, ref)
-                                          for ref in [self.base, *self.parents.values()] if pin(ref) != ref}
+        given = {"base": self.base} | {f"parents.{name}": ref for name, ref in self.parents.items()}
+        named._unpinned = {key: ref for key, ref in given.items() if pin(ref) != ref} | self._unpinned
         named._commits = self._commits | commits
         return named
 
@@ -427,7 +429,14 @@ class SearchSpec(Strict):
                                        "batch_size": True, "device": True, "overlap": True, "memory": True, "engine": True, "vllm": True,
                                        "select": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
-        kept = _renamed(self.model_dump(exclude=excluded, exclude_defaults=True), self._written)
+        kept = self.model_dump(exclude=excluded, exclude_defaults=True)
+        for key, ref in self._unpinned.items():  # by key: two strings may be pinned to one
+            field, _, name = key.partition(".")
+            if not name:
+                kept[field] = ref
+            elif name in kept[field]:
+                kept[field][name] = ref
+        kept = _renamed(kept, self._written)
         if METHODS[self.method].random:
             kept["draws"] = DRAWS
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
