@@ -164,7 +164,9 @@ def test_a_hub_ids_commit_is_found_without_downloading_it(offline_cache):
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_a_run_goes_on_at_the_commits_it_started_with_after_the_branch_moved_on(zoo, run_cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("space", ["ps", "hybrid"])
+def test_a_run_goes_on_at_the_commits_it_started_with_after_the_branch_moved_on(zoo, run_cli, tmp_path, monkeypatch,
+                                                                               space):
     import json
 
     from conftest import zoo_search
@@ -173,20 +175,26 @@ def test_a_run_goes_on_at_the_commits_it_started_with_after_the_branch_moved_on(
 
     hub = tmp_path / "hub"
     offline_hub(monkeypatch, hub, {"shoal-test/math": {"main": zoo.parents["math"], "next": zoo.joint}})
+    hybrid = {"space": "hybrid", "dfs": {"parents": ["math"], "budget": 2, "scaling": "seam"}} if space == "hybrid" \
+        else {}
     search = zoo_search(zoo, tmp_path, budget=2, parents={"math": "shoal-test/math",
-                                                          "language": str(zoo.parents["language"])})
+                                                          "language": str(zoo.parents["language"])}, **hybrid)
     run = tmp_path / "run"
     code, _, err = run_cli("evolve", search, run, "--threads", 1)
     assert code == 0, err
     record = json.loads((run / "run.json").read_text())
     assert record["hub_commits"] == {"shoal-test/math": "0" * 40}
-    assert record["search"]["parents"]["math"] == f"shoal-test/math@{'0' * 40}"
     assert record["search_hash"] == load_search(search).search_hash()
+    one_space = run / "ps" if space == "hybrid" else run
+    assert json.loads((one_space / "run.json").read_text())["search"]["parents"]["math"] == \
+        f"shoal-test/math@{'0' * 40}"
     (hub / "models--shoal-test--math" / "refs" / "main").write_text("1" * 40)  # main moved on: other weights
     code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 3)
     assert code == 0, err  # read at the commit it started with, which its digests match
-    assert len(json.loads((run / "run.json").read_text())["sessions"]) == 2
-    assert json.loads((run / "summary.json").read_text())["trials"] == 3
+    assert len(json.loads((one_space / "run.json").read_text())["sessions"]) == 2
+    assert json.loads((run / "summary.json").read_text())["trials"] == (3 + 2 if space == "hybrid" else 3)
+    if space == "hybrid":
+        assert json.loads((run / "dfs" / "run.json").read_text())["hub_commits"] == {"shoal-test/math": "0" * 40}
     code, _, err = run_cli("evolve", search, tmp_path / "new", "--threads", 1, "--budget", 1)
     assert code == 0, err  # a new run reads main where it is now
     assert json.loads((tmp_path / "new" / "run.json").read_text())["hub_commits"] == {"shoal-test/math": "1" * 40}
