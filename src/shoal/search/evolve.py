@@ -71,7 +71,7 @@ def evolve(
     if run_dir.exists() and not run_dir.is_dir():
         raise ShoalError(f"{run_dir} is a file; give a folder (new, or a run's) for RUN_DIR")
     check_device(spec.device, "the search file's device:")
-    spec = pinned(spec, run_dir)
+    spec = pinned(spec, run_dir, notice)
     done = run_folder.finished_summary(spec, run_dir, lambda: (task_digests(load_tasks(spec)), model_digests(spec)))
     if done is not None:
         on_step(f"{run_dir} holds this search, finished at this budget and selection: its summary is as written then "
@@ -94,18 +94,26 @@ def evolve(
     return search_once(spec, run_dir, options, finish)
 
 
-def pinned(spec: SearchSpec, run_dir: Path) -> SearchSpec:
+def pinned(spec: SearchSpec, run_dir: Path, notice: Notice) -> SearchSpec:
     """spec with each Hub id it names at a branch (main by default) or tag read at one commit for the whole run: the
-    one run_dir's run.json records for this search (so a run goes on with the files it started with, though the
-    branch has moved on since), else the one the branch is at now (downloaded, as for reading)."""
+    one run_dir's run.json records for this search (so a run goes on with the files it started with; notice is told
+    where the branch has moved on since), else the one the branch is at now. Nothing is downloaded here."""
     earlier = run_folder.read_run(run_dir) if (run_dir / run_folder.RUN_FILE).is_file() else None
     kept = (earlier.hub_commits or {}) if earlier is not None and earlier.search_hash == spec.search_hash() else {}
     commits: dict[str, str] = {}
-    for ref in [spec.base, *spec.parents.values()]:
+    for ref in dict.fromkeys([spec.base, *spec.parents.values()]):
         movable = [str(place) for place in parse_reference(ref).places if place.movable]
-        commits |= {place: kept[place] for place in movable if place in kept}
-        if any(place not in kept for place in movable):
-            commits |= {place: commit for place, commit in hub_commits(ref).items() if place not in kept}
+        try:
+            now = hub_commits(ref) if movable else {}
+        except ShoalError:
+            if not all(place in kept for place in movable):
+                raise
+            now = {}  # the Hub unreachable and the cache without the branch: the kept commits are all it needs
+        for place in movable:
+            commits[place] = kept[place] if place in kept else now[place]
+            if place in now and commits[place] != now[place]:
+                notice(f"{place} is at commit {now[place][:12]} now; this run goes on reading {commits[place][:12]}, "
+                       "the commit it started with (a new RUN_DIR reads the new one)")
     return spec.pinned(commits) if commits else spec
 
 
