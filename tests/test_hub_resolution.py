@@ -191,7 +191,7 @@ def test_a_run_goes_on_at_the_commits_it_started_with_after_the_branch_moved_on(
     (hub / "models--shoal-test--math" / "refs" / "main").write_text("1" * 40)  # main moved on: other weights
     code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 3)
     assert code == 0, err  # read at the commit it started with, which its digests match
-    assert (f"shoal-test/math is at commit {'1' * 12} now; this run goes on reading {'0' * 12}, the commit it started "
+    assert (f"shoal-test/math is at commit {'1' * 12} now; this run reads {'0' * 12}, the commit it started "
             "with (a new RUN_DIR reads the new one)") in " ".join(err.split())
     assert len(json.loads((one_space / "run.json").read_text())["sessions"]) == 2
     assert json.loads((run / "summary.json").read_text())["trials"] == (3 + 2 if space == "hybrid" else 3)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from shoal.errors import ShoalError, ShoalWarning
 from shoal.recipe import Recipe, resolve
@@ -304,6 +305,21 @@ def test_the_data_flow_settings_do_not_change_a_parameter_space_search() -> None
     assert hybrid.model_copy(update={"space": "ps"}).search_hash() == ps.search_hash()
     assert SearchSpec.model_validate(BASE | {"space": "dfs"}).search_hash() != SearchSpec.model_validate(
         BASE | {"space": "dfs", "dfs": {"repeats": 2}}).search_hash()
+
+
+def test_a_hybrid_search_refuses_a_parent_named_as_its_ps_result() -> None:
+    with pytest.raises(ValidationError, match="'ps' names the PS stage's result"):
+        SearchSpec.model_validate(BASE | {"parents": {"ps": "m", "lang": "l"}, "space": "hybrid"})
+    assert SearchSpec.model_validate(BASE | {"parents": {"ps": "m", "lang": "l"}}).parents["ps"] == "m"
+
+
+def test_a_pin_is_undone_in_the_hash_only_where_its_string_still_is() -> None:
+    spec = SearchSpec.model_validate(BASE | {"parents": {"math": "org/m", "lang": "l"}})
+    pinned = spec.pinned({"org/m": "0" * 40})
+    assert pinned.search_hash() == spec.search_hash()
+    other = {"parents": {"math": "/elsewhere/a-stage-result", "lang": "l"}}  # another model under the name
+    assert pinned.model_copy(update=other).search_hash() == spec.model_copy(update=other).search_hash()
+    assert pinned.model_copy(update=other).search_hash() != spec.search_hash()
 
 
 def test_the_readmes_search_file_is_a_valid_search_with_the_defaults_it_says(tmp_path: Path) -> None:

@@ -73,12 +73,11 @@ def hub_commits(ref: str) -> dict[str, str]:
 
 def _commit(place: Location, ref: str) -> str:
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RevisionResolutionError
 
     hub_cache = storage().hub_cache
     try:
         return HfApi().resolve_revision(place.path, revision=place.revision, cache_dir=hub_cache).resolved
-    except (HfHubHTTPError, RevisionResolutionError, OSError, ValueError) as exc:
+    except Exception as exc:  # the Hub's errors, and its HTTP client's (httpx or httpx2, by huggingface_hub version)
         raise _not_found(_what(place, ref), exc, hub_cache) from exc
 
 

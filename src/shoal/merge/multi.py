@@ -83,7 +83,8 @@ def merge_documents(
                 notice(f"merging {document.name} again: {why}")
             if made_here and not (folder / "config.json").is_file():
                 with folder_lock(folder):  # shoal's own, of no use without its config, and no model to replace
-                    shutil.rmtree(folder)
+                    if (folder / RECORD).is_file() and not (folder / "config.json").is_file():  # still so
+                        shutil.rmtree(folder)
             merge(document, folder, None, replace=True)
             files = _write_record(folder, key)
         folders[document.name] = folder

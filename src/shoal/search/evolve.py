@@ -112,8 +112,8 @@ def pinned(spec: SearchSpec, run_dir: Path, notice: Notice) -> SearchSpec:
         for place in movable:
             commits[place] = kept[place] if place in kept else now[place]
             if place in now and commits[place] != now[place]:
-                notice(f"{place} is at commit {now[place][:12]} now; this run goes on reading {commits[place][:12]}, "
-                       "the commit it started with (a new RUN_DIR reads the new one)")
+                notice(f"{place} is at commit {now[place][:12]} now; this run reads {commits[place][:12]}, the "
+                       "commit it started with (a new RUN_DIR reads the new one)")
     return spec.pinned(commits) if commits else spec
 
 

@@ -269,8 +269,8 @@ class SearchSpec(Strict):
     """The local paths that are an earlier stage's result (naming): pinned by name in the hash, not by content."""
     _commits: dict[str, str] = PrivateAttr(default_factory=dict)
     """Hub id as the search file gives it (at a branch or tag, main by default) -> the commit it is read at (pinned)."""
-    _unpinned: dict[str, str] = PrivateAttr(default_factory=dict)
-    """base, or a parent's name -> its model string as the search file gives it, where pinned changed it."""
+    _unpinned: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
+    """"base" or "parents.NAME" -> (its model string pinned, as the search file gives it), where pinned changed it."""
 
     @field_validator("method")
     @classmethod
@@ -352,6 +352,9 @@ class SearchSpec(Strict):
                              "vocabulary")
         if self.pool is not None:
             self._check_pool(self.pool)
+        if self.space == "hybrid" and "ps" in self.parents:
+            raise ValueError("parents: 'ps' names the PS stage's result among the data-flow stage's parents; give this "
+                             "parent another name")
         unknown = [name for name in self.dfs.parents or [] if name not in self.parents]
         if unknown:
             raise ValueError(f"dfs.parents: {unknown[0]!r} is not one of the parents ({', '.join(self.parents)})")
@@ -405,7 +408,7 @@ class SearchSpec(Strict):
         named = self.model_copy(update={"base": pin(self.base),
                                         "parents": {name: pin(ref) for name, ref in self.parents.items()}})
         given = {"base": self.base} | {f"parents.{name}": ref for name, ref in self.parents.items()}
-        named._unpinned = {key: ref for key, ref in given.items() if pin(ref) != ref} | self._unpinned
+        named._unpinned = {key: (pin(ref), ref) for key, ref in given.items() if pin(ref) != ref} | self._unpinned
         named._commits = self._commits | commits
         return named
 
@@ -430,12 +433,11 @@ class SearchSpec(Strict):
                                        "select": True,
                                        "dfs": True if self.space == "ps" else {"budget"}}
         kept = self.model_dump(exclude=excluded, exclude_defaults=True)
-        for key, ref in self._unpinned.items():  # by key: two strings may be pinned to one
+        for key, (pinned, given) in self._unpinned.items():  # by key: two strings may be pinned to one
             field, _, name = key.partition(".")
-            if not name:
-                kept[field] = ref
-            elif name in kept[field]:
-                kept[field][name] = ref
+            place, at = (kept, field) if not name else (kept[field], name)
+            if place.get(at) == pinned:  # not where a stage put another model under the name
+                place[at] = given
         kept = _renamed(kept, self._written)
         if METHODS[self.method].random:
             kept["draws"] = DRAWS
