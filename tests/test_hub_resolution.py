@@ -154,13 +154,43 @@ def test_a_search_is_pinned_to_its_hub_ids_commits_with_its_hash_as_written(pare
 def test_a_hub_ids_commit_is_found_without_downloading_it(offline_cache):
     import shutil
 
-    from shoal.checkpoint.reader import hub_commits
+    from shoal.checkpoint.reader import hub_commit
+    from shoal.checkpoint.reference import Location, parse_reference
 
     shutil.rmtree(offline_cache.parent)  # the snapshots gone; refs/ remember where main and v2 were
-    assert hub_commits(f"shoal-test/a+shoal-test/a@v2") == {"shoal-test/a": "0" * 40, "shoal-test/a@v2": "1" * 40}
-    assert hub_commits(f"shoal-test/a@{'1' * 40}") == {}
+    both = "shoal-test/a+shoal-test/a@v2"
+    assert [hub_commit(place, both) for place in parse_reference(both).places] == ["0" * 40, "1" * 40]
     with pytest.raises(ShoalError, match="'nobody/nothing' not found: no such folder, and the Hub could not"):
-        hub_commits("nobody/nothing")
+        hub_commit(Location("nobody/nothing"), "nobody/nothing")
+    with pytest.raises(ShoalError, match=r"shoal-test/a@v3 \(in 'shoal-test/a\+shoal-test/a@v3'\) not found"):
+        hub_commit(Location("shoal-test/a", "v3"), "shoal-test/a+shoal-test/a@v3")
+
+
+def test_a_study_records_its_pins_and_refuses_a_process_that_read_another_commit(tmp_path):
+    import sqlite3
+
+    from shoal.search.trials import open_study, study_commits
+
+    storage = str(tmp_path / "shared.log")
+    assert study_commits(storage, {"shoal": "h"}) == {} and not Path(storage).exists()  # a peek creates nothing
+    sqlite = f"sqlite:///{tmp_path / 'missing.db'}"
+    assert study_commits(sqlite, {"shoal": "h"}) == {} and not (tmp_path / "missing.db").exists()
+    sqlite3.connect(tmp_path / "empty.db").close()  # a database file without Optuna's tables
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert study_commits(empty, {"shoal": "h"}) == {}
+    assert sqlite3.connect(tmp_path / "empty.db").execute("select name from sqlite_master").fetchall() == []
+    for url in (storage, f"sqlite:///{tmp_path / 'shared.db'}"):
+        open_study(url, "h", "shoal", {"org/a": "0" * 40})
+        assert study_commits(url, {"shoal": "h"}) == {"org/a": "0" * 40}
+        assert study_commits(url, {"other": "h"}) == study_commits(url, {"shoal": "another search"}) == {}
+        open_study(url, "h", "shoal", {"org/a": "0" * 40, "org/b": "1" * 40})  # a pin it lacked is added
+        assert study_commits(url, {"other": "h", "shoal": "h"}) == {"org/a": "0" * 40, "org/b": "1" * 40}
+        open_study(url, "h", "shoal")  # a reader that pins nothing (a report) opens it
+        with pytest.raises(ShoalError, match=f"reads org/a at commit {'0' * 12}, and this process at {'2' * 12}: "
+                                             "the branch moved on between their first starts"):
+            open_study(url, "h", "shoal", {"org/a": "2" * 40})
+    with pytest.raises(ShoalError, match="cannot open the study at ://x"):
+        study_commits("://x", {"shoal": "h"})
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -200,3 +230,33 @@ def test_a_run_goes_on_at_the_commits_it_started_with_after_the_branch_moved_on(
     code, _, err = run_cli("evolve", search, tmp_path / "new", "--threads", 1, "--budget", 1)
     assert code == 0, err  # a new run reads main where it is now
     assert json.loads((tmp_path / "new" / "run.json").read_text())["hub_commits"] == {"shoal-test/math": "1" * 40}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("space", ["ps", "hybrid pool"])
+def test_a_process_joining_a_shared_study_reads_the_commits_the_study_started_with(zoo, run_cli, tmp_path,
+                                                                                  monkeypatch, space):
+    import json
+
+    from conftest import zoo_search
+
+    hub = tmp_path / "hub"
+    offline_hub(monkeypatch, hub, {"shoal-test/math": {"main": zoo.parents["math"], "next": zoo.joint}})
+    parents = {"math": "shoal-test/math", "language": str(zoo.parents["language"])}
+    extra = {"space": "hybrid", "pool": {"subset": 2, "survivors": [], "shares": [1.0]}, "budget": 3,
+             "dfs": {"parents": ["math"], "budget": 1, "scaling": "seam"}, "parents": parents | {"plain": str(zoo.base)}
+             } if space == "hybrid pool" else {"budget": 2, "parents": parents}
+    search = zoo_search(zoo, tmp_path, **extra)
+    shared = tmp_path / "shared.log"
+    code, _, err = run_cli("evolve", search, tmp_path / "first", "--threads", 1, "--storage", shared)
+    assert code == 0, err
+    (hub / "models--shoal-test--math" / "refs" / "main").write_text("1" * 40)  # a push, before the second machine
+    code, _, err = run_cli("evolve", search, tmp_path / "second", "--threads", 1, "--storage", shared)
+    assert code == 0, err  # without the study's pin it would score the study's trials on other weights
+    assert (f"shoal-test/math is at commit {'1' * 12} now; this run reads {'0' * 12}, the commit its study at "
+            f"{shared} reads (another --storage reads the new one)") in " ".join(err.split())
+    second = json.loads((tmp_path / "second" / "run.json").read_text())
+    assert second["hub_commits"] == {"shoal-test/math": "0" * 40}
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert summary["trials"] == json.loads((tmp_path / "first" / "summary.json").read_text())["trials"]
+    assert summary["trials"] == (3 + 1 if space == "hybrid pool" else 2)  # the first's, none scored again

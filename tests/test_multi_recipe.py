@@ -255,6 +255,20 @@ def test_an_intermediate_shoal_merged_that_lost_its_config_is_merged_again_witho
     assert all(torch.equal(again[k], expected[k]) for k in expected)
 
 
+def test_a_damaged_intermediate_that_holds_the_current_folder_is_not_removed(run_cli, parents, tmp_path,
+                                                                              monkeypatch):
+    recipe = write_recipe(tmp_path, two_stage(parents))
+    assert run_cli("merge", recipe, tmp_path / "out")[0] == 0
+    ab = tmp_path / "out.intermediate" / "ab"
+    (ab / "config.json").unlink()
+    (ab / "mine").mkdir()
+    monkeypatch.chdir(ab / "mine")
+    code, _, err = run_cli("merge", recipe, tmp_path / "again", "-I", tmp_path / "out.intermediate")
+    one_error_line(code, err, f"('ab'): its intermediate folder {ab} is the current folder or holds it",
+                   "merging it again would remove it whole")
+    assert (ab / "mine").is_dir() and not (tmp_path / "again").exists()
+
+
 def test_an_intermediate_folder_of_other_files_is_named_as_such_not_as_out_dir(run_cli, parents, tmp_path):
     recipe = write_recipe(tmp_path, two_stage(parents))
     theirs = tmp_path / "mine" / "ab"

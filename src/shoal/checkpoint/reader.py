@@ -64,14 +64,10 @@ def resolve_model(ref: str | Path) -> Path:
     return lora.merged_folder(folder, _folder(reference.lora, str(ref)), str(ref))
 
 
-def hub_commits(ref: str) -> dict[str, str]:
-    """Each Hub id of a model string given at a branch or tag (main by default), as the string gives it
-    (`org/name`, `org/name@v2`), by the commit it is at now: the Hub's answer, else (offline) the one the HF cache
-    last saw. Nothing is downloaded. `org/name@COMMIT` reads the same files after the branch moves on."""
-    return {str(place): _commit(place, ref) for place in parse_reference(ref).places if place.movable}
-
-
-def _commit(place: Location, ref: str) -> str:
+def hub_commit(place: Location, ref: str) -> str:
+    """The commit a Hub id at a branch or tag (main by default) is at now: the Hub's answer, else (offline) the one
+    the HF cache last saw. Nothing is downloaded. ref: the model string it is in, for the error. `org/name@COMMIT`
+    reads the same files after the branch moves on."""
     from huggingface_hub import HfApi
 
     hub_cache = storage().hub_cache

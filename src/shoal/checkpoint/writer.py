@@ -161,6 +161,14 @@ def remove_stale_temporaries(out_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_not_current(folder: Path, what: str, by: str) -> None:
+    """Refuse to remove a folder that is the current folder or holds it. what: the folder, as the message names it;
+    by: what would remove it."""
+    if Path.cwd().resolve().is_relative_to(folder.resolve()):
+        raise ShoalError(f"{what} is the current folder or holds it, and {by} would remove it whole; give another "
+                         "folder")
+
+
 def check_replaceable(out_dir: Path, role: str = "OUT_DIR") -> None:
     """Refuse to replace (--overwrite) an existing out_dir that is not a model folder, since replacing removes all of
     it: the current folder or one that holds it, a file, a folder of other files (no config.json; an empty one is
@@ -168,9 +176,7 @@ def check_replaceable(out_dir: Path, role: str = "OUT_DIR") -> None:
     out = out_dir.resolve()
     if not out.exists():
         return
-    if Path.cwd().resolve().is_relative_to(out):
-        raise ShoalError(f"{role} {out_dir} is the current folder or holds it, and --overwrite would remove it whole; "
-                         "give another folder")
+    check_not_current(out_dir, f"{role} {out_dir}", "--overwrite")
     if not out.is_dir():
         raise ShoalError(f"{role} {out_dir} is a file; --overwrite replaces only a model folder")
     if not (out / "config.json").is_file() and any(out.iterdir()):

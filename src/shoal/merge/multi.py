@@ -12,7 +12,7 @@ from pathlib import Path
 from shoal.checkpoint.digest import file_digest, files_digest
 from shoal.checkpoint.reader import resolve_model
 from shoal.checkpoint.reference import parse_reference
-from shoal.checkpoint.writer import check_replaceable
+from shoal.checkpoint.writer import check_not_current, check_replaceable
 from shoal.errors import ShoalError
 from shoal.folder_lock import folder_lock
 from shoal.merge import engine
@@ -81,9 +81,12 @@ def merge_documents(
                 check_replaceable(folder, f"{document}: its intermediate folder")
             if why is not None:
                 notice(f"merging {document.name} again: {why}")
-            if made_here and not (folder / "config.json").is_file():
-                with folder_lock(folder):  # shoal's own, of no use without its config, and no model to replace
-                    if (folder / RECORD).is_file() and not (folder / "config.json").is_file():  # still so
+            if made_here:
+                with folder_lock(folder):  # checked under the lock: another process may be writing it
+                    if (folder / RECORD).is_file() and not (folder / "config.json").is_file():
+                        # shoal's own, of no use without its config, and no model to replace
+                        check_not_current(folder, f"{document}: its intermediate folder {folder}",
+                                          "merging it again")
                         shutil.rmtree(folder)
             merge(document, folder, None, replace=True)
             files = _write_record(folder, key)

@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 
 from shoal.checkpoint.digest import model_digest
-from shoal.checkpoint.reader import hub_commits, resolve_model
+from shoal.checkpoint.reader import hub_commit, resolve_model
 from shoal.checkpoint.reference import parse_reference
 from shoal.devices import check_device
 from shoal.errors import ShoalError
@@ -34,7 +34,7 @@ from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
-from shoal.search.trials import STUDY_NAME, Trial, first_trials, open_study, stored_trials
+from shoal.search.trials import STUDY_NAME, Trial, first_trials, open_study, stored_trials, study_commits
 
 
 OnStep = Callable[[str], None]
@@ -71,7 +71,7 @@ def evolve(
     if run_dir.exists() and not run_dir.is_dir():
         raise ShoalError(f"{run_dir} is a file; give a folder (new, or a run's) for RUN_DIR")
     check_device(spec.device, "the search file's device:")
-    spec = pinned(spec, run_dir, notice)
+    spec = pinned(spec, run_dir, notice, storage, study)
     done = run_folder.finished_summary(spec, run_dir, lambda: (task_digests(load_tasks(spec)), model_digests(spec)))
     if done is not None:
         on_step(f"{run_dir} holds this search, finished at this budget and selection: its summary is as written then "
@@ -94,27 +94,64 @@ def evolve(
     return search_once(spec, run_dir, options, finish)
 
 
-def pinned(spec: SearchSpec, run_dir: Path, notice: Notice) -> SearchSpec:
-    """spec with each Hub id it names at a branch (main by default) or tag read at one commit for the whole run: the
-    one run_dir's run.json records for this search (so a run goes on with the files it started with; notice is told
-    where the branch has moved on since), else the one the branch is at now. Nothing is downloaded here."""
-    earlier = run_folder.read_run(run_dir) if (run_dir / run_folder.RUN_FILE).is_file() else None
-    kept = (earlier.hub_commits or {}) if earlier is not None and earlier.search_hash == spec.search_hash() else {}
+def pinned(spec: SearchSpec, run_dir: Path, notice: Notice, storage: str | None = None,
+           study: str = STUDY_NAME) -> SearchSpec:
+    """spec with each Hub id it names at a branch (main by default) or tag read at one commit for the whole run:
+    the one the run already reads (_kept_commits), else the one the branch is at now. notice is told where the
+    branch has moved on since. Nothing is downloaded here."""
+    places = {str(place): (place, ref) for ref in [spec.base, *spec.parents.values()]
+              for place in parse_reference(ref).places if place.movable}
+    if not places:
+        return spec
+    kept = _kept_commits(spec, run_dir, storage, study)
     commits: dict[str, str] = {}
-    for ref in dict.fromkeys([spec.base, *spec.parents.values()]):
-        movable = [str(place) for place in parse_reference(ref).places if place.movable]
+    for key, (place, ref) in places.items():
         try:
-            now = hub_commits(ref) if movable else {}
+            now = hub_commit(place, ref)
         except ShoalError:
-            if not all(place in kept for place in movable):
+            if key not in kept:
                 raise
-            now = {}  # the Hub unreachable and the cache without the branch: the kept commits are all it needs
-        for place in movable:
-            commits[place] = kept[place] if place in kept else now[place]
-            if place in now and commits[place] != now[place]:
-                notice(f"{place} is at commit {now[place][:12]} now; this run reads {commits[place][:12]}, the "
-                       "commit it started with (a new RUN_DIR reads the new one)")
-    return spec.pinned(commits) if commits else spec
+            now = kept[key][0]  # the Hub unreachable and the cache without the branch: the kept commit will do
+        commits[key], since = kept.get(key, (now, ""))
+        if commits[key] != now:
+            notice(f"{key} is at commit {now[:12]} now; this run reads {commits[key][:12]}, {since}")
+    return spec.pinned(commits)
+
+
+def _kept_commits(spec: SearchSpec, run_dir: Path, storage: str | None, study: str) -> dict[str, tuple[str, str]]:
+    """The commits a run already reads, by Hub id as the search file gives it, each with where it is from, for a
+    notice: those its shared study records (every process scoring it reads them; storage: as evolve's), else those
+    run_dir's run.json records for this search."""
+    earlier = run_folder.read_run(run_dir) if (run_dir / run_folder.RUN_FILE).is_file() else None
+    if earlier is not None and earlier.search_hash != spec.search_hash():
+        earlier = None
+    own = (earlier.hub_commits or {}) if earlier is not None else {}
+    kept = {key: (commit, "the commit it started with (a new RUN_DIR reads the new one)")
+            for key, commit in own.items()}
+    named = run_folder.named_storage(spec, earlier, storage)
+    if named is not None:
+        shared = study_commits(named, _studies(spec, run_folder.study_name(earlier, study)))
+        kept |= {key: (commit, f"the commit its study at {named} reads (another --storage reads the new one)")
+                 for key, commit in shared.items() if own.get(key) != commit}
+    return kept
+
+
+def _studies(spec: SearchSpec, study: str) -> dict[str, str]:
+    """The studies a search stores its trials in that are known before it runs, by name, each with the search hash
+    it records: one per pool subset; a hybrid's PS stage's (its data-flow stage reads the same commits)."""
+    if spec.space == "hybrid":
+        return _studies(spec.model_copy(update={"space": "ps"}), _stage_study("ps"))
+    if spec.pool is not None:
+        from shoal.search.tournament import name, subset_spec, subsets
+
+        return {f"{study}-{name(subset)}": subset_spec(spec, subset, spec.budget).search_hash()
+                for subset in subsets(spec)}
+    return {study: spec.search_hash()}
+
+
+def _stage_study(stage: str) -> str:
+    """A hybrid stage's study: two names, as both stages may live in one storage."""
+    return f"{STUDY_NAME}-{stage}"
 
 
 @dataclass(frozen=True)
@@ -220,7 +257,7 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
     # with a shared storage, the first process creates the schema while the others wait
     try:
         with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
-            study = open_study(record.storage, spec.search_hash(), record.study)
+            study = open_study(record.storage, spec.search_hash(), record.study, spec.hub_commits)
     except BaseException:
         if not any(run_dir.iterdir()):  # the folder this start made, left empty: nothing recorded
             run_dir.rmdir()
@@ -367,11 +404,10 @@ def _evolve_hybrid(
 ) -> Summary:
     """PS first, then DFS over the PS result (parent A) and the data-flow parents."""
     record = run_folder.open_hybrid(spec, run_dir, ["ps", "dfs"], notice)
-    stage_study = lambda name: f"{STUDY_NAME}-{name}"  # two names: both stages may live in one storage
     on_step("hybrid stage 1/2: parameter space")
     ps_spec = spec.model_copy(update={"space": "ps"})
     ps = evolve(ps_spec, run_dir / "ps", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
-                study=stage_study("ps"), workers=workers, ray_address=ray_address)
+                study=_stage_study("ps"), workers=workers, ray_address=ray_address)
     ps_best = str((run_dir / "ps" / run_folder.BEST_DIR).resolve())
     flow_parents = {"ps": ps_best, **spec.flow_parents}
     dfs_spec = spec.model_copy(update={
@@ -384,7 +420,7 @@ def _evolve_hybrid(
     run_folder.pin_ps_trial(record, run_dir, ps.best.trial, dfs_spec.search_hash(), notice)
     on_step("hybrid stage 2/2: data-flow space over the PS result")
     dfs = evolve(dfs_spec, run_dir / "dfs", storage=storage, on_step=on_step, on_trial=on_trial, notice=notice,
-                 study=stage_study("dfs"), workers=workers, ray_address=ray_address)
+                 study=_stage_study("dfs"), workers=workers, ray_address=ray_address)
     shutil.rmtree(run_dir / run_folder.BEST_DIR, ignore_errors=True)
     shutil.copytree(run_dir / "dfs" / run_folder.BEST_DIR, run_dir / run_folder.BEST_DIR)
     summary = dfs.model_copy(update={

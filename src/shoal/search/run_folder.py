@@ -245,12 +245,17 @@ def own_journal(spec: SearchSpec, run_dir: Path, storage: str | None) -> bool:
     """Whether a one-space run's study is the folder's own journal: no storage named here, in the search file or
     by an earlier session. Only then does one process at a time own the study (a named storage may be shared)."""
     earlier = read_run(run_dir) if (run_dir / RUN_FILE).is_file() else None
-    return _named(spec, earlier, storage) is None
+    return named_storage(spec, earlier, storage) is None
 
 
-def _named(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> str | None:
+def named_storage(spec: SearchSpec, earlier: RunRecord | None, storage: str | None) -> str | None:
     """The storage named here, else the one named before, else the search file's; None: the folder's journal."""
     return storage or (earlier.storage if earlier and not earlier.default_storage else None) or spec.storage
+
+
+def study_name(earlier: RunRecord | None, study: str) -> str:
+    """A one-space run's study name: the one it started with (earlier: its run.json), else `study`."""
+    return earlier.study if earlier is not None and earlier.study is not None else study
 
 
 def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage: str | None, study: str,
@@ -262,12 +267,12 @@ def open_run(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None, storage
     is killed. The folder is made here (a storage named inside it may need it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     earlier = _take_over(run_dir, earlier, spec, notice)
-    named = _named(spec, earlier, storage)
+    named = named_storage(spec, earlier, storage)
     record = RunRecord(
         space=spec.space, target=target(spec), method=method(spec), search_hash=spec.search_hash(),
         storage=named or default_storage(run_dir),  # the default follows the folder if it is moved
         default_storage=named is None,
-        study=earlier.study if earlier else study,
+        study=study_name(earlier, study),
         search=spec.model_dump(),
         task_digests=digests,
         parent_digests=parent_digests,

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.engine import make_url
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from shoal.search import journal
@@ -35,3 +37,21 @@ def open_storage(storage: str) -> BaseStorage:
         return optuna.storages.get_storage(storage)
     journal.check(Path(storage))
     return JournalStorage(JournalFileBackend(storage, lock_obj=journal.MendingLock(storage)))
+
+
+def existing_storage(storage: str) -> BaseStorage | None:
+    """The storage behind a URL or journal file, opened to read without creating anything; None where it holds no
+    study yet: a file not made yet, a database without Optuna's tables."""
+    if is_journal(storage):
+        return open_storage(storage) if Path(storage).is_file() else None
+    url = make_url(storage)
+    if url.get_backend_name() == "sqlite":
+        if not (url.database and Path(url.database).is_file()):
+            return None
+    engine = create_engine(url)
+    try:
+        if not inspect(engine).has_table("studies"):
+            return None
+    finally:
+        engine.dispose()
+    return RDBStorage(storage, skip_table_creation=True)

@@ -8,6 +8,8 @@ parallel workers and shared studies store trials out of order, and a claim aband
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import optuna
@@ -15,9 +17,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from shoal.errors import ShoalError
-from shoal.search.storage import open_storage
+from shoal.search.storage import existing_storage, open_storage
 
 STUDY_NAME = "shoal"
+HUB_COMMITS = "hub_commits"
+"""A study's user attr: the commits its Hub ids are read at (open_study)."""
 
 
 @dataclass(frozen=True)
@@ -155,16 +159,15 @@ def running_trials(study: optuna.Study) -> int:
     return sum(t.state in going and counted(t) for t in study.get_trials(deepcopy=False))
 
 
-def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna.Study:
-    """The run's study (created if new); refuses one made by a different search."""
+def open_study(storage: str, search_hash: str, name: str = STUDY_NAME,
+               hub_commits: dict[str, str] | None = None) -> optuna.Study:
+    """The run's study (created if new); refuses one made by a different search, or one that reads a Hub id of
+    hub_commits (the run's pins, SearchSpec.hub_commits) at another commit. A study records the pins it is opened
+    with, so that each process sharing it reads the same files (study_commits)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+    with _named_errors(storage):
         study = optuna.create_study(storage=open_storage(storage), study_name=name,
                                     direction="maximize", load_if_exists=True)
-    except ShoalError:  # a damaged journal, named by its line
-        raise
-    except Exception as exc:  # SQLAlchemy / driver errors name the storage problem
-        raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
     stored = study.user_attrs.get("search_hash")
     if stored is None:
         study.set_user_attr("search_hash", search_hash)
@@ -173,4 +176,44 @@ def open_study(storage: str, search_hash: str, name: str = STUDY_NAME) -> optuna
             f"the study at {storage} was made by a different search (hash {stored}, this one {search_hash}); "
             "use a new RUN_DIR or --storage"
         )
+    _record_pins(study, storage, hub_commits or {})
     return study
+
+
+def _record_pins(study: optuna.Study, storage: str, hub_commits: dict[str, str]) -> None:
+    """Add the run's pins to those the study records; refuse a Hub id it records at another commit."""
+    recorded: dict[str, str] = study.user_attrs.get(HUB_COMMITS) or {}
+    for place, commit in hub_commits.items():
+        if recorded.get(place, commit) != commit:
+            raise ShoalError(
+                f"the study at {storage} reads {place} at commit {recorded[place][:12]}, and this process at "
+                f"{commit[:12]}: the branch moved on between their first starts; start this process again and it "
+                "reads the study's")
+    if not hub_commits.keys() <= recorded.keys():
+        study.set_user_attr(HUB_COMMITS, recorded | hub_commits)
+
+
+def study_commits(storage: str, searches: dict[str, str]) -> dict[str, str]:
+    """The Hub commits (by Hub id as the search file gives it) recorded by the studies in storage named as keys of
+    searches, each made by the search of that hash (open_study): what a process joining them reads. Nothing is
+    created."""
+    with _named_errors(storage):
+        opened = existing_storage(storage)
+        studies = opened.get_all_studies() if opened is not None else []
+    commits: dict[str, str] = {}
+    for study in studies:
+        if study.study_name in searches and study.user_attrs.get("search_hash") == searches[study.study_name]:
+            commits |= study.user_attrs.get(HUB_COMMITS) or {}
+    return commits
+
+
+@contextmanager
+def _named_errors(storage: str) -> Iterator[None]:
+    """SQLAlchemy's and the database drivers' errors, which name the storage problem, as a ShoalError (a damaged
+    journal is one already, named by its line)."""
+    try:
+        yield
+    except ShoalError:
+        raise
+    except Exception as exc:
+        raise ShoalError(f"cannot open the study at {storage}: {exc}") from exc
