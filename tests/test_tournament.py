@@ -207,8 +207,12 @@ def test_a_pool_with_ray_workers_starts_ray_once_for_every_subsets_search(zoo, t
     starts: list[object] = []
     real = ray.init
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: starts.append(kwargs) or real(*args, **kwargs, num_cpus=2))
-    spec = load_search(_pool_search(zoo, tmp_path, budget=13))
+    path = _pool_search(zoo, tmp_path, budget=6)  # one round: two trials for each pair, one a worker
+    path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {
+        "pool": {"subset": 2, "survivors": [], "shares": [1.0]}}))
+    spec = load_search(path)
     parallel, serial = evolve(spec, tmp_path / "parallel", workers=2), evolve(spec, tmp_path / "serial")
+    assert [r.trials for r in parallel.pool.rounds] == [2] and len(parallel.pool.rounds[0].dev) == 3
     assert len(starts) == 1 and not ray.is_initialized()  # one Ray for every subset search, shut down after
     assert parallel.pool == serial.pool and parallel.best.test == serial.best.test
 

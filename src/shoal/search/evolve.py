@@ -99,7 +99,7 @@ def pinned(spec: SearchSpec, run_dir: Path, notice: Notice, storage: str | None 
     """spec with each Hub id it names at a branch (main by default) or tag read at one commit for the whole run:
     the one the run already reads (_kept_commits), else the one the branch is at now. notice is told where the
     branch has moved on since. Nothing is downloaded here."""
-    places = {str(place): (place, ref) for ref in [spec.base, *spec.parents.values()]
+    places = {str(place): (place, ref) for ref in spec.models.values()
               for place in parse_reference(ref).places if place.movable}
     if not places:
         return spec
@@ -229,8 +229,8 @@ def model_digests(spec: SearchSpec) -> dict[str, str]:
     by the names of its cached blobs; a LoRA adapter's by the model it makes, shoal.checkpoint.lora). Not an earlier
     stage's result (a hybrid's PS best, written again when that stage ends again, in bits that may differ with the
     threads or device): the search hash pins it by trial."""
-    refs = {"base": spec.base} | {f"parents.{name}": ref for name, ref in spec.parents.items()}
-    return {key: model_digest(resolve_model(ref)) for key, ref in refs.items() if not spec.is_stage_result(ref)}
+    return {key: model_digest(resolve_model(ref)) for key, ref in spec.models.items()
+            if not spec.is_stage_result(ref)}
 
 
 def refusals(spec: SearchSpec, options: SearchOptions, own: bool) -> list[WeightedTask]:

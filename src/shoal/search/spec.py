@@ -382,6 +382,11 @@ class SearchSpec(Strict):
         return self.parents[source] if source in self.parents else source
 
     @property
+    def models(self) -> dict[str, str]:
+        """Each model string it reads, by its key in the search file: base, parents.NAME."""
+        return {"base": self.base} | {f"parents.{name}": ref for name, ref in self.parents.items()}
+
+    @property
     def flow_parents(self) -> dict[str, str]:
         """The data-flow layout's parents in order (A first)."""
         return {name: self.parents[name] for name in self.dfs.parents or self.parents}
@@ -407,8 +412,8 @@ class SearchSpec(Strict):
         pin = lambda ref: str(parse_reference(ref).pinned(commits))
         named = self.model_copy(update={"base": pin(self.base),
                                         "parents": {name: pin(ref) for name, ref in self.parents.items()}})
-        given = {"base": self.base} | {f"parents.{name}": ref for name, ref in self.parents.items()}
-        named._unpinned = {key: (pin(ref), ref) for key, ref in given.items() if pin(ref) != ref} | self._unpinned
+        pinned = {key: (pin(ref), ref) for key, ref in self.models.items() if pin(ref) != ref}
+        named._unpinned = pinned | self._unpinned
         named._commits = self._commits | commits
         return named
 
