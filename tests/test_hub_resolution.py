@@ -169,7 +169,9 @@ def test_a_hub_ids_commit_is_found_without_downloading_it(offline_cache):
 def test_a_study_records_its_pins_and_refuses_a_process_that_read_another_commit(tmp_path):
     import sqlite3
 
-    from shoal.search.trials import open_study, study_commits
+    from shoal.search.trials import HUB_COMMITS, TASK_DIGESTS, open_study, study_records
+
+    study_commits = lambda url, searches: study_records(url, searches, HUB_COMMITS)
 
     storage = str(tmp_path / "shared.log")
     assert study_commits(storage, {"shoal": "h"}) == {} and not Path(storage).exists()  # a peek creates nothing
@@ -189,6 +191,17 @@ def test_a_study_records_its_pins_and_refuses_a_process_that_read_another_commit
         with pytest.raises(ShoalError, match=f"reads org/a at commit {'0' * 12}, and this process at {'2' * 12}: "
                                              "the branch moved on between their first starts"):
             open_study(url, "h", "shoal", {"org/a": "2" * 40})
+        open_study(url, "h", "shoal", task_digests={"t": "x"})
+        with pytest.raises(ShoalError, match="task t here is not the one the study at .* was scored on"):
+            open_study(url, "h", "shoal", {"org/c": "3" * 40}, {"t": "z", "u": "z"})
+        assert study_commits(url, {"shoal": "h"}) == {"org/a": "0" * 40, "org/b": "1" * 40}  # the refused: nothing
+        assert study_records(url, {"shoal": "h"}, TASK_DIGESTS) == {"t": "x"}
+        open_study(url, "h", "shoal", task_digests={"lm": "lm_eval 0.4.9 abc"})
+        with pytest.raises(ShoalError, match="task lm: this process has lm-eval 0.4.10, and the study at .* was "
+                                             "scored with lm-eval 0.4.9: install lm_eval==0.4.9 here"):
+            open_study(url, "h", "shoal", task_digests={"lm": "lm_eval 0.4.10 abc"})
+        with pytest.raises(ShoalError, match="task lm here is not the one"):  # the same lm-eval, other files
+            open_study(url, "h", "shoal", task_digests={"lm": "lm_eval 0.4.9 abd"})
     with pytest.raises(ShoalError, match="cannot open the study at ://x"):
         study_commits("://x", {"shoal": "h"})
 
@@ -260,3 +273,46 @@ def test_a_process_joining_a_shared_study_reads_the_commits_the_study_started_wi
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     assert summary["trials"] == json.loads((tmp_path / "first" / "summary.json").read_text())["trials"]
     assert summary["trials"] == (3 + 1 if space == "hybrid pool" else 2)  # the first's, none scored again
+
+
+def test_a_task_linked_into_a_hub_cache_and_its_plain_copy_have_one_portable_digest(tmp_path, zoo):
+    import shutil
+
+    from shoal.evaluate import load_task
+
+    linked = tmp_path / "linked"
+    blobs = tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.copytree(zoo.tasks["xx-math"], tmp_path / "copy")
+    linked.mkdir()
+    for i, file in enumerate(sorted((tmp_path / "copy").iterdir())):  # each file a link into the cache's blobs
+        blob = blobs / f"{i:040x}"
+        shutil.copy(file, blob)
+        (linked / file.name).symlink_to(blob)
+    on_hub, copied = load_task(linked), load_task(tmp_path / "copy")
+    assert on_hub.digest() != copied.digest()  # by blob name there, by bytes here: for one folder's resumes
+    assert on_hub.digest(portable=True) == copied.digest(portable=True)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_process_whose_copy_of_a_task_differs_is_refused_by_a_shared_study(zoo, run_cli, tmp_path):
+    import shutil
+
+    from conftest import zoo_search
+
+    searches = []
+    for machine in ("a", "b"):  # each machine's copy of the project; paths count as the search file writes them
+        shutil.copytree(zoo.tasks["xx-math"], tmp_path / machine / "task")
+        searches.append(zoo_search(zoo, tmp_path / machine, budget=2, tasks=[{"path": "task"}]))
+    dev = tmp_path / "b" / "task" / "dev.jsonl"
+    dev.write_text("".join(dev.read_text().splitlines(keepends=True)[:-1]))  # b's dev split lost its last item
+    shared = tmp_path / "shared.log"
+    code, _, err = run_cli("evolve", searches[0], tmp_path / "a" / "run", "--threads", 1, "--storage", shared)
+    assert code == 0, err
+    code, _, err = run_cli("evolve", searches[1], tmp_path / "b" / "run", "--threads", 1, "--storage", shared)
+    one_error_line(code, err, f"task xx-math here is not the one the study at {shared} was scored on",
+                   "give every process that shares the study the same files")
+    assert "loading parents" not in err and not (tmp_path / "b" / "run").exists()  # refused before the parents load
+    shutil.copy(tmp_path / "a" / "task" / "dev.jsonl", dev)
+    code, _, err = run_cli("evolve", searches[1], tmp_path / "b" / "run", "--threads", 1, "--storage", shared)
+    assert code == 0, err

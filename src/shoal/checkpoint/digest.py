@@ -28,21 +28,23 @@ def _blob(real: Path) -> str | None:
     return f"blob:{real.name}" if real.parent.name == "blobs" and _BLOB.match(real.name) else None
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, portable: bool = False) -> str:
     """A file's content digest: the name of the Hugging Face cache blob it links to (the Hub's hash of its content,
-    free), else the SHA-256 of its bytes."""
+    free), else the SHA-256 of its bytes. portable: the SHA-256 of its bytes whatever it links to, so that a copy
+    of it on another machine digests alike."""
     real = path.resolve()
-    if blob := _blob(real):
+    if not portable and (blob := _blob(real)):
         return blob
     stat = real.stat()
     return f"sha256:{_sha256(str(real), stat.st_size, stat.st_mtime_ns, stat.st_ino)}"
 
 
-def files_digest(folder: Path, names: Iterable[str]) -> str:
-    """One digest of the named files of folder, by name and content: equal digests, equal files."""
+def files_digest(folder: Path, names: Iterable[str], portable: bool = False) -> str:
+    """One digest of the named files of folder, by name and content: equal digests, equal files (portable: as
+    file_digest's)."""
     digest = hashlib.sha256()
     for name in sorted(set(names)):
-        digest.update(f"{name}\0{file_digest(folder / name)}\n".encode())
+        digest.update(f"{name}\0{file_digest(folder / name, portable)}\n".encode())
     return digest.hexdigest()
 
 

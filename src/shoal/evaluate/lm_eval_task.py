@@ -31,10 +31,11 @@ class LmEvalTask:
     def name(self) -> str:
         return self.task
 
-    def digest(self) -> str:
+    def digest(self, portable: bool = False) -> str:
         """One digest of what the task's scores depend on beside what the search file names: lm-eval's version and
         every file under include (the task's YAML, its utils, data kept there; not hidden ones, such as .git, nor
-        __pycache__); not a dataset in the datasets cache."""
+        __pycache__); not a dataset in the datasets cache. portable: alike for a copy on another machine
+        (checkpoint.digest.file_digest)."""
         from importlib.metadata import PackageNotFoundError, version
 
         from shoal.checkpoint.digest import files_digest
@@ -46,7 +47,7 @@ class LmEvalTask:
         root = Path(self.include) if self.include is not None else None
         files = [] if root is None else [str(f.relative_to(root)) for f in root.rglob("*") if f.is_file() and not any(
             part.startswith(".") or part == "__pycache__" for part in f.relative_to(root).parts)]
-        return f"lm_eval {lm_eval} " + (files_digest(root, files) if root is not None else "registry")
+        return f"lm_eval {lm_eval} " + (files_digest(root, files, portable) if root is not None else "registry")
 
     def _task_dict(self, split: str) -> Any:
         """lm-eval's task dict with `split` as the split it evaluates (loaded once per split)."""

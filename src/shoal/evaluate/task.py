@@ -131,13 +131,13 @@ class Task:
             raise ShoalError(f"task {self.name} has no split {split!r} (it has: {', '.join(self.splits)})")
         return self.splits[split]
 
-    def digest(self) -> str:
+    def digest(self, portable: bool = False) -> str:
         """One digest of what the task's scores depend on: its task.yaml, its split files and the pictures its items
-        name."""
+        name (portable: alike for a copy on another machine, checkpoint.digest.file_digest)."""
         from shoal.checkpoint.digest import files_digest
 
         pictures = {item.image for items in self.splits.values() for item in items if item.image is not None}
-        return files_digest(self.folder, ["task.yaml", *self.spec.splits.values(), *pictures])
+        return files_digest(self.folder, ["task.yaml", *self.spec.splits.values(), *pictures], portable)
 
 
 def _problem(model: type[BaseModel], err: dict[str, Any]) -> str:

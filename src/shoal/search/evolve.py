@@ -34,7 +34,8 @@ from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
-from shoal.search.trials import STUDY_NAME, Trial, first_trials, open_study, stored_trials, study_commits
+from shoal.search.trials import (HUB_COMMITS, STUDY_NAME, TASK_DIGESTS, Trial, check_recorded, first_trials,
+                                 open_study, stored_trials, study_records)
 
 
 OnStep = Callable[[str], None]
@@ -130,7 +131,7 @@ def _kept_commits(spec: SearchSpec, run_dir: Path, storage: str | None, study: s
             for key, commit in own.items()}
     named = run_folder.named_storage(spec, earlier, storage)
     if named is not None:
-        shared = study_commits(named, _studies(spec, run_folder.study_name(earlier, study)))
+        shared = study_records(named, _studies(spec, run_folder.study_name(earlier, study)), HUB_COMMITS)
         kept |= {key: (commit, f"the commit its study at {named} reads (another --storage reads the new one)")
                  for key, commit in shared.items() if own.get(key) != commit}
     return kept
@@ -201,6 +202,8 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         run_folder.check_tasks(spec, earlier, digests)
         if own:
             run_folder.check_journal(spec, run_dir, earlier)
+        else:
+            _check_shared_tasks(spec, earlier, options, tasks)
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
         if mended:
             options.notice(mended)
@@ -219,9 +222,20 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
 
 
-def task_digests(tasks: list[WeightedTask]) -> dict[str, str]:
-    """Each task's digest by its name."""
-    return {t.task.name: t.task.digest() for t in tasks}
+def _check_shared_tasks(spec: SearchSpec, earlier: run_folder.RunRecord | None, options: SearchOptions,
+                        tasks: list[WeightedTask]) -> None:
+    """Refuse, before the parents load, a process whose copy of a task differs from the one its shared study was
+    scored on (open_study refuses it too, under the storage's lock, should the study record it meanwhile)."""
+    storage = run_folder.named_storage(spec, earlier, options.storage)
+    assert storage is not None
+    study = run_folder.study_name(earlier, options.study)
+    recorded = study_records(storage, {study: spec.search_hash()}, TASK_DIGESTS)
+    check_recorded(storage, TASK_DIGESTS, recorded, task_digests(tasks, portable=True))
+
+
+def task_digests(tasks: list[WeightedTask], portable: bool = False) -> dict[str, str]:
+    """Each task's digest by its name (portable: alike for a copy on another machine)."""
+    return {t.task.name: t.task.digest(portable) for t in tasks}
 
 
 def model_digests(spec: SearchSpec) -> dict[str, str]:
@@ -257,7 +271,8 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
     # with a shared storage, the first process creates the schema while the others wait
     try:
         with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
-            study = open_study(record.storage, spec.search_hash(), record.study, spec.hub_commits)
+            study = open_study(record.storage, spec.search_hash(), record.study, spec.hub_commits,
+                               task_digests(tasks, portable=True) if shared_storage else None)
     except BaseException:
         if not any(run_dir.iterdir()):  # the folder this start made, left empty: nothing recorded
             run_dir.rmdir()

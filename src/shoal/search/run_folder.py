@@ -20,6 +20,7 @@ from shoal.errors import ShoalError
 from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage, open_storage
 from shoal.search.summary import PoolRound, Summary
+from shoal.search.trials import TASK_FILES
 
 RUN_FILE, SUMMARY_FILE, BEST_DIR, SUBSETS_DIR = "run.json", "summary.json", "best", "subsets"
 
@@ -151,9 +152,8 @@ def check_parents(spec: SearchSpec, earlier: RunRecord | None, digests: dict[str
 def _check_task_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
     changed = _changed(recorded, digests)
     if changed:
-        raise ShoalError(f"task {changed} has changed since this run started (its task.yaml, a split or a picture "
-                         "it names; an lm-eval task's files under include, or lm-eval's version), and the run's "
-                         "stored trials were scored on it as it was: restore it, or use a new RUN_DIR")
+        raise ShoalError(f"task {changed} has changed since this run started ({TASK_FILES}), and the run's stored "
+                         "trials were scored on it as it was: restore it, or use a new RUN_DIR")
 
 
 def _check_model_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 from shoal.errors import ShoalError
 from shoal.search.genome import GeneSpace
 from shoal.search.trials import ABANDONED, Job, Outcome, Trial, counted, finished_trial, finished_trials, job_trial
-from shoal.search.storage import is_journal, open_storage
+from shoal.search.storage import is_journal, open_storage, shared_backend
 
 
 class StorageLock:
@@ -45,15 +45,12 @@ class StorageLock:
             self._file = f"{storage}.shoal-lock"
             return
         url = make_url(storage)
-        backend = url.get_backend_name()
-        if backend == "sqlite":
-            if not url.database:
-                raise ShoalError("a shared study needs a SQLite file, not an in-memory database")
-            self._file = f"{url.database}.shoal-lock"
-        elif backend == "postgresql":
+        if shared_backend(storage) == "postgresql":
             self._engine = create_engine(url, pool_size=1, max_overflow=0)
-        else:
-            raise ShoalError(f"sharing a study needs PostgreSQL, SQLite or a journal file, not {backend}")
+            return
+        if not url.database:
+            raise ShoalError("a shared study needs a SQLite file, not an in-memory database")
+        self._file = f"{url.database}.shoal-lock"
 
     @contextmanager
     def held(self) -> Iterator[None]:

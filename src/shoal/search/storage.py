@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
+from shoal.errors import ShoalError
 from shoal.search import journal
 
 JOURNAL = "study.log"
@@ -39,15 +40,24 @@ def open_storage(storage: str) -> BaseStorage:
     return JournalStorage(JournalFileBackend(storage, lock_obj=journal.MendingLock(storage)))
 
 
+def shared_backend(url: str) -> str:
+    """The database behind a storage URL a study is shared through: sqlite or postgresql, the two whose processes
+    shoal can lock (shared.StorageLock); another is refused."""
+    backend = make_url(url).get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ShoalError(f"sharing a study needs PostgreSQL, SQLite or a journal file, not {backend}")
+    return backend
+
+
 def existing_storage(storage: str) -> BaseStorage | None:
     """The storage behind a URL or journal file, opened to read without creating anything; None where it holds no
     study yet: a file not made yet, a database without Optuna's tables."""
     if is_journal(storage):
         return open_storage(storage) if Path(storage).is_file() else None
     url = make_url(storage)
-    if url.get_backend_name() == "sqlite":
-        if not (url.database and Path(url.database).is_file()):
-            return None
+    backend = shared_backend(storage)
+    if backend == "sqlite" and not (url.database and Path(url.database).is_file()):
+        return None
     engine = create_engine(url)
     try:
         if not inspect(engine).has_table("studies"):

@@ -22,6 +22,10 @@ from shoal.search.storage import existing_storage, open_storage
 STUDY_NAME = "shoal"
 HUB_COMMITS = "hub_commits"
 """A study's user attr: the commits its Hub ids are read at (open_study)."""
+TASK_DIGESTS = "task_digests"
+"""A study's user attr: its tasks' portable digests, by name (open_study)."""
+TASK_FILES = "its task.yaml, a split or a picture it names; an lm-eval task's files under include, or lm-eval's version"
+"""What a task's digest covers, for a message."""
 
 
 @dataclass(frozen=True)
@@ -159,11 +163,12 @@ def running_trials(study: optuna.Study) -> int:
     return sum(t.state in going and counted(t) for t in study.get_trials(deepcopy=False))
 
 
-def open_study(storage: str, search_hash: str, name: str = STUDY_NAME,
-               hub_commits: dict[str, str] | None = None) -> optuna.Study:
+def open_study(storage: str, search_hash: str, name: str = STUDY_NAME, hub_commits: dict[str, str] | None = None,
+               task_digests: dict[str, str] | None = None) -> optuna.Study:
     """The run's study (created if new); refuses one made by a different search, or one that reads a Hub id of
-    hub_commits (the run's pins, SearchSpec.hub_commits) at another commit. A study records the pins it is opened
-    with, so that each process sharing it reads the same files (study_commits)."""
+    hub_commits (the run's pins, SearchSpec.hub_commits) at another commit, or whose task of task_digests (portable
+    ones, by name) had other contents. A study records what it is opened with, so that each process sharing it
+    reads the same files (study_records)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _named_errors(storage):
         study = optuna.create_study(storage=open_storage(storage), study_name=name,
@@ -176,35 +181,47 @@ def open_study(storage: str, search_hash: str, name: str = STUDY_NAME,
             f"the study at {storage} was made by a different search (hash {stored}, this one {search_hash}); "
             "use a new RUN_DIR or --storage"
         )
-    _record_pins(study, storage, hub_commits or {})
+    given = {HUB_COMMITS: hub_commits or {}, TASK_DIGESTS: task_digests or {}}
+    for attr, values in given.items():  # every check before any write: a refused process records nothing
+        check_recorded(storage, attr, study.user_attrs.get(attr) or {}, values)
+    for attr, values in given.items():
+        recorded = study.user_attrs.get(attr) or {}
+        if not values.keys() <= recorded.keys():
+            study.set_user_attr(attr, recorded | values)
     return study
 
 
-def _record_pins(study: optuna.Study, storage: str, hub_commits: dict[str, str]) -> None:
-    """Add the run's pins to those the study records; refuse a Hub id it records at another commit."""
-    recorded: dict[str, str] = study.user_attrs.get(HUB_COMMITS) or {}
-    for place, commit in hub_commits.items():
-        if recorded.get(place, commit) != commit:
-            raise ShoalError(
-                f"the study at {storage} reads {place} at commit {recorded[place][:12]}, and this process at "
-                f"{commit[:12]}: the branch moved on between their first starts; start this process again and it "
-                "reads the study's")
-    if not hub_commits.keys() <= recorded.keys():
-        study.set_user_attr(HUB_COMMITS, recorded | hub_commits)
+def check_recorded(storage: str, attr: str, recorded: dict[str, str], values: dict[str, str]) -> None:
+    """Refuse this process where a key of values is recorded by the study (in its user attr attr) with another
+    value: a Hub id at another commit, a task with other contents."""
+    changed = min((key for key in values if recorded.get(key, values[key]) != values[key]), default=None)
+    if changed is None:
+        return
+    if attr == HUB_COMMITS:
+        raise ShoalError(
+            f"the study at {storage} reads {changed} at commit {recorded[changed][:12]}, and this process at "
+            f"{values[changed][:12]}: the branch moved on between their first starts; start this process again and "
+            "it reads the study's")
+    here, there = (value.split()[:2] for value in (values[changed], recorded[changed]))
+    if here[0] == there[0] == "lm_eval" and here != there:  # an lm-eval task's digest starts with lm-eval's version
+        raise ShoalError(f"task {changed}: this process has lm-eval {here[1]}, and the study at {storage} was scored "
+                         f"with lm-eval {there[1]}: install lm_eval=={there[1]} here")
+    raise ShoalError(f"task {changed} here is not the one the study at {storage} was scored on ({TASK_FILES}): give "
+                     "every process that shares the study the same files")
 
 
-def study_commits(storage: str, searches: dict[str, str]) -> dict[str, str]:
-    """The Hub commits (by Hub id as the search file gives it) recorded by the studies in storage named as keys of
-    searches, each made by the search of that hash (open_study): what a process joining them reads. Nothing is
-    created."""
+def study_records(storage: str, searches: dict[str, str], attr: str) -> dict[str, str]:
+    """What the studies in storage named as keys of searches, each made by the search of that hash, record in their
+    user attr attr (open_study: HUB_COMMITS, TASK_DIGESTS), merged: what a process joining them is held to. Nothing
+    is created."""
     with _named_errors(storage):
         opened = existing_storage(storage)
         studies = opened.get_all_studies() if opened is not None else []
-    commits: dict[str, str] = {}
+    records: dict[str, str] = {}
     for study in studies:
         if study.study_name in searches and study.user_attrs.get("search_hash") == searches[study.study_name]:
-            commits |= study.user_attrs.get(HUB_COMMITS) or {}
-    return commits
+            records |= study.user_attrs.get(attr) or {}
+    return records
 
 
 @contextmanager
