@@ -120,6 +120,28 @@ def test_a_task_vector_in_chunks_is_formed_from_the_parent_and_base_a_piece_at_a
     assert methods.rank_limit(ranks, 1.0) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(37,), (9, 301), (3, 5, 7)])
+def test_magnitude_places_and_ranks_are_torch_s_stable_sorts_whatever_sorts_them(dtype, shape):
+    """On a CPU, 16-bit magnitudes are ordered by numpy's radix sort (methods.stable_order): the places and ranks are
+    still those of torch's stable sort, ties (many, from a few distinct values), +-0, inf, NaN and subnormals
+    included; descending ranks keep ties in index order too."""
+    generator = torch.Generator().manual_seed(len(shape))
+    delta = torch.randint(-6, 7, shape, generator=generator).float().mul_(0.25).to(dtype)
+    flat = delta.view(-1)
+    odd = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, torch.finfo(dtype).tiny / 4, -1e-45]).to(dtype)
+    flat[: odd.numel()] = odd
+    keys = delta.abs().view(methods.SORT_BITS[dtype])
+    rows = keys if keys.dim() >= 2 else keys.unsqueeze(0)
+    order = torch.sort(rows, dim=1, stable=True).indices
+    places = torch.empty_like(order).scatter_(1, order, torch.arange(rows.shape[1]).view(
+        [1, -1] + [1] * (rows.dim() - 2)).expand(rows.shape).contiguous())
+    assert torch.equal(methods.magnitude_places(delta).long(), places.reshape(shape))
+    descending = torch.sort(keys.reshape(-1), descending=True, stable=True).indices
+    ranks = torch.empty_like(descending).scatter_(0, descending, torch.arange(descending.numel()))
+    assert torch.equal(methods.magnitude_ranks(delta).long(), ranks.reshape(shape))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("density", [0.01, 0.3, 0.9, 0.9999, 1.0])
 def test_ties_trim_found_a_chunk_at_a_time_is_the_held_mask(monkeypatch, dtype, density):
