@@ -169,7 +169,8 @@ def test_a_run_whose_parent_changed_is_refused_and_goes_on_once_it_is_restored(z
     kept = weights.read_bytes()
     shutil.copyfile(next(zoo.joint.glob("*.safetensors")), weights)  # another fine-tune of the same shapes
     code, _, err = run_cli("evolve", search, run, "--threads", 1, "--budget", 4)
-    one_error_line(code, err, "parents.math has changed since this run started (its config.json or weights)",
+    one_error_line(code, err,
+                   "parents.math has changed since this run started (its config.json or weights, or an adapter",
                    "restore it, or use a new RUN_DIR")
     assert _trials(run) == 2
     weights.write_bytes(kept)  # the same bytes, written anew: the same model

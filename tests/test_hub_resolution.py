@@ -169,7 +169,7 @@ def test_a_hub_ids_commit_is_found_without_downloading_it(offline_cache):
 def test_a_study_records_its_pins_and_refuses_a_process_that_read_another_commit(tmp_path):
     import sqlite3
 
-    from shoal.search.trials import HUB_COMMITS, TASK_DIGESTS, open_study, study_records
+    from shoal.search.trials import HUB_COMMITS, MODEL_DIGESTS, TASK_DIGESTS, open_study, study_records
 
     study_commits = lambda url, searches: study_records(url, searches, HUB_COMMITS)
 
@@ -182,26 +182,30 @@ def test_a_study_records_its_pins_and_refuses_a_process_that_read_another_commit
     assert study_commits(empty, {"shoal": "h"}) == {}
     assert sqlite3.connect(tmp_path / "empty.db").execute("select name from sqlite_master").fetchall() == []
     for url in (storage, f"sqlite:///{tmp_path / 'shared.db'}"):
-        open_study(url, "h", "shoal", {"org/a": "0" * 40})
+        open_study(url, "h", "shoal", {HUB_COMMITS: {"org/a": "0" * 40}})
         assert study_commits(url, {"shoal": "h"}) == {"org/a": "0" * 40}
         assert study_commits(url, {"other": "h"}) == study_commits(url, {"shoal": "another search"}) == {}
-        open_study(url, "h", "shoal", {"org/a": "0" * 40, "org/b": "1" * 40})  # a pin it lacked is added
+        open_study(url, "h", "shoal", {HUB_COMMITS: {"org/a": "0" * 40, "org/b": "1" * 40}})  # a pin it lacked is added
         assert study_commits(url, {"other": "h", "shoal": "h"}) == {"org/a": "0" * 40, "org/b": "1" * 40}
         open_study(url, "h", "shoal")  # a reader that pins nothing (a report) opens it
         with pytest.raises(ShoalError, match=f"reads org/a at commit {'0' * 12}, and this process at {'2' * 12}: "
                                              "the branch moved on between their first starts"):
-            open_study(url, "h", "shoal", {"org/a": "2" * 40})
-        open_study(url, "h", "shoal", task_digests={"t": "x"})
+            open_study(url, "h", "shoal", {HUB_COMMITS: {"org/a": "2" * 40}})
+        open_study(url, "h", "shoal", {TASK_DIGESTS: {"t": "x"}, MODEL_DIGESTS: {"parents.m": "d hub"}})
         with pytest.raises(ShoalError, match="task t here is not the one the study at .* was scored on"):
-            open_study(url, "h", "shoal", {"org/c": "3" * 40}, {"t": "z", "u": "z"})
+            open_study(url, "h", "shoal", {HUB_COMMITS: {"org/c": "3" * 40}, TASK_DIGESTS: {"t": "z", "u": "z"}})
+        with pytest.raises(ShoalError, match=r"parents.m here is not the model the study at .* was scored with \(its "
+                                             r"config.json or weights, or an adapter's\): give every process"):
+            open_study(url, "h", "shoal", {TASK_DIGESTS: {"t": "x", "u": "z"}, MODEL_DIGESTS: {"parents.m": "e hub"}})
         assert study_commits(url, {"shoal": "h"}) == {"org/a": "0" * 40, "org/b": "1" * 40}  # the refused: nothing
         assert study_records(url, {"shoal": "h"}, TASK_DIGESTS) == {"t": "x"}
-        open_study(url, "h", "shoal", task_digests={"lm": "lm_eval 0.4.9 abc"})
+        assert study_records(url, {"shoal": "h"}, MODEL_DIGESTS) == {"parents.m": "d hub"}
+        open_study(url, "h", "shoal", {TASK_DIGESTS: {"lm": "lm_eval 0.4.9 abc"}})
         with pytest.raises(ShoalError, match="task lm: this process has lm-eval 0.4.10, and the study at .* was "
                                              "scored with lm-eval 0.4.9: install lm_eval==0.4.9 here"):
-            open_study(url, "h", "shoal", task_digests={"lm": "lm_eval 0.4.10 abc"})
+            open_study(url, "h", "shoal", {TASK_DIGESTS: {"lm": "lm_eval 0.4.10 abc"}})
         with pytest.raises(ShoalError, match="task lm here is not the one"):  # the same lm-eval, other files
-            open_study(url, "h", "shoal", task_digests={"lm": "lm_eval 0.4.9 abd"})
+            open_study(url, "h", "shoal", {TASK_DIGESTS: {"lm": "lm_eval 0.4.9 abd"}})
     with pytest.raises(ShoalError, match="cannot open the study at ://x"):
         study_commits("://x", {"shoal": "h"})
 
@@ -294,25 +298,63 @@ def test_a_task_linked_into_a_hub_cache_and_its_plain_copy_have_one_portable_dig
     assert on_hub.digest(portable=True) == copied.digest(portable=True)
 
 
+def test_a_model_linked_into_a_hub_cache_and_its_plain_copy_have_one_portable_digest(tmp_path, zoo):
+    """A shared study compares local models by their bytes (a LoRA adapter's config too), a run folder by blob name."""
+    import shutil
+
+    from shoal.checkpoint.digest import first_changed, model_digest
+
+    blobs = tmp_path / "cache" / "blobs"
+    blobs.mkdir(parents=True)
+    shutil.copytree(zoo.parents["math"], tmp_path / "copy")
+    (tmp_path / "linked").mkdir()
+    for i, file in enumerate(sorted((tmp_path / "copy").iterdir())):
+        shutil.copy(file, blobs / f"{i:064x}")
+        (tmp_path / "linked" / file.name).symlink_to(blobs / f"{i:064x}")
+    linked, copied = tmp_path / "linked", tmp_path / "copy"
+    assert model_digest(linked) != model_digest(copied)
+    assert model_digest(linked, portable=True) == model_digest(copied, portable=True)
+    plain = model_digest(copied, portable=True)
+    (copied / "adapter_config.json").write_text('{"r": 8}')
+    assert model_digest(copied, portable=True) != plain
+    assert first_changed({"a": "1", "b": "2"}, {"a": "1"}, missing_counts=True) == "b"
+    assert first_changed({"a": "1", "b": "2"}, {"a": "1"}, missing_counts=False) is None
+    assert first_changed({"b": "2", "a": "1"}, {"a": "0", "b": "3", "c": "4"}, missing_counts=False) == "a"
+
+
 @pytest.mark.usefixtures("one_torch_thread")
-def test_a_process_whose_copy_of_a_task_differs_is_refused_by_a_shared_study(zoo, run_cli, tmp_path):
+@pytest.mark.parametrize("changed, space", [("task", "ps"), ("parent", "ps"), ("parent", "hybrid pool")])
+def test_a_process_whose_copy_of_a_task_or_parent_differs_is_refused_by_a_shared_study(zoo, run_cli, tmp_path,
+                                                                                       changed, space):
+    import json
     import shutil
 
     from conftest import zoo_search
 
+    extra = {"space": "hybrid", "pool": {"subset": 2, "survivors": [], "shares": [1.0]}, "budget": 3,
+             "dfs": {"parents": ["math"], "budget": 1, "scaling": "seam"}} if space == "hybrid pool" else {"budget": 2}
+    parents = {"math": "math", "language": str(zoo.parents["language"])} | (
+        {"plain": str(zoo.base)} if space == "hybrid pool" else {})
     searches = []
     for machine in ("a", "b"):  # each machine's copy of the project; paths count as the search file writes them
         shutil.copytree(zoo.tasks["xx-math"], tmp_path / machine / "task")
-        searches.append(zoo_search(zoo, tmp_path / machine, budget=2, tasks=[{"path": "task"}]))
-    dev = tmp_path / "b" / "task" / "dev.jsonl"
-    dev.write_text("".join(dev.read_text().splitlines(keepends=True)[:-1]))  # b's dev split lost its last item
+        shutil.copytree(zoo.parents["math"], tmp_path / machine / "math")
+        searches.append(zoo_search(zoo, tmp_path / machine, tasks=[{"path": "task"}], parents=parents, **extra))
+    if changed == "task":
+        edited = tmp_path / "b" / "task" / "dev.jsonl"
+        edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))  # b's dev split lost an item
+        refusal = "task xx-math here is not the one the study at {} was scored on"
+    else:
+        edited = tmp_path / "b" / "math" / "config.json"
+        edited.write_text(json.dumps(json.loads(edited.read_text()) | {"rope_theta": 20000.0}))  # b's copy differs
+        refusal = "parents.math here is not the model the study at {} was scored with (its config.json or weights"
     shared = tmp_path / "shared.log"
     code, _, err = run_cli("evolve", searches[0], tmp_path / "a" / "run", "--threads", 1, "--storage", shared)
     assert code == 0, err
     code, _, err = run_cli("evolve", searches[1], tmp_path / "b" / "run", "--threads", 1, "--storage", shared)
-    one_error_line(code, err, f"task xx-math here is not the one the study at {shared} was scored on",
-                   "give every process that shares the study the same files")
-    assert "loading parents" not in err and not (tmp_path / "b" / "run").exists()  # refused before the parents load
-    shutil.copy(tmp_path / "a" / "task" / "dev.jsonl", dev)
+    one_error_line(code, err, refusal.format(shared), "give every process that shares the study the same files")
+    assert "loading parents" not in err  # refused before the parents load, and a one-space start leaves no folder
+    assert space != "ps" or not (tmp_path / "b" / "run").exists()
+    shutil.copy(tmp_path / "a" / edited.relative_to(tmp_path / "b"), edited)
     code, _, err = run_cli("evolve", searches[1], tmp_path / "b" / "run", "--threads", 1, "--storage", shared)
     assert code == 0, err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -52,12 +52,13 @@ WINDOWS, WINDOW_BYTES = 16, 1 << 16
 """A sampled digest reads this many windows of this many bytes, spread evenly over a file."""
 
 
-def sampled_digest(path: Path) -> str:
+def sampled_digest(path: Path, portable: bool = False) -> str:
     """A file's digest from its size and WINDOWS windows of WINDOW_BYTES spread over it (1 MiB whatever the
-    size): the name of the Hugging Face cache blob it links to where it is one (free and whole), else what tells a
-    replaced file, or one of another size, at once; a change confined to a few small regions may not show."""
+    size): the name of the Hugging Face cache blob it links to where it is one (free and whole; not when portable,
+    so that a copy on another machine digests alike), else what tells a replaced file, or one of another size, at
+    once; a change confined to a few small regions may not show."""
     real = path.resolve()
-    if blob := _blob(real):
+    if not portable and (blob := _blob(real)):
         return blob
     size = real.stat().st_size
     digest = hashlib.sha256(f"{size}\n".encode())
@@ -68,11 +69,26 @@ def sampled_digest(path: Path) -> str:
     return f"sampled:{digest.hexdigest()}"
 
 
-def model_digest(folder: Path) -> str:
-    """One digest of what a model folder's weights and architecture are: config.json whole, each weights file
-    sampled (sampled_digest)."""
+MODEL_FILES = "its config.json or weights, or an adapter's"
+"""What a model's digest covers, for a message."""
+
+
+def model_digest(folder: Path, portable: bool = False) -> str:
+    """One digest of what a model folder's weights and architecture are: config.json whole (and a LoRA adapter's
+    adapter_config.json where the folder is an adapter's), each weights file sampled (sampled_digest). portable:
+    alike for a copy on another machine (file_digest)."""
     config = folder / "config.json"  # a folder without one is refused by whatever opens it
-    digest = hashlib.sha256(f"config.json\0{file_digest(config) if config.is_file() else 'absent'}\n".encode())
+    digest = hashlib.sha256(f"config.json\0{file_digest(config, portable) if config.is_file() else 'absent'}\n".encode())
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        digest.update(f"{adapter.name}\0{file_digest(adapter, portable)}\n".encode())
     for weights in sorted(folder.glob("*.safetensors")):
-        digest.update(f"{weights.name}\0{sampled_digest(weights)}\n".encode())
+        digest.update(f"{weights.name}\0{sampled_digest(weights, portable)}\n".encode())
     return digest.hexdigest()
+
+
+def first_changed(recorded: Mapping[str, str], now: Mapping[str, str], missing_counts: bool) -> str | None:
+    """The first name (in sorted order) recorded with a digest other than the one now; a name recorded but absent
+    now counts as changed where missing_counts, a name not recorded never does."""
+    return min((name for name, digest in recorded.items()
+                if now.get(name, None if missing_counts else digest) != digest), default=None)

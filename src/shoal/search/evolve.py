@@ -34,7 +34,7 @@ from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
-from shoal.search.trials import (HUB_COMMITS, STUDY_NAME, TASK_DIGESTS, Trial, check_recorded, first_trials,
+from shoal.search.trials import (HUB_COMMITS, MODEL_DIGESTS, STUDY_NAME, TASK_DIGESTS, Trial, check_recorded, first_trials,
                                  open_study, stored_trials, study_records)
 
 
@@ -200,10 +200,11 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         earlier = run_folder.earlier_run(spec, run_dir)  # refuses another search's folder before the parents load
         digests = task_digests(tasks)
         run_folder.check_tasks(spec, earlier, digests)
-        if own:
+        inputs = None if own else shared_inputs(spec, tasks)
+        if inputs is None:
             run_folder.check_journal(spec, run_dir, earlier)
         else:
-            _check_shared_tasks(spec, earlier, options, tasks)
+            _check_shared_inputs(spec, earlier, options, inputs)
         mended = journal.recover(Path(default_storage(run_dir))) if own else None
         if mended:
             options.notice(mended)
@@ -219,18 +220,25 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         # nothing is recorded before its study opens, so a search refused so far leaves the folder as it was
         record = run_folder.open_run(spec, run_dir, earlier, options.storage, options.study, options.notice,
                                      digests, models)
-        return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, start, options))
+        return finish(_search(spec, run_dir, record, space, genome, fitness, tasks, inputs, start, options))
 
 
-def _check_shared_tasks(spec: SearchSpec, earlier: run_folder.RunRecord | None, options: SearchOptions,
-                        tasks: list[WeightedTask]) -> None:
-    """Refuse, before the parents load, a process whose copy of a task differs from the one its shared study was
-    scored on (open_study refuses it too, under the storage's lock, should the study record it meanwhile)."""
+def shared_inputs(spec: SearchSpec, tasks: list[WeightedTask]) -> dict[str, dict[str, str]]:
+    """What a shared study holds every process to, beside the Hub pins, by user attr (trials.open_study): the tasks'
+    portable digests, and the models' (shared_model_digests)."""
+    return {TASK_DIGESTS: task_digests(tasks, portable=True), MODEL_DIGESTS: shared_model_digests(spec)}
+
+
+def _check_shared_inputs(spec: SearchSpec, earlier: run_folder.RunRecord | None, options: SearchOptions,
+                         inputs: dict[str, dict[str, str]]) -> None:
+    """Refuse, before the parents load, a process whose copy of a task or a local model differs from the one its
+    shared study was scored with (open_study refuses it too, under the storage's lock, should the study record it
+    meanwhile)."""
     storage = run_folder.named_storage(spec, earlier, options.storage)
     assert storage is not None
     study = run_folder.study_name(earlier, options.study)
-    recorded = study_records(storage, {study: spec.search_hash()}, TASK_DIGESTS)
-    check_recorded(storage, TASK_DIGESTS, recorded, task_digests(tasks, portable=True))
+    for attr, values in inputs.items():
+        check_recorded(storage, attr, study_records(storage, {study: spec.search_hash()}, attr), values)
 
 
 def task_digests(tasks: list[WeightedTask], portable: bool = False) -> dict[str, str]:
@@ -245,6 +253,22 @@ def model_digests(spec: SearchSpec) -> dict[str, str]:
     threads or device): the search hash pins it by trial."""
     return {key: model_digest(resolve_model(ref)) for key, ref in spec.models.items()
             if not spec.is_stage_result(ref)}
+
+
+def shared_model_digests(spec: SearchSpec) -> dict[str, str]:
+    """Each model the search reads from a local folder, by its key in the search file: the portable digests of its
+    local places (model_digest; a LoRA adapter's folder apart from its model's), a place on the Hub as `hub` (the
+    study's pins hold its commit). A model wholly on the Hub is left out, as is an earlier stage's result (pinned
+    by trial in the search hash). Nothing is downloaded or made: a LoRA's merged model is not digested, as its bits
+    may differ between machines where its parts do not."""
+    digests = {}
+    for key, ref in spec.models.items():
+        places = parse_reference(ref).places
+        if spec.is_stage_result(ref) or all(place.is_hub_id for place in places):
+            continue
+        digests[key] = " ".join("hub" if place.is_hub_id else model_digest(Path(place.path).expanduser(), portable=True)
+                                for place in places)
+    return digests
 
 
 def refusals(spec: SearchSpec, options: SearchOptions, own: bool) -> list[WeightedTask]:
@@ -262,8 +286,10 @@ def refusals(spec: SearchSpec, options: SearchOptions, own: bool) -> list[Weight
 
 
 def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space: Space | None, genome: GeneSpace,
-            fitness: DevFitness | None, tasks: list[WeightedTask], start: float, options: SearchOptions) -> Searched:
-    """The trials (each noted in run.json's session as it is stored) and the pick."""
+            fitness: DevFitness | None, tasks: list[WeightedTask], inputs: dict[str, dict[str, str]] | None,
+            start: float, options: SearchOptions) -> Searched:
+    """The trials (each noted in run.json's session as it is stored) and the pick. inputs: what a shared study
+    holds its processes to (shared_inputs; None with the folder's own journal)."""
     assert record.storage is not None and record.study is not None
     shared_storage = not record.default_storage  # a storage the user named may be shared with other processes
     if shared_storage:
@@ -271,8 +297,8 @@ def _search(spec: SearchSpec, run_dir: Path, record: run_folder.RunRecord, space
     # with a shared storage, the first process creates the schema while the others wait
     try:
         with StorageLock(record.storage, record.study).held() if shared_storage else nullcontext():
-            study = open_study(record.storage, spec.search_hash(), record.study, spec.hub_commits,
-                               task_digests(tasks, portable=True) if shared_storage else None)
+            study = open_study(record.storage, spec.search_hash(), record.study,
+                               {HUB_COMMITS: spec.hub_commits} | (inputs or {}))
     except BaseException:
         if not any(run_dir.iterdir()):  # the folder this start made, left empty: nothing recorded
             run_dir.rmdir()

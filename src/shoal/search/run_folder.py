@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from shoal.checkpoint.digest import MODEL_FILES, first_changed
 from shoal.errors import ShoalError
 from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage, open_storage
@@ -159,14 +160,14 @@ def _check_task_digests(recorded: dict[str, str] | None, digests: dict[str, str]
 def _check_model_digests(recorded: dict[str, str] | None, digests: dict[str, str]) -> None:
     changed = _changed(recorded, digests)
     if changed:
-        raise ShoalError(f"{changed} has changed since this run started (its config.json or weights), and the "
+        raise ShoalError(f"{changed} has changed since this run started ({MODEL_FILES}), and the "
                          "run's stored trials were scored with it as it was: restore it, or use a new RUN_DIR")
 
 
 def _changed(recorded: dict[str, str] | None, digests: dict[str, str]) -> str | None:
     """The first name recorded (None: a run from before digests were kept) whose digest is not the one now. A name
     not recorded is not compared: it is kept from then on (an lm-eval task from before shoal kept theirs)."""
-    return min((name for name in recorded or {} if digests.get(name) != recorded[name]), default=None)
+    return first_changed(recorded or {}, digests, missing_counts=True)
 
 
 def check_journal(spec: SearchSpec, run_dir: Path, earlier: RunRecord | None) -> None:

@@ -8,7 +8,7 @@ parallel workers and shared studies store trials out of order, and a claim aband
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -16,6 +16,7 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from shoal.checkpoint.digest import MODEL_FILES, first_changed
 from shoal.errors import ShoalError
 from shoal.search.storage import existing_storage, open_storage
 
@@ -24,6 +25,8 @@ HUB_COMMITS = "hub_commits"
 """A study's user attr: the commits its Hub ids are read at (open_study)."""
 TASK_DIGESTS = "task_digests"
 """A study's user attr: its tasks' portable digests, by name (open_study)."""
+MODEL_DIGESTS = "model_digests"
+"""A study's user attr: the portable digests of its models' local folders, by key in the search file (open_study)."""
 TASK_FILES = "its task.yaml, a split or a picture it names; an lm-eval task's files under include, or lm-eval's version"
 """What a task's digest covers, for a message."""
 
@@ -163,12 +166,12 @@ def running_trials(study: optuna.Study) -> int:
     return sum(t.state in going and counted(t) for t in study.get_trials(deepcopy=False))
 
 
-def open_study(storage: str, search_hash: str, name: str = STUDY_NAME, hub_commits: dict[str, str] | None = None,
-               task_digests: dict[str, str] | None = None) -> optuna.Study:
-    """The run's study (created if new); refuses one made by a different search, or one that reads a Hub id of
-    hub_commits (the run's pins, SearchSpec.hub_commits) at another commit, or whose task of task_digests (portable
-    ones, by name) had other contents. A study records what it is opened with, so that each process sharing it
-    reads the same files (study_records)."""
+def open_study(storage: str, search_hash: str, name: str = STUDY_NAME,
+               records: Mapping[str, Mapping[str, str]] | None = None) -> optuna.Study:
+    """The run's study (created if new); refuses one made by a different search, or one whose user attrs record a
+    key of records (by attr: HUB_COMMITS, the run's pins; TASK_DIGESTS and MODEL_DIGESTS, portable digests) with
+    another value: a Hub id read at another commit, a task or a local model with other contents. A study records
+    what it is opened with, so that each process sharing it reads the same files (study_records)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with _named_errors(storage):
         study = optuna.create_study(storage=open_storage(storage), study_name=name,
@@ -181,38 +184,52 @@ def open_study(storage: str, search_hash: str, name: str = STUDY_NAME, hub_commi
             f"the study at {storage} was made by a different search (hash {stored}, this one {search_hash}); "
             "use a new RUN_DIR or --storage"
         )
-    given = {HUB_COMMITS: hub_commits or {}, TASK_DIGESTS: task_digests or {}}
+    given = records or {}
     for attr, values in given.items():  # every check before any write: a refused process records nothing
         check_recorded(storage, attr, study.user_attrs.get(attr) or {}, values)
     for attr, values in given.items():
         recorded = study.user_attrs.get(attr) or {}
         if not values.keys() <= recorded.keys():
-            study.set_user_attr(attr, recorded | values)
+            study.set_user_attr(attr, recorded | dict(values))
     return study
 
 
-def check_recorded(storage: str, attr: str, recorded: dict[str, str], values: dict[str, str]) -> None:
+def check_recorded(storage: str, attr: str, recorded: Mapping[str, str], values: Mapping[str, str]) -> None:
     """Refuse this process where a key of values is recorded by the study (in its user attr attr) with another
-    value: a Hub id at another commit, a task with other contents."""
-    changed = min((key for key in values if recorded.get(key, values[key]) != values[key]), default=None)
-    if changed is None:
-        return
-    if attr == HUB_COMMITS:
-        raise ShoalError(
-            f"the study at {storage} reads {changed} at commit {recorded[changed][:12]}, and this process at "
-            f"{values[changed][:12]}: the branch moved on between their first starts; start this process again and "
-            "it reads the study's")
-    here, there = (value.split()[:2] for value in (values[changed], recorded[changed]))
-    if here[0] == there[0] == "lm_eval" and here != there:  # an lm-eval task's digest starts with lm-eval's version
-        raise ShoalError(f"task {changed}: this process has lm-eval {here[1]}, and the study at {storage} was scored "
-                         f"with lm-eval {there[1]}: install lm_eval=={there[1]} here")
-    raise ShoalError(f"task {changed} here is not the one the study at {storage} was scored on ({TASK_FILES}): give "
-                     "every process that shares the study the same files")
+    value: a Hub id at another commit, a task or a model with other contents."""
+    changed = first_changed(recorded, values, missing_counts=False)
+    if changed is not None:
+        raise ShoalError(_REFUSALS[attr](storage, changed, values[changed], recorded[changed]))
+
+
+def _other_commit(storage: str, key: str, here: str, there: str) -> str:
+    return (f"the study at {storage} reads {key} at commit {there[:12]}, and this process at {here[:12]}: the branch "
+            "moved on between their first starts; start this process again and it reads the study's")
+
+
+def _other_task(storage: str, key: str, here: str, there: str) -> str:
+    ours, theirs = here.split()[:2], there.split()[:2]
+    if ours[0] == theirs[0] == "lm_eval" and ours != theirs:  # an lm-eval task's digest starts with lm-eval's version
+        return (f"task {key}: this process has lm-eval {ours[1]}, and the study at {storage} was scored with lm-eval "
+                f"{theirs[1]}: install lm_eval=={theirs[1]} here")
+    return (f"task {key} here is not the one the study at {storage} was scored on ({TASK_FILES}): give every process "
+            "that shares the study the same files")
+
+
+def _other_model(storage: str, key: str, here: str, there: str) -> str:
+    return (f"{key} here is not the model the study at {storage} was scored with ({MODEL_FILES}): give every process "
+            "that shares the study the same files")
+
+
+_REFUSALS: dict[str, Callable[[str, str, str, str], str]] = {
+    HUB_COMMITS: _other_commit, TASK_DIGESTS: _other_task, MODEL_DIGESTS: _other_model}
+"""The refusal of a process whose value of a key differs from the study's, by user attr: its message from the
+storage, the key, this process's value and the study's."""
 
 
 def study_records(storage: str, searches: dict[str, str], attr: str) -> dict[str, str]:
     """What the studies in storage named as keys of searches, each made by the search of that hash, record in their
-    user attr attr (open_study: HUB_COMMITS, TASK_DIGESTS), merged: what a process joining them is held to. Nothing
+    user attr attr (open_study: HUB_COMMITS, TASK_DIGESTS, MODEL_DIGESTS), merged: what a process joining them is held to. Nothing
     is created."""
     with _named_errors(storage):
         opened = existing_storage(storage)
