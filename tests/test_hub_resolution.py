@@ -171,7 +171,7 @@ def test_a_study_records_its_pins_and_refuses_a_process_that_read_another_commit
 
     from shoal.search.trials import HUB_COMMITS, MODEL_DIGESTS, TASK_DIGESTS, open_study, study_records
 
-    study_commits = lambda url, searches: study_records(url, searches, HUB_COMMITS)
+    study_commits = lambda url, searches: study_records(url, searches, [HUB_COMMITS])[HUB_COMMITS]
 
     storage = str(tmp_path / "shared.log")
     assert study_commits(storage, {"shoal": "h"}) == {} and not Path(storage).exists()  # a peek creates nothing
@@ -198,8 +198,8 @@ def test_a_study_records_its_pins_and_refuses_a_process_that_read_another_commit
                                              r"config.json or weights, or an adapter's\): give every process"):
             open_study(url, "h", "shoal", {TASK_DIGESTS: {"t": "x", "u": "z"}, MODEL_DIGESTS: {"parents.m": "e hub"}})
         assert study_commits(url, {"shoal": "h"}) == {"org/a": "0" * 40, "org/b": "1" * 40}  # the refused: nothing
-        assert study_records(url, {"shoal": "h"}, TASK_DIGESTS) == {"t": "x"}
-        assert study_records(url, {"shoal": "h"}, MODEL_DIGESTS) == {"parents.m": "d hub"}
+        assert study_records(url, {"shoal": "h"}, [TASK_DIGESTS, MODEL_DIGESTS]) == {
+            TASK_DIGESTS: {"t": "x"}, MODEL_DIGESTS: {"parents.m": "d hub"}}
         open_study(url, "h", "shoal", {TASK_DIGESTS: {"lm": "lm_eval 0.4.9 abc"}})
         with pytest.raises(ShoalError, match="task lm: this process has lm-eval 0.4.10, and the study at .* was "
                                              "scored with lm-eval 0.4.9: install lm_eval==0.4.9 here"):

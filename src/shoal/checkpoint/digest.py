@@ -78,7 +78,8 @@ def model_digest(folder: Path, portable: bool = False) -> str:
     adapter_config.json where the folder is an adapter's), each weights file sampled (sampled_digest). portable:
     alike for a copy on another machine (file_digest)."""
     config = folder / "config.json"  # a folder without one is refused by whatever opens it
-    digest = hashlib.sha256(f"config.json\0{file_digest(config, portable) if config.is_file() else 'absent'}\n".encode())
+    known = file_digest(config, portable) if config.is_file() else "absent"
+    digest = hashlib.sha256(f"config.json\0{known}\n".encode())
     adapter = folder / "adapter_config.json"
     if adapter.is_file():
         digest.update(f"{adapter.name}\0{file_digest(adapter, portable)}\n".encode())

@@ -34,8 +34,8 @@ from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
 from shoal.search.summary import Selection as SelectionRecord
-from shoal.search.trials import (HUB_COMMITS, MODEL_DIGESTS, STUDY_NAME, TASK_DIGESTS, Trial, check_recorded, first_trials,
-                                 open_study, stored_trials, study_records)
+from shoal.search.trials import (HUB_COMMITS, MODEL_DIGESTS, STUDY_NAME, TASK_DIGESTS, Trial, check_recorded,
+                                 first_trials, open_study, stored_trials, study_records)
 
 
 OnStep = Callable[[str], None]
@@ -131,7 +131,7 @@ def _kept_commits(spec: SearchSpec, run_dir: Path, storage: str | None, study: s
             for key, commit in own.items()}
     named = run_folder.named_storage(spec, earlier, storage)
     if named is not None:
-        shared = study_records(named, _studies(spec, run_folder.study_name(earlier, study)), HUB_COMMITS)
+        shared = study_records(named, _studies(spec, run_folder.study_name(earlier, study)), [HUB_COMMITS])[HUB_COMMITS]
         kept |= {key: (commit, f"the commit its study at {named} reads (another --storage reads the new one)")
                  for key, commit in shared.items() if own.get(key) != commit}
     return kept
@@ -237,8 +237,9 @@ def _check_shared_inputs(spec: SearchSpec, earlier: run_folder.RunRecord | None,
     storage = run_folder.named_storage(spec, earlier, options.storage)
     assert storage is not None
     study = run_folder.study_name(earlier, options.study)
+    recorded = study_records(storage, {study: spec.search_hash()}, inputs)
     for attr, values in inputs.items():
-        check_recorded(storage, attr, study_records(storage, {study: spec.search_hash()}, attr), values)
+        check_recorded(storage, attr, recorded[attr], values)
 
 
 def task_digests(tasks: list[WeightedTask], portable: bool = False) -> dict[str, str]:

@@ -8,7 +8,7 @@ parallel workers and shared studies store trials out of order, and a claim aband
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -227,17 +227,18 @@ _REFUSALS: dict[str, Callable[[str, str, str, str], str]] = {
 storage, the key, this process's value and the study's."""
 
 
-def study_records(storage: str, searches: dict[str, str], attr: str) -> dict[str, str]:
-    """What the studies in storage named as keys of searches, each made by the search of that hash, record in their
-    user attr attr (open_study: HUB_COMMITS, TASK_DIGESTS, MODEL_DIGESTS), merged: what a process joining them is held to. Nothing
-    is created."""
+def study_records(storage: str, searches: dict[str, str], attrs: Iterable[str]) -> dict[str, dict[str, str]]:
+    """What the studies in storage named as keys of searches, each made by the search of that hash, record in each
+    user attr of attrs (open_study: HUB_COMMITS, TASK_DIGESTS, MODEL_DIGESTS), merged, by attr: what a process
+    joining them is held to. The storage is read once; nothing is created."""
     with _named_errors(storage):
         opened = existing_storage(storage)
         studies = opened.get_all_studies() if opened is not None else []
-    records: dict[str, str] = {}
+    records: dict[str, dict[str, str]] = {attr: {} for attr in attrs}
     for study in studies:
         if study.study_name in searches and study.user_attrs.get("search_hash") == searches[study.study_name]:
-            records |= study.user_attrs.get(attr) or {}
+            for attr, merged in records.items():
+                merged |= study.user_attrs.get(attr) or {}
     return records
 
 
