@@ -152,8 +152,8 @@ def magnitude_keys(delta: Tensor) -> Tensor:
 def stable_order(keys: Tensor, dim: int, descending: bool = False) -> Tensor:
     """The indices of a stable sort of integer keys along dim: torch.sort(keys, dim, descending, stable=True).indices.
 
-    On a CPU, 16-bit keys (bfloat16 and float16 magnitudes) go to numpy's stable argsort, a radix sort: 8.8 ns an
-    entry against torch's 48 on one thread (rows of a 4096 x 1536 bfloat16 matrix, BENCHMARKS.md). A descending
+    On a CPU, 16-bit keys (bfloat16 and float16 magnitudes) go to numpy's stable argsort, a radix sort: 8.9 ns an
+    entry against torch's 47.6 on one thread (rows of a 4096 x 1536 bfloat16 matrix, BENCHMARKS.md). A descending
     order is the ascending order of the keys' complement (~k = -k - 1 reverses the order and keeps ties as ties),
     so ties stay in index order either way."""
     if keys.device.type != "cpu" or keys.dtype != torch.int16:
