@@ -29,7 +29,7 @@ from shoal.search.genome import GeneSpace
 from shoal.search.loop import Compute, Evaluator, Progress, SerialEvaluator, attempt, run_trials
 from shoal.search.optimizer import CmaEs
 from shoal.search.select import Selection, select, stored_score
-from shoal.search.spaces import Space, genome_of, make_space, check_worker_memory
+from shoal.search.spaces import Space, check_worker_memory, genome_of, make_space, slow_dtype_notice
 from shoal.search.spec import SearchSpec
 from shoal.search.storage import default_storage
 from shoal.search.summary import Best, Cost, Rescored, SecondsPerTrial, StageResult, Summary
@@ -215,6 +215,9 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         space = None if parallel else make_space(spec, options.on_step)
         if parallel and spec.space == "ps":
             check_worker_memory(spec, options.on_step)
+        slow = None if space is None else slow_dtype_notice(space, spec.device)
+        if slow:
+            options.notice(slow)
         genome = space.genome if space is not None else genome_of(spec)
         fitness = None if space is None else search_fitness(spec, space, tasks)
         # nothing is recorded before its study opens, so a search refused so far leaves the folder as it was

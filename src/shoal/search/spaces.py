@@ -11,11 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shoal import layout
 from shoal.checkpoint.reader import open_checkpoint
+from shoal.devices import cpu_linear_slowdown
 from shoal.errors import ShoalError
 from shoal.flow.export import check_exportable, export_path
 from shoal.flow.model import PathModel
@@ -139,3 +141,24 @@ def make_space(spec: SearchSpec, report: Callable[[str], None] | None = None) ->
     """The spec's space; report is told a parameter space's memory plan line before anything loads."""
     genome_of(spec)  # refuses a hybrid spec
     return ParameterSpace(spec, report) if spec.space == "ps" else FlowSpace(spec)
+
+
+SLOW_DTYPE = 2.0
+"""How many times slower than float32 a 16-bit dtype's linear layer must run on the CPU before a search says so."""
+
+
+def slow_dtype_notice(space: Space, device: str) -> str | None:
+    """A line when a parameter space's live models are bfloat16 or float16 on a CPU that runs that dtype's linear
+    layers at least SLOW_DTYPE times slower than float32 (timed now, devices.cpu_linear_slowdown), naming the
+    search file's remedy; else None. The data-flow space runs its parents in their own dtype and has no remedy."""
+    if not isinstance(space, ParameterSpace) or device != "cpu":
+        return None
+    dtype = space.merger.model.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    slowdown = cpu_linear_slowdown(dtype)
+    if slowdown < SLOW_DTYPE:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"the live models are {name}, and a {name} linear layer took {slowdown:.1f}x as long as a float32 one on "
+            f"this CPU: a search with dtype: float32 may score faster here, at twice the live models' memory")
