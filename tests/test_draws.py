@@ -38,6 +38,22 @@ def test_numpy_and_torch_hash_each_entry_as_the_formula_says(seed, start):
     assert draws.hashed(index, torch.tensor(draws.offset(seed))).tolist() == expected
 
 
+@pytest.mark.parametrize("seed,start", [(0, 0), (9, 12345), (2**32 - 1, 2**32 - 300), (2**40 + 7, 5)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_int32_hash_a_compiled_pass_draws_in_holds_the_formula_s_bits(seed, start, compiled):
+    """hashed_int32 wraps its products in int32 lanes and masks its shifts: the same 32 bits as the formula, eager
+    and compiled (300 entries: vector lanes and a scalar tail), and top_bits reads them as h >> (32 - bits)."""
+    count = 300
+    expected = reference(seed, start, count)
+    index = torch.arange(start, start + count, dtype=torch.int64)
+    form = torch.compile(draws.hashed_int32, dynamic=False) if compiled else draws.hashed_int32
+    bits = form(index, torch.tensor(draws.offset(seed)))
+    assert bits.dtype == torch.int32
+    assert (bits.to(torch.int64) & 0xFFFFFFFF).tolist() == expected
+    for width in (24, draws.GRID_BITS):
+        assert draws.top_bits(bits, width).tolist() == [h >> (32 - width) for h in expected]
+
+
 @pytest.mark.parametrize("density", [1e-9, 0.01, 0.3, 0.5, 0.9999, 1 - 2**-26, 1.0, 1.5])
 def test_an_entry_is_kept_where_its_uniform_is_below_the_density_in_float32(density):
     seed, start, count = 77, 1000, 1 << 16

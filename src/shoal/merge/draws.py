@@ -14,7 +14,8 @@ rounded to float32), the same as h < threshold(d).
 A seeded torch.Generator could not promise this: a CPU draws from mt19937 and a GPU from Philox, so a recipe searched
 on one would merge to another model on the other, and its draws come in sequence, so a piece can only be drawn after
 every piece before it. The hash also costs less: on a CPU thread about 1.4 ns an entry in numpy's uint32 arithmetic,
-where torch's mt19937 takes 2.4-2.9, and a few integer operations inside a compiled merge pass (merge.fused).
+where torch's mt19937 takes 2.4-2.9, and a few integer operations inside a compiled merge pass (merge.fused),
+there in int32 lanes whose products wrap (hashed_int32: the same bits).
 A tensor of more than 2^32 entries is refused (its draws would repeat).
 """
 
@@ -82,6 +83,23 @@ def hashed(index: Tensor, key: Tensor | int) -> Tensor:
     for multiplier, shift in ((_M1, 16), (_M2, 15)):
         x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=shifted)).mul_(multiplier).bitwise_and_(MASK)
     return x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=shifted))
+
+
+def hashed_int32(index: Tensor, key: Tensor | int) -> Tensor:
+    """h of each entry as the bits of an int32 (h - 2^32 where h >= 2^31), for int64 entry indices and a seed's
+    offset: the form a compiled pass on a CPU draws in. Its products wrap mod 2^32 in int32 lanes and its right
+    shifts are masked to be logical; int64 products have no vector instruction on a CPU without AVX512 (compiled, on
+    an AVX2 CPU thread: 0.73 ns an entry for a keep mask, against 4.61 in `hashed`'s int64, BENCHMARKS.md).
+    Traceable; read its bits with top_bits."""
+    x = (index + key).to(torch.int32)  # mod 2^32: the low 32 bits, as two's complement
+    for multiplier, shift in ((_M1, 16), (_M2, 15)):
+        x = (x ^ ((x >> shift) & (MASK >> shift))) * multiplier
+    return x ^ ((x >> 15) & (MASK >> 15))
+
+
+def top_bits(hashes: Tensor, bits: int) -> Tensor:
+    """The top `bits` bits of hashed_int32's hashes, as non-negative int32: h >> (32 - bits)."""
+    return (hashes >> (32 - bits)) & ((1 << bits) - 1)
 
 
 def _hashed_numpy(seed: int, start: int, count: int) -> np.ndarray:

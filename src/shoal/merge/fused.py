@@ -61,8 +61,9 @@ def worth(entries: int, device: torch.device | str, merges: int = 1) -> bool:
 
 
 Keep = Tensor | tuple[Tensor, Tensor]
-"""A keep mask as the compiled pass takes it: a uint8 view of a held mask, or DARE's draws as the seed's offset and
-the density's threshold (0-dim int64 tensors), drawn inside the pass from the entries' indices (merge.draws)."""
+"""A keep mask as the compiled pass takes it: a uint8 view of a held mask, or DARE's draws as the seed's offset (a
+0-dim int64 tensor) and the density's threshold over 2^8 (0-dim int32: the hash's top 24 bits below it are kept),
+drawn inside the pass from the entries' indices (merge.draws)."""
 
 
 def _keep(keep: Keep, like: Tensor, start: Tensor) -> Tensor:
@@ -70,7 +71,7 @@ def _keep(keep: Keep, like: Tensor, start: Tensor) -> Tensor:
     if isinstance(keep, tuple):
         key, limit = keep
         index = (torch.arange(like.numel(), device=like.device) + start).view(like.shape)
-        return (draws.hashed(index, key) < limit).float()
+        return (draws.top_bits(draws.hashed_int32(index, key), 24) < limit).float()
     return keep.float()
 
 
@@ -139,7 +140,7 @@ def _slotted(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, ex
     magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
     exponents, q = norms.counted(magnitude, exponents)
     index = (torch.arange(q.numel(), device=q.device) + start).view(q.shape)
-    return exponents, q.double(), norms.slots(draws.hashed(index, key) >> (32 - draws.GRID_BITS))
+    return exponents, q.double(), norms.slots(draws.top_bits(draws.hashed_int32(index, key), draws.GRID_BITS))
 
 
 _compiled: dict[tuple[Callable, bool], Callable] = {}
@@ -213,9 +214,9 @@ def _drawn(mask: object, device: torch.device) -> Keep:
     2^32)."""
     if not isinstance(mask, methods.RandomDraws | None):
         raise TypeError(f"a recipe's masks are all drawn or none is: got {type(mask).__name__} among draws")
-    if mask is None:
-        return _int(0, device), _int(draws.LIMIT, device)
-    return _int(draws.offset(mask.seed), device), _int(draws.threshold(mask.density), device)
+    limit = draws.LIMIT if mask is None else draws.threshold(mask.density)  # a multiple of 2^8, up to 2^32
+    top = torch.tensor(limit >> 8, dtype=torch.int32, device=device)
+    return _int(0 if mask is None else draws.offset(mask.seed), device), top
 
 
 def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | None) -> norms.Sums:
