@@ -3,10 +3,10 @@
     python benchmarks/cpu_dtype.py [--size 0.5b|50m|small] [--repeats 3] [--threads 1] [--work /tmp/shoal-bench]
 
 Prints torch's CPU capability, `devices.cpu_linear_slowdown` for bfloat16 and float16 (the figure `shoal evolve`
-times at its start), and the seconds `shoal.evaluate` takes to score evolve_scale.py's generation task (8 prompts
-of 12 words, 8 new tokens, greedy) on one of merge_speed.py's random bf16 parents, loaded in bfloat16 and in
-float32 (medians of --repeats after one warm-up each), with both scores. A CPU with AVX512-BF16 or AMX multiplies
-bfloat16 natively; one with AVX2 alone converts it in software.
+times at its start) with the seconds the call took, and the seconds `shoal.evaluate` takes to score
+evolve_scale.py's generation task (8 prompts of 12 words, 8 new tokens, greedy) on one of merge_speed.py's random
+bf16 parents, loaded in bfloat16 and in float32 (medians of --repeats after one warm-up each), with both scores.
+A CPU with AVX512-BF16 or AMX multiplies bfloat16 natively; one with AVX2 alone converts it in software.
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{args.threads} torch thread(s)")
     for dtype in (torch.bfloat16, torch.float16):
-        print(f"linear layer (64 x 1024 by 1024 x 1024), {dtype} over float32: {cpu_linear_slowdown(dtype):.2f}x")
+        start = time.perf_counter()
+        slowdown = cpu_linear_slowdown(dtype)
+        print(f"linear layer (64 x 1024 by 1024 x 1024), {dtype} over float32: {slowdown:.2f}x (timed in "
+              f"{time.perf_counter() - start:.3f} s)")
     seconds = {}
     for dtype in (torch.bfloat16, torch.float32):
         model = AutoModelForCausalLM.from_pretrained(parent, dtype=dtype)

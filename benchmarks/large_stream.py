@@ -158,7 +158,8 @@ def main() -> None:
         print(f"trial {i}: merge {row['merge']:.1f} s, evaluation {row['eval']:.1f} s")
     later = r["rows"][1:] or r["rows"]  # the first merge also compiles and finds the norms
     merge, evaluation = (statistics.median(x[k] for x in later) for k in ("merge", "eval"))
-    print(f"load {r['load']:.1f} s; after the first trial (medians): merge {merge:.1f} s, evaluation {evaluation:.1f} s")
+    print(f"load {r['load']:.1f} s; after the first trial (medians): merge {merge:.1f} s, "
+          f"evaluation {evaluation:.1f} s")
     print(f"peak anonymous memory {format_bytes(r['anon'])} ({r['anon'] / size:.2f}x a parent), counted by the plan "
           f"{format_bytes(r['need'])}; {format_bytes(r['before'])} of it before anything loaded (the libraries); peak "
           f"resident set with mapped file pages {format_bytes(r['rss'])}")

@@ -38,13 +38,12 @@ def check_device(device: str, where: str = "--device") -> str:
     return device
 
 
-
 def cpu_linear_slowdown(dtype: torch.dtype, repeats: int = 3) -> float:
     """How many times longer a linear layer's product (64 rows by a 1024 x 1024 weight, as a model computes it)
     takes in dtype than in float32 on this CPU, with the caller's torch threads: the best of `repeats` runs each,
-    taken in turns, about 60 ms in all where the CPU has no instructions for dtype. A CPU without AVX512-BF16 or
-    AMX runs bfloat16 several times slower than float32 (BENCHMARKS.md: an AVX2 CPU scored a 0.55B model 3.2x
-    slower in bfloat16)."""
+    taken in turns (under 0.1 s in all on an AVX2 CPU, which has no bfloat16 instructions). A CPU without
+    AVX512-BF16 or AMX runs bfloat16 several times slower than float32 (BENCHMARKS.md: an AVX2 CPU scored a 0.55B
+    model 2.5-3.2x slower in bfloat16; cpu_dtype.py prints this call's own seconds)."""
     import time
 
     import torch

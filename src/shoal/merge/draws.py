@@ -89,7 +89,8 @@ def hashed_int32(index: Tensor, key: Tensor | int) -> Tensor:
     """h of each entry as the bits of an int32 (h - 2^32 where h >= 2^31), for int64 entry indices and a seed's
     offset: the form a compiled pass on a CPU draws in. Its products wrap mod 2^32 in int32 lanes and its right
     shifts are masked to be logical; int64 products have no vector instruction on a CPU without AVX512 (compiled, on
-    an AVX2 CPU thread: 0.73 ns an entry for a keep mask, against 4.61 in `hashed`'s int64, BENCHMARKS.md).
+    an AVX2 CPU thread: 0.80 ns an entry for a keep mask, against 2.34 in `hashed`'s int64; draws_speed.py in
+    BENCHMARKS.md).
     Traceable; read its bits with top_bits."""
     x = (index + key).to(torch.int32)  # mod 2^32: the low 32 bits, as two's complement
     for multiplier, shift in ((_M1, 16), (_M2, 15)):
