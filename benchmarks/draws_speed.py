@@ -67,7 +67,7 @@ def compiled_keep(repeats: int, entries: int = 1 << 22) -> None:
         return (draws.hashed(torch.arange(entries) + first, offset) < below).float()
 
     def in_int32(first: torch.Tensor, offset: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
-        return (draws.top_bits(draws.hashed_int32(torch.arange(entries) + first, offset), 24) < below).float()
+        return (draws.top_bits(draws.hashed_int32(entries, first, offset), 24) < below).float()
 
     forms = {"int64": (torch.compile(in_int64, dynamic=False), wide),
              "int32": (torch.compile(in_int32, dynamic=False), narrow)}

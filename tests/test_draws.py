@@ -38,16 +38,23 @@ def test_numpy_and_torch_hash_each_entry_as_the_formula_says(seed, start):
     assert draws.hashed(index, torch.tensor(draws.offset(seed))).tolist() == expected
 
 
-@pytest.mark.parametrize("seed,start", [(0, 0), (9, 12345), (2**32 - 1, 2**32 - 300), (2**40 + 7, 5)])
+def _wrapping_at(entry: int, seed: int = 3) -> tuple[int, int]:
+    """A seed and a start whose entry `entry` is the first whose index plus the seed's offset passes 2^31 (where an
+    int32 sum wraps to negative)."""
+    return seed, (2**31 - entry - draws.offset(seed)) % 2**32
+
+
+@pytest.mark.parametrize("seed,start", [(0, 0), (9, 12345), (2**32 - 1, 2**32 - 300), (2**40 + 7, 5),
+                                        _wrapping_at(5), _wrapping_at(295)])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_int32_hash_a_compiled_pass_draws_in_holds_the_formula_s_bits(seed, start, compiled):
-    """hashed_int32 wraps its products in int32 lanes and masks its shifts: the same 32 bits as the formula, eager
-    and compiled (300 entries: vector lanes and a scalar tail), and top_bits reads them as h >> (32 - bits)."""
+    """hashed_int32 forms the indices in int32 (wrapping past 2^31 and 2^32), wraps its products and masks its
+    shifts: the same 32 bits as the formula, eager and compiled (300 entries: vector lanes and a scalar tail, the
+    index wrapping in each), and top_bits reads them as h >> (32 - bits)."""
     count = 300
     expected = reference(seed, start, count)
-    index = torch.arange(start, start + count, dtype=torch.int64)
     form = torch.compile(draws.hashed_int32, dynamic=False) if compiled else draws.hashed_int32
-    bits = form(index, torch.tensor(draws.offset(seed)))
+    bits = form(count, torch.tensor(start), torch.tensor(draws.offset(seed)))
     assert bits.dtype == torch.int32
     assert (bits.to(torch.int64) & 0xFFFFFFFF).tolist() == expected
     for width in (24, draws.GRID_BITS):

@@ -70,8 +70,7 @@ def _keep(keep: Keep, like: Tensor, start: Tensor) -> Tensor:
     """A keep mask of a piece of like's shape whose first entry is `start` (0-dim int64), float32."""
     if isinstance(keep, tuple):
         key, limit = keep
-        index = (torch.arange(like.numel(), device=like.device) + start).view(like.shape)
-        return (draws.top_bits(draws.hashed_int32(index, key), 24) < limit).float()
+        return (draws.top_bits(draws.hashed_int32(like.numel(), start, key), 24) < limit).float().view(like.shape)
     return keep.float()
 
 
@@ -96,24 +95,25 @@ def _merged(
     tensors are the parents' pieces (from_base: τ = tensor - base) or kept task vectors; keeps their keep masks
     (Keep), start the piece's first entry (0-dim int64); scales the rescale's factors (1 where there is none);
     weights float32 0-dim tensors; vote_weights the election's weights in votes_in (None: the election is in
-    float32, with weights); zero a 0-dim 0.0, where the sum starts. The steps are methods._combine's, each rounded
-    as it rounds. (The sum starts from an input, not from zeros made here, which the compiler would drop as adding
-    nothing: 0.0 + -0.0 is 0.0, and a merged zero would keep the wrong sign.)"""
+    float32, with weights); zero a 0-dim 0 (in_lanes), where the sums start. The steps are methods._combine's, each
+    rounded as it rounds. (The sum starts from an input, not from zeros made here, which the compiler would drop as
+    adding nothing: 0.0 + -0.0 is 0.0, and a merged zero would keep the wrong sign.)"""
     wide = base.float()
     deltas = [(tensor.float() - wide if from_base else tensor.float()) * _keep(keep, wide, start) * scale
               for tensor, keep, scale in zip(tensors, keeps, scales)]
-    mixed = zero
+    zeros = zero.float().expand(wide.shape)
+    mixed = zeros
     if not consensus:
         for delta, weight in zip(deltas, weights):
             mixed = mixed + delta * weight
         if total is not None:
             mixed = mixed / total
     else:
-        votes = torch.zeros_like(wide)
+        votes = zeros
         for delta, weight, vote_weight in zip(deltas, weights, vote_weights):
             votes = votes + (delta * weight if votes_in is None else delta.to(votes_in) * vote_weight)
         majority = (votes >= 0).float() * 2 - 1
-        divisor = torch.zeros_like(wide)
+        divisor = zeros
         for delta, weight in zip(deltas, weights):
             weighted = delta * weight
             agree = (weighted.sign() == majority).float()
@@ -124,6 +124,21 @@ def _merged(
     if lam is not None:
         mixed = mixed * lam
     return mixed + wide
+
+
+def in_lanes(base: Tensor, tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of the 0-dim zero a compiled merge's sums start from: the inputs' 16-bit float type, where they
+    have one, else float32.
+
+    TorchInductor's C++ backend gives a loop as many lanes as a vector holds of its 16-bit float type when every
+    step of the loop loads one, else of float32. The vote's and the divisor's steps of a TIES merge load nothing but
+    their start, so with a float32 start a merge of bfloat16 parents runs 8 lanes on AVX2 and loads each input half
+    a vector at a time, through a copy; with the parents' type, 16 lanes and whole loads: a TIES merge of three
+    bfloat16 parents and their base took 5.9 ns an entry against 10.9 on an AVX2 CPU thread, of float16 ones 3.6
+    against 8.8 (benchmarks/merge_lanes.py in BENCHMARKS.md; DARE-TIES' election in the parents' type had its loop
+    at 16 lanes already). The same sums, bit for bit: 0 is exact in any type."""
+    narrow = {t.dtype for t in (base, *tensors)} & {torch.bfloat16, torch.float16}
+    return narrow.pop() if len(narrow) == 1 else torch.float32
 
 
 def _norms(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor, exponents: Tensor | None) -> norms.Sums:
@@ -139,8 +154,8 @@ def _slotted(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, ex
     (norms.slots) for its bin under the draws of key (a seed's offset, 0-dim int64), for norms.by_step."""
     magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
     exponents, q = norms.counted(magnitude, exponents)
-    index = (torch.arange(q.numel(), device=q.device) + start).view(q.shape)
-    return exponents, q.double(), norms.slots(draws.top_bits(draws.hashed_int32(index, key), draws.GRID_BITS))
+    bins = draws.top_bits(draws.hashed_int32(q.numel(), start, key), draws.GRID_BITS).view(q.shape)
+    return exponents, q.double(), norms.slots(bins)
 
 
 _compiled: dict[tuple[Callable, bool], Callable] = {}
@@ -283,7 +298,7 @@ def combiner(
     # vector its own ones, as dynamo also tells inputs that are one tensor from inputs that are not)
     scales = [scalar(1.0) if v.scale is None else v.scale for v in vectors]
     all_kept: dict[tuple[int, torch.Size], Tensor] = {}
-    zero = scalar(0.0)
+    zero = torch.zeros((), dtype=in_lanes(base, [v.tensor for v in vectors]), device=device)
     # DARE's draws are made inside the pass; where one parent's density is 1 it is drawn below 2^32 (all kept), so
     # every density of a recipe takes the one compiled pass
     drawn = any(isinstance(v.mask, methods.RandomDraws) for v in vectors)
