@@ -1,6 +1,8 @@
 """What the eager steps' choices about masks and exact sums cost, per entry, on one CPU thread: a bool mask converted
-to float32 or multiplied into one as bool against as its bytes (uint8: the same values; methods.as_numbers), and the
-float64 row sums of the L1 norms (merge.norms) a chunk at a time, a row of 2^16 entries at a time, and by numpy.
+to float32 or multiplied into one as bool against as its bytes (uint8: the same values; methods.as_numbers), TIES'
+trim of bf16 magnitudes (methods.top_mask: above and at the threshold) compared as floats against as their int16
+bits (the same masks), and the float64 row sums of the L1 norms (merge.norms) a chunk at a time, a row of 2^16
+entries at a time, and by numpy.
 One chunk of 2^18 entries (methods.CHUNK) laid out in rows of a block, alternating the variants in one process.
 
     python benchmarks/mask_ops.py [--repeats 2000]
@@ -56,6 +58,14 @@ def main() -> None:
         "a row at a time": lambda: torch.stack([row.sum(dtype=torch.float64) for row in q]),
         "numpy": lambda: torch.from_numpy(q.numpy().sum(axis=1, dtype="float64")),
     }
+    magnitudes = values.abs().bfloat16()
+    threshold = magnitudes.float().quantile(0.6).bfloat16()
+    bits, bar = magnitudes.view(torch.int16), threshold.view(torch.int16)
+    assert torch.equal(magnitudes > threshold, bits > bar) and torch.equal(magnitudes == threshold, bits == bar)
+    as_floats = per_entry(lambda: (magnitudes > threshold, magnitudes == threshold), n, args.repeats)
+    as_bits = per_entry(lambda: (bits > bar, bits == bar), n, args.repeats)
+    print(f"bf16 > and == threshold as floats {as_floats:6.3f} ns an entry | as int16 bits {as_bits:6.3f} | "
+          f"{as_floats / as_bits:.2f}x")
     for name, function in sums.items():
         print(f"float64 row sums, {name:<16} {per_entry(function, n, args.repeats):6.3f} ns an entry")
 
