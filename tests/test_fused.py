@@ -138,9 +138,10 @@ def test_the_compiled_pass_keeps_the_eager_steps_signed_zeros_and_rounding(compi
     ((torch.float32, torch.bfloat16), torch.bfloat16), ((torch.bfloat16, torch.float32), torch.bfloat16),
     ((torch.bfloat16, torch.float16), torch.float32), ((torch.float32, torch.float32), torch.float32),
 ])
-def test_the_compiled_sums_start_from_a_zero_of_the_inputs_16_bit_type(dtypes, zero):
-    """The 16-bit float type of a base and its task vectors (dtypes: the base's, the vectors') is the zero's (so every step of the compiled
-    loop loads one, and Inductor gives the loop that type's lanes); two such types, or none, leave float32."""
+def test_the_zero_of_the_compiled_sums_takes_the_inputs_one_16_bit_type(dtypes, zero):
+    """The 16-bit float type of a base and its task vectors (dtypes: the base's, the vectors') is the zero's (so
+    every step of the compiled loop loads one, and Inductor gives the loop that type's lanes); two such types, or
+    none, leave float32. (That the sums starting from it keep their bits: the signed-zeros test above.)"""
     base, tensors = torch.zeros(4, dtype=dtypes[0]), [torch.zeros(4, dtype=dtypes[1]) for _ in range(2)]
     assert fused.in_lanes(base, tensors) == zero
 

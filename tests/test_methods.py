@@ -316,6 +316,17 @@ def test_top_mask_over_a_nan_keeps_what_it_can():
     assert methods.top_mask(torch.tensor([float("nan"), 3.0, 2.0, 1.0]), 2).tolist() == [False, True, False, False]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_top_mask_ranks_a_nan_above_inf_and_keeps_k(dtype):
+    """16-bit magnitudes are counted and compared as their bit patterns, where a NaN lies above inf: it is kept
+    with the k - 1 largest numbers, by the held mask and by the cut found a chunk at a time alike."""
+    values = torch.tensor([1.0, float("nan"), 3.0, float("inf"), 2.0], dtype=dtype)
+    assert methods.top_mask(values, 2).tolist() == [False, True, False, True, False]
+    vector = methods.TaskVector(values.float(), None)
+    cut = methods.magnitude_cut(vector, 0.4, dtype)
+    assert cut.keep(values.float(), 0).tolist() == [False, True, False, True, False]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_outlier_mask_equals_a_stable_ascending_sort_even_with_ties(dtype):
     delta = ((torch.randint(0, 9, (300,), generator=torch.Generator().manual_seed(1)) - 4) / 8).to(dtype)

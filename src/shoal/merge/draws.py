@@ -86,14 +86,15 @@ def hashed(index: Tensor, key: Tensor | int) -> Tensor:
 
 
 def hashed_int32(count: int, first: Tensor, key: Tensor) -> Tensor:
-    """h of entries first..first+count (first: a 0-dim int64 tensor) under a seed's offset key (0-dim int64), as the
-    bits of an int32 (h - 2^32 where h >= 2^31): the form a compiled pass on a CPU draws in. Everything is in int32
-    lanes: the indices (first + key taken mod 2^32 once, then wrapping sums), products wrapping mod 2^32, right
-    shifts masked to be logical. A CPU without AVX512 has no vector instruction for an int64 product (compiled, on
-    an AVX2 CPU thread: 0.76 ns an entry for a keep mask, against 2.15 in `hashed`'s int64; draws_speed.py), and
-    torch's vectors convert 16 int64 lanes to int32 an entry at a time, which cost a streamed DARE-TIES merge of
-    bfloat16 parents (a loop of 16 lanes) a third of its time while the indices were int64 (resident_merge.py; both
-    in BENCHMARKS.md). Traceable; read its bits with top_bits."""
+    """h of count entries from entry first (a 0-dim int64 tensor) under a seed's offset key (0-dim int64), as the
+    bits of an int32 (h - 2^32 where h >= 2^31): the form a compiled pass on a CPU draws in. Past first + key (in
+    int64, then taken mod 2^32) every step is in int32 lanes: the indices as wrapping sums, products wrapping mod
+    2^32, right shifts masked to be logical. A CPU without AVX512 has no vector instruction for an int64 product
+    (compiled, on an AVX2 CPU thread: 0.76 ns an entry for a keep mask, against 2.15 in `hashed`'s int64;
+    draws_speed.py), and torch's vectors convert 16 int64 lanes to int32 an entry at a time: with int64 indices and
+    the float32 zero of before fused.in_lanes, a streamed DARE-TIES merge of bfloat16 parents (a loop of 16 lanes)
+    took 1.45-1.56x as long, the zero's part of it 1.04x (resident_merge.py, merge_lanes.py; BENCHMARKS.md).
+    Traceable; read its bits with top_bits."""
     x = torch.arange(count, dtype=torch.int32, device=first.device) + (first + key).to(torch.int32)
     for multiplier, shift in ((_M1, 16), (_M2, 15)):
         x = (x ^ ((x >> shift) & (MASK >> shift))) * multiplier

@@ -107,10 +107,11 @@ def top_mask(values: Tensor, k: int) -> Tensor:
 
 
 def _compared(values: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """Non-negative values and their threshold as top_mask compares them: 16-bit floats as their bit patterns read
-    as int16, which order as the values do (as _bit_counts counts them) and compare in integer lanes: both of
-    top_mask's comparisons of a chunk took 1.28-1.35 ns an entry so against 2.15-2.22 as floats on an AVX2 CPU thread
-    (benchmarks/mask_ops.py, BENCHMARKS.md); other values as they are."""
+    """Non-negative values and their threshold as top_mask and MagnitudeCut compare them: 16-bit floats as their
+    bit patterns read as int16, which order as the values do and a NaN above inf, as _bit_counts ranks them (so
+    exactly k are kept), and compare in integer lanes: both of top_mask's comparisons of a chunk took 1.28-1.35 ns
+    an entry so against 2.15-2.22 as floats on an AVX2 CPU thread (benchmarks/mask_ops.py, BENCHMARKS.md); other
+    values as they are (kthvalue's float32 threshold: a NaN is never above it)."""
     if values.dtype in (torch.bfloat16, torch.float16):
         return values.view(torch.int16), threshold.view(torch.int16)
     return values, threshold
@@ -231,12 +232,12 @@ class MagnitudeCut:
 
     def keep(self, delta: Tensor, start: int) -> Tensor:
         """The mask of a piece of τ's flattened entries starting at entry `start` (delta: that piece of τ)."""
-        magnitude = delta.to(self.threshold.dtype).abs()
-        mask = magnitude > self.threshold
+        magnitude, threshold = _compared(delta.to(self.threshold.dtype).abs(), self.threshold)
+        mask = magnitude > threshold
         tied = min(max(self.until - start, 0), magnitude.numel())  # the piece's entries before `until`
         if tied:
             flat, magnitudes = mask.view(-1), magnitude.view(-1)
-            flat[:tied] |= magnitudes[:tied] == self.threshold
+            flat[:tied] |= magnitudes[:tied] == threshold
         return mask
 
 
@@ -263,7 +264,8 @@ def magnitude_cut(vector: TaskVector, density: float, rank_dtype: torch.dtype) -
         counts += _bit_counts(magnitude(piece))
     threshold, above = _kth_of_counts(counts, k, rank_dtype)
     threshold = threshold.to(vector.tensor.device)
-    return MagnitudeCut(threshold, _end_of_nth(lambda piece: magnitude(piece) == threshold, pieces, k - above))
+    tied = lambda piece: torch.eq(*_compared(magnitude(piece), threshold))
+    return MagnitudeCut(threshold, _end_of_nth(tied, pieces, k - above))
 
 
 def _rows(tensor: Tensor) -> Tensor:
