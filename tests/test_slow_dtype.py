@@ -49,3 +49,20 @@ def test_a_search_says_when_its_live_models_dtype_is_slow_on_this_cpu(zoo, tmp_p
     assert slow == ([f"the live models are {dtype}, and a {dtype} linear layer took {slowdown:.1f}x as long as a "
                      f"float32 one on this CPU: a search with dtype: float32 may score faster here, at twice the "
                      f"live models' memory"] if told else [])
+
+
+def test_a_pool_tournament_times_the_dtype_and_says_so_once(zoo, tmp_path, monkeypatch) -> None:
+    """A tournament's subsets each load live models of the search's one dtype on the same CPU: the first search
+    times it and says so; the others (three more, over two rounds) neither time nor repeat it."""
+    timed: list[torch.dtype] = []
+    monkeypatch.setattr(spaces, "cpu_linear_slowdown", lambda d: timed.append(d) or 6.0)
+    parents = {"math": str(zoo.parents["math"]), "language": str(zoo.parents["language"]), "plain": str(zoo.base)}
+    search = load_search(zoo_search(zoo, tmp_path, parents=parents, budget=6, dtype="bfloat16",
+                                    pool={"subset": 2, "survivors": [1], "shares": [0.5, 0.5]}))
+    notices: list[str] = []
+    steps: list[str] = []
+    summary = evolve(search, tmp_path / "run", notice=notices.append, on_step=steps.append)
+    assert summary.pool is not None and [r.trials for r in summary.pool.rounds] == [1, 4]
+    assert steps.count("loading parents") == 3 + 1  # four searches, each with its live models
+    assert timed == [torch.bfloat16]
+    assert len([n for n in notices if "bfloat16 linear layer took 6.0x" in n]) == 1

@@ -168,6 +168,9 @@ class SearchOptions:
     ray_address: str | None = None
     budget_notice: bool = True
     """Say when the folder holds more trials than the budget reads (a tournament's rounds do so on purpose)."""
+    dtype_notice: bool = True
+    """Time the live models' dtype on a CPU and say when it is slow there (a tournament's searches after its first
+    do not: they hold live models of the same dtype, on the same CPU)."""
 
 
 @dataclass
@@ -215,7 +218,7 @@ def search_once(spec: SearchSpec, run_dir: Path, options: SearchOptions, finish:
         space = None if parallel else make_space(spec, options.on_step)
         if parallel and spec.space == "ps":
             check_worker_memory(spec, options.on_step)
-        slow = None if space is None else slow_dtype_notice(space, spec.device)
+        slow = None if space is None or not options.dtype_notice else slow_dtype_notice(space, spec.device)
         if slow:
             options.notice(slow)
         genome = space.genome if space is not None else genome_of(spec)

@@ -107,6 +107,8 @@ class _Tournament:
     scored: tuple[str, Summary] | None = None
     """The winner's summary, when a last round of one subset wrote its pick and scored it on test at once (its
     search is not opened again, nor its parents loaded a second time)."""
+    searched: bool = False
+    """Whether a subset's search has started in this process (only the first times the live models' dtype)."""
 
     def play(self, index: int, count: int, trials: int, alive: list[tuple[str, ...]]) -> dict[str, float]:
         """Each subset of the round searched to `trials` trials (or its score read from run.json); each one's rank
@@ -183,7 +185,9 @@ class _Tournament:
             on_trial(Progress(done=offset + max(p.done, held), budget=self.spec.budget, best=p.best,
                               evaluated=p.evaluated, items=p.items, tokens=p.tokens))
 
-        options = replace(self.options, on_trial=overall, study=f"{self.options.study}-{label}", budget_notice=False)
+        options = replace(self.options, on_trial=overall, study=f"{self.options.study}-{label}", budget_notice=False,
+                          dtype_notice=self.options.dtype_notice and not self.searched)
+        self.searched = True
         folder = self.run_dir / run_folder.SUBSETS_DIR / label
         try:
             return search_once(subset_spec(self.spec, subset, trials), folder, options, finish)
