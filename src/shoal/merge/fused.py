@@ -298,7 +298,7 @@ def combiner(
     # vector its own ones, as dynamo also tells inputs that are one tensor from inputs that are not)
     scales = [scalar(1.0) if v.scale is None else v.scale for v in vectors]
     all_kept: dict[tuple[int, torch.Size], Tensor] = {}
-    zero = torch.zeros((), dtype=in_lanes(base, [v.tensor for v in vectors]), device=device)
+    zero = scalar(0.0, in_lanes(base, [v.tensor for v in vectors]))
     # DARE's draws are made inside the pass; where one parent's density is 1 it is drawn below 2^32 (all kept), so
     # every density of a recipe takes the one compiled pass
     drawn = any(isinstance(v.mask, methods.RandomDraws) for v in vectors)
