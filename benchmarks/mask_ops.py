@@ -1,9 +1,13 @@
 """What the eager steps' choices about masks and exact sums cost, per entry, on one CPU thread: a bool mask converted
 to float32 or multiplied into one as bool against as its bytes (uint8: the same values; methods.as_numbers), TIES'
 trim of bf16 magnitudes (methods.top_mask: above and at the threshold) compared as floats against as their int16
-bits (the same masks), and the float64 row sums of the L1 norms (merge.norms) a chunk at a time, a row of 2^16
-entries at a time, and by numpy.
-One chunk of 2^18 entries (methods.CHUNK) laid out in rows of a block, alternating the variants in one process.
+bits (the same masks), where the trim's ties stop (the n-th True entry of a bool mask with torch.nonzero and
+bool.sum against methods._nth_true and count_nonzero), and the float64 row sums of the L1 norms (merge.norms) a
+chunk at a time, a row of 2^16 entries at a time, and by numpy.
+One chunk of 2^18 entries (methods.CHUNK) laid out in rows of a block, alternating the variants in one process;
+then a trim found again in a CPU's compiled pass (methods.magnitude_cut with merge.fused.piece_magnitudes): |τ|
+of a piece of methods.COMPILED_CHUNK bf16 entries in eager steps against compiled (the same bits), and
+torch.bincount of their bit patterns.
 
     python benchmarks/mask_ops.py [--repeats 2000]
 """
@@ -20,7 +24,7 @@ tune_for_merging()  # as the `shoal` command does, before torch loads
 
 import torch  # noqa: E402
 
-from shoal.merge import methods, norms  # noqa: E402
+from shoal.merge import fused, methods, norms  # noqa: E402
 
 
 def per_entry(function, entries: int, repeats: int) -> float:
@@ -66,8 +70,28 @@ def main() -> None:
     as_bits = per_entry(lambda: (bits > bar, bits == bar), n, args.repeats)
     print(f"bf16 > and == threshold as floats {as_floats:6.3f} ns an entry | as int16 bits {as_bits:6.3f} | "
           f"{as_floats / as_bits:.2f}x")
+    ties = torch.rand(n, generator=generator) < 0.004  # as many tied at a bf16 threshold as in the trim's tensors
+    nth = int(ties.sum()) // 2
+    assert methods._nth_true(ties, nth) == int(torch.nonzero(ties)[nth - 1])
+    plain = per_entry(lambda: (int(ties.sum()), int(torch.nonzero(ties)[nth - 1])), n, args.repeats)
+    words = per_entry(lambda: (int(torch.count_nonzero(ties)), methods._nth_true(ties, nth)), n, args.repeats)
+    print(f"n-th True of 0.4% and their count: nonzero, bool.sum {plain:6.3f} ns an entry | _nth_true, "
+          f"count_nonzero {words:6.3f} | {plain / words:.2f}x")
     for name, function in sums.items():
         print(f"float64 row sums, {name:<16} {per_entry(function, n, args.repeats):6.3f} ns an entry")
+    piece = slice(0, methods.COMPILED_CHUNK)
+    wide = torch.randn(methods.COMPILED_CHUNK, generator=generator)
+    vector = methods.TaskVector((wide + 0.01 * torch.randn(wide.shape, generator=generator)).bfloat16(),
+                                wide.bfloat16())
+    eager = methods.piece_magnitudes(vector, piece, torch.bfloat16)
+    assert torch.equal(fused.piece_magnitudes(vector, piece, torch.bfloat16).view(torch.int16),
+                       eager.view(torch.int16)) and not fused._broken
+    repeats = max(50, args.repeats // 8)
+    steps = per_entry(lambda: methods.piece_magnitudes(vector, piece, torch.bfloat16), piece.stop, repeats)
+    one_pass = per_entry(lambda: fused.piece_magnitudes(vector, piece, torch.bfloat16), piece.stop, repeats)
+    counts = per_entry(lambda: methods._bit_counts(eager), piece.stop, repeats)
+    print(f"|tau| of {piece.stop:,} bf16 entries in bf16: eager {steps:6.3f} ns an entry | compiled {one_pass:6.3f} | "
+          f"{steps / one_pass:.2f}x; their bincount {counts:6.3f}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def compiled(monkeypatch):
 
 
 def recipe_of(method: str, parents, dtype: str, densities: tuple[float, ...] = (0.5, 0.7, 0.3)):
+    """A recipe of method over parents a, b and c (method "ties+rescale": TIES with the L1 rescale)."""
+    method, _, rescale = method.partition("+")
     models = [{"model": str(parents[n]), "parameters": {"weight": w, "density": d}}
               for n, w, d in zip("abc", (0.3, 0.9, -0.4), densities)]
     if method in ("task_arithmetic",):
@@ -46,7 +48,7 @@ def recipe_of(method: str, parents, dtype: str, densities: tuple[float, ...] = (
             del m["parameters"]["density"]
     return parse_recipe(yaml.safe_dump({
         "merge_method": method, "dtype": dtype, "base_model": str(parents["base"]), "seed": 5,
-        "parameters": {"lambda": 0.8}, "models": models,
+        "parameters": {"lambda": 0.8} | ({"rescale": True} if rescale else {}), "models": models,
     }))
 
 
@@ -63,14 +65,14 @@ def assert_same_bits(ours: dict, theirs: dict) -> None:
 
 @pytest.mark.parametrize("method,dtype", [
     ("task_arithmetic", "bfloat16"), ("ties", "bfloat16"), ("ties", "float32"), ("ties", "float16"),
-    ("dare_ties", "bfloat16"),
+    ("ties+rescale", "bfloat16"), ("dare_ties", "bfloat16"),
     ("dare_linear", "bfloat16"), ("della", "bfloat16"), ("breadcrumbs_ties", "float32"),
 ])
 def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, compiled, method, dtype):
     recipe = recipe_of(method, parents, dtype)
     engine.run_merge(recipe, tmp_path / "fused")
     assert compiled.count("_merged") > 30  # every chunk of every matrix
-    assert ("_norms" in compiled) == (method in ("dare_ties", "dare_linear", "della"))  # the L1 rescale
+    assert ("_norms" in compiled) == (method in ("ties+rescale", "dare_ties", "dare_linear", "della"))  # the L1 rescale
     fused.FUSED_MIN = 1 << 62  # noqa: the fixture's monkeypatch puts it back
     engine.run_merge(recipe, tmp_path / "eager")
     assert_same_bits(tensors(tmp_path / "fused"), tensors(tmp_path / "eager"))
@@ -78,11 +80,13 @@ def test_the_compiled_pass_merges_what_the_eager_steps_merge(parents, tmp_path, 
 
 @pytest.mark.parametrize("method,memory", [
     ("ties", MemoryPlan(keep="deltas", ranks="stored")), ("dare_ties", MemoryPlan(keep="deltas")),
+    ("ties", MemoryPlan(inputs="stream")),
 ])
 def test_parents_kept_whole_take_the_pass_compiled_for_masks(parents, tmp_path, compiled, method, memory):
-    """With TIES' ranks stored, or DARE's draws made inside the pass, a parent at density 1 has nothing dropped (no
-    mask): it goes into the same compiled pass, kept whole (for DARE: drawn below 2^32), with the eager steps'
-    values, and nothing is compiled anew for one such parent or two."""
+    """With TIES' ranks stored, DARE's draws made inside the pass, or TIES' trims found inside it (streamed
+    parents), a parent at density 1 has nothing dropped (no mask): it goes into the same compiled pass, kept whole
+    (for DARE: drawn below 2^32; for a trim: cut at 0 with every tie kept), with the eager steps' values, and
+    nothing is compiled anew for one such parent or two."""
     graphs = None
     for densities in ((0.5, 0.7, 0.3), (0.5, 1.0, 0.3), (1.0, 1.0, 0.3)):
         recipe = recipe_of(method, parents, "bfloat16", densities)
@@ -304,7 +308,8 @@ def test_a_compiled_kernel_lets_another_thread_run_python_meanwhile(compiled):
 
     generator = torch.Generator().manual_seed(2)
     rows, base = (torch.randn(256, norms.BLOCK, generator=generator).bfloat16() for _ in range(2))
-    args = (rows, base, (torch.tensor(draws.offset(3)), torch.tensor(draws.threshold(0.5))), torch.tensor(0), None)
+    args = (rows, base, fused.Drawn(torch.tensor(draws.offset(3)), torch.tensor(draws.threshold(0.5))), torch.tensor(0),
+            None)
     fused._kernel(fused._norms)(*args)  # compiled (16.8M entries: about 45 ms a call here)
 
     def count(seconds: float) -> int:

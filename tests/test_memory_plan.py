@@ -231,7 +231,8 @@ def test_the_counted_inputs_are_what_the_merger_keeps(bf16_parents, plan, dtype,
 @pytest.mark.parametrize("on_cpu,chunk", [(True, methods.CHUNK), (False, methods.DEVICE_CHUNK)])
 def test_a_tensor_merged_in_chunks_holds_its_masks_and_chunks_where_one_piece_holds_whole_temporaries(on_cpu, chunk):
     """Two bf16 parents, inputs streamed (6 bytes an entry read), one live model. In chunks: a bool keep mask a
-    parent (only on a CPU: off it, DARE's is drawn again and TIES' trim found again where it is used), and the most
+    parent (only in a CPU's eager steps: off a CPU and in its compiled pass, DARE's is drawn again and TIES' trim
+    found again where it is used), and the most
     held while one is formed (DARE, and TIES off a CPU: 2 bytes of allocator slack; TIES without stored ranks on a
     CPU: the bf16 task vector, its magnitudes, a threshold mask and 2 bytes of slack, 8), and 2 n + 6 = 10 float32
     chunks (or DARE's table, made first, where it holds more); in one piece, 3 n + 8 = 14 float32 temporaries."""
@@ -245,18 +246,20 @@ def test_a_tensor_merged_in_chunks_holds_its_masks_and_chunks_where_one_piece_ho
     # a chunk on a CPU and 2^20 entries elsewhere, where they pass the chunks' temporaries
     table = min(chunk, 1 << 20) * 48
     assert working(chunk + 1, "random") == (chunk + 1) * (held + 2 + 6) + max(chunk * 10 * 4, table)
-    # a CPU's compiled pass draws DARE's masks inside it (none held), and merges larger chunks (of 2^21 entries): a
-    # float32 result, its bf16 copy and a byte a parent each, where they pass the eager steps' 2 n + 6 chunks; its
-    # table's pieces have 2^20 entries
-    def compiled(numel: int) -> int:
+    # a CPU's compiled pass draws DARE's masks and finds TIES' trims inside it (none held), and merges larger chunks
+    # (of 2^21 entries): a float32 result, its bf16 copy and a byte a parent each, where they pass the eager steps'
+    # 2 n + 6 chunks; DARE's table's pieces have 2^20 entries
+    def compiled(numel: int, sparsify: str = "random") -> int:
         size = TensorSize(numel=numel, out=2, merged=True, base=2, inputs=(2, 2), compute=4, task_vectors=True,
-                          sparsify="random", work=2, pieces=True, read=6 * numel)
+                          sparsify=sparsify, work=2, pieces=True, read=6 * numel)
         return memory_need([size], MemoryPlan(inputs="stream"), slots=1, on_cpu=on_cpu, compiled=True).working
 
     if on_cpu:  # (only a CPU compiles)
         assert compiled(chunk + 1) == (chunk + 1) * (2 + 6) + (chunk + 1) * 48
         assert compiled(8 * chunk) == 8 * chunk * (2 + 6) + (1 << 20) * 48
         assert compiled(1 << 24) == (1 << 24) * (2 + 6) + (1 << 20) * 48
+        assert compiled(8 * chunk, "magnitude") == 8 * chunk * (2 + 6) + 8 * chunk * (4 + 2 + 2)
+        assert compiled(1 << 24, "magnitude") == (1 << 24) * (2 + 6) + methods.COMPILED_CHUNK * (4 + 2 + 2)
     else:
         assert compiled(chunk + 1) == (chunk + 1) * (2 + 6) + chunk * 10 * 4
     forming = 8 if on_cpu else 2

@@ -453,9 +453,10 @@ def test_a_random_drop_step_refuses_a_tensor_past_two_to_the_32_entries():
 
 
 def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_parents, tmp_path, monkeypatch):
-    """Off a CPU, TIES' trim of a tensor in chunks is found again where it is used (methods.MagnitudeCut: a
-    threshold and a tie position) instead of held: forced here on a CPU, with chunks of 1,000 entries, the merge on
-    disk, compiled or not, and in the resident merger is the held masks' bit for bit."""
+    """Off a CPU and in a CPU's compiled pass, TIES' trim of a tensor in chunks is found again where it is used
+    (methods.MagnitudeCut: a threshold and a tie position) instead of held: forced here in a CPU's eager steps too,
+    with chunks of 1,000 entries, the merge on disk, compiled or not, and in the resident merger is the held masks'
+    bit for bit."""
     from shoal.merge import fused, methods
 
     monkeypatch.setattr(methods, "CHUNK", 1000)
@@ -468,7 +469,7 @@ def test_ties_trims_found_again_where_used_merge_what_held_masks_merge(bf16_pare
     cuts = []
     original = methods.magnitude_cut
     monkeypatch.setattr(methods, "magnitude_cut", lambda *a: cuts.append(1) or original(*a))
-    monkeypatch.setattr(methods, "cuts", lambda tensor, dtype: methods.in_chunks(tensor))
+    monkeypatch.setattr(methods, "cuts", lambda tensor, dtype, compiled=False: methods.in_chunks(tensor))
     run_merge(recipe, tmp_path / "cut")
     assert len(cuts) > 10
     monkeypatch.setattr(fused, "FUSED_MIN", 0)

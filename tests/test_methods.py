@@ -167,6 +167,47 @@ def test_ties_trim_found_a_chunk_at_a_time_is_the_held_mask(monkeypatch, dtype, 
     assert int(held.sum()) == max(1, int(density * n))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("steps", ["eager", "compiled"])
+def test_ties_trim_counted_in_larger_pieces_than_it_is_used_in_is_the_held_mask(monkeypatch, dtype, steps):
+    """magnitude_cut counting pieces of 3,000 entries (as a CPU's compiled pass counts pieces of its own chunk's
+    size), its magnitudes formed in eager steps or in merge.fused's compiled pass, finds the threshold and the tie
+    position of magnitude_mask: the k-th kept entry's piece is found from each piece's count at the threshold, then
+    searched alone, wherever in the tensor it lies (the first piece, a middle one, or the last, whose 2,321 entries
+    are no whole piece)."""
+    from shoal.merge import fused
+
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    monkeypatch.setattr(fused, "_broken", [])
+    magnitudes_of = methods.piece_magnitudes if steps == "eager" else fused.piece_magnitudes
+    generator = torch.Generator().manual_seed(3)
+    n = 10 * 1000 + 1321
+    base = torch.randn(n, generator=generator).to(dtype)
+    # few magnitudes, so each one is shared by many entries across pieces: ties at the threshold in every piece
+    parent = (base.float() + 0.01 * torch.randint(-3, 4, (n,), generator=generator)).to(dtype)
+    vector = methods.TaskVector(parent, base, torch.float32)
+    # (these densities put it in the first piece, a middle one and the last, in both dtypes)
+    for density in (0.02, 0.05, 0.1, 0.16, 0.5, 0.97):
+        held = methods.magnitude_mask(vector.whole_in(dtype), density)
+        cut = methods.magnitude_cut(vector, density, dtype, magnitudes_of, 3000)
+        assert torch.equal(replace(vector, mask=cut).keep(), held), density
+        assert int(held.sum()) == max(1, int(density * n))
+    assert not fused._broken  # compiled, where asked
+
+
+def test_the_nth_true_entry_is_found_a_word_at_a_time_from_any_start():
+    """_nth_true reads a bool tensor's bytes as int64 words: any n of a tensor whose length is no multiple of 8, of a
+    view that starts inside a word, and of the last entries (past the last whole word), as torch.nonzero finds it."""
+    found = torch.rand(1003, generator=torch.Generator().manual_seed(4)) < 0.05
+    found[-2:] = True  # entries in the tail past the last whole word
+    for view in (found, found[3:], found[8:999]):
+        places = torch.nonzero(view).view(-1)
+        for n in range(1, places.numel() + 1):
+            assert methods._nth_true(view, n) == int(places[n - 1]), n
+    assert methods._end_of_nth(lambda piece: found[piece], list(methods.chunks(1003, 100)), 7) == \
+        int(torch.nonzero(found).view(-1)[6]) + 1
+
+
 def test_rescale_keeps_the_l1_norm():
     delta = t(1.0, -2.0, 3.0, -4.0)
     mask = torch.tensor([True, False, True, False])

@@ -5,7 +5,9 @@ parents goes through about fifty of them (conversions, differences, masks, the s
 reading and writing the chunk. Here the same formula is traced once and compiled (TorchInductor's C++ backend) into
 one loop that reads each input once and writes the result once, with every intermediate rounded where the eager
 steps round it (`emulate_precision_casts`): the same values, bit for bit (tests/test_fused.py). DARE's keep masks
-are drawn inside the pass from the entries' indices (merge.draws), so none is made outside it. The L1 rescale's
+are drawn inside the pass from the entries' indices (merge.draws), and TIES' trims of 16-bit magnitudes compared
+there with a threshold and a tie position counted first (methods.magnitude_cut, its |τ| formed by a compiled pass
+too), so no mask is held. The L1 rescale's
 norms (merge.norms: exact integer sums, so in any order) are found in one such pass too, a piece of NORMS_PIECE
 entries at a time, and a search's table of them by draw (norms.Drawn) from one that forms each entry's q and bin;
 the merge takes chunks of methods.COMPILED_CHUNK.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,17 +63,43 @@ def worth(entries: int, device: torch.device | str, merges: int = 1) -> bool:
     return entries * merges >= FUSED_MIN and enabled(device)
 
 
-Keep = Tensor | tuple[Tensor, Tensor]
-"""A keep mask as the compiled pass takes it: a uint8 view of a held mask, or DARE's draws as the seed's offset (a
-0-dim int64 tensor) and the density's threshold over 2^8 (0-dim int32: the hash's top 24 bits below it are kept),
-drawn inside the pass from the entries' indices (merge.draws)."""
+class Drawn(NamedTuple):
+    """DARE's draws as the compiled pass makes them from the entries' indices (merge.draws): the hash's top 24 bits
+    below limit are kept."""
+
+    key: Tensor
+    """The seed's offset (0-dim int64)."""
+    limit: Tensor
+    """The density's threshold over 2^8 (0-dim int32)."""
 
 
-def _keep(keep: Keep, like: Tensor, start: Tensor) -> Tensor:
-    """A keep mask of a piece of like's shape whose first entry is `start` (0-dim int64), float32."""
-    if isinstance(keep, tuple):
-        key, limit = keep
-        return (draws.top_bits(draws.hashed_int32(like.numel(), start, key), 24) < limit).float().view(like.shape)
+class Cut(NamedTuple):
+    """TIES' trim (methods.MagnitudeCut) as the compiled pass compares it: the entries whose |τ|, rounded to the
+    threshold's 16-bit dtype, is above it, and those equal to it before entry until."""
+
+    threshold: Tensor
+    """0-dim, in the ranking's 16-bit float dtype."""
+    until: Tensor
+    """0-dim int64."""
+
+
+Keep = Tensor | Drawn | Cut
+"""A keep mask as the compiled pass takes it: a uint8 view of a held mask, or one found inside the pass (Drawn, Cut),
+so that none is held."""
+
+
+def _keep(keep: Keep, delta: Tensor, start: Tensor) -> Tensor:
+    """The keep mask, float32, of a piece of τ (delta: float32, before any drop) whose first entry is `start` (0-dim
+    int64)."""
+    if isinstance(keep, Drawn):
+        return (draws.top_bits(draws.hashed_int32(delta.numel(), start, keep.key), 24) < keep.limit).float().view(
+            delta.shape)
+    if isinstance(keep, Cut):
+        # compared as 16-bit floats, not as methods._compared's int16 bit patterns, which Inductor's C++ backend does
+        # not vectorise: the same mask but for a NaN |τ| (kept there, not here), whose merged entry is NaN either way
+        magnitude = delta.abs().to(keep.threshold.dtype)
+        index = start + torch.arange(delta.numel(), device=delta.device).view(delta.shape)
+        return ((magnitude > keep.threshold) | ((magnitude == keep.threshold) & (index < keep.until))).float()
     return keep.float()
 
 
@@ -99,8 +128,8 @@ def _merged(
     rounded as it rounds. (The sum starts from an input, not from zeros made here, which the compiler would drop as
     adding nothing: 0.0 + -0.0 is 0.0, and a merged zero would keep the wrong sign.)"""
     wide = base.float()
-    deltas = [(tensor.float() - wide if from_base else tensor.float()) * _keep(keep, wide, start) * scale
-              for tensor, keep, scale in zip(tensors, keeps, scales)]
+    formed = [tensor.float() - wide if from_base else tensor.float() for tensor in tensors]
+    deltas = [delta * _keep(keep, delta, start) * scale for delta, keep, scale in zip(formed, keeps, scales)]
     zeros = zero.float().expand(wide.shape)
     mixed = zeros
     if not consensus:
@@ -144,8 +173,14 @@ def in_lanes(base: Tensor, tensors: Sequence[Tensor]) -> torch.dtype:
 def _norms(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor, exponents: Tensor | None) -> norms.Sums:
     """norms.block_norms of a piece laid out a block a row (start: its first entry, 0-dim int64), from the parent's
     rows and the base's (or a kept τ's: base None), float32."""
-    magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
-    return norms.block_norms(magnitude, _keep(keep, magnitude, start), exponents)
+    delta = tensor.float() if base is None else tensor.float() - base.float()
+    return norms.block_norms(delta.abs(), _keep(keep, delta, start), exponents)
+
+
+def _magnitudes(tensor: Tensor, base: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """|τ| of a piece rounded to dtype (|τ| rounds as τ does: to nearest, ties to even), from the parent's piece and
+    the base's (or a kept τ's: base None)."""
+    return (tensor.float() if base is None else tensor.float() - base.float()).abs().to(dtype)
 
 
 def _slotted(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, exponents: Tensor | None
@@ -224,22 +259,41 @@ def _int(value: int, device: torch.device) -> Tensor:
     return torch.tensor(value, dtype=torch.int64, device=device)
 
 
-def _drawn(mask: object, device: torch.device) -> Keep:
+def _drawn(mask: object, device: torch.device) -> Drawn:
     """DARE's draws (a RandomDraws mask) as the compiled pass takes them (None: every entry kept, as draws below
     2^32)."""
     if not isinstance(mask, methods.RandomDraws | None):
         raise TypeError(f"a recipe's masks are all drawn or none is: got {type(mask).__name__} among draws")
     limit = draws.LIMIT if mask is None else draws.threshold(mask.density)  # a multiple of 2^8, up to 2^32
     top = torch.tensor(limit >> 8, dtype=torch.int32, device=device)
-    return _int(0 if mask is None else draws.offset(mask.seed), device), top
+    return Drawn(_int(0 if mask is None else draws.offset(mask.seed), device), top)
+
+
+def _cut(mask: object, dtype: torch.dtype, device: torch.device) -> Cut:
+    """TIES' trim found again (a MagnitudeCut) as the compiled pass takes it (None: every entry kept, as above the
+    least bit pattern, 0, or at it before the end)."""
+    if isinstance(mask, methods.MagnitudeCut):
+        return Cut(mask.threshold, _int(mask.until, device))
+    if mask is not None:
+        raise TypeError(f"a recipe's trims are all found again or none is: got {type(mask).__name__} among cuts")
+    return Cut(torch.zeros((), dtype=dtype, device=device), _int(torch.iinfo(torch.int64).max, device))
+
+
+def _found(vector: methods.TaskVector) -> Keep | None:
+    """A vector's mask as the compiled pass finds it inside (Drawn, Cut), or None where it is held."""
+    if isinstance(vector.mask, methods.RandomDraws):
+        return _drawn(vector.mask, vector.tensor.device)
+    if isinstance(vector.mask, methods.MagnitudeCut):
+        return _cut(vector.mask, vector.mask.threshold.dtype, vector.tensor.device)
+    return None
 
 
 def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | None) -> norms.Sums:
     """methods.piece_norms in one compiled pass (a float32 task vector)."""
     tensor = methods.flat_piece(vector.tensor, piece)
     base = None if vector.base is None else methods.flat_piece(vector.base, piece)
-    drawn = isinstance(vector.mask, methods.RandomDraws)
-    keep = _drawn(vector.mask, tensor.device) if drawn else vector.keep(piece).view(torch.uint8)
+    found = _found(vector)
+    keep = found if found is not None else vector.keep(piece).view(torch.uint8)
 
     def sums_of(first: int, rows: Tensor, blocks: Tensor | None) -> norms.Sums:
         part = slice(first, first + rows.numel())
@@ -247,9 +301,19 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
         eager = lambda: _in_eager_chunks(lambda chunk, of_chunk: methods.piece_norms(vector, chunk, of_chunk), whole,
                                          blocks, vector.tensor.numel())
         return _run(_norms, eager, rows, None if base is None else base[part].view(rows.shape),
-                    keep if drawn else keep[part].view(rows.shape), _int(whole.start, tensor.device), blocks)
+                    keep if found is not None else keep[part].view(rows.shape), _int(whole.start, tensor.device),
+                    blocks)
 
     return norms.by_rows(tensor, exponents, sums_of)
+
+
+def piece_magnitudes(vector: methods.TaskVector, piece: slice, dtype: torch.dtype) -> Tensor:
+    """methods.piece_magnitudes in one compiled pass (a float32 task vector): 0.40 ns an entry against 1.37 in eager
+    steps on an AVX2 CPU thread, a piece of methods.COMPILED_CHUNK bf16 entries (benchmarks/mask_ops.py). It
+    returns the 16-bit floats, not their int16 bits: Inductor's C++ backend does not vectorise that bitcast."""
+    tensor = methods.flat_piece(vector.tensor, piece)
+    base = None if vector.base is None else methods.flat_piece(vector.base, piece)
+    return _run(_magnitudes, lambda: methods.piece_magnitudes(vector, piece, dtype), tensor, base, dtype)
 
 
 def piece_bins(vector: methods.TaskVector, seed: int, piece: slice, exponents: Tensor | None
@@ -299,14 +363,16 @@ def combiner(
     scales = [scalar(1.0) if v.scale is None else v.scale for v in vectors]
     all_kept: dict[tuple[int, torch.Size], Tensor] = {}
     zero = scalar(0.0, in_lanes(base, [v.tensor for v in vectors]))
-    # DARE's draws are made inside the pass; where one parent's density is 1 it is drawn below 2^32 (all kept), so
-    # every density of a recipe takes the one compiled pass
+    # DARE's draws and TIES' trims found again are made inside the pass; where one parent's density is 1 its draws
+    # are below 2^32 and its cut at 0 (all kept), so every density of a recipe takes the one compiled pass
     drawn = any(isinstance(v.mask, methods.RandomDraws) for v in vectors)
-    drawn_keeps = [_drawn(v.mask, device) for v in vectors] if drawn else []
+    cut = next((v.mask for v in vectors if isinstance(v.mask, methods.MagnitudeCut)), None)
+    inside = [_drawn(v.mask, device) for v in vectors] if drawn else \
+        [_cut(v.mask, cut.threshold.dtype, device) for v in vectors] if cut is not None else []
 
     def keep_of(i: int, piece: slice | None, shape: torch.Size) -> Keep:
-        if drawn:
-            return drawn_keeps[i]
+        if inside:
+            return inside[i]
         keep = vectors[i].keep(piece)
         if keep is None:
             keep = all_kept.get((i, shape))

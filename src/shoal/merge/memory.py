@@ -47,8 +47,8 @@ def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool, on_cpu: bool =
                ) -> tuple[int, int]:
     """Bytes per entry that a task-vector merge in chunks holds besides its inputs and chunks: each parent's keep
     mask (bool, held until the tensor is merged; DARE's is held only in a CPU's eager steps, drawn again where it is
-    used off a CPU and in a CPU's compiled pass (compiled), and off a CPU TIES' trim in a 16-bit dtype is found
-    again from its threshold), and the most held
+    used off a CPU and in a CPU's compiled pass (compiled), and so is TIES' trim in a 16-bit dtype found again from
+    its threshold), and the most held
     at once while one mask is formed (the task vector whole in the recipe's dtype of `work` bytes, its magnitudes, a
     threshold's mask or a row sort's keys, indices and places). Counted from methods.py, plus what
     benchmarks/merge_peak.py measured beyond that count on a CPU in two runs (up to 1.6 bytes an entry for DARE, 2
@@ -57,7 +57,7 @@ def mask_bytes(sparsify: str | None, work: int, ranks_kept: bool, on_cpu: bool =
         return 0, 0  # no mask, or the stored ranks compared a chunk at a time
     if sparsify == "random":  # else drawn again where it is used (methods.RandomDraws)
         return (1, 2) if methods.holds_draws(on_cpu, compiled) else (0, 2)
-    if sparsify == "magnitude" and not on_cpu and work == 2:  # found again where it is used (methods.MagnitudeCut)
+    if sparsify == "magnitude" and (not on_cpu or compiled) and work == 2:  # found again where used (MagnitudeCut)
         return 0, 2
     if sparsify == "magnitude":
         return 1, 2 * work + 4 + (work if work >= 4 else 0)  # kthvalue copies a 32-bit tensor

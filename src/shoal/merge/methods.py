@@ -126,11 +126,27 @@ def _end_of_nth(found_in: Callable[[slice], Tensor], pieces: list[slice], n: int
         if taken >= n:
             return piece.start
         found = found_in(piece)
-        count = int(found.sum())
+        count = int(torch.count_nonzero(found))
         if taken + count >= n:
-            return piece.start + int(torch.nonzero(found)[n - taken - 1]) + 1
+            return piece.start + _nth_true(found, n - taken) + 1
         taken += count
     return pieces[-1].stop if pieces else 0  # fewer than n (a NaN ranked above every threshold by kthvalue)
+
+
+def _nth_true(found: Tensor, n: int) -> int:
+    """The index of the n-th True entry (n >= 1) of a bool tensor, flattened, that holds at least n: its bytes read
+    8 at a time as int64 words, torch.nonzero finds the words that hold one, then the entries in those words (with
+    count_nonzero counting them first, 0.98 ns an entry on a CPU thread where torch.nonzero of the entries and
+    bool.sum took 1.98: benchmarks/mask_ops.py, BENCHMARKS.md)."""
+    flat = found.reshape(-1)
+    if flat.storage_offset() % 8:  # an int64 view starts at a multiple of 8 bytes
+        flat = flat.clone()
+    whole = flat.numel() // 8 * 8
+    words = torch.nonzero(flat[:whole].view(torch.int64)).view(-1)
+    within = torch.arange(8, device=flat.device)
+    places = (words.view(-1, 1) * 8 + within).view(-1)[flat[:whole].view(-1, 8)[words].view(-1)]
+    places = torch.cat([places, torch.nonzero(flat[whole:]).view(-1) + whole])
+    return int(places[n - 1])
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -241,31 +257,13 @@ class MagnitudeCut:
         return mask
 
 
-def cuts(tensor: Tensor, rank_dtype: torch.dtype) -> bool:
+def cuts(tensor: Tensor, rank_dtype: torch.dtype, compiled: bool = False) -> bool:
     """Whether TIES' trim of this tensor is found again where it is used (MagnitudeCut) rather than held: in chunks,
-    off a CPU (where memory is short), when magnitudes are ranked in a 16-bit float (counted in one histogram)."""
-    return in_chunks(tensor) and tensor.device.type != "cpu" and rank_dtype in (torch.bfloat16, torch.float16)
-
-
-def magnitude_cut(vector: TaskVector, density: float, rank_dtype: torch.dtype) -> MagnitudeCut | None:
-    """magnitude_mask(vector.whole_in(rank_dtype), density) as a MagnitudeCut, found a chunk at a time: one pass
-    counts the magnitudes' bit patterns (the threshold), a second counts the ties at the threshold until the k-th
-    kept entry is reached. None when every entry is kept."""
-    if rank_dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"a magnitude cut counts 16-bit floats, not {rank_dtype}")
-    numel = vector.tensor.numel()
-    k = max(1, int(density * numel))
-    if density >= 1 or k >= numel:
-        return None
-    pieces = list(chunks(numel, chunk_size(vector.tensor)))
-    magnitude = lambda piece: vector.formed(piece).to(rank_dtype).abs()
-    counts = _bit_counts(magnitude(pieces[0]))
-    for piece in pieces[1:]:
-        counts += _bit_counts(magnitude(piece))
-    threshold, above = _kth_of_counts(counts, k, rank_dtype)
-    threshold = threshold.to(vector.tensor.device)
-    tied = lambda piece: torch.eq(*_compared(magnitude(piece), threshold))
-    return MagnitudeCut(threshold, _end_of_nth(tied, pieces, k - above))
+    when magnitudes are ranked in a 16-bit float (counted in one histogram), off a CPU (where memory is short) or in
+    a CPU's compiled pass (compiled: merge.fused compares them inside it, where a held mask cost the passes of
+    top_mask over the whole τ)."""
+    return in_chunks(tensor) and (tensor.device.type != "cpu" or compiled) and \
+        rank_dtype in (torch.bfloat16, torch.float16)
 
 
 def _rows(tensor: Tensor) -> Tensor:
@@ -407,6 +405,40 @@ def rank_limit(ranks: Tensor, density: float) -> int | None:
     """TIES' trim from precomputed ranks (magnitude_ranks): the k = max(1, int(density * n)) entries ranked first
     are those below k; None at density >= 1 (all kept)."""
     return None if density >= 1 else max(1, int(density * ranks.numel()))
+
+
+Magnitudes = Callable[[TaskVector, slice, torch.dtype], Tensor]
+"""|τ| of a piece of a task vector's flattened entries, rounded to a 16-bit dtype (the trim's ranking dtype)."""
+
+
+def piece_magnitudes(vector: TaskVector, piece: slice, dtype: torch.dtype) -> Tensor:
+    """|τ| of a piece rounded to dtype, in eager steps (merge.fused.piece_magnitudes: in one compiled pass)."""
+    return vector.formed(piece).to(dtype).abs()
+
+
+def magnitude_cut(vector: TaskVector, density: float, rank_dtype: torch.dtype,
+                  magnitudes_of: Magnitudes = piece_magnitudes, piece: int | None = None) -> MagnitudeCut | None:
+    """magnitude_mask(vector.whole_in(rank_dtype), density) as a MagnitudeCut, found a piece (of `piece` entries,
+    else chunk_size's) at a time: one pass counts each piece's magnitudes' bit patterns, whose sum gives the
+    threshold and whose counts at it say which piece holds the k-th kept entry; that piece alone is searched for it.
+    None when every entry is kept."""
+    if rank_dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"a magnitude cut counts 16-bit floats, not {rank_dtype}")
+    numel = vector.tensor.numel()
+    k = max(1, int(density * numel))
+    if density >= 1 or k >= numel:
+        return None
+    pieces = list(chunks(numel, piece or chunk_size(vector.tensor)))
+    counts = torch.stack([_bit_counts(magnitudes_of(vector, part, rank_dtype)) for part in pieces])
+    threshold, above = _kth_of_counts(counts.sum(0), k, rank_dtype)
+    ties = counts[:, int(threshold.view(torch.int16))].tolist()  # at the threshold, in each piece
+    threshold = threshold.to(vector.tensor.device)
+    needed, i = k - above, 0
+    while i < len(pieces) - 1 and ties[i] < needed:
+        needed -= ties[i]
+        i += 1
+    tied = lambda part: torch.eq(*_compared(magnitudes_of(vector, part, rank_dtype), threshold))
+    return MagnitudeCut(threshold, _end_of_nth(tied, pieces[i:i + 1], needed))
 
 
 Norms = Callable[[TaskVector, slice, Tensor | None], norms.Sums]

@@ -140,8 +140,10 @@ def _task_vector(call: MergeCall, i: int, sparsify: Sparsify) -> methods.TaskVec
         if below is None:  # all kept: a rescale would be by 1
             return vector
         mask = call.ranks[i]
-    elif sparsify == "magnitude" and methods.cuts(vector.tensor, call.rank_dtype):
-        mask = methods.magnitude_cut(vector, params["density"], call.rank_dtype)
+    elif sparsify == "magnitude" and methods.cuts(vector.tensor, call.rank_dtype, call.compiled):
+        magnitudes_of = fused.piece_magnitudes if call.compiled else methods.piece_magnitudes
+        mask = methods.magnitude_cut(vector, params["density"], call.rank_dtype, magnitudes_of,
+                                     methods.chunk_size(vector.tensor, call.compiled))
         if mask is None:  # all kept: a rescale would be by 1
             return vector
     elif sparsify == "magnitude":
