@@ -70,13 +70,15 @@ def main() -> None:
     as_bits = per_entry(lambda: (bits > bar, bits == bar), n, args.repeats)
     print(f"bf16 > and == threshold as floats {as_floats:6.3f} ns an entry | as int16 bits {as_bits:6.3f} | "
           f"{as_floats / as_bits:.2f}x")
-    ties = torch.rand(n, generator=generator) < 0.004  # as many tied at a bf16 threshold as in the trim's tensors
-    nth = int(ties.sum()) // 2
-    assert methods._nth_true(ties, nth) == int(torch.nonzero(ties)[nth - 1])
-    plain = per_entry(lambda: (int(ties.sum()), int(torch.nonzero(ties)[nth - 1])), n, args.repeats)
-    words = per_entry(lambda: (int(torch.count_nonzero(ties)), methods._nth_true(ties, nth)), n, args.repeats)
-    print(f"n-th True of 0.4% and their count: nonzero, bool.sum {plain:6.3f} ns an entry | _nth_true, "
-          f"count_nonzero {words:6.3f} | {plain / words:.2f}x")
+    for share in (0.004, 0.22):  # tied at a bf16 threshold: few, or as many as bf16 task vectors often have
+        ties = torch.rand(n, generator=generator) < share
+        nth = int(ties.sum()) // 2
+        assert methods._nth_true(ties, nth) == int(torch.nonzero(ties)[nth - 1])
+        plain = per_entry(lambda: (int(ties.sum()), int(torch.nonzero(ties)[nth - 1])), n, args.repeats)
+        rows = per_entry(lambda: (int(torch.count_nonzero(ties)), methods._nth_true(ties, nth)), n, args.repeats)
+        alone = per_entry(lambda: methods._nth_true(ties, nth), n, args.repeats)
+        print(f"n-th True of {share:.1%} and their count: nonzero, bool.sum {plain:6.3f} ns an entry | _nth_true, "
+              f"count_nonzero {rows:6.3f} | {plain / rows:.2f}x (_nth_true alone {alone:6.3f})")
     for name, function in sums.items():
         print(f"float64 row sums, {name:<16} {per_entry(function, n, args.repeats):6.3f} ns an entry")
     piece = slice(0, methods.COMPILED_CHUNK)

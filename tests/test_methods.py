@@ -195,16 +195,19 @@ def test_ties_trim_counted_in_larger_pieces_than_it_is_used_in_is_the_held_mask(
     assert not fused._broken  # compiled, where asked
 
 
-def test_the_nth_true_entry_is_found_a_word_at_a_time_from_any_start():
-    """_nth_true reads a bool tensor's bytes as int64 words: any n of a tensor whose length is no multiple of 8, of a
-    view that starts inside a word, and of the last entries (past the last whole word), as torch.nonzero finds it."""
-    found = torch.rand(1003, generator=torch.Generator().manual_seed(4)) < 0.05
-    found[-2:] = True  # entries in the tail past the last whole word
-    for view in (found, found[3:], found[8:999]):
+@pytest.mark.parametrize("share", [0.01, 0.3])
+def test_the_nth_true_entry_is_found_a_row_of_words_at_a_time_from_any_start(share):
+    """_nth_true counts a bool tensor's entries a row of 127 int64 words (1,016 entries) at a time: any n of a
+    tensor of three rows and a tail, of views that start inside a word or end inside a row, few or many True, as
+    torch.nonzero finds it."""
+    rows = methods._ROW_WORDS * 8
+    found = torch.rand(3 * rows + 13, generator=torch.Generator().manual_seed(4)) < share
+    found[-2:] = True  # entries in the tail past the last whole row
+    for view in (found, found[3:], found[8:2 * rows + 5], found[:rows]):
         places = torch.nonzero(view).view(-1)
         for n in range(1, places.numel() + 1):
             assert methods._nth_true(view, n) == int(places[n - 1]), n
-    assert methods._end_of_nth(lambda piece: found[piece], list(methods.chunks(1003, 100)), 7) == \
+    assert methods._end_of_nth(lambda piece: found[piece], list(methods.chunks(found.numel(), 100)), 7) == \
         int(torch.nonzero(found).view(-1)[6]) + 1
 
 

@@ -308,8 +308,8 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
 
 
 def piece_magnitudes(vector: methods.TaskVector, piece: slice, dtype: torch.dtype) -> Tensor:
-    """methods.piece_magnitudes in one compiled pass (a float32 task vector): 0.40 ns an entry against 1.37 in eager
-    steps on an AVX2 CPU thread, a piece of methods.COMPILED_CHUNK bf16 entries (benchmarks/mask_ops.py). It
+    """methods.piece_magnitudes in one compiled pass (a float32 task vector): 0.40-0.54 ns an entry against 1.37-1.40
+    in eager steps on an AVX2 CPU thread, a piece of methods.COMPILED_CHUNK bf16 entries (benchmarks/mask_ops.py). It
     returns the 16-bit floats, not their int16 bits: Inductor's C++ backend does not vectorise that bitcast."""
     tensor = methods.flat_piece(vector.tensor, piece)
     base = None if vector.base is None else methods.flat_piece(vector.base, piece)
