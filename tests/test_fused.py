@@ -226,6 +226,31 @@ def test_a_search_s_later_merges_read_the_rescale_s_norms_from_a_table_of_its_dr
     assert tables == [vectors, vectors, vectors, 2 * vectors, 2 * vectors] and len(set(made)) == 2 * vectors
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_nan_in_a_trimmed_parent_is_refused_with_its_tensor_named_compiled_or_not(parents, tmp_path, compiled,
+                                                                                    dtype):
+    """TIES' trims counted from |τ| formed by a compiled pass: a NaN there (which AVX2's rounding to bfloat16 gives
+    the sign bit that abs cleared) is counted as the eager steps count it, above inf, and the merge is refused
+    with the tensor named, as in the eager steps, not failed inside the histogram."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from shoal.errors import ShoalError
+
+    shutil.copytree(parents["b"], tmp_path / "b")
+    weights = load_file(tmp_path / "b" / "model.safetensors")
+    weights["model.embed_tokens.weight"].view(-1)[5000] = float("nan")  # inside a compiled chunk's vector lanes
+    save_file(weights, tmp_path / "b" / "model.safetensors", metadata={"format": "pt"})
+    recipe = recipe_of("ties", parents | {"b": tmp_path / "b"}, dtype)
+    with pytest.raises(ShoalError, match="NaN or inf in tensor model.embed_tokens.weight"):
+        engine.run_merge(recipe, tmp_path / "fused")
+    assert "_magnitudes" in compiled and "_merged" in compiled
+    fused.FUSED_MIN = 1 << 62  # noqa: the eager steps (the fixture's monkeypatch puts it back)
+    with pytest.raises(ShoalError, match="NaN or inf in tensor model.embed_tokens.weight"):
+        engine.run_merge(recipe, tmp_path / "eager")
+
+
 def test_a_merge_ahead_in_another_thread_compiles_the_same_merge(parents, compiled):
     """The search merges the next candidate into the second live model in a thread while this one is scored: the
     compiled pass runs (and is first compiled) there, with the values the main thread's gives."""

@@ -198,12 +198,12 @@ def test_ties_trim_counted_in_larger_pieces_than_it_is_used_in_is_the_held_mask(
 @pytest.mark.parametrize("share", [0.01, 0.3])
 def test_the_nth_true_entry_is_found_a_row_of_words_at_a_time_from_any_start(share):
     """_nth_true counts a bool tensor's entries a row of 127 int64 words (1,016 entries) at a time: any n of a
-    tensor of three rows and a tail, of views that start inside a word or end inside a row, few or many True, as
-    torch.nonzero finds it."""
+    tensor of three rows and a tail, of views that start inside a word, end inside a row or step over entries, few
+    or many True, as torch.nonzero finds it."""
     rows = methods._ROW_WORDS * 8
     found = torch.rand(3 * rows + 13, generator=torch.Generator().manual_seed(4)) < share
     found[-2:] = True  # entries in the tail past the last whole row
-    for view in (found, found[3:], found[8:2 * rows + 5], found[:rows]):
+    for view in (found, found[3:], found[8:2 * rows + 5], found[:rows], found[8::3]):
         places = torch.nonzero(view).view(-1)
         for n in range(1, places.numel() + 1):
             assert methods._nth_true(view, n) == int(places[n - 1]), n

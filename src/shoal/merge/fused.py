@@ -310,10 +310,16 @@ def piece_norms(vector: methods.TaskVector, piece: slice, exponents: Tensor | No
 def piece_magnitudes(vector: methods.TaskVector, piece: slice, dtype: torch.dtype) -> Tensor:
     """methods.piece_magnitudes in one compiled pass (a float32 task vector): 0.40-0.54 ns an entry against 1.37-1.40
     in eager steps on an AVX2 CPU thread, a piece of methods.COMPILED_CHUNK bf16 entries (benchmarks/mask_ops.py). It
-    returns the 16-bit floats, not their int16 bits: Inductor's C++ backend does not vectorise that bitcast."""
+    returns the 16-bit floats, not their int16 bits: Inductor's C++ backend does not vectorise that bitcast. A NaN
+    comes out of AVX2's rounding to bfloat16 as 0xFFFF, its sign set after abs cleared it; its sign is cleared here,
+    as the eager steps' abs after the rounding clears it (the bit counts take no negative pattern)."""
     tensor = methods.flat_piece(vector.tensor, piece)
     base = None if vector.base is None else methods.flat_piece(vector.base, piece)
-    return _run(_magnitudes, lambda: methods.piece_magnitudes(vector, piece, dtype), tensor, base, dtype)
+    found = _run(_magnitudes, lambda: methods.piece_magnitudes(vector, piece, dtype), tensor, base, dtype)
+    bits = found.view(torch.int16)
+    if int(bits.min()) < 0:
+        bits.bitwise_and_(0x7FFF)
+    return found
 
 
 def piece_bins(vector: methods.TaskVector, seed: int, piece: slice, exponents: Tensor | None

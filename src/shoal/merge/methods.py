@@ -145,8 +145,8 @@ def _nth_true(found: Tensor, n: int) -> int:
     the entries True, where torch.nonzero and bool.sum took 1.68 and 3.98: TIES' ties at a 16-bit threshold are
     often that many; benchmarks/mask_ops.py, BENCHMARKS.md)."""
     flat = found.reshape(-1)
-    if flat.storage_offset() % 8:  # an int64 view starts at a multiple of 8 bytes
-        flat = flat.clone()
+    if not flat.is_contiguous() or flat.storage_offset() % 8:  # an int64 view: of whole words, from a word's start
+        flat = flat.clone(memory_format=torch.contiguous_format)
     span = _ROW_WORDS * 8
     rows = flat.numel() // span
     if rows:
@@ -252,7 +252,7 @@ class MagnitudeCut:
     """TIES' trim of a task vector in chunks, not held but found again where it is used: the entries whose
     magnitude, rounded to the threshold's 16-bit dtype, exceeds the threshold, and those equal to it before entry
     `until` (ties go to the lowest indices, as in top_mask): magnitude_mask's mask bit for bit, with no byte an
-    entry held (magnitude_cut finds it in two passes a chunk at a time)."""
+    entry held (magnitude_cut counts it a piece at a time, then searches the one piece holding its last tie)."""
 
     threshold: Tensor
     until: int
