@@ -170,24 +170,30 @@ def in_lanes(base: Tensor, tensors: Sequence[Tensor]) -> torch.dtype:
     return narrow.pop() if len(narrow) == 1 else torch.float32
 
 
+def _delta(tensor: Tensor, base: Tensor | None) -> Tensor:
+    """τ of a piece, float32, from the parent's piece and the base's (or a kept τ's: base None), as the norms', the
+    trims' and the draws' table's passes form it."""
+    return tensor.float() if base is None else tensor.float() - base.float()
+
+
 def _norms(tensor: Tensor, base: Tensor | None, keep: Keep, start: Tensor, exponents: Tensor | None) -> norms.Sums:
     """norms.block_norms of a piece laid out a block a row (start: its first entry, 0-dim int64), from the parent's
     rows and the base's (or a kept τ's: base None), float32."""
-    delta = tensor.float() if base is None else tensor.float() - base.float()
+    delta = _delta(tensor, base)
     return norms.block_norms(delta.abs(), _keep(keep, delta, start), exponents)
 
 
 def _magnitudes(tensor: Tensor, base: Tensor | None, dtype: torch.dtype) -> Tensor:
     """|τ| of a piece rounded to dtype (|τ| rounds as τ does: to nearest, ties to even), from the parent's piece and
     the base's (or a kept τ's: base None)."""
-    return (tensor.float() if base is None else tensor.float() - base.float()).abs().to(dtype)
+    return _delta(tensor, base).abs().to(dtype)
 
 
 def _slotted(tensor: Tensor, base: Tensor | None, key: Tensor, start: Tensor, exponents: Tensor | None
              ) -> tuple[Tensor, Tensor, Tensor]:
     """norms.counted of a piece laid out a block a row (as _norms takes it), its q in float64, and each entry's slot
     (norms.slots) for its bin under the draws of key (a seed's offset, 0-dim int64), for norms.by_step."""
-    magnitude = (tensor.float() if base is None else tensor.float() - base.float()).abs()
+    magnitude = _delta(tensor, base).abs()
     exponents, q = norms.counted(magnitude, exponents)
     bins = draws.top_bits(draws.hashed_int32(q.numel(), start, key), draws.GRID_BITS).view(q.shape)
     return exponents, q.double(), norms.slots(bins)
